@@ -1,0 +1,90 @@
+"""The `dpolab` command line: a thin dispatcher.
+
+Each command lives in its own module exposing ``cli_main(argv: list[str], prog: str) -> int``;
+the dispatcher imports only the module of the command that runs, so ``dpolab --help`` is instant
+and a command's heavy imports (torch, transformers) are paid only when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+from dpolab import __version__
+from dpolab.errors import DpolabError
+
+# name -> (module, one-line help); a dict value is a command group.
+COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
+    "demo": ("dpolab.experiments.sentiment", "the DPO paper's controlled-sentiment experiment (main job)"),
+    "dpo": ("dpolab.train.dpo", "Direct Preference Optimization (and IPO, SimPO, ...) on preference pairs"),
+    "sft": ("dpolab.train.sft", "supervised fine-tuning of a causal LM"),
+    "rm": ("dpolab.train.reward", "train a Bradley-Terry reward model on preference pairs"),
+    "ppo": ("dpolab.train.ppo", "PPO for a language model against a KL-penalised reward"),
+    "rl": {
+        "solve": ("dpolab.rl.cli", "solve a finite MDP exactly (policy or value iteration)"),
+        "evaluate": ("dpolab.rl.cli", "Monte Carlo and TD(0) policy evaluation, with learning curves"),
+        "ppo": ("dpolab.rl.ppo", "PPO on a Gymnasium environment"),
+        "a2c": ("dpolab.rl.a2c", "advantage actor-critic on a Gymnasium environment"),
+    },
+}
+
+
+def _available(table: dict) -> dict:
+    out = {}
+    for name, entry in table.items():
+        if isinstance(entry, dict):
+            sub = _available(entry)
+            if sub:
+                out[name] = sub
+        elif importlib.util.find_spec(entry[0]) is not None:
+            out[name] = entry
+    return out
+
+
+def _usage(prog: str, table: dict) -> str:
+    lines = [f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for a command's options)", "",
+             "commands:"]
+    for name, entry in table.items():
+        if isinstance(entry, dict):
+            for sub, (_, help_) in entry.items():
+                lines.append(f"  {name + ' ' + sub:<14} {help_}")
+        else:
+            lines.append(f"  {name:<14} {entry[1]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table = _available(COMMANDS)
+    prog = "dpolab"
+    while True:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage(prog, table))
+            return 0
+        if argv[0] == "--version":
+            print(f"dpolab {__version__}")
+            return 0
+        name, argv = argv[0], argv[1:]
+        if name not in table:
+            print(f"{prog}: error: unknown command '{name}'\n\n{_usage(prog, table)}", file=sys.stderr)
+            return 2
+        entry, prog = table[name], f"{prog} {name}"
+        if isinstance(entry, dict):
+            table = entry
+            continue
+        module = importlib.import_module(entry[0])
+        try:
+            if entry[0] == "dpolab.rl.cli":  # one module serves several rl subcommands
+                return int(module.cli_main(argv, prog, command=name) or 0)
+            return int(module.cli_main(argv, prog) or 0)
+        except DpolabError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Configuration: one dataclass per algorithm, the CLI generated from it.
+
+Precedence is defaults < ``--config file.yaml`` < command-line flags. Each field documents itself
+through ``opt(default, "help text")``; the generated ``--help`` lists every field. Unknown keys in a
+YAML file are rejected with the closest valid name suggested.
+
+Example::
+
+    @dataclass
+    class MyConfig:
+        beta: float = opt(0.1, "KL coefficient β")
+        loss: str = opt("sigmoid", "loss name", choices=("sigmoid", "ipo"))
+
+    cfg = parse_config(MyConfig, argv, prog="dpolab my", description="...")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from dpolab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+        cli: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A documented dataclass field. ``cli=False`` keeps it out of the command line (YAML only)."""
+    meta = {"help": help, "choices": choices, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Strip ``Optional``; return (type, optional)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert a YAML or CLI value to the field's type, with a clear error."""
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"'{name}' may not be empty")
+    origin = get_origin(base)
+    try:
+        if origin is Literal:
+            if value not in get_args(base):
+                raise ConfigError(f"'{name}' must be one of {list(get_args(base))}, got {value!r}")
+            return value
+        if origin in (list, tuple):
+            (inner, *_) = get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"'{name}' must be a list, got {value!r}")
+            return [_convert(v, inner, name) for v in value]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ConfigError(f"'{name}' must be true or false, got {value!r}")
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"'{name}' must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
+    return value
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML config for ``cls``; unknown keys are an error naming the closest valid key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(raw).__name__}")
+    valid = {f.name: tp for f, tp in _fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        k = str(key).replace("-", "_")
+        if k not in valid:
+            raise ConfigError(f"{path}: unknown option '{key}'{suggest(k, list(valid))}")
+        try:
+            out[k] = _convert(value, valid[k], k)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse errors become ConfigError: one line, exit 2
+        raise ConfigError(message)
+
+
+def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    for f, tp in _fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        help_ = (f.metadata.get("help") or "") + f" (default: {default!r})"
+        help_ = help_.replace("%", "%%")
+        kwargs: dict[str, Any] = {"help": help_, "dest": f.name}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+            kwargs["type"] = str  # converted in parse_config, for uniform error messages
+            choices = f.metadata.get("choices") or (get_args(base) if get_origin(base) is Literal else None)
+            if choices:
+                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        parser.add_argument(flag, **kwargs)
+    # ArgumentDefaultsHelpFormatter would print "==SUPPRESS=="; defaults are in the help text.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def parse_config(cls: type[T], argv: list[str], prog: str, description: str = "") -> T:
+    """Build ``cls`` from defaults, ``--config`` YAML and flags (in increasing precedence)."""
+    ns = vars(build_parser(cls, prog, description).parse_args(argv))
+    values: dict[str, Any] = {}
+    if ns.get("config"):
+        values.update(load_yaml(ns.pop("config"), cls))
+    ns.pop("config", None)
+    types_ = {f.name: tp for f, tp in _fields(cls)}
+    for key, value in ns.items():
+        values[key] = _convert(value, types_[key], "--" + key.replace("_", "-"))
+    return make_config(cls, values)
+
+
+def make_config(cls: type[T], values: dict[str, Any]) -> T:
+    """Instantiate ``cls`` and check ``choices``; runs the class's ``validate()`` if it has one."""
+    valid = {f.name: f for f, _ in _fields(cls)}
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown option '{key}'{suggest(key, list(valid))}")
+    cfg = cls(**values)
+    for name, f in valid.items():
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')}: unknown value {value!r}"
+                              f"{suggest(str(value), [str(c) for c in choices])}; choose from {list(choices)}")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from dpolab.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,190 @@
+"""The run-directory contract shared by every training command (docs/run-directory.md).
+
+    OUTPUT_DIR/
+      config.yaml         resolved configuration
+      metrics.jsonl       one JSON object per logged step
+      summary.json        final flat metrics ("eval/..." prefixed), "steps", "wall_seconds"
+      checkpoints/step-N  resumable checkpoints, written atomically; checkpoints/latest names the newest
+      final/              the final model (Hugging Face format for LMs)
+
+Everything is written atomically (temporary name, then ``os.replace``), so an interrupted process
+never leaves a half-written file or checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpolab.errors import DpolabError
+
+LATEST = "latest"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunDir:
+    """A run's output directory. Created on first write, never before (bad input leaves nothing)."""
+
+    def __init__(self, path: str | Path, *, keep_last: int = 2):
+        self.path = Path(path)
+        self.keep_last = keep_last
+        self.start = time.time()
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def create(self) -> RunDir:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- files --------------------------------------------------------------------------------
+    def write_config(self, cfg: Any) -> None:
+        from dpolab.config import save_config
+
+        save_config(cfg, self.path / "config.yaml")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.create()
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint's step, so the log equals an uninterrupted run."""
+        if not self.metrics_path.exists():
+            return
+        rows = [ln for ln in self.metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def write_summary(self, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
+        summary = {k: _jsonable(v) for k, v in metrics.items()}
+        summary["steps"] = steps
+        summary["wall_seconds"] = round(time.time() - self.start, 3)
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Write checkpoint ``step-N`` through ``write(tmp_dir)``, then rename it into place and
+        point ``latest`` at it. A crash at any moment leaves the previous checkpoint and ``latest``
+        intact."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"step-{step}"
+        tmp = self.checkpoints / f".tmp-step-{step}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(self.checkpoints / LATEST, final.name + "\n")
+        self._rotate()
+        return final
+
+    def _rotate(self) -> None:
+        if self.keep_last <= 0:
+            return
+        steps = sorted(self.list_checkpoints(), key=lambda p: int(p.name.split("-")[1]))
+        for old in steps[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def list_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-")
+                and p.name.split("-")[1].isdigit()]
+
+    def resolve_checkpoint(self, spec: str) -> Path:
+        """``latest`` -> the checkpoint named by checkpoints/latest; otherwise a path."""
+        if spec == LATEST:
+            pointer = self.checkpoints / LATEST
+            if not pointer.is_file():
+                raise DpolabError(f"--resume latest: no checkpoint in {self.checkpoints}")
+            path = self.checkpoints / pointer.read_text(encoding="utf-8").strip()
+        else:
+            path = Path(spec)
+        if not path.is_dir():
+            raise DpolabError(f"--resume: checkpoint not found: {path}")
+        return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# -- reproducibility ---------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as plain data (json/safetensors friendly via torch.save-free paths)."""
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny local tokenizers and models (no network, built in-process)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+CORPUS = [
+    "the movie was great fun and I loved every minute",
+    "a terrible boring film with awful acting",
+    "the plot was clever and the music was wonderful",
+    "I hated the ending, it was dull and slow",
+    "what a delightful story, charming and warm",
+    "the worst film of the year, a total mess",
+    "User: hello there\nAssistant: hi, how can I help?",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from dpolab.tiny import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=320)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from dpolab.tiny import tiny_llama
+
+    return tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama + tokenizer saved in Hugging Face format, loadable by ``from_pretrained``."""
+    from dpolab.tiny import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

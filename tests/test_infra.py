@@ -1,0 +1,82 @@
+"""The shared infrastructure: CLI dispatch, config generation, run directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from dpolab.cli import main
+from dpolab.config import load_yaml, opt, parse_config
+from dpolab.errors import ConfigError, DataError
+from dpolab.rundir import RunDir
+
+
+@dataclass
+class _Cfg:
+    beta: float = opt(0.1, "KL coefficient")
+    loss: str = opt("sigmoid", "loss", choices=("sigmoid", "ipo"))
+    steps: int = opt(10, "steps")
+    lora: bool = opt(False, "use LoRA")
+    name: str | None = opt(None, "optional name")
+
+
+def test_config_precedence(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("beta: 0.5\nsteps: 3\n")
+    cfg = parse_config(_Cfg, ["--config", str(cfg_file), "--steps", "7", "--lora"], prog="t")
+    assert (cfg.beta, cfg.steps, cfg.lora, cfg.loss, cfg.name) == (0.5, 7, True, "sigmoid", None)
+
+
+def test_config_unknown_key_suggests(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("betta: 0.5\n")
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        load_yaml(cfg_file, _Cfg)
+
+
+def test_config_bad_values():
+    with pytest.raises(ConfigError, match="--steps"):
+        parse_config(_Cfg, ["--steps", "ten"], prog="t")
+    with pytest.raises(ConfigError, match="did you mean 'ipo'"):
+        parse_config(_Cfg, ["--loss", "ipoo"], prog="t")
+    with pytest.raises(ConfigError, match="unrecognized"):
+        parse_config(_Cfg, ["--nope", "1"], prog="t")
+
+
+def test_data_error_names_file_line_field():
+    err = DataError("must be a string", path="d.jsonl", line=3, field="chosen")
+    assert str(err) == "d.jsonl:3: field 'chosen': must be a string"
+
+
+def test_cli_help_and_unknown(capsys):
+    assert main(["--help"]) == 0
+    assert "usage: dpolab" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_rundir_checkpoints_atomic_and_rotated(tmp_path):
+    run = RunDir(tmp_path / "run", keep_last=2)
+    for step in (1, 2, 3):
+        run.save_checkpoint(step, lambda d, s=step: (d / "state.json").write_text(json.dumps({"s": s})))
+    names = sorted(p.name for p in run.list_checkpoints())
+    assert names == ["step-2", "step-3"]
+    assert run.resolve_checkpoint("latest").name == "step-3"
+    # a failing writer leaves the previous checkpoint and `latest` untouched
+    with pytest.raises(RuntimeError):
+        run.save_checkpoint(4, lambda d: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert run.resolve_checkpoint("latest").name == "step-3"
+    assert not (run.checkpoints / "step-4").exists()
+
+
+def test_rundir_metrics_truncate_on_resume(tmp_path):
+    run = RunDir(tmp_path / "run")
+    for step in range(1, 6):
+        run.log(step, {"loss": float(step)})
+    run.truncate_metrics(3)
+    rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    summary = run.write_summary({"eval/loss": 0.5}, steps=3)
+    assert summary["steps"] == 3 and "wall_seconds" in summary
