@@ -1,0 +1,1 @@
+"""One explicit training loop per algorithm (dpo, sft, reward, ppo); shared pieces in ``common``."""

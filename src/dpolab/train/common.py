@@ -1,0 +1,272 @@
+"""Pieces every language-model trainer shares: loading models and tokenizers, optimisers and
+schedules, the seeded batch order, checkpoints, signal handling and the non-finite guard.
+
+Kept free of algorithm logic: each ``train/<algo>.py`` reads top to bottom as its own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.errors import DpolabError, NonFiniteError
+from dpolab.rundir import RunDir, rng_state, set_rng_state
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- models and tokenizers ----------------------------------------------------------------------
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DpolabError(f"cannot load tokenizer '{name_or_path}': {_first_line(err)}") from None
+    if tok.eos_token is None:
+        raise DpolabError(f"tokenizer '{name_or_path}' has no EOS token; responses need one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors weights only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load(auto_cls, name_or_path: str, *, dtype: str, trust_remote_code: bool, **kwargs):
+    import transformers
+
+    if dtype not in DTYPES:
+        raise DpolabError(f"unknown dtype '{dtype}'; choose from {list(DTYPES)}")
+    major = int(transformers.__version__.split(".")[0])
+    dtype_kw = "dtype" if major >= 5 else "torch_dtype"
+    if DTYPES[dtype] is not None:
+        kwargs[dtype_kw] = DTYPES[dtype]
+    try:
+        return auto_cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                        use_safetensors=_has_safetensors(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise DpolabError(f"cannot load model '{name_or_path}': {_first_line(err)}") from None
+
+
+def _has_safetensors(name_or_path: str) -> bool | None:
+    """Local folders must hold safetensors weights (never unpickle a .bin); hub names: prefer them."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if any(path.glob("*.safetensors")):
+            return True
+        if any(path.glob("*.bin")):
+            raise DpolabError(f"{path}: only pickle (.bin) weights found; dpolab loads safetensors only. "
+                              "Convert with `model.save_pretrained(dir, safe_serialization=True)`.")
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A cheap identity of a model for cache keys: weight-file names, sizes and mtimes, or the name."""
+    import hashlib
+
+    h = hashlib.sha256(str(name_or_path).encode())
+    path = Path(name_or_path)
+    if path.is_dir():
+        for f in sorted(path.glob("*")):
+            if f.is_file() and f.suffix in (".safetensors", ".json"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str):
+    """Wrap ``model`` with LoRA adapters (peft). The reference is then the base with adapters off."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = target_modules if target_modules == "all-linear" else [
+        t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# -- optimisation -------------------------------------------------------------------------------
+def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise DpolabError(f"unknown optimizer '{name}'; choose from adamw, rmsprop, sgd")
+
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """Linear warmup to the base rate, then constant, linear decay to 0, or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if name == "linear":
+            return 1.0 - progress
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise DpolabError(f"unknown lr scheduler '{name}'; choose from constant, linear, cosine")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- data order ---------------------------------------------------------------------------------
+@dataclass
+class BatchOrder:
+    """A seeded, resumable order of micro-batches over epochs.
+
+    Epoch ``e`` shuffles ``n`` rows with ``seed + e``; micro-batch ``k`` of the whole run is the
+    ``k``-th chunk of ``batch_size * world_size`` rows, and process ``rank`` takes its slice, so the
+    order depends only on (seed, k): resuming at micro-batch k reproduces the rest of the run exactly.
+    The last chunk of an epoch may be smaller (never dropped).
+    """
+
+    n: int
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, math.ceil(self.n / (self.batch_size * self.world_size)))
+
+    def epoch_perm(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """Yield (micro_batch_number, row indices) forever, starting at micro-batch ``start``."""
+        k = start
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            perm = self.epoch_perm(epoch)
+            global_bs = self.batch_size * self.world_size
+            chunk = perm[j * global_bs:(j + 1) * global_bs]
+            per = math.ceil(len(chunk) / self.world_size)
+            yield k, chunk[self.rank * per:(self.rank + 1) * per]
+            k += 1
+
+
+def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
+
+
+# -- guards -------------------------------------------------------------------------------------
+def check_finite(value: torch.Tensor, what: str, step: int, detail: str = "") -> bool:
+    """True if finite. Otherwise the caller decides: skip (with --skip-nonfinite) or raise."""
+    return bool(torch.isfinite(value).all())
+
+
+def nonfinite_error(what: str, step: int, detail: str) -> NonFiniteError:
+    return NonFiniteError(f"non-finite {what} at step {step} ({detail}); the run stops without saving "
+                          "NaN weights. Re-run with --skip-nonfinite to skip such steps, or lower the "
+                          "learning rate.")
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received} received: finishing this step, then saving a checkpoint...", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def write_training_state(directory: Path, *, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Optimizer, scheduler, RNG states (torch tensors and plain data, loadable with
+    ``torch.load(weights_only=True)``) and the JSON trainer state (counters, data position)."""
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, directory / "training_state.pt")
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def read_training_state(directory: Path, *, optimizer, scheduler) -> dict[str, Any]:
+    try:
+        blob = torch.load(directory / "training_state.pt", weights_only=True)
+        state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DpolabError(f"cannot read checkpoint {directory}: {_first_line(err)}") from None
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return state
+
+
+def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
+    """Write a Hugging Face model folder under a temporary name, then rename it into place."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def resume_run(run: RunDir, spec: str | None) -> Path | None:
+    return run.resolve_checkpoint(spec) if spec else None
+
+
+def mean_metrics(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    """Weighted mean of metric dicts (weights = examples per row)."""
+    total = sum(weights)
+    keys = rows[0].keys() if rows else []
+    return {k: sum(r[k] * w for r, w in zip(rows, weights)) / total for k in keys}

@@ -1,0 +1,443 @@
+"""Direct Preference Optimization: the training loop (docs/dpo.md).
+
+One forward pass per micro-batch covers chosen and rejected (concatenated on the batch axis); the
+reference is a separate frozen model, the PEFT base with adapters disabled, or a precomputed pass
+cached on disk keyed by the data, reference model and tokenisation settings. Losses come from
+``dpolab.losses.dpo`` (pure functions); this file only feeds them and keeps the books.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpolab.config import opt, parse_config
+from dpolab.errors import ConfigError
+from dpolab.rundir import RunDir, seed_everything
+
+DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
+
+Data: JSONL/JSON/Parquet/CSV files, a `datasets.save_to_disk` folder or a hub name, with
+prompt/chosen/rejected strings, chosen/rejected sharing a prompt prefix, or chat messages
+(docs/data-formats.md). Writes the run directory of docs/run-directory.md.
+
+example:
+  dpolab dpo --model path/to/sft --data prefs.jsonl --beta 0.1 --output-dir runs/dpo
+"""
+
+LOSS_CHOICES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "ref_free")
+
+
+@dataclass
+class DPOConfig:
+    model: str = opt("", "policy model to train: a Hugging Face name or local folder (required)")
+    ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
+    data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
+    eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
+    eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
+    output_dir: str = opt("runs/dpo", "run directory")
+    loss: str = opt("sigmoid", "preference loss (sigmoid = DPO; cDPO via --label-smoothing)", choices=LOSS_CHOICES)
+    beta: float = opt(0.1, "β: strength of the KL constraint / implicit-reward scale")
+    label_smoothing: float = opt(0.0, "ε: assumed label-noise rate (cDPO for sigmoid, robust DPO for robust)")
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin γ")
+    rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
+    learning_rate: float = opt(1e-6, "peak learning rate")
+    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
+    weight_decay: float = opt(0.0, "weight decay")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps")
+    batch_size: int = opt(8, "preference pairs per micro-batch, per process")
+    eval_batch_size: int | None = opt(None, "pairs per evaluation batch (default: --batch-size)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (loss averaged over all their pairs)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
+    epochs: float = opt(1.0, "passes over the training data")
+    max_length: int = opt(512, "maximum prompt+response tokens")
+    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk")
+    ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
+    lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
+    logging_steps: int = opt(10, "log metrics every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    seed: int = opt(0, "random seed (data order, dropout, init of new heads)")
+    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
+    skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
+    dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("--model is required (a Hugging Face name or a local folder)")
+        if not self.data:
+            raise ConfigError("--data is required (a preference data file, folder or hub name)")
+        if self.beta <= 0:
+            raise ConfigError("--beta must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("--label-smoothing must be in [0, 0.5)")
+        for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("--max-prompt-length must be smaller than --max-length")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def train(cfg: DPOConfig) -> dict:
+    """Run DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from dpolab.data import collate_preference, load_preference_data
+    from dpolab.losses.dpo import PairLogps, needs_reference, preference_loss
+    from dpolab.train import common
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    data = load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, eval_source=cfg.eval_data,
+                                eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    report = data.report.as_dict()
+    if not data.train:
+        raise ConfigError(f"{cfg.data}: no usable training pairs ({report['skipped']} skipped)")
+    if cfg.dry_run:
+        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if not isinstance(v, list)}}
+
+    use_ref = needs_reference(cfg.loss)
+    model = common.load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  target_modules=cfg.lora_target_modules)
+
+    run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
+    ckpt = common.resume_run(run, cfg.resume)
+
+    # Reference: precomputed cache, PEFT base (adapters disabled), or a separate frozen model.
+    ref_model, ref_cache = None, None
+    if use_ref:
+        if cfg.precompute_ref:
+            ref_cache = precompute_reference(cfg, data, tokenizer, accelerator, run)
+        elif not cfg.lora or cfg.ref_model:
+            ref_model = common.load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype,
+                                              trust_remote_code=cfg.trust_remote_code)
+            ref_model.requires_grad_(False).eval()
+            ref_model = ref_model.to(accelerator.device)
+
+    order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
+                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
+    optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def pair_logps(batch, idx_split: str) -> PairLogps:
+        """Policy (and reference) summed response log-probs for one PreferenceBatch."""
+        from dpolab.lm import model_sequence_logps
+
+        B = batch.batch_size
+        logps, lengths = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                              batch.position_ids)
+        ref_c = ref_r = None
+        if use_ref:
+            with torch.no_grad():
+                if ref_cache is not None:
+                    ref = ref_cache[idx_split][batch.index.cpu()]  # (B, 2)
+                    ref_c, ref_r = ref[:, 0].to(logps.device), ref[:, 1].to(logps.device)
+                else:
+                    ref_logps = reference_logps(model, ref_model, batch, accelerator)
+                    ref_c, ref_r = ref_logps[:B], ref_logps[B:]
+        return PairLogps(policy_chosen=logps[:B], policy_rejected=logps[B:], chosen_lengths=lengths[:B],
+                         rejected_lengths=lengths[B:], ref_chosen=ref_c, ref_rejected=ref_r)
+
+    def loss_and_stats(batch, split: str):
+        lp = pair_logps(batch, split)
+        losses, chosen_r, rejected_r = preference_loss(
+            cfg.loss, lp, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
+        stats = {
+            "loss": losses.detach().mean().item(),
+            "rewards/chosen": chosen_r.mean().item(),
+            "rewards/rejected": rejected_r.mean().item(),
+            "rewards/margins": (chosen_r - rejected_r).mean().item(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+            "logps/chosen": lp.policy_chosen.detach().mean().item(),
+            "logps/rejected": lp.policy_rejected.detach().mean().item(),
+        }
+        return losses, stats
+
+    def evaluate() -> dict[str, float]:
+        if not data.eval:
+            return {}
+        model.eval()
+        rows, weights = [], []
+        bs = cfg.eval_batch_size or cfg.batch_size
+        with torch.no_grad():
+            for i in range(0, len(data.eval), bs):
+                batch = collate_preference(data.eval[i:i + bs], tokenizer.pad_token_id).to(accelerator.device)
+                _, stats = loss_and_stats(batch, "eval")
+                rows.append(stats)
+                weights.append(batch.batch_size)
+        model.train()
+        return {f"eval/{k}": v for k, v in common.mean_metrics(rows, weights).items()}
+
+    # State that a checkpoint restores.
+    step, micro, skipped, tokens_seen = 0, 0, 0, 0
+    if ckpt is not None:
+        accelerator.unwrap_model(model).load_state_dict(_load_weights(ckpt), strict=False)
+        state = common.read_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        step, micro, skipped, tokens_seen = (state["step"], state["micro_batch"], state["skipped_steps"],
+                                             state["tokens"])
+        run.truncate_metrics(step)
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+
+    def save_checkpoint() -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        if not common.weights_finite(unwrapped):
+            raise common.nonfinite_error("weights", step, "refusing to write a checkpoint")
+        if not accelerator.is_main_process:
+            return
+
+        def write(d: Path) -> None:
+            from safetensors.torch import save_file
+
+            weights = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()
+                       if not cfg.lora or "lora_" in k}
+            save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
+            common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
+                "step": step, "micro_batch": micro, "skipped_steps": skipped, "tokens": tokens_seen,
+                "config": vars(cfg)})
+
+        run.save_checkpoint(step, write)
+
+    if accelerator.is_main_process:
+        run.create()
+        run.write_config(cfg)
+        (run.path / "data_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    model.train()
+    batches = order.iterate(start=micro)
+    bar = tqdm(total=steps, initial=step, desc="dpo", disable=not (cfg.progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    window: list[dict[str, float]] = []
+    t0, tokens_window = time.time(), 0
+    last_eval: dict[str, float] = {}
+    last_logged: dict[str, float] = {}
+
+    with common.StopSignal() as stop:
+        while step < steps:
+            # One optimizer step = grad_accum micro-batches; the loss is the mean over ALL their pairs,
+            # so accumulation 1x8 and 8x1 give the same gradient (tests/test_train_dpo.py).
+            group = [next(batches) for _ in range(cfg.grad_accum)]
+            n_pairs = sum(len(idx) for _, idx in group)
+            step_stats, nonfinite = [], False
+            for j, (k, idx) in enumerate(group):
+                batch = collate_preference([data.train[i] for i in idx], tokenizer.pad_token_id)
+                batch = batch.to(accelerator.device)
+                sync = j == len(group) - 1
+                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+                with ctx:
+                    losses, stats = loss_and_stats(batch, "train")
+                    if not torch.isfinite(losses).all():
+                        nonfinite = True
+                        where = f"micro-batch {k}, rows {idx[:8]}{'...' if len(idx) > 8 else ''}"
+                        if not cfg.skip_nonfinite:
+                            raise common.nonfinite_error("loss", step + 1, where)
+                        break
+                    accelerator.backward(losses.sum() / n_pairs)
+                step_stats.append((stats, len(idx)))
+                tokens_window += int(batch.attention_mask.sum())
+            grad_norm = torch.tensor(0.0)
+            if not nonfinite and cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                    nonfinite = True
+                    if not cfg.skip_nonfinite:
+                        raise common.nonfinite_error("gradient norm", step + 1, f"micro-batches {group[0][0]}..")
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            micro = group[-1][0] + 1
+            bar.update(1)
+
+            if step_stats:
+                merged = common.mean_metrics([s for s, _ in step_stats], [w for _, w in step_stats])
+                merged["grad_norm"] = float(grad_norm)
+                window.append(merged)
+            if step % cfg.logging_steps == 0 or step == steps:
+                elapsed = max(time.time() - t0, 1e-9)
+                logged = common.mean_metrics(window, [1] * len(window)) if window else {}
+                logged.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": micro / order.per_epoch,
+                               "tokens_per_second": tokens_window / elapsed, "skipped_steps": skipped})
+                tokens_seen += tokens_window
+                window, t0, tokens_window, last_logged = [], time.time(), 0, logged
+                if accelerator.is_main_process:
+                    run.log(step, logged)
+                bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}",
+                                acc=f"{logged.get('rewards/accuracies', float('nan')):.2f}")
+            if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < steps:
+                last_eval = evaluate()
+                if accelerator.is_main_process:
+                    run.log(step, last_eval)
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
+                save_checkpoint()
+            if stop.received:
+                save_checkpoint()
+                bar.close()
+                accelerator.print(f"stopped by {stop.received} at step {step}/{steps}. Resume with:\n"
+                                  f"  dpolab dpo --config {run.path / 'config.yaml'} --resume latest")
+                return {"stopped": True, "steps": step}
+    bar.close()
+
+    last_eval = evaluate()
+    save_checkpoint()
+    summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped,
+                       "data/skipped_rows": report["skipped"], "data/truncated_rows": report["truncated"]}
+    if accelerator.is_main_process:
+        if last_eval:
+            run.log(step, last_eval)
+        final = accelerator.unwrap_model(model)
+        if cfg.lora:
+            final = final.merge_and_unload()
+        from dpolab.train.common import save_pretrained_atomic
+
+        save_pretrained_atomic(final, tokenizer, run.final)
+        summary = run.write_summary(summary_metrics, steps=step)
+        _print_summary(summary)
+        return summary
+    return summary_metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _dedupe_shared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (tied embeddings); clone the duplicates."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
+    """Summed response log-probs under the reference for a whole (2B, T) batch.
+
+    ``ref_model`` None means a PEFT policy: the reference is its base with adapters disabled."""
+    from dpolab.lm import model_sequence_logps
+
+    if ref_model is None:
+        with accelerator.unwrap_model(policy).disable_adapter():
+            logps, _ = model_sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                            batch.position_ids)
+        return logps.detach()
+    logps, _ = model_sequence_logps(ref_model, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                    batch.position_ids)
+    return logps.detach()
+
+
+def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunDir) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every train and eval pair, computed once and cached on disk.
+
+    The cache file is keyed by the data (content hashes), the reference model, the tokenizer and the
+    truncation settings, so a changed dataset or model never reuses stale values. Returns
+    ``{"train": (N, 2), "eval": (M, 2)}`` with columns (chosen, rejected), indexed by
+    ``TokenizedPair.index``."""
+    from safetensors.torch import load_file, save_file
+
+    from dpolab.data import collate_preference, data_fingerprint
+    from dpolab.train import common
+
+    ref_name = cfg.ref_model or cfg.model
+    key = hashlib.sha256(json.dumps({
+        "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": common.model_fingerprint(ref_name),
+        "tokenizer": common.model_fingerprint(cfg.model), "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "n": [len(data.train), len(data.eval)],
+    }, sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else run.path / "cache"
+    path = cache_dir / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        accelerator.print(f"reference log-probs: cached {path}")
+        return load_file(str(path))
+    ref = common.load_causal_lm(ref_name, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    ref.requires_grad_(False).eval()
+    ref = ref.to(accelerator.device)
+    from tqdm.auto import tqdm
+
+    from dpolab.lm import model_sequence_logps
+
+    out = {}
+    bs = cfg.eval_batch_size or cfg.batch_size
+    for split, pairs in (("train", data.train), ("eval", data.eval)):
+        table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+        for i in tqdm(range(0, len(pairs), bs), desc=f"reference {split}", disable=not cfg.progress,
+                      dynamic_ncols=True):
+            batch = collate_preference(pairs[i:i + bs], tokenizer.pad_token_id).to(accelerator.device)
+            with torch.no_grad():
+                logps, _ = model_sequence_logps(ref, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                                batch.position_ids)
+            B = batch.batch_size
+            table[batch.index.cpu(), 0] = logps[:B].float().cpu()
+            table[batch.index.cpu(), 1] = logps[B:].float().cpu()
+        out[split] = table
+    del ref
+    if accelerator.is_main_process:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(path)
+    return out
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ["steps", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "loss", "wall_seconds"]
+    shown = {k: summary[k] for k in keys if k in summary}
+    width = max(len(k) for k in shown) if shown else 0
+    for k, v in shown.items():
+        print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}", file=sys.stderr)
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    cfg = parse_config(DPOConfig, argv, prog=prog, description=DESCRIPTION)
+    summary = train(cfg)
+    if not summary.get("dry_run") and not summary.get("stopped"):
+        print(f"done: {cfg.output_dir} (final model in {Path(cfg.output_dir) / 'final'})")
+    return 0

@@ -1,0 +1,181 @@
+"""The DPO trainer end to end: CLI, run directory, equivalences (accumulation, reference cache,
+resume) and bad input. Tiny Llama models built in-process; data generated here with a known rule."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+
+WORDS = ["the", "movie", "was", "great", "fun", "film", "plot", "music", "story", "acting"]
+
+
+def write_rule_data(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """Preference pairs whose preferred side follows a rule: the chosen response opens with
+    "great", the rejected one with "awful", and both continue with the same words."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            prompt = "Review: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+            tail = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+            fh.write(json.dumps({"prompt": prompt, "chosen": f" great {tail}", "rejected": f" awful {tail}"}) + "\n")
+    return path
+
+
+@pytest.fixture()
+def rule_data(tmp_path):
+    return write_rule_data(tmp_path / "prefs.jsonl")
+
+
+def _args(model_dir, data, out, *extra):
+    return ["dpo", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-length", "48", "--max-prompt-length", "24", "--no-progress", *map(str, extra)]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_dpo_cli_learns_rule_and_final_reloads(tiny_model_dir, rule_data, tmp_path):
+    out = tmp_path / "run"
+    rc = main(_args(tiny_model_dir, rule_data, out, "--learning-rate", "3e-3", "--beta", "0.5",
+                    "--max-steps", "30", "--batch-size", "8", "--eval-fraction", "0.25",
+                    "--logging-steps", "5", "--eval-steps", "15"))
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30
+    assert summary["eval/rewards/accuracies"] >= 0.95, summary
+    assert summary["eval/rewards/margins"] > 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected"} <= set(rows[0])
+    assert any("eval/loss" in r for r in rows)
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("Review: the movie", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def _run(tiny_model_dir, data, out, *extra) -> dict:
+    assert main(_args(tiny_model_dir, data, out, "--eval-fraction", "0", *extra)) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, rule_data, tmp_path):
+    """1 micro-batch of 8 pairs == 4 micro-batches of 2 (SGD exposes any loss-scale error)."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0")
+    _run(tiny_model_dir, rule_data, tmp_path / "a", "--batch-size", "8", "--grad-accum", "1", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "b", "--batch-size", "2", "--grad-accum", "4", *common)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(wa[k], init[k]) for k in wa)  # training moved the weights
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, rule_data, tmp_path):
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "3", "--batch-size", "4")
+    _run(tiny_model_dir, rule_data, tmp_path / "live", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "pre", "--precompute-ref", *common)
+    wa, wb = _weights(tmp_path / "live"), _weights(tmp_path / "pre")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    cache = list((tmp_path / "pre" / "cache").glob("ref-logps-*.safetensors"))
+    assert len(cache) == 1
+    # The cache is reused on a second run with the same data and model...
+    _run(tiny_model_dir, rule_data, tmp_path / "pre2", "--precompute-ref", "--ref-cache-dir",
+         tmp_path / "pre" / "cache", *common)
+    assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 1
+    # ...and a changed dataset gets a new key, never the stale values.
+    other = write_rule_data(tmp_path / "other.jsonl", seed=1)
+    _run(tiny_model_dir, other, tmp_path / "pre3", "--precompute-ref", "--ref-cache-dir",
+         tmp_path / "pre" / "cache", *common)
+    assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 2
+
+
+def test_resume_from_checkpoint_is_exact(tiny_model_dir, rule_data, tmp_path):
+    common = ("--learning-rate", "1e-3", "--max-steps", "6", "--batch-size", "4", "--logging-steps", "1",
+              "--save-steps", "3", "--save-total-limit", "5")
+    full = tmp_path / "full"
+    _run(tiny_model_dir, rule_data, full, *common)
+    # A second run that starts from the full run's step-3 checkpoint ends bitwise equal.
+    resumed = tmp_path / "resumed"
+    _run(tiny_model_dir, rule_data, resumed, "--resume", full / "checkpoints" / "step-3", *common)
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rows_res = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    strip = ("tokens_per_second",)
+    tail_full = [{k: v for k, v in r.items() if k not in strip} for r in rows_full if r["step"] > 3]
+    tail_res = [{k: v for k, v in r.items() if k not in strip} for r in rows_res if r["step"] > 3]
+    assert tail_full == tail_res
+
+
+def test_lora_run_saves_loadable_merged_model(tiny_model_dir, rule_data, tmp_path):
+    out = tmp_path / "lora"
+    _run(tiny_model_dir, rule_data, out, "--lora", "--lora-r", "4", "--learning-rate", "1e-2",
+         "--max-steps", "3", "--batch-size", "4")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = _weights(out)
+    assert any(not torch.equal(final[k], init[k]) for k in init if k in final)
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "simpo", "ref_free"])
+def test_loss_variants_run(tiny_model_dir, rule_data, tmp_path, loss):
+    extra = ("--label-smoothing", "0.1") if loss == "robust" else ()
+    summary = _run(tiny_model_dir, rule_data, tmp_path / loss, "--loss", loss, "--max-steps", "2",
+                   "--batch-size", "4", "--learning-rate", "1e-3", *extra)
+    assert summary["steps"] == 2 and all(
+        isinstance(v, (int, float)) and v == v for v in summary.values() if not isinstance(v, str))
+
+
+def test_bad_jsonl_line_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, bad, out)) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "chosen" in err and "Traceback" not in err
+    assert not (out / "summary.json").exists()
+
+
+def test_unknown_loss_and_missing_args(tiny_model_dir, rule_data, tmp_path, capsys):
+    assert main(_args(tiny_model_dir, rule_data, tmp_path / "r", "--loss", "sigmoidd")) == 2
+    assert "did you mean 'sigmoid'" in capsys.readouterr().err
+    assert main(["dpo", "--data", str(rule_data)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_prints_summary_without_training(tiny_model_dir, rule_data, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(_args(tiny_model_dir, rule_data, out, "--dry-run")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["rows"] == 64 and report["data"]["skipped"] == 0
+    assert not out.exists()
+
+
+def test_help_documents_every_option():
+    res = subprocess.run([sys.executable, "-m", "dpolab", "dpo", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    from dataclasses import fields
+
+    from dpolab.train.dpo import DPOConfig
+
+    for f in fields(DPOConfig):
+        assert "--" + f.name.replace("_", "-") in res.stdout, f.name
