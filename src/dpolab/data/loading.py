@@ -1,0 +1,295 @@
+"""Reading raw rows from files, ``save_to_disk`` folders and the Hugging Face Hub.
+
+Every row comes back as a :class:`Record`: the row's dict plus where it came from, so that any later
+error (a missing field, a row that does not fit) can name the file and the line or row.
+
+Sources, by what ``source`` is:
+
+* an existing file, by extension: ``.jsonl`` (one JSON object per line), ``.json`` (a list of
+  objects, or an object of equal-length columns), ``.parquet``, ``.csv`` (header row first);
+* an existing folder: a ``datasets`` ``save_to_disk`` folder (``Dataset`` or ``DatasetDict``, the
+  latter indexed by ``split``), else a folder of data files read by ``datasets.load_dataset``;
+* anything else that does not look like a local path: a Hub dataset name, read with
+  ``datasets.load_dataset(source, split=split)``.
+
+Bad input raises :class:`dpolab.errors.DataError` naming the file and the line (JSONL, and JSON
+syntax errors) or the 1-based row (JSON lists, CSV data rows, Parquet and ``datasets`` rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpolab.errors import DataError
+
+FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+JSON_WHITESPACE = " \t\r\n"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw row with its provenance.
+
+    ``line`` is the 1-based line for JSONL files (``unit == "line"``) and the 1-based row number for
+    JSON lists, CSV data rows (header excluded), Parquet and ``datasets`` rows (``unit == "row"``).
+    """
+
+    data: dict
+    path: str
+    line: int
+    unit: str = "line"
+
+    @property
+    def where(self) -> str:
+        """``"data.jsonl:7"`` or ``"data.csv row 7"``: the location used in messages."""
+        return f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path} row {self.line}"
+
+
+def record_error(record: Record, message: str, *, field: str | None = None) -> DataError:
+    """A :class:`DataError` located at ``record`` (file and line, or file and row)."""
+    return located_error(record.path, record.line, record.unit, message, field=field)
+
+
+def located_error(path: str, line: int | None, unit: str, message: str, *,
+                  field: str | None = None) -> DataError:
+    """A :class:`DataError` whose text reads ``path:LINE: ...`` or ``path row N: ...``."""
+    if unit == "line" or line is None:
+        return DataError(message, path=path, line=line, field=field)
+    err = DataError(message, path=f"{path} row {line}", field=field)
+    err.path, err.line = path, line
+    return err
+
+
+def _looks_like_path(source: str) -> bool:
+    lower = source.lower()
+    return (lower.endswith(FILE_EXTENSIONS) or source.startswith(("/", ".", "~"))
+            or (os.sep != "/" and os.sep in source))
+
+
+def load_records(source: str, *, split: str = "train") -> list[Record]:
+    """Read every row of ``source`` (a file, a folder or a Hub dataset name) as :class:`Record`.
+
+    ``split`` selects the split of a ``DatasetDict`` folder or a Hub dataset; plain files have one.
+    Raises :class:`DataError` for a missing file, an unsupported extension, malformed content, a
+    row that is not an object, or a source with no rows.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+                   ".csv": _read_csv}
+        if suffix not in readers:
+            raise DataError(f"unsupported file extension '{path.suffix or '(none)'}'; expected one "
+                            f"of {', '.join(FILE_EXTENSIONS)}", path=source)
+        records = readers[suffix](path, source)
+    elif path.is_dir():
+        records = _read_folder(path, source, split)
+    elif _looks_like_path(source):
+        raise DataError("file not found", path=source)
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise DataError("no rows: the data source is empty", path=source)
+    return records
+
+
+def data_fingerprint(source: str, *, split: str = "train") -> str:
+    """A sha256 hex digest identifying the data, for cache keys (e.g. reference log-probs).
+
+    Files: the hash of their bytes. Folders: the hash of every file's relative path and bytes, plus
+    ``split``. Hub names: the hash of the name and ``split`` (the remote content is not fetched).
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    h = hashlib.sha256()
+    if path.is_file():
+        _hash_file(h, path)
+    elif path.is_dir():
+        h.update(f"folder\0split={split}\0".encode())
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+            _hash_file(h, file)
+    elif _looks_like_path(source):
+        raise DataError("file not found", path=source)
+    else:
+        h.update(f"hub\0{source}\0split={split}".encode())
+    return h.hexdigest()
+
+
+def _hash_file(h: Any, file: Path) -> None:
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text files
+
+
+def _read_bytes(path: Path, source: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read file: {exc.strerror or exc}", path=source) from exc
+
+
+def _decode(data: bytes, source: str) -> str:
+    """UTF-8 text (a leading BOM dropped); invalid bytes are reported with their line number."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"not valid UTF-8 (byte {exc.start})", path=source, line=line) from exc
+
+
+def _parse_json(text: str, source: str, *, line: int | None = None) -> Any:
+    """``json.loads`` with errors located: at ``line`` for one JSONL line, else at the error's
+    own line in the file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data" and line is None:
+            hint = " (several JSON values: if this is JSON Lines, name the file .jsonl)"
+        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}{hint}", path=source,
+                        line=line if line is not None else exc.lineno) from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise DataError(f"invalid JSON: {exc}", path=source, line=line) from exc
+    except RecursionError as exc:
+        raise DataError("invalid JSON: nested too deeply", path=source, line=line) from exc
+
+
+def _read_jsonl(path: Path, source: str) -> list[Record]:
+    text = _decode(_read_bytes(path, source), source)
+    if not text.strip(JSON_WHITESPACE):
+        raise DataError("file is empty", path=source)
+    records = []
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip(JSON_WHITESPACE):  # blank lines are skipped but still counted
+            continue
+        value = _parse_json(raw, source, line=lineno)  # a CRLF's "\r" is JSON whitespace
+        if not isinstance(value, dict):
+            raise DataError(f"expected a JSON object, got {_json_type(value)}", path=source,
+                            line=lineno)
+        records.append(Record(value, source, lineno, "line"))
+    return records
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _read_json(path: Path, source: str) -> list[Record]:
+    text = _decode(_read_bytes(path, source), source)
+    if not text.strip(JSON_WHITESPACE):
+        raise DataError("file is empty", path=source)
+    value = _parse_json(text, source)
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {k: len(v) for k, v in value.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"columns have different lengths: {lengths}", path=source)
+        names = list(value)
+        rows = [dict(zip(names, vals)) for vals in zip(*value.values())]
+    elif isinstance(value, list):
+        rows = value
+    else:
+        raise DataError(f"expected a list of objects or an object of equal-length columns, got "
+                        f"{_json_type(value)}", path=source)
+    records = []
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise located_error(source, i, "row", f"expected a JSON object, got {_json_type(row)}")
+        records.append(Record(row, source, i, "row"))
+    return records
+
+
+def _read_csv(path: Path, source: str) -> list[Record]:
+    text = _decode(_read_bytes(path, source), source)
+    if not text.strip(JSON_WHITESPACE):
+        raise DataError("file is empty", path=source)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[Record] = []
+    try:
+        header = next((row for row in reader if row), None)
+        if header is None:
+            raise DataError("file is empty", path=source)
+        if len(set(header)) != len(header):
+            raise DataError(f"duplicate column names in the header: {header}", path=source,
+                            line=reader.line_num)
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            i = len(records) + 1
+            if len(row) != len(header):
+                raise located_error(source, i, "row", f"has {len(row)} fields but the header has "
+                                    f"{len(header)} (line {reader.line_num})")
+            records.append(Record(dict(zip(header, row)), source, i, "row"))
+    except csv.Error as exc:
+        raise DataError(f"malformed CSV: {exc}", path=source, line=reader.line_num or None) from exc
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet, datasets folders, the Hub
+
+
+def _read_parquet(path: Path, source: str) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"not a readable Parquet file: {exc}", path=source) from exc
+    return [Record(row, source, i, "row") for i, row in enumerate(rows, start=1)]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _read_folder(path: Path, source: str, split: str) -> list[Record]:
+    import datasets
+
+    if not _is_saved_dataset(path):
+        return _read_hub(source, split)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 -- any failure inside datasets is a bad folder
+        raise DataError(f"cannot load the saved dataset: {exc}", path=source) from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"no split '{split}' in the saved dataset (splits: "
+                            f"{', '.join(ds)})", path=source)
+        ds = ds[split]
+    return _dataset_records(ds, source)
+
+
+def _read_hub(source: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as exc:  # noqa: BLE001 -- network, missing repo, bad split: all user-fixable
+        raise DataError(f"cannot load dataset (split '{split}') with datasets.load_dataset: "
+                        f"{type(exc).__name__}: {exc}", path=source) from exc
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"expected a map-style datasets.Dataset for split '{split}', got "
+                        f"{type(ds).__name__}", path=source)
+    return _dataset_records(ds, source)
+
+
+def _dataset_records(ds: Any, source: str) -> list[Record]:
+    return [Record(dict(row), source, i, "row") for i, row in enumerate(ds, start=1)]
