@@ -1,0 +1,297 @@
+"""Reading raw rows: every source kind, provenance (line/row numbers), fingerprints, clear errors,
+and a fuzz test that malformed bytes only ever raise DataError."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpolab.data import Record, data_fingerprint, load_records, parse_preference
+from dpolab.errors import DataError
+
+ROWS = [
+    {"prompt": "p1", "chosen": "c1", "rejected": "r1"},
+    {"prompt": "p2", "chosen": "c2", "rejected": "r2"},
+    {"prompt": "p3", "chosen": "c3", "rejected": "r3"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def datas(records: list[Record]) -> list[dict]:
+    return [r.data for r in records]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every source kind
+
+
+def test_jsonl_lines_are_1_based_and_count_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    # CRLF line ends, a blank line between rows 1 and 2, a UTF-8 BOM in front.
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ROWS[0]) + "\r\n\r\n" + json.dumps(ROWS[1]) + "\r\n"
+                                        + json.dumps(ROWS[2])).encode())
+    records = load_records(str(path))
+    assert datas(records) == ROWS
+    assert [r.line for r in records] == [1, 3, 4]
+    assert {r.path for r in records} == {str(path)} and {r.unit for r in records} == {"line"}
+    assert records[1].where == f"{path}:3"
+
+
+def test_json_list_and_columns(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(ROWS))
+    columns = tmp_path / "cols.json"
+    columns.write_text(json.dumps({k: [r[k] for r in ROWS] for k in ROWS[0]}))
+    for path in (listed, columns):
+        records = load_records(str(path))
+        assert datas(records) == ROWS
+        assert [r.line for r in records] == [1, 2, 3] and records[0].unit == "row"
+        assert records[2].where == f"{path} row 3"
+
+
+def test_csv_with_quoted_newlines_and_commas(tmp_path):
+    rows = [dict(ROWS[0], chosen='multi\nline, "quoted"'), ROWS[1]]
+    records = load_records(str(write_csv(tmp_path / "d.csv", rows)))
+    assert datas(records) == rows
+    assert [r.line for r in records] == [1, 2]
+
+
+def test_parquet_keeps_nested_message_lists(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    records = load_records(str(path))
+    assert datas(records) == rows and [r.line for r in records] == [1, 2]
+    assert parse_preference(records[0]).conversational
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([2])}).save_to_disk(str(tmp_path / "dict"))
+    assert datas(load_records(str(tmp_path / "single"))) == ROWS
+    assert datas(load_records(str(tmp_path / "dict"))) == ROWS
+    test = load_records(str(tmp_path / "dict"), split="test")
+    assert datas(test) == [ROWS[2]] and test[0].line == 1 and test[0].unit == "row"
+    with pytest.raises(DataError, match=r"no split 'valid'.*train, test"):
+        load_records(str(tmp_path / "dict"), split="valid")
+
+
+def test_hub_name_goes_to_load_dataset_with_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kwargs):
+        calls.append((name, split, kwargs))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_records("someone/prefs", split="test")
+    assert calls == [("someone/prefs", "test", {})]
+    assert datas(records) == ROWS and records[0].path == "someone/prefs" and records[1].line == 2
+
+
+def test_hub_failure_is_a_data_error(monkeypatch):
+    import datasets
+
+    def failing(name, split=None, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match=r"^someone/prefs: cannot load dataset.*ConnectionError: offline"):
+        load_records("someone/prefs")
+
+
+def test_folder_of_data_files_uses_the_real_load_dataset(tmp_path, monkeypatch):
+    """A folder that is not a save_to_disk folder goes through datasets.load_dataset (offline)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    records = load_records(str(tmp_path / "data"))
+    assert datas(records) == ROWS and [r.line for r in records] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def test_fingerprint_tracks_content_and_split(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    first = data_fingerprint(str(path))
+    assert first == data_fingerprint(str(path)) and len(first) == 64
+    write_jsonl(path, ROWS[:2])
+    assert data_fingerprint(str(path)) != first
+    assert data_fingerprint("a/b") != data_fingerprint("a/b", split="test")
+    assert data_fingerprint("a/b") != data_fingerprint("a/c")
+    folder = tmp_path / "f"
+    folder.mkdir()
+    write_jsonl(folder / "x.jsonl", ROWS)
+    before = data_fingerprint(str(folder))
+    (folder / "x.jsonl").write_text("{}")
+    assert data_fingerprint(str(folder)) != before
+    with pytest.raises(DataError, match="file not found"):
+        data_fingerprint(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the file, the line or row, and the field
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"prompt": "x", "chosen": }\n')
+    with pytest.raises(DataError) as info:
+        load_records(str(path))
+    assert str(info.value).startswith(f"{path}:3: invalid JSON")
+    assert info.value.path == str(path) and info.value.line == 3
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
+    with pytest.raises(DataError, match=r":2: expected a JSON object, got a list"):
+        load_records(str(path))
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        load_records(str(path))
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.json", "  \n"), ("e.csv", ""),
+                                          ("e.json", "[]"), ("h.csv", "prompt,chosen,rejected\n")])
+def test_empty_sources(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"empty"):
+        load_records(str(path))
+
+
+def test_empty_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match="e.parquet: no rows"):
+        load_records(str(path))
+
+
+def test_unsupported_extension_and_missing_file(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"d\.txt: unsupported file extension '\.txt'"):
+        load_records(str(path))
+    for missing in (str(tmp_path / "nope.jsonl"), "./nope", "data/nope.parquet"):
+        with pytest.raises(DataError, match=r"file not found") as info:
+            load_records(missing)
+        assert info.value.path == missing
+
+
+def test_json_that_is_really_jsonl_gets_a_hint(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(DataError, match=r"d\.json:2: invalid JSON: Extra data.*name the file \.jsonl"):
+        load_records(str(path))
+
+
+def test_json_bad_shapes(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([ROWS[0], "oops"]))
+    with pytest.raises(DataError, match=r"d\.json row 2: expected a JSON object, got a string"):
+        load_records(str(path))
+    path.write_text(json.dumps({"prompt": ["a", "b"], "chosen": ["c"]}))
+    with pytest.raises(DataError, match="columns have different lengths"):
+        load_records(str(path))
+    path.write_text("3")
+    with pytest.raises(DataError, match="expected a list of objects"):
+        load_records(str(path))
+
+
+def test_csv_ragged_row_names_row_and_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\na,b,c\nd,e\n")
+    with pytest.raises(DataError, match=r"d\.csv row 2: has 2 fields but the header has 3 \(line 3\)") as info:
+        load_records(str(path))
+    assert info.value.path == str(path) and info.value.line == 2
+
+
+def test_corrupt_parquet(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
+        load_records(str(path))
+
+
+def test_field_errors_from_row_sources_say_row(tmp_path):
+    rows = [ROWS[0], {"prompt": "p", "chosen": "c", "rejected": 5}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    records = load_records(str(path))
+    with pytest.raises(DataError, match=r"d\.json row 2: field 'rejected': expected a string") as info:
+        parse_preference(records[1])
+    assert (info.value.line, info.value.field) == (2, "rejected")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: malformed bytes never escape as anything but DataError
+
+_JSONISH = st.text(alphabet='{}[]",:0123456789.eE+-truefalsn \n\r\t\\u\x00\xff\ud800promptchosenrejected',
+                   max_size=80)
+_FUZZ_BYTES = st.one_of(
+    st.binary(max_size=120),
+    _JSONISH.map(lambda s: s.encode("utf-8", "surrogatepass")),
+    # A valid row with random bytes spliced in.
+    st.tuples(st.integers(0, 60), st.binary(max_size=8)).map(
+        lambda t: (json.dumps(ROWS[0]).encode()[:t[0]] + t[1] + json.dumps(ROWS[0]).encode()[t[0]:])),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_FUZZ_BYTES, ext=st.sampled_from([".jsonl", ".json", ".csv"]))
+def test_fuzz_loader_raises_only_data_error(payload, ext):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"fuzz{ext}"
+        path.write_bytes(payload)
+        try:
+            records = load_records(str(path))
+        except DataError as err:
+            assert err.path == str(path)
+            return
+        assert records and all(isinstance(r.data, dict) and r.line >= 1 for r in records)
+        for record in records:
+            try:
+                parse_preference(record)
+            except DataError as err:
+                assert err.path == str(path) and err.line == record.line
