@@ -1,0 +1,194 @@
+"""Sequence log-probabilities of causal language models, computed lean.
+
+The preference losses need, for every sequence, the summed log-probability of its response tokens,
+``log π(y|x) = Σ_t log π(y_t | x, y_<t)``. Two costs dominate a naive implementation and both are
+avoided here:
+
+* **The float32 log-softmax copy over the vocabulary.** ``logits.float().log_softmax(-1)`` holds a
+  ``(B, T, V)`` float32 tensor (gigabytes for a 128k vocabulary) and keeps it alive for backward.
+  :func:`gather_token_logps` computes ``log p(label) = logit[label] − logsumexp(logits)`` chunk by
+  chunk over rows (upcasting only one chunk at a time), and its backward recomputes the softmax per
+  chunk, so neither pass materialises a float32 ``(N, V)`` tensor.
+* **lm_head over prompt and padding positions.** :func:`model_sequence_logps` projects only the
+  hidden states of positions that predict a response token through the output embedding (a forward
+  pre-hook on the model's ``get_output_embeddings()`` selects the rows), for architectures whose
+  logits are exactly ``lm_head(hidden)``. It still calls the model's own ``forward``, so wrappers
+  (PEFT, accelerate autocast, DDP/FSDP hooks) stay in the loop. Other models fall back to full
+  logits.
+
+Alignment convention: token ``t`` is predicted by the logits at position ``t − 1``; a response token
+at position 0 has no predictor and is not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Architectures whose causal-LM forward ends in ``logits = lm_head(last_hidden_state)`` with no
+# scaling or soft-capping afterwards (checked against transformers' modeling files). Others (Gemma 2,
+# Cohere, Granite, ...) transform the logits after the head and take the full-logits path.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2", "smollm3", "gemma",
+})
+
+_TARGET_CHUNK_ELEMENTS = 1 << 24  # 16M elements: a 64 MiB float32 temporary per chunk
+
+
+class _TokenLogps(torch.autograd.Function):
+    """``log softmax(logits)[label]`` over rows of a ``(N, V)`` matrix, chunked in both passes."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, chunk: int) -> Tensor:  # (N, V), (N,) -> (N,)
+        out_dtype = torch.promote_types(logits.dtype, torch.float32)
+        n = logits.shape[0]
+        out = torch.empty(n, dtype=out_dtype, device=logits.device)
+        lse = torch.empty(n, dtype=out_dtype, device=logits.device)
+        for s in range(0, n, chunk):
+            x = logits[s:s + chunk].to(out_dtype)                                     # (c, V)
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        # d log p(label) / d logits = onehot(label) − softmax(logits), per row
+        logits, labels, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad = torch.empty_like(logits)
+        grad_out = grad_out.to(lse.dtype)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_out[s:s + chunk, None]                                           # (c, 1)
+            probs = torch.exp(logits[s:s + chunk].to(lse.dtype) - lse[s:s + chunk, None])
+            g_chunk = probs.mul_(-g)                                                  # (c, V)
+            g_chunk.scatter_add_(-1, labels[s:s + chunk, None], g)
+            grad[s:s + chunk] = g_chunk
+        return grad, None, None
+
+
+def gather_token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    """Log-probability of each label under the softmax of its logits row.
+
+    Args:
+        logits: ``(..., V)`` (typically ``(B, T, V)``), any float dtype.
+        labels: ``(...)`` integer token ids in ``[0, V)`` (replace ignored positions by a valid id
+            first and mask the result).
+        chunk_size: rows per chunk; default keeps each chunk near 16M elements.
+
+    Returns:
+        ``(...)`` log-probs, float32 for half-precision logits, else the logits' dtype. Computed as
+        ``logits.gather − logsumexp`` per chunk of rows, never materialising a float32 log-softmax
+        over the vocabulary for the whole batch, in forward or backward.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)          # a view for contiguous logits
+    chunk = chunk_size or max(1, _TARGET_CHUNK_ELEMENTS // max(vocab, 1))
+    out = _TokenLogps.apply(flat, labels.reshape(-1).long(), int(chunk))
+    return out.view(labels.shape)
+
+
+def _shifted(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token labels and mask aligned with the logits positions, both ``(B, T)``.
+
+    ``labels[:, t] = input_ids[:, t + 1]`` and ``mask[:, t] = loss_mask[:, t + 1]``; the last column
+    predicts nothing (mask False, label 0). Shifting the labels instead of slicing the logits keeps
+    the logits contiguous (no copy)."""
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    mask = torch.zeros_like(loss_mask, dtype=torch.bool)
+    mask[:, :-1] = loss_mask[:, 1:].bool()
+    return labels.masked_fill(~mask, 0), mask
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of the response tokens of each sequence.
+
+    Args:
+        logits: ``(B, T, V)`` from ``model(input_ids)``; position ``t − 1`` predicts token ``t``.
+        input_ids: ``(B, T)`` token ids.
+        loss_mask: ``(B, T)`` bool/int, true where ``input_ids`` is a response token.
+
+    Returns:
+        ``(logps, counts)``: ``(B,)`` sums of response-token log-probs (float32, or float64 for
+        float64 logits) and ``(B,)`` int64 numbers of response tokens counted.
+    """
+    if logits.shape[:2] != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+                         f"loss_mask {tuple(loss_mask.shape)}")
+    labels, mask = _shifted(input_ids, loss_mask)
+    token_logps = gather_token_logps(logits, labels)                                  # (B, T)
+    logps = (token_logps * mask).sum(-1)
+    return logps, mask.sum(-1)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying ``PreTrainedModel`` behind DDP/DeepSpeed (``.module``) and PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        cfg = getattr(model, "active_peft_config", None)
+        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+            return None  # virtual tokens change the sequence layout: use full logits
+        model = model.get_base_model()
+    return model
+
+
+def _plain_output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output-embedding module if the model's logits are exactly ``head(last hidden)``."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if inner is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                         position_ids: Tensor | None = None, *,
+                         response_only_logits: bool = True) -> tuple[Tensor, Tensor]:
+    """Run a causal LM and return the summed response-token log-probs of every sequence.
+
+    Args:
+        model: a Hugging Face causal LM, possibly PEFT- or accelerate-wrapped.
+        input_ids, attention_mask, loss_mask: ``(B, T)``; padding may be on either side.
+        position_ids: ``(B, T)`` or ``None`` (then ``cumsum(attention_mask) − 1``, which is right
+            for left and right padding alike; pass explicit ones for packed sequences).
+        response_only_logits: project only the hidden states that predict response tokens through
+            the output embedding (supported architectures; others use full logits anyway).
+
+    Returns:
+        ``(logps, counts)`` as :func:`sequence_logps`: ``(B,)`` float32 sums and ``(B,)`` int64
+        counts. Equal to the full-logits path and to ``−cross_entropy`` summed over response tokens.
+    """
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    labels, mask = _shifted(input_ids, loss_mask)                                     # (B, T)
+    head = _plain_output_head(model) if response_only_logits else None
+    handle = None
+    if head is not None:
+        def select_response_rows(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("input")
+            if hidden is None or hidden.shape[:2] != mask.shape:
+                return None  # unexpected layout: leave the call alone, full logits are used
+            selected = hidden[mask]                                                   # (M, H)
+            return ((selected, *args[1:]), kwargs) if args else (args, {**kwargs, "input": selected})
+
+        handle = head.register_forward_pre_hook(select_response_rows, with_kwargs=True)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.ndim == 3:
+        return sequence_logps(logits, input_ids, loss_mask)
+    token_logps = gather_token_logps(logits, labels[mask])                            # (M,)
+    rows = mask.nonzero()[:, 0]                                                       # (M,) batch row
+    logps = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return logps.index_add(0, rows, token_logps), mask.sum(-1)
