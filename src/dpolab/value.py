@@ -1,0 +1,109 @@
+"""The critic for language-model PPO: a value head on a causal LM's last hidden state.
+
+Two layouts, one interface (:class:`PolicyWithValue`, whose forward returns ``(logits, values)``):
+
+- shared trunk (default): ``V(s_t) = w·h_t + b`` on the policy's own last hidden state ``h_t``,
+  computed in the same forward as the logits (``output_hidden_states=True``);
+- separate value model: a second causal LM (its own weights, e.g. a copy of the SFT model) whose
+  last hidden state feeds the head; its LM head is unused.
+
+Saving: the policy goes to ``final/`` (loadable by ``AutoModelForCausalLM``); the head to
+``final/value_head.safetensors``; a separate value model's trunk to ``final/value_model/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpolab.errors import DpolabError
+
+__all__ = ["PolicyWithValue", "ValueHead", "hidden_size_of", "load_value_head", "save_value_head"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_MODEL_DIR = "value_model"
+
+
+def hidden_size_of(model) -> int:
+    """Width of the last hidden state of a causal LM (config.hidden_size, else its LM head input)."""
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if config is not None and isinstance(getattr(config, name, None), int):
+            return int(getattr(config, name))
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "in_features"):
+        raise DpolabError("cannot find the hidden size of the model for the value head")
+    return int(head.in_features)
+
+
+class ValueHead(nn.Module):
+    """``V = w·h + b``: hidden states (..., H) -> values (...,). Zero-initialised, so V ≡ 0 at the start
+    and the first advantages are the plain GAE of the rewards."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class PolicyWithValue(nn.Module):
+    """Policy LM plus critic, as one module (one optimizer, one ``accelerate.prepare``).
+
+    ``forward(input_ids, attention_mask, position_ids)`` -> ``(logits (B, T, V), values (B, T))``, where
+    ``values[:, t]`` is the value of the state ending at token t. With ``value_model=None`` the head
+    reads the policy's last hidden state (one forward); otherwise it reads ``value_model``'s.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead, value_model: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.value_model = value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.value_model is None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=shared, use_cache=False)
+        if shared:
+            hidden = out.hidden_states[-1]  # (B, T, H)
+        else:
+            hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, output_hidden_states=True,
+                                      use_cache=False).hidden_states[-1]
+        return out.logits, self.value_head(hidden)
+
+    def critic_state(self) -> dict[str, torch.Tensor]:
+        """Weights of the critic's own parameters (head, and the separate value model if any)."""
+        state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        if self.value_model is not None:
+            state.update({f"value_model.{k}": v for k, v in self.value_model.state_dict().items()})
+        return state
+
+
+def save_value_head(head: ValueHead, directory: str | Path) -> Path:
+    """Write ``directory/value_head.safetensors`` (keys ``weight`` (1, H), ``bias`` (1,))."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / VALUE_HEAD_FILE
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.linear.state_dict().items()}, str(path))
+    return path
+
+
+def load_value_head(directory: str | Path) -> ValueHead:
+    """Read a head written by :func:`save_value_head`."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise DpolabError(f"no value head at {path}")
+    state = load_file(str(path))
+    head = ValueHead(int(state["weight"].shape[1]))
+    head.linear.load_state_dict(state)
+    return head
