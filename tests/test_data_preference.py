@@ -1,0 +1,327 @@
+"""Preference formats, tokenization and truncation (exact ids), the eval split and the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+
+from dpolab.data import (
+    PreferenceExample,
+    Record,
+    load_preference_data,
+    parse_preference,
+    split_implicit_prompt,
+    tokenize_preference,
+)
+from dpolab.errors import ConfigError, DataError
+
+BOS, EOS = 1, 2
+
+
+class CharTokenizer:
+    """A stand-in tokenizer whose ids are the characters' code points, so expected ids can be
+    written by hand: ``"ab"`` -> ``[97, 98]``. ``add_bos`` mimics tokenizers that put BOS in front
+    when ``add_special_tokens=True``; the chat template writes ``chr(1)`` (= BOS) when ``bos_in_template``."""
+
+    pad_token_id = 0
+
+    def __init__(self, *, add_bos: bool = False, bos: int | None = BOS, eos: int | None = EOS,
+                 bos_in_template: bool = False):
+        self.add_bos, self.bos_token_id, self.eos_token_id = add_bos, bos, eos
+        self.bos_in_template = bos_in_template
+
+    def __call__(self, text, add_special_tokens: bool = True):
+        def enc(s: str) -> list[int]:
+            return ([self.bos_token_id] if add_special_tokens and self.add_bos else []) + [ord(c) for c in s]
+
+        return {"input_ids": enc(text) if isinstance(text, str) else [enc(t) for t in text]}
+
+    def apply_chat_template(self, messages, *, tokenize: bool, add_generation_prompt: bool) -> str:
+        assert tokenize is False
+        text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)
+        return (chr(BOS) if self.bos_in_template else "") + text + ("<assistant>" if add_generation_prompt else "")
+
+
+def ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def rec(data: dict, line: int = 7, path: str = "d.jsonl", unit: str = "line") -> Record:
+    return Record(data, path, line, unit)
+
+
+def example(prompt, chosen, rejected) -> PreferenceExample:
+    return PreferenceExample(prompt, chosen, rejected, "d.jsonl", 1)
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_standard_format():
+    ex = parse_preference(rec({"prompt": "Q?", "chosen": " yes", "rejected": " no", "extra": 1}))
+    assert (ex.prompt, ex.chosen, ex.rejected, ex.path, ex.line) == ("Q?", " yes", " no", "d.jsonl", 7)
+    assert not ex.conversational
+
+
+def test_implicit_prompt_splits_after_the_last_turn_marker():
+    # The responses share the word " I", which must stay in the responses, not move to the prompt.
+    head = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    ex = parse_preference(rec({"chosen": head + " I am fine.", "rejected": head + " I don't care."}))
+    assert (ex.prompt, ex.chosen, ex.rejected) == (head, " I am fine.", " I don't care.")
+
+
+def test_implicit_prompt_whitespace_fallback_and_failure():
+    assert split_implicit_prompt("Q: 2+2? A: 4", "Q: 2+2? A: 5") == ("Q: 2+2? A:", " 4", " 5")
+    # The common prefix "ab c" ends inside a word: the split falls back to the space before it.
+    assert split_implicit_prompt("ab cd", "ab ce") == ("ab", " cd", " ce")
+    assert split_implicit_prompt("yes", "no") is None
+    assert split_implicit_prompt("same", "same") is None  # no whitespace, no marker
+    with pytest.raises(DataError, match=r"^d\.jsonl:7: field 'prompt': no 'prompt' field"):
+        parse_preference(rec({"chosen": "yes", "rejected": "no"}))
+
+
+def test_conversational_with_message_prompt():
+    prompt = [msg("system", "be nice"), msg("user", "hi")]
+    ex = parse_preference(rec({"prompt": prompt, "chosen": [msg("assistant", "hello")],
+                               "rejected": [msg("assistant", "go")]}))
+    assert ex.conversational and ex.prompt == prompt
+    assert ex.chosen == [msg("assistant", "hello")] and ex.rejected == [msg("assistant", "go")]
+    # Responses that repeat the prompt messages are cut back to the assistant part.
+    ex = parse_preference(rec({"prompt": prompt, "chosen": prompt + [msg("assistant", "hello")],
+                               "rejected": [msg("assistant", "go")]}))
+    assert ex.chosen == [msg("assistant", "hello")]
+    # String responses next to a message prompt become assistant messages.
+    ex = parse_preference(rec({"prompt": prompt, "chosen": "hello", "rejected": "go"}))
+    assert ex.chosen == [msg("assistant", "hello")] and ex.prompt == prompt
+
+
+def test_conversational_implicit_prompt_is_the_shared_head():
+    head = [msg("user", "a"), msg("assistant", "b"), msg("user", "c")]
+    row = {"chosen": head + [msg("assistant", "good")], "rejected": head + [msg("assistant", "bad")]}
+    ex = parse_preference(rec(row))
+    assert ex.prompt == head and ex.chosen == [msg("assistant", "good")]
+    assert ex.rejected == [msg("assistant", "bad")]
+    # A string prompt next to whole conversations (UltraFeedback style) repeats the user turn.
+    assert parse_preference(rec(dict(row, prompt="c"))).prompt == head
+    # A string prompt with assistant-only responses becomes the user message.
+    ex = parse_preference(rec({"prompt": "q", "chosen": [msg("assistant", "x")],
+                               "rejected": [msg("assistant", "y")]}))
+    assert ex.prompt == [msg("user", "q")]
+
+
+@pytest.mark.parametrize("row,field,pattern", [
+    ({"prompt": "p", "rejected": "r"}, "chosen", "missing"),
+    ({"prompt": "p", "chosen": None, "rejected": "r"}, "chosen", "is null"),
+    ({"prompt": "p", "chosen": "c", "rejected": 3}, "rejected", "expected a string or a list"),
+    ({"prompt": 1.5, "chosen": "c", "rejected": "r"}, "prompt", "got float"),
+    ({"prompt": "p", "chosen": "c", "rejected": [msg("assistant", "r")]}, "rejected", "both be"),
+    ({"prompt": "p", "chosen": [], "rejected": [msg("assistant", "r")]}, "chosen", "empty message list"),
+    ({"prompt": "p", "chosen": ["hi"], "rejected": ["x"]}, "chosen[0]", "got str"),
+    ({"prompt": "p", "chosen": [{"content": "x"}], "rejected": [msg("assistant", "r")]}, "chosen[0]",
+     "'role' must be a string, got missing"),
+    ({"prompt": "p", "chosen": [{"role": "assistant", "content": 4}], "rejected": [msg("assistant", "r")]},
+     "chosen[0]", "'content' must be a string, got int"),
+    ({"chosen": [msg("user", "a"), msg("assistant", "x")], "rejected": [msg("user", "b"), msg("assistant", "y")]},
+     "rejected", "differ before their final assistant"),
+    ({"chosen": [msg("user", "a")], "rejected": [msg("user", "a"), msg("assistant", "y")]},
+     "chosen", "does not end with an assistant message"),
+    ({"chosen": [msg("assistant", "x")], "rejected": [msg("assistant", "y")]}, "prompt",
+     "only assistant messages"),
+    ({"prompt": [msg("user", "q")], "chosen": [msg("user", "x")], "rejected": [msg("assistant", "y")]},
+     "chosen", "must be assistant messages"),
+    ({"prompt": "p\ud800", "chosen": "c", "rejected": "r"}, "prompt", "surrogate"),
+])
+def test_bad_rows_name_the_line_and_field(row, field, pattern):
+    with pytest.raises(DataError, match=pattern) as info:
+        parse_preference(rec(row))
+    err = info.value
+    assert (err.path, err.line, err.field) == ("d.jsonl", 7, field)
+    assert str(err).startswith(f"d.jsonl:7: field '{field}': ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and truncation, with hand-written ids (CharTokenizer: id = code point)
+
+
+def tok_char(prompt, chosen, rejected, *, max_length=100, max_prompt_length=50, **kw):
+    return tokenize_preference(example(prompt, chosen, rejected), CharTokenizer(**kw),
+                               max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+def test_ids_are_prompt_then_response_plus_eos():
+    pair = tok_char("abcdef", "xy", "z")
+    assert pair.prompt_ids == ids("abcdef")
+    assert pair.chosen_ids == ids("xy") + [EOS] and pair.rejected_ids == ids("z") + [EOS]
+    assert not pair.truncated and pair.num_tokens == 2 * 6 + 3 + 2
+
+
+def test_truncation_prompt_end_first_then_response_start():
+    # |prompt| + max(|chosen|, |rejected|) = 6 + 3 = 9.
+    assert not tok_char("abcdef", "xy", "z", max_length=9, max_prompt_length=4).truncated  # fits
+    pair = tok_char("abcdef", "xy", "z", max_length=8, max_prompt_length=4)  # 9 > 8: prompt -> "cdef"
+    assert pair.prompt_ids == ids("cdef") and pair.chosen_ids == ids("xy") + [EOS] and pair.truncated
+    pair = tok_char("abcdef", "xy", "z", max_length=6, max_prompt_length=4)  # budget 6 - 4 = 2
+    assert pair.prompt_ids == ids("cdef")
+    assert pair.chosen_ids == ids("xy") and pair.rejected_ids == ids("z") + [EOS]  # EOS cut from chosen
+    pair = tok_char("ab", "wxyz", "z", max_length=4, max_prompt_length=3)  # short prompt kept whole
+    assert pair.prompt_ids == ids("ab") and pair.chosen_ids == ids("wx") and pair.truncated
+    # No room left for any response token: skipped.
+    assert tok_char("abcdef", "xy", "z", max_length=4, max_prompt_length=4) is None
+
+
+def test_bos_is_added_only_if_the_tokenizer_adds_it_and_survives_truncation():
+    assert tok_char("ab", "x", "y").prompt_ids == ids("ab")  # add_special_tokens adds nothing
+    pair = tok_char("abcdef", "x", "y", add_bos=True)
+    assert pair.prompt_ids == [BOS] + ids("abcdef") and pair.chosen_ids == ids("x") + [EOS]
+    pair = tok_char("abcdef", "xy", "z", add_bos=True, max_length=6, max_prompt_length=3)
+    assert pair.prompt_ids == [BOS] + ids("ef") and pair.chosen_ids == ids("xy") + [EOS]
+
+
+def test_empty_prompt_gets_one_start_token_and_empty_response_is_eos():
+    assert tok_char("", "", "no").prompt_ids == [BOS]
+    assert tok_char("", "", "no").chosen_ids == [EOS]
+    assert tok_char("", "x", "y", bos=None).prompt_ids == [EOS]
+    assert tok_char("", "x", "y", add_bos=True).prompt_ids == [BOS]
+
+
+def test_conversational_rendering_and_template_bos_not_doubled():
+    ex = example([msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "a"), msg("assistant", "b")])
+    pair = tokenize_preference(ex, CharTokenizer(), max_length=100, max_prompt_length=50)
+    assert pair.prompt_ids == ids("<user>hi|<assistant>")
+    assert pair.chosen_ids == ids("yo") + [EOS] and pair.rejected_ids == ids("a\nb") + [EOS]
+    tokenizer = CharTokenizer(add_bos=True, bos_in_template=True)
+    pair = tokenize_preference(ex, tokenizer, max_length=100, max_prompt_length=50)
+    assert pair.prompt_ids == [BOS] + ids("<user>hi|<assistant>")
+
+
+def test_tokenizer_without_eos_or_template_is_a_clear_error(tiny_tokenizer):
+    with pytest.raises(ConfigError, match="no eos_token"):
+        tok_char("a", "b", "c", eos=None)
+    no_template = copy.deepcopy(tiny_tokenizer)
+    no_template.chat_template = None
+    ex = example([msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "no")])
+    with pytest.raises(DataError, match=r"^d\.jsonl:1: field 'prompt': cannot render.*chat template"):
+        tokenize_preference(ex, no_template, max_length=64, max_prompt_length=32)
+
+
+def test_real_tokenizer_separate_tokenization_and_chat_template(tiny_tokenizer):
+    tok = tiny_tokenizer
+
+    def enc(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    pair = tokenize_preference(example("the movie was", " great fun", " awful"), tok,
+                               max_length=64, max_prompt_length=32)
+    assert pair.prompt_ids == enc("the movie was")
+    assert pair.chosen_ids == enc(" great fun") + [tok.eos_token_id]
+    conv = [msg("user", "hello there")]
+    ex = example(conv, [msg("assistant", "hi, how can I help?")], [msg("assistant", "no")])
+    pair = tokenize_preference(ex, tok, max_length=64, max_prompt_length=32)
+    rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert pair.prompt_ids == enc(rendered)
+    full = tok.apply_chat_template(conv + ex.chosen, tokenize=False)
+    # The pair reads exactly like the template's rendering of the whole conversation (up to its
+    # trailing newline): prompt + content + EOS.
+    assert tok.decode(pair.prompt_ids + pair.chosen_ids) == full.rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole data sets: split, indices, report
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+ROWS40 = [{"prompt": f"p{i:02d}", "chosen": "c", "rejected": "rr"} for i in range(40)]
+
+
+def test_seeded_eval_split_indices_and_report(tmp_path):
+    src = write_rows(tmp_path / "d.jsonl", ROWS40)
+    data = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
+    held = sorted(random.Random(3).sample(range(40), 2))  # round(40 * 0.05) = 2 rows
+    assert [p.prompt_ids for p in data.eval] == [ids(f"p{i:02d}") for i in held]
+    assert [p.prompt_ids for p in data.train] == [ids(f"p{i:02d}") for i in range(40) if i not in held]
+    assert [p.index for p in data.train] == list(range(38)) and [p.index for p in data.eval] == [0, 1]
+    # tokens per pair: 2*3 (prompt) + 2 ("c"+EOS) + 3 ("rr"+EOS) = 11.
+    assert data.report.as_dict() == {"rows": 40, "train_rows": 38, "eval_rows": 2, "skipped": 0,
+                                     "truncated": 0, "tokens": 40 * 11, "skipped_examples": []}
+    again = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
+    assert [p.prompt_ids for p in again.eval] == [p.prompt_ids for p in data.eval]
+    other = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=4)
+    assert [p.prompt_ids for p in other.eval] != [p.prompt_ids for p in data.eval]
+
+
+@pytest.mark.parametrize("n,fraction,n_eval", [(1, 0.05, 0), (2, 0.05, 1), (3, 0.0, 0), (10, 0.5, 5),
+                                               (4, 0.9, 3)])
+def test_eval_size_on_tiny_data(tmp_path, n, fraction, n_eval):
+    src = write_rows(tmp_path / "d.jsonl", ROWS40[:n])
+    data = load_preference_data(src, CharTokenizer(), eval_fraction=fraction)
+    assert (len(data.train), len(data.eval)) == (n - n_eval, n_eval)
+
+
+def test_eval_source_and_dataset_dict_split(tmp_path):
+    train = write_rows(tmp_path / "train.jsonl", ROWS40[:5])
+    ev = write_rows(tmp_path / "eval.jsonl", ROWS40[5:8])
+    data = load_preference_data(train, CharTokenizer(), eval_source=ev)
+    assert len(data.train) == 5 and [p.prompt_ids for p in data.eval] == [ids(f"p0{i}") for i in (5, 6, 7)]
+    assert data.report.rows == 8
+    # A DatasetDict folder as both: `split` picks the training rows, `eval_split` the eval rows.
+    import datasets
+
+    folder = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS40[:4]),
+                          "test": datasets.Dataset.from_list(ROWS40[4:6])}).save_to_disk(folder)
+    data = load_preference_data(folder, CharTokenizer(), eval_source=folder)
+    assert [p.prompt_ids for p in data.eval] == [ids("p04"), ids("p05")] and len(data.train) == 4
+
+
+def test_skipped_rows_are_counted_and_located(tmp_path):
+    # max_length 4 = max_prompt_length: a 5-character prompt keeps 4 tokens and leaves no room.
+    rows = [{"prompt": "ab", "chosen": "x", "rejected": "y"}] + \
+        [{"prompt": "abcde", "chosen": "x", "rejected": "y"}] * 25 + \
+        [{"prompt": "abc", "chosen": "xy", "rejected": "y"}]
+    src = write_rows(tmp_path / "d.jsonl", rows)
+    data = load_preference_data(src, CharTokenizer(), max_length=4, max_prompt_length=4, eval_fraction=0)
+    report = data.report
+    assert (report.rows, report.train_rows, report.skipped, report.truncated) == (27, 2, 25, 1)
+    assert len(report.skipped_examples) == 20
+    assert report.skipped_examples[0].startswith(f"{src}:2: no response token left after truncation")
+    assert report.skipped_examples[19].startswith(f"{src}:21: ")
+    # Kept: "ab"+x/y (2*2+2+2 = 8 tokens) and "abc" + "x" (EOS lost) / "y" (2*3+1+1 = 8).
+    assert data.train[1].chosen_ids == ids("x") and report.tokens == 16
+    assert [p.index for p in data.train] == [0, 1]
+    bad = write_rows(tmp_path / "bad.jsonl", rows[1:26])
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable training rows: all 25 were skipped "
+                       r"\(first: .*bad\.jsonl:1: no response token"):
+        load_preference_data(bad, CharTokenizer(), max_length=4, max_prompt_length=4, eval_fraction=0)
+
+
+def test_bad_arguments_and_bad_rows(tmp_path):
+    src = write_rows(tmp_path / "d.jsonl", ROWS40[:3] + [{"prompt": "p", "chosen": "c"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:4: field 'rejected': missing"):
+        load_preference_data(src, CharTokenizer())
+    for kwargs, pattern in [({"eval_fraction": 1.0}, "eval_fraction"), ({"max_length": 1}, "max_length"),
+                            ({"max_prompt_length": 0}, "max_prompt_length")]:
+        with pytest.raises(ConfigError, match=pattern):
+            load_preference_data(src, CharTokenizer(), **kwargs)
+
+
+def test_conversational_jsonl_end_to_end(tmp_path, tiny_tokenizer):
+    rows = [{"chosen": [msg("user", f"hello {i}"), msg("assistant", "hi")],
+             "rejected": [msg("user", f"hello {i}"), msg("assistant", "no")]} for i in range(4)]
+    src = write_rows(tmp_path / "c.jsonl", rows)
+    data = load_preference_data(src, tiny_tokenizer, max_length=64, max_prompt_length=32, eval_fraction=0.25)
+    assert (data.report.train_rows, data.report.eval_rows) == (3, 1)
+    for pair in data.train + data.eval:
+        assert tiny_tokenizer.decode(pair.prompt_ids).endswith("<|assistant|>\n")
+        assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tiny_tokenizer.eos_token_id
