@@ -1,0 +1,319 @@
+"""Example Markov processes and MDPs, MDP files, and Gymnasium toy-text conversion.
+
+* :func:`student_mrp`, :func:`student_mdp`: David Silver's RL course, lecture 2.
+* :func:`gridworld_4x4`: Sutton & Barto 2018, Example 4.1.
+* :func:`random_walk`: Sutton & Barto Example 6.2 (A..E); :func:`jump_random_walk`: Example 9.1
+  (the 1000-state walk, any size) for state aggregation.
+* :func:`qtable_gridworld`: our concrete version of the seed deck's Q-table robot world.
+* :func:`from_gymnasium`: any Gymnasium toy-text environment with a transition table ``env.unwrapped.P``.
+* :func:`load_mdp_file`: a YAML/JSON description (see examples/student_mdp.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dpolab.errors import DataError
+from dpolab.rl.mdp import ATOL, MDP, MRP, MDPError
+
+
+def student_mrp(gamma: float = 0.9) -> MRP:
+    """Silver's Student MRP; R(s) is the reward on leaving s. With gamma = 0.9: v(Class1) = -5.013, ..."""
+    states = ["Class1", "Class2", "Class3", "Pass", "Pub", "Facebook", "Sleep"]
+    ix = {s: i for i, s in enumerate(states)}
+    edges = {"Class1": {"Class2": 0.5, "Facebook": 0.5}, "Class2": {"Class3": 0.8, "Sleep": 0.2},
+             "Class3": {"Pass": 0.6, "Pub": 0.4}, "Pass": {"Sleep": 1.0},
+             "Pub": {"Class1": 0.2, "Class2": 0.4, "Class3": 0.4},
+             "Facebook": {"Facebook": 0.9, "Class1": 0.1}, "Sleep": {"Sleep": 1.0}}
+    P = np.zeros((7, 7))
+    for s, row in edges.items():
+        for t, p in row.items():
+            P[ix[s], ix[t]] = p
+    R = [-2, -2, -2, 10, 1, -1, 0]
+    return MRP(P, R, gamma, states, initial=ix["Class1"])
+
+
+STUDENT_MDP = {  # state -> action -> (reward, {next: prob}); Sleep is terminal
+    "Facebook": {"facebook": (-1, {"Facebook": 1.0}), "quit": (0, {"Class1": 1.0})},
+    "Class1": {"facebook": (-1, {"Facebook": 1.0}), "study": (-2, {"Class2": 1.0})},
+    "Class2": {"sleep": (0, {"Sleep": 1.0}), "study": (-2, {"Class3": 1.0})},
+    "Class3": {"study": (10, {"Sleep": 1.0}), "pub": (1, {"Class1": 0.2, "Class2": 0.4, "Class3": 0.4})},
+}
+
+
+def student_mdp(gamma: float = 1.0) -> MDP:
+    """Silver's Student MDP (two actions per state). With gamma = 1: v* = 6, 6, 8, 10, 0."""
+    return mdp_from_dict({"gamma": gamma, "states": ["Facebook", "Class1", "Class2", "Class3", "Sleep"],
+                          "initial": "Class1",
+                          "transitions": {s: {a: {"reward": r, "next": nxt} for a, (r, nxt) in acts.items()}
+                                          for s, acts in STUDENT_MDP.items()}})
+
+
+def _grid_moves(rows: int, cols: int, s: int) -> list[int]:
+    """Next cell for actions up, down, right, left; moving off the grid leaves the cell unchanged."""
+    r, c = divmod(s, cols)
+    out = []
+    for dr, dc in ((-1, 0), (1, 0), (0, 1), (0, -1)):
+        rr, cc = r + dr, c + dc
+        out.append(rr * cols + cc if 0 <= rr < rows and 0 <= cc < cols else s)
+    return out
+
+
+def gridworld_4x4(gamma: float = 1.0) -> MDP:
+    """Sutton & Barto Example 4.1: 4x4 grid, corners 0 and 15 terminal, reward -1 on every move."""
+    P, R = np.zeros((16, 4, 16)), -np.ones((16, 4))
+    for s in range(16):
+        if s in (0, 15):
+            P[s, :, s], R[s] = 1.0, 0.0
+            continue
+        for a, t in enumerate(_grid_moves(4, 4, s)):
+            P[s, a, t] = 1.0
+    return MDP(P, R, gamma, [str(i) for i in range(16)], ["up", "down", "right", "left"])
+
+
+def jump_random_walk(n_states: int = 1000, max_jump: int = 100, left_reward: float = -1.0,
+                     right_reward: float = 1.0, gamma: float = 1.0, names=None) -> MRP:
+    """Sutton & Barto Example 9.1 generalised: states 1..n, start in the middle, jump 1..max_jump cells
+    left or right uniformly; a jump past an edge ends the episode with ``left_reward``/``right_reward``.
+    The two terminal states ``left`` and ``right`` come last (indices n, n+1)."""
+    if n_states < 1 or max_jump < 1:
+        raise MDPError("jump_random_walk needs n_states >= 1 and max_jump >= 1")
+    n = n_states
+    P, R = np.zeros((n + 2, n + 2)), np.zeros((n + 2, n + 2))
+    p = 1.0 / (2 * max_jump)
+    for s in range(n):
+        for k in range(1, max_jump + 1):
+            for t, rew, end in ((s - k, left_reward, n), (s + k, right_reward, n + 1)):
+                if 0 <= t < n:
+                    P[s, t] += p
+                else:
+                    P[s, end] += p
+                    R[s, end] = rew
+    P[n, n] = P[n + 1, n + 1] = 1.0
+    names = list(names) if names is not None else [str(i + 1) for i in range(n)]
+    return MRP(P, R, gamma, names + ["left", "right"], initial=n // 2)
+
+
+def random_walk(gamma: float = 1.0) -> MRP:
+    """Sutton & Barto Example 6.2: A..E, start C, +1 on exiting right, 0 left: v = 1/6 .. 5/6."""
+    return jump_random_walk(5, 1, left_reward=0.0, right_reward=1.0, gamma=gamma, names="ABCDE")
+
+
+QTABLE_GRID = ("S.M..",  # our grid (documented in docs/rl-foundations.md): S start, . blank,
+               "..PM.",  # P power, M mine, E end
+               "M...P",
+               "..M.E")
+TILE_REWARD = {"S": -1.0, ".": -1.0, "P": 1.0, "M": -100.0, "E": 100.0}
+
+
+def qtable_gridworld(gamma: float = 0.9, grid: tuple[str, ...] = QTABLE_GRID) -> MDP:
+    """The deck's Q-table robot world on our concrete grid.
+
+    Deterministic moves up/down/right/left; the reward is that of the tile entered: blank or start -1 (the
+    cost of a step), power +1, mine -100 (episode ends), end +100 (episode ends); bumping into the border
+    costs -1 and stays. Power can be collected again on re-entry. Mines and the end are terminal states.
+    """
+    rows, cols = len(grid), len(grid[0])
+    if any(len(r) != cols for r in grid) or any(ch not in TILE_REWARD for r in grid for ch in r):
+        raise MDPError(f"grid rows must have equal length and use the tiles {''.join(TILE_REWARD)}")
+    tiles = "".join(grid)
+    S = rows * cols
+    P, R = np.zeros((S, 4, S)), np.zeros((S, 4))
+    for s in range(S):
+        if tiles[s] in "ME":
+            P[s, :, s] = 1.0
+            continue
+        for a, t in enumerate(_grid_moves(rows, cols, s)):
+            P[s, a, t] = 1.0
+            R[s, a] = -1.0 if t == s else TILE_REWARD[tiles[t]]
+    names = [f"{r},{c}{'' if tiles[r * cols + c] == '.' else tiles[r * cols + c]}"
+             for r in range(rows) for c in range(cols)]
+    return MDP(P, R, gamma, names, ["up", "down", "right", "left"], initial=tiles.index("S"))
+
+
+ACTION_NAMES = {"FrozenLake": ["left", "down", "right", "up"], "CliffWalking": ["up", "right", "down", "left"],
+                "Taxi": ["south", "north", "east", "west", "pickup", "dropoff"]}
+
+
+def from_gymnasium(env_id: str, gamma: float, **kwargs) -> MDP:
+    """The MDP of a Gymnasium toy-text environment, from its table ``env.unwrapped.P[s][a]`` of
+    ``(prob, next_state, reward, terminated)`` entries.
+
+    Episodes end on ``terminated``: the states entered that way become absorbing with no further reward.
+    If such a state is also entered without termination (e.g. Taxi), an extra absorbing state
+    ``terminal`` (last index) receives the terminating transitions instead.
+    """
+    try:
+        import gymnasium as gym
+    except ImportError:  # pragma: no cover - gymnasium is a dependency
+        raise MDPError("gymnasium is not installed") from None
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as err:
+        raise MDPError(f"unknown environment {env_id!r}: {err}") from None
+    except TypeError as err:
+        raise MDPError(f"bad keyword arguments for {env_id}: {err}") from None
+    try:
+        u = env.unwrapped
+        table = getattr(u, "P", None)
+        if not isinstance(table, dict) or not hasattr(u.observation_space, "n") or not hasattr(u.action_space, "n"):
+            raise MDPError(f"{env_id} is not a toy-text environment with a transition table (env.unwrapped.P)")
+        S, A = int(u.observation_space.n), int(u.action_space.n)
+        entries = [(s, a, float(p), int(t), float(r), bool(done))
+                   for s in range(S) for a in range(A) for p, t, r, done in table[s][a]]
+        initial = getattr(u, "initial_state_distrib", None)
+    finally:
+        env.close()
+    ends = {t for *_, t, _, done in entries if done}
+    extra = bool(ends & {t for *_, t, _, done in entries if not done})
+    n = S + 1 if extra else S
+    P, PR = np.zeros((n, A, n)), np.zeros((n, A, n))
+    for s, a, p, t, r, done in entries:
+        t = S if (done and extra) else t
+        P[s, a, t] += p
+        PR[s, a, t] += p * r
+    R = np.divide(PR, P, out=np.zeros_like(PR), where=P > 0)
+    for t in ({S} if extra else ends):
+        P[t], R[t] = 0.0, 0.0
+        P[t, :, t] = 1.0
+    if initial is not None and extra:
+        initial = np.append(np.asarray(initial, dtype=np.float64), 0.0)
+    names = [str(i) for i in range(S)] + (["terminal"] if extra else [])
+    base = env_id.split("-")[0]
+    actions = ACTION_NAMES.get(base) if len(ACTION_NAMES.get(base, [])) == A else None
+    return MDP(P, R, gamma, names, actions, initial=initial)
+
+
+def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
+    """An MDP from YAML or JSON (format: examples/student_mdp.yaml); ``gamma`` overrides the file's."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"malformed MDP file: {str(err).splitlines()[0]}", path=str(path)) from None
+    if not isinstance(raw, dict):
+        raise DataError("expected a mapping with 'states' and 'transitions'", path=str(path))
+    if gamma is not None:
+        raw = {**raw, "gamma": gamma}
+    try:
+        return mdp_from_dict(raw)
+    except MDPError as err:
+        raise DataError(str(err), path=str(path)) from None
+
+
+def mdp_from_dict(raw: dict) -> MDP:
+    """Build an MDP from ``{gamma, states, [actions], [initial], transitions: {state: {action:
+    {reward: r, next: state | {state: prob}}}}}``. A state without transitions is terminal."""
+    unknown = set(raw) - {"gamma", "states", "actions", "initial", "transitions"}
+    if unknown:
+        raise MDPError(f"unknown key(s) {sorted(unknown)}; expected gamma, states, actions, initial, transitions")
+    for key in ("gamma", "states", "transitions"):
+        if key not in raw:
+            raise MDPError(f"missing key '{key}'")
+    states, trans = raw["states"], raw["transitions"]
+    if not isinstance(states, list) or not states:
+        raise MDPError("'states' must be a non-empty list of names")
+    states = [str(s) for s in states]
+    if not isinstance(trans, dict):
+        raise MDPError("'transitions' must map states to {action: {reward, next}}")
+    ix = {s: i for i, s in enumerate(states)}
+    actions = [str(a) for a in raw.get("actions") or []]
+    for s, acts in trans.items():
+        if str(s) not in ix:
+            raise MDPError(f"transitions: unknown state '{s}'")
+        if not isinstance(acts, dict):
+            raise MDPError(f"transitions of '{s}' must map actions to {{reward, next}}")
+        for a in acts:
+            if str(a) not in actions:
+                if raw.get("actions"):
+                    raise MDPError(f"state '{s}': action '{a}' is not in 'actions'")
+                actions.append(str(a))
+    if not actions:
+        raise MDPError("no actions: every state is terminal")
+    S, A = len(states), len(actions)
+    P, R, mask = np.zeros((S, A, S)), np.zeros((S, A)), np.zeros((S, A), dtype=bool)
+    for s, acts in trans.items():
+        i = ix[str(s)]
+        for a, spec in acts.items():
+            j = actions.index(str(a))
+            where = f"state '{s}' action '{a}'"
+            if not isinstance(spec, dict) or "next" not in spec:
+                raise MDPError(f"{where}: expected {{reward: number, next: state or {{state: prob}}}}")
+            nxt = spec["next"]
+            nxt = {nxt: 1.0} if isinstance(nxt, str) else nxt
+            if not isinstance(nxt, dict) or not nxt:
+                raise MDPError(f"{where}: 'next' must be a state name or a mapping of state -> probability")
+            for t, p in nxt.items():
+                if str(t) not in ix:
+                    raise MDPError(f"{where}: unknown next state '{t}'")
+                try:
+                    P[i, j, ix[str(t)]] += float(p)
+                except (TypeError, ValueError):
+                    raise MDPError(f"{where}: probability of '{t}' must be a number, got {p!r}") from None
+            total = P[i, j].sum()
+            if P[i, j].min() < 0:
+                raise MDPError(f"{where}: negative probability")
+            if abs(total - 1.0) > ATOL:
+                raise MDPError(f"{where}: probabilities sum to {total:.6g}, not 1")
+            try:
+                R[i, j] = float(spec.get("reward", 0.0))
+            except (TypeError, ValueError):
+                raise MDPError(f"{where}: reward must be a number, got {spec.get('reward')!r}") from None
+            mask[i, j] = True
+    for i in range(S):
+        if not mask[i].any():  # terminal: absorbing, zero reward, every action allowed
+            P[i, :, i], mask[i] = 1.0, True
+        else:
+            P[i, ~mask[i], i] = 1.0  # placeholder rows for unavailable actions (never chosen)
+    initial = raw.get("initial")
+    if initial is not None:
+        if str(initial) not in ix:
+            raise MDPError(f"initial: unknown state '{initial}'")
+        initial = ix[str(initial)]
+    return MDP(P, R, raw["gamma"], states, actions, mask, initial)
+
+
+BUILTIN_MDPS = {"student-mdp": student_mdp, "gridworld-4x4": gridworld_4x4, "qtable-gridworld": qtable_gridworld}
+BUILTIN_MRPS = {"student-mrp": student_mrp, "random-walk": random_walk,
+                "random-walk-100": lambda gamma=1.0: jump_random_walk(100, 10, gamma=gamma)}
+
+
+def parse_env_kwargs(text: str) -> dict:
+    """``"is_slippery=false,map_name=8x8"`` -> ``{"is_slippery": False, "map_name": "8x8"}`` (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MDPError(f"--env-kwargs: expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def make_model(env: str | None = None, mdp_file: str | None = None, gamma: float | None = None,
+               env_kwargs: str = "", default_gym_gamma: float = 0.9) -> MRP | MDP:
+    """A built-in MRP/MDP by name, an MDP file, or a Gymnasium toy-text environment id."""
+    if (env is None) == (mdp_file is None):
+        raise MDPError("give exactly one of --env or --mdp")
+    if mdp_file is not None:
+        return load_mdp_file(mdp_file, gamma)
+    kwargs = parse_env_kwargs(env_kwargs)
+    for table in (BUILTIN_MDPS, BUILTIN_MRPS):
+        if env in table:
+            if kwargs:
+                raise MDPError(f"--env-kwargs applies to Gymnasium environments, not built-in '{env}'")
+            return table[env]() if gamma is None else table[env](gamma=gamma)
+    if "-v" not in env:
+        names = ", ".join([*BUILTIN_MDPS, *BUILTIN_MRPS])
+        raise MDPError(f"unknown environment {env!r}: built-ins are {names}, or a Gymnasium toy-text id "
+                       "such as FrozenLake-v1")
+    return from_gymnasium(env, default_gym_gamma if gamma is None else gamma, **kwargs)
