@@ -1,0 +1,164 @@
+"""SFT data: format detection, loss masks (completion-only vs full), chat templates, truncation,
+bad rows, padding, packing and the block-diagonal mask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpolab.data.loading import Record
+from dpolab.data.sft import (
+    PackedRow,
+    SFTExample,
+    block_causal_mask,
+    chat_segments,
+    collate_sft,
+    load_sft_data,
+    pack_examples,
+    parse_sft,
+    tokenize_sft,
+)
+from dpolab.errors import DataError
+
+
+def enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def tok_row(tok, row: dict, **kw):
+    kind, payload = parse_sft(Record(row, "mem.jsonl", 1))
+    return tokenize_sft(kind, payload, tok, max_length=kw.pop("max_length", 128),
+                        max_prompt_length=kw.pop("max_prompt_length", 64), **kw)
+
+
+def test_prompt_completion_masks_completion_only_and_full(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt, completion = "the movie was", " great fun"
+    p, c, eos = enc(tok, prompt), enc(tok, completion), tok.eos_token_id
+    ex = tok_row(tok, {"prompt": prompt, "completion": completion})
+    # Tokenized separately and concatenated, EOS appended; the tiny tokenizer adds no BOS.
+    assert ex.input_ids == p + c + [eos]
+    assert ex.loss_mask == [0] * len(p) + [1] * (len(c) + 1)
+    full = tok_row(tok, {"prompt": prompt, "completion": completion}, loss_on="full")
+    assert full.input_ids == ex.input_ids
+    assert full.loss_mask == [0] + [1] * (len(p) + len(c))  # the first token has no predictor
+
+
+def test_text_rows_train_on_every_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ex = tok_row(tok, {"text": "a terrible boring film"})
+    ids = enc(tok, "a terrible boring film")
+    assert ex.input_ids == ids + [tok.eos_token_id]
+    assert ex.loss_mask == [0] + [1] * len(ids)
+    assert tok_row(tok, {"text": ""}) is None  # only EOS: nothing to predict
+
+
+def test_chat_loss_covers_assistant_turns_only(tiny_tokenizer):
+    tok = tiny_tokenizer
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, how can I help?"},
+                {"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great"}]
+    pieces = chat_segments(tok, messages)
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert "".join(t for t, _ in pieces) == rendered
+    # The template writes "<|assistant|>\n" before and "</s>\n" after each assistant content.
+    assert [t for t, target in pieces if target] == ["hi, how can I help?</s>\n", "was great</s>\n"]
+    ex = tok_row(tok, {"messages": messages})
+    targets = [i for i, m in zip(ex.input_ids, ex.loss_mask) if m]
+    assert targets == enc(tok, "hi, how can I help?</s>\n") + enc(tok, "was great</s>\n")
+    assert tok.decode(ex.input_ids) == rendered
+    full = tok_row(tok, {"messages": messages}, loss_on="full")
+    assert full.input_ids == ex.input_ids and sum(full.loss_mask) == len(ex.input_ids) - 1
+    # Conversational prompt/completion: the assistant turn inside the prompt is context only.
+    pc = tok_row(tok, {"prompt": messages[:3], "completion": messages[3:]})
+    assert pc.input_ids == ex.input_ids
+    assert [i for i, m in zip(pc.input_ids, pc.loss_mask) if m] == enc(tok, "was great</s>\n")
+
+
+def test_truncation_keeps_prompt_end_then_completion_start(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt, completion = "the movie was great fun and", " I loved every minute"
+    p, c = enc(tok, prompt), enc(tok, completion) + [tok.eos_token_id]
+    ex = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=8, max_prompt_length=3)
+    assert ex.truncated and ex.input_ids == p[-3:] + c[:5]
+    assert ex.loss_mask == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2.*completion"):
+        load_sft_data(str(bad), tiny_tokenizer, max_length=32)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"question": "a"}\n')
+    with pytest.raises(DataError, match=r"other\.jsonl:1.*expected 'prompt' and 'completion'"):
+        load_sft_data(str(other), tiny_tokenizer, max_length=32)
+    msgs = tmp_path / "msgs.jsonl"
+    msgs.write_text(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n")
+    with pytest.raises(DataError, match=r"msgs\.jsonl:1.*messages\[0\]"):
+        load_sft_data(str(msgs), tiny_tokenizer, max_length=32)
+    no_assistant = tmp_path / "na.jsonl"
+    no_assistant.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="no assistant message"):
+        load_sft_data(str(no_assistant), tiny_tokenizer, max_length=32)
+
+
+def test_load_splits_skips_and_reports(tiny_tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    long_chat = {"messages": [{"role": "user", "content": "the movie was great fun " * 5},
+                              {"role": "assistant", "content": "ok"}]}
+    rows = [{"prompt": f"p{i}", "completion": " the movie"} for i in range(18)] + [{"text": "hello"}, long_chat]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_sft_data(str(path), tiny_tokenizer, max_length=24, eval_fraction=0.25, seed=3)
+    r = data.report
+    assert r.rows == 20 and r.skipped == 1 and "d.jsonl:20" in r.skipped_examples[0]  # assistant cut off
+    assert r.eval_rows == 5 and r.train_rows + r.eval_rows == 19
+    assert r.formats == {"completion": 18, "text": 1, "chat": 1}
+    assert [e.index for e in data.train] == list(range(len(data.train)))
+    again = load_sft_data(str(path), tiny_tokenizer, max_length=24, eval_fraction=0.25, seed=3)
+    assert [e.input_ids for e in again.eval] == [e.input_ids for e in data.eval]  # the split is seeded
+
+
+def test_collate_pads_right_with_positions():
+    a = SFTExample([5, 6, 7], [0, 1, 1], 0)
+    b = SFTExample([8, 9], [0, 1], 1)
+    batch = collate_sft([a, b], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch.loss_mask.tolist() == [[False, True, True], [False, True, False]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch.num_targets == 3 and batch.num_examples == 2 and not batch.packed
+    assert batch.model_attention_mask(torch.float32) is batch.attention_mask
+
+
+def test_pack_examples_best_fit_restarts_positions():
+    exs = [SFTExample(list(range(10 * i, 10 * i + n)), [0] + [1] * (n - 1), i) for i, n in enumerate([5, 3, 4, 2, 6])]
+    rows = pack_examples(exs, 8)
+    # Best-fit decreasing: 6 -> row0, 5 -> row1, 4 -> row2, 3 -> row1 (5+3=8), 2 -> row0 (6+2=8).
+    assert [r.indices for r in rows] == [[4, 3], [0, 1], [2]]
+    r0 = rows[0]
+    assert r0.input_ids == exs[4].input_ids + exs[3].input_ids
+    assert r0.position_ids == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert r0.segment_ids == [1] * 6 + [2] * 2
+    assert r0.loss_mask == [0, 1, 1, 1, 1, 1, 0, 1]  # each example's first token is never a target
+    assert sorted(i for r in rows for i in r.indices) == list(range(5))
+    batch = collate_sft(rows, pad_token_id=0)
+    assert batch.packed and batch.num_examples == 5 and batch.num_targets == sum(sum(e.loss_mask) for e in exs)
+    assert batch.segment_ids[2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    with pytest.raises(Exception, match="more than max_length"):
+        pack_examples(exs, 5)
+
+
+def test_block_causal_mask_by_hand():
+    seg = torch.tensor([[1, 1, 2, 0]])
+    m = block_causal_mask(seg, torch.float32)
+    assert m.shape == (1, 1, 4, 4)
+    allowed = (m[0, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0, 0],   # token 0 sees itself
+                       [1, 1, 0, 0],   # token 1 sees example 1 causally
+                       [0, 0, 1, 0],   # token 2 starts example 2: not example 1
+                       [0, 0, 0, 1]]   # the pad sees only itself (no empty softmax row)
+    assert m[0, 0, 0, 1].item() == torch.finfo(torch.float32).min
+    row = PackedRow([1, 2, 3], [0, 1, 0], [0, 1, 0], [1, 1, 2], [0, 1])
+    assert collate_sft([row], 0).model_attention_mask(torch.float32, "flash_attention_2") is None
