@@ -1,0 +1,230 @@
+"""PPO, actor-critic style (Schulman et al. 2017, arXiv 1707.06347, Algorithm 1) on Gymnasium.
+
+    for iteration = 1, 2, ...:
+        run π_θold in N environments for T steps                       (Collector.collect)
+        compute advantage estimates Â_1..Â_T with GAE(γ, λ)            (dpolab.rl.advantages.gae)
+        optimise L = L^CLIP − c₁ L^VF + c₂ H for K epochs, minibatches of M ≤ NT   (the loop below)
+        θold ← θ
+
+Defaults are the RL-Zoo CartPole-v1 settings (8 envs × 32 steps, 20 epochs, minibatch 256,
+γ = 0.98, λ = 0.8, lr 1e-3 and clip 0.2 both annealed linearly to 0, no entropy bonus). The math,
+metrics and a benchmark against Stable-Baselines3 are in docs/ppo.md.
+
+Usage: ``dpolab rl ppo --env CartPole-v1 --total-steps 100000 --seed 1 --output-dir runs/cp``
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dpolab.config import opt, parse_config
+from dpolab.errors import ConfigError
+from dpolab.losses.pg import value_loss
+from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
+from dpolab.rl.advantages import gae, whiten
+from dpolab.rl.nets import ActorCritic, save_policy
+from dpolab.rl.rollout import Collector, evaluate, make_vec_env, space_dims
+from dpolab.rl.tracking import Tracker, load_checkpoint, plot_learning_curve, save_checkpoint, start_run
+from dpolab.rundir import seed_everything
+
+
+@dataclass
+class PPOConfig:
+    env: str = opt("CartPole-v1", "Gymnasium environment id (flat Box observations; Discrete or Box actions)")
+    total_steps: int = opt(100_000, "environment steps to train for (rounded up to whole rollouts of N×T)")
+    seed: int = opt(1, "seed for torch, NumPy, Python and the environments")
+    output_dir: str = opt("runs/ppo", "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")
+    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
+    n_envs: int = opt(8, "N: parallel environments (SyncVectorEnv)")
+    n_steps: int = opt(32, "T: steps per environment per rollout")
+    batch_size: int = opt(256, "M: minibatch size (M <= N×T)")
+    n_epochs: int = opt(20, "K: optimisation epochs per rollout")
+    gamma: float = opt(0.98, "discount γ")
+    gae_lambda: float = opt(0.8, "GAE λ")
+    lr: float = opt(1e-3, "Adam learning rate")
+    anneal_lr: bool = opt(True, "anneal the learning rate linearly to 0")
+    clip_eps: float = opt(0.2, "PPO clip ε")
+    anneal_clip: bool = opt(True, "anneal ε linearly to 0 (as the RL Zoo's 'lin_0.2')")
+    clip_vloss: bool = opt(False, "clip the value loss around the old values with ε")
+    vf_coef: float = opt(0.5, "c₁: value loss coefficient")
+    ent_coef: float = opt(0.0, "c₂: entropy bonus coefficient")
+    max_grad_norm: float = opt(0.5, "gradient norm clip (0 disables)")
+    norm_adv: bool = opt(True, "whiten advantages per minibatch")
+    target_kl: float | None = opt(None, "stop the epochs of an update once a minibatch's approx KL exceeds this")
+    hidden: list[int] = opt(default_factory=lambda: [64, 64], help="hidden layer sizes (comma separated)")
+    activation: str = opt("tanh", "hidden activation", choices=("tanh", "relu"))
+    log_std_init: float = opt(0.0, "initial log σ of Gaussian policies (continuous actions)")
+    eval_every: int = opt(10_000, "evaluate every this many environment steps (0: only at the end)")
+    eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
+    stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
+    checkpoint_every: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end)")
+    threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
+    progress: bool = opt(True, "show a tqdm progress bar")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def validate(self) -> None:
+        for name in ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_episodes", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.n_envs * self.n_steps:
+            raise ConfigError(f"--batch-size {self.batch_size} exceeds N×T = {self.n_envs * self.n_steps}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+        if self.lr <= 0 or self.clip_eps <= 0:
+            raise ConfigError("--lr and --clip-eps must be > 0")
+        if not self.hidden:
+            raise ConfigError("--hidden needs at least one layer size")
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 − Var[target − pred] / Var[target] (1: perfect, 0: no better than a constant; nan if Var = 0)."""
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
+
+
+def train(cfg: PPOConfig) -> dict:
+    """Train PPO as configured; returns the summary (also written to summary.json)."""
+    envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
+    try:
+        run = start_run(cfg)
+    except BaseException:
+        envs.close()
+        raise
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    obs_dim, action_dim, discrete = space_dims(envs)
+    collector = Collector(envs, seed=cfg.seed)
+    policy = ActorCritic(obs_dim, action_dim, discrete, cfg.hidden, cfg.activation, cfg.log_std_init)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+
+    per_update = cfg.n_envs * cfg.n_steps
+    n_updates = math.ceil(cfg.total_steps / per_update)
+    start, eval_seconds, best = 0, 0.0, -math.inf
+    if cfg.resume is not None:
+        state = load_checkpoint(run, cfg.resume, cfg)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        collector.load_state_dict(state["collector"])
+        start, eval_seconds, best = state["update"], state["eval_seconds"], state["best"]
+
+    def checkpoint(update: int) -> None:
+        save_checkpoint(run, update * per_update, cfg, {
+            "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
+            "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best})
+
+    def run_eval(step: int) -> float:
+        nonlocal eval_seconds, best, evaluated_at
+        evaluated_at = step
+        t0 = time.perf_counter()
+        returns = evaluate(policy, cfg.env, cfg.eval_episodes, seed=cfg.seed + 1_000_003)
+        eval_seconds += time.perf_counter() - t0
+        mean = float(np.mean(returns))
+        best = max(best, mean)
+        tracker.log(step, {"eval/mean_return": mean, "eval/std_return": float(np.std(returns))})
+        return mean
+
+    tracker = Tracker(run, n_updates * per_update, start * per_update, cfg.progress, cfg.tensorboard, "ppo")
+    t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
+    update = start
+    try:
+        while update < n_updates:
+            update += 1
+            step = update * per_update
+            # Linear annealing (RL Zoo convention): the fraction of the budget still left after this rollout.
+            frac = 1.0 - (update - 1) / n_updates
+            lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
+            clip_now = cfg.clip_eps * frac if cfg.anneal_clip else cfg.clip_eps
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+
+            # 1. Run π_θold in N environments for T steps.
+            ro, episodes = collector.collect(policy, cfg.n_steps)
+
+            # 2. Advantages: GAE(γ, λ) over the (T, N) rollout; reset steps (mask 0) are dropped.
+            adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
+                           gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
+            keep = ro.mask.reshape(-1)
+            b_obs = ro.obs.reshape(-1, obs_dim)[keep]
+            b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
+            b_logp, b_val = ro.logp.reshape(-1)[keep], ro.values.reshape(-1)[keep]
+            b_adv, b_ret = adv.reshape(-1)[keep], ret.reshape(-1)[keep]
+            n = b_obs.shape[0]
+
+            # 3. K epochs of minibatch SGD on the clipped surrogate.
+            sums: dict[str, float] = {}
+            n_mb = 0
+            for _epoch in range(cfg.n_epochs):
+                perm = torch.randperm(n)
+                stop = False
+                for lo in range(0, n, cfg.batch_size):
+                    idx = perm[lo:lo + cfg.batch_size]
+                    logp, entropy, values = policy.evaluate(b_obs[idx], b_act[idx])
+                    mb_adv = b_adv[idx]
+                    if cfg.norm_adv and idx.numel() > 1:
+                        mb_adv = whiten(mb_adv)
+                    pg_loss, st = ppo_clip_loss(logp, b_logp[idx], mb_adv, clip_now)
+                    if cfg.clip_vloss:
+                        v_loss, _ = clipped_value_loss(values, b_val[idx], b_ret[idx], clip_now)
+                    else:
+                        v_loss = value_loss(values, b_ret[idx])
+                    loss = pg_loss.mean() + cfg.vf_coef * v_loss.mean() - cfg.ent_coef * entropy.mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    approx_kl = float(st["approx_kl"].mean())
+                    for k, v in (("losses/policy", pg_loss.mean()), ("losses/value", v_loss.mean()),
+                                 ("losses/entropy", entropy.mean()), ("losses/clipfrac", st["clipfrac"].mean()),
+                                 ("losses/approx_kl", approx_kl)):
+                        sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                    n_mb += 1
+                    if cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                        stop = True
+                        break
+                if stop:
+                    break
+
+            metrics = {k: v / n_mb for k, v in sums.items()}
+            metrics["losses/explained_variance"] = explained_variance(b_val, b_ret)
+            metrics["charts/learning_rate"] = lr_now
+            metrics["charts/clip_eps"] = clip_now
+            metrics["charts/epochs"] = _epoch + 1
+            if episodes:
+                metrics["charts/episodic_return"] = float(np.mean([e[0] for e in episodes]))
+                metrics["charts/episodic_length"] = float(np.mean([e[1] for e in episodes]))
+            metrics["charts/sps"] = step / max(time.perf_counter() - t_start, 1e-9)  # of this process
+            tracker.log(step, metrics, advance=per_update)
+
+            if cfg.eval_every and step // cfg.eval_every > (step - per_update) // cfg.eval_every:
+                last_eval = run_eval(step)
+                if cfg.stop_return is not None and last_eval >= cfg.stop_return:
+                    break
+            if update < n_updates and cfg.checkpoint_every and \
+                    step // cfg.checkpoint_every > (step - per_update) // cfg.checkpoint_every:
+                checkpoint(update)
+        step = update * per_update
+        if evaluated_at != step:
+            last_eval = run_eval(step)
+        checkpoint(update)
+    finally:
+        tracker.close()
+        collector.envs.close()
+
+    save_policy(policy, run.final, {"env": cfg.env, "algo": "ppo"})
+    plot_learning_curve(run, f"PPO on {cfg.env} (seed {cfg.seed})")
+    return run.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
+                              "eval_seconds": round(eval_seconds, 3)}, steps=step)
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    cfg = parse_config(PPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
+    summary = train(cfg)
+    print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
+          f"-> {cfg.output_dir}")
+    return 0

@@ -1,0 +1,129 @@
+"""Run bookkeeping shared by the Gymnasium PPO and A2C loops: metrics, checkpoints, final policy, plot.
+
+Metrics go to ``metrics.jsonl`` (always), a tqdm progress bar (``progress``) and TensorBoard
+(``tensorboard``, only if the ``tensorboard`` package is installed; asking for it without the package
+is an error rather than a silent no-op).
+
+A checkpoint (``checkpoints/step-N/state.pt``, written atomically by :class:`dpolab.rundir.RunDir`)
+holds everything a resumed run needs to continue exactly as if uninterrupted: network weights,
+optimizer state, Python/NumPy/torch RNG states, the update counter, and the pickled vector
+environment (physics state, time-limit counters, environment RNGs) with the current observations
+and running episode statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.config import config_to_dict
+from dpolab.errors import ConfigError, DpolabError
+from dpolab.rundir import RunDir, rng_state, set_rng_state
+
+# Config fields that must agree between a checkpoint and the run resuming it.
+STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps", "seed")
+
+
+class Tracker:
+    """Logs a step's metrics to the run directory, the progress bar and (optionally) TensorBoard."""
+
+    def __init__(self, run: RunDir, total: int, initial: int, progress: bool, tensorboard: bool, desc: str):
+        self.run = run
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(log_dir=str(run.path / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any], advance: int = 0) -> None:
+        self.run.log(step, metrics)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, float(v), step)
+        if self.bar is not None:
+            if advance:
+                self.bar.update(advance)
+            shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
+                     if k in ("charts/episodic_return", "eval/mean_return", "losses/approx_kl")}
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def start_run(cfg: Any) -> RunDir:
+    """Open the output directory; refuse to mix a new run into an existing one unless resuming."""
+    run = RunDir(cfg.output_dir)
+    if cfg.resume is None and run.metrics_path.exists():
+        raise DpolabError(f"{run.path} already holds a run; pass --resume latest to continue it "
+                          "or choose another --output-dir")
+    run.create()
+    run.write_config(cfg)
+    return run
+
+
+def save_checkpoint(run: RunDir, step: int, cfg: Any, state: dict[str, Any]) -> Path:
+    """Write ``state`` plus the RNG states and config as checkpoint ``step-N`` (atomic)."""
+    payload = {**state, "rng": rng_state(), "config": config_to_dict(cfg), "step": step}
+    return run.save_checkpoint(step, lambda d: torch.save(payload, d / "state.pt"))
+
+
+def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
+    """Load the checkpoint named by ``spec`` (``latest`` or a path), check it matches ``cfg``, and
+    restore the RNG states. The caller restores the networks, optimizer and collector from it."""
+    path = run.resolve_checkpoint(spec)
+    if not (path / "state.pt").is_file():
+        raise DpolabError(f"--resume: {path} has no state.pt")
+    state = torch.load(path / "state.pt", weights_only=False)  # our own file: pickled envs inside
+    saved, now = state["config"], dataclasses.asdict(cfg)
+    diff = [k for k in STRUCTURAL if k in saved and saved[k] != now.get(k)]
+    if diff:
+        raise DpolabError(f"--resume: checkpoint {path} was made with different "
+                          + ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in diff))
+    set_rng_state(state["rng"])
+    run.truncate_metrics(state["step"])
+    return state
+
+
+def plot_learning_curve(run: RunDir, title: str) -> Path | None:
+    """Plot training episodic returns and evaluation means against steps into ``learning_curve.png``."""
+    if not run.metrics_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["charts/episodic_return"]) for r in rows if "charts/episodic_return" in r]
+    evals = [(r["step"], r["eval/mean_return"]) for r in rows if "eval/mean_return" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.7, label="training episodes (mean per rollout)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="evaluation (mean return)")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episodic return")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run.path / "learning_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
