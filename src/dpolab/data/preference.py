@@ -153,7 +153,8 @@ def _value(record: Record, name: str, *, required: bool = True):
                                    f"{type(message).__name__}", field=where)
             for key in ("role", "content"):
                 if not isinstance(message.get(key), str):
-                    got = "missing" if message.get(key) is None else type(message[key]).__name__
+                    got = ("missing" if key not in message else "null" if message[key] is None
+                           else type(message[key]).__name__)
                     raise record_error(record, f"message '{key}' must be a string, got {got}",
                                        field=where)
                 _check_text(record, f"{where}.{key}", message[key])
