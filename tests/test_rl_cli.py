@@ -1,0 +1,124 @@
+"""`dpolab rl solve` / `dpolab rl evaluate` through the real dispatcher (and once through a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpolab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_solve_student_mdp_file_table(capsys):
+    code, out, _ = run(capsys, "rl", "solve", "--mdp", str(ROOT / "examples" / "student_mdp.yaml"))
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
+    assert rows["Class3"] == ["10.0000", "study"] and rows["Facebook"] == ["6.0000", "quit"]
+    assert rows["Sleep"] == ["0.0000", "-"]
+
+
+@pytest.mark.parametrize("method", ["policy-iteration", "value-iteration"])
+def test_solve_frozenlake_json(capsys, method):
+    """Deterministic FrozenLake, gamma = 0.9: the goal is 6 moves from the start and the reward is 1 on
+    entering it, so v*(0) = 0.9^5 = 0.59049 and v*(14) = 1."""
+    code, out, _ = run(capsys, "rl", "solve", "--env", "FrozenLake-v1", "--gamma", "0.9", "--method", method,
+                       "--env-kwargs", "is_slippery=false", "--json")
+    assert code == 0
+    obj = json.loads(out)
+    assert len(obj["values"]) == len(obj["policy"]) == 16
+    assert obj["values"][0] == pytest.approx(0.9 ** 5, abs=1e-6)
+    assert obj["values"][14] == pytest.approx(1.0, abs=1e-6)
+    assert obj["policy"][5] is None and obj["actions"][obj["policy"][14]] == "right"
+
+
+def test_solve_slippery_frozenlake_methods_agree(capsys):
+    outs = []
+    for method in ("policy-iteration", "value-iteration"):
+        code, out, _ = run(capsys, "rl", "solve", "--env", "FrozenLake-v1", "--gamma", "0.9",
+                           "--method", method, "--json")
+        outs.append(json.loads(out)["values"])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    assert outs[0][14] > outs[0][0] > 0
+
+
+def test_solve_with_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("env: gridworld-4x4\nmethod: value-iteration\njson: true\n")
+    code, out, _ = run(capsys, "rl", "solve", "--config", str(cfg))
+    assert code == 0 and json.loads(out)["values"][1] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--env", "NoSuchEnv-v0"], "unknown environment"),
+    (["--env", "FrozenLake-v1", "--gamma", "1.5"], "gamma must be in [0, 1]"),
+    (["--env", "FrozenLake-v1", "--gamma", "1"], "use gamma < 1"),
+    (["--env", "FrozenLake-v1", "--method", "magic"], "unknown value 'magic'"),
+    ([], "exactly one of --env or --mdp"),
+    (["--env", "student-mrp"], "Markov reward process"),
+    (["--env", "FrozenLake-v1", "--env-kwargs", "colour=blue"], "bad keyword arguments"),
+    (["--mdp", "missing.yaml"], "file not found"),
+])
+def test_solve_errors_are_one_line(capsys, argv, msg):
+    code, out, err = run(capsys, "rl", "solve", *argv)
+    assert code == 2 and msg in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_yaml_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gamma: 0.9\nstates: [a, b\n")
+    code, _, err = run(capsys, "rl", "solve", "--mdp", str(bad))
+    assert code == 2 and "malformed MDP file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_solve_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["rl", "solve", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for flag in ("--env", "--mdp", "--env-kwargs", "--gamma", "--method", "--tol", "--json", "--config"):
+        assert flag in out
+
+
+def test_evaluate_writes_png_and_json(capsys, tmp_path):
+    png = tmp_path / "curves.png"
+    code, out, _ = run(capsys, "rl", "evaluate", "--env", "random-walk", "--episodes", "50", "--runs", "2",
+                       "--output", str(png), "--json")
+    assert code == 0
+    obj = json.loads(out)
+    np.testing.assert_allclose(obj["exact"][:5], np.arange(1, 6) / 6)
+    assert set(obj["final_rms"]) == {"MC first-visit", "MC every-visit", "TD(0)"}
+    assert all(0 < r < 0.3 for r in obj["final_rms"].values())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_mdp_table(capsys, tmp_path):
+    code, out, _ = run(capsys, "rl", "evaluate", "--env", "student-mdp", "--policy", "optimal",
+                       "--episodes", "20", "--runs", "1", "--output", str(tmp_path / "s.png"))
+    assert code == 0 and "Class3" in out and "learning curves written" in out
+
+
+def test_evaluate_bad_alpha(capsys, tmp_path):
+    code, _, err = run(capsys, "rl", "evaluate", "--td-alpha", "2", "--output", str(tmp_path / "x.png"))
+    assert code == 2 and "--td-alpha" in err
+
+
+def test_subprocess_json():
+    proc = subprocess.run([sys.executable, "-m", "dpolab", "rl", "solve", "--env", "student-mdp", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout)
+    assert obj["values"] == pytest.approx([6, 6, 8, 10, 0], abs=1e-9)
+    assert obj["policy"][:4] == [1, 2, 2, 2] and obj["policy"][4] is None

@@ -1,0 +1,213 @@
+"""Markov chain / MRP / MDP types: validation, exact values against published oracles, file and
+Gymnasium construction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dpolab.errors import DpolabError
+from dpolab.rl.envs import (
+    from_gymnasium,
+    gridworld_4x4,
+    jump_random_walk,
+    load_mdp_file,
+    make_model,
+    parse_env_kwargs,
+    random_walk,
+    student_mdp,
+    student_mrp,
+)
+from dpolab.rl.mdp import MDP, MRP, MarkovChain, MDPError
+
+
+def test_student_mrp_matches_silver_lecture2():
+    """Silver, RL lecture 2, slide 'Example: State-Value Function for Student MRP (2)', gamma = 0.9."""
+    mrp = student_mrp(0.9)
+    v = dict(zip(mrp.states, mrp.values()))
+    oracle = {"Class1": -5.013, "Class2": 0.943, "Class3": 4.087, "Pass": 10.0, "Pub": 1.908,
+              "Facebook": -7.638, "Sleep": 0.0}
+    for s, want in oracle.items():
+        assert v[s] == pytest.approx(want, abs=1e-3), s
+
+
+def test_student_mrp_gamma_limits():
+    """gamma = 0: v = R. gamma = 1: absorption is certain, so the undiscounted values exist
+    (Silver's slide: v(Class1) = -13, v(Class2) = 1.5, v(Class3) = 4.3, v(Pub) = 0.8, v(FB) = -23)."""
+    m0 = student_mrp(0.0)
+    np.testing.assert_allclose(m0.values(), m0.R)
+    v1 = dict(zip(student_mrp(1.0).states, student_mrp(1.0).values()))
+    for s, want in {"Class1": -12.54, "Class2": 1.46, "Class3": 4.32, "Pub": 0.8, "Facebook": -22.54}.items():
+        assert v1[s] == pytest.approx(want, abs=0.1)  # the slide rounds to -13, 1.5, 4.3, 0.8, -23
+
+
+def test_hand_computed_two_state_mrp():
+    """s0 -> s1 w.p. 1 with reward 1; s1 absorbing with reward 2 each step; gamma = 0.5:
+    v(s1) = 2 / (1 - 0.5) = 4; v(s0) = 1 + 0.5 * 4 = 3."""
+    mrp = MRP([[0, 1], [0, 1]], [1, 2], 0.5)
+    np.testing.assert_allclose(mrp.values(), [3.0, 4.0])
+    assert not mrp.terminal.any()  # absorbing but rewarding: not terminal
+
+
+def test_next_state_rewards_are_averaged():
+    """R[s, s'] form: from s0, 0.25 -> s0 (reward 4), 0.75 -> s1 (reward 0): R(s0) = 1."""
+    mrp = MRP([[0.25, 0.75], [0, 1]], [[4, 0], [0, 0]], 0.9)
+    np.testing.assert_allclose(mrp.R, [1.0, 0.0])
+
+
+@pytest.mark.parametrize("P, msg", [
+    ([[0.5, 0.4], [0, 1]], "sums to 0.9"),
+    ([[1.5, -0.5], [0, 1]], "negative probability"),
+    ([[1, 0, 0], [0, 1, 0]], "square"),
+    ([1, 0], "2 dimensions"),
+    ([[np.nan, 1], [0, 1]], "non-finite"),
+])
+def test_markov_chain_validation(P, msg):
+    with pytest.raises(DpolabError, match=msg):
+        MarkovChain(P)
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, "x"])
+def test_gamma_out_of_range(gamma):
+    with pytest.raises(DpolabError, match="gamma"):
+        MRP([[1.0]], [0.0], gamma)
+
+
+def test_mismatched_shapes():
+    with pytest.raises(MDPError, match="R must have shape"):
+        MRP(np.eye(2), [1, 2, 3], 0.9)
+    with pytest.raises(MDPError, match="R must have shape"):
+        MDP(np.ones((2, 3, 2)) / 2, np.zeros((2, 2)), 0.9)
+    with pytest.raises(MDPError, match=r"\(S, A, S\)"):
+        MDP(np.ones((2, 3, 4)) / 4, np.zeros((2, 3)), 0.9)
+    with pytest.raises(MDPError, match="names"):
+        MarkovChain(np.eye(2), states=["a"])
+
+
+def test_gamma_one_requires_termination():
+    # MRP: a two-state loop never ends.
+    with pytest.raises(MDPError, match="never reaches a terminal"):
+        MRP([[0, 1, 0], [1, 0, 0], [0, 0, 1]], [-1, -1, 0], 1.0)
+    MRP([[0, 1, 0], [1, 0, 0], [0, 0, 1]], [-1, -1, 0], 0.9)  # fine with discounting
+    # MDP: a zero-reward loop is refused, a costly loop (Student MDP's Facebook) is accepted.
+    P = np.zeros((2, 2, 2))
+    P[0, 0, 0] = P[0, 1, 1] = 1.0  # stay or go to the terminal state 1
+    P[1, :, 1] = 1.0
+    with pytest.raises(MDPError, match="loop forever"):
+        MDP(P, [[0.0, 1.0], [0.0, 0.0]], 1.0)
+    assert MDP(P, [[-1.0, 1.0], [0.0, 0.0]], 1.0).terminal.tolist() == [False, True]
+    with pytest.raises(MDPError, match="no policy leads"):
+        MDP(np.stack([np.eye(2), np.eye(2)], axis=1), -np.ones((2, 2)), 1.0)
+
+
+def test_gridworld_4x4_random_policy_sutton_barto_4_1():
+    """Sutton & Barto Example 4.1 (Figure 4.1, k = infinity)."""
+    g = gridworld_4x4()
+    v = g.induced_mrp(g.uniform_policy()).values()
+    expected = [0, -14, -20, -22, -14, -18, -20, -20, -20, -20, -18, -14, -22, -20, -14, 0]
+    np.testing.assert_allclose(v, expected, atol=1e-9)
+
+
+def test_random_walk_true_values():
+    """Sutton & Barto Example 6.2: v(A..E) = 1/6 .. 5/6."""
+    np.testing.assert_allclose(random_walk().values()[:5], np.arange(1, 6) / 6, atol=1e-12)
+    # Example 9.1 shape: antisymmetric values, -1 .. +1.
+    v = jump_random_walk(20, 3).values()[:20]
+    np.testing.assert_allclose(v, -v[::-1], atol=1e-12)
+    assert -1 < v[0] < 0 < v[-1] < 1
+
+
+def test_induced_mrp_and_q_from_v_by_hand():
+    """Two states, two actions, gamma = 0.5. a0: stay, reward 1; a1: move to the other state, reward 0.
+    pi = 50/50 in both states: P^pi = [[.5, .5], [.5, .5]], R^pi = [.5, .5], v = .5 / (1 - .5) = 1.
+    q(s, a0) = 1 + .5 * 1 = 1.5, q(s, a1) = 0 + .5 * 1 = 0.5."""
+    P = np.zeros((2, 2, 2))
+    P[0, 0, 0] = P[1, 0, 1] = P[0, 1, 1] = P[1, 1, 0] = 1.0
+    mdp = MDP(P, [[1, 0], [1, 0]], 0.5)
+    mrp = mdp.induced_mrp(np.full((2, 2), 0.5))
+    np.testing.assert_allclose(mrp.P, 0.5)
+    np.testing.assert_allclose(mrp.R, 0.5)
+    np.testing.assert_allclose(mrp.values(), [1.0, 1.0])
+    np.testing.assert_allclose(mdp.q_from_v(mrp.values()), [[1.5, 0.5], [1.5, 0.5]])
+
+
+def test_policy_validation():
+    mdp = student_mdp()
+    with pytest.raises(MDPError, match="unavailable action 'pub' in state 'Facebook'"):
+        mdp.policy_matrix([4, 2, 2, 2, 0])
+    with pytest.raises(MDPError, match="shape"):
+        mdp.policy_matrix([0, 1])
+    with pytest.raises(MDPError, match="sums to"):
+        mdp.policy_matrix(np.full((5, 5), 0.3))
+    np.testing.assert_allclose(mdp.uniform_policy().sum(axis=1), 1.0)
+
+
+def test_student_mdp_yaml_equals_builtin(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    a, b = load_mdp_file(root / "examples" / "student_mdp.yaml"), student_mdp()
+    assert a.states == b.states and a.gamma == b.gamma == 1.0
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.P[a.mask], b.P[b.mask])
+    np.testing.assert_allclose(a.R[a.mask], b.R[b.mask])
+    # JSON works too, and gamma can be overridden.
+    raw = {"gamma": 0.5, "states": ["x", "end"], "transitions": {"x": {"go": {"reward": 2, "next": "end"}}}}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(raw))
+    m = load_mdp_file(path, gamma=0.9)
+    assert m.gamma == 0.9 and m.terminal.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("gamma: 0.9\nstates: [a]\ntransitions: {a: {go: {next: {a: 0.5}}}}\n", "sum to 0.5"),
+    ("gamma: 0.9\nstates: [a]\ntransitions: {a: {go: {next: b}}}\n", "unknown next state 'b'"),
+    ("gamma: 0.9\nstates: [a]\n", "missing key 'transitions'"),
+    ("gamma: 2\nstates: [a]\ntransitions: {a: {go: {next: a, reward: -1}}}\n", "gamma must be in"),
+    ("gamma: 0.9\nstates: [a\ntransitions: {}\n", "malformed MDP file"),
+    ("- just a list\n", "expected a mapping"),
+    ("gamma: 0.9\nstates: [a]\ntransitions: {a: {go: {next: {a: -1, a2: 2}}}}\n", "unknown next state"),
+    ("gamma: 0.9\nstates: [a]\ntransitoins: {}\n", "unknown key"),
+])
+def test_bad_mdp_files(tmp_path, text, msg):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DpolabError, match=msg):
+        load_mdp_file(path)
+
+
+def test_frozenlake_conversion():
+    """FrozenLake 4x4 (slippery): holes 5, 7, 11, 12 and the goal 15 become absorbing, zero reward; the
+    only reward is +1 on entering the goal. From cell 14 action 'right' (2) the table gives 1/3 each to
+    14 (slip down, blocked), 15 (reward 1) and 10 (slip up): expected reward 1/3."""
+    mdp = from_gymnasium("FrozenLake-v1", 0.9)
+    assert mdp.n_states == 16 and mdp.actions == ("left", "down", "right", "up")
+    assert np.flatnonzero(mdp.terminal).tolist() == [5, 7, 11, 12, 15]
+    assert mdp.R[14, 2] == pytest.approx(1 / 3)
+    assert mdp.initial[0] == 1.0
+    det = from_gymnasium("FrozenLake-v1", 0.9, is_slippery=False)
+    assert det.P[14, 2, 15] == 1.0
+
+
+def test_taxi_gets_an_extra_terminal_state():
+    mdp = from_gymnasium("Taxi-v4", 0.9)
+    assert mdp.n_states == 501 and mdp.states[-1] == "terminal"
+    assert np.flatnonzero(mdp.terminal).tolist() == [500]
+
+
+@pytest.mark.parametrize("env, msg", [("NoSuchEnv-v0", "unknown environment"),
+                                      ("CartPole-v1", "not a toy-text"), ("nope", "built-ins are")])
+def test_unknown_environments(env, msg):
+    with pytest.raises(DpolabError, match=msg):
+        make_model(env)
+
+
+def test_parse_env_kwargs():
+    assert parse_env_kwargs("is_slippery=false, map_name=8x8") == {"is_slippery": False, "map_name": "8x8"}
+    with pytest.raises(DpolabError, match="key=value"):
+        parse_env_kwargs("is_slippery")
+
+
+def test_sample_path_stops_in_absorbing_state():
+    chain = MarkovChain([[0, 1, 0], [0, 0, 1], [0, 0, 1]])
+    assert chain.sample(0, 10, np.random.default_rng(0)) == [0, 1, 2]
