@@ -1,0 +1,190 @@
+"""Supervised fine-tuning of a causal LM (docs/sft.md).
+
+The loss is the mean negative log-likelihood of the target tokens (completion tokens by default,
+every token with ``--loss-on full``), averaged over all target tokens of an optimizer step's
+micro-batches. With ``--packing`` examples are concatenated into rows of ``--max-length`` tokens,
+position ids restart per example and a 4D block-diagonal causal mask keeps attention inside each
+example, so a packed batch has exactly the loss of the same examples padded
+(tests/test_train_sft.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpolab.config import opt, parse_config
+from dpolab.errors import ConfigError
+from dpolab.rundir import RunDir, seed_everything
+
+DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.
+
+Data: JSONL/JSON/Parquet/CSV files, a `datasets.save_to_disk` folder or a hub name whose rows hold
+{"prompt", "completion"}, {"messages": [{"role", "content"}, ...]} (rendered with the tokenizer's
+chat template; the loss covers assistant turns) or {"text"} (docs/sft.md). Writes the run directory
+of docs/run-directory.md; summary.json holds "eval/loss" (mean NLL per target token).
+
+example:
+  dpolab sft --model path/to/base --data sft.jsonl --packing --output-dir runs/sft
+"""
+
+
+@dataclass
+class SFTConfig:
+    model: str = opt("", "model to fine-tune: a Hugging Face name or local folder (required)")
+    data: str = opt("", "training data: file, save_to_disk folder or hub name (required)")
+    eval_data: str | None = opt(None, "held-out data (default: --eval-fraction of --data)")
+    eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
+    output_dir: str = opt("runs/sft", "run directory")
+    loss_on: str = opt("completion", "which tokens the loss covers: completion/assistant tokens, or all",
+                       choices=("completion", "full"))
+    packing: bool = opt(False, "pack several examples per row (block-diagonal attention, exact loss)")
+    max_length: int = opt(1024, "maximum tokens per example (and per packed row)")
+    max_prompt_length: int | None = opt(None, "prompt tokens kept when truncating (default: --max-length // 2)")
+    learning_rate: float = opt(2e-5, "peak learning rate")
+    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
+    weight_decay: float = opt(0.0, "weight decay")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps")
+    batch_size: int = opt(8, "examples (or packed rows) per micro-batch, per process")
+    eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (loss averaged over all their target tokens)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
+    epochs: float = opt(1.0, "passes over the training data")
+    lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights; final/ holds the merged model")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
+    logging_steps: int = opt(10, "log metrics every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    seed: int = opt(0, "random seed (data split and order, dropout)")
+    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
+    skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
+    dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("--model is required (a Hugging Face name or a local folder)")
+        if not self.data:
+            raise ConfigError("--data is required (an SFT data file, folder or hub name)")
+        for name in ("batch_size", "grad_accum", "save_total_limit", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_length < 2:
+            raise ConfigError("--max-length must be >= 2")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError("--max-prompt-length must be >= 1 and smaller than --max-length")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("--eval-batch-size must be >= 1")
+
+
+def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the target tokens of an :class:`~dpolab.data.sft.SFTBatch` and their count.
+
+    Returns ``(nll_sum, n_targets)``: a scalar float32 tensor (with grad) and a scalar long. Token
+    ``t`` is scored by the logits at ``t - 1`` (``dpolab.lm.model_sequence_logps``); packed rows get
+    the block-diagonal mask of :meth:`SFTBatch.model_attention_mask`."""
+    from dpolab.lm import model_sequence_logps
+
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    dtype = next(inner.parameters()).dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float64):
+        dtype = torch.float32
+    mask = batch.model_attention_mask(dtype, getattr(config, "_attn_implementation", None))
+    logps, counts = model_sequence_logps(model, batch.input_ids, mask, batch.loss_mask, batch.position_ids)
+    return -logps.sum(), counts.sum()
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Run SFT as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from accelerate import Accelerator
+
+    from dpolab.data.collate import pad_token_id_for
+    from dpolab.data.sft import collate_sft, load_sft_data, pack_examples
+    from dpolab.train import common
+    from dpolab.train.supervised_loop import Task, run_loop
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
+                         seed=cfg.seed)
+    report = data.report.as_dict()
+    rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
+    report["train_batch_rows"] = len(rows)
+    if cfg.dry_run:
+        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+
+    model = common.load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  target_modules=cfg.lora_target_modules)
+    run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
+    ckpt = common.resume_run(run, cfg.resume)
+    pad_id = pad_token_id_for(tokenizer)
+
+    order = common.BatchOrder(len(rows), cfg.batch_size, cfg.seed,
+                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
+    optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def loss(batch):
+        nll, n = batch_nll(model, batch)
+        return nll, {"loss": nll.item() / max(int(n), 1)}
+
+    def evaluate() -> dict[str, float]:
+        if not data.eval:
+            return {}
+        total, count = 0.0, 0
+        bs = cfg.eval_batch_size or cfg.batch_size
+        for i in range(0, len(data.eval), bs):
+            nll, n = batch_nll(model, collate_sft(data.eval[i:i + bs], pad_id).to(accelerator.device))
+            total, count = total + float(nll), count + int(n)
+        mean = total / max(count, 1)
+        return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
+
+    def save_final(path: Path) -> None:
+        final = accelerator.unwrap_model(model)
+        if cfg.lora:
+            final = final.merge_and_unload()
+        common.save_pretrained_atomic(final, tokenizer, path)
+
+    task = Task(name="sft", make_batch=lambda idx: collate_sft([rows[i] for i in idx], pad_id).to(accelerator.device),
+                units=lambda b: b.num_targets, tokens=lambda b: int(b.attention_mask.sum()), loss=loss,
+                evaluate=evaluate, save_final=save_final)
+    if accelerator.is_main_process:
+        run.create()
+        run.write_config(cfg)
+        (run.path / "data_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return run_loop(cfg, task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                    order=order, steps=steps, run=run, ckpt=ckpt, report=report,
+                    weight_filter=(lambda k: "lora_" in k) if cfg.lora else None)
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    cfg = parse_config(SFTConfig, argv, prog=prog, description=DESCRIPTION)
+    summary = train(cfg)
+    if not summary.get("dry_run") and not summary.get("stopped"):
+        print(f"done: {cfg.output_dir} (final model in {Path(cfg.output_dir) / 'final'})")
+    return 0

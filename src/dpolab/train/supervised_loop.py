@@ -1,0 +1,206 @@
+"""The optimisation loop shared by the supervised trainers (``dpolab sft``, ``dpolab rm``).
+
+Same contract as the DPO loop (``dpolab.train.dpo``): one optimizer step = ``grad_accum``
+micro-batches of a seeded :class:`~dpolab.train.common.BatchOrder`; the loss of a step is the sum
+of per-unit losses over *all* its micro-batches divided by their total number of units (tokens for
+SFT, pairs for the reward model), so accumulation 1x8 and 8x1 give the same gradient; NaN/inf
+losses or gradients stop the run (or are skipped with ``--skip-nonfinite``); SIGINT/SIGTERM finish
+the step and checkpoint; ``--resume`` restores weights, optimizer, scheduler, RNG and data position;
+``summary.json`` is written last. Each trainer supplies the model, the batches and the loss.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.rundir import RunDir
+from dpolab.train import common
+
+
+@dataclass
+class Task:
+    """What a trainer plugs into :func:`run_loop`.
+
+    make_batch(indices) -> batch: collate training rows ``indices`` (on the device).
+    units(batch) -> int: how many loss units (tokens, pairs) the batch holds.
+    tokens(batch) -> int: real tokens the model reads (for throughput).
+    loss(batch) -> (loss_sum, stats): the SUM of per-unit losses (scalar tensor with grad) and
+        detached per-batch mean statistics (floats; ``"loss"`` among them).
+    evaluate() -> dict: held-out metrics, un-prefixed (``{}`` if there is no eval set).
+    save_final(path): write the final Hugging Face folder.
+    trainable: the (unwrapped) module whose state a checkpoint holds.
+    """
+
+    name: str
+    make_batch: Callable[[list[int]], Any]
+    units: Callable[[Any], int]
+    tokens: Callable[[Any], int]
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[], dict[str, float]]
+    save_final: Callable[[Path], None]
+    bar_keys: tuple[str, ...] = ("loss",)
+
+
+def _dedupe_shared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (tied embeddings): clone the duplicates."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, order: common.BatchOrder,
+             steps: int, run: RunDir, ckpt: Path | None, report: dict, weight_filter=None) -> dict:
+    """Train for ``steps`` optimizer steps; returns the summary (written to ``summary.json``).
+
+    ``cfg`` needs: grad_accum, max_grad_norm, skip_nonfinite, logging_steps, eval_steps,
+    save_steps, progress, output_dir. ``model`` and ``optimizer`` are already ``accelerator``-prepared.
+    ``weight_filter(name) -> bool`` picks the weights a checkpoint stores (all by default)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    step, micro, skipped, tokens_seen = 0, 0, 0, 0
+    if ckpt is not None:
+        accelerator.unwrap_model(model).load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        state = common.read_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        step, micro, skipped, tokens_seen = state["step"], state["micro_batch"], state["skipped_steps"], state["tokens"]
+        run.truncate_metrics(step)
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+
+    def save_checkpoint() -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        if not common.weights_finite(unwrapped):
+            raise common.nonfinite_error("weights", step, "refusing to write a checkpoint")
+        if not accelerator.is_main_process:
+            return
+
+        def write(d: Path) -> None:
+            weights = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()
+                       if weight_filter is None or weight_filter(k)}
+            save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
+            common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
+                "step": step, "micro_batch": micro, "skipped_steps": skipped, "tokens": tokens_seen,
+                "config": vars(cfg)})
+
+        run.save_checkpoint(step, write)
+
+    model.train()
+    batches = order.iterate(start=micro)
+    bar = tqdm(total=steps, initial=step, desc=task.name, dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))
+    window: list[dict[str, float]] = []
+    t0, tokens_window = time.time(), 0
+    last_eval: dict[str, float] = {}
+    last_logged: dict[str, float] = {}
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            out = {f"eval/{k}": v for k, v in task.evaluate().items()}
+        model.train()
+        return out
+
+    with common.StopSignal() as stop:
+        while step < steps:
+            group = [next(batches) for _ in range(cfg.grad_accum)]
+            made = [(k, idx, task.make_batch(idx)) for k, idx in group if idx]
+            total_units = sum(task.units(b) for _, _, b in made)
+            step_stats, weights, nonfinite = [], [], False
+            for j, (k, idx, batch) in enumerate(made):
+                if total_units == 0:
+                    break
+                sync = j == len(made) - 1
+                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _Null()
+                with ctx:
+                    loss_sum, stats = task.loss(batch)
+                    if not torch.isfinite(loss_sum).all():
+                        nonfinite = True
+                        where = f"micro-batch {k}, rows {idx[:8]}{'...' if len(idx) > 8 else ''}"
+                        if not cfg.skip_nonfinite:
+                            raise common.nonfinite_error("loss", step + 1, where)
+                        break
+                    accelerator.backward(loss_sum / total_units)
+                step_stats.append(stats)
+                weights.append(task.units(batch))
+                tokens_window += task.tokens(batch)
+            grad_norm = torch.tensor(0.0)
+            if not nonfinite and cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                    nonfinite = True
+                    if not cfg.skip_nonfinite:
+                        raise common.nonfinite_error("gradient norm", step + 1, f"micro-batches {group[0][0]}..")
+            if nonfinite:
+                skipped += 1
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            micro = group[-1][0] + 1
+            bar.update(1)
+
+            if step_stats and sum(weights) > 0:
+                merged = common.mean_metrics(step_stats, weights)
+                merged["grad_norm"] = float(grad_norm)
+                window.append(merged)
+            if step % cfg.logging_steps == 0 or step == steps:
+                elapsed = max(time.time() - t0, 1e-9)
+                logged = common.mean_metrics(window, [1] * len(window)) if window else {}
+                logged.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": micro / order.per_epoch,
+                               "tokens_per_second": tokens_window / elapsed, "skipped_steps": skipped})
+                tokens_seen += tokens_window
+                window, t0, tokens_window, last_logged = [], time.time(), 0, logged
+                if accelerator.is_main_process:
+                    run.log(step, logged)
+                bar.set_postfix({k: f"{logged[k]:.4f}" for k in task.bar_keys if k in logged})
+            if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < steps:
+                last_eval = evaluate()
+                if accelerator.is_main_process and last_eval:
+                    run.log(step, last_eval)
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
+                save_checkpoint()
+            if stop.received:
+                save_checkpoint()
+                bar.close()
+                accelerator.print(f"stopped by {stop.received} at step {step}/{steps}. Resume with:\n"
+                                  f"  dpolab {task.name} --config {run.path / 'config.yaml'} --resume latest")
+                return {"stopped": True, "steps": step}
+    bar.close()
+
+    last_eval = evaluate()
+    save_checkpoint()
+    summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped,
+                       "data/skipped_rows": report["skipped"], "data/truncated_rows": report["truncated"]}
+    if accelerator.is_main_process:
+        if last_eval:
+            run.log(step, last_eval)
+        task.save_final(run.final)
+        summary = run.write_summary(summary_metrics, steps=step)
+        print_summary(summary, ["steps", "eval/loss", "eval/accuracy", "loss", "wall_seconds"])
+        return summary
+    return summary_metrics
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def print_summary(summary: dict, keys: list[str]) -> None:
+    shown = {k: summary[k] for k in keys if k in summary}
+    width = max((len(k) for k in shown), default=0)
+    for k, v in shown.items():
+        print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}", file=sys.stderr)

@@ -1,0 +1,174 @@
+"""The SFT trainer: packed == unpacked loss, end to end through the CLI, gradient accumulation,
+packing in training, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+from dpolab.data.sft import collate_sft, pack_examples, tokenize_sft
+from dpolab.train.sft import batch_nll
+
+WORDS = ["the", "movie", "was", "great", "fun", "film", "plot", "music", "story", "acting"]
+
+
+def write_sft_data(path: Path, n: int = 48, seed: int = 0) -> Path:
+    """Prompt/completion rows where the completion repeats the prompt's words (a learnable rule);
+    completions of different lengths, so token- and example-weighted means differ."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+            fh.write(json.dumps({"prompt": "Repeat: " + " ".join(words) + "\n", "completion": " ".join(words)}) + "\n")
+    return path
+
+
+@pytest.fixture()
+def sft_data(tmp_path):
+    return write_sft_data(tmp_path / "sft.jsonl")
+
+
+def _args(model_dir, data, out, *extra):
+    return ["sft", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-length", "48", "--no-progress", *map(str, extra)]
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked(tiny_tokenizer, tiny_model, attn):
+    """Packing with restarted positions and the block-diagonal mask reproduces the padded batch's
+    per-token loss (and gradient); a plain 2D mask over the packed row would not."""
+    from dpolab.lm import model_sequence_logps
+
+    tiny_model.config._attn_implementation = attn
+    rng = random.Random(1)
+    examples = []
+    for i in range(7):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+        examples.append(tokenize_sft("completion", (f"Say: {words}", f" {words}"), tiny_tokenizer, max_length=64,
+                                     max_prompt_length=32, loss_on="full", index=i))
+    rows = pack_examples(examples, 64)
+    assert len(rows) < len(examples)
+    pad = tiny_tokenizer.pad_token_id
+
+    def mean_loss_and_grad(batch):
+        tiny_model.zero_grad()
+        nll, n = batch_nll(tiny_model, batch)
+        (nll / n).backward()
+        return (nll / n).item(), tiny_model.model.embed_tokens.weight.grad.clone()
+
+    loss_u, grad_u = mean_loss_and_grad(collate_sft(examples, pad))
+    packed = collate_sft(rows, pad)
+    loss_p, grad_p = mean_loss_and_grad(packed)
+    assert abs(loss_p - loss_u) < 1e-5
+    torch.testing.assert_close(grad_p, grad_u, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # attention leaking across examples changes the loss
+        logps, counts = model_sequence_logps(tiny_model, packed.input_ids, packed.attention_mask, packed.loss_mask,
+                                             packed.position_ids)
+    assert abs(-logps.sum().item() / counts.sum().item() - loss_u) > 1e-5
+
+
+def test_sft_cli_learns_and_final_reloads(tiny_model_dir, sft_data, tmp_path):
+    common = ("--eval-fraction", "0.25", "--batch-size", "8")
+    untrained = tmp_path / "untrained"
+    assert main(_args(tiny_model_dir, sft_data, untrained, "--learning-rate", "0", "--max-steps", "1", *common)) == 0
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sft_data, out, "--learning-rate", "3e-3", "--max-steps", "40",
+                      "--logging-steps", "10", "--eval-steps", "20", "--lr-scheduler", "constant", *common)) == 0
+    before, after = _summary(untrained)["eval/loss"], _summary(out)["eval/loss"]
+    assert after < 0.5 * before, (before, after)
+    s = _summary(out)
+    assert s["steps"] == 40 and s["eval/perplexity"] == pytest.approx(2.718281828 ** after, rel=1e-6)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_second"} <= set(rows[0])
+    assert [r["step"] for r in rows if "eval/loss" in r] == [20, 40]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("Repeat: the movie\n", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, tmp_path):
+    """8 examples in 1 micro-batch == 4 micro-batches of 2: the loss is averaged over all target
+    tokens of the step (a per-micro-batch mean would weight short completions more; SGD shows it)."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0",
+              "--eval-fraction", "0")
+    assert main(_args(tiny_model_dir, sft_data, tmp_path / "a", "--batch-size", "8", *common)) == 0
+    assert main(_args(tiny_model_dir, sft_data, tmp_path / "b", "--batch-size", "2", "--grad-accum", "4",
+                      *common)) == 0
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(wa[k], init[k]) for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_training_step_equals_unpacked(tiny_model_dir, sft_data, tmp_path):
+    """One SGD step over the whole data set, packed or padded: the same weights."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "1", "--max-grad-norm", "0",
+              "--eval-fraction", "0", "--batch-size", "64", "--loss-on", "full")
+    assert main(_args(tiny_model_dir, sft_data, tmp_path / "u", *common)) == 0
+    assert main(_args(tiny_model_dir, sft_data, tmp_path / "p", "--packing", *common)) == 0
+    report = json.loads((tmp_path / "p" / "data_report.json").read_text())
+    assert report["train_batch_rows"] < report["train_rows"]
+    wa, wb = _weights(tmp_path / "u"), _weights(tmp_path / "p")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_from_checkpoint_is_exact(tiny_model_dir, sft_data, tmp_path):
+    common = ("--learning-rate", "1e-3", "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1",
+              "--save-steps", "2", "--save-total-limit", "5", "--eval-fraction", "0", "--packing")
+    full = tmp_path / "full"
+    assert main(_args(tiny_model_dir, sft_data, full, *common)) == 0
+    resumed = tmp_path / "resumed"
+    assert main(_args(tiny_model_dir, sft_data, resumed, "--resume", full / "checkpoints" / "step-2", *common)) == 0
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_input_is_a_clear_error(tiny_model_dir, sft_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": null}\n')
+    out = tmp_path / "r"
+    assert main(_args(tiny_model_dir, bad, out)) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "completion" in err and "Traceback" not in err
+    assert main(_args(tiny_model_dir, sft_data, out, "--loss-on", "completions")) == 2
+    assert "did you mean 'completion'" in capsys.readouterr().err
+    assert main(["sft", "--data", str(sft_data)]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_dry_run_and_help(tiny_model_dir, sft_data, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(_args(tiny_model_dir, sft_data, out, "--dry-run", "--packing")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["rows"] == 48 and report["data"]["formats"] == {"completion": 48}
+    assert not out.exists()
+    res = subprocess.run([sys.executable, "-m", "dpolab", "sft", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    from dataclasses import fields
+
+    from dpolab.train.sft import SFTConfig
+
+    for f in fields(SFTConfig):
+        assert "--" + f.name.replace("_", "-") in res.stdout, f.name
