@@ -27,7 +27,7 @@ from dpolab.losses.pg import a2c_loss
 from dpolab.rl.advantages import gae, whiten
 from dpolab.rl.nets import ActorCritic, save_policy
 from dpolab.rl.ppo import explained_variance
-from dpolab.rl.rollout import Collector, evaluate, make_vec_env, space_dims
+from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
 from dpolab.rl.tracking import Tracker, load_checkpoint, plot_learning_curve, save_checkpoint, start_run
 from dpolab.rundir import seed_everything
 
@@ -72,6 +72,28 @@ class A2CConfig:
             raise ConfigError("--lr must be > 0")
         if not self.hidden:
             raise ConfigError("--hidden needs at least one layer size")
+
+
+def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollout,
+               cfg: A2CConfig) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """One A2C update from rollout ``ro``: GAE, then one gradient step on the mean A2C loss over the
+    real (unmasked) steps. Returns (mean policy/value/entropy losses, old values, value targets)."""
+    adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
+                   gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
+    keep = ro.mask.reshape(-1)
+    b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])[keep]
+    b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
+    b_adv, b_ret, b_val = adv.reshape(-1)[keep], ret.reshape(-1)[keep], ro.values.reshape(-1)[keep]
+    if cfg.norm_adv and b_adv.numel() > 1:
+        b_adv = whiten(b_adv)
+    logp, entropy, values = policy.evaluate(b_obs, b_act)  # re-evaluated, with gradients
+    loss, st = a2c_loss(logp, b_adv, values, b_ret, entropy, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
+    optimizer.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    return {k: float(v.mean()) for k, v in st.items()}, b_val, b_ret
 
 
 def train(cfg: A2CConfig) -> dict:
@@ -137,26 +159,9 @@ def train(cfg: A2CConfig) -> dict:
 
             ro, episodes = collector.collect(policy, cfg.n_steps)
             episodes_window += episodes
-            adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
-                           gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
-            keep = ro.mask.reshape(-1)
-            b_obs = ro.obs.reshape(-1, obs_dim)[keep]
-            b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
-            b_adv, b_ret, b_val = adv.reshape(-1)[keep], ret.reshape(-1)[keep], ro.values.reshape(-1)[keep]
-            if cfg.norm_adv and b_adv.numel() > 1:
-                b_adv = whiten(b_adv)
-
-            # One gradient step on the A2C loss over the whole rollout (re-evaluated with gradients).
-            logp, entropy, values = policy.evaluate(b_obs, b_act)
-            loss, st = a2c_loss(logp, b_adv, values, b_ret, entropy, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
-            optimizer.zero_grad(set_to_none=True)
-            loss.mean().backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-
+            st, b_val, b_ret = a2c_update(policy, optimizer, ro, cfg)
             for k in ("policy", "value", "entropy"):
-                sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + float(st[k].mean())
+                sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + st[k]
             sums["losses/explained_variance"] = sums.get("losses/explained_variance", 0.0) + \
                 explained_variance(b_val, b_ret)
             n_logged += 1
