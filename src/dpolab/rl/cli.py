@@ -52,6 +52,7 @@ class EvaluateConfig:
     runs: int = opt(10, "independent runs; the curves are RMS errors averaged over runs")
     mc_alpha: float | None = opt(None, "Monte Carlo step size; none = sample mean (1/N(s))")
     td_alpha: float = opt(0.1, "TD(0) step size")
+    v0: float = opt(0.0, "initial estimate for non-terminal states (Sutton & Barto's Figure 6.2 uses 0.5)")
     max_steps: int = opt(1000, "longest episode (longer ones are cut)")
     seed: int = opt(0, "random seed")
     output: str = opt("rl-evaluate.png", "PNG file for the learning curves")
@@ -111,10 +112,10 @@ def _evaluate(cfg: EvaluateConfig) -> int:
         for _ in range(cfg.runs):
             if name == "TD(0)":
                 res = td0_evaluation(model, cfg.episodes, rng, policy, alpha=cfg.td_alpha, v_true=v_true,
-                                     max_steps=cfg.max_steps)
+                                     v0=cfg.v0, max_steps=cfg.max_steps)
             else:
                 res = mc_evaluation(model, cfg.episodes, rng, policy, alpha=cfg.mc_alpha, v_true=v_true,
-                                    max_steps=cfg.max_steps, **kw)
+                                    v0=cfg.v0, max_steps=cfg.max_steps, **kw)
             total += res.rms
         curves[name], estimates[name] = total / cfg.runs, res.V
     _plot(curves, cfg)
