@@ -67,17 +67,29 @@ class PolicyWithValue(nn.Module):
         self.value_model = value_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                position_ids: torch.Tensor | None = None, *,
+                prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) of every position; with ``prompt_length = P`` only the
+        positions that predict response tokens: logits (B, T − P, V) and values (B, T − P) from
+        positions P − 1 … T − 2 (the LM head then runs on those rows only, where the model's
+        forward takes ``logits_to_keep``)."""
         shared = self.value_model is None
+        kw = {}
+        keep = None if prompt_length is None else input_ids.shape[1] - prompt_length + 1
+        if keep is not None and _accepts(self.policy, "logits_to_keep"):
+            kw["logits_to_keep"] = keep
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=shared, use_cache=False)
+                          output_hidden_states=shared, use_cache=False, **kw)
         if shared:
             hidden = out.hidden_states[-1]  # (B, T, H)
         else:
             hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, output_hidden_states=True,
                                       use_cache=False).hidden_states[-1]
-        return out.logits, self.value_head(hidden)
+        logits, values = out.logits, self.value_head(hidden)
+        if keep is not None:
+            logits, values = logits[:, -keep:-1], values[:, -keep:-1]
+        return logits, values
 
     def critic_state(self) -> dict[str, torch.Tensor]:
         """Weights of the critic's own parameters (head, and the separate value model if any)."""
@@ -85,6 +97,17 @@ class PolicyWithValue(nn.Module):
         if self.value_model is not None:
             state.update({f"value_model.{k}": v for k, v in self.value_model.state_dict().items()})
         return state
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the forward of ``model`` (or of the model a PEFT wrapper holds) takes ``name``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def save_value_head(head: ValueHead, directory: str | Path) -> Path:
