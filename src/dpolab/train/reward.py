@@ -1,0 +1,168 @@
+"""Bradley-Terry reward-model training (docs/reward-model.md).
+
+The model is the LM backbone with a scalar head (:mod:`dpolab.reward`); each micro-batch is one
+forward pass over chosen and rejected rows concatenated on the batch axis; the loss is
+``−log σ(r_w − r_l − m)`` (:func:`dpolab.losses.reward.bradley_terry_loss`) averaged over all pairs
+of an optimizer step. Held-out pairwise accuracy is ``eval/accuracy`` in ``summary.json``; the model
+is saved to ``final/`` in Hugging Face format (``AutoModelForSequenceClassification``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpolab.config import opt, parse_config
+from dpolab.errors import ConfigError
+from dpolab.rundir import RunDir, seed_everything
+
+DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.
+
+Data: the preference formats of `dpolab dpo` (prompt/chosen/rejected strings, implicit prompt, chat
+messages; docs/data-formats.md). Writes the run directory of docs/run-directory.md; summary.json
+holds "eval/accuracy" (held-out pairs ranked as labelled) and "eval/loss". Score texts afterwards
+with dpolab.reward.score("OUTPUT_DIR/final", prompts, completions).
+
+example:
+  dpolab rm --model path/to/sft --data prefs.jsonl --output-dir runs/rm
+"""
+
+
+@dataclass
+class RewardConfig:
+    model: str = opt("", "backbone: a causal LM (a new scalar head is added) or a saved reward model (required)")
+    data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
+    eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
+    eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
+    output_dir: str = opt("runs/rm", "run directory")
+    margin: float | None = opt(None, "margin m in −log σ(r_w − r_l − m) (off when unset)")
+    learning_rate: float = opt(1e-5, "peak learning rate")
+    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
+    weight_decay: float = opt(0.0, "weight decay")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps")
+    batch_size: int = opt(8, "preference pairs per micro-batch, per process")
+    eval_batch_size: int | None = opt(None, "pairs per evaluation batch (default: --batch-size)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (loss averaged over all their pairs)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
+    epochs: float = opt(1.0, "passes over the training data")
+    max_length: int = opt(512, "maximum prompt+response tokens")
+    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
+    logging_steps: int = opt(10, "log metrics every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    seed: int = opt(0, "random seed (data split and order, init of the reward head)")
+    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
+    skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
+    dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("--model is required (a Hugging Face name or a local folder)")
+        if not self.data:
+            raise ConfigError("--data is required (a preference data file, folder or hub name)")
+        for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_total_limit",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("--max-prompt-length must be smaller than --max-length")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("--eval-batch-size must be >= 1")
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+    """Batch means: ``loss``, ``accuracy`` (fraction with r_w > r_l, ties count as wrong),
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (r_w − r_l)."""
+    c, r = chosen.detach().float(), rejected.detach().float()
+    return {"loss": losses.detach().float().mean().item(), "accuracy": (c > r).float().mean().item(),
+            "rewards/chosen": c.mean().item(), "rewards/rejected": r.mean().item(),
+            "rewards/margins": (c - r).mean().item()}
+
+
+def train(cfg: RewardConfig) -> dict:
+    """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
+    from accelerate import Accelerator
+
+    from dpolab.data import collate_preference, load_preference_data, pad_token_id_for
+    from dpolab.losses.reward import bradley_terry_loss
+    from dpolab.reward import RewardModel, load_reward_model
+    from dpolab.train import common
+    from dpolab.train.supervised_loop import Task, run_loop
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    data = load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, eval_source=cfg.eval_data,
+                                eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    report = data.report.as_dict()
+    if cfg.dry_run:
+        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+
+    hf_model = load_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable()
+    model = RewardModel(hf_model)
+    run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
+    ckpt = common.resume_run(run, cfg.resume)
+    pad_id = pad_token_id_for(tokenizer)
+
+    order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
+                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
+    optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def loss(batch):
+        """One forward over the (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected."""
+        rewards = model(batch.input_ids, batch.attention_mask, batch.position_ids)   # (2B,)
+        B = batch.batch_size
+        losses = bradley_terry_loss(rewards[:B], rewards[B:], cfg.margin)          # (B,)
+        return losses.sum(), pair_stats(rewards[:B], rewards[B:], losses)
+
+    def evaluate() -> dict[str, float]:
+        if not data.eval:
+            return {}
+        rows, weights = [], []
+        bs = cfg.eval_batch_size or cfg.batch_size
+        for i in range(0, len(data.eval), bs):
+            batch = collate_preference(data.eval[i:i + bs], pad_id).to(accelerator.device)
+            rows.append(loss(batch)[1])
+            weights.append(batch.batch_size)
+        return common.mean_metrics(rows, weights)
+
+    def save_final(path: Path) -> None:
+        common.save_pretrained_atomic(accelerator.unwrap_model(model).model, tokenizer, path)
+
+    task = Task(name="rm", make_batch=lambda idx: collate_preference([data.train[i] for i in idx], pad_id)
+                .to(accelerator.device), units=lambda b: b.batch_size, tokens=lambda b: int(b.attention_mask.sum()),
+                loss=loss, evaluate=evaluate, save_final=save_final, bar_keys=("loss", "accuracy"))
+    if accelerator.is_main_process:
+        run.create()
+        run.write_config(cfg)
+        (run.path / "data_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return run_loop(cfg, task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                    order=order, steps=steps, run=run, ckpt=ckpt, report=report)
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    cfg = parse_config(RewardConfig, argv, prog=prog, description=DESCRIPTION)
+    summary = train(cfg)
+    if not summary.get("dry_run") and not summary.get("stopped"):
+        print(f"done: {cfg.output_dir} (final reward model in {Path(cfg.output_dir) / 'final'})")
+    return 0
