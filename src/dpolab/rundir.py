@@ -88,8 +88,16 @@ class RunDir:
         """On resume: drop rows logged after the checkpoint's step, so the log equals an uninterrupted run."""
         if not self.metrics_path.exists():
             return
-        rows = [ln for ln in self.metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+        rows = [ln for ln in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if ln.strip()]
+        kept = []
+        for ln in rows:  # a line cut short by a killed process is dropped, not a crash
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+                kept.append(ln)
         atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def write_summary(self, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
@@ -103,47 +111,95 @@ class RunDir:
     def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
         """Write checkpoint ``step-N`` through ``write(tmp_dir)``, then rename it into place and
         point ``latest`` at it. A crash at any moment leaves the previous checkpoint and ``latest``
-        intact."""
+        intact: the new folder only gets its ``step-N`` name once every file in it is written and
+        fsynced, and ``latest`` is replaced atomically after that. Temporary folders left behind
+        by a killed process are removed here (and never listed or resolved)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_tmp()
         final = self.checkpoints / f"step-{step}"
-        tmp = self.checkpoints / f".tmp-step-{step}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = self.checkpoints / f"{_TMP_PREFIX}{step}-{os.getpid()}"
         tmp.mkdir()
-        write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            write(tmp)
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # the same step again (a resumed run): move the old one aside first
+            old = self.checkpoints / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.checkpoints)
         atomic_write_text(self.checkpoints / LATEST, final.name + "\n")
-        self._rotate()
+        self._rotate(keep=final)
         return final
 
-    def _rotate(self) -> None:
+    def _remove_stale_tmp(self) -> None:
+        for p in self.checkpoints.iterdir():
+            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _rotate(self, keep: Path) -> None:
+        """Keep the newest ``keep_last`` checkpoints by step; never the one just written."""
         if self.keep_last <= 0:
             return
-        steps = sorted(self.list_checkpoints(), key=lambda p: int(p.name.split("-")[1]))
-        for old in steps[: -self.keep_last]:
+        others = sorted((p for p in self.list_checkpoints() if p != keep), key=_step_of)
+        for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints (``step-N`` folders), sorted by step."""
         if not self.checkpoints.is_dir():
             return []
-        return [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-")
-                and p.name.split("-")[1].isdigit()]
+        return sorted((p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-")
+                       and p.name[5:].isdigit()), key=_step_of)
 
     def resolve_checkpoint(self, spec: str) -> Path:
-        """``latest`` -> the checkpoint named by checkpoints/latest; otherwise a path."""
+        """``latest`` -> the checkpoint named by checkpoints/latest; otherwise a path.
+
+        Should the pointer be missing or name a folder that is gone (a crash between renames),
+        ``latest`` falls back to the highest-numbered complete checkpoint."""
         if spec == LATEST:
             pointer = self.checkpoints / LATEST
-            if not pointer.is_file():
-                raise DpolabError(f"--resume latest: no checkpoint in {self.checkpoints}")
-            path = self.checkpoints / pointer.read_text(encoding="utf-8").strip()
+            path = None
+            if pointer.is_file():
+                name = pointer.read_text(encoding="utf-8").strip()
+                if name.startswith("step-") and (self.checkpoints / name).is_dir():
+                    path = self.checkpoints / name
+            if path is None:
+                found = self.list_checkpoints()
+                if not found:
+                    raise DpolabError(f"--resume latest: no checkpoint in {self.checkpoints}")
+                path = found[-1]
         else:
             path = Path(spec)
         if not path.is_dir():
             raise DpolabError(f"--resume: checkpoint not found: {path}")
         return path
+
+
+_TMP_PREFIX = ".tmp-step-"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -235,15 +235,95 @@ def write_training_state(directory: Path, *, optimizer, scheduler, state: dict[s
 
 
 def read_training_state(directory: Path, *, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG states from a checkpoint; return the JSON trainer state.
+
+    Only tensors and plain data are unpickled (``weights_only=True``); a damaged or foreign
+    checkpoint is a :class:`DpolabError` naming the folder, never a traceback."""
+    import pickle
+
+    directory = Path(directory)
+    for name in ("training_state.pt", "trainer_state.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise DpolabError(f"cannot resume from {directory}: it has no {name} (not a checkpoint of this trainer)")
     try:
         blob = torch.load(directory / "training_state.pt", weights_only=True)
         state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RuntimeError) as err:
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        set_rng_state(blob["rng"])
+        for key in ("step", "micro_batch", "skipped_steps", "tokens"):
+            if not isinstance(state.get(key), int):
+                raise ValueError(f"trainer_state.json: '{key}' missing or not an integer")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError,
+            pickle.UnpicklingError) as err:
         raise DpolabError(f"cannot read checkpoint {directory}: {_first_line(err)}") from None
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
     return state
+
+
+def load_checkpoint_weights(module: torch.nn.Module, directory: Path, *, partial: bool = False) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``module``.
+
+    Every stored tensor must match a parameter or buffer of ``module``; unless ``partial`` (a
+    checkpoint of trainable weights only, e.g. LoRA adapters), every entry of ``module`` must be
+    stored too. A checkpoint of another model is an error, never a silently half-loaded model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise DpolabError(f"cannot read {path}: {_first_line(err)}") from None
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise DpolabError(f"{path} does not fit this model: {_first_line(err)}") from None
+    missing = [] if partial else _untied(module, result.missing_keys)
+    if result.unexpected_keys or missing:
+        bad = (result.unexpected_keys or missing)[:3]
+        raise DpolabError(f"{path} does not fit this model ({'unexpected' if result.unexpected_keys else 'missing'}"
+                          f" weights {bad}); was it written by a run of another model or with other --lora settings?")
+
+
+def _untied(module: torch.nn.Module, missing: list[str]) -> list[str]:
+    """Missing keys other than tied duplicates (a tied weight is stored once under another name)."""
+    sd = module.state_dict()
+    present = {sd[k].data_ptr() for k in sd if k not in missing}
+    return [k for k in missing if sd[k].data_ptr() not in present]
+
+
+def compare_resume_config(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Options that differ between a checkpoint's config and the resuming run's, as
+    ``name: old -> new`` lines (options that do not change the trajectory are ignored)."""
+    harmless = {"resume", "output_dir", "progress", "dry_run", "logging_steps", "eval_steps", "save_steps",
+                "save_total_limit", "ref_cache_dir", *ignore}
+    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
+            if k not in harmless and k in now and saved[k] != now[k]]
+
+
+def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    changes = compare_resume_config(saved, now)
+    if changes:
+        print("warning: resuming with options that differ from the checkpoint's; the run will not equal an "
+              "uninterrupted one:\n  " + "\n  ".join(changes), file=sys.stderr)
+
+
+def grad_norm_(parameters, max_norm: float, accelerator=None) -> torch.Tensor:
+    """The global L2 norm of the gradients, clipping them to ``max_norm`` when ``max_norm > 0``.
+
+    Always computed (also with clipping off) so the non-finite guard sees every gradient."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    limit = max_norm if max_norm > 0 else float("inf")
+    if accelerator is not None:
+        return torch.as_tensor(accelerator.clip_grad_norm_(params, limit))
+    return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+def resume_hint(command: str, run: RunDir, signame: str, step: int, steps: int) -> str:
+    return (f"stopped by {signame} at step {step}/{steps}; checkpoint saved. Resume with:\n"
+            f"  dpolab {command} --config {run.path / 'config.yaml'} --resume latest")
 
 
 def save_pretrained_atomic(model, tokenizer, target: Path) -> None:

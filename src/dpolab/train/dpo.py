@@ -201,15 +201,22 @@ def train(cfg: DPOConfig) -> dict:
         model.train()
         return {f"eval/{k}": v for k, v in common.mean_metrics(rows, weights).items()}
 
-    # State that a checkpoint restores.
+    # State that a checkpoint restores: weights, optimizer, scheduler, RNG, the data position, the
+    # counters and the not-yet-logged window of step metrics (so a mid-window resume logs the
+    # same averages as an uninterrupted run).
     step, micro, skipped, tokens_seen = 0, 0, 0, 0
+    window: list[dict[str, float]] = []
+    tokens_window = 0
     if ckpt is not None:
-        accelerator.unwrap_model(model).load_state_dict(_load_weights(ckpt), strict=False)
+        common.load_checkpoint_weights(accelerator.unwrap_model(model), ckpt, partial=cfg.lora)
         state = common.read_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
         step, micro, skipped, tokens_seen = (state["step"], state["micro_batch"], state["skipped_steps"],
                                              state["tokens"])
-        run.truncate_metrics(step)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+        window, tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
+        common.warn_config_changes(state.get("config", {}), vars(cfg))
+        if accelerator.is_main_process:
+            run.truncate_metrics(step)
+        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
 
     def save_checkpoint() -> None:
         unwrapped = accelerator.unwrap_model(model)
@@ -226,7 +233,7 @@ def train(cfg: DPOConfig) -> dict:
             save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
             common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
                 "step": step, "micro_batch": micro, "skipped_steps": skipped, "tokens": tokens_seen,
-                "config": vars(cfg)})
+                "window": window, "tokens_window": tokens_window, "config": vars(cfg)})
 
         run.save_checkpoint(step, write)
 
@@ -238,8 +245,7 @@ def train(cfg: DPOConfig) -> dict:
     batches = order.iterate(start=micro)
     bar = tqdm(total=steps, initial=step, desc="dpo", disable=not (cfg.progress and accelerator.is_main_process),
                dynamic_ncols=True)
-    window: list[dict[str, float]] = []
-    t0, tokens_window = time.time(), 0
+    t0 = time.time()
     last_eval: dict[str, float] = {}
     last_logged: dict[str, float] = {}
 
@@ -267,12 +273,13 @@ def train(cfg: DPOConfig) -> dict:
                 step_stats.append((stats, len(idx)))
                 tokens_window += int(batch.attention_mask.sum())
             grad_norm = torch.tensor(0.0)
-            if not nonfinite and cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(torch.as_tensor(grad_norm)).all():
+            if not nonfinite:  # the norm is checked also when clipping is off (--max-grad-norm 0)
+                grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
+                if not torch.isfinite(grad_norm).all():
                     nonfinite = True
                     if not cfg.skip_nonfinite:
-                        raise common.nonfinite_error("gradient norm", step + 1, f"micro-batches {group[0][0]}..")
+                        raise common.nonfinite_error(
+                            "gradient norm", step + 1, f"micro-batches {group[0][0]}..{group[-1][0]}")
             if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -284,7 +291,7 @@ def train(cfg: DPOConfig) -> dict:
             micro = group[-1][0] + 1
             bar.update(1)
 
-            if step_stats:
+            if step_stats and not nonfinite:
                 merged = common.mean_metrics([s for s, _ in step_stats], [w for _, w in step_stats])
                 merged["grad_norm"] = float(grad_norm)
                 window.append(merged)
@@ -308,8 +315,8 @@ def train(cfg: DPOConfig) -> dict:
             if stop.received:
                 save_checkpoint()
                 bar.close()
-                accelerator.print(f"stopped by {stop.received} at step {step}/{steps}. Resume with:\n"
-                                  f"  dpolab dpo --config {run.path / 'config.yaml'} --resume latest")
+                if accelerator.is_main_process:
+                    print(common.resume_hint("dpo", run, stop.received, step, steps), file=sys.stderr)
                 return {"stopped": True, "steps": step}
     bar.close()
 
@@ -349,12 +356,6 @@ def _dedupe_shared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
-
-
-def _load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(ckpt / "model.safetensors"))
 
 
 def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
