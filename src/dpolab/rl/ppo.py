@@ -100,7 +100,8 @@ def train(cfg: PPOConfig) -> dict:
     obs_dim, action_dim, discrete = space_dims(envs)
     collector = Collector(envs, seed=cfg.seed)
     policy = ActorCritic(obs_dim, action_dim, discrete, cfg.hidden, cfg.activation, cfg.log_std_init)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    # fused: one kernel for all parameters instead of ~10 small ops per tensor (the bulk of a step here)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
 
     per_update = cfg.n_envs * cfg.n_steps
     n_updates = math.ceil(cfg.total_steps / per_update)
@@ -176,7 +177,7 @@ def train(cfg: PPOConfig) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm, foreach=True)
                     optimizer.step()
                     approx_kl = float(st["approx_kl"].mean())
                     for k, v in (("losses/policy", pg_loss.mean()), ("losses/value", v_loss.mean()),
