@@ -1,0 +1,231 @@
+"""Crash safety of checkpoints (issue 8): a process SIGKILLed while writing a checkpoint leaves the
+previous one loadable and ``latest`` naming it; leftovers of a crash are ignored and cleaned up;
+a damaged or foreign checkpoint is a clear error on resume, never a traceback or a half-loaded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpolab.errors import DpolabError
+from dpolab.rundir import RunDir
+
+# A child process: checkpoint step-1 completely, then start step-2 whose writer writes a large
+# safetensors file and then keeps appending to a second file, announcing itself so the parent
+# can SIGKILL it in the middle of the write.
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from dpolab.rundir import RunDir
+
+    run = RunDir(sys.argv[1], keep_last=3)
+    run.save_checkpoint(1, lambda d: save_file({"w": torch.full((64, 64), 1.0)}, str(d / "model.safetensors")))
+
+    def slow_writer(d: Path) -> None:
+        save_file({"w": torch.full((512, 512), 2.0)}, str(d / "model.safetensors"))
+        with open(d / "big.bin", "wb") as fh:
+            for i in range(100000):
+                fh.write(b"x" * 65536)
+                fh.flush()
+                if i == 2:
+                    print("WRITING", flush=True)
+                time.sleep(0.01)
+
+    run.save_checkpoint(2, slow_writer)
+    print("FINISHED", flush=True)
+""")
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    run_path = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(run_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the child is inside the step-2 writer
+        assert line.strip() == "WRITING", line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    run = RunDir(run_path, keep_last=3)
+    leftovers = [p.name for p in run.checkpoints.iterdir() if p.name.startswith(".tmp-step-2")]
+    assert leftovers, "the kill should have happened mid-write"
+    assert [p.name for p in run.list_checkpoints()] == ["step-1"]
+    assert (run.checkpoints / "latest").read_text().strip() == "step-1"
+    ckpt = run.resolve_checkpoint("latest")
+    assert ckpt.name == "step-1"
+    assert torch.equal(load_file(str(ckpt / "model.safetensors"))["w"], torch.full((64, 64), 1.0))
+
+    # The next save (a resumed run) removes the leftover and works normally.
+    run.save_checkpoint(2, lambda d: save_file({"w": torch.zeros(2)}, str(d / "model.safetensors")))
+    assert not any(p.name.startswith(".tmp") for p in run.checkpoints.iterdir())
+    assert run.resolve_checkpoint("latest").name == "step-2"
+    assert [p.name for p in run.list_checkpoints()] == ["step-1", "step-2"]
+
+
+def _write(value: float):
+    return lambda d: save_file({"w": torch.full((3,), value)}, str(d / "model.safetensors"))
+
+
+def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
+    run = RunDir(tmp_path / "run", keep_last=0)
+    for step in (2, 10, 5):
+        run.save_checkpoint(step, _write(step))
+    assert [p.name for p in run.list_checkpoints()] == ["step-2", "step-5", "step-10"]  # numeric order
+    assert run.resolve_checkpoint("latest").name == "step-5"  # the pointer, not the highest number
+    # A crash between "move the old step-5 aside" and "rename the new one in" leaves a dangling
+    # pointer: resolve to the highest complete checkpoint instead of failing.
+    os.rename(run.checkpoints / "step-5", run.checkpoints / ".tmp-step-old-5-1")
+    assert run.resolve_checkpoint("latest").name == "step-10"
+    (run.checkpoints / "latest").unlink()
+    assert run.resolve_checkpoint("latest").name == "step-10"
+    empty = RunDir(tmp_path / "empty")
+    with pytest.raises(DpolabError, match="no checkpoint"):
+        empty.resolve_checkpoint("latest")
+    with pytest.raises(DpolabError, match="not found"):
+        empty.resolve_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_resaving_a_step_replaces_it_and_rotation_keeps_the_new_one(tmp_path):
+    run = RunDir(tmp_path / "run", keep_last=1)
+    run.save_checkpoint(6, _write(6.0))
+    # A run resumed from an earlier checkpoint saves step 4 while step 6 (abandoned) still exists:
+    # the new checkpoint must survive rotation and be `latest`.
+    run.save_checkpoint(4, _write(4.0))
+    assert run.resolve_checkpoint("latest").name == "step-4"
+    assert [p.name for p in run.list_checkpoints()] == ["step-4"]
+    run.save_checkpoint(4, _write(44.0))
+    ckpt = run.resolve_checkpoint("latest")
+    assert load_file(str(ckpt / "model.safetensors"))["w"][0].item() == 44.0
+    assert not any(p.name.startswith(".tmp") for p in run.checkpoints.iterdir())
+
+
+def test_failed_writer_leaves_no_temporary_folder(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.save_checkpoint(1, _write(1.0))
+
+    def boom(d: Path) -> None:
+        (d / "partial").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run.save_checkpoint(2, boom)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step-1"]
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    run = RunDir(tmp_path / "run")
+    for step in (1, 2, 3):
+        run.log(step, {"loss": 1.0 / step})
+    with open(run.metrics_path, "a") as fh:
+        fh.write('{"step": 4, "loss": 0.2')  # the process died mid-line
+    run.truncate_metrics(3)
+    rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    run.log(4, {"loss": 0.25})
+    assert json.loads(run.metrics_path.read_text().splitlines()[-1]) == {"step": 4, "loss": 0.25}
+
+
+# -- resuming from damaged or foreign checkpoints (through the DPO CLI) -------------------------
+def _dpo(model_dir, data, out, *extra) -> list[str]:
+    return ["dpo", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--max-length", "48",
+            "--max-prompt-length", "24", "--no-progress", "--eval-fraction", "0", "--batch-size", "4",
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    from dpolab.cli import main
+    from test_train_dpo import write_rule_data
+
+    root = tmp_path_factory.mktemp("dpo-ckpt")
+    data = write_rule_data(root / "prefs.jsonl", n=16)
+    out = root / "run"
+    assert main(_dpo(tiny_model_dir, data, out, "--max-steps", "2", "--learning-rate", "1e-3")) == 0
+    return data, out
+
+
+def _copy_ckpt(run: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(RunDir(run).resolve_checkpoint("latest"), dest))
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "foreign_weights", "no_state", "bad_json",
+                                    "pickle_payload"])
+def test_damaged_checkpoint_is_a_clear_error(tiny_model_dir, finished_run, tmp_path, capsys, monkeypatch, damage):
+    from dpolab.cli import main
+
+    monkeypatch.setenv("PYTEST_TMP_PWNED", str(tmp_path / "PWNED"))
+    data, out = finished_run
+    ckpt = _copy_ckpt(out, tmp_path / "ckpt")
+    if damage == "truncated_weights":
+        blob = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif damage == "foreign_weights":
+        save_file({"other.weight": torch.zeros(3)}, str(ckpt / "model.safetensors"))
+    elif damage == "no_state":
+        (ckpt / "training_state.pt").unlink()
+    elif damage == "bad_json":
+        (ckpt / "trainer_state.json").write_text('{"step": "three"')
+    elif damage == "pickle_payload":
+        # An object that would run code when unpickled: weights_only loading must refuse it.
+        torch.save({"optimizer": _Evil(), "scheduler": {}, "rng": {}}, ckpt / "training_state.pt")
+    rc = main(_dpo(tiny_model_dir, data, tmp_path / "resumed", "--max-steps", "3", "--resume", ckpt))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and str(ckpt) in err, err
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "resumed" / "final").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ.get("PYTEST_TMP_PWNED", "/tmp/dpolab-PWNED-never")),))
+
+
+def test_resume_with_changed_options_warns(tiny_model_dir, finished_run, tmp_path, capsys):
+    from dpolab.cli import main
+
+    data, out = finished_run
+    ckpt = _copy_ckpt(out, tmp_path / "ckpt")
+    assert main(_dpo(tiny_model_dir, data, tmp_path / "r", "--max-steps", "3", "--learning-rate", "2e-3",
+                     "--resume", ckpt)) == 0
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.001 -> 0.002" in err and "max_steps: 2 -> 3" in err, err
+
+
+def test_sigkill_leftover_then_resume_through_cli(tiny_model_dir, finished_run, tmp_path):
+    """A crashed save's temporary folder next to a good checkpoint does not confuse --resume latest."""
+    import shutil
+
+    from dpolab.cli import main
+
+    data, out = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    tmp = run / "checkpoints" / ".tmp-step-3-999999"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"\x00" * 10)  # garbage, half-written
+    t0 = time.time()
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--learning-rate", "1e-3",
+                     "--resume", "latest")) == 0
+    assert time.time() - t0 < 120
+    assert not tmp.exists() and RunDir(run).resolve_checkpoint("latest").name == "step-3"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
