@@ -1,0 +1,151 @@
+"""Stop and resume through real processes (issue 8): a run stopped by SIGTERM/SIGINT mid-way
+exits 0 with a resume hint and no traceback, and ``--resume latest`` in the same output directory
+then ends with bitwise the same weights and the same metrics as an uninterrupted run.
+
+The interrupted run is a real ``python -m dpolab`` subprocess; the uninterrupted reference and
+the resumed continuation run in this process (one intra-op thread everywhere, so the arithmetic
+is the same in both processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+from test_train_dpo import write_rule_data
+from test_train_sft import write_sft_data
+
+TIMING = {"tokens_per_second", "charts/sps", "wall_seconds"}
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields."""
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
+            for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def interrupt(argv: list[str], run: Path, *, after_rows: int, sig: int = signal.SIGTERM,
+              timeout: float = 240) -> tuple[int, str]:
+    """Start ``python -m dpolab ARGV``, send ``sig`` once metrics.jsonl holds ``after_rows`` rows,
+    and return (exit code, stderr + stdout). Fails if the run ended before it could be interrupted."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    err_path, out_path = run.parent / f"{run.name}.stderr", run.parent / f"{run.name}.stdout"
+    with open(err_path, "w") as err, open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dpolab", *argv], stdout=out, stderr=err, env=env)
+        try:
+            deadline = time.time() + timeout
+            sent = False
+            while time.time() < deadline and proc.poll() is None:
+                if run.joinpath("metrics.jsonl").exists() and \
+                        len(run.joinpath("metrics.jsonl").read_text().splitlines()) >= after_rows:
+                    proc.send_signal(sig)
+                    sent = True
+                    break
+                time.sleep(0.01)
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err_path.read_text() + out_path.read_text()
+    assert sent, f"the run ended (rc {rc}) before it could be interrupted:\n{stderr[-2000:]}"
+    return rc, stderr
+
+
+def checkpoint_step(run: Path) -> int:
+    return int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
+
+
+def assert_clean_stop(rc: int, stderr: str, sig: int) -> None:
+    assert rc == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert signal.Signals(sig).name in stderr and "--resume latest" in stderr, stderr[-3000:]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path, one_thread, sig):
+    data = write_rule_data(tmp_path / "prefs.jsonl")
+    # logging every 2 steps: a stop on an odd step leaves a half-full metrics window, which the
+    # checkpoint must carry for the logged averages to match.
+    argv = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "48",
+            "--max-prompt-length", "24", "--no-progress", "--max-steps", "40", "--batch-size", "4",
+            "--learning-rate", "1e-3", "--logging-steps", "2", "--save-steps", "0", "--eval-fraction", "0.1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*argv, "--output-dir", str(ref)]) == 0
+
+    rc, stderr = interrupt([*argv, "--output-dir", str(run)], run, after_rows=1, sig=sig)
+    assert_clean_stop(rc, stderr, sig)
+    stopped_at = checkpoint_step(run)
+    assert 2 <= stopped_at < 40 and not (run / "final").exists() and not (run / "summary.json").exists()
+    state = json.loads((run / "checkpoints" / f"step-{stopped_at}" / "trainer_state.json").read_text())
+    assert state["step"] == stopped_at and len(state["window"]) == stopped_at % 2
+
+    assert main([*argv, "--output-dir", str(run), "--resume", "latest"]) == 0
+    assert_same_weights(load_file(str(ref / "final" / "model.safetensors")),
+                        load_file(str(run / "final" / "model.safetensors")))
+    assert metric_rows(run) == metric_rows(ref)
+    summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k not in TIMING}
+    assert summary == {k: v for k, v in json.loads((ref / "summary.json").read_text()).items() if k not in TIMING}
+
+
+def test_sft_sigint_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path, one_thread):
+    data = write_sft_data(tmp_path / "sft.jsonl")
+    argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "48", "--no-progress",
+            "--max-steps", "40", "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",
+            "--save-steps", "0", "--eval-fraction", "0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*argv, "--output-dir", str(ref)]) == 0
+
+    rc, stderr = interrupt([*argv, "--output-dir", str(run)], run, after_rows=2, sig=signal.SIGINT)
+    assert_clean_stop(rc, stderr, signal.SIGINT)
+    assert 2 <= checkpoint_step(run) < 40 and not (run / "final").exists()
+
+    assert main([*argv, "--output-dir", str(run), "--resume", "latest"]) == 0
+    assert_same_weights(load_file(str(ref / "final" / "model.safetensors")),
+                        load_file(str(run / "final" / "model.safetensors")))
+    assert metric_rows(run) == metric_rows(ref)
+
+
+@pytest.mark.xfail(strict=True, reason="dpolab rl ppo has no SIGINT/SIGTERM handling yet: the default "
+                   "action kills it without a checkpoint (reported to the lead with a patch)")
+def test_gym_ppo_sigterm_then_resume_latest_is_bitwise_exact(tmp_path):
+    from dpolab.rl.nets import load_policy
+
+    argv = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "4096", "--n-envs", "2", "--n-steps", "32",
+            "--batch-size", "32", "--n-epochs", "2", "--eval-every", "1024", "--eval-episodes", "2",
+            "--checkpoint-every", "0", "--seed", "3", "--no-progress"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*argv, "--output-dir", str(ref)]) == 0
+
+    rc, stderr = interrupt([*argv, "--output-dir", str(run)], run, after_rows=2)
+    assert_clean_stop(rc, stderr, signal.SIGTERM)
+    assert 0 < checkpoint_step(run) < 4096 and not (run / "final").exists()
+
+    assert main([*argv, "--output-dir", str(run), "--resume", "latest"]) == 0
+    assert metric_rows(run) == metric_rows(ref)
+    a, _ = load_policy(ref / "final")
+    b, _ = load_policy(run / "final")
+    assert_same_weights(a.state_dict(), b.state_dict())
