@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 from dpolab import __version__
@@ -54,8 +55,17 @@ def _usage(prog: str, table: dict) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages say what is happening; keep the libraries' per-file loading
+    bars and load reports out of the way unless the user asked for them (env vars win)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     table = _available(COMMANDS)
     prog = "dpolab"
     while True:
