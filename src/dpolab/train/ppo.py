@@ -287,15 +287,16 @@ def train(cfg: PPOConfig) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
 
-    step, micro, skipped = 0, 0, 0
+    step, micro, skipped, tokens = 0, 0, 0, 0
+    last_logged: dict[str, float] = {}
     if ckpt is not None:
-        from safetensors.torch import load_file
-
-        core.policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-        core.load_state_dict(load_file(str(ckpt / "critic.safetensors")), strict=False)
+        common.load_checkpoint_weights(core.policy, ckpt, partial=cfg.lora)
+        _load_critic(core, ckpt)
         state = common.read_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
-        step, micro, skipped = state["step"], state["micro_batch"], state["skipped_steps"]
-        kl_ctl.beta = state["kl_coef"]
+        step, micro, skipped, tokens = state["step"], state["micro_batch"], state["skipped_steps"], state["tokens"]
+        kl_ctl.beta = float(state.get("kl_coef", cfg.kl_coef))
+        last_logged = dict(state.get("last_logged", {}))
+        common.warn_config_changes(state.get("config", {}), vars(cfg))
         run.truncate_metrics(step)
         _truncate_jsonl(run.path / "samples.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
@@ -356,9 +357,8 @@ def train(cfg: PPOConfig) -> dict:
                 bad = not bool(torch.isfinite(loss))
                 if not bad:
                     accelerator.backward(loss)
-                    if cfg.max_grad_norm > 0:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        bad = not bool(torch.isfinite(torch.as_tensor(norm)))
+                    norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
+                    bad = not bool(torch.isfinite(norm).all())
                 if bad:
                     if not cfg.skip_nonfinite:
                         raise common.nonfinite_error("loss or gradient", step + 1, f"minibatch rows {rows.tolist()[:8]}")
@@ -397,8 +397,8 @@ def train(cfg: PPOConfig) -> dict:
             save_file(_untie(weights), str(d / "model.safetensors"))
             save_file(_untie(core.critic_state()), str(d / "critic.safetensors"))
             common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
-                "step": step, "micro_batch": micro, "skipped_steps": skipped, "kl_coef": kl_ctl.beta,
-                "config": vars(cfg)})
+                "step": step, "micro_batch": micro, "skipped_steps": skipped, "tokens": tokens,
+                "kl_coef": kl_ctl.beta, "last_logged": last_logged, "config": vars(cfg)})
 
         run.save_checkpoint(step, write)
 
@@ -407,7 +407,6 @@ def train(cfg: PPOConfig) -> dict:
     (run.path / "data_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     batches = order.iterate(start=micro)
     bar = tqdm(total=steps, initial=step, desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
-    last_logged: dict[str, float] = {}
     with common.StopSignal() as stop:
         while step < steps:
             t0 = time.time()
@@ -433,6 +432,7 @@ def train(cfg: PPOConfig) -> dict:
             }
             kl_ctl.update(float(seq_kl.mean()))
             step, micro = step + 1, k + 1
+            tokens += int(mask.sum())
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == steps:
                 run.log(step, logged)
@@ -446,8 +446,7 @@ def train(cfg: PPOConfig) -> dict:
             if stop.received:
                 save_checkpoint()
                 bar.close()
-                print(f"stopped by {stop.received} at step {step}/{steps}. Resume with:\n"
-                      f"  dpolab ppo --config {run.path / 'config.yaml'} --resume latest", file=sys.stderr)
+                print(common.resume_hint("ppo", run, stop.received, step, steps), file=sys.stderr)
                 return {"stopped": True, "steps": step}
     bar.close()
 
@@ -503,6 +502,23 @@ def _reward_function(cfg: PPOConfig, device):
     rm = load_reward_model(cfg.reward_model, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     rm = rm.requires_grad_(False).eval().to(device)
     return reward_model_function(rm, rm_tokenizer, batch_size=cfg.rollout_batch_size)
+
+
+def _load_critic(core, ckpt: Path) -> None:
+    """Load ``critic.safetensors`` (value head, and the value model if separate); every tensor must fit."""
+    from safetensors.torch import load_file
+
+    from dpolab.errors import DpolabError
+
+    path = ckpt / "critic.safetensors"
+    try:
+        weights = load_file(str(path))
+        result = core.load_state_dict(weights, strict=False)
+    except (OSError, RuntimeError) as err:
+        raise DpolabError(f"cannot load {path}: {str(err).strip().splitlines()[0]}") from None
+    missing = [k for k in core.critic_state() if k not in weights]
+    if result.unexpected_keys or missing:
+        raise DpolabError(f"{path} does not fit this critic (value head / --value-model settings differ)")
 
 
 def _log_samples(run: RunDir, step: int, ro: Rollout, seq_kl: torch.Tensor, n: int) -> None:

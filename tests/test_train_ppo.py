@@ -1,0 +1,213 @@
+"""`dpolab ppo` end to end on tiny in-process models: it raises a simple reward with a bounded KL,
+saves a reloadable policy and value head, resumes exactly, runs with LoRA / a separate value model /
+a trained-format reward model / chat prompts, and reports bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+
+PROMPTS = ["the movie", "a film", "the plot", "what a", "I hated", "the music", "a story", "the worst",
+           "great fun", "awful acting", "the ending", "a delightful", "clever and", "boring film", "warm and",
+           "hello there"]
+
+REWARD_SOURCE = '''
+def frac_alpha(prompts, completions):
+    """Fraction of the completion's characters that are lowercase ASCII letters (0 if empty)."""
+    return [sum("a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def wrong_length(prompts, completions):
+    return [0.0]
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def reward_file(tmp_path) -> Path:
+    path = tmp_path / "ppo_test_rewards.py"
+    path.write_text(REWARD_SOURCE, encoding="utf-8")
+    return path
+
+
+def _args(model_dir, data, out, *extra):
+    return ["ppo", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--no-progress",
+            "--max-new-tokens", "8", *map(str, extra)]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_reward_with_bounded_kl_and_final_reloads(tiny_model_dir, prompts_file, reward_file, tmp_path,
+                                                              monkeypatch):
+    """25 PPO steps, β = 0.1, on r = fraction of lowercase letters in the completion (in [0, 1]).
+
+    KL bound: a policy whose regularised objective E_π[r] − β KL(π‖π_ref) is at least the
+    reference's E_ref[r] (PPO improves that objective from π_ref) has KL ≤ (max r − E_ref[r]) / β."""
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.data.prompts import load_prompts
+    from dpolab.evaluation import evaluate_policy, load_reward_function
+    from dpolab.train.common import load_tokenizer
+    from dpolab.value import load_value_head
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(prompts_file.read_text() * 4)  # 64 evaluation samples
+    # The reward is found as module:function in the current directory.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    out = tmp_path / "run"
+    beta, steps = 0.1, 25
+    rc = main(_args(tiny_model_dir, prompts_file, out, "--reward", "ppo_test_rewards:frac_alpha",
+                    "--max-steps", steps, "--rollout-batch-size", 16, "--mini-batch-size", 8, "--ppo-epochs", 2,
+                    "--learning-rate", "1e-2", "--kl-coef", beta, "--eval-data", eval_file, "--eval-prompts", 64,
+                    "--log-samples", 3))
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps
+
+    # The initial policy under the same evaluation protocol (same prompts, seed and sampling).
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = load_prompts(str(eval_file), tok)
+    init_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reward = load_reward_function(f"{reward_file}:frac_alpha")
+    init = evaluate_policy(init_model, tok, data.texts, data.ids, reward, ref_model=init_model, max_new_tokens=8,
+                           seed=0 + 7919, batch_size=16)
+    assert init["kl"] == 0.0
+    assert summary["eval/reward"] > init["reward"] + 0.1, (summary["eval/reward"], init)
+    assert 0 < summary["eval/kl"] < (1.0 - init["reward"]) / beta, summary["eval/kl"]
+
+    rows = _rows(out)
+    train_rows = [r for r in rows if "objective/kl" in r]
+    assert len(train_rows) == steps
+    assert {"objective/kl", "objective/entropy", "objective/scores", "objective/scores_std", "losses/policy",
+            "losses/value", "losses/clipfrac", "losses/approx_kl", "losses/explained_variance",
+            "objective/kl_coef"} <= set(train_rows[0])
+    assert train_rows[0]["objective/kl"] == 0.0 and train_rows[0]["policy/ratio"] == pytest.approx(1.0, abs=0.05)
+    assert all(r["objective/kl_coef"] == beta for r in train_rows)  # fixed β
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * steps and {"step", "prompt", "completion", "score", "kl"} <= set(samples[0])
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.tensor([tok("the movie").input_ids])
+    assert torch.isfinite(model(ids).logits).all()
+    head = load_value_head(out / "final")
+    assert head.linear.weight.shape == (1, model.config.hidden_size)
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
+
+
+def test_resume_equals_uninterrupted_run(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """Adaptive β and a step-seeded sampler: resuming at step 2 of 3 reproduces the weights, the
+    value head and the logged metrics of the uninterrupted run (β restored from the checkpoint)."""
+    common = ("--reward", f"{reward_file}:frac_alpha", "--rollout-batch-size", 4, "--mini-batch-size", 2,
+              "--ppo-epochs", 1, "--learning-rate", "1e-2", "--max-steps", 3, "--save-steps", 1,
+              "--save-total-limit", 5, "--eval-prompts", 0, "--log-samples", 0, "--adaptive-kl",
+              "--target-kl", "0.01", "--max-new-tokens", 4)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main(_args(tiny_model_dir, prompts_file, full, *common)) == 0
+    assert main(_args(tiny_model_dir, prompts_file, resumed, "--resume", full / "checkpoints" / "step-2",
+                      *common)) == 0
+    wa, wb = load_file(str(full / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha = load_file(str(full / "final" / "value_head.safetensors"))
+    hb = load_file(str(resumed / "final" / "value_head.safetensors"))
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    strip = ("seconds_per_step",)
+    tail = lambda run: [{k: v for k, v in r.items() if k not in strip} for r in _rows(run) if r["step"] > 2]  # noqa: E731
+    assert tail(full) == tail(resumed)
+    betas = [r["objective/kl_coef"] for r in _rows(full)]
+    # Step 1 samples from π = π_ref: KL 0 < target/1.5, so the adaptive β halves for step 2.
+    assert betas[0] == 0.05 and betas[1] == 0.025 and _rows(full)[0]["objective/kl"] == 0.0
+
+
+def test_lora_with_separate_value_model(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """LoRA: the reference is the base with adapters off, so the first step's KL is exactly 0; the
+    merged policy reloads without LoRA weights; the separate value model is saved next to it."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    assert main(_args(tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha", "--lora",
+                      "--lora-r", 4, "--value-model", tiny_model_dir, "--max-steps", 2, "--rollout-batch-size", 4,
+                      "--mini-batch-size", 4, "--ppo-epochs", 1, "--learning-rate", "1e-2", "--eval-prompts", 4,
+                      "--max-new-tokens", 4)) == 0
+    rows = _rows(out)
+    assert rows[0]["objective/kl"] == 0.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "eval/kl" in summary and "eval/reward" in summary
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (out / "final" / "value_model" / "config.json").is_file()
+    assert (out / "final" / "value_head.safetensors").is_file()
+
+
+def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """--reward-model with a sequence-classification folder; prompts given as chat messages are
+    rendered with the template and a generation prompt."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS[:4]))
+    out = tmp_path / "rmrun"
+    assert main(_args(tiny_model_dir, data, out, "--reward-model", rm_dir, "--max-steps", 1,
+                      "--rollout-batch-size", 4, "--mini-batch-size", 4, "--ppo-epochs", 1, "--eval-prompts", 4,
+                      "--max-new-tokens", 4)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert isinstance(summary["eval/reward"], float)
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>\n")
+
+
+def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):
+    def err(*extra, data=prompts_file) -> str:
+        out = tmp_path / "bad"
+        assert main(_args(tiny_model_dir, data, out, "--max-steps", 1, "--rollout-batch-size", 2,
+                          "--mini-batch-size", 2, *extra)) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg
+        return msg
+
+    assert "exactly one of --reward-model" in err()
+    assert "exactly one of --reward-model" in err("--reward", "a:b", "--reward-model", "x")
+    assert "expected 'module:function'" in err("--reward", "nocolon")
+    assert "returned 1 values for 2" in err("--reward", f"{reward_file}:wrong_length")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert f"{bad}:2" in err("--reward", f"{reward_file}:frac_alpha", data=bad)
+    assert "--mini-batch-size must not exceed" in err("--reward", "a:b", "--mini-batch-size", 8)
+    assert not (tmp_path / "bad").exists() or not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_dry_run_checks_data_and_reward_without_training(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(_args(tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha", "--dry-run")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["prompts"] == len(PROMPTS)
+    assert report["reward_probe_on_empty_completions"] == [0.0, 0.0]
+    assert not out.exists()
