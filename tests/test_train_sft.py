@@ -182,3 +182,34 @@ def test_dry_run_and_help(tiny_model_dir, sft_data, tmp_path, capsys):
 
     for f in fields(SFTConfig):
         assert "--" + f.name.replace("_", "-") in res.stdout, f.name
+
+
+def test_nonfinite_loss_stops_without_saving(tiny_tokenizer, sft_data, tmp_path, capsys):
+    from dpolab.tiny import tiny_llama
+
+    model_dir = tmp_path / "nan-model"
+    model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    assert main(_args(model_dir, sft_data, out, "--max-steps", "2", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 1" in err and "--skip-nonfinite" in err
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+
+
+def test_lora_run_saves_merged_model(tiny_model_dir, sft_data, tmp_path):
+    out = tmp_path / "lora"
+    assert main(_args(tiny_model_dir, sft_data, out, "--lora", "--lora-r", "4", "--learning-rate", "1e-2",
+                      "--max-steps", "2", "--batch-size", "4", "--eval-fraction", "0", "--save-steps", "1")) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = _weights(out)
+    assert any(not torch.equal(final[k], init[k]) for k in init if k in final)
+    ckpt = load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)  # checkpoints hold only the adapters
