@@ -211,3 +211,76 @@ def test_dry_run_checks_data_and_reward_without_training(tiny_model_dir, prompts
     assert report["data"]["prompts"] == len(PROMPTS)
     assert report["reward_probe_on_empty_completions"] == [0.0, 0.0]
     assert not out.exists()
+
+
+# -- prompt data ----------------------------------------------------------------------------------------
+def test_load_prompts_plain_and_chat_rows(tiny_tokenizer, tmp_path):
+    from dpolab.data.prompts import load_prompts
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "the movie was", "extra": 1}, {"messages": [{"role": "user", "content": "hello there"}]},
+            {"prompt": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_prompts(str(path), tiny_tokenizer)
+    chat_text = tiny_tokenizer.apply_chat_template(rows[1]["messages"], tokenize=False, add_generation_prompt=True)
+    assert data.texts == ["the movie was", chat_text, ""]
+    assert chat_text == "<|user|>\nhello there</s>\n<|assistant|>\n"
+    assert data.ids[0] == tiny_tokenizer("the movie was", add_special_tokens=False).input_ids
+    assert data.ids[1] == tiny_tokenizer(chat_text, add_special_tokens=False).input_ids
+    assert data.ids[2] == [tiny_tokenizer.bos_token_id]  # an empty prompt still gives a context
+    assert data.locations[1] == f"{path}:2"
+
+
+def test_prompt_truncation_keeps_the_end_and_the_bos(tiny_tokenizer):
+    """A tokenizer that prepends BOS itself: the prompt is [BOS] + text ids; cut to 4 tokens it
+    keeps BOS and the last 3 text tokens."""
+    import copy
+
+    from tokenizers import processors
+
+    from dpolab.data.prompts import special_prefix, tokenize_prompts
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert special_prefix(tok) == [bos] and special_prefix(tiny_tokenizer) == []
+    text = "the plot was clever and the music was wonderful"
+    plain = tok(text, add_special_tokens=False).input_ids
+    assert len(plain) > 4
+    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=4)
+    assert ids == [bos] + plain[-3:] and truncated == 1
+    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=100)
+    assert ids == [bos] + plain and truncated == 0
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": "x"}, "needs a 'prompt' string or a 'messages' list"),
+    ({"prompt": 3}, "field 'prompt': expected a string, got int"),
+    ({"prompt": "a", "messages": []}, "both 'prompt' and 'messages'"),
+    ({"messages": []}, "field 'messages': expected a non-empty list"),
+    ({"messages": [{"role": "user"}]}, "turn 0 must be an object"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "the last turn is"),
+])
+def test_bad_prompt_rows_name_file_line_and_field(tiny_tokenizer, tmp_path, row, message):
+    from dpolab.data.prompts import load_prompts
+    from dpolab.errors import DataError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message) as info:
+        load_prompts(str(path), tiny_tokenizer)
+    assert str(info.value).startswith(f"{path}:2")
+
+
+def test_chat_prompts_need_a_chat_template(tiny_tokenizer, tmp_path):
+    import copy
+
+    from dpolab.data.prompts import load_prompts
+    from dpolab.errors import DataError
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="no chat template"):
+        load_prompts(str(path), tok)

@@ -1,12 +1,16 @@
 """Prompt data for on-policy training and evaluation (``dpolab ppo``, the demo's evaluation).
 
 Each row holds either ``prompt`` (a string, used as is) or ``messages`` (a list of
-``{"role", "content"}`` turns, rendered with the tokenizer's chat template and
-``add_generation_prompt=True`` so the model continues as the assistant). Other fields are ignored.
+``{"role", "content"}`` turns ending with a user or system turn, rendered with the tokenizer's chat
+template and ``add_generation_prompt=True`` so the model continues as the assistant). Other fields
+are ignored.
 
-Tokenisation: a plain prompt is tokenised with the tokenizer's special tokens (e.g. a BOS); a
-rendered chat prompt already contains them (``add_special_tokens=False``). Prompts longer than
-``max_prompt_length`` keep their *end* (the part next to the response) and are counted.
+Tokenisation matches the preference pipeline (``dpolab.data.preference``): the text is tokenised
+with ``add_special_tokens=False``; a plain prompt then gets the leading special tokens the tokenizer
+would add itself (e.g. a BOS; a rendered chat prompt already contains its own). An empty prompt
+becomes one BOS (or EOS) token, so the first response token has a context. Prompts longer than
+``max_prompt_length`` keep their *end* (the part next to the response) and their leading special
+tokens, and are counted.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 from dpolab.errors import DataError
 
-__all__ = ["PromptData", "load_prompts", "render_prompt", "tokenize_prompts"]
+__all__ = ["PromptData", "load_prompts", "render_prompt", "special_prefix", "tokenize_prompts"]
 
 
 @dataclass
@@ -61,8 +65,6 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
         prompt = row["prompt"]
         if not isinstance(prompt, str):
             raise err(f"expected a string, got {type(prompt).__name__}", field="prompt")
-        if not prompt.strip():
-            raise err("empty prompt", field="prompt")
         return prompt, False
     if has_messages:
         messages = row["messages"]
@@ -80,16 +82,33 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
     raise err("row needs a 'prompt' string or a 'messages' list")
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids ``add_special_tokens=True`` puts before a text (e.g. ``[BOS]``), found with a probe."""
+    probe = "a b"
+    with_specials = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for k in range(len(with_specials) - len(plain) + 1):
+        if with_specials[k:k + len(plain)] == plain:
+            return with_specials[:k]
+    return []
+
+
 def tokenize_prompts(texts: list[str], tokenizer, *, chat: list[bool] | None = None,
                      max_prompt_length: int | None = None) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (keeping the last ``max_prompt_length``) and how many were truncated."""
+    """Token ids of each prompt (see the module docstring) and how many were truncated."""
     chat = chat or [False] * len(texts)
+    prefix = special_prefix(tokenizer)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out, truncated = [], 0
     for text, is_chat in zip(texts, chat):
-        ids = tokenizer(text, add_special_tokens=not is_chat)["input_ids"]
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            ids, truncated = ids[-max_prompt_length:], truncated + 1
-        out.append(list(ids))
+        head = [] if is_chat else list(prefix)
+        body = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not head and not body:
+            body = [start]
+        if max_prompt_length is not None and len(head) + len(body) > max_prompt_length:
+            keep = max(max_prompt_length - len(head), 1)
+            body, truncated = body[-keep:], truncated + 1
+        out.append(head + body)
     return out, truncated
 
 
@@ -97,8 +116,7 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
                  split: str = "train") -> PromptData:
     """Read, validate, render and tokenise every prompt of ``source`` (see the module docstring).
 
-    Raises :class:`DataError` naming the file, line and field of the first bad row, or when a
-    prompt tokenises to nothing.
+    Raises :class:`DataError` naming the file, line (or row) and field of the first bad row.
     """
     from dpolab.data.loading import load_records, record_error
 
@@ -112,8 +130,4 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
         chat.append(is_chat)
         where.append(rec)
     ids, truncated = tokenize_prompts(texts, tokenizer, chat=chat, max_prompt_length=max_prompt_length)
-    for i, row in enumerate(ids):
-        if not row:
-            raise record_error(where[i], "prompt has no tokens after tokenisation",
-                               field="messages" if chat[i] else "prompt")
     return PromptData(texts, ids, str(source), truncated, [r.where for r in where])
