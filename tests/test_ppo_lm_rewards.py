@@ -139,3 +139,37 @@ def test_explained_variance_hand_values():
     ret, val = t([[1.0, 2.0, 3.0, 100.0]]), t([[1.0, 2.0, 2.0, 0.0]])
     assert explained_variance(val, ret, mask) == pytest.approx(2 / 3, abs=1e-12)
     assert explained_variance(ret, ret, mask) == pytest.approx(1.0, abs=1e-12)
+
+
+# -- the value head -----------------------------------------------------------------------------------
+def test_policy_with_value_response_positions_and_value_head(tiny_model, tiny_tokenizer, tmp_path):
+    """The response-only forward (``prompt_length``, LM head on the kept rows only) equals slicing the
+    full forward at positions P−1 … T−2; values are w·h + b on the last hidden state, from the
+    policy (shared) or from a separate value model; the head round-trips through safetensors."""
+    from dpolab.generation import generate
+    from dpolab.tiny import tiny_llama
+    from dpolab.value import PolicyWithValue, ValueHead, load_value_head, save_value_head
+
+    head = ValueHead(32)
+    assert head(torch.randn(2, 3, 32)).abs().max() == 0  # zero-initialised
+    with torch.no_grad():
+        head.linear.weight.normal_(generator=torch.Generator().manual_seed(0))
+        head.linear.bias.fill_(0.25)
+    prompts = [tiny_tokenizer("the movie").input_ids, tiny_tokenizer("a terrible boring film").input_ids]
+    gen = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    P = gen.prompt_length
+    for value_model in (None, tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, seed=5)):
+        model = PolicyWithValue(tiny_model, head, value_model)
+        with torch.no_grad():
+            full_logits, full_values = model(gen.input_ids, gen.attention_mask, gen.position_ids)
+            logits, values = model(gen.input_ids, gen.attention_mask, gen.position_ids, prompt_length=P)
+            critic = value_model or tiny_model
+            hidden = critic(input_ids=gen.input_ids, attention_mask=gen.attention_mask,
+                            position_ids=gen.position_ids, output_hidden_states=True).hidden_states[-1]
+        assert logits.shape == (2, gen.response_ids.shape[1], len(tiny_tokenizer))
+        torch.testing.assert_close(logits, full_logits[:, P - 1:-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, full_values[:, P - 1:-1])
+        torch.testing.assert_close(full_values, hidden @ head.linear.weight[0] + 0.25, atol=1e-5, rtol=1e-5)
+    save_value_head(head, tmp_path)
+    again = load_value_head(tmp_path)
+    assert torch.equal(again.linear.weight, head.linear.weight) and torch.equal(again.linear.bias, head.linear.bias)
