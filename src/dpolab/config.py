@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -83,7 +84,10 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan/inf would only surface later as a NaN loss
+                raise ConfigError(f"'{name}' must be a finite number, got {value!r}")
+            return number
         if base is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError
@@ -116,6 +120,8 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
