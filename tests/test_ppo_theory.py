@@ -86,7 +86,7 @@ def test_ppo_with_fixed_kl_penalty_approaches_the_closed_form_optimum():
     kl_to_opt = _kl(pi_star, pi)          # (X,)
     kl_ref_to_opt = _kl(pi_star, pi_ref)  # (X,) where PPO started
     assert kl_ref_to_opt.min() > 0.25, kl_ref_to_opt  # the problem is not trivial
-    assert kl_to_opt.max() < 0.02, (kl_to_opt, pi, pi_star)
+    assert kl_to_opt.max() < 0.005, (kl_to_opt, pi, pi_star)  # measured ≤ 4e-5
     assert (kl_to_opt < 0.05 * kl_ref_to_opt).all()
     # The critic learns the value of the regularised objective under π: E_π[r] − β KL(π‖π_ref),
     # which at π* equals β log Z(x).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,8 @@ class PPOConfig:
             raise ConfigError("--gamma and --lam must be in [0, 1]")
         if self.cliprange <= 0 or self.cliprange_value <= 0:
             raise ConfigError("--cliprange and --cliprange-value must be > 0")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("need --temperature > 0 (PPO samples from its policy), 0 < --top-p <= 1, --top-k >= 0")
         if self.reward_clip < 0 or self.eval_prompts < 0 or self.log_samples < 0:
             raise ConfigError("--reward-clip, --eval-prompts and --log-samples must be >= 0")
 
@@ -322,7 +323,7 @@ def train(cfg: PPOConfig) -> dict:
             logps = gather_token_logps(logits, gen.response_ids).float() * mask
             entropy = float(masked_mean(entropy_from_logits(logits.float()), mask))
             ref = ref_model if ref_model is not None else core.policy
-            with (core.policy.disable_adapter() if ref_model is None else _null()):
+            with (core.policy.disable_adapter() if ref_model is None else nullcontext()):
                 ref_logps = response_token_logps(ref, gen, temperature=cfg.temperature)
         values = values * mask
         rewards, kl = per_token_rewards(scores, logps, ref_logps, mask, kl_coef=kl_ctl.beta,
@@ -551,14 +552,6 @@ def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone().contiguous().cpu() if v.data_ptr() in seen else v.contiguous().cpu()
         seen.add(v.data_ptr())
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _print_summary(summary: dict) -> None:
