@@ -168,3 +168,10 @@ def test_bad_yaml_configs_are_one_line_errors(text, needle):
     with pytest.raises(ConfigError) as info:
         _parse(text)
     assert needle in str(info.value), str(info.value)
+
+
+def test_unknown_flag_suggests_the_closest_option():
+    with pytest.raises(ConfigError, match=r"unknown option '--betta' \(did you mean '--beta'\?\)"):
+        parse_config(DPOConfig, ["--model", "m", "--data", "d", "--betta", "0.1"], prog="dpolab dpo")
+    with pytest.raises(ConfigError, match="finite"):
+        parse_config(DPOConfig, ["--model", "m", "--data", "d", "--beta", "nan"], prog="dpolab dpo")

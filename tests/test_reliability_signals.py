@@ -103,7 +103,10 @@ def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_pat
     state = json.loads((run / "checkpoints" / f"step-{stopped_at}" / "trainer_state.json").read_text())
     assert state["step"] == stopped_at and len(state["window"]) == stopped_at % 2
 
-    assert main([*argv, "--output-dir", str(run), "--resume", "latest"]) == 0
+    # Exactly the command the hint prints: the run's own config.yaml plus --resume latest.
+    hint = f"dpolab dpo --config {run / 'config.yaml'} --resume latest"
+    assert hint in stderr
+    assert main(hint.split()[1:]) == 0
     assert_same_weights(load_file(str(ref / "final" / "model.safetensors")),
                         load_file(str(run / "final" / "model.safetensors")))
     assert metric_rows(run) == metric_rows(ref)

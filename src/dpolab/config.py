@@ -141,6 +141,13 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse errors become ConfigError: one line, exit 2
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [a for a in message[len(prefix):].split() if a.startswith("--")]
+            if flags:
+                name = flags[0].split("=")[0]
+                known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+                message = f"unknown option '{name}'{suggest(name, known)}"
         raise ConfigError(message)
 
 
