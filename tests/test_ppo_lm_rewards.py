@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
-from dpolab.train.ppo import (
+from dpolab.rlhf import (
     explained_variance,
     last_token_index,
     masked_mean,

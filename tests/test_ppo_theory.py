@@ -15,7 +15,7 @@ import torch
 
 from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 from dpolab.rl.advantages import whiten
-from dpolab.train.ppo import masked_mean, per_token_rewards, token_advantages
+from dpolab.rlhf import masked_mean, per_token_rewards, token_advantages
 
 
 @pytest.fixture(autouse=True)
