@@ -171,7 +171,7 @@ def test_bad_yaml_configs_are_one_line_errors(text, needle):
 
 
 def test_unknown_flag_suggests_the_closest_option():
-    with pytest.raises(ConfigError, match=r"unknown option '--betta' \(did you mean '--beta'\?\)"):
+    with pytest.raises(ConfigError, match=r"unrecognized option '--betta' \(did you mean '--beta'\?\)"):
         parse_config(DPOConfig, ["--model", "m", "--data", "d", "--betta", "0.1"], prog="dpolab dpo")
     with pytest.raises(ConfigError, match="finite"):
         parse_config(DPOConfig, ["--model", "m", "--data", "d", "--beta", "nan"], prog="dpolab dpo")

@@ -147,7 +147,7 @@ class _Parser(argparse.ArgumentParser):
             if flags:
                 name = flags[0].split("=")[0]
                 known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-                message = f"unknown option '{name}'{suggest(name, known)}"
+                message = f"unrecognized option '{name}'{suggest(name, known)}"
         raise ConfigError(message)
 
 
