@@ -70,6 +70,12 @@ class EvaluateConfig:
                 raise ConfigError(f"{name} must be in (0, 1], got {a:g}")
 
 
+
+def _fmt(v: float) -> str:
+    """Four decimals, without the "-0.0000" that round-off below 5e-5 would print."""
+    text = f"{v:.4f}"
+    return "0.0000" if text == "-0.0000" else text
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -88,7 +94,7 @@ def _solve(cfg: SolveConfig) -> int:
         print(json.dumps({"values": [float(v) for v in res.values], "policy": policy,
                           "states": list(model.states), "actions": list(model.actions)}))
         return 0
-    rows = [[name, f"{v:.4f}", "-" if a is None else model.actions[a]]
+    rows = [[name, _fmt(v), "-" if a is None else model.actions[a]]
             for name, v, a in zip(model.states, res.values, policy)]
     print(f"{cfg.method} (gamma = {model.gamma:g}, {res.iterations} iterations); terminal states show '-'")
     print(_table(["state", "value", "action"], rows))
@@ -124,7 +130,7 @@ def _evaluate(cfg: EvaluateConfig) -> int:
                           "estimates": {k: v.tolist() for k, v in estimates.items()},
                           "final_rms": {k: float(c[-1]) for k, c in curves.items()}, "plot": cfg.output}))
         return 0
-    rows = [[s, f"{v:.4f}", *(f"{estimates[k][i]:.4f}" for k in methods)] for i, (s, v) in
+    rows = [[s, _fmt(v), *(_fmt(estimates[k][i]) for k in methods)] for i, (s, v) in
             enumerate(zip(model.states, v_true))]
     print(_table(["state", "exact", *methods], rows))
     print("RMS error after the last episode, mean over runs: "
