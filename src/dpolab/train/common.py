@@ -219,6 +219,16 @@ class StopSignal:
         self.received = signal.Signals(signum).name
         print(f"\n{self.received} received: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
+    def agreed(self, accelerator=None) -> str | None:
+        """The signal name if any process received one (all processes must stop at the same step,
+        or the next collective operation would hang); ``None`` to go on."""
+        if accelerator is None or accelerator.num_processes <= 1:
+            return self.received
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum").item()) > 0:
+            return self.received or "a signal to another process"
+        return None
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)

@@ -312,11 +312,12 @@ def train(cfg: DPOConfig) -> dict:
                     run.log(step, last_eval)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
                 save_checkpoint()
-            if stop.received:
+            signame = stop.agreed(accelerator)
+            if signame and step < steps:
                 save_checkpoint()
                 bar.close()
                 if accelerator.is_main_process:
-                    print(common.resume_hint("dpo", run, stop.received, step, steps), file=sys.stderr)
+                    print(common.resume_hint("dpo", run, signame, step, steps), file=sys.stderr)
                 return {"stopped": True, "steps": step}
     bar.close()
 
