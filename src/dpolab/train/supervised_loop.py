@@ -65,16 +65,21 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
     ``cfg`` needs: grad_accum, max_grad_norm, skip_nonfinite, logging_steps, eval_steps,
     save_steps, progress, output_dir. ``model`` and ``optimizer`` are already ``accelerator``-prepared.
     ``weight_filter(name) -> bool`` picks the weights a checkpoint stores (all by default)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     step, micro, skipped, tokens_seen = 0, 0, 0, 0
+    window: list[dict[str, float]] = []  # step metrics not yet logged: a checkpoint carries them
+    tokens_window = 0
     if ckpt is not None:
-        accelerator.unwrap_model(model).load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        common.load_checkpoint_weights(accelerator.unwrap_model(model), ckpt, partial=weight_filter is not None)
         state = common.read_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
         step, micro, skipped, tokens_seen = state["step"], state["micro_batch"], state["skipped_steps"], state["tokens"]
-        run.truncate_metrics(step)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+        window, tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
+        common.warn_config_changes(state.get("config", {}), vars(cfg))
+        if accelerator.is_main_process:
+            run.truncate_metrics(step)
+        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
 
     def save_checkpoint() -> None:
         unwrapped = accelerator.unwrap_model(model)
@@ -89,7 +94,7 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
             save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
             common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
                 "step": step, "micro_batch": micro, "skipped_steps": skipped, "tokens": tokens_seen,
-                "config": vars(cfg)})
+                "window": window, "tokens_window": tokens_window, "config": vars(cfg)})
 
         run.save_checkpoint(step, write)
 
@@ -97,8 +102,7 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
     batches = order.iterate(start=micro)
     bar = tqdm(total=steps, initial=step, desc=task.name, dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
-    window: list[dict[str, float]] = []
-    t0, tokens_window = time.time(), 0
+    t0 = time.time()
     last_eval: dict[str, float] = {}
     last_logged: dict[str, float] = {}
 
@@ -133,9 +137,9 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
                 weights.append(task.units(batch))
                 tokens_window += task.tokens(batch)
             grad_norm = torch.tensor(0.0)
-            if not nonfinite and cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(torch.as_tensor(grad_norm)).all():
+            if not nonfinite:  # checked also with clipping off (--max-grad-norm 0)
+                grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
+                if not torch.isfinite(grad_norm).all():
                     nonfinite = True
                     if not cfg.skip_nonfinite:
                         raise common.nonfinite_error("gradient norm", step + 1, f"micro-batches {group[0][0]}..")
@@ -149,7 +153,7 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
             micro = group[-1][0] + 1
             bar.update(1)
 
-            if step_stats and sum(weights) > 0:
+            if step_stats and sum(weights) > 0 and not nonfinite:
                 merged = common.mean_metrics(step_stats, weights)
                 merged["grad_norm"] = float(grad_norm)
                 window.append(merged)
@@ -169,11 +173,12 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
                     run.log(step, last_eval)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < steps:
                 save_checkpoint()
-            if stop.received:
+            signame = stop.agreed(accelerator)
+            if signame and step < steps:
                 save_checkpoint()
                 bar.close()
-                accelerator.print(f"stopped by {stop.received} at step {step}/{steps}. Resume with:\n"
-                                  f"  dpolab {task.name} --config {run.path / 'config.yaml'} --resume latest")
+                if accelerator.is_main_process:
+                    print(common.resume_hint(task.name, run, signame, step, steps), file=sys.stderr)
                 return {"stopped": True, "steps": step}
     bar.close()
 
