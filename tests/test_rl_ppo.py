@@ -140,3 +140,22 @@ def test_ppo_solves_cartpole_within_150k_steps_for_2_of_3_seeds(tmp_path):
                                                     output_dir=str(tmp_path / f"s{seed}"))))
         solved.append(summary["eval/best_mean_return"] >= 475.0)
     assert sum(solved) >= 2, solved
+
+
+def test_collector_state_roundtrip_and_unpicklable_fallback():
+    torch.manual_seed(0)
+    policy = ActorCritic(4, 2, True)
+    a = Collector(make_vec_env("CartPole-v1", 2), seed=0)
+    a.collect(policy, 7)
+    state = a.state_dict()
+    b = Collector(make_vec_env("CartPole-v1", 2), seed=99)
+    b.load_state_dict(state)
+    torch.manual_seed(1)
+    ra, _ = a.collect(policy, 20)
+    torch.manual_seed(1)
+    rb, _ = b.collect(policy, 20)
+    assert torch.equal(ra.obs, rb.obs) and torch.equal(ra.rewards, rb.rewards)
+    with pytest.warns(UserWarning, match="no environment state"):
+        b.load_state_dict({**state, "envs": None}, reseed=5)
+    assert not b.prev_done.any() and b.ep_length.sum() == 0
+    a.envs.close(), b.envs.close()

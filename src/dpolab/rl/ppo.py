@@ -110,7 +110,7 @@ def train(cfg: PPOConfig) -> dict:
         state = load_checkpoint(run, cfg.resume, cfg)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
-        collector.load_state_dict(state["collector"])
+        collector.load_state_dict(state["collector"], reseed=cfg.seed + state["update"])
         start, eval_seconds, best = state["update"], state["eval_seconds"], state["best"]
 
     def checkpoint(update: int) -> None:

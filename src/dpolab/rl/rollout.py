@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,10 +135,25 @@ class Collector:
 
     # -- checkpointing: the whole environment state, so a resumed run continues exactly --------------
     def state_dict(self) -> dict[str, Any]:
-        return {"envs": pickle.dumps(self.envs), "obs": self.obs.clone(), "prev_done": self.prev_done.copy(),
+        """Everything needed to continue stepping exactly; an environment that cannot be pickled is
+        stored as None (a resumed run then starts fresh episodes: not exact, and it warns)."""
+        try:
+            envs = pickle.dumps(self.envs)
+        except Exception:  # noqa: BLE001 - any pickling failure means "not restorable"
+            envs = None
+        return {"envs": envs, "obs": self.obs.clone(), "prev_done": self.prev_done.copy(),
                 "ep_return": self.ep_return.copy(), "ep_length": self.ep_length.copy()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], reseed: int = 0) -> None:
+        if state["envs"] is None:
+            warnings.warn("the checkpoint holds no environment state (not picklable): resuming with "
+                          f"fresh episodes (seed {reseed}); the run will not match an uninterrupted one",
+                          stacklevel=2)
+            obs, _ = self.envs.reset(seed=reseed)
+            self.obs = torch.as_tensor(obs, dtype=torch.float32)
+            n = self.envs.num_envs
+            self.prev_done, self.ep_return, self.ep_length = np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64)
+            return
         self.envs.close()
         self.envs = pickle.loads(state["envs"])
         self.obs = state["obs"].clone()
