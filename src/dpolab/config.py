@@ -98,8 +98,12 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) pairs: the class's own fields first, in declaration order, then inherited option
+    groups (``dpolab.train.options``) in dataclass order, so ``--help`` leads with what is specific."""
     hints = get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    own = {name: i for i, name in enumerate(cls.__dict__.get("__annotations__", {}))}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: (0, own[f.name]) if f.name in own else (1, 0))
+    return [(f, hints[f.name]) for f in ordered]
 
 
 def suggest(name: str, valid: list[str]) -> str:

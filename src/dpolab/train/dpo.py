@@ -20,6 +20,7 @@ import torch
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.options import BatchOptions, LoraOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
 
@@ -35,7 +36,7 @@ LOSS_CHOICES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "ref_free")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions):
     model: str = opt("", "policy model to train: a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
     data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
@@ -48,38 +49,11 @@ class DPOConfig:
     simpo_gamma: float = opt(0.5, "SimPO target reward margin γ")
     rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
     learning_rate: float = opt(1e-6, "peak learning rate")
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
-    weight_decay: float = opt(0.0, "weight decay")
-    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = opt(0, "linear warmup steps")
-    batch_size: int = opt(8, "preference pairs per micro-batch, per process")
-    eval_batch_size: int | None = opt(None, "pairs per evaluation batch (default: --batch-size)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (loss averaged over all their pairs)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
-    epochs: float = opt(1.0, "passes over the training data")
     max_length: int = opt(512, "maximum prompt+response tokens")
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
-    lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
-    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
-    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
-    logging_steps: int = opt(10, "log metrics every N optimizer steps")
-    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
-    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    save_total_limit: int = opt(2, "keep the newest N checkpoints")
-    seed: int = opt(0, "random seed (data order, dropout, init of new heads)")
-    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
-    skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
-    dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
-    progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> None:
         if not self.model:

@@ -35,6 +35,7 @@ from dpolab.rlhf import (
     token_advantages,
 )
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.options import LoraOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Fine-tune a causal LM with PPO against a reward model or a Python reward function.
 
@@ -49,7 +50,7 @@ example:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RunOptions, ModelOptions, LoraOptions, OptimizerOptions):
     model: str = opt("", "policy to train (and default reference): a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
     reward_model: str | None = opt(None, "reward model folder (dpolab rm output) scoring (prompt, completion)")
@@ -80,32 +81,12 @@ class PPOConfig:
     reward_clip: float = opt(0.0, "clip scores to [-C, C] (0: off)")
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses without EOS")
     value_model: str | None = opt(None, "separate value network (a causal LM folder/name); default: a head on the policy")
-    learning_rate: float = opt(1e-5, "peak learning rate")
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
-    weight_decay: float = opt(0.0, "weight decay")
     lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "linear warmup, in gradient steps")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     max_steps: int = opt(-1, "PPO steps (rollout + update); overrides --epochs when > 0")
     epochs: float = opt(1.0, "passes over the prompts")
-    lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
-    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
-    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
-    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
     logging_steps: int = opt(1, "log metrics (and sample completions) every N PPO steps")
     log_samples: int = opt(4, "completions per logging step written to samples.jsonl (and 2 printed)")
-    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
-    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    save_total_limit: int = opt(2, "keep the newest N checkpoints")
-    seed: int = opt(0, "random seed (prompt order, sampling, minibatches, value head)")
-    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
-    skip_nonfinite: bool = opt(False, "skip gradient steps whose loss or gradient is NaN/inf (counted)")
-    dry_run: bool = opt(False, "validate data, reward and config, print a summary, do not train")
-    progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> None:
         if not self.model:

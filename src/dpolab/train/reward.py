@@ -18,6 +18,7 @@ import torch
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.
 
@@ -32,39 +33,16 @@ example:
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions):
     model: str = opt("", "backbone: a causal LM (a new scalar head is added) or a saved reward model (required)")
     data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
     eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
     output_dir: str = opt("runs/rm", "run directory")
     margin: float | None = opt(None, "margin m in −log σ(r_w − r_l − m) (off when unset)")
-    learning_rate: float = opt(1e-5, "peak learning rate")
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
-    weight_decay: float = opt(0.0, "weight decay")
-    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = opt(0, "linear warmup steps")
-    batch_size: int = opt(8, "preference pairs per micro-batch, per process")
-    eval_batch_size: int | None = opt(None, "pairs per evaluation batch (default: --batch-size)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (loss averaged over all their pairs)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
-    epochs: float = opt(1.0, "passes over the training data")
     max_length: int = opt(512, "maximum prompt+response tokens")
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
-    dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
-    logging_steps: int = opt(10, "log metrics every N optimizer steps")
-    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
-    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    save_total_limit: int = opt(2, "keep the newest N checkpoints")
-    seed: int = opt(0, "random seed (data split and order, init of the reward head)")
-    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
-    skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
-    dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
-    progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> None:
         if not self.model:
