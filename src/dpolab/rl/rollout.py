@@ -15,8 +15,10 @@ N environments = N steps).
 
 from __future__ import annotations
 
+import collections
+import enum
 import functools
-import pickle
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +35,7 @@ from dpolab.rl.nets import ActorCritic
 def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
     """N copies of ``env_id`` in a SyncVectorEnv (faster than Async for classic control).
 
-    Built from ``functools.partial`` rather than lambdas so the whole vector env (physics state,
-    time-limit counters, RNGs) can be pickled into a checkpoint.
+    Checkpoints store its state as plain data (:func:`env_state`), never a pickle.
     """
     if n_envs < 1:
         raise DpolabError(f"need at least one environment, got n_envs={n_envs}")
@@ -133,32 +134,200 @@ class Collector:
                           mask=torch.from_numpy(mask))
         return rollout, episodes
 
-    # -- checkpointing: the whole environment state, so a resumed run continues exactly --------------
+    # -- checkpointing: the environment state as plain data, so a resumed run continues exactly ------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue stepping exactly; an environment that cannot be pickled is
-        stored as None (a resumed run then starts fresh episodes: not exact, and it warns)."""
-        try:
-            envs = pickle.dumps(self.envs)
-        except Exception:  # noqa: BLE001 - any pickling failure means "not restorable"
-            envs = None
-        return {"envs": envs, "obs": self.obs.clone(), "prev_done": self.prev_done.copy(),
-                "ep_return": self.ep_return.copy(), "ep_length": self.ep_length.copy()}
+        """Everything needed to continue stepping exactly, as tensors and plain data (no pickled
+        objects: loadable with ``torch.load(weights_only=True)``). See :func:`env_state`."""
+        return {"envs": env_state(self.envs), "obs": self.obs.clone(),
+                "prev_done": torch.from_numpy(self.prev_done.copy()),
+                "ep_return": torch.from_numpy(self.ep_return.copy()),
+                "ep_length": torch.from_numpy(self.ep_length.copy())}
 
     def load_state_dict(self, state: dict[str, Any], reseed: int = 0) -> None:
-        if state["envs"] is None:
-            warnings.warn("the checkpoint holds no environment state (not picklable): resuming with "
-                          f"fresh episodes (seed {reseed}); the run will not match an uninterrupted one",
+        """Restore :meth:`state_dict`. If the environment state cannot be restored (an environment
+        holding state other than plain data, or a checkpoint of another Gymnasium version), warn and
+        start fresh episodes seeded with ``reseed``: the run goes on, but will not equal an
+        uninterrupted one."""
+        problem = restore_env_state(self.envs, state.get("envs"))
+        if problem is not None:
+            warnings.warn(f"cannot restore the environment state ({problem}): resuming with fresh "
+                          f"episodes (seed {reseed}); the run will not match an uninterrupted one",
                           stacklevel=2)
             obs, _ = self.envs.reset(seed=reseed)
             self.obs = torch.as_tensor(obs, dtype=torch.float32)
             n = self.envs.num_envs
             self.prev_done, self.ep_return, self.ep_length = np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64)
             return
-        self.envs.close()
-        self.envs = pickle.loads(state["envs"])
         self.obs = state["obs"].clone()
-        self.prev_done, self.ep_return, self.ep_length = (np.array(state[k]) for k in (
-            "prev_done", "ep_return", "ep_length"))
+        self.prev_done, self.ep_return, self.ep_length = (
+            _as_numpy(state[k]) for k in ("prev_done", "ep_return", "ep_length"))
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.numpy().copy() if torch.is_tensor(x) else np.array(x)
+
+
+# -- environment state as plain data ------------------------------------------------------------------
+# A Gymnasium env is a chain of wrappers around a base env; its state is the attributes of each layer
+# (physics state, time-limit counters, order/checker flags, the vector env's autoreset flags and
+# buffers) plus the numpy Generators (env.np_random, space RNGs). We store attributes that are plain
+# data (None, bool/int/float/str, numpy scalars and arrays of numeric dtype, tuples/lists/dicts/deques
+# of those) with type tags so they come back with their exact types and bits, and bit-generator states
+# (dicts of ints). Attributes of the types below are construction-time structure, not state, and are
+# skipped; any other attribute (a physics engine handle, a renderer, ...) makes the env unrestorable.
+_STRUCTURE_ATTRS = frozenset({"env", "envs", "env_fns", "_saved_kwargs", "metadata", "_metadata", "spec",
+                              "_cached_spec"})
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+_PLAIN = (type(None), bool, int, float, str)
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _encode(v: Any) -> Any:
+    """Plain value -> a tree of None/bool/int/float/str/list/dict, exact and type-tagged."""
+    if type(v) in _PLAIN:
+        return v
+    if isinstance(v, np.generic) and v.dtype.kind in "biuf":
+        return {"__np__": v.dtype.str, "v": v.item()}
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+        return {"__nd__": v.dtype.str, "shape": list(v.shape), "v": v.tolist()}
+    if type(v) is list:
+        return [_encode(x) for x in v]
+    if type(v) is tuple:
+        return {"__tuple__": [_encode(x) for x in v]}
+    if type(v) is dict:
+        return {"__dict__": [[_encode(k), _encode(x)] for k, x in v.items()]}
+    if type(v) is collections.deque:
+        return {"__deque__": [_encode(x) for x in v], "maxlen": v.maxlen}
+    if isinstance(v, np.random.Generator) and type(v.bit_generator).__name__ in _BIT_GENERATORS:
+        return {"__rng__": _encode(v.bit_generator.state)}
+    if type(v) is np.random.RandomState:
+        return {"__randomstate__": _encode(v.get_state())}
+    raise _NotPlain(type(v).__name__)
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__np__" in v:
+        return np.dtype(v["__np__"]).type(v["v"])
+    if "__nd__" in v:
+        return np.array(v["v"], dtype=np.dtype(v["__nd__"])).reshape(v["shape"])
+    if "__tuple__" in v:
+        return tuple(_decode(x) for x in v["__tuple__"])
+    if "__dict__" in v:
+        return {_decode(k): _decode(x) for k, x in v["__dict__"]}
+    if "__deque__" in v:
+        return collections.deque((_decode(x) for x in v["__deque__"]), maxlen=v["maxlen"])
+    if "__rng__" in v:
+        state = _decode(v["__rng__"])
+        name = state["bit_generator"]
+        if name not in _BIT_GENERATORS:
+            raise ValueError(f"unknown bit generator {name!r}")
+        gen = np.random.Generator(getattr(np.random, name)())
+        gen.bit_generator.state = state
+        return gen
+    if "__randomstate__" in v:
+        rs = np.random.RandomState()
+        rs.set_state(_decode(v["__randomstate__"]))
+        return rs
+    raise ValueError(f"unknown tag in environment state: {sorted(v)[:3]}")
+
+
+def _is_structure(v: Any) -> bool:
+    """Values that are part of how the env was built, not of its running state."""
+    return isinstance(v, (gym.Space, gym.Env, gym.vector.VectorEnv, enum.Enum, gym.envs.registration.EnvSpec,
+                          functools.partial, types.FunctionType, types.MethodType, type))
+
+
+def _chain(env: Any) -> list[Any]:
+    """The wrapper chain, outermost first, down to the base env."""
+    layers = [env]
+    while isinstance(getattr(env, "env", None), (gym.Env, gym.vector.VectorEnv)):
+        env = env.env
+        layers.append(env)
+    return layers
+
+
+def _layer_state(layer: Any, problems: list[str]) -> dict[str, Any]:
+    attrs, spaces = {}, {}
+    for name, value in vars(layer).items():
+        if name in _STRUCTURE_ATTRS:
+            continue
+        if isinstance(value, gym.Space):
+            if value._np_random is not None:  # a space RNG in use (e.g. action_space.sample())
+                spaces[name] = _encode(value._np_random)
+            continue
+        try:
+            attrs[name] = _encode(value)
+        except _NotPlain as err:
+            if not _is_structure(value):
+                problems.append(f"{type(layer).__name__}.{name} ({err})")
+    return {"type": f"{type(layer).__module__}.{type(layer).__qualname__}", "attrs": attrs, "spaces": spaces}
+
+
+def env_state(envs: gym.vector.VectorEnv) -> dict[str, Any]:
+    """The state of a SyncVectorEnv and of every sub-env's wrapper chain, as plain data.
+
+    ``{"vector": [layer, ...], "envs": [[layer, ...] per sub-env], "unrestorable": []}``, a layer being
+    ``{"type": class name, "attrs": {name: encoded value}, "spaces": {name: encoded RNG}}``. If some
+    attribute is neither plain data nor known structure, only ``{"unrestorable": [names]}`` is kept.
+    Exact for the classic-control envs (CartPole, Acrobot, MountainCar[Continuous], Pendulum) under
+    the standard wrappers; not for Box2D or MuJoCo envs (engine objects)."""
+    problems: list[str] = []
+    vector = [_layer_state(layer, problems) for layer in _chain(envs)]
+    subs = [[_layer_state(layer, problems) for layer in _chain(e)] for e in getattr(envs, "envs", [])]
+    if problems:
+        return {"unrestorable": problems}
+    return {"vector": vector, "envs": subs, "unrestorable": []}
+
+
+def _assign(layer: Any, name: str, value: Any) -> None:
+    current = getattr(layer, name, None)
+    if isinstance(value, np.ndarray) and isinstance(current, np.ndarray) and \
+            current.shape == value.shape and current.dtype == value.dtype and current.flags.writeable:
+        current[...] = value  # in place: keeps any other reference to the buffer valid
+    elif isinstance(value, np.random.Generator) and isinstance(current, np.random.Generator) and \
+            type(current.bit_generator) is type(value.bit_generator):
+        current.bit_generator.state = value.bit_generator.state
+    else:
+        setattr(layer, name, value)
+
+
+def restore_env_state(envs: gym.vector.VectorEnv, state: Any) -> str | None:
+    """Put :func:`env_state` back into ``envs``; returns None, or why it could not (nothing restored)."""
+    if not isinstance(state, dict) or "unrestorable" not in state:
+        return "the checkpoint holds no environment state in this format (written by an older dpolab?)"
+    if state["unrestorable"]:
+        return "the environment holds state that is not plain data: " + ", ".join(state["unrestorable"][:4])
+    layers = [(layer, saved) for layer, saved in zip(_chain(envs), state["vector"])]
+    subs = getattr(envs, "envs", [])
+    if len(subs) != len(state["envs"]) or len(_chain(envs)) != len(state["vector"]):
+        return "the checkpoint's vector environment has another shape"
+    for env, saved_chain in zip(subs, state["envs"]):
+        chain = _chain(env)
+        if len(chain) != len(saved_chain):
+            return "the checkpoint's environment has another wrapper chain"
+        layers += list(zip(chain, saved_chain))
+    for layer, saved in layers:
+        now = f"{type(layer).__module__}.{type(layer).__qualname__}"
+        if now != saved["type"]:
+            return f"the checkpoint's environment layer {saved['type']} is {now} now"
+    try:  # decode everything first: a damaged state changes nothing
+        values = [(layer, name, _decode(enc)) for layer, saved in layers for name, enc in saved["attrs"].items()]
+        rngs = [(getattr(layer, name), _decode(enc)) for layer, saved in layers
+                for name, enc in saved["spaces"].items()]
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        return f"bad environment state in the checkpoint: {err}"
+    for layer, name, value in values:
+        _assign(layer, name, value)
+    for space, rng in rngs:
+        space._np_random = rng
+    return None
 
 
 def evaluate(policy: ActorCritic, env_id: str, episodes: int, seed: int,

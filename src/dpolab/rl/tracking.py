@@ -6,15 +6,18 @@ is an error rather than a silent no-op).
 
 A checkpoint (``checkpoints/step-N/state.pt``, written atomically by :class:`dpolab.rundir.RunDir`)
 holds everything a resumed run needs to continue exactly as if uninterrupted: network weights,
-optimizer state, Python/NumPy/torch RNG states, the update counter, and the pickled vector
-environment (physics state, time-limit counters, environment RNGs) with the current observations
-and running episode statistics.
+optimizer state, Python/NumPy/torch RNG states, the update counter, and the vector environment's
+state as plain data (physics state, time-limit counters, autoreset flags, environment RNG states;
+:func:`dpolab.rl.rollout.env_state`) with the current observations and running episode statistics.
+It holds only tensors and plain data and is read with ``torch.load(weights_only=True)``: loading a
+checkpoint never runs code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +92,14 @@ def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
     path = run.resolve_checkpoint(spec)
     if not (path / "state.pt").is_file():
         raise DpolabError(f"--resume: {path} has no state.pt")
-    state = torch.load(path / "state.pt", weights_only=False)  # our own file: pickled envs inside
-    saved, now = state["config"], dataclasses.asdict(cfg)
+    try:  # tensors and plain data only: a planted pickle payload is refused, never run
+        state = torch.load(path / "state.pt", weights_only=True)
+        saved, now = state["config"], dataclasses.asdict(cfg)
+        for key in ("policy", "optimizer", "collector", "update", "step", "rng"):
+            state[key]  # noqa: B018 - presence check
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DpolabError(f"cannot read checkpoint {path}: {msg}") from None
     diff = [k for k in STRUCTURAL if k in saved and saved[k] != now.get(k)]
     if diff:
         raise DpolabError(f"--resume: checkpoint {path} was made with different "
