@@ -23,14 +23,6 @@ from dpolab.evaluation import (
 from dpolab.generation import generate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def length_reward(prompts, completions):
     return [float(len(c)) for c in completions]
 

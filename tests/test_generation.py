@@ -16,14 +16,6 @@ from dpolab.generation import Generation, decode_responses, filter_logits, gener
 EOS, PAD, V = 2, 0, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ScriptedLM(nn.Module):
     """Emits ``script[b][k]`` as the overwhelmingly likely token at generation step k of row b
     (logit 50 vs 0), and records the shapes it was called with (to check the KV-cache protocol)."""

@@ -10,22 +10,11 @@ and ``clipped_value_loss``.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 from dpolab.rl.advantages import whiten
 from dpolab.rlhf import masked_mean, per_token_rewards, token_advantages
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine (30x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 BETA = 0.5
 REWARD = torch.tensor([[1.0, 0.0, 0.5, -0.5, 0.2],

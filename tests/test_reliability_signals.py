@@ -28,14 +28,6 @@ from test_train_sft import write_sft_data
 TIMING = {"tokens_per_second", "charts/sps", "wall_seconds"}
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def metric_rows(run: Path) -> list[dict]:
     """metrics.jsonl without wall-clock fields."""
     return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
@@ -86,7 +78,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
-def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path, one_thread):
+def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path):
     sig = signal.SIGTERM
     data = write_rule_data(tmp_path / "prefs.jsonl")
     # logging every 2 steps: a stop on an odd step leaves a half-full metrics window, which the
@@ -116,7 +108,7 @@ def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow  # the same loop contract as DPO's (train/supervised_loop.py); ~30 s here
-def test_sft_sigint_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path, one_thread):
+def test_sft_sigint_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path):
     data = write_sft_data(tmp_path / "sft.jsonl")
     argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "48", "--no-progress",
             "--max-steps", "40", "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1",

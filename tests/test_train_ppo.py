@@ -29,15 +29,6 @@ def wrong_length(prompts, completions):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"

@@ -53,15 +53,6 @@ def write_bt_pairs(path: Path, n: int, seed: int) -> float:
     return bayes / n
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
-    oversubscribe the cores (40x slower steps measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def word_model_dir(tmp_path_factory):

@@ -31,15 +31,6 @@ def write_sft_data(path: Path, n: int = 48, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
-    oversubscribe the cores (40x slower steps measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture()
 def sft_data(tmp_path):
