@@ -1,0 +1,420 @@
+"""Benchmark: dpolab's DPO step against Hugging Face TRL's DPOTrainer, side by side in one run (CPU, fp32).
+
+Both sides get the same Llama-style models (``small`` ≈ 3M and ``medium`` ≈ 26M parameters, random
+weights from ``dpolab.tiny``), the same tokenizer, the same generated preference data (prompts and
+responses of varied length, never truncated), the same batch size, max length, AdamW with the same
+learning rate and clipping, and the same thread count. TRL lives in its own environment
+(``.venv-bench``), which also holds dpolab (editable), so one interpreter runs everything::
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \\
+        && .venv-bench/bin/pip install -e . trl transformers==5.24.0
+    .venv-bench/bin/python bench/dpo_vs_trl.py            # full run (~10 min on 2 cores)
+    .venv-bench/bin/python bench/dpo_vs_trl.py --quick    # small model only
+
+Sides (each run in a FRESH subprocess, alternating ours/TRL after one warm-up run of each):
+
+* ``ours-trainer``: ``dpolab.train.dpo.train`` with its defaults (the real trainer: random batches,
+  one concatenated forward for chosen+rejected, live reference model);
+* ``trl-default``: ``trl.DPOTrainer`` with its defaults (live reference copy of the model);
+* ``ours-best``: the DPO step built from dpolab's pieces: length-bucketed batches
+  (``dpolab.data.bucketing``), prefix sharing (``dpolab.prefix``: one row per pair), reference
+  log-probs precomputed once, response-only lm_head with the chunked log-prob gather (``dpolab.lm``),
+  ``dpolab.losses.dpo.dpo_loss``, fused AdamW;
+* ``trl-best``: ``trl.DPOTrainer`` with ``precompute_ref_log_probs=True`` and length-grouped sampling.
+
+Measures, per run: the wall time of every optimizer step (a global optimizer step hook, the same
+instrument for both), the pair tokens of every step (``2·|prompt| + |chosen| + |rejected|`` of its
+pairs: the same work unit for both, whatever layout a side uses), and the peak resident memory
+(``ru_maxrss`` at the last optimizer step minus ``ru_maxrss`` after imports and tokenizer load, before
+the data and any model; the end-of-run model save is not counted).
+The first ``--warmup-steps`` steps of each run (which include TRL's and our reference precompute)
+are not timed. Reported: median over runs of tokens/s and of the median step time, the median peak
+memory, the ratios, and model-FLOP utilisation (MFU) against a float32 matmul peak measured in the
+same run with the same threads. MFU counts ``6N`` FLOPs per token the policy processes and ``2N`` per
+token a live reference processes, ``N`` = non-embedding parameters (transformer blocks only; input
+embedding and lm_head excluded, attention score FLOPs ignored), on the tokens each side's layout
+actually runs (prefix sharing runs fewer, so its MFU is not inflated by the saving).
+
+Correctness check first: on a batch of ``--batch-size`` pairs and a reference model that differs
+from the policy (so the loss is not ln 2 by construction), TRL's loss and ours (plain and
+prefix-shared) must agree to 1e-4, and both tokenisations must give identical token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {  # name: (hidden, layers, heads, intermediate)
+    "small": (192, 4, 6, 512),
+    "medium": (512, 7, 8, 1376),
+}
+VOCAB = 4096
+LR = 1e-5
+
+
+# -- setup: data, tokenizer, models ---------------------------------------------------------------
+def make_data(n: int, seed: int) -> list[dict]:
+    """Synthetic prompts/responses of varied length over a made-up lexicon (no network)."""
+    rng = random.Random(seed)
+    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po", "da", "fe", "gu", "hi", "jo", "ba"]
+    lexicon = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
+
+    def words(k: int) -> str:
+        return " ".join(rng.choice(lexicon) for _ in range(k))
+
+    rows = []
+    for _ in range(n):
+        # the prompt ends on a word and each response starts with a space: no BPE merge crosses the
+        # boundary, so tokenising prompt and response together (TRL) or apart (dpolab) agrees
+        rows.append({"prompt": "Q: " + words(rng.randint(6, 70)),
+                     "chosen": " " + words(rng.randint(3, 75)),
+                     "rejected": " " + words(rng.randint(3, 75))})
+    return rows
+
+
+def setup(workdir: Path, n_pairs: int, models: list[str]) -> None:
+    from dpolab.tiny import tiny_llama, train_tokenizer
+
+    rows = make_data(n_pairs, seed=0)
+    (workdir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows], vocab_size=VOCAB)
+    for name in models:
+        h, layers, heads, inter = MODELS[name]
+        for role, seed in (("policy", 0), ("ref", 1)):  # ref differs: only for the loss check
+            d = workdir / f"{name}-{role}"
+            m = tiny_llama(len(tok), hidden_size=h, layers=layers, heads=heads, intermediate_size=inter,
+                           max_positions=1024, seed=seed, tokenizer=tok)
+            m.save_pretrained(d)
+            tok.save_pretrained(d)
+
+
+def non_embedding_params(model_dir: str) -> int:
+    """Transformer-block parameters of a Llama config: per layer 4h² (attention, heads = kv heads),
+    3·h·inter (gated MLP), 2h (norms); plus the final norm h."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    return c["num_hidden_layers"] * (4 * h * h + 3 * h * inter + 2 * h) + h
+
+
+# -- instrumentation ------------------------------------------------------------------------------
+class StepClock:
+    """Wall time at the end of every optimizer step, via torch's global step hook."""
+
+    def __init__(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.times: list[float] = [time.perf_counter()]
+        self.maxrss_kb = 0
+
+        def hook(opt, args, kwargs) -> None:
+            self.times.append(time.perf_counter())
+            self.maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        self.handle = register_optimizer_step_post_hook(hook)
+
+    def result(self, pair_tokens: list[int], model_tokens: list[float], warmup: int, baseline_kb: int) -> dict:
+        self.handle.remove()
+        steps = len(self.times) - 1
+        dts = [b - a for a, b in zip(self.times, self.times[1:])][warmup:]
+        return {"steps": steps, "step_times": dts, "pair_tokens": sum(pair_tokens[warmup:steps]),
+                "model_flop_tokens": sum(model_tokens[warmup:steps]), "seconds": sum(dts),
+                "peak_mb": (self.maxrss_kb - baseline_kb) / 1024}
+
+
+def baseline_kb() -> int:
+    """Peak RSS so far: taken after the side's imports and tokenizer load, before its data and models."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# -- the four sides (each runs in its own subprocess) ---------------------------------------------
+def run_ours_trainer(a: argparse.Namespace) -> dict:
+    import accelerate  # noqa: F401  (imports the trainer makes, before the baseline)
+    import datasets  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import tqdm.auto  # noqa: F401
+
+    from dpolab.config import make_config
+    from dpolab.data import load_preference_data
+    from dpolab.train import common
+    from dpolab.train.dpo import DPOConfig, train
+
+    tok = common.load_tokenizer(a.model_dir)
+    base = baseline_kb()
+    data = load_preference_data(a.data, tok, max_length=a.max_length, max_prompt_length=a.max_length - 1,
+                                eval_fraction=0.0, seed=0)
+    order = common.BatchOrder(len(data.train), a.batch_size, 0)
+    it = order.iterate(0)
+    pair_tokens = [sum(data.train[i].num_tokens for i in next(it)[1]) for _ in range(a.steps)]
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = make_config(DPOConfig, dict(model=a.model_dir, data=a.data, eval_fraction=0.0, output_dir=out,
+                                          batch_size=a.batch_size, max_length=a.max_length,
+                                          max_prompt_length=a.max_length - 1, learning_rate=LR,
+                                          max_steps=a.steps, logging_steps=10**6, progress=False, seed=0))
+        train(cfg)
+    n = non_embedding_params(a.model_dir)
+    return clock.result(pair_tokens, [t * 8 * n for t in pair_tokens], a.warmup_steps, base)
+
+
+def run_trl(a: argparse.Namespace, best: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    base = baseline_kb()
+    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir)
+    n = non_embedding_params(a.model_dir)
+    pair_tokens: list[int] = []
+
+    class Counting(DPOTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            pair_tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    extra = dict(precompute_ref_log_probs=True, train_sampling_strategy="group_by_length") if best else {}
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch_size, max_length=a.max_length,
+                         learning_rate=LR, max_steps=a.steps, logging_steps=10**6, save_strategy="no",
+                         report_to="none", use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0,
+                         disable_tqdm=True, max_grad_norm=1.0, **extra)
+        trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        clock = StepClock()
+        trainer.train()
+    factor = 6 if best else 8
+    return clock.result(pair_tokens, [t * factor * n for t in pair_tokens], a.warmup_steps, base)
+
+
+def run_ours_best(a: argparse.Namespace) -> dict:
+    import torch
+
+    from dpolab.data import load_preference_data
+    from dpolab.data.bucketing import BucketedBatchOrder
+    from dpolab.losses.dpo import dpo_loss
+    from dpolab.prefix import collate_prefix_shared, prefix_shared_logps
+    from dpolab.train import common
+
+    tok = common.load_tokenizer(a.model_dir)
+    base = baseline_kb()
+    data = load_preference_data(a.data, tok, max_length=a.max_length, max_prompt_length=a.max_length - 1,
+                                eval_fraction=0.0, seed=0)
+    pairs = data.train
+    clock = StepClock()
+    # reference pass once (prefix-shared, length-sorted, large batches), then the reference is freed
+    ref = common.load_causal_lm(a.model_dir).requires_grad_(False).eval()
+    ref_table = torch.zeros(len(pairs), 2)
+    by_len = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
+    with torch.no_grad():
+        for s in range(0, len(pairs), 4 * a.batch_size):
+            chunk = [pairs[i] for i in by_len[s:s + 4 * a.batch_size]]
+            b = collate_prefix_shared(chunk, tok.pad_token_id)
+            lp, _ = prefix_shared_logps(ref, b)
+            ref_table[b.index] = torch.stack(lp.split(len(chunk)), 1)
+    del ref
+    model = common.load_causal_lm(a.model_dir)
+    n = non_embedding_params(a.model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    sched = common.make_scheduler(opt, "linear", 0, a.steps)
+    order = BucketedBatchOrder([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
+                               a.batch_size, seed=0)
+    it = order.iterate(0)
+    pair_tokens, model_tokens = [], []
+    for _ in range(a.steps):
+        _, idx = next(it)
+        b = collate_prefix_shared([pairs[i] for i in idx], tok.pad_token_id)
+        lp, _ = prefix_shared_logps(model, b)
+        B = b.batch_size
+        r = ref_table[b.index]
+        losses, _, _ = dpo_loss(lp[:B], lp[B:], r[:, 0], r[:, 1], beta=0.1)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        pair_tokens.append(sum(pairs[i].num_tokens for i in idx))
+        model_tokens.append(6 * n * b.num_tokens)
+    return clock.result(pair_tokens, model_tokens, a.warmup_steps, base)
+
+
+def run_check(a: argparse.Namespace) -> dict:
+    """TRL's loss on one batch equals ours (plain and prefix-shared), with a differing reference."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dpolab.data import collate_preference, load_preference_data
+    from dpolab.lm import model_sequence_logps
+    from dpolab.losses.dpo import dpo_loss
+    from dpolab.prefix import collate_prefix_shared, prefix_shared_logps
+
+    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()][:a.batch_size]
+    with tempfile.TemporaryDirectory() as d:
+        sub = Path(d) / "batch.jsonl"
+        sub.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tok = AutoTokenizer.from_pretrained(a.model_dir)
+        policy = AutoModelForCausalLM.from_pretrained(a.model_dir)
+        ref = AutoModelForCausalLM.from_pretrained(a.ref_dir)
+        args = DPOConfig(output_dir=d + "/trl", per_device_train_batch_size=a.batch_size, max_length=a.max_length,
+                         report_to="none", use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        with torch.no_grad():
+            trl_loss = float(trainer.compute_loss(trainer.model, batch))
+        trl_ids = sorted((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset)
+        data = load_preference_data(str(sub), tok, max_length=a.max_length, max_prompt_length=a.max_length - 1,
+                                    eval_fraction=0.0)
+    pairs = data.train
+    ours_ids = sorted((p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs)
+    policy = AutoModelForCausalLM.from_pretrained(a.model_dir)  # fresh copies: TRL patched its own
+    ref = AutoModelForCausalLM.from_pretrained(a.ref_dir)
+    B = len(pairs)
+    with torch.no_grad():
+        pb = collate_preference(pairs, tok.pad_token_id)
+        lp, _ = model_sequence_logps(policy, pb.input_ids, pb.attention_mask, pb.loss_mask, pb.position_ids)
+        lr, _ = model_sequence_logps(ref, pb.input_ids, pb.attention_mask, pb.loss_mask, pb.position_ids)
+        plain = float(dpo_loss(lp[:B], lp[B:], lr[:B], lr[B:], beta=0.1)[0].mean())
+        sb = collate_prefix_shared(pairs, tok.pad_token_id)
+        sp, _ = prefix_shared_logps(policy, sb)
+        sr, _ = prefix_shared_logps(ref, sb)
+        shared = float(dpo_loss(sp[:B], sp[B:], sr[:B], sr[B:], beta=0.1)[0].mean())
+    return {"trl_loss": trl_loss, "ours_loss": plain, "ours_prefix_loss": shared,
+            "same_token_ids": trl_ids == ours_ids, "pairs": B}
+
+
+SIDES = {"ours-trainer": run_ours_trainer, "trl-default": lambda a: run_trl(a, False),
+         "ours-best": run_ours_best, "trl-best": lambda a: run_trl(a, True), "check": run_check}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> float:
+    """Best observed float32 GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs) with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def spawn(side: str, a: argparse.Namespace, model: str, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(workdir / f"{model}-policy"),
+           "--ref-dir", str(workdir / f"{model}-ref"), "--data", str(workdir / "data.jsonl"),
+           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--steps", str(a.steps[model]),
+           "--warmup-steps", str(a.warmup_steps), "--threads", str(a.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": str(a.threads)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{side} on {model} failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], peak_gflops: float) -> dict:
+    return {"tokens_per_s": statistics.median(r["pair_tokens"] / r["seconds"] for r in runs),
+            "median_step_s": statistics.median(statistics.median(r["step_times"]) for r in runs),
+            "peak_mb": statistics.median(r["peak_mb"] for r in runs),
+            "mfu": statistics.median(r["model_flop_tokens"] / r["seconds"] / 1e9 / peak_gflops for r in runs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="small model only, fewer steps and repeats")
+    ap.add_argument("--models", default="small,medium")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per model)")
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="measured runs per side (after one warm-up run)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        a.steps = int(a.steps)
+        print(json.dumps(SIDES[a.worker](a)))
+        return
+
+    models = ["small"] if a.quick else a.models.split(",")
+    a.steps = {"small": a.steps or (8 if a.quick else 14), "medium": a.steps or 8}
+    repeats = 1 if a.quick else a.repeats
+    results: dict = {"threads": a.threads, "batch_size": a.batch_size, "max_length": a.max_length}
+    with tempfile.TemporaryDirectory() as d:
+        workdir = Path(d)
+        setup(workdir, a.pairs, models)
+        check = spawn("check", a, models[0], workdir)
+        print(f"first-batch loss: TRL {check['trl_loss']:.6f}  ours {check['ours_loss']:.6f}  "
+              f"ours prefix-shared {check['ours_prefix_loss']:.6f}  same token ids: {check['same_token_ids']}")
+        ok = (abs(check["trl_loss"] - check["ours_loss"]) <= 1e-4
+              and abs(check["trl_loss"] - check["ours_prefix_loss"]) <= 1e-4 and check["same_token_ids"])
+        results["check"] = {**check, "ok": ok}
+        if not ok:
+            raise SystemExit("loss check FAILED: the two sides do not compute the same thing")
+        peak = matmul_peak(a.threads)
+        results["matmul_peak_gflops"] = peak
+        print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({a.threads} threads)")
+        for model in models:
+            for label, ours, theirs in (("defaults", "ours-trainer", "trl-default"),
+                                        ("best", "ours-best", "trl-best")):
+                spawn(ours, a, model, workdir)  # warm-up runs, discarded
+                spawn(theirs, a, model, workdir)
+                runs: dict[str, list[dict]] = {ours: [], theirs: []}
+                for _ in range(repeats):
+                    runs[ours].append(spawn(ours, a, model, workdir))
+                    runs[theirs].append(spawn(theirs, a, model, workdir))
+                o, t = summarise(runs[ours], peak), summarise(runs[theirs], peak)
+                row = {"ours": o, "trl": t, "speedup": o["tokens_per_s"] / t["tokens_per_s"],
+                       "memory_ratio": o["peak_mb"] / t["peak_mb"], "ours_side": ours, "trl_side": theirs}
+                results[f"{model}/{label}"] = row
+                print(f"{model:6s} {label:8s} ours {o['tokens_per_s']:8.0f} tok/s {o['median_step_s']:6.2f} s/step "
+                      f"{o['peak_mb']:7.0f} MB MFU {o['mfu']:5.1%} | TRL {t['tokens_per_s']:8.0f} tok/s "
+                      f"{t['median_step_s']:6.2f} s/step {t['peak_mb']:7.0f} MB MFU {t['mfu']:5.1%} | "
+                      f"speed x{row['speedup']:.2f} memory x{row['memory_ratio']:.2f}", flush=True)
+    print(markdown_table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| model | comparison | ours tok/s | TRL tok/s | speed ratio | ours s/step | TRL s/step | "
+             "ours peak MB | TRL peak MB | memory ratio | ours MFU | TRL MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        if "/" not in key:
+            continue
+        model, label = key.split("/")
+        o, t = r["ours"], r["trl"]
+        lines.append(f"| {model} | {label} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {r['speedup']:.2f}× | "
+                     f"{o['median_step_s']:.2f} | {t['median_step_s']:.2f} | {o['peak_mb']:.0f} | {t['peak_mb']:.0f} | "
+                     f"{r['memory_ratio']:.2f}× | {o['mfu']:.1%} | {t['mfu']:.1%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
