@@ -15,6 +15,7 @@ Usage: ``dpolab rl a2c --env CartPole-v1 --total-steps 200000 --seed 1 --output-
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -25,11 +26,19 @@ from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.losses.pg import a2c_loss
 from dpolab.rl.advantages import gae, whiten
-from dpolab.rl.nets import ActorCritic, save_policy
+from dpolab.rl.nets import ActorCritic
 from dpolab.rl.ppo import explained_variance
 from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
-from dpolab.rl.tracking import Tracker, load_checkpoint, plot_learning_curve, save_checkpoint, start_run
+from dpolab.rl.tracking import (
+    Tracker,
+    load_checkpoint,
+    plot_learning_curve,
+    save_checkpoint,
+    save_final,
+    start_run,
+)
 from dpolab.rundir import seed_everything
+from dpolab.train.common import StopSignal, nonfinite_error, resume_hint, weights_finite
 
 
 @dataclass
@@ -50,6 +59,8 @@ class A2CConfig:
     ent_coef: float = opt(0.0, "c₂: entropy bonus coefficient")
     max_grad_norm: float = opt(0.5, "gradient norm clip (0 disables)")
     norm_adv: bool = opt(False, "whiten advantages per update")
+    skip_nonfinite: bool = opt(False, "skip an update whose loss or gradient is NaN/inf (counted in "
+                               "skipped_steps) instead of stopping the run")
     hidden: list[int] = opt(default_factory=lambda: [64, 64], help="hidden layer sizes (comma separated)")
     activation: str = opt("tanh", "hidden activation", choices=("tanh", "relu"))
     log_std_init: float = opt(0.0, "initial log σ of Gaussian policies (continuous actions)")
@@ -74,10 +85,14 @@ class A2CConfig:
             raise ConfigError("--hidden needs at least one layer size")
 
 
-def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollout,
-               cfg: A2CConfig) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollout, cfg: A2CConfig, *,
+               where: str = "", step: int = 0) -> tuple[dict[str, float] | None, torch.Tensor, torch.Tensor]:
     """One A2C update from rollout ``ro``: GAE, then one gradient step on the mean A2C loss over the
-    real (unmasked) steps. Returns (mean policy/value/entropy losses, old values, value targets)."""
+    real (unmasked) steps. Returns (mean policy/value/entropy losses, old values, value targets).
+
+    A NaN/inf loss or gradient norm raises a :class:`NonFiniteError` naming ``where``; with
+    ``cfg.skip_nonfinite`` the step is skipped instead (weights and optimizer state untouched) and
+    the losses come back as ``None``."""
     adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
                    gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
     keep = ro.mask.reshape(-1)
@@ -89,9 +104,17 @@ def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollou
     logp, entropy, values = policy.evaluate(b_obs, b_act)  # re-evaluated, with gradients
     loss, st = a2c_loss(logp, b_adv, values, b_ret, entropy, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
     optimizer.zero_grad(set_to_none=True)
-    loss.mean().backward()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    loss = loss.mean()
+    loss.backward()
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # the norm is needed either way
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    loss_value = loss.item()
+    if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        if not cfg.skip_nonfinite:
+            raise nonfinite_error(what, step, where or "A2C update")
+        optimizer.zero_grad(set_to_none=True)
+        return None, b_val, b_ret
     optimizer.step()
     return {k: float(v.mean()) for k, v in st.items()}, b_val, b_ret
 
@@ -128,7 +151,7 @@ def train(cfg: A2CConfig) -> dict:
         save_checkpoint(run, update * per_update, cfg, {
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
             "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
-            "log_window": (dict(sums), list(episodes_window), n_logged)})
+            "log_window": (dict(sums), list(episodes_window), n_logged, n_stepped), "skipped_steps": skipped})
 
     def run_eval(step: int) -> float:
         nonlocal eval_seconds, best, evaluated_at
@@ -145,10 +168,12 @@ def train(cfg: A2CConfig) -> dict:
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
     sums: dict[str, float] = {}
     episodes_window: list[tuple[float, int]] = []
-    n_logged = 0
+    n_logged = n_stepped = skipped = 0  # updates in the logging window, of them not skipped; skipped in all
     if cfg.resume is not None:  # the partly filled logging window, so resumed logs equal uninterrupted ones
-        sums, episodes_window, n_logged = state["log_window"]
+        sums, episodes_window, n_logged, n_stepped = state["log_window"]
+        skipped = int(state.get("skipped_steps", 0))
     update = start
+    signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
     try:
         while update < n_updates:
             update += 1
@@ -159,21 +184,29 @@ def train(cfg: A2CConfig) -> dict:
 
             ro, episodes = collector.collect(policy, cfg.n_steps)
             episodes_window += episodes
-            st, b_val, b_ret = a2c_update(policy, optimizer, ro, cfg)
-            for k in ("policy", "value", "entropy"):
-                sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + st[k]
+            st, b_val, b_ret = a2c_update(policy, optimizer, ro, cfg, where=f"update {update}/{n_updates}", step=step)
+            if st is None:
+                skipped += 1
+            else:
+                n_stepped += 1
+                for k in ("policy", "value", "entropy"):
+                    sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + st[k]
+            if not weights_finite(policy):  # e.g. an overflowing optimizer step: stop before acting on NaN
+                raise nonfinite_error("weights", step, f"after update {update}/{n_updates}")
             sums["losses/explained_variance"] = sums.get("losses/explained_variance", 0.0) + \
                 explained_variance(b_val, b_ret)
             n_logged += 1
             if update % cfg.log_every == 0 or update == n_updates:
-                metrics = {k: v / n_logged for k, v in sums.items()}
+                metrics = {k: v / (n_logged if k == "losses/explained_variance" else n_stepped)
+                           for k, v in sums.items()}
+                metrics["skipped_steps"] = skipped
                 metrics["charts/learning_rate"] = lr_now
                 if episodes_window:
                     metrics["charts/episodic_return"] = float(np.mean([e[0] for e in episodes_window]))
                     metrics["charts/episodic_length"] = float(np.mean([e[1] for e in episodes_window]))
                 metrics["charts/sps"] = step / max(time.perf_counter() - t_start, 1e-9)
                 tracker.log(step, metrics, advance=per_update * n_logged)
-                sums, episodes_window, n_logged = {}, [], 0
+                sums, episodes_window, n_logged, n_stepped = {}, [], 0, 0
 
             if cfg.eval_every and step // cfg.eval_every > (step - per_update) // cfg.eval_every:
                 last_eval = run_eval(step)
@@ -182,23 +215,30 @@ def train(cfg: A2CConfig) -> dict:
             if update < n_updates and cfg.checkpoint_every and \
                     step // cfg.checkpoint_every > (step - per_update) // cfg.checkpoint_every:
                 checkpoint(update)
+            if signals.received and update < n_updates:
+                checkpoint(update)
+                print(resume_hint("rl a2c", run, signals.received, step, n_updates * per_update), file=sys.stderr)
+                return {"stopped": True, "steps": step}
         step = update * per_update
         if evaluated_at != step:
             last_eval = run_eval(step)
         checkpoint(update)
     finally:
+        signals.__exit__(None, None, None)
         tracker.close()
         collector.envs.close()
 
-    save_policy(policy, run.final, {"env": cfg.env, "algo": "a2c"})
+    save_final(run, policy, {"env": cfg.env, "algo": "a2c"}, step)
     plot_learning_curve(run, f"A2C on {cfg.env} (seed {cfg.seed})")
     return run.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
-                              "eval_seconds": round(eval_seconds, 3)}, steps=step)
+                              "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
 
 
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(A2CConfig, argv, prog, description=__doc__.split("\n\n")[0])
     summary = train(cfg)
+    if summary.get("stopped"):
+        return 0
     print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
           f"-> {cfg.output_dir}")
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +96,33 @@ class ActorCritic(nn.Module):
 
 
 def save_policy(policy: ActorCritic, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (network spec plus ``extra``, e.g. env id) to ``path``."""
+    """Write ``model.safetensors`` and ``config.json`` (network spec plus ``extra``, e.g. env id) to
+    the folder ``path``, atomically: both files go to a temporary sibling folder, which is fsynced and
+    renamed into place (an existing ``path`` is moved aside first and deleted after), so ``path`` is
+    always either the old complete folder or the new one."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({**policy.spec, **(extra or {})}, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({**policy.spec, **(extra or {})}, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_policy(path: str | Path) -> tuple[ActorCritic, dict[str, Any]]:

@@ -16,6 +16,7 @@ Usage: ``dpolab rl ppo --env CartPole-v1 --total-steps 100000 --seed 1 --output-
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,10 +28,18 @@ from dpolab.errors import ConfigError
 from dpolab.losses.pg import value_loss
 from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 from dpolab.rl.advantages import gae, whiten
-from dpolab.rl.nets import ActorCritic, save_policy
+from dpolab.rl.nets import ActorCritic
 from dpolab.rl.rollout import Collector, evaluate, make_vec_env, space_dims
-from dpolab.rl.tracking import Tracker, load_checkpoint, plot_learning_curve, save_checkpoint, start_run
+from dpolab.rl.tracking import (
+    Tracker,
+    load_checkpoint,
+    plot_learning_curve,
+    save_checkpoint,
+    save_final,
+    start_run,
+)
 from dpolab.rundir import seed_everything
+from dpolab.train.common import StopSignal, nonfinite_error, resume_hint, weights_finite
 
 
 @dataclass
@@ -55,6 +64,8 @@ class PPOConfig:
     ent_coef: float = opt(0.0, "c₂: entropy bonus coefficient")
     max_grad_norm: float = opt(0.5, "gradient norm clip (0 disables)")
     norm_adv: bool = opt(True, "whiten advantages per minibatch")
+    skip_nonfinite: bool = opt(False, "skip a minibatch step whose loss or gradient is NaN/inf (counted in "
+                               "skipped_steps) instead of stopping the run")
     target_kl: float | None = opt(None, "stop the epochs of an update once a minibatch's approx KL exceeds this")
     hidden: list[int] = opt(default_factory=lambda: [64, 64], help="hidden layer sizes (comma separated)")
     activation: str = opt("tanh", "hidden activation", choices=("tanh", "relu"))
@@ -87,6 +98,62 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
 
 
+def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+               cfg: PPOConfig, clip_eps: float, *, where: str = "", step: int = 0) -> tuple[dict[str, float], int, int]:
+    """K epochs of minibatch steps on L^CLIP + c₁ L^VF − c₂ H over one rollout's samples.
+
+    ``batch`` = (obs (B, obs_dim), actions (B[, A]), old log-probs (B,), old values (B,), advantages (B,),
+    returns (B,)). A minibatch whose loss or gradient norm is NaN/inf raises a :class:`NonFiniteError`
+    naming ``where``, the epoch and the minibatch; with ``cfg.skip_nonfinite`` its step is skipped
+    instead (weights and optimizer state untouched) and counted. Returns (mean losses over the
+    minibatches stepped, epochs run, minibatches skipped)."""
+    b_obs, b_act, b_logp, b_val, b_adv, b_ret = batch
+    n = b_obs.shape[0]
+    params = list(policy.parameters())
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # the norm is needed either way
+    sums: dict[str, float] = {}
+    n_mb = skipped = epoch = 0
+    for epoch in range(1, cfg.n_epochs + 1):
+        perm = torch.randperm(n)
+        kl_stop = False
+        for mb, lo in enumerate(range(0, n, cfg.batch_size), start=1):
+            idx = perm[lo:lo + cfg.batch_size]
+            logp, entropy, values = policy.evaluate(b_obs[idx], b_act[idx])
+            mb_adv = b_adv[idx]
+            if cfg.norm_adv and idx.numel() > 1:
+                mb_adv = whiten(mb_adv)
+            pg_loss, st = ppo_clip_loss(logp, b_logp[idx], mb_adv, clip_eps)
+            if cfg.clip_vloss:
+                v_loss, _ = clipped_value_loss(values, b_val[idx], b_ret[idx], clip_eps)
+            else:
+                v_loss = value_loss(values, b_ret[idx])
+            loss = pg_loss.mean() + cfg.vf_coef * v_loss.mean() - cfg.ent_coef * entropy.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            loss_value = loss.item()
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                if not cfg.skip_nonfinite:
+                    raise nonfinite_error(what, step, f"{where}, epoch {epoch}, minibatch {mb}")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            approx_kl = float(st["approx_kl"].mean())
+            for k, v in (("losses/policy", float(pg_loss.mean())), ("losses/value", float(v_loss.mean())),
+                         ("losses/entropy", float(entropy.mean())), ("losses/clipfrac", float(st["clipfrac"].mean())),
+                         ("losses/approx_kl", approx_kl)):
+                sums[k] = sums.get(k, 0.0) + v
+            n_mb += 1
+            if cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                kl_stop = True
+                break
+        if kl_stop:
+            break
+    return {k: v / n_mb for k, v in sums.items()}, epoch, skipped
+
+
 def train(cfg: PPOConfig) -> dict:
     """Train PPO as configured; returns the summary (also written to summary.json)."""
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
@@ -105,18 +172,20 @@ def train(cfg: PPOConfig) -> dict:
 
     per_update = cfg.n_envs * cfg.n_steps
     n_updates = math.ceil(cfg.total_steps / per_update)
-    start, eval_seconds, best = 0, 0.0, -math.inf
+    start, eval_seconds, best, skipped = 0, 0.0, -math.inf, 0
     if cfg.resume is not None:
         state = load_checkpoint(run, cfg.resume, cfg)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         collector.load_state_dict(state["collector"], reseed=cfg.seed + state["update"])
         start, eval_seconds, best = state["update"], state["eval_seconds"], state["best"]
+        skipped = int(state.get("skipped_steps", 0))
 
     def checkpoint(update: int) -> None:
         save_checkpoint(run, update * per_update, cfg, {
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
-            "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best})
+            "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
+            "skipped_steps": skipped})
 
     def run_eval(step: int) -> float:
         nonlocal eval_seconds, best, evaluated_at
@@ -132,6 +201,7 @@ def train(cfg: PPOConfig) -> dict:
     tracker = Tracker(run, n_updates * per_update, start * per_update, cfg.progress, cfg.tensorboard, "ppo")
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
     update = start
+    signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
     try:
         while update < n_updates:
             update += 1
@@ -154,48 +224,19 @@ def train(cfg: PPOConfig) -> dict:
             b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
             b_logp, b_val = ro.logp.reshape(-1)[keep], ro.values.reshape(-1)[keep]
             b_adv, b_ret = adv.reshape(-1)[keep], ret.reshape(-1)[keep]
-            n = b_obs.shape[0]
 
             # 3. K epochs of minibatch SGD on the clipped surrogate.
-            sums: dict[str, float] = {}
-            n_mb = 0
-            for _epoch in range(cfg.n_epochs):
-                perm = torch.randperm(n)
-                stop = False
-                for lo in range(0, n, cfg.batch_size):
-                    idx = perm[lo:lo + cfg.batch_size]
-                    logp, entropy, values = policy.evaluate(b_obs[idx], b_act[idx])
-                    mb_adv = b_adv[idx]
-                    if cfg.norm_adv and idx.numel() > 1:
-                        mb_adv = whiten(mb_adv)
-                    pg_loss, st = ppo_clip_loss(logp, b_logp[idx], mb_adv, clip_now)
-                    if cfg.clip_vloss:
-                        v_loss, _ = clipped_value_loss(values, b_val[idx], b_ret[idx], clip_now)
-                    else:
-                        v_loss = value_loss(values, b_ret[idx])
-                    loss = pg_loss.mean() + cfg.vf_coef * v_loss.mean() - cfg.ent_coef * entropy.mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm, foreach=True)
-                    optimizer.step()
-                    approx_kl = float(st["approx_kl"].mean())
-                    for k, v in (("losses/policy", pg_loss.mean()), ("losses/value", v_loss.mean()),
-                                 ("losses/entropy", entropy.mean()), ("losses/clipfrac", st["clipfrac"].mean()),
-                                 ("losses/approx_kl", approx_kl)):
-                        sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                    n_mb += 1
-                    if cfg.target_kl is not None and approx_kl > cfg.target_kl:
-                        stop = True
-                        break
-                if stop:
-                    break
-
-            metrics = {k: v / n_mb for k, v in sums.items()}
+            metrics, epochs, skipped_now = ppo_update(
+                policy, optimizer, (b_obs, b_act, b_logp, b_val, b_adv, b_ret), cfg, clip_now,
+                where=f"update {update}/{n_updates}", step=step)
+            skipped += skipped_now
+            if not weights_finite(policy):  # e.g. an overflowing optimizer step: stop before acting on NaN
+                raise nonfinite_error("weights", step, f"after update {update}/{n_updates}")
             metrics["losses/explained_variance"] = explained_variance(b_val, b_ret)
             metrics["charts/learning_rate"] = lr_now
             metrics["charts/clip_eps"] = clip_now
-            metrics["charts/epochs"] = _epoch + 1
+            metrics["charts/epochs"] = epochs
+            metrics["skipped_steps"] = skipped
             if episodes:
                 metrics["charts/episodic_return"] = float(np.mean([e[0] for e in episodes]))
                 metrics["charts/episodic_length"] = float(np.mean([e[1] for e in episodes]))
@@ -209,23 +250,30 @@ def train(cfg: PPOConfig) -> dict:
             if update < n_updates and cfg.checkpoint_every and \
                     step // cfg.checkpoint_every > (step - per_update) // cfg.checkpoint_every:
                 checkpoint(update)
+            if signals.received and update < n_updates:
+                checkpoint(update)
+                print(resume_hint("rl ppo", run, signals.received, step, n_updates * per_update), file=sys.stderr)
+                return {"stopped": True, "steps": step}
         step = update * per_update
         if evaluated_at != step:
             last_eval = run_eval(step)
         checkpoint(update)
     finally:
+        signals.__exit__(None, None, None)
         tracker.close()
         collector.envs.close()
 
-    save_policy(policy, run.final, {"env": cfg.env, "algo": "ppo"})
+    save_final(run, policy, {"env": cfg.env, "algo": "ppo"}, step)
     plot_learning_curve(run, f"PPO on {cfg.env} (seed {cfg.seed})")
     return run.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
-                              "eval_seconds": round(eval_seconds, 3)}, steps=step)
+                              "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
 
 
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(PPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     summary = train(cfg)
+    if summary.get("stopped"):
+        return 0
     print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
           f"-> {cfg.output_dir}")
     return 0

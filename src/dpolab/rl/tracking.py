@@ -25,7 +25,9 @@ import torch
 
 from dpolab.config import config_to_dict
 from dpolab.errors import ConfigError, DpolabError
+from dpolab.rl.nets import save_policy
 from dpolab.rundir import RunDir, rng_state, set_rng_state
+from dpolab.train.common import nonfinite_error, weights_finite
 
 # Config fields that must agree between a checkpoint and the run resuming it.
 STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps", "seed")
@@ -81,9 +83,21 @@ def start_run(cfg: Any) -> RunDir:
 
 
 def save_checkpoint(run: RunDir, step: int, cfg: Any, state: dict[str, Any]) -> Path:
-    """Write ``state`` plus the RNG states and config as checkpoint ``step-N`` (atomic)."""
+    """Write ``state`` plus the RNG states and config as checkpoint ``step-N`` (atomic).
+
+    Refused (a :class:`NonFiniteError`; ``latest`` keeps naming the previous checkpoint) if the
+    weights in ``state["policy"]`` hold a NaN/inf."""
+    if not all(bool(torch.isfinite(v).all()) for v in state["policy"].values()):
+        raise nonfinite_error("weights", step, "refusing to write a checkpoint")
     payload = {**state, "rng": rng_state(), "config": config_to_dict(cfg), "step": step}
     return run.save_checkpoint(step, lambda d: torch.save(payload, d / "state.pt"))
+
+
+def save_final(run: RunDir, policy: torch.nn.Module, extra: dict[str, Any], step: int) -> None:
+    """Write ``final/`` (safetensors + config.json) atomically; refused if a weight is NaN/inf."""
+    if not weights_finite(policy):
+        raise nonfinite_error("weights", step, "refusing to write final/")
+    save_policy(policy, run.final, extra)
 
 
 def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
