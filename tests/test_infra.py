@@ -80,3 +80,9 @@ def test_rundir_metrics_truncate_on_resume(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     summary = run.write_summary({"eval/loss": 0.5}, steps=3)
     assert summary["steps"] == 3 and "wall_seconds" in summary
+
+
+def test_abbreviated_flags_are_rejected():
+    """A prefix of a flag is not accepted: it would silently change meaning when options are added."""
+    with pytest.raises(ConfigError, match="--ste"):
+        parse_config(_Cfg, ["--ste", "3"], prog="t")

@@ -156,7 +156,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
     for f, tp in _fields(cls):
