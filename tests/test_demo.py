@@ -55,3 +55,23 @@ def test_demo_dpo_beats_base_at_bounded_kl(demo_dir):
 def test_demo_refuses_to_overwrite_finished_run(demo_dir, capsys):
     assert main(["demo", "--quick", "--output-dir", str(demo_dir)]) == 2
     assert "already holds a finished demo" in capsys.readouterr().err
+
+
+def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
+    """--model, --prompts and --reward take the place of the built-in model, prefixes and VADER."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Review {i}: the movie"}) + "\n" for i in range(24)))
+    reward = tmp_path / "length_reward.py"
+    reward.write_text("def score(prompts, completions):\n    return [len(c) / 40.0 for c in completions]\n")
+    out = tmp_path / "mine"
+    args = ["demo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward", f"{reward}:score",
+            "--output-dir", str(out), "--no-progress", "--train-prompts", "16", "--eval-prompts", "4",
+            "--samples-per-prompt", "4", "--max-new-tokens", "8", "--dpo-betas", "0.5", "--ppo-kl-coefs", "0.1",
+            "--dpo-steps", "4", "--ppo-steps", "2", "--rm-steps", "4", "--eval-every", "4", "--quick"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["model"] == str(tiny_model_dir)
+    assert {r["method"] for r in results["rows"]} == {"DPO", "PPO"}
+    assert not (out / "work" / "pretrain").exists()  # the user's model was used, nothing pretrained
+    report = (out / "report.md").read_text()
+    assert f"--model {tiny_model_dir}" in report and f"--reward {reward}:score" in report and "--dpo-steps 4" in report

@@ -432,13 +432,9 @@ def _final_rows(rows: list[dict]) -> list[dict]:
 
 def render_report(results: dict) -> str:
     cfg, base, bandit, verdict = results["config"], results["base"], results["bandit"], results["verdict"]
-    cmd = "dpolab demo" + (" --quick" if cfg["quick"] else "") + f" --seed {cfg['seed']}"
+    cmd = reproduce_command(cfg)
     base_desc = cfg["model"] or (f"a Llama-style LM ({cfg['layers']} layers, hidden {cfg['hidden_size']}) pretrained "
                                  f"for {cfg['pretrain_steps']} steps on {cfg['corpus_size']} reviews from our grammar")
-    if cfg["model"]:
-        cmd += f" --model {cfg['model']}"
-    if cfg["prompts"]:
-        cmd += f" --prompts {cfg['prompts']}"
     lines = [
         "# Controlled sentiment generation: DPO vs PPO", "",
         "The DPO paper's experiment (Rafailov et al. 2023, §6.1, Fig. 2 left) at laptop scale: prompts are "
@@ -477,10 +473,27 @@ def render_report(results: dict) -> str:
         "- `frontier.png`, `curves.png`: the plots above; `results.csv`, `results.json`: every number here;",
         "- `samples.md`: completions of the base, DPO and PPO models on held-out prefixes;",
         "- `work/`: the base model, preference pairs, and every run directory (config, metrics, checkpoints).", "",
-        "## Reproduce", "", "```bash", cmd + f" --output-dir {cfg['output_dir']}", "```",
+        "## Reproduce", "", "```bash", cmd, "```",
         "", f"Stage times (s): {results['timings_seconds']}.", "",
     ]
     return "\n".join(lines)
+
+
+def reproduce_command(cfg: dict) -> str:
+    """The `dpolab demo` command line that repeats a run: every option that differs from the preset."""
+    preset = asdict(DemoConfig(quick=cfg["quick"], output_dir=cfg["output_dir"]).resolved())
+    parts = ["dpolab demo"] + (["--quick"] if cfg["quick"] else []) + [f"--seed {cfg['seed']}"]
+    for key, value in cfg.items():
+        if key in ("output_dir", "progress", "quick", "seed") or value == preset[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            parts.append(f"{flag} {','.join(f'{v:g}' for v in value)}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts) + f" --output-dir {cfg['output_dir']}"
 
 
 def _print_table(results: dict) -> None:
