@@ -98,6 +98,9 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
 
 
+_LOSS_KEYS = ("losses/policy", "losses/value", "losses/entropy", "losses/clipfrac", "losses/approx_kl")
+
+
 def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
                cfg: PPOConfig, clip_eps: float, *, where: str = "", step: int = 0) -> tuple[dict[str, float], int, int]:
     """K epochs of minibatch steps on L^CLIP + c₁ L^VF − c₂ H over one rollout's samples.
@@ -140,11 +143,11 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
                 skipped += 1
                 continue
             optimizer.step()
-            approx_kl = float(st["approx_kl"].mean())
-            for k, v in (("losses/policy", float(pg_loss.mean())), ("losses/value", float(v_loss.mean())),
-                         ("losses/entropy", float(entropy.mean())), ("losses/clipfrac", float(st["clipfrac"].mean())),
-                         ("losses/approx_kl", approx_kl)):
+            values_now = torch.stack([pg_loss.mean(), v_loss.mean(), entropy.mean(), st["clipfrac"].mean(),
+                                      st["approx_kl"].mean()]).detach().tolist()  # one conversion, not five
+            for k, v in zip(_LOSS_KEYS, values_now):
                 sums[k] = sums.get(k, 0.0) + v
+            approx_kl = values_now[-1]
             n_mb += 1
             if cfg.target_kl is not None and approx_kl > cfg.target_kl:
                 kl_stop = True

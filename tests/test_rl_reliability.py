@@ -1,0 +1,364 @@
+"""Reliability of the Gymnasium trainers (``dpolab rl ppo`` / ``rl a2c``): checkpoints hold no pickled
+objects (environment state as plain data), SIGINT/SIGTERM stop cleanly and resume exactly, the
+non-finite guard, and crash-safe ``final/``. In-process and small: the whole file takes ~20 s."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+from dpolab.config import make_config
+from dpolab.errors import DpolabError, NonFiniteError
+from dpolab.rl import a2c as a2c_mod
+from dpolab.rl import ppo as ppo_mod
+from dpolab.rl.nets import ActorCritic, load_policy, save_policy
+from dpolab.rl.rollout import Collector, env_state, make_vec_env, restore_env_state
+from dpolab.rl.tracking import save_checkpoint, save_final
+from dpolab.rundir import RunDir
+
+PPO_ARGS = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "640", "--n-envs", "2", "--n-steps", "32",
+            "--batch-size", "32", "--n-epochs", "2", "--eval-every", "256", "--eval-episodes", "2",
+            "--checkpoint-every", "0", "--seed", "3", "--no-progress"]
+A2C_ARGS = ["rl", "a2c", "--env", "CartPole-v1", "--total-steps", "400", "--n-envs", "4", "--n-steps", "5",
+            "--eval-every", "200", "--eval-episodes", "2", "--checkpoint-every", "0", "--log-every", "3",
+            "--seed", "2", "--no-progress"]
+
+
+def rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "charts/sps"}
+            for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def latest_step(run: Path) -> int:
+    return int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
+
+
+def only_plain(x) -> bool:
+    """True if ``x`` is built from tensors, None/bool/int/float/str, lists, tuples and dicts (no other objects)."""
+    if torch.is_tensor(x) or x is None or type(x) in (bool, int, float, str):
+        return True
+    if type(x) in (list, tuple):
+        return all(only_plain(v) for v in x)
+    if type(x) in (dict, collections.OrderedDict):
+        return all(type(k) in (str, int) and only_plain(v) for k, v in x.items())
+    return False
+
+
+# -- environment state as plain data ---------------------------------------------------------------
+class EngineHandle:
+    """Stands for state that is not plain data (a physics engine, a renderer)."""
+
+    def __init__(self):
+        self.counter = 0
+
+
+class WithEngine(gym.Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.engine = EngineHandle()
+
+
+def _vec(n: int, *wrappers) -> gym.vector.SyncVectorEnv:
+    def make():
+        env = gym.make("CartPole-v1")
+        for w in wrappers:
+            env = w(env)
+        return env
+    return gym.vector.SyncVectorEnv([make for _ in range(n)])
+
+
+def _continue_equal(a: Collector, b: Collector, policy: ActorCritic, steps: int = 300) -> bool:
+    torch.manual_seed(1)
+    ra, ea = a.collect(policy, steps)
+    torch.manual_seed(1)
+    rb, eb = b.collect(policy, steps)
+    return ea == eb and all(torch.equal(getattr(ra, f), getattr(rb, f)) for f in
+                            ("obs", "actions", "rewards", "terminated", "truncated", "mask"))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1"])
+def test_env_state_is_plain_data_and_restores_exactly(env_id, tmp_path):
+    torch.manual_seed(0)
+    a = Collector(make_vec_env(env_id, 2), seed=0)
+    obs_dim = a.envs.single_observation_space.shape[0]
+    discrete = isinstance(a.envs.single_action_space, gym.spaces.Discrete)
+    policy = ActorCritic(obs_dim, int(a.envs.single_action_space.n) if discrete else 1, discrete)
+    a.envs.action_space.sample()  # a space RNG in use is part of the state too
+    a.collect(policy, 250)  # CartPole: episodes end within 250 steps, so autoreset flags are set somewhere
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)  # no pickled object anywhere
+    assert only_plain(state) and state["envs"]["unrestorable"] == []
+    b = Collector(make_vec_env(env_id, 2), seed=99)  # other episodes, other RNG states
+    b.load_state_dict(state)
+    assert _continue_equal(a, b, policy)
+    assert np.array_equal(a.envs.action_space.sample(), b.envs.action_space.sample())
+    a.envs.close(), b.envs.close()
+
+
+def test_record_episode_statistics_wrapper_state_restores(tmp_path):
+    """Deques, floats and counters of a stateful wrapper are state too."""
+    torch.manual_seed(0)
+    policy = ActorCritic(4, 2, True)
+    a = Collector(_vec(2, lambda e: gym.wrappers.RecordEpisodeStatistics(e, buffer_length=5)), seed=0)
+    a.collect(policy, 120)
+    b = Collector(_vec(2, lambda e: gym.wrappers.RecordEpisodeStatistics(e, buffer_length=5)), seed=7)
+    b.load_state_dict(a.state_dict())
+    assert _continue_equal(a, b, policy)
+    wa, wb = a.envs.envs[0], b.envs.envs[0]
+    assert list(wa.length_queue) == list(wb.length_queue) and wb.length_queue.maxlen == 5
+    assert wa.episode_lengths == wb.episode_lengths
+
+
+def test_env_with_non_plain_state_warns_and_starts_fresh_episodes():
+    torch.manual_seed(0)
+    policy = ActorCritic(4, 2, True)
+    a = Collector(_vec(2, WithEngine), seed=0)
+    a.collect(policy, 40)
+    state = a.state_dict()
+    assert state["envs"] == {"unrestorable": ["WithEngine.engine (EngineHandle)"] * 2}
+    b = Collector(_vec(2, WithEngine), seed=1)
+    b.collect(policy, 13)
+    with pytest.warns(UserWarning, match=r"not plain data: WithEngine\.engine.*fresh episodes \(seed 5\)"):
+        b.load_state_dict(state, reseed=5)
+    fresh = _vec(2, WithEngine)
+    obs, _ = fresh.reset(seed=5)
+    assert torch.equal(b.obs, torch.as_tensor(obs)) and not b.prev_done.any() and b.ep_length.sum() == 0
+
+
+def test_damaged_or_foreign_env_state_changes_nothing():
+    envs = make_vec_env("CartPole-v1", 2)
+    envs.reset(seed=0)
+    good = env_state(envs)
+    before = envs.envs[0].unwrapped.state.copy()
+    bad = json.loads(json.dumps(good))  # a copy
+    bad["envs"][1][-1]["attrs"]["state"] = {"__nd__": "<f8", "shape": [4], "v": [0.0, 1.0]}  # cannot reshape
+    bad["envs"][0][-1]["attrs"]["state"]["v"] = [9.0, 9.0, 9.0, 9.0]  # would change env 0 if applied
+    assert "bad environment state" in restore_env_state(envs, bad)
+    assert np.array_equal(envs.envs[0].unwrapped.state, before)  # decoded first: nothing applied
+    assert "older dpolab" in restore_env_state(envs, b"pickled bytes")
+    wrapped = _vec(2, gym.wrappers.RecordEpisodeStatistics)
+    wrapped.reset(seed=0)
+    assert "another wrapper chain" in restore_env_state(envs, env_state(wrapped))
+    envs.close(), wrapped.close()
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
+    out = tmp_path / "run"
+    assert main([*PPO_ARGS, "--total-steps", "128", "--output-dir", str(out)]) == 0
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = out / "checkpoints" / f"step-{latest_step(out)}"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert only_plain(state)
+    torch.save({**state, "collector": {**state["collector"], "envs": Payload()}}, ckpt / "state.pt")
+    with pytest.raises(DpolabError, match="cannot read checkpoint"):
+        ppo_mod.train(make_config(ppo_mod.PPOConfig, dict(
+            total_steps=128, n_envs=2, n_steps=32, batch_size=32, n_epochs=2, eval_episodes=2, seed=3,
+            checkpoint_every=0, progress=False, output_dir=str(out), resume="latest")))
+    assert not marker.exists()
+    (ckpt / "state.pt").write_bytes(b"not a checkpoint")
+    assert main([*PPO_ARGS, "--total-steps", "128", "--output-dir", str(out), "--resume", "latest"]) == 2
+
+
+# -- SIGINT / SIGTERM -------------------------------------------------------------------------------
+def _signal_on_collect(monkeypatch, module, n: int, sig: int) -> None:
+    """Make the ``n``-th rollout of this process deliver ``sig`` to itself mid-update."""
+    calls = {"n": 0}
+    real = module.Collector.collect
+
+    def collect(self, policy, n_steps):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), sig)
+        return real(self, policy, n_steps)
+
+    monkeypatch.setattr(module.Collector, "collect", collect)
+
+
+@pytest.mark.parametrize("algo,args,at,per_update", [("ppo", PPO_ARGS, 4, 64), ("a2c", A2C_ARGS, 10, 20)])
+def test_signal_stops_after_the_update_and_resume_is_exact(algo, args, at, per_update, tmp_path, monkeypatch,
+                                                            capsys):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--output-dir", str(ref)]) == 0
+    module = ppo_mod if algo == "ppo" else a2c_mod
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        sig = signal.SIGTERM if algo == "ppo" else signal.SIGINT
+        _signal_on_collect(m, module, at, sig)
+        capsys.readouterr()
+        assert main([*args, "--output-dir", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert signal.Signals(sig).name in err and "Traceback" not in err
+    assert latest_step(run) == at * per_update  # the update in flight finished, then the checkpoint
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+    hint = f"dpolab rl {algo} --config {run / 'config.yaml'} --resume latest"
+    assert hint in err
+    assert main(hint.split()[1:]) == 0
+    assert rows(run) == rows(ref)
+    a, b = load_file(str(ref / "final" / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- non-finite guard -------------------------------------------------------------------------------
+def _nan_on_call(monkeypatch, module, name: str, calls: set[int]) -> None:
+    """Replace ``module.name`` by a wrapper whose result's first element becomes NaN on the given calls."""
+    real, count = getattr(module, name), {"n": 0}
+
+    def wrapped(*a, **k):
+        count["n"] += 1
+        out = real(*a, **k)
+        if count["n"] in calls:
+            first = out[0] if isinstance(out, tuple) else out
+            first = first * float("nan")
+            return (first, *out[1:]) if isinstance(out, tuple) else first
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ppo_nan_loss_stops_naming_update_epoch_minibatch_and_saves_nothing_new(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    # updates have 64 samples = 2 minibatches × 2 epochs = 4 loss calls; call 15 = update 4, epoch 2, minibatch 1
+    _nan_on_call(monkeypatch, ppo_mod, "ppo_clip_loss", {15})
+    assert main([*PPO_ARGS, "--checkpoint-every", "128", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 256 (update 4/10, epoch 2, minibatch 1)" in err and "Traceback" not in err
+    assert latest_step(out) == 128 and not (out / "final").exists()  # step-256 was never written
+
+
+def test_ppo_nan_gradient_is_named(tmp_path):
+    """A finite loss with a NaN gradient (hook on one weight) is caught through the gradient norm."""
+    cfg = make_config(ppo_mod.PPOConfig, dict(n_epochs=1, batch_size=8, max_grad_norm=0.0))
+    policy = ActorCritic(4, 2, True)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.full((16,), -0.7), torch.zeros(16),
+             torch.randn(16), torch.randn(16))
+    handle = policy.critic[0].weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"gradient norm at step 9 \(u, epoch 1, minibatch 1\)"):
+        ppo_mod.ppo_update(policy, opt, batch, cfg, 0.2, where="u", step=9)
+    handle.remove()
+
+
+def test_ppo_skip_nonfinite_skips_exactly_the_bad_minibatches():
+    """Two of 2×4 minibatch steps get a NaN loss: 6 Adam steps happen, the losses average the other 6,
+    and the weights are those of the same update with the bad steps left out (same permutations)."""
+    torch.manual_seed(0)
+    cfg = make_config(ppo_mod.PPOConfig, dict(n_epochs=2, batch_size=4, skip_nonfinite=True, norm_adv=False))
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.full((16,), -0.7), torch.zeros(16),
+             torch.randn(16), torch.randn(16))
+    policy = ActorCritic(4, 2, True)
+    twin = ActorCritic(4, 2, True)
+    twin.load_state_dict(policy.state_dict())
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    bad = {2, 7}
+    real, calls = ppo_mod.ppo_clip_loss, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, st = real(*a, **k)
+        return (loss * float("nan"), st) if calls["n"] in bad else (loss, st)
+
+    ppo_mod.ppo_clip_loss = poisoned
+    try:
+        torch.manual_seed(5)
+        metrics, epochs, skipped = ppo_mod.ppo_update(policy, opt, batch, cfg, 0.2)
+    finally:
+        ppo_mod.ppo_clip_loss = real
+    assert (epochs, skipped) == (2, 2)
+    assert all(s["step"] == 6 for s in opt.state.values())
+    assert all(math.isfinite(v) for v in metrics.values())
+    # replay by hand: same permutations, the good minibatches only
+    opt2 = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    torch.manual_seed(5)
+    k = 0
+    for _ in range(2):
+        perm = torch.randperm(16)
+        for lo in range(0, 16, 4):
+            k += 1
+            idx = perm[lo:lo + 4]
+            logp, ent, values = twin.evaluate(batch[0][idx], batch[1][idx])
+            pg, st = real(logp, batch[2][idx], batch[4][idx], 0.2)
+            loss = pg.mean() + 0.5 * ((values - batch[5][idx]) ** 2).mean()
+            opt2.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 0.5)
+            if k not in bad:
+                opt2.step()
+    for p, q in zip(policy.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_skip_nonfinite_runs_count_skipped_steps(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, ppo_mod, "ppo_clip_loss", {3, 4, 10})
+    out = tmp_path / "ppo"
+    assert main([*PPO_ARGS, "--total-steps", "256", "--skip-nonfinite", "--output-dir", str(out)]) == 0
+    train_rows = [r for r in rows(out) if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in train_rows] == [2, 2, 3, 3]  # cumulative; 4 loss calls per update
+    assert all(math.isfinite(r["losses/policy"]) for r in train_rows)
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 3
+
+    with monkeypatch.context() as m:
+        _nan_on_call(m, a2c_mod, "a2c_loss", {2})  # 3 updates of 20 steps, logged together
+        out = tmp_path / "a2c"
+        assert main([*A2C_ARGS, "--total-steps", "60", "--skip-nonfinite", "--output-dir", str(out)]) == 0
+    (row,) = [r for r in rows(out) if "skipped_steps" in r]
+    assert row["skipped_steps"] == 1 and math.isfinite(row["losses/value"])
+
+
+def test_a2c_nan_loss_stops_naming_the_update(tmp_path, monkeypatch, capsys):
+    _nan_on_call(monkeypatch, a2c_mod, "a2c_loss", {2})
+    out = tmp_path / "a2c"
+    assert main([*A2C_ARGS, "--total-steps", "60", "--output-dir", str(out)]) == 2
+    assert "non-finite loss at step 40 (update 2/3)" in capsys.readouterr().err
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_checkpoint_and_final_refuse_non_finite_weights(tmp_path):
+    run = RunDir(tmp_path / "run").create()
+    cfg = make_config(ppo_mod.PPOConfig, dict(output_dir=str(run.path)))
+    policy = ActorCritic(4, 2, True)
+    save_checkpoint(run, 64, cfg, {"policy": policy.state_dict()})
+    with torch.no_grad():
+        policy.critic[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="weights at step 128"):
+        save_checkpoint(run, 128, cfg, {"policy": policy.state_dict()})
+    assert latest_step(run.path) == 64 and not (run.checkpoints / "step-128").exists()
+    with pytest.raises(NonFiniteError, match="refusing to write final"):
+        save_final(run, policy, {}, 128)
+    assert not run.final.exists()
+
+
+def test_final_is_replaced_atomically(tmp_path, monkeypatch):
+    target = tmp_path / "final"
+    old = ActorCritic(4, 2, True)
+    save_policy(old, target, {"tag": "old"})
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        save_policy(ActorCritic(4, 2, True), target, {"tag": "new"})
+    policy, conf = load_policy(target)  # the old folder, complete
+    assert conf["tag"] == "old" and all(torch.equal(a, b) for a, b in zip(policy.parameters(), old.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
+    monkeypatch.undo()
+    save_policy(ActorCritic(4, 2, True), target, {"tag": "new"})
+    assert load_policy(target)[1]["tag"] == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
