@@ -127,8 +127,6 @@ def test_sft_sigint_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="dpolab rl ppo has no SIGINT/SIGTERM handling yet: the default "
-                   "action kills it without a checkpoint (reported to the lead with a patch)")
 def test_gym_ppo_sigterm_then_resume_latest_is_bitwise_exact(tmp_path):
     from dpolab.rl.nets import load_policy
 
