@@ -163,6 +163,13 @@ class BatchOrder:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def global_size(self, k: int) -> int:
+        """Rows in micro-batch ``k`` summed over all processes (the loss normaliser of an exact
+        multi-process step; needs no communication)."""
+        j = k % self.per_epoch
+        global_bs = self.batch_size * self.world_size
+        return max(0, min(global_bs, self.n - j * global_bs))
+
     def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
         """Yield (micro_batch_number, row indices) forever, starting at micro-batch ``start``."""
         k = start
@@ -336,14 +343,20 @@ def resume_hint(command: str, run: RunDir, signame: str, step: int, steps: int) 
             f"  dpolab {command} --config {run.path / 'config.yaml'} --resume latest")
 
 
-def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
-    """Write a Hugging Face model folder under a temporary name, then rename it into place."""
+def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """Write a Hugging Face model folder under a temporary name, then rename it into place.
+
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP/DeepSpeed, gathered by
+    :func:`dpolab.train.distributed.model_state_dict`)."""
     import shutil
 
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is not None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if target.exists():

@@ -20,6 +20,7 @@ import torch
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.distributed import is_main_process
 from dpolab.train.options import BatchOptions, LoraOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
@@ -76,14 +77,17 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
 # -- the loop -----------------------------------------------------------------------------------
 def train(cfg: DPOConfig) -> dict:
     """Run DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from dpolab.data import collate_preference, load_preference_data
     from dpolab.losses.dpo import PairLogps, needs_reference, preference_loss
-    from dpolab.train import common
+    from dpolab.train import common, distributed
+    from dpolab.train.supervised_loop import _dedupe_shared
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = distributed.make_accelerator(cfg.mixed_precision)
+    if cfg.lora and distributed.is_sharded(accelerator):
+        raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "
+                          "one process); use DDP for LoRA runs (docs/scaling.md)")
     seed_everything(cfg.seed)
     tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length,
@@ -115,8 +119,7 @@ def train(cfg: DPOConfig) -> dict:
         elif not cfg.lora or cfg.ref_model:
             ref_model = common.load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype,
                                               trust_remote_code=cfg.trust_remote_code)
-            ref_model.requires_grad_(False).eval()
-            ref_model = ref_model.to(accelerator.device)
+            ref_model = distributed.prepare_reference(accelerator, ref_model)
 
     order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
                               world_size=accelerator.num_processes, rank=accelerator.process_index)
@@ -161,19 +164,20 @@ def train(cfg: DPOConfig) -> dict:
         return losses, stats
 
     def evaluate() -> dict[str, float]:
+        """Each process scores its block of the eval split; the means are over all pairs."""
         if not data.eval:
             return {}
         model.eval()
         rows, weights = [], []
-        bs = cfg.eval_batch_size or cfg.batch_size
         with torch.no_grad():
-            for i in range(0, len(data.eval), bs):
-                batch = collate_preference(data.eval[i:i + bs], tokenizer.pad_token_id).to(accelerator.device)
-                _, stats = loss_and_stats(batch, "eval")
+            for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
+                batch = collate_preference([data.eval[i] for i in idx or [0]], tokenizer.pad_token_id)
+                _, stats = loss_and_stats(batch.to(accelerator.device), "eval")
                 rows.append(stats)
-                weights.append(batch.batch_size)
+                weights.append(len(idx))  # 0: a stand-in batch that keeps collective passes aligned
         model.train()
-        return {f"eval/{k}": v for k, v in common.mean_metrics(rows, weights).items()}
+        means, _, _ = distributed.reduce_weighted(accelerator, rows, weights)
+        return {f"eval/{k}": v for k, v in means.items()}
 
     # State that a checkpoint restores: weights, optimizer, scheduler, RNG, the data position, the
     # counters and the not-yet-logged window of step metrics (so a mid-window resume logs the
@@ -193,16 +197,19 @@ def train(cfg: DPOConfig) -> dict:
         print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
 
     def save_checkpoint() -> None:
+        """Written once, by the main process. The RNG state stored is the main process's; every
+        process was seeded alike (seed_everything(cfg.seed)), so it is every process's."""
         unwrapped = accelerator.unwrap_model(model)
         if not common.weights_finite(unwrapped):
             raise common.nonfinite_error("weights", step, "refusing to write a checkpoint")
+        full = distributed.model_state_dict(accelerator, model)  # collective under FSDP/DeepSpeed
         if not accelerator.is_main_process:
             return
 
         def write(d: Path) -> None:
             from safetensors.torch import save_file
 
-            weights = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()
+            weights = {k: v.detach().contiguous().cpu() for k, v in full.items()
                        if not cfg.lora or "lora_" in k}
             save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
             common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
@@ -227,33 +234,37 @@ def train(cfg: DPOConfig) -> dict:
         while step < steps:
             # One optimizer step = grad_accum micro-batches; the loss is the mean over ALL their pairs,
             # so accumulation 1x8 and 8x1 give the same gradient (tests/test_train_dpo.py).
+            # With W processes each backpropagates W * (its pairs' loss sum) / (the step's pairs over
+            # all processes); DDP's gradient average then equals the single-process gradient
+            # (dpolab.train.distributed). A process with no pairs runs a stand-in pair with weight 0.
             group = [next(batches) for _ in range(cfg.grad_accum)]
-            n_pairs = sum(len(idx) for _, idx in group)
-            step_stats, nonfinite = [], False
+            scale = accelerator.num_processes / sum(order.global_size(k) for k, _ in group)
+            step_stats, weights, nonfinite, tokens = [], [], False, 0
             for j, (k, idx) in enumerate(group):
-                batch = collate_preference([data.train[i] for i in idx], tokenizer.pad_token_id)
+                batch = collate_preference([data.train[i] for i in idx or [0]], tokenizer.pad_token_id)
                 batch = batch.to(accelerator.device)
-                sync = j == len(group) - 1
-                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
-                with ctx:
+                with distributed.accumulation_context(accelerator, model, sync=j == len(group) - 1):
                     losses, stats = loss_and_stats(batch, "train")
-                    if not torch.isfinite(losses).all():
-                        nonfinite = True
+                    if idx and not torch.isfinite(losses).all():
+                        nonfinite = True  # every process still runs its backward passes (no hang)
                         where = f"micro-batch {k}, rows {idx[:8]}{'...' if len(idx) > 8 else ''}"
                         if not cfg.skip_nonfinite:
                             raise common.nonfinite_error("loss", step + 1, where)
-                        break
-                    accelerator.backward(losses.sum() / n_pairs)
-                step_stats.append((stats, len(idx)))
-                tokens_window += int(batch.attention_mask.sum())
-            grad_norm = torch.tensor(0.0)
-            if not nonfinite:  # the norm is checked also when clipping is off (--max-grad-norm 0)
-                grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
-                if not torch.isfinite(grad_norm).all():
-                    nonfinite = True
-                    if not cfg.skip_nonfinite:
-                        raise common.nonfinite_error(
-                            "gradient norm", step + 1, f"micro-batches {group[0][0]}..{group[-1][0]}")
+                    accelerator.backward(losses.sum() * (scale if idx else 0.0))
+                step_stats.append(stats)
+                weights.append(len(idx))
+                tokens += int(batch.attention_mask.sum()) if idx else 0
+            # the norm is checked also when clipping is off (--max-grad-norm 0)
+            grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
+            merged, _, extra = distributed.reduce_weighted(accelerator, step_stats, weights,
+                                                           {"tokens": tokens, "nonfinite": float(nonfinite)})
+            tokens_window += int(extra["tokens"])
+            nonfinite = extra["nonfinite"] > 0
+            if not nonfinite and not torch.isfinite(grad_norm).all():
+                nonfinite = True
+                if not cfg.skip_nonfinite:
+                    raise common.nonfinite_error(
+                        "gradient norm", step + 1, f"micro-batches {group[0][0]}..{group[-1][0]}")
             if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -265,8 +276,7 @@ def train(cfg: DPOConfig) -> dict:
             micro = group[-1][0] + 1
             bar.update(1)
 
-            if step_stats and not nonfinite:
-                merged = common.mean_metrics([s for s, _ in step_stats], [w for _, w in step_stats])
+            if merged and not nonfinite:
                 merged["grad_norm"] = float(grad_norm)
                 window.append(merged)
             if step % cfg.logging_steps == 0 or step == steps:
@@ -299,38 +309,18 @@ def train(cfg: DPOConfig) -> dict:
     save_checkpoint()
     summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped,
                        "data/skipped_rows": report["skipped"], "data/truncated_rows": report["truncated"]}
+    full = distributed.model_state_dict(accelerator, model) if distributed.is_sharded(accelerator) else None
     if accelerator.is_main_process:
         if last_eval:
             run.log(step, last_eval)
         final = accelerator.unwrap_model(model)
         if cfg.lora:
             final = final.merge_and_unload()
-        from dpolab.train.common import save_pretrained_atomic
-
-        save_pretrained_atomic(final, tokenizer, run.final)
+        common.save_pretrained_atomic(final, tokenizer, run.final, state_dict=full)
         summary = run.write_summary(summary_metrics, steps=step)
         _print_summary(summary)
         return summary
     return summary_metrics
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _dedupe_shared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing storage (tied embeddings); clone the duplicates."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in weights.items():
-        ptr = v.data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
 
 
 def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
@@ -359,7 +349,7 @@ def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunD
     from safetensors.torch import load_file, save_file
 
     from dpolab.data import collate_preference, data_fingerprint
-    from dpolab.train import common
+    from dpolab.train import common, distributed
 
     ref_name = cfg.ref_model or cfg.model
     key = hashlib.sha256(json.dumps({
@@ -370,37 +360,56 @@ def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunD
     }, sort_keys=True).encode()).hexdigest()[:20]
     cache_dir = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else run.path / "cache"
     path = cache_dir / f"ref-logps-{key}.safetensors"
-    if path.is_file():
+    sizes = {"train": len(data.train), "eval": len(data.eval)}
+    # The main process decides (its file system is the one written to); its tables reach the
+    # others by a sum all-reduce with zeros elsewhere, so no process needs to read the file.
+    hit = distributed.global_sum(accelerator, [float(accelerator.is_main_process and path.is_file())])[0] > 0
+    if hit:
         accelerator.print(f"reference log-probs: cached {path}")
-        return load_file(str(path))
+        local = load_file(str(path)) if accelerator.is_main_process else {
+            split: torch.zeros(n, 2) for split, n in sizes.items()}
+        return _share_tables(accelerator, local)
     ref = common.load_causal_lm(ref_name, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    ref.requires_grad_(False).eval()
-    ref = ref.to(accelerator.device)
+    ref = distributed.prepare_reference(accelerator, ref)
     from tqdm.auto import tqdm
 
     from dpolab.lm import model_sequence_logps
 
-    out = {}
+    # Every pair is computed once: process r scores its block of each split, then the blocks are
+    # summed across processes (each row is nonzero on exactly one process).
+    local = {}
     bs = cfg.eval_batch_size or cfg.batch_size
     for split, pairs in (("train", data.train), ("eval", data.eval)):
         table = torch.zeros(len(pairs), 2, dtype=torch.float32)
-        for i in tqdm(range(0, len(pairs), bs), desc=f"reference {split}", disable=not cfg.progress,
-                      dynamic_ncols=True):
-            batch = collate_preference(pairs[i:i + bs], tokenizer.pad_token_id).to(accelerator.device)
+        shards = distributed.eval_shards(len(pairs), bs, accelerator)
+        for idx in tqdm(shards, desc=f"reference {split}", dynamic_ncols=True,
+                        disable=not (cfg.progress and accelerator.is_main_process)):
+            batch = collate_preference([pairs[i] for i in idx or [0]], tokenizer.pad_token_id).to(accelerator.device)
             with torch.no_grad():
                 logps, _ = model_sequence_logps(ref, batch.input_ids, batch.attention_mask, batch.loss_mask,
                                                 batch.position_ids)
+            if not idx:  # a stand-in batch (keeps sharded forward passes aligned); nothing to keep
+                continue
             B = batch.batch_size
             table[batch.index.cpu(), 0] = logps[:B].float().cpu()
             table[batch.index.cpu(), 1] = logps[B:].float().cpu()
-        out[split] = table
+        local[split] = table
     del ref
+    out = _share_tables(accelerator, local)
     if accelerator.is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(out, str(tmp))
         tmp.replace(path)
     return out
+
+
+def _share_tables(accelerator, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each table over processes (rows are filled on one process, zero on the others)."""
+    if accelerator.num_processes <= 1:
+        return tables
+    return {k: accelerator.reduce(v.to(accelerator.device), reduction="sum").cpu().contiguous()
+            for k, v in tables.items()}
 
 
 def _print_summary(summary: dict) -> None:
@@ -414,6 +423,7 @@ def _print_summary(summary: dict) -> None:
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(DPOConfig, argv, prog=prog, description=DESCRIPTION)
     summary = train(cfg)
-    if not summary.get("dry_run") and not summary.get("stopped"):
+    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
         print(f"done: {cfg.output_dir} (final model in {Path(cfg.output_dir) / 'final'})")
     return 0
+

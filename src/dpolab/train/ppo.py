@@ -140,7 +140,6 @@ class Rollout:
 # -- the loop -----------------------------------------------------------------------------------------
 def train(cfg: PPOConfig) -> dict:
     """Run PPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from dpolab.data.prompts import load_prompts
@@ -154,13 +153,13 @@ def train(cfg: PPOConfig) -> dict:
         entropy_from_logits,
         ppo_clip_loss,
     )
-    from dpolab.train import common
+    from dpolab.train import common, distributed
     from dpolab.value import PolicyWithValue, ValueHead, hidden_size_of
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    if accelerator.num_processes > 1:
+    accelerator = distributed.make_accelerator(cfg.mixed_precision)
+    if accelerator.num_processes > 1:  # a known limit (docs/scaling.md)
         raise ConfigError("dpolab ppo runs in a single process (one device); launch it without a "
-                          "multi-process accelerate config")
+                          "multi-process accelerate config (docs/scaling.md)")
     device = accelerator.device
     seed_everything(cfg.seed)
     tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

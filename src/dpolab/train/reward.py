@@ -18,6 +18,7 @@ import torch
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.distributed import is_main_process
 from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.
@@ -72,15 +73,13 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tenso
 
 def train(cfg: RewardConfig) -> dict:
     """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
-    from accelerate import Accelerator
-
     from dpolab.data import collate_preference, load_preference_data, pad_token_id_for
     from dpolab.losses.reward import bradley_terry_loss
     from dpolab.reward import RewardModel, load_reward_model
-    from dpolab.train import common
+    from dpolab.train import common, distributed
     from dpolab.train.supervised_loop import Task, run_loop
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = distributed.make_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length,
@@ -117,15 +116,16 @@ def train(cfg: RewardConfig) -> dict:
         if not data.eval:
             return {}
         rows, weights = [], []
-        bs = cfg.eval_batch_size or cfg.batch_size
-        for i in range(0, len(data.eval), bs):
-            batch = collate_preference(data.eval[i:i + bs], pad_id).to(accelerator.device)
+        for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
+            batch = collate_preference([data.eval[i] for i in idx or [0]], pad_id).to(accelerator.device)
             rows.append(loss(batch)[1])
-            weights.append(batch.batch_size)
-        return common.mean_metrics(rows, weights)
+            weights.append(len(idx))  # 0: a stand-in batch keeping collective passes aligned
+        return distributed.reduce_weighted(accelerator, rows, weights)[0]
 
-    def save_final(path: Path) -> None:
-        common.save_pretrained_atomic(accelerator.unwrap_model(model).model, tokenizer, path)
+    def save_final(path: Path, state_dict) -> None:
+        if state_dict is not None:  # gathered from FSDP/DeepSpeed shards: keys of the RewardModel wrapper
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        common.save_pretrained_atomic(accelerator.unwrap_model(model).model, tokenizer, path, state_dict=state_dict)
 
     task = Task(name="rm", make_batch=lambda idx: collate_preference([data.train[i] for i in idx], pad_id)
                 .to(accelerator.device), units=lambda b: b.batch_size, tokens=lambda b: int(b.attention_mask.sum()),
@@ -141,6 +141,6 @@ def train(cfg: RewardConfig) -> dict:
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(RewardConfig, argv, prog=prog, description=DESCRIPTION)
     summary = train(cfg)
-    if not summary.get("dry_run") and not summary.get("stopped"):
+    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
         print(f"done: {cfg.output_dir} (final reward model in {Path(cfg.output_dir) / 'final'})")
     return 0

@@ -19,6 +19,7 @@ import torch
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.rundir import RunDir, seed_everything
+from dpolab.train.distributed import is_main_process
 from dpolab.train.options import BatchOptions, LoraOptions, ModelOptions, OptimizerOptions, RunOptions
 
 DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.
@@ -86,14 +87,15 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    from accelerate import Accelerator
-
     from dpolab.data.collate import pad_token_id_for
     from dpolab.data.sft import collate_sft, load_sft_data, pack_examples
-    from dpolab.train import common
+    from dpolab.train import common, distributed
     from dpolab.train.supervised_loop import Task, run_loop
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = distributed.make_accelerator(cfg.mixed_precision)
+    if cfg.lora and distributed.is_sharded(accelerator):
+        raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "
+                          "one process); use DDP for LoRA runs (docs/scaling.md)")
     seed_everything(cfg.seed)
     tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -131,18 +133,20 @@ def train(cfg: SFTConfig) -> dict:
         if not data.eval:
             return {}
         total, count = 0.0, 0
-        bs = cfg.eval_batch_size or cfg.batch_size
-        for i in range(0, len(data.eval), bs):
-            nll, n = batch_nll(model, collate_sft(data.eval[i:i + bs], pad_id).to(accelerator.device))
-            total, count = total + float(nll), count + int(n)
+        for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
+            nll, n = batch_nll(model, collate_sft([data.eval[i] for i in idx or [0]], pad_id).to(accelerator.device))
+            if idx:  # an empty block runs a stand-in batch (aligned collective passes), not counted
+                total, count = total + float(nll), count + int(n)
+        total, count = distributed.global_sum(accelerator, [total, count])  # per-token mean over all processes
+        count = int(count)
         mean = total / max(count, 1)
         return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
 
-    def save_final(path: Path) -> None:
+    def save_final(path: Path, state_dict) -> None:
         final = accelerator.unwrap_model(model)
         if cfg.lora:
             final = final.merge_and_unload()
-        common.save_pretrained_atomic(final, tokenizer, path)
+        common.save_pretrained_atomic(final, tokenizer, path, state_dict=state_dict)
 
     task = Task(name="sft", make_batch=lambda idx: collate_sft([rows[i] for i in idx], pad_id).to(accelerator.device),
                 units=lambda b: b.num_targets, tokens=lambda b: int(b.attention_mask.sum()), loss=loss,
@@ -159,6 +163,6 @@ def train(cfg: SFTConfig) -> dict:
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(SFTConfig, argv, prog=prog, description=DESCRIPTION)
     summary = train(cfg)
-    if not summary.get("dry_run") and not summary.get("stopped"):
+    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
         print(f"done: {cfg.output_dir} (final model in {Path(cfg.output_dir) / 'final'})")
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dpolab.rundir import RunDir
-from dpolab.train import common
+from dpolab.train import common, distributed
 
 
 @dataclass
@@ -34,8 +34,8 @@ class Task:
     loss(batch) -> (loss_sum, stats): the SUM of per-unit losses (scalar tensor with grad) and
         detached per-batch mean statistics (floats; ``"loss"`` among them).
     evaluate() -> dict: held-out metrics, un-prefixed (``{}`` if there is no eval set).
-    save_final(path): write the final Hugging Face folder.
-    trainable: the (unwrapped) module whose state a checkpoint holds.
+    save_final(path, state_dict): write the final Hugging Face folder (main process only);
+        ``state_dict`` is the gathered full weights under FSDP/DeepSpeed, else None.
     """
 
     name: str
@@ -64,7 +64,12 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
 
     ``cfg`` needs: grad_accum, max_grad_norm, skip_nonfinite, logging_steps, eval_steps,
     save_steps, progress, output_dir. ``model`` and ``optimizer`` are already ``accelerator``-prepared.
-    ``weight_filter(name) -> bool`` picks the weights a checkpoint stores (all by default)."""
+    ``weight_filter(name) -> bool`` picks the weights a checkpoint stores (all by default).
+
+    With W processes (``accelerate launch``) each backpropagates ``W * (its loss sum) / N`` with N
+    the step's loss units over ALL processes (one all-reduce per step), so DDP's gradient average
+    equals the single-process gradient (:mod:`dpolab.train.distributed`); a process left without
+    rows runs a stand-in row with weight 0. Metrics are reduced across processes."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -82,14 +87,16 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
         print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
 
     def save_checkpoint() -> None:
+        """Written once, by the main process; its RNG state is every process's (all are seeded alike)."""
         unwrapped = accelerator.unwrap_model(model)
         if not common.weights_finite(unwrapped):
             raise common.nonfinite_error("weights", step, "refusing to write a checkpoint")
+        full = distributed.model_state_dict(accelerator, model)  # collective under FSDP/DeepSpeed
         if not accelerator.is_main_process:
             return
 
         def write(d: Path) -> None:
-            weights = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items()
+            weights = {k: v.detach().contiguous().cpu() for k, v in full.items()
                        if weight_filter is None or weight_filter(k)}
             save_file(_dedupe_shared(weights), str(d / "model.safetensors"))
             common.write_training_state(d, optimizer=optimizer, scheduler=scheduler, state={
@@ -116,30 +123,34 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
     with common.StopSignal() as stop:
         while step < steps:
             group = [next(batches) for _ in range(cfg.grad_accum)]
-            made = [(k, idx, task.make_batch(idx)) for k, idx in group if idx]
-            total_units = sum(task.units(b) for _, _, b in made)
-            step_stats, weights, nonfinite = [], [], False
+            made = [(k, idx, task.make_batch(idx or [0])) for k, idx in group]  # [0]: stand-in, weight 0
+            units = [task.units(b) if idx else 0 for _, idx, b in made]
+            total_units = distributed.global_sum(accelerator, [sum(units)])[0]
+            scale = accelerator.num_processes / total_units if total_units > 0 else 0.0
+            step_stats, weights, nonfinite, tokens = [], [], False, 0
             for j, (k, idx, batch) in enumerate(made):
-                if total_units == 0:
+                if total_units == 0:  # no loss unit on any process: every process skips alike
                     break
-                sync = j == len(made) - 1
-                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _Null()
-                with ctx:
+                with distributed.accumulation_context(accelerator, model, sync=j == len(made) - 1):
                     loss_sum, stats = task.loss(batch)
-                    if not torch.isfinite(loss_sum).all():
-                        nonfinite = True
+                    if idx and not torch.isfinite(loss_sum).all():
+                        nonfinite = True  # every process still runs its backward passes (no hang)
                         where = f"micro-batch {k}, rows {idx[:8]}{'...' if len(idx) > 8 else ''}"
                         if not cfg.skip_nonfinite:
                             raise common.nonfinite_error("loss", step + 1, where)
-                        break
-                    accelerator.backward(loss_sum / total_units)
+                    accelerator.backward(loss_sum * (scale if idx else 0.0))
                 step_stats.append(stats)
-                weights.append(task.units(batch))
-                tokens_window += task.tokens(batch)
+                weights.append(units[j])
+                tokens += task.tokens(batch) if idx else 0
             grad_norm = torch.tensor(0.0)
-            if not nonfinite:  # checked also with clipping off (--max-grad-norm 0)
+            merged: dict[str, float] = {}
+            if total_units > 0:  # the norm is checked also with clipping off (--max-grad-norm 0)
                 grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
-                if not torch.isfinite(grad_norm).all():
+                merged, _, extra = distributed.reduce_weighted(accelerator, step_stats, weights,
+                                                               {"tokens": tokens, "nonfinite": float(nonfinite)})
+                tokens_window += int(extra["tokens"])
+                nonfinite = extra["nonfinite"] > 0
+                if not nonfinite and not torch.isfinite(grad_norm).all():
                     nonfinite = True
                     if not cfg.skip_nonfinite:
                         raise common.nonfinite_error("gradient norm", step + 1, f"micro-batches {group[0][0]}..")
@@ -153,8 +164,7 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
             micro = group[-1][0] + 1
             bar.update(1)
 
-            if step_stats and sum(weights) > 0 and not nonfinite:
-                merged = common.mean_metrics(step_stats, weights)
+            if merged and not nonfinite:
                 merged["grad_norm"] = float(grad_norm)
                 window.append(merged)
             if step % cfg.logging_steps == 0 or step == steps:
@@ -186,22 +196,15 @@ def run_loop(cfg: Any, task: Task, *, accelerator, model, optimizer, scheduler, 
     save_checkpoint()
     summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped,
                        "data/skipped_rows": report["skipped"], "data/truncated_rows": report["truncated"]}
+    full = distributed.model_state_dict(accelerator, model) if distributed.is_sharded(accelerator) else None
     if accelerator.is_main_process:
         if last_eval:
             run.log(step, last_eval)
-        task.save_final(run.final)
+        task.save_final(run.final, full)
         summary = run.write_summary(summary_metrics, steps=step)
         print_summary(summary, ["steps", "eval/loss", "eval/accuracy", "loss", "wall_seconds"])
         return summary
     return summary_metrics
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def print_summary(summary: dict, keys: list[str]) -> None:

@@ -1,0 +1,156 @@
+"""Running the LM trainers on several processes through Hugging Face accelerate (docs/scaling.md).
+
+dpolab has no distributed layer of its own: ``accelerate launch`` (or ``torchrun``) starts the
+processes and :class:`accelerate.Accelerator` wraps the model (DDP, FSDP, DeepSpeed). This module
+holds the few decisions every trainer makes the same way:
+
+* :func:`make_accelerator` builds the ``Accelerator`` and refuses set-ups that would silently run
+  something else than asked (several processes that do not see each other; FSDP/DeepSpeed that
+  accelerate ignored on CPU).
+* Exact data parallelism: process ``r`` of ``W`` receives its slice of each global micro-batch
+  (:class:`dpolab.train.common.BatchOrder`); DDP *averages* gradients over the ``W`` processes, so a
+  process backpropagates ``W * sum(local losses) / N`` with ``N`` the step's GLOBAL count of loss
+  units. Then the averaged gradient is ``(1/W) * sum_r W * grad(sum_r) / N = grad(sum of all) / N``,
+  the single-process gradient, also when the shards are uneven. A process whose slice is empty still
+  runs forward and backward (on a stand-in row with weight 0): DDP's gradient all-reduce needs every
+  process.
+* Metrics are weighted sums reduced across processes (:func:`reduce_weighted`), so logged values are
+  means over all examples of the step, not over one process's share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from dpolab.errors import ConfigError
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An :class:`accelerate.Accelerator` for the process group the launcher started.
+
+    ``torchrun``/``accelerate launch`` on a machine without a GPU set ``WORLD_SIZE`` > 1, but
+    accelerate 1.x only forms a CPU (gloo) group when told to use the CPU; without it every process
+    would train alone and they would overwrite each other's run directory. So with several
+    processes and no CUDA device the CPU is selected here. Raises :class:`ConfigError` when the
+    launcher asked for several processes, FSDP or DeepSpeed and accelerate did not set it up."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cpu = world > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    kind = accelerator.distributed_type
+    if world > 1 and accelerator.num_processes != world:
+        raise ConfigError(f"the launcher started {world} processes but accelerate set up {accelerator.num_processes} "
+                          f"({kind}); each would train alone. Launch with `accelerate launch` or `torchrun`.")
+    if _env_flag("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
+        raise ConfigError(f"FSDP was requested but accelerate set up {kind.value}: accelerate shards with FSDP only "
+                          "on GPUs (and other accelerators), not on CPU processes. Use a DDP config "
+                          "(examples/accelerate/ddp_cpu.yaml) on CPU.")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
+        raise ConfigError(f"DeepSpeed was requested but accelerate set up {kind.value} (DeepSpeed needs GPUs and the "
+                          "`deepspeed` package).")
+    return accelerator
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of the group the trainer ran in (True without one)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def is_sharded(accelerator) -> bool:
+    """True when parameters are split across processes (FSDP, DeepSpeed): gathering the weights
+    and running a forward pass are then collective operations every process must join."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def prepare_reference(accelerator, ref_model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen reference model ready for inference in the current mode.
+
+    Plain and DDP runs: a full copy on this process's device (no wrapper: it receives no
+    gradients, so there is nothing to all-reduce). FSDP/DeepSpeed: ``prepare_model(...,
+    evaluation_mode=True)`` shards it like the policy, so it does not need a full copy per device."""
+    ref_model.requires_grad_(False).eval()
+    if is_sharded(accelerator):
+        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+        ref_model.eval()
+        return ref_model
+    return ref_model.to(accelerator.device)
+
+
+def global_sum(accelerator, values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over all processes (one all-reduce; a copy with one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.cpu().tolist()
+
+
+def reduce_weighted(accelerator, rows: list[dict[str, float]], weights: list[float],
+                    sums: dict[str, float] | None = None) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Example-weighted means of metric rows over all processes, with extra plain sums.
+
+    ``rows[i]`` (same keys on every process: a stand-in row with weight 0 provides them where a
+    process had no data) weighs ``weights[i]`` examples. Returns ``(means, total_weight, sums)``
+    where ``means[k] = sum_{procs, i} w_i * rows[i][k] / sum w_i`` (empty when the total weight is
+    0) and ``sums`` holds each extra value summed over processes. One all-reduce."""
+    sums = dict(sums or {})
+    keys = list(rows[0]) if rows else []
+    vec = [sum(w * r[k] for r, w in zip(rows, weights) if w) for k in keys]
+    vec += [float(sum(weights))] + [float(v) for v in sums.values()]
+    out = global_sum(accelerator, vec)
+    total = out[len(keys)]
+    means = {k: out[i] / total for i, k in enumerate(keys)} if total > 0 else {}
+    return means, total, dict(zip(sums, out[len(keys) + 1:]))
+
+
+def eval_shards(n: int, batch_size: int, accelerator) -> list[list[int]]:
+    """This process's evaluation batches over rows ``0..n-1``.
+
+    Process ``r`` takes the contiguous block ``[r*ceil(n/W), (r+1)*ceil(n/W))``; every process gets
+    the SAME number of batches (empty lists where its block ran out), because under FSDP/DeepSpeed
+    each forward pass is collective. Callers run an empty batch on a stand-in row with weight 0."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = math.ceil(n / world) if n else 0
+    mine = list(range(min(n, rank * per), min(n, (rank + 1) * per)))
+    n_batches = math.ceil(per / batch_size) if per else 0
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+def model_state_dict(accelerator, model) -> dict[str, Any]:
+    """The full (unsharded) state dict of a prepared model. Under FSDP/DeepSpeed this gathers the
+    shards, a collective operation: EVERY process must call it, even though only the main process
+    writes the result."""
+    if is_sharded(accelerator):
+        return accelerator.get_state_dict(model)
+    return accelerator.unwrap_model(model).state_dict()
+
+
+class NullContext:
+    """``contextlib.nullcontext`` look-alike used where DDP's ``no_sync`` is not needed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def accumulation_context(accelerator, model, sync: bool):
+    """``no_sync`` for micro-batches before the last of a step (skip DDP's all-reduce; the last
+    one reduces the accumulated sum), a no-op otherwise."""
+    if not sync and accelerator.num_processes > 1:
+        return accelerator.no_sync(model)
+    return NullContext()
