@@ -33,6 +33,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
+FSDP_ON_CPU = ("FSDP is not available on CPU processes: accelerate (1.15) builds its FSDP plugin only for a "
+               "GPU or other accelerator device. Use DDP on CPU (examples/accelerate/ddp_cpu.yaml), FSDP on GPUs.")
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An :class:`accelerate.Accelerator` for the process group the launcher started.
 
@@ -46,15 +50,18 @@ def make_accelerator(mixed_precision: str = "no"):
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     cpu = world > 1 and not torch.cuda.is_available()
+    if _env_flag("ACCELERATE_USE_FSDP") and cpu:
+        # accelerate 1.15's FullyShardedDataParallelPlugin.__post_init__ raises "There are currently
+        # no available devices found" without a CUDA/XPU/MLU/NPU/MUSA/HPU device, and its state
+        # switches to FSDP only from a multi-device type, never from MULTI_CPU.
+        raise ConfigError(FSDP_ON_CPU)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     kind = accelerator.distributed_type
     if world > 1 and accelerator.num_processes != world:
         raise ConfigError(f"the launcher started {world} processes but accelerate set up {accelerator.num_processes} "
                           f"({kind}); each would train alone. Launch with `accelerate launch` or `torchrun`.")
     if _env_flag("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
-        raise ConfigError(f"FSDP was requested but accelerate set up {kind.value}: accelerate shards with FSDP only "
-                          "on GPUs (and other accelerators), not on CPU processes. Use a DDP config "
-                          "(examples/accelerate/ddp_cpu.yaml) on CPU.")
+        raise ConfigError(f"FSDP was requested but accelerate set up {kind.value}. " + FSDP_ON_CPU)
     if _env_flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
         raise ConfigError(f"DeepSpeed was requested but accelerate set up {kind.value} (DeepSpeed needs GPUs and the "
                           "`deepspeed` package).")

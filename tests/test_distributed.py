@@ -1,0 +1,183 @@
+"""Multi-process training through ``accelerate launch`` on 2 CPU processes (gloo).
+
+Exactness: with DDP each process backpropagates W * (its loss sum) / (the step's GLOBAL count),
+so 2 processes x 8 pairs must give the weights of 1 process x 16 pairs. The data sizes make the
+second micro-batch hold ONE row (uneven: process 1 gets none and runs a stand-in row with weight 0)
+and the third start a new epoch, so uneven and empty shards are exercised. SGD without clipping
+makes any loss-scale error show in the weights (a factor 2 error moves them by ~lr * |grad|).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_dpo import write_rule_data  # noqa: E402
+from test_train_sft import write_sft_data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+SGD = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", "0", "--max-steps", "3",
+       "--logging-steps", "1", "--lr-scheduler", "constant", "--no-progress")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: str, argv: list[str], *, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file examples/accelerate/CONFIG -m dpolab ARGV`` on ``nproc``
+    CPU processes; the whole process group is killed on timeout (no stray workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / config),
+           "--num_processes", str(nproc), "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "-m", "dpolab", *map(str, argv)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"accelerate launch timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(one: Path, two: Path, metric_keys: tuple[str, ...]) -> None:
+    wa, wb, init = _weights(one), _weights(two), load_file(str(one.parent / "init.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    moved = max(float((wa[k] - init[k]).abs().max()) for k in wa if k in init)
+    assert moved > 1e-2, "the weights hardly moved: the comparison would not detect a scale error"
+    # metrics are reduced across processes: the logged step means equal the single-process ones
+    ma, mb = _metrics(one), _metrics(two)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key in metric_keys:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-5), (key, ra["step"])
+    # written once, by the main process: one checkpoint, no temporary folders left behind
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["latest", "step-3"]
+
+
+def _save_init(model_dir: Path, where: Path) -> None:
+    (where / "init.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+
+
+def test_dpo_two_processes_equal_one_process_with_shared_reference(tiny_model_dir, tmp_path):
+    """17 pairs, 2 x 8 per process vs 16 in one process; the reference pass is precomputed once
+    (each process scores its block, the tables are summed) and must equal the single-process one."""
+    data = write_rule_data(tmp_path / "prefs.jsonl", n=17, seed=1)
+    eval_data = write_rule_data(tmp_path / "eval.jsonl", n=5, seed=2)  # odd: blocks of 3 and 2
+    _save_init(tiny_model_dir, tmp_path)
+    common = ["dpo", "--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--max-length", 48,
+              "--max-prompt-length", 24, "--precompute-ref", *SGD]
+    assert main([*map(str, common), "--output-dir", str(tmp_path / "one"), "--batch-size", "16"]) == 0
+    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.count("done:") == 1  # the final message comes from the main process only
+    _assert_same_run(tmp_path / "one", tmp_path / "two",
+                     ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "eval/loss"))
+    sa = json.loads((tmp_path / "one" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert sb["eval/loss"] == pytest.approx(sa["eval/loss"], abs=1e-5)
+    assert sb["eval/rewards/margins"] == pytest.approx(sa["eval/rewards/margins"], abs=1e-5)
+    (ca,), (cb,) = [list((tmp_path / r / "cache").glob("ref-logps-*.safetensors")) for r in ("one", "two")]
+    ta, tb = load_file(str(ca)), load_file(str(cb))
+    assert tb["train"].shape == (17, 2) and tb["eval"].shape == (5, 2)
+    assert (tb["train"] != 0).all() and (tb["eval"] != 0).all()  # every row filled by some process
+    for split in ("train", "eval"):
+        torch.testing.assert_close(tb[split], ta[split], atol=1e-5, rtol=0)
+
+
+def test_sft_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+    """SFT divides by the step's target TOKENS over all processes (an all-reduce per step):
+    completions of different lengths make a per-process normaliser visibly wrong."""
+    data = write_sft_data(tmp_path / "sft.jsonl", n=17, seed=3)
+    eval_data = write_sft_data(tmp_path / "eval.jsonl", n=5, seed=4)
+    _save_init(tiny_model_dir, tmp_path)
+    common = ["sft", "--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--max-length", 48, *SGD]
+    assert main([*map(str, common), "--output-dir", str(tmp_path / "one"), "--batch-size", "16"]) == 0
+    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8])
+    assert res.returncode == 0, res.stderr[-4000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "two", ("loss", "eval/loss"))
+    sa = json.loads((tmp_path / "one" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert sb["eval/loss"] == pytest.approx(sa["eval/loss"], abs=1e-5)
+    assert sb["eval/tokens"] == sa["eval/tokens"]  # each eval token counted once
+
+
+def test_fsdp_on_cpu_processes(tiny_model_dir, tmp_path):
+    """FSDP through accelerate on 2 CPU processes: runs and saves a model that loads in one
+    process where accelerate supports it; otherwise a clear one-line error (never a silent DDP
+    run) and the test is skipped with that reason (docs/scaling.md)."""
+    from dpolab.train.distributed import FSDP_ON_CPU
+
+    data = write_rule_data(tmp_path / "prefs.jsonl", n=8)
+    out = tmp_path / "fsdp"
+    res = launch("fsdp.yaml", ["dpo", "--model", tiny_model_dir, "--data", data, "--output-dir", out,
+                               "--max-length", 48, "--max-prompt-length", 24, "--eval-fraction", 0,
+                               "--batch-size", 4, "--max-steps", 1, "--no-progress"])
+    if res.returncode != 0:
+        assert FSDP_ON_CPU in res.stderr, res.stderr[-4000:]
+        assert "dpolab/train" not in res.stderr, res.stderr[-4000:]  # a one-line error, not our traceback
+        assert not out.exists()
+        pytest.skip(f"accelerate {__import__('accelerate').__version__} + torch {torch.__version__}: {FSDP_ON_CPU}")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
+    """``torchrun`` on a machine without GPU: accelerate alone would make each process a
+    single-process run (they would overwrite one run directory); make_accelerator forms the gloo
+    group, and the reduction helpers sum over it."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json\n"
+        "from dpolab.train import distributed\n"
+        "acc = distributed.make_accelerator()\n"
+        "r = acc.process_index\n"
+        # process 0: rows (1.0 w=1), (3.0 w=1); process 1: a stand-in row (w=0) -> mean 2.0 over 2 examples
+        "rows = [{'x': 1.0}, {'x': 3.0}] if r == 0 else [{'x': 100.0}]\n"
+        "w = [1, 1] if r == 0 else [0]\n"
+        "means, total, sums = distributed.reduce_weighted(acc, rows, w, {'tokens': 10 * (r + 1)})\n"
+        "shards = distributed.eval_shards(5, 2, acc)\n"
+        "print(json.dumps({'rank': r, 'world': acc.num_processes, 'means': means, 'total': total,\n"
+        "                  'sums': sums, 'shards': shards}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
+                         env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = sorted((json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")), key=lambda d: d["rank"])
+    assert [r["world"] for r in rows] == [2, 2]
+    for r in rows:
+        assert r["means"] == {"x": 2.0} and r["total"] == 2.0 and r["sums"] == {"tokens": 30.0}
+    # 5 rows, blocks of ceil(5/2) = 3: [0,1,2] and [3,4]; batches of 2, the same count on both
+    assert rows[0]["shards"] == [[0, 1], [2]] and rows[1]["shards"] == [[3, 4], []]
