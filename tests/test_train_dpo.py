@@ -179,3 +179,30 @@ def test_help_documents_every_option():
 
     for f in fields(DPOConfig):
         assert "--" + f.name.replace("_", "-") in res.stdout, f.name
+
+
+def test_prefix_sharing_trains_like_the_plain_batch(tiny_model_dir, rule_data, tmp_path):
+    """--prefix-sharing computes the prompt once per pair; the result equals the plain (2B, T) path."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--batch-size", "4")
+    _run(tiny_model_dir, rule_data, tmp_path / "plain", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "shared", "--prefix-sharing", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "shared-pre", "--prefix-sharing", "--precompute-ref", *common)
+    wa = _weights(tmp_path / "plain")
+    for other in ("shared", "shared-pre"):
+        wb = _weights(tmp_path / other)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_length_bucketed_run_resumes_exactly(tiny_model_dir, rule_data, tmp_path):
+    common = ("--group-by-length", "--learning-rate", "1e-3", "--max-steps", "6", "--batch-size", "4",
+              "--save-steps", "3", "--save-total-limit", "5")
+    full = tmp_path / "full"
+    _run(tiny_model_dir, rule_data, full, *common)
+    resumed = tmp_path / "resumed"
+    _run(tiny_model_dir, rule_data, resumed, "--resume", full / "checkpoints" / "step-3", *common)
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    plain = tmp_path / "plain"
+    _run(tiny_model_dir, rule_data, plain, *[c for c in common if c != "--group-by-length"])
+    assert any(not torch.equal(wa[k], _weights(plain)[k]) for k in wa)  # the batches really differ

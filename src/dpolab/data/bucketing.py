@@ -85,6 +85,11 @@ class BucketedBatchOrder:
         self._cache = {epoch: batches}  # keep one epoch: iterate() moves forward
         return batches
 
+    def global_size(self, k: int) -> int:
+        """Rows in micro-batch ``k`` over all processes (the exact multi-process loss normaliser)."""
+        epoch, j = divmod(k, self.per_epoch)
+        return len(self.epoch_batches(epoch)[j])
+
     def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(micro_batch_number, row indices)`` forever, starting at micro-batch ``start``."""
         k = start

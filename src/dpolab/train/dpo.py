@@ -54,6 +54,9 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
+    prefix_sharing: bool = opt(False, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
+                               "prompt is computed once (models accepting custom masks, e.g. Llama family)")
+    group_by_length: bool = opt(False, "length-bucketed batches (seeded, resumable): less padding, still shuffled")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -79,7 +82,7 @@ def train(cfg: DPOConfig) -> dict:
     """Run DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     from tqdm.auto import tqdm
 
-    from dpolab.data import collate_preference, load_preference_data
+    from dpolab.data import load_preference_data
     from dpolab.losses.dpo import PairLogps, needs_reference, preference_loss
     from dpolab.train import common, distributed
     from dpolab.train.supervised_loop import _dedupe_shared
@@ -121,8 +124,14 @@ def train(cfg: DPOConfig) -> dict:
                                               trust_remote_code=cfg.trust_remote_code)
             ref_model = distributed.prepare_reference(accelerator, ref_model)
 
-    order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
-                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    if cfg.group_by_length:
+        from dpolab.data.bucketing import BucketedBatchOrder, pair_lengths
+
+        order = BucketedBatchOrder(pair_lengths(data.train), cfg.batch_size, cfg.seed,
+                                   world_size=accelerator.num_processes, rank=accelerator.process_index)
+    else:
+        order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
+                                  world_size=accelerator.num_processes, rank=accelerator.process_index)
     steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
     optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
@@ -130,11 +139,9 @@ def train(cfg: DPOConfig) -> dict:
 
     def pair_logps(batch, idx_split: str) -> PairLogps:
         """Policy (and reference) summed response log-probs for one PreferenceBatch."""
-        from dpolab.lm import model_sequence_logps
 
         B = batch.batch_size
-        logps, lengths = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                              batch.position_ids)
+        logps, lengths = batch_logps(model, batch)
         ref_c = ref_r = None
         if use_ref:
             with torch.no_grad():
@@ -171,7 +178,7 @@ def train(cfg: DPOConfig) -> dict:
         rows, weights = [], []
         with torch.no_grad():
             for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
-                batch = collate_preference([data.eval[i] for i in idx or [0]], tokenizer.pad_token_id)
+                batch = collate_pairs(cfg, [data.eval[i] for i in idx or [0]], tokenizer.pad_token_id)
                 _, stats = loss_and_stats(batch.to(accelerator.device), "eval")
                 rows.append(stats)
                 weights.append(len(idx))  # 0: a stand-in batch that keeps collective passes aligned
@@ -241,7 +248,7 @@ def train(cfg: DPOConfig) -> dict:
             scale = accelerator.num_processes / sum(order.global_size(k) for k, _ in group)
             step_stats, weights, nonfinite, tokens = [], [], False, 0
             for j, (k, idx) in enumerate(group):
-                batch = collate_preference([data.train[i] for i in idx or [0]], tokenizer.pad_token_id)
+                batch = collate_pairs(cfg, [data.train[i] for i in idx or [0]], tokenizer.pad_token_id)
                 batch = batch.to(accelerator.device)
                 with distributed.accumulation_context(accelerator, model, sync=j == len(group) - 1):
                     losses, stats = loss_and_stats(batch, "train")
@@ -253,7 +260,7 @@ def train(cfg: DPOConfig) -> dict:
                     accelerator.backward(losses.sum() * (scale if idx else 0.0))
                 step_stats.append(stats)
                 weights.append(len(idx))
-                tokens += int(batch.attention_mask.sum()) if idx else 0
+                tokens += batch_tokens(batch) if idx else 0
             # the norm is checked also when clipping is off (--max-grad-norm 0)
             grad_norm = common.grad_norm_(model.parameters(), cfg.max_grad_norm, accelerator)
             merged, _, extra = distributed.reduce_weighted(accelerator, step_stats, weights,
@@ -327,16 +334,40 @@ def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
     """Summed response log-probs under the reference for a whole (2B, T) batch.
 
     ``ref_model`` None means a PEFT policy: the reference is its base with adapters disabled."""
-    from dpolab.lm import model_sequence_logps
 
     if ref_model is None:
         with accelerator.unwrap_model(policy).disable_adapter():
-            logps, _ = model_sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                            batch.position_ids)
+            logps, _ = batch_logps(policy, batch)
         return logps.detach()
-    logps, _ = model_sequence_logps(ref_model, batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                    batch.position_ids)
+    logps, _ = batch_logps(ref_model, batch)
     return logps.detach()
+
+
+def collate_pairs(cfg: DPOConfig, pairs, pad_token_id: int):
+    """A plain (2B, T) PreferenceBatch, or with --prefix-sharing a (B, L) PrefixSharedBatch."""
+    if cfg.prefix_sharing:
+        from dpolab.prefix import collate_prefix_shared
+
+        return collate_prefix_shared(pairs, pad_token_id)
+    from dpolab.data import collate_preference
+
+    return collate_preference(pairs, pad_token_id)
+
+
+def batch_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts, (2B,) each (chosen rows, then rejected),
+    for either batch layout; the two are equal up to summation order (tests/test_perf_prefix.py)."""
+    from dpolab.lm import model_sequence_logps
+    from dpolab.prefix import PrefixSharedBatch, prefix_shared_logps
+
+    if isinstance(batch, PrefixSharedBatch):
+        return prefix_shared_logps(model, batch)
+    return model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask, batch.position_ids)
+
+
+def batch_tokens(batch) -> int:
+    """Tokens the forward pass runs (not counting pads)."""
+    return batch.num_tokens if hasattr(batch, "num_tokens") else int(batch.attention_mask.sum())
 
 
 def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunDir) -> dict[str, torch.Tensor]:
@@ -348,7 +379,7 @@ def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunD
     ``TokenizedPair.index``."""
     from safetensors.torch import load_file, save_file
 
-    from dpolab.data import collate_preference, data_fingerprint
+    from dpolab.data import data_fingerprint
     from dpolab.train import common, distributed
 
     ref_name = cfg.ref_model or cfg.model
@@ -373,7 +404,6 @@ def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunD
     ref = distributed.prepare_reference(accelerator, ref)
     from tqdm.auto import tqdm
 
-    from dpolab.lm import model_sequence_logps
 
     # Every pair is computed once: process r scores its block of each split, then the blocks are
     # summed across processes (each row is nonzero on exactly one process).
@@ -384,10 +414,9 @@ def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunD
         shards = distributed.eval_shards(len(pairs), bs, accelerator)
         for idx in tqdm(shards, desc=f"reference {split}", dynamic_ncols=True,
                         disable=not (cfg.progress and accelerator.is_main_process)):
-            batch = collate_preference([pairs[i] for i in idx or [0]], tokenizer.pad_token_id).to(accelerator.device)
+            batch = collate_pairs(cfg, [pairs[i] for i in idx or [0]], tokenizer.pad_token_id).to(accelerator.device)
             with torch.no_grad():
-                logps, _ = model_sequence_logps(ref, batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                                batch.position_ids)
+                logps, _ = batch_logps(ref, batch)
             if not idx:  # a stand-in batch (keeps sharded forward passes aligned); nothing to keep
                 continue
             B = batch.batch_size
