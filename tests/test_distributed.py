@@ -168,14 +168,16 @@ def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
         "w = [1, 1] if r == 0 else [0]\n"
         "means, total, sums = distributed.reduce_weighted(acc, rows, w, {'tokens': 10 * (r + 1)})\n"
         "shards = distributed.eval_shards(5, 2, acc)\n"
-        "print(json.dumps({'rank': r, 'world': acc.num_processes, 'means': means, 'total': total,\n"
-        "                  'sums': sums, 'shards': shards}))\n")
+        "import pathlib, sys\n"
+        "pathlib.Path(sys.argv[1], f'rank{r}.json').write_text(json.dumps({'rank': r, 'world': acc.num_processes,\n"
+        "    'means': means, 'total': total, 'sums': sums, 'shards': shards}))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
     torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script), str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = sorted((json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")), key=lambda d: d["rank"])
+    # one file per rank: two processes printing to one stdout can interleave their lines
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in rows] == [2, 2]
     for r in rows:
         assert r["means"] == {"x": 2.0} and r["total"] == 2.0 and r["sums"] == {"tokens": 30.0}
