@@ -170,7 +170,9 @@ def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
         "shards = distributed.eval_shards(5, 2, acc)\n"
         "import pathlib, sys\n"
         "pathlib.Path(sys.argv[1], f'rank{r}.json').write_text(json.dumps({'rank': r, 'world': acc.num_processes,\n"
-        "    'means': means, 'total': total, 'sums': sums, 'shards': shards}))\n")
+        "    'means': means, 'total': total, 'sums': sums, 'shards': shards}))\n"
+        "import torch.distributed as dist\n"
+        "dist.destroy_process_group()  # as dpolab.cli does: a live group can abort a rank at exit\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script), str(tmp_path)],

@@ -85,15 +85,30 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module = importlib.import_module(entry[0])
         try:
-            if entry[0] == "dpolab.rl.cli":  # one module serves several rl subcommands
-                return int(module.cli_main(argv, prog, command=name) or 0)
-            return int(module.cli_main(argv, prog) or 0)
-        except DpolabError as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
+            return _run(module, entry[0], argv, prog, name)
+        finally:
+            _close_process_group()
+
+
+def _run(module, module_name: str, argv: list[str], prog: str, name: str) -> int:
+    try:
+        if module_name == "dpolab.rl.cli":  # one module serves several rl subcommands
+            return int(module.cli_main(argv, prog, command=name) or 0)
+        return int(module.cli_main(argv, prog) or 0)
+    except DpolabError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _close_process_group() -> None:
+    """Multi-process runs (accelerate launch, torchrun): leave the process group before exiting;
+    exiting with a live gloo/NCCL group can abort a rank (exit -6) after a finished run."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
