@@ -7,7 +7,7 @@ DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo lint bench clean
+.PHONY: setup test test-slow demo lint bench bench-quick bench-ppo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,22 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dpolab demo $(DEMO_ARGS)
+
+# Benchmarks (bench/README.md): TRL lives only in .venv-bench, never in .venv.
+.venv-bench/.installed: pyproject.toml
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-bench/bin/python -m pip install --quiet -e . trl stable-baselines3 transformers==5.24.0 accelerate==1.15.0 peft==0.21.2 datasets
+	touch .venv-bench/.installed
+
+bench: .venv-bench/.installed
+	.venv-bench/bin/python bench/dpo_vs_trl.py
+
+bench-quick: .venv-bench/.installed
+	.venv-bench/bin/python bench/dpo_vs_trl.py --quick
+
+bench-ppo: .venv-bench/.installed
+	.venv-bench/bin/python bench/ppo_vs_sb3.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
