@@ -105,6 +105,10 @@ def train(cfg: DPOConfig) -> dict:
 
     use_ref = needs_reference(cfg.loss)
     model = common.load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    attn = getattr(model.config, "_attn_implementation", "eager")
+    if cfg.prefix_sharing and attn not in ("sdpa", "eager"):
+        raise ConfigError(f"--prefix-sharing needs a model that honours a 4D attention mask (sdpa or eager "
+                          f"attention); this one uses '{attn}'. Drop --prefix-sharing.")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora:
@@ -127,7 +131,10 @@ def train(cfg: DPOConfig) -> dict:
     if cfg.group_by_length:
         from dpolab.data.bucketing import BucketedBatchOrder, pair_lengths
 
-        order = BucketedBatchOrder(pair_lengths(data.train), cfg.batch_size, cfg.seed,
+        # the width a pair forces on its batch: [prompt|chosen|rejected] when prefix-shared
+        lengths = ([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
+                   if cfg.prefix_sharing else pair_lengths(data.train))
+        order = BucketedBatchOrder(lengths, cfg.batch_size, cfg.seed,
                                    world_size=accelerator.num_processes, rank=accelerator.process_index)
     else:
         order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
