@@ -362,3 +362,26 @@ def test_final_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_policy(ActorCritic(4, 2, True), target, {"tag": "new"})
     assert load_policy(target)[1]["tag"] == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_dry_run_validates_and_writes_nothing(algo, tmp_path, capsys):
+    from dpolab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["rl", algo, "--env", "CartPole-v1", "--dry-run", "--output-dir", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dry_run"] is True and summary["action_space"] == "Discrete(2)"
+    assert not out.exists()
+    assert main(["rl", algo, "--env", "NoSuchEnv-v0", "--dry-run", "--output-dir", str(out)]) == 2
+
+
+def test_save_total_limit_rotates_checkpoints(tmp_path):
+    from dpolab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "1024", "--checkpoint-every", "256",
+                 "--save-total-limit", "1", "--eval-every", "0", "--eval-episodes", "1", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    steps = [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    assert len(steps) == 1 and (out / "checkpoints" / "latest").read_text().strip() == steps[0]

@@ -31,6 +31,7 @@ from dpolab.rl.ppo import explained_variance
 from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
 from dpolab.rl.tracking import (
     Tracker,
+    dry_run_summary,
     load_checkpoint,
     plot_learning_curve,
     save_checkpoint,
@@ -68,6 +69,8 @@ class A2CConfig:
     eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
     stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
     checkpoint_every: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
     log_every: int = opt(10, "log training metrics every this many updates")
     threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
     progress: bool = opt(True, "show a tqdm progress bar")
@@ -122,6 +125,8 @@ def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollou
 def train(cfg: A2CConfig) -> dict:
     """Train A2C as configured; returns the summary (also written to summary.json)."""
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
+    if cfg.dry_run:
+        return dry_run_summary(cfg, envs)
     try:
         run = start_run(cfg)
     except BaseException:
@@ -237,7 +242,7 @@ def train(cfg: A2CConfig) -> dict:
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(A2CConfig, argv, prog, description=__doc__.split("\n\n")[0])
     summary = train(cfg)
-    if summary.get("stopped"):
+    if summary.get("stopped") or summary.get("dry_run"):
         return 0
     print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
           f"-> {cfg.output_dir}")

@@ -32,6 +32,7 @@ from dpolab.rl.nets import ActorCritic
 from dpolab.rl.rollout import Collector, evaluate, make_vec_env, space_dims
 from dpolab.rl.tracking import (
     Tracker,
+    dry_run_summary,
     load_checkpoint,
     plot_learning_curve,
     save_checkpoint,
@@ -74,6 +75,8 @@ class PPOConfig:
     eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
     stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
     checkpoint_every: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
     threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
     progress: bool = opt(True, "show a tqdm progress bar")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
@@ -160,6 +163,8 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
 def train(cfg: PPOConfig) -> dict:
     """Train PPO as configured; returns the summary (also written to summary.json)."""
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
+    if cfg.dry_run:
+        return dry_run_summary(cfg, envs)
     try:
         run = start_run(cfg)
     except BaseException:
@@ -275,7 +280,7 @@ def train(cfg: PPOConfig) -> dict:
 def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_config(PPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     summary = train(cfg)
-    if summary.get("stopped"):
+    if summary.get("stopped") or summary.get("dry_run"):
         return 0
     print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
           f"-> {cfg.output_dir}")

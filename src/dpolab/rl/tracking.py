@@ -73,7 +73,7 @@ class Tracker:
 
 def start_run(cfg: Any) -> RunDir:
     """Open the output directory; refuse to mix a new run into an existing one unless resuming."""
-    run = RunDir(cfg.output_dir)
+    run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     if cfg.resume is None and run.metrics_path.exists():
         raise DpolabError(f"{run.path} already holds a run; pass --resume latest to continue it "
                           "or choose another --output-dir")
@@ -150,3 +150,18 @@ def plot_learning_curve(run: RunDir, title: str) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def dry_run_summary(cfg: Any, envs) -> dict:
+    """--dry-run: the config was validated and the environment built; print what a run would do, write
+    nothing, close the environments."""
+    import json
+
+    try:
+        obs, act = envs.single_observation_space, envs.single_action_space
+        summary = {"dry_run": True, "env": cfg.env, "n_envs": cfg.n_envs, "total_steps": cfg.total_steps,
+                   "observation_space": str(obs), "action_space": str(act), "output_dir": cfg.output_dir}
+    finally:
+        envs.close()
+    print(json.dumps(summary, indent=2))
+    return summary
