@@ -39,7 +39,7 @@ def run_ours(seed: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cfg = make_config(PPOConfig, dict(env="CartPole-v1", total_steps=args.total_steps, seed=seed,
                                           eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                                          checkpoint_every=0, progress=False, output_dir=d + "/run"))
+                                          save_steps=0, progress=False, output_dir=d + "/run"))
         t0 = time.perf_counter()
         summary = train(cfg)
         wall = time.perf_counter() - t0 - summary["eval_seconds"]

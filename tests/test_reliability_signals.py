@@ -132,7 +132,7 @@ def test_gym_ppo_sigterm_then_resume_latest_is_bitwise_exact(tmp_path):
 
     argv = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "4096", "--n-envs", "2", "--n-steps", "32",
             "--batch-size", "32", "--n-epochs", "2", "--eval-every", "1024", "--eval-episodes", "2",
-            "--checkpoint-every", "0", "--seed", "3", "--no-progress"]
+            "--save-steps", "0", "--seed", "3", "--no-progress"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main([*argv, "--output-dir", str(ref)]) == 0
 

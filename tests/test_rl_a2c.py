@@ -23,7 +23,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> A2CConfig:
-    base = dict(total_steps=400, n_envs=4, n_steps=5, eval_every=200, eval_episodes=2, checkpoint_every=200,
+    base = dict(total_steps=400, n_envs=4, n_steps=5, eval_every=200, eval_episodes=2, save_steps=200,
                 log_every=3, progress=False, output_dir=str(tmp_path / name))
     return make_config(A2CConfig, {**base, **kw})
 

@@ -28,7 +28,7 @@ def _rows(path: Path) -> list[dict]:
 
 def _cfg(tmp_path: Path, name: str, **kw) -> PPOConfig:
     base = dict(total_steps=256, n_envs=2, n_steps=32, batch_size=32, n_epochs=2, eval_every=128,
-                eval_episodes=2, checkpoint_every=128, progress=False, output_dir=str(tmp_path / name))
+                eval_episodes=2, save_steps=128, progress=False, output_dir=str(tmp_path / name))
     return make_config(PPOConfig, {**base, **kw})
 
 

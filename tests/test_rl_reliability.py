@@ -29,9 +29,9 @@ from dpolab.rundir import RunDir
 
 PPO_ARGS = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "640", "--n-envs", "2", "--n-steps", "32",
             "--batch-size", "32", "--n-epochs", "2", "--eval-every", "256", "--eval-episodes", "2",
-            "--checkpoint-every", "0", "--seed", "3", "--no-progress"]
+            "--save-steps", "0", "--seed", "3", "--no-progress"]
 A2C_ARGS = ["rl", "a2c", "--env", "CartPole-v1", "--total-steps", "400", "--n-envs", "4", "--n-steps", "5",
-            "--eval-every", "200", "--eval-episodes", "2", "--checkpoint-every", "0", "--log-every", "3",
+            "--eval-every", "200", "--eval-episodes", "2", "--save-steps", "0", "--log-every", "3",
             "--seed", "2", "--no-progress"]
 
 
@@ -169,7 +169,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     with pytest.raises(DpolabError, match="cannot read checkpoint"):
         ppo_mod.train(make_config(ppo_mod.PPOConfig, dict(
             total_steps=128, n_envs=2, n_steps=32, batch_size=32, n_epochs=2, eval_episodes=2, seed=3,
-            checkpoint_every=0, progress=False, output_dir=str(out), resume="latest")))
+            save_steps=0, progress=False, output_dir=str(out), resume="latest")))
     assert not marker.exists()
     (ckpt / "state.pt").write_bytes(b"not a checkpoint")
     assert main([*PPO_ARGS, "--total-steps", "128", "--output-dir", str(out), "--resume", "latest"]) == 2
@@ -236,7 +236,7 @@ def test_ppo_nan_loss_stops_naming_update_epoch_minibatch_and_saves_nothing_new(
     out = tmp_path / "run"
     # updates have 64 samples = 2 minibatches × 2 epochs = 4 loss calls; call 15 = update 4, epoch 2, minibatch 1
     _nan_on_call(monkeypatch, ppo_mod, "ppo_clip_loss", {15})
-    assert main([*PPO_ARGS, "--checkpoint-every", "128", "--output-dir", str(out)]) == 2
+    assert main([*PPO_ARGS, "--save-steps", "128", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "non-finite loss at step 256 (update 4/10, epoch 2, minibatch 1)" in err and "Traceback" not in err
     assert latest_step(out) == 128 and not (out / "final").exists()  # step-256 was never written
@@ -380,7 +380,7 @@ def test_save_total_limit_rotates_checkpoints(tmp_path):
     from dpolab.cli import main
 
     out = tmp_path / "run"
-    assert main(["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "1024", "--checkpoint-every", "256",
+    assert main(["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "1024", "--save-steps", "256",
                  "--save-total-limit", "1", "--eval-every", "0", "--eval-episodes", "1", "--no-progress",
                  "--output-dir", str(out)]) == 0
     steps = [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()]

@@ -68,7 +68,7 @@ class A2CConfig:
     eval_every: int = opt(10_000, "evaluate every this many environment steps (0: only at the end)")
     eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
     stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
-    checkpoint_every: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end)")
+    save_steps: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end of the run)")
     save_total_limit: int = opt(2, "keep the newest N checkpoints")
     dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
     log_every: int = opt(10, "log training metrics every this many updates")
@@ -217,8 +217,8 @@ def train(cfg: A2CConfig) -> dict:
                 last_eval = run_eval(step)
                 if cfg.stop_return is not None and last_eval >= cfg.stop_return:
                     break
-            if update < n_updates and cfg.checkpoint_every and \
-                    step // cfg.checkpoint_every > (step - per_update) // cfg.checkpoint_every:
+            if update < n_updates and cfg.save_steps and \
+                    step // cfg.save_steps > (step - per_update) // cfg.save_steps:
                 checkpoint(update)
             if signals.received and update < n_updates:
                 checkpoint(update)
