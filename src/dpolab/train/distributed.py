@@ -161,3 +161,17 @@ def accumulation_context(accelerator, model, sync: bool):
     if not sync and accelerator.num_processes > 1:
         return accelerator.no_sync(model)
     return NullContext()
+
+
+def start_run(cfg: Any) -> tuple[Any, Any]:
+    """The opening every LM trainer shares: its Accelerator (LoRA refused under FSDP/DeepSpeed, where
+    the final merge would need the whole model on one process), seeded RNGs, and the tokenizer."""
+    from dpolab.rundir import seed_everything
+    from dpolab.train.common import load_tokenizer
+
+    accelerator = make_accelerator(cfg.mixed_precision)
+    if getattr(cfg, "lora", False) and is_sharded(accelerator):
+        raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "
+                          "one process); use DDP for LoRA runs (docs/scaling.md)")
+    seed_everything(cfg.seed)
+    return accelerator, load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

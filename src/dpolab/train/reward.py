@@ -17,7 +17,7 @@ import torch
 
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
-from dpolab.rundir import RunDir, seed_everything
+from dpolab.rundir import RunDir
 from dpolab.train.distributed import is_main_process
 from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions
 
@@ -79,9 +79,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.train import common, distributed
     from dpolab.train.supervised_loop import Task, run_loop
 
-    accelerator = distributed.make_accelerator(cfg.mixed_precision)
-    seed_everything(cfg.seed)
-    tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    accelerator, tokenizer = distributed.start_run(cfg)
     data = load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length, eval_source=cfg.eval_data,
                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed)

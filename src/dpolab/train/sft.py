@@ -18,7 +18,7 @@ import torch
 
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
-from dpolab.rundir import RunDir, seed_everything
+from dpolab.rundir import RunDir
 from dpolab.train.distributed import is_main_process
 from dpolab.train.options import BatchOptions, LoraOptions, ModelOptions, OptimizerOptions, RunOptions
 
@@ -92,12 +92,7 @@ def train(cfg: SFTConfig) -> dict:
     from dpolab.train import common, distributed
     from dpolab.train.supervised_loop import Task, run_loop
 
-    accelerator = distributed.make_accelerator(cfg.mixed_precision)
-    if cfg.lora and distributed.is_sharded(accelerator):
-        raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "
-                          "one process); use DDP for LoRA runs (docs/scaling.md)")
-    seed_everything(cfg.seed)
-    tokenizer = common.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    accelerator, tokenizer = distributed.start_run(cfg)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
                          seed=cfg.seed)
