@@ -93,6 +93,25 @@ def model_fingerprint(name_or_path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def load_trainable_lm(cfg):
+    """The policy a trainer fine-tunes: ``--model`` loaded, gradient checkpointing and LoRA applied as
+    configured (``cfg`` has the model and LoRA option groups of ``dpolab.train.options``)."""
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules)
+    return model
+
+
+def dry_run_report(cfg, report: dict) -> dict:
+    """``--dry-run``: print the data report and resolved config; return the summary a run returns
+    instead of training (numeric report entries as ``data/...``)."""
+    print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+    return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+
+
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str):
     """Wrap ``model`` with LoRA adapters (peft). The reference is then the base with adapters off."""
     from peft import LoraConfig, get_peft_model

@@ -92,23 +92,15 @@ def train(cfg: DPOConfig) -> dict:
                                 max_prompt_length=cfg.max_prompt_length, eval_source=cfg.eval_data,
                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     report = data.report.as_dict()
-    if not data.train:
-        raise ConfigError(f"{cfg.data}: no usable training pairs ({report['skipped']} skipped)")
     if cfg.dry_run:
-        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
-        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if not isinstance(v, list)}}
+        return common.dry_run_report(cfg, report)
 
     use_ref = needs_reference(cfg.loss)
-    model = common.load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = common.load_trainable_lm(cfg)
     attn = getattr(model.config, "_attn_implementation", "eager")
     if cfg.prefix_sharing and attn not in ("sdpa", "eager"):
         raise ConfigError(f"--prefix-sharing needs a model that honours a 4D attention mask (sdpa or eager "
                           f"attention); this one uses '{attn}'. Drop --prefix-sharing.")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora:
-        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  target_modules=cfg.lora_target_modules)
 
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     ckpt = common.resume_run(run, cfg.resume)

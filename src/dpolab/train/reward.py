@@ -85,8 +85,7 @@ def train(cfg: RewardConfig) -> dict:
                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     report = data.report.as_dict()
     if cfg.dry_run:
-        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
-        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+        return common.dry_run_report(cfg, report)
 
     hf_model = load_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:

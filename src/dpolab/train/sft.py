@@ -100,15 +100,9 @@ def train(cfg: SFTConfig) -> dict:
     rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
     report["train_batch_rows"] = len(rows)
     if cfg.dry_run:
-        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
-        return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+        return common.dry_run_report(cfg, report)
 
-    model = common.load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora:
-        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  target_modules=cfg.lora_target_modules)
+    model = common.load_trainable_lm(cfg)
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     ckpt = common.resume_run(run, cfg.resume)
     pad_id = pad_token_id_for(tokenizer)
