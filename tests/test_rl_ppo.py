@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -96,26 +98,52 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         train(_cfg(tmp_path, "resumed2", seed=6, total_steps=384, resume=str(resumed_dir / "ckpt")))
 
 
-def test_rollout_masks_autoreset_steps_and_bootstraps_final_observation():
-    envs = make_vec_env("CartPole-v1", 2)
+class _RecordFinal(gym.Wrapper):
+    """Records each episode's last observation, as the environment itself returned it."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.finals: list[np.ndarray] = []
+
+    def step(self, action):
+        obs, r, te, tr, info = self.env.step(action)
+        if te or tr:
+            self.finals.append(obs.copy())
+        return obs, r, te, tr, info
+
+
+def test_rollout_same_step_autoreset_bootstraps_truncation_with_the_final_observation():
+    """Every row is a real transition; after an episode end the next row starts the new episode;
+    next_values is V(s_{t+1}) inside an episode, V(final observation) at a truncation, 0 at a
+    termination (checked against the final observations the environments really returned)."""
+    def make():  # short time limit: truncations within the rollout, as well as terminations
+        return _RecordFinal(gym.make("CartPole-v1", max_episode_steps=12))
+    envs = gym.vector.SyncVectorEnv([make, make], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     torch.manual_seed(0)
     col = Collector(envs, seed=0)
     policy = ActorCritic(4, 2, True)
-    ro, episodes = col.collect(policy, 60)  # random-ish policy: CartPole episodes end within ~60 steps
+    ro, episodes = col.collect(policy, 60)
+    assert ro.truncated.any() and ro.terminated.any()
+    assert torch.all(ro.rewards == 1)  # CartPole: reward 1 on every step, no reward-0 reset rows
     done = ro.terminated | ro.truncated
-    assert episodes and done.any()
-    # the step right after an episode end is the autoreset step: reward 0, masked
-    after = torch.zeros_like(done)
-    after[1:] = done[:-1]
-    assert torch.equal(~ro.mask, after)
-    assert torch.all(ro.rewards[after] == 0)
-    # next_values at an end is V(final observation) = the value computed at the masked step
-    t, n = torch.nonzero(done[:-1])[0]
-    assert ro.next_values[t, n] == ro.values[t + 1, n]
+    inside = ~done[:-1]
+    assert torch.equal(ro.next_values[:-1][inside], ro.values[1:][inside])
+    assert torch.all(ro.next_values[ro.terminated] == 0)
     with torch.no_grad():
-        assert torch.allclose(ro.next_values[t, n], policy.value(ro.obs[t + 1, n][None])[0])
-    # episode lengths count real steps only
-    assert all(length == ret for ret, length in episodes)  # CartPole: reward 1 per step
+        for n in range(2):
+            ends = torch.nonzero(done[:, n]).flatten().tolist()
+            finals = envs.envs[n].finals
+            assert len(finals) == len(ends)
+            for t, final in zip(ends, finals):
+                if ro.truncated[t, n] and not ro.terminated[t, n]:
+                    expected = policy.value(torch.as_tensor(final)[None])[0]
+                    torch.testing.assert_close(ro.next_values[t, n], expected)
+                if t + 1 < 60:  # the next row is the reset observation of a new episode, not the final one
+                    assert not np.allclose(ro.obs[t + 1, n].numpy(), final)
+                    assert np.all(np.abs(ro.obs[t + 1, n].numpy()) <= 0.05)  # CartPole's reset range
+    # episode lengths count every step; truncated ones are exactly the time limit
+    assert all(length == ret for ret, length in episodes)
+    assert sum(length == 12 for _, length in episodes) >= int(ro.truncated.sum())
     envs.close()
 
 
@@ -157,5 +185,9 @@ def test_collector_state_roundtrip_and_unpicklable_fallback():
     assert torch.equal(ra.obs, rb.obs) and torch.equal(ra.rewards, rb.rewards)
     with pytest.warns(UserWarning, match="no environment state"):
         b.load_state_dict({**state, "envs": None}, reseed=5)
-    assert not b.prev_done.any() and b.ep_length.sum() == 0
+    assert b.ep_length.sum() == 0
+    # a collector state from before same-step autoreset (no "autoreset" entry) is not restored as is
+    old = {k: v for k, v in state.items() if k != "autoreset"}
+    with pytest.warns(UserWarning, match="next-step autoreset.*fresh episodes"):
+        b.load_state_dict(old, reseed=5)
     a.envs.close(), b.envs.close()

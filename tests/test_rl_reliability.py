@@ -75,7 +75,7 @@ def _vec(n: int, *wrappers) -> gym.vector.SyncVectorEnv:
         for w in wrappers:
             env = w(env)
         return env
-    return gym.vector.SyncVectorEnv([make for _ in range(n)])
+    return gym.vector.SyncVectorEnv([make for _ in range(n)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 def _continue_equal(a: Collector, b: Collector, policy: ActorCritic, steps: int = 300) -> bool:
@@ -84,7 +84,7 @@ def _continue_equal(a: Collector, b: Collector, policy: ActorCritic, steps: int 
     torch.manual_seed(1)
     rb, eb = b.collect(policy, steps)
     return ea == eb and all(torch.equal(getattr(ra, f), getattr(rb, f)) for f in
-                            ("obs", "actions", "rewards", "terminated", "truncated", "mask"))
+                            ("obs", "actions", "rewards", "terminated", "truncated", "next_values"))
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1"])
@@ -133,7 +133,7 @@ def test_env_with_non_plain_state_warns_and_starts_fresh_episodes():
         b.load_state_dict(state, reseed=5)
     fresh = _vec(2, WithEngine)
     obs, _ = fresh.reset(seed=5)
-    assert torch.equal(b.obs, torch.as_tensor(obs)) and not b.prev_done.any() and b.ep_length.sum() == 0
+    assert torch.equal(b.obs, torch.as_tensor(obs)) and b.ep_length.sum() == 0 and b.ep_return.sum() == 0
 
 
 def test_damaged_or_foreign_env_state_changes_nothing():

@@ -91,17 +91,16 @@ class A2CConfig:
 def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollout, cfg: A2CConfig, *,
                where: str = "", step: int = 0) -> tuple[dict[str, float] | None, torch.Tensor, torch.Tensor]:
     """One A2C update from rollout ``ro``: GAE, then one gradient step on the mean A2C loss over the
-    real (unmasked) steps. Returns (mean policy/value/entropy losses, old values, value targets).
+    N×T steps. Returns (mean policy/value/entropy losses, old values, value targets).
 
     A NaN/inf loss or gradient norm raises a :class:`NonFiniteError` naming ``where``; with
     ``cfg.skip_nonfinite`` the step is skipped instead (weights and optimizer state untouched) and
     the losses come back as ``None``."""
     adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
-                   gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
-    keep = ro.mask.reshape(-1)
-    b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])[keep]
-    b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
-    b_adv, b_ret, b_val = adv.reshape(-1)[keep], ret.reshape(-1)[keep], ro.values.reshape(-1)[keep]
+                   gamma=cfg.gamma, lam=cfg.gae_lambda)
+    b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
+    b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])
+    b_adv, b_ret, b_val = adv.reshape(-1), ret.reshape(-1), ro.values.reshape(-1)
     if cfg.norm_adv and b_adv.numel() > 1:
         b_adv = whiten(b_adv)
     logp, entropy, values = policy.evaluate(b_obs, b_act)  # re-evaluated, with gradients

@@ -214,7 +214,8 @@ def train(cfg: PPOConfig) -> dict:
         while update < n_updates:
             update += 1
             step = update * per_update
-            # Linear annealing (RL Zoo convention): the fraction of the budget still left after this rollout.
+            # Linear annealing to 0: the fraction of the budget left before this rollout (CleanRL's
+            # convention; SB3 takes it after the rollout, one rollout less: 256/100k = 0.26% of lr and ε).
             frac = 1.0 - (update - 1) / n_updates
             lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
             clip_now = cfg.clip_eps * frac if cfg.anneal_clip else cfg.clip_eps
@@ -224,14 +225,13 @@ def train(cfg: PPOConfig) -> dict:
             # 1. Run π_θold in N environments for T steps.
             ro, episodes = collector.collect(policy, cfg.n_steps)
 
-            # 2. Advantages: GAE(γ, λ) over the (T, N) rollout; reset steps (mask 0) are dropped.
+            # 2. Advantages: GAE(γ, λ) over the (T, N) rollout, then flattened to N×T samples.
             adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
-                           gamma=cfg.gamma, lam=cfg.gae_lambda, mask=ro.mask)
-            keep = ro.mask.reshape(-1)
-            b_obs = ro.obs.reshape(-1, obs_dim)[keep]
-            b_act = ro.actions.reshape(ro.obs.shape[0] * ro.obs.shape[1], *ro.actions.shape[2:])[keep]
-            b_logp, b_val = ro.logp.reshape(-1)[keep], ro.values.reshape(-1)[keep]
-            b_adv, b_ret = adv.reshape(-1)[keep], ret.reshape(-1)[keep]
+                           gamma=cfg.gamma, lam=cfg.gae_lambda)
+            b_obs = ro.obs.reshape(-1, obs_dim)
+            b_act = ro.actions.reshape(per_update, *ro.actions.shape[2:])
+            b_logp, b_val = ro.logp.reshape(-1), ro.values.reshape(-1)
+            b_adv, b_ret = adv.reshape(-1), ret.reshape(-1)
 
             # 3. K epochs of minibatch SGD on the clipped surrogate.
             metrics, epochs, skipped_now = ppo_update(

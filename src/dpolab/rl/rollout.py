@@ -1,16 +1,18 @@
-"""Rollouts on Gymnasium ≥ 1.0 vector environments, and evaluation episodes.
+"""Rollouts on Gymnasium vector environments, and evaluation episodes.
 
-Next-step autoreset (Gymnasium's default ``AutoresetMode.NEXT_STEP``): the step that ends an episode
-returns that episode's *final* observation; the following ``step`` call ignores its action and
-returns the reset observation with reward 0. We therefore
+Same-step autoreset (``AutoresetMode.SAME_STEP``, Gymnasium >= 1.1; the behaviour of
+Stable-Baselines3's ``DummyVecEnv``): the ``step`` that ends an episode already returns the *reset*
+observation of the next one, and the finished episode's final observation in
+``infos["final_obs"]``. Every ``step`` call of N environments is therefore N real transitions (no
+wasted step per episode, no masked rows), and we
 
-- take ``next_values[t] = values[t+1]``: after a finished step that is V(final observation), the
-  correct bootstrap at a time-limit truncation (and zeroed by ``terminated`` otherwise);
-- mark the reset step with ``mask = 0``: it is not a transition; GAE gives it advantage 0 and the
-  update drops it.
+- take ``next_values[t] = values[t+1]`` inside an episode;
+- at a time-limit truncation bootstrap with V(final observation): those observations are collected
+  during the rollout and valued in one batch at its end, with the same (unchanged) policy;
+- set ``next_values[t] = 0`` at a termination (V of a terminal state; GAE ignores it anyway).
 
-An environment step counts toward the budget either way (honest accounting: one ``step`` call of
-N environments = N steps).
+(Gymnasium's default, ``NEXT_STEP``, instead spends one ignored ``step`` per episode returning the
+reset observation with reward 0; dpolab used it before and masked those rows out of the update.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from dpolab.rl.nets import ActorCritic
 
 
 def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
-    """N copies of ``env_id`` in a SyncVectorEnv (faster than Async for classic control).
+    """N copies of ``env_id`` in a SyncVectorEnv (faster than Async for classic control) that resets
+    a finished episode in the same step (see the module docstring).
 
     Checkpoints store its state as plain data (:func:`env_state`), never a pickle.
     """
@@ -43,7 +46,12 @@ def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
         gym.spec(env_id)
     except gym.error.Error as err:
         raise DpolabError(f"unknown Gymnasium environment {env_id!r}: {err}") from None
-    envs = gym.vector.SyncVectorEnv([functools.partial(gym.make, env_id) for _ in range(n_envs)])
+    mode = getattr(gym.vector, "AutoresetMode", None)
+    if mode is None:
+        raise DpolabError(f"dpolab's Gymnasium trainers need gymnasium >= 1.1 (same-step autoreset); "
+                          f"found {gym.__version__}: pip install -U gymnasium")
+    envs = gym.vector.SyncVectorEnv([functools.partial(gym.make, env_id) for _ in range(n_envs)],
+                                    autoreset_mode=mode.SAME_STEP)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         envs.close()
@@ -73,10 +81,11 @@ def to_env_actions(actions: torch.Tensor, space: gym.Space) -> np.ndarray:
 
 @dataclass
 class Rollout:
-    """One rollout of T steps from N environments (time first).
+    """One rollout of T steps from N environments (time first); every entry is a real transition.
 
     obs (T, N, obs_dim); actions (T, N) int64 or (T, N, A) float; logp, values, next_values,
-    rewards (T, N) float32; terminated, truncated, mask (T, N) bool (``mask`` False on reset steps).
+    rewards (T, N) float32; terminated, truncated (T, N) bool. ``next_values[t]`` is V(s_{t+1}) of the
+    true next state: ``values[t+1]``, V(final observation) at a truncation, 0 at a termination.
     """
 
     obs: torch.Tensor
@@ -87,18 +96,21 @@ class Rollout:
     rewards: torch.Tensor
     terminated: torch.Tensor
     truncated: torch.Tensor
-    mask: torch.Tensor
+
+
+AUTORESET = "same-step"  # recorded in the collector state: a checkpoint of another mode is not resumed as is
 
 
 class Collector:
     """Steps a vector env with a policy, keeping the current observations and episode statistics."""
 
     def __init__(self, envs: gym.vector.SyncVectorEnv, seed: int):
+        if getattr(envs, "autoreset_mode", None) != getattr(gym.vector, "AutoresetMode", object()).SAME_STEP:
+            raise DpolabError("Collector needs a vector env with same-step autoreset (make_vec_env)")
         self.envs = envs
         obs, _ = envs.reset(seed=seed)
         self.obs = torch.as_tensor(obs, dtype=torch.float32)
         n = envs.num_envs
-        self.prev_done = np.zeros(n, dtype=bool)
         self.ep_return = np.zeros(n, dtype=np.float64)
         self.ep_length = np.zeros(n, dtype=np.int64)
 
@@ -110,45 +122,53 @@ class Collector:
         act_buf = torch.empty(act_shape, dtype=torch.int64 if len(act_shape) == 2 else torch.float32)
         logp_buf, val_buf = torch.empty((n_steps, n)), torch.empty((n_steps, n))
         rew = np.zeros((n_steps, n), dtype=np.float32)
-        term, trunc, mask = (np.zeros((n_steps, n), dtype=bool) for _ in range(3))
+        term, trunc = np.zeros((n_steps, n), dtype=bool), np.zeros((n_steps, n), dtype=bool)
         episodes: list[tuple[float, int]] = []
+        cut: list[tuple[int, int, np.ndarray]] = []  # (t, env, final observation) of truncated episodes
         for t in range(n_steps):
             actions, logp, values = policy.act(self.obs)
             obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = self.obs, actions, logp, values
-            mask[t] = ~self.prev_done
-            next_obs, r, te, tr, _ = self.envs.step(to_env_actions(actions, space))
+            next_obs, r, te, tr, info = self.envs.step(to_env_actions(actions, space))
             rew[t], term[t], trunc[t] = r, te, tr
             self.ep_return += r
-            self.ep_length += mask[t]
+            self.ep_length += 1
             done = te | tr
-            for i in np.flatnonzero(done):
-                episodes.append((float(self.ep_return[i]), int(self.ep_length[i])))
-            self.ep_return[done], self.ep_length[done] = 0.0, 0
-            self.prev_done = done
+            if done.any():
+                for i in np.flatnonzero(done):
+                    episodes.append((float(self.ep_return[i]), int(self.ep_length[i])))
+                    if tr[i] and not te[i]:
+                        cut.append((t, int(i), info["final_obs"][i]))
+                self.ep_return[done], self.ep_length[done] = 0.0, 0
             self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
         with torch.no_grad():
-            last_value = policy.value(self.obs)
-        rollout = Rollout(obs=obs_buf, actions=act_buf, logp=logp_buf, values=val_buf,
-                          next_values=shift_values(val_buf, last_value), rewards=torch.from_numpy(rew),
-                          terminated=torch.from_numpy(term), truncated=torch.from_numpy(trunc),
-                          mask=torch.from_numpy(mask))
+            next_values = shift_values(val_buf, policy.value(self.obs))
+            if cut:  # V(final observation) for the truncation bootstrap, one batch for the rollout
+                v_final = policy.value(torch.as_tensor(np.stack([o for _, _, o in cut]), dtype=torch.float32))
+                for k, (t, i, _) in enumerate(cut):
+                    next_values[t, i] = v_final[k]
+        terminated = torch.from_numpy(term)
+        next_values[terminated] = 0.0
+        rollout = Rollout(obs=obs_buf, actions=act_buf, logp=logp_buf, values=val_buf, next_values=next_values,
+                          rewards=torch.from_numpy(rew), terminated=terminated, truncated=torch.from_numpy(trunc))
         return rollout, episodes
 
     # -- checkpointing: the environment state as plain data, so a resumed run continues exactly ------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue stepping exactly, as tensors and plain data (no pickled
         objects: loadable with ``torch.load(weights_only=True)``). See :func:`env_state`."""
-        return {"envs": env_state(self.envs), "obs": self.obs.clone(),
-                "prev_done": torch.from_numpy(self.prev_done.copy()),
+        return {"envs": env_state(self.envs), "obs": self.obs.clone(), "autoreset": AUTORESET,
                 "ep_return": torch.from_numpy(self.ep_return.copy()),
                 "ep_length": torch.from_numpy(self.ep_length.copy())}
 
     def load_state_dict(self, state: dict[str, Any], reseed: int = 0) -> None:
         """Restore :meth:`state_dict`. If the environment state cannot be restored (an environment
-        holding state other than plain data, or a checkpoint of another Gymnasium version), warn and
-        start fresh episodes seeded with ``reseed``: the run goes on, but will not equal an
-        uninterrupted one."""
-        problem = restore_env_state(self.envs, state.get("envs"))
+        holding state other than plain data, a checkpoint of another Gymnasium version, or one written
+        with next-step autoreset by an older dpolab), warn and start fresh episodes seeded with
+        ``reseed``: the run goes on, but will not equal an uninterrupted one."""
+        if state.get("autoreset") != AUTORESET:
+            problem = "the checkpoint was written with next-step autoreset (an older dpolab)"
+        else:
+            problem = restore_env_state(self.envs, state.get("envs"))
         if problem is not None:
             warnings.warn(f"cannot restore the environment state ({problem}): resuming with fresh "
                           f"episodes (seed {reseed}); the run will not match an uninterrupted one",
@@ -156,11 +176,10 @@ class Collector:
             obs, _ = self.envs.reset(seed=reseed)
             self.obs = torch.as_tensor(obs, dtype=torch.float32)
             n = self.envs.num_envs
-            self.prev_done, self.ep_return, self.ep_length = np.zeros(n, bool), np.zeros(n), np.zeros(n, np.int64)
+            self.ep_return, self.ep_length = np.zeros(n), np.zeros(n, np.int64)
             return
         self.obs = state["obs"].clone()
-        self.prev_done, self.ep_return, self.ep_length = (
-            _as_numpy(state[k]) for k in ("prev_done", "ep_return", "ep_length"))
+        self.ep_return, self.ep_length = (_as_numpy(state[k]) for k in ("ep_return", "ep_length"))
 
 
 def _as_numpy(x: Any) -> np.ndarray:
