@@ -69,3 +69,27 @@ def test_bad_arguments():
         BucketedBatchOrder([], batch_size=2, seed=0)
     with pytest.raises(ConfigError):
         BucketedBatchOrder([1], batch_size=1, seed=0, world_size=2, rank=2)
+
+
+def test_steps_hold_the_same_rows_however_they_are_split():
+    """Grouping is by optimizer step: 1 x 16, 4 micro-batches x 4, and 2 processes x 8 (and x 2
+    micro-batches of 4) see the same rows in every step, so accumulation and data parallelism leave
+    the gradient unchanged."""
+    lengths = _lengths(101)
+
+    def steps(bs: int, accum: int, world: int) -> list[list[int]]:
+        ranks = [BucketedBatchOrder(lengths, bs, 3, pool_batches=2, world_size=world, rank=r, grad_accum=accum)
+                 for r in range(world)]
+        assert ranks[0].per_epoch % accum == 0
+        iters = [r.iterate(0) for r in ranks]
+        out = []
+        for _ in range(2 * ranks[0].per_epoch // accum):  # two epochs of steps
+            rows = [i for it in iters for _ in range(accum) for i in next(it)[1]]
+            out.append(sorted(rows))
+        return out
+
+    reference = steps(16, 1, 1)
+    assert steps(4, 4, 1) == reference
+    assert steps(8, 1, 2) == reference
+    assert steps(4, 2, 2) == reference
+    assert len(reference) == 2 * 7 and sorted(i for s in reference[:7] for i in s) == list(range(101))

@@ -98,3 +98,34 @@ def test_full_logits_fallback_matches(tiny_tokenizer, monkeypatch):
         monkeypatch.setattr(prefix, "_plain_output_head", lambda m: None)
         full, _ = prefix_shared_logps(model, shared)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+
+
+def test_check_passes_on_a_llama_and_names_what_breaks(tiny_model):
+    """check_prefix_sharing: None for a model that honours 4D masks and position ids; a reason for
+    one whose attention ignores the mask (rejected tokens would see chosen ones), and for one that
+    ignores explicit positions."""
+    from dpolab.prefix import check_prefix_sharing
+
+    pairs = _pairs(tiny_model.config.vocab_size)
+    vocab = tiny_model.config.vocab_size
+    assert check_prefix_sharing(tiny_model, pairs, 0, vocab) is None
+    with torch.no_grad():  # sharpen the random model: attention far from uniform, confident logits
+        for name, p in tiny_model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", "lm_head")):
+                p.mul_(30)
+    assert check_prefix_sharing(tiny_model, pairs, 0, vocab) is None
+
+    class NoMask(torch.nn.Module):  # plain causal attention over the row, whatever it is given
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+            return self.inner(input_ids=input_ids, **kw)
+
+    class NoPositions(NoMask):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    assert "rejected tokens see the chosen ones" in check_prefix_sharing(NoMask(tiny_model), pairs, 0, vocab)
+    assert "differ from the plain batch" in check_prefix_sharing(NoPositions(tiny_model), pairs, 0, vocab)

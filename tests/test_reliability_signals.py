@@ -25,7 +25,7 @@ from dpolab.cli import main
 from test_train_dpo import write_rule_data
 from test_train_sft import write_sft_data
 
-TIMING = {"tokens_per_second", "charts/sps", "wall_seconds"}
+TIMING = {"tokens_per_second", "charts/sps", "wall_seconds", "ref_precompute_seconds"}
 
 
 def metric_rows(run: Path) -> list[dict]:

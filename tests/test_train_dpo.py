@@ -86,22 +86,58 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, rule_data, tmp_
 
 def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, rule_data, tmp_path):
     common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "3", "--batch-size", "4")
-    _run(tiny_model_dir, rule_data, tmp_path / "live", *common)
-    _run(tiny_model_dir, rule_data, tmp_path / "pre", "--precompute-ref", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "live", "--no-precompute-ref", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "pre", *common)  # precomputed: the default
     wa, wb = _weights(tmp_path / "live"), _weights(tmp_path / "pre")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
     cache = list((tmp_path / "pre" / "cache").glob("ref-logps-*.safetensors"))
     assert len(cache) == 1
     # The cache is reused on a second run with the same data and model...
-    _run(tiny_model_dir, rule_data, tmp_path / "pre2", "--precompute-ref", "--ref-cache-dir",
-         tmp_path / "pre" / "cache", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "pre2", "--ref-cache-dir", tmp_path / "pre" / "cache", *common)
     assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 1
     # ...and a changed dataset gets a new key, never the stale values.
     other = write_rule_data(tmp_path / "other.jsonl", seed=1)
-    _run(tiny_model_dir, other, tmp_path / "pre3", "--precompute-ref", "--ref-cache-dir",
-         tmp_path / "pre" / "cache", *common)
+    _run(tiny_model_dir, other, tmp_path / "pre3", "--ref-cache-dir", tmp_path / "pre" / "cache", *common)
     assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 2
+
+
+def test_short_run_precomputes_only_the_pairs_it_visits(tiny_model_dir, rule_data, tmp_path):
+    """3 steps x 4 pairs of 64: 12 rows computed, the rest NaN; a longer run with the same cache
+    computes the missing rows only (the 12 stored values are kept bit for bit)."""
+    cache = tmp_path / "cache"
+    common = ("--batch-size", "4", "--learning-rate", "1e-3", "--ref-cache-dir", cache)
+    _run(tiny_model_dir, rule_data, tmp_path / "short", "--max-steps", "3", *common)
+    (path,) = cache.glob("ref-logps-*.safetensors")
+    short = load_file(str(path))["train"]
+    done = ~short[:, 0].isnan()
+    assert int(done.sum()) == 12 and not short[done].isnan().any()
+    _run(tiny_model_dir, rule_data, tmp_path / "long", "--max-steps", "20", *common)
+    full = load_file(str(path))["train"]
+    assert not full.isnan().any() and torch.equal(full[done], short[done])
+    # and the values equal a fresh full pass
+    _run(tiny_model_dir, rule_data, tmp_path / "fresh", "--max-steps", "20", "--batch-size", "4",
+         "--learning-rate", "1e-3", "--ref-cache-dir", tmp_path / "cache2")
+    (fresh,) = (tmp_path / "cache2").glob("ref-logps-*.safetensors")
+    torch.testing.assert_close(load_file(str(fresh))["train"], full, atol=1e-5, rtol=1e-5)
+
+
+def test_any_split_into_forward_passes_gives_the_same_step(tiny_model_dir, rule_data, tmp_path):
+    """--micro-batch-tokens only bounds activation memory: one pass of 8 pairs, passes of ~1 pair
+    (40 tokens) and the size-based default give the same weights (SGD exposes any scale error)."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0",
+              "--batch-size", "8")
+    for layout in ("--prefix-sharing", "--no-prefix-sharing"):
+        runs = {}
+        for budget in ("0", "40", None):
+            out = tmp_path / f"{layout}-{budget}"
+            _run(tiny_model_dir, rule_data, out, layout, *common, *(("--micro-batch-tokens", budget) if budget else ()))
+            runs[budget] = _weights(out)
+        init = load_file(str(tiny_model_dir / "model.safetensors"))
+        assert any(not torch.equal(runs["0"][k], init[k]) for k in init)
+        for budget in ("40", None):
+            for k in runs["0"]:
+                torch.testing.assert_close(runs[budget][k], runs["0"][k], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_from_checkpoint_is_exact(tiny_model_dir, rule_data, tmp_path):
@@ -182,13 +218,16 @@ def test_help_documents_every_option():
 
 
 def test_prefix_sharing_trains_like_the_plain_batch(tiny_model_dir, rule_data, tmp_path):
-    """--prefix-sharing computes the prompt once per pair; the result equals the plain (2B, T) path."""
-    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--batch-size", "4")
-    _run(tiny_model_dir, rule_data, tmp_path / "plain", *common)
-    _run(tiny_model_dir, rule_data, tmp_path / "shared", "--prefix-sharing", *common)
-    _run(tiny_model_dir, rule_data, tmp_path / "shared-pre", "--prefix-sharing", "--precompute-ref", *common)
+    """--prefix-sharing computes the prompt once per pair; the result equals the plain (2B, T) path,
+    with a live or a precomputed reference; unset, the check on the first pairs turns it on here."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--batch-size", "4",
+              "--no-group-by-length")  # the same batches for both layouts
+    _run(tiny_model_dir, rule_data, tmp_path / "plain", "--no-prefix-sharing", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "shared", "--prefix-sharing", "--no-precompute-ref", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "shared-pre", "--prefix-sharing", *common)
+    assert _run(tiny_model_dir, rule_data, tmp_path / "auto", *common)["prefix_sharing"] is True
     wa = _weights(tmp_path / "plain")
-    for other in ("shared", "shared-pre"):
+    for other in ("shared", "shared-pre", "auto"):
         wb = _weights(tmp_path / other)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
@@ -204,5 +243,5 @@ def test_length_bucketed_run_resumes_exactly(tiny_model_dir, rule_data, tmp_path
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     plain = tmp_path / "plain"
-    _run(tiny_model_dir, rule_data, plain, *[c for c in common if c != "--group-by-length"])
+    _run(tiny_model_dir, rule_data, plain, "--no-group-by-length", *[c for c in common if c != "--group-by-length"])
     assert any(not torch.equal(wa[k], _weights(plain)[k]) for k in wa)  # the batches really differ

@@ -173,3 +173,57 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     from dpolab.lm import _unwrap
 
     return _unwrap(model) or model
+
+
+def check_prefix_sharing(model: torch.nn.Module, pairs: list[TokenizedPair], pad_token_id: int, vocab_size: int,
+                         device: torch.device | str = "cpu") -> str | None:
+    """Whether prefix sharing is exact for ``model``: None if so, else the reason it is not.
+
+    Run on two of ``pairs`` (those with the longest rejected responses) before training, without gradients, in eval mode, two ways:
+
+    1. the shared row against the plain ``(2B, T)`` batch: equal log-probs up to rounding (catches
+       a model that ignores explicit position ids, or gets the layout wrong);
+    2. the shared row again with every chosen token replaced: the rejected log-probs must not move
+       (catches attention that ignores the 4D mask and lets rejected tokens see chosen ones; masked
+       keys contribute exact zeros, so this holds to float rounding for any weights, even random).
+
+    Tolerances per scored token: (1) 1e-4 for float32 weights, 5e-2 for 16-bit ones (the layouts
+    round differently); (2) 1e-6 and 1e-3 (the same computation with other, masked-out values: equal
+    up to kernel nondeterminism). A model whose attention is uniform (random weights) is exact in the
+    shared layout whatever its positions, and passes (1); check (2) does not depend on the weights.
+    ``model`` may be wrapped (DDP, FSDP: every process must then run the check, as every forward is
+    collective).
+    """
+    from dpolab.data import collate_preference
+    from dpolab.lm import model_sequence_logps
+
+    # the pairs with the longest rejected responses: a rejected token after the first is what could
+    # see the chosen branch (the first is predicted by the last prompt position)
+    pairs = sorted((p for p in pairs if p.prompt_ids), key=lambda p: -len(p.rejected_ids))[:2]
+    if not pairs:
+        return "no pair with a prompt token to check it on"
+    altered = [TokenizedPair(p.prompt_ids, [(t + 1) % vocab_size for t in p.chosen_ids],
+                             p.rejected_ids, p.index, p.truncated) for p in pairs]
+    dtype = next(model.parameters()).dtype
+    full = dtype in (torch.float32, torch.float64)
+    tol, tol_same = (1e-4, 1e-6) if full else (5e-2, 1e-3)
+    B = len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = collate_preference(pairs, pad_token_id).to(device)
+            lp_plain, counts = model_sequence_logps(model, plain.input_ids, plain.attention_mask, plain.loss_mask,
+                                                    plain.position_ids)
+            lp_shared, _ = prefix_shared_logps(model, collate_prefix_shared(pairs, pad_token_id).to(device))
+            lp_alt, _ = prefix_shared_logps(model, collate_prefix_shared(altered, pad_token_id).to(device))
+    except Exception as err:  # a model whose forward rejects a 4D mask or explicit positions
+        return f"the model's forward does not accept the shared layout ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    if ((lp_alt[B:] - lp_shared[B:]).abs() > tol_same * counts[B:].float()).any():
+        return "rejected tokens see the chosen ones (the attention ignores the 4D mask)"
+    if ((lp_shared - lp_plain).abs() > tol * counts.float()).any():
+        worst = float((lp_shared - lp_plain).abs().max())
+        return f"the shared row's log-probs differ from the plain batch's by {worst:.3g}"
+    return None

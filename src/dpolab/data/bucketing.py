@@ -5,12 +5,18 @@ padding. :class:`BucketedBatchOrder` groups rows of similar length while keeping
 enough for SGD ("sortish" sampling, as in fairseq/torchnlp bucket iterators):
 
 1. epoch ``e`` shuffles all ``n`` rows with ``seed + e``;
-2. the shuffled rows are cut into pools of ``pool_batches`` global batches; each pool is sorted by
+2. the shuffled rows are cut into pools of ``pool_batches`` optimizer steps; each pool is sorted by
    length (ties keep the shuffled order);
-3. the sorted epoch is cut into global batches of ``batch_size × world_size`` rows (only the last one
-   may be smaller);
-4. the batches of the epoch are shuffled with a second seeded stream, so long and short batches
-   alternate through the epoch.
+3. the sorted epoch is cut into steps of ``batch_size × world_size × grad_accum`` rows (only the last
+   one may be smaller);
+4. the steps of the epoch are shuffled with a second seeded stream, so long and short batches
+   alternate through the epoch;
+5. each step is cut into ``grad_accum`` global micro-batches of ``batch_size × world_size`` rows, each
+   split into ``world_size`` contiguous slices, one per process.
+
+Grouping by *step* rather than by micro-batch makes the rows of an optimizer step independent of how
+they are split: 1 process × 1 micro-batch of 16, 4 micro-batches of 4, or 2 processes × 8 see the
+same 16 rows, so gradient accumulation and data parallelism leave the gradient unchanged.
 
 Micro-batch ``k`` depends only on ``(seed, k)``: :meth:`iterate` resumed at ``start = k`` replays the
 rest of an uninterrupted run exactly, the contract of :class:`dpolab.train.common.BatchOrder`, whose
@@ -38,8 +44,10 @@ class BucketedBatchOrder:
         (the padded width the row forces on a plain batch).
     batch_size: rows per micro-batch per process; world_size/rank: data-parallel slicing, as in
         ``BatchOrder`` (each global batch is split into ``world_size`` contiguous slices).
-    pool_batches: global batches per sorting pool; 1 sorts nothing across batches (only within), a
+    pool_batches: optimizer steps per sorting pool; 1 sorts nothing across steps (only within), a
         pool as large as the epoch sorts it fully (least padding, least randomness).
+    grad_accum: micro-batches per optimizer step (the last step of an epoch may leave some of its
+        micro-batches empty; the trainers run those as weight-0 stand-ins).
     """
 
     lengths: Sequence[int]
@@ -48,11 +56,12 @@ class BucketedBatchOrder:
     pool_batches: int = 64
     world_size: int = 1
     rank: int = 0
+    grad_accum: int = 1
     _cache: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.pool_batches < 1 or self.world_size < 1:
-            raise ConfigError("batch_size, pool_batches and world_size must be >= 1")
+        if min(self.batch_size, self.pool_batches, self.world_size, self.grad_accum) < 1:
+            raise ConfigError("batch_size, pool_batches, world_size and grad_accum must be >= 1")
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} outside world_size {self.world_size}")
         if len(self.lengths) == 0:
@@ -65,40 +74,68 @@ class BucketedBatchOrder:
 
     @property
     def per_epoch(self) -> int:
-        """Micro-batches per epoch (global batches; the last may be smaller, never dropped)."""
-        return max(1, math.ceil(self.n / (self.batch_size * self.world_size)))
+        """Micro-batches per epoch: ``grad_accum`` per step (the last step may be smaller, never dropped)."""
+        step_rows = self.batch_size * self.world_size * self.grad_accum
+        return max(1, math.ceil(self.n / step_rows)) * self.grad_accum
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The global batches of ``epoch`` in the order they are served (row indices)."""
+        """The global micro-batches of ``epoch`` in the order they are served (row indices; with
+        ``grad_accum`` > 1 the tail of the last step may hold empty ones)."""
         if epoch in self._cache:
             return self._cache[epoch]
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         global_bs = self.batch_size * self.world_size
-        pool = global_bs * self.pool_batches
+        step_rows = global_bs * self.grad_accum
+        pool = step_rows * self.pool_batches
         ordered: list[int] = []
         for s in range(0, self.n, pool):
             ordered += sorted(perm[s:s + pool], key=self.lengths.__getitem__)  # stable: ties keep shuffle
-        batches = [ordered[s:s + global_bs] for s in range(0, self.n, global_bs)]
+        steps = [ordered[s:s + step_rows] for s in range(0, self.n, step_rows)]
         g2 = torch.Generator().manual_seed((self.seed + epoch) ^ _BATCH_SHUFFLE_SALT)
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g2).tolist()]
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=g2).tolist()]
+        batches = [rows[m * global_bs:(m + 1) * global_bs] for rows in steps for m in range(self.grad_accum)]
         self._cache = {epoch: batches}  # keep one epoch: iterate() moves forward
         return batches
 
+    def global_rows(self, k: int) -> list[int]:
+        """The rows of micro-batch ``k`` over all processes (rank ``r`` takes its ``r``-th slice)."""
+        epoch, j = divmod(k, self.per_epoch)
+        return self.epoch_batches(epoch)[j]
+
     def global_size(self, k: int) -> int:
         """Rows in micro-batch ``k`` over all processes (the exact multi-process loss normaliser)."""
-        epoch, j = divmod(k, self.per_epoch)
-        return len(self.epoch_batches(epoch)[j])
+        return len(self.global_rows(k))
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(micro_batch_number, row indices)`` forever, starting at micro-batch ``start``."""
         k = start
         while True:
-            epoch, j = divmod(k, self.per_epoch)
-            chunk = self.epoch_batches(epoch)[j]
+            chunk = self.global_rows(k)
             per = math.ceil(len(chunk) / self.world_size)
             yield k, chunk[self.rank * per:(self.rank + 1) * per]
             k += 1
+
+
+def split_by_tokens(rows: Sequence[int], widths: Sequence[int], budget: int) -> list[list[int]]:
+    """Cut a micro-batch into forward passes of at most ``budget`` padded tokens each.
+
+    ``widths[i]`` is the padded size row ``i`` forces per row it occupies (so a group costs
+    ``len(group) × max width``). Rows are taken in order of width (narrowest first, ties by position
+    in ``rows``) and grouped greedily; a row wider than the budget forms a group of its own, and
+    ``budget <= 0`` keeps the micro-batch whole. Every row lands in exactly one group.
+    """
+    if budget <= 0 or not rows:
+        return [list(rows)]
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(rows, key=widths.__getitem__):  # stable
+        if current and (len(current) + 1) * widths[i] > budget:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    return groups
 
 
 def pair_lengths(pairs) -> list[int]:

@@ -194,14 +194,17 @@ class BatchOrder:
         global_bs = self.batch_size * self.world_size
         return max(0, min(global_bs, self.n - j * global_bs))
 
+    def global_rows(self, k: int) -> list[int]:
+        """The rows of micro-batch ``k`` over all processes (rank ``r`` takes its ``r``-th slice)."""
+        epoch, j = divmod(k, self.per_epoch)
+        global_bs = self.batch_size * self.world_size
+        return self.epoch_perm(epoch)[j * global_bs:(j + 1) * global_bs]
+
     def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
         """Yield (micro_batch_number, row indices) forever, starting at micro-batch ``start``."""
         k = start
         while True:
-            epoch, j = divmod(k, self.per_epoch)
-            perm = self.epoch_perm(epoch)
-            global_bs = self.batch_size * self.world_size
-            chunk = perm[j * global_bs:(j + 1) * global_bs]
+            chunk = self.global_rows(k)
             per = math.ceil(len(chunk) / self.world_size)
             yield k, chunk[self.rank * per:(self.rank + 1) * per]
             k += 1

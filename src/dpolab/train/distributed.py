@@ -105,6 +105,13 @@ def global_sum(accelerator, values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def global_max(accelerator, value: int) -> int:
+    """The largest ``value`` over all processes (one all-gather; ``value`` itself with one process)."""
+    if accelerator.num_processes <= 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
 def reduce_weighted(accelerator, rows: list[dict[str, float]], weights: list[float],
                     sums: dict[str, float] | None = None) -> tuple[dict[str, float], float, dict[str, float]]:
     """Example-weighted means of metric rows over all processes, with extra plain sums.

@@ -1,14 +1,17 @@
 """Direct Preference Optimization: the training loop (docs/dpo.md).
 
-One forward pass per micro-batch covers chosen and rejected (concatenated on the batch axis); the
-reference is a separate frozen model, the PEFT base with adapters disabled, or a precomputed pass
-cached on disk keyed by the data, reference model and tokenisation settings. Losses come from
-``dpolab.losses.dpo`` (pure functions); this file only feeds them and keeps the books.
+By default a step runs lean (docs/performance.md): each pair is one row ``[prompt | chosen |
+rejected]`` whose prompt is computed once (prefix sharing, when a check on the first pairs shows the
+model exact that way; otherwise chosen and rejected rows in one forward pass), optimizer steps are
+bucketed by length, each micro-batch runs as forward/backward passes within a token budget (bounded
+activation memory, same gradient), and the reference log-probs are computed once before training and
+cached (``dpolab.train.reference``). A live frozen reference model, or the PEFT base with adapters
+disabled, runs instead with ``--no-precompute-ref``. Losses come from ``dpolab.losses.dpo`` (pure
+functions); this file only feeds them and keeps the books.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -52,11 +55,16 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
     learning_rate: float = opt(1e-6, "peak learning rate")
     max_length: int = opt(512, "maximum prompt+response tokens")
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
-    precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk")
+    precompute_ref: bool = opt(True, "compute reference log-probs once before training, for the pairs the run visits "
+                               "and the eval split, cached on disk; --no-precompute-ref runs a live reference model")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
-    prefix_sharing: bool = opt(False, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
-                               "prompt is computed once (models accepting custom masks, e.g. Llama family)")
-    group_by_length: bool = opt(False, "length-bucketed batches (seeded, resumable): less padding, still shuffled")
+    prefix_sharing: bool | None = opt(None, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
+                                      "prompt is computed once; unset: on when a check on the first pairs shows "
+                                      "the model gives the same log-probs that way")
+    group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still shuffled")
+    micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
+                                         "many padded tokens (same gradient, less activation memory); unset: "
+                                         "activations about the weights' size, >= 256 tokens; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -71,6 +79,8 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
         for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
+            raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError("--max-prompt-length must be smaller than --max-length")
         if not 0 <= self.eval_fraction < 1:
@@ -83,8 +93,10 @@ def train(cfg: DPOConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dpolab.data import load_preference_data
+    from dpolab.data.bucketing import BucketedBatchOrder, split_by_tokens
     from dpolab.losses.dpo import PairLogps, needs_reference, preference_loss
     from dpolab.train import common, distributed
+    from dpolab.train.reference import planned_rows, precompute_reference
     from dpolab.train.supervised_loop import _dedupe_shared
 
     accelerator, tokenizer = distributed.start_run(cfg)
@@ -97,42 +109,52 @@ def train(cfg: DPOConfig) -> dict:
 
     use_ref = needs_reference(cfg.loss)
     model = common.load_trainable_lm(cfg)
-    attn = getattr(model.config, "_attn_implementation", "eager")
-    if cfg.prefix_sharing and attn not in ("sdpa", "eager"):
-        raise ConfigError(f"--prefix-sharing needs a model that honours a 4D attention mask (sdpa or eager "
-                          f"attention); this one uses '{attn}'. Drop --prefix-sharing.")
-
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     ckpt = common.resume_run(run, cfg.resume)
-
-    # Reference: precomputed cache, PEFT base (adapters disabled), or a separate frozen model.
-    ref_model, ref_cache = None, None
-    if use_ref:
-        if cfg.precompute_ref:
-            ref_cache = precompute_reference(cfg, data, tokenizer, accelerator, run)
-        elif not cfg.lora or cfg.ref_model:
-            ref_model = common.load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype,
-                                              trust_remote_code=cfg.trust_remote_code)
-            ref_model = distributed.prepare_reference(accelerator, ref_model)
-
-    if cfg.group_by_length:
-        from dpolab.data.bucketing import BucketedBatchOrder, pair_lengths
-
-        # the width a pair forces on its batch: [prompt|chosen|rejected] when prefix-shared
-        lengths = ([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
-                   if cfg.prefix_sharing else pair_lengths(data.train))
-        order = BucketedBatchOrder(lengths, cfg.batch_size, cfg.seed,
-                                   world_size=accelerator.num_processes, rank=accelerator.process_index)
-    else:
-        order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
-                                  world_size=accelerator.num_processes, rank=accelerator.process_index)
-    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
     optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
+    raw_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id
+    prefix = resolve_prefix_sharing(cfg, model, data.train, pad_id, accelerator)
+
+    # Batch layout: the padded width a pair forces on its forward pass ([prompt|chosen|rejected] as
+    # one row when prefix-shared; prompt+chosen and prompt+rejected as two rows otherwise).
+    widths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) if prefix else
+              2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in data.train]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    order = (BucketedBatchOrder(widths, cfg.batch_size, cfg.seed, world_size=world, rank=rank,
+                                grad_accum=cfg.grad_accum) if cfg.group_by_length else
+             common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed, world_size=world, rank=rank))
+    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
+    scheduler = common.make_scheduler(raw_optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
+    budget = resolve_micro_batch_tokens(cfg, accelerator.unwrap_model(model))
+
+    def collate(pairs):
+        return collate_pairs(prefix, pairs, pad_id).to(accelerator.device)
+
+    # Reference: precomputed tables (default), PEFT base (adapters disabled), or a frozen model.
+    ref_model, ref_cache, ref_seconds = None, None, 0.0
+    if use_ref and cfg.precompute_ref:
+        def make_scorer():
+            if ckpt is None and not cfg.ref_model:  # the policy as loaded IS the reference: no second copy
+                model.eval()
+                return lambda batch: reference_logps(model, None if cfg.lora else model, batch, accelerator)
+            ref = common.load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype,
+                                        trust_remote_code=cfg.trust_remote_code)
+            ref = distributed.prepare_reference(accelerator, ref)
+            return lambda batch: batch_logps(ref, batch)[0]
+
+        t_ref = time.time()
+        ref_cache = precompute_reference(cfg, data, planned_rows(order, steps * cfg.grad_accum),
+                                         accelerator=accelerator, run=run, collate=collate, make_scorer=make_scorer)
+        ref_seconds = time.time() - t_ref
+    elif use_ref and (not cfg.lora or cfg.ref_model):
+        ref_model = common.load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype,
+                                          trust_remote_code=cfg.trust_remote_code)
+        ref_model = distributed.prepare_reference(accelerator, ref_model)
 
     def pair_logps(batch, idx_split: str) -> PairLogps:
-        """Policy (and reference) summed response log-probs for one PreferenceBatch."""
+        """Policy (and reference) summed response log-probs for one batch of pairs."""
 
         B = batch.batch_size
         logps, lengths = batch_logps(model, batch)
@@ -172,8 +194,7 @@ def train(cfg: DPOConfig) -> dict:
         rows, weights = [], []
         with torch.no_grad():
             for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
-                batch = collate_pairs(cfg, [data.eval[i] for i in idx or [0]], tokenizer.pad_token_id)
-                _, stats = loss_and_stats(batch.to(accelerator.device), "eval")
+                _, stats = loss_and_stats(collate([data.eval[i] for i in idx or [0]]), "eval")
                 rows.append(stats)
                 weights.append(len(idx))  # 0: a stand-in batch that keeps collective passes aligned
         model.train()
@@ -233,18 +254,23 @@ def train(cfg: DPOConfig) -> dict:
 
     with common.StopSignal() as stop:
         while step < steps:
-            # One optimizer step = grad_accum micro-batches; the loss is the mean over ALL their pairs,
-            # so accumulation 1x8 and 8x1 give the same gradient (tests/test_train_dpo.py).
-            # With W processes each backpropagates W * (its pairs' loss sum) / (the step's pairs over
-            # all processes); DDP's gradient average then equals the single-process gradient
-            # (dpolab.train.distributed). A process with no pairs runs a stand-in pair with weight 0.
+            # One optimizer step = grad_accum micro-batches, each run as forward/backward passes of at
+            # most `budget` padded tokens; the loss is the mean over ALL the step's pairs, so
+            # accumulation 1x8 and 8x1, and any split into passes, give the same gradient
+            # (tests/test_train_dpo.py). With W processes each backpropagates W * (its pairs' loss
+            # sum) / (the step's pairs over all processes); DDP's gradient average then equals the
+            # single-process gradient (dpolab.train.distributed). A process with no pairs, or fewer
+            # passes than another, runs stand-in passes with weight 0 (collectives stay aligned).
             group = [next(batches) for _ in range(cfg.grad_accum)]
             scale = accelerator.num_processes / sum(order.global_size(k) for k, _ in group)
+            passes = [(k, part) for k, idx in group for part in split_by_tokens(idx, widths, budget)]
+            if accelerator.num_processes > 1:
+                n_passes = distributed.global_max(accelerator, len(passes))
+                passes += [(group[-1][0], [])] * (n_passes - len(passes))
             step_stats, weights, nonfinite, tokens = [], [], False, 0
-            for j, (k, idx) in enumerate(group):
-                batch = collate_pairs(cfg, [data.train[i] for i in idx or [0]], tokenizer.pad_token_id)
-                batch = batch.to(accelerator.device)
-                with distributed.accumulation_context(accelerator, model, sync=j == len(group) - 1):
+            for j, (k, idx) in enumerate(passes):
+                batch = collate([data.train[i] for i in idx or [0]])
+                with distributed.accumulation_context(accelerator, model, sync=j == len(passes) - 1):
                     losses, stats = loss_and_stats(batch, "train")
                     if idx and not torch.isfinite(losses).all():
                         nonfinite = True  # every process still runs its backward passes (no hang)
@@ -308,7 +334,8 @@ def train(cfg: DPOConfig) -> dict:
 
     last_eval = evaluate()
     save_checkpoint()
-    summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped,
+    summary_metrics = {**last_logged, **last_eval, "skipped_steps": skipped, "ref_precompute_seconds": ref_seconds,
+                       "prefix_sharing": prefix, "micro_batch_tokens": budget,
                        "data/skipped_rows": report["skipped"], "data/truncated_rows": report["truncated"]}
     full = distributed.model_state_dict(accelerator, model) if distributed.is_sharded(accelerator) else None
     if accelerator.is_main_process:
@@ -337,15 +364,51 @@ def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
     return logps.detach()
 
 
-def collate_pairs(cfg: DPOConfig, pairs, pad_token_id: int):
-    """A plain (2B, T) PreferenceBatch, or with --prefix-sharing a (B, L) PrefixSharedBatch."""
-    if cfg.prefix_sharing:
+def collate_pairs(prefix_sharing: bool, pairs, pad_token_id: int):
+    """A plain (2B, T) PreferenceBatch, or when prefix-shared a (B, L) PrefixSharedBatch."""
+    if prefix_sharing:
         from dpolab.prefix import collate_prefix_shared
 
         return collate_prefix_shared(pairs, pad_token_id)
     from dpolab.data import collate_preference
 
     return collate_preference(pairs, pad_token_id)
+
+
+def resolve_prefix_sharing(cfg: DPOConfig, model, pairs, pad_token_id: int, accelerator) -> bool:
+    """--prefix-sharing on/off as given, or (unset) on when :func:`dpolab.prefix.check_prefix_sharing`
+    finds the model exact in the shared layout. Given explicitly and failing the check: an error."""
+    from dpolab.prefix import check_prefix_sharing
+
+    if cfg.prefix_sharing is False:
+        return False
+    inner = accelerator.unwrap_model(model)
+    attn = getattr(getattr(inner, "config", None), "_attn_implementation", "eager")
+    if attn not in ("sdpa", "eager"):
+        problem = f"its attention ('{attn}') ignores custom 4D masks"
+    else:
+        vocab = getattr(inner.config, "vocab_size", None) or 1 + max(t for p in pairs[:2] for t in p.chosen_ids)
+        problem = check_prefix_sharing(model, pairs, pad_token_id, vocab, accelerator.device)
+    if problem is None:
+        return True
+    if cfg.prefix_sharing:
+        raise ConfigError(f"--prefix-sharing is not exact for this model: {problem}. Drop --prefix-sharing.")
+    accelerator.print(f"prefix sharing off: {problem}")
+    return False
+
+
+def resolve_micro_batch_tokens(cfg: DPOConfig, model) -> int:
+    """The forward-pass token budget: --micro-batch-tokens, or the size-based default
+    (:func:`dpolab.train.memory.auto_forward_tokens`); 0 with gradient checkpointing, whose
+    activations are already small."""
+    from dpolab.lm import _unwrap
+    from dpolab.train.memory import auto_forward_tokens
+
+    if cfg.micro_batch_tokens is not None:
+        return cfg.micro_batch_tokens
+    if cfg.gradient_checkpointing:
+        return 0
+    return auto_forward_tokens(_unwrap(model) or model, cfg.mixed_precision)
 
 
 def batch_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,77 +425,6 @@ def batch_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def batch_tokens(batch) -> int:
     """Tokens the forward pass runs (not counting pads)."""
     return batch.num_tokens if hasattr(batch, "num_tokens") else int(batch.attention_mask.sum())
-
-
-def precompute_reference(cfg: DPOConfig, data, tokenizer, accelerator, run: RunDir) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every train and eval pair, computed once and cached on disk.
-
-    The cache file is keyed by the data (content hashes), the reference model, the tokenizer and the
-    truncation settings, so a changed dataset or model never reuses stale values. Returns
-    ``{"train": (N, 2), "eval": (M, 2)}`` with columns (chosen, rejected), indexed by
-    ``TokenizedPair.index``."""
-    from safetensors.torch import load_file, save_file
-
-    from dpolab.data import data_fingerprint
-    from dpolab.train import common, distributed
-
-    ref_name = cfg.ref_model or cfg.model
-    key = hashlib.sha256(json.dumps({
-        "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": common.model_fingerprint(ref_name),
-        "tokenizer": common.model_fingerprint(cfg.model), "max_length": cfg.max_length,
-        "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "n": [len(data.train), len(data.eval)],
-    }, sort_keys=True).encode()).hexdigest()[:20]
-    cache_dir = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else run.path / "cache"
-    path = cache_dir / f"ref-logps-{key}.safetensors"
-    sizes = {"train": len(data.train), "eval": len(data.eval)}
-    # The main process decides (its file system is the one written to); its tables reach the
-    # others by a sum all-reduce with zeros elsewhere, so no process needs to read the file.
-    hit = distributed.global_sum(accelerator, [float(accelerator.is_main_process and path.is_file())])[0] > 0
-    if hit:
-        accelerator.print(f"reference log-probs: cached {path}")
-        local = load_file(str(path)) if accelerator.is_main_process else {
-            split: torch.zeros(n, 2) for split, n in sizes.items()}
-        return _share_tables(accelerator, local)
-    ref = common.load_causal_lm(ref_name, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    ref = distributed.prepare_reference(accelerator, ref)
-    from tqdm.auto import tqdm
-
-
-    # Every pair is computed once: process r scores its block of each split, then the blocks are
-    # summed across processes (each row is nonzero on exactly one process).
-    local = {}
-    bs = cfg.eval_batch_size or cfg.batch_size
-    for split, pairs in (("train", data.train), ("eval", data.eval)):
-        table = torch.zeros(len(pairs), 2, dtype=torch.float32)
-        shards = distributed.eval_shards(len(pairs), bs, accelerator)
-        for idx in tqdm(shards, desc=f"reference {split}", dynamic_ncols=True,
-                        disable=not (cfg.progress and accelerator.is_main_process)):
-            batch = collate_pairs(cfg, [pairs[i] for i in idx or [0]], tokenizer.pad_token_id).to(accelerator.device)
-            with torch.no_grad():
-                logps, _ = batch_logps(ref, batch)
-            if not idx:  # a stand-in batch (keeps sharded forward passes aligned); nothing to keep
-                continue
-            B = batch.batch_size
-            table[batch.index.cpu(), 0] = logps[:B].float().cpu()
-            table[batch.index.cpu(), 1] = logps[B:].float().cpu()
-        local[split] = table
-    del ref
-    out = _share_tables(accelerator, local)
-    if accelerator.is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(out, str(tmp))
-        tmp.replace(path)
-    return out
-
-
-def _share_tables(accelerator, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each table over processes (rows are filled on one process, zero on the others)."""
-    if accelerator.num_processes <= 1:
-        return tables
-    return {k: accelerator.reduce(v.to(accelerator.device), reduction="sum").cpu().contiguous()
-            for k, v in tables.items()}
 
 
 def _print_summary(summary: dict) -> None:

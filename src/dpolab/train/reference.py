@@ -1,0 +1,128 @@
+"""The DPO reference pass: log-probs computed once before training and cached on disk.
+
+DPO needs ``log π_ref(y|x)`` of every response it trains on, and the reference never changes, so
+the default computes it once per pair instead of once per visit: a forward pass without gradients,
+batched by length, over exactly the pairs the run will visit (all of them from one epoch on; the
+rows of the planned micro-batches for a shorter run) plus the evaluation split. The reference weights
+are then not needed during training (memory), and a second epoch, a resumed run or another run on
+the same data and reference (a β sweep) costs nothing more.
+
+The cache file is keyed by the data (content hashes), the reference model, the tokenizer, the
+truncation settings, the dtype and the mixed precision, so a changed dataset or model never reuses
+stale values. Rows not computed yet are NaN in the stored tables; a later run with a wider plan
+computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dpolab.rundir import RunDir
+
+Scorer = Callable[[object], torch.Tensor]  # a batch -> (2B,) summed response log-probs
+
+
+def planned_rows(order, n_micro: int) -> list[int]:
+    """Training rows (over all processes) in micro-batches ``0 .. n_micro-1`` of ``order``."""
+    if n_micro >= order.per_epoch:
+        return list(range(order.n))
+    return sorted({i for k in range(n_micro) for i in order.global_rows(k)})
+
+
+def cache_path(cfg, data, run: RunDir) -> Path:
+    from dpolab.data import data_fingerprint
+    from dpolab.train import common
+
+    key = hashlib.sha256(json.dumps({
+        "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": common.model_fingerprint(cfg.ref_model or cfg.model),
+        "tokenizer": common.model_fingerprint(cfg.model), "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision,
+        "n": [len(data.train), len(data.eval)],
+    }, sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else run.path / "cache"
+    return cache_dir / f"ref-logps-{key}.safetensors"
+
+
+def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: RunDir, collate: Callable,
+                         make_scorer: Callable[[], Scorer]) -> dict[str, torch.Tensor]:
+    """Reference log-probs of ``train_rows`` and of every eval pair, from the cache where it has them.
+
+    ``collate(pairs)`` builds a batch on the device; ``make_scorer()`` returns the reference scorer
+    (called only if some row is missing, so a full cache hit loads no model). Returns
+    ``{"train": (N, 2), "eval": (M, 2)}`` float32 tables, columns (chosen, rejected), indexed by
+    ``TokenizedPair.index``; rows outside ``train_rows`` may be NaN. Every process gets the same tables.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from dpolab.train import distributed
+
+    path = cache_path(cfg, data, run)
+    sizes = {"train": len(data.train), "eval": len(data.eval)}
+    # The main process reads the cache (its file system is the one written to); its tables reach the
+    # others by a sum all-reduce with zeros elsewhere, so no other process reads the file.
+    tables = {split: torch.full((n, 2), math.nan) for split, n in sizes.items()}
+    if accelerator.is_main_process and path.is_file():
+        stored = load_file(str(path))
+        if all(stored.get(s) is not None and stored[s].shape == (n, 2) for s, n in sizes.items()):
+            tables = {s: stored[s].float() for s in sizes}
+    tables = _share_tables(accelerator, tables, main_only=True)
+    wanted = {"train": train_rows, "eval": list(range(sizes["eval"]))}
+    missing = {s: [i for i in rows if math.isnan(float(tables[s][i, 0]))] for s, rows in wanted.items()}
+    n_missing = sum(map(len, missing.values()))
+    if n_missing == 0:
+        accelerator.print(f"reference log-probs: cached ({path})")
+        return tables
+
+    scorer = make_scorer()
+    bs = cfg.eval_batch_size or cfg.batch_size
+    computed = {s: torch.zeros(n, 2) for s, n in sizes.items()}
+    for split, rows in missing.items():
+        if not rows:
+            continue
+        pairs = getattr(data, split)
+        rows = sorted(rows, key=lambda i: pairs[i].num_tokens)  # similar lengths per batch: little padding
+        # Process r scores its block of the missing rows; blocks are summed across processes below.
+        shards = distributed.eval_shards(len(rows), bs, accelerator)
+        for local in tqdm(shards, desc=f"reference log-probs ({split})", dynamic_ncols=True,
+                          disable=not (cfg.progress and accelerator.is_main_process)):
+            idx = [rows[j] for j in local]
+            batch = collate([pairs[i] for i in idx or [rows[0]]])
+            with torch.no_grad():
+                logps = scorer(batch)
+            if not idx:  # a stand-in batch (keeps sharded forward passes aligned); nothing to keep
+                continue
+            B = batch.batch_size
+            where = batch.index.cpu()
+            computed[split][where, 0] = logps[:B].float().cpu()
+            computed[split][where, 1] = logps[B:].float().cpu()
+    computed = _share_tables(accelerator, computed)
+    for split, rows in missing.items():
+        if rows:
+            tables[split][rows] = computed[split][rows]
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({s: t.contiguous() for s, t in tables.items()}, str(tmp))
+        tmp.replace(path)
+    return tables
+
+
+def _share_tables(accelerator, tables: dict[str, torch.Tensor], main_only: bool = False) -> dict[str, torch.Tensor]:
+    """Sum each table over processes: rows filled on one process and zero on the others, or with
+    ``main_only`` the main process's tables as they are."""
+    if accelerator.num_processes <= 1:
+        return tables
+    out = {}
+    for k, v in tables.items():
+        if main_only and not accelerator.is_main_process:
+            v = torch.zeros_like(v)
+        out[k] = accelerator.reduce(v.to(accelerator.device), reduction="sum").cpu().contiguous()
+    return out
