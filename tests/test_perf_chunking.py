@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dpolab.data.bucketing import split_by_tokens
-from dpolab.train.memory import MIN_FORWARD_TOKENS, activation_bytes_per_token, auto_forward_tokens
+from dpolab.train.memory import MIN_ACTIVATION_BYTES, activation_bytes_per_token, auto_forward_tokens
 
 
 def test_split_by_tokens_by_hand():
@@ -57,9 +57,10 @@ def test_auto_budget_is_weights_over_activations_with_a_floor(tiny_model):
     class Cfg:
         hidden_size, num_hidden_layers, intermediate_size = 512, 7, 1376
 
-    # the benchmark's 26M model: 296 KiB per token in float32
+    # the benchmark's 26M model: 290 KiB per token in float32
     assert activation_bytes_per_token(Cfg, 4) == 7 * (10 * 512 + 4 * 1376) * 4
-    assert auto_forward_tokens(tiny_model) == MIN_FORWARD_TOKENS  # a tiny model: the floor
+    tiny_per_token = activation_bytes_per_token(tiny_model.config, 4)
+    assert auto_forward_tokens(tiny_model) == MIN_ACTIVATION_BYTES // tiny_per_token  # a tiny model: the floor
     big = torch.nn.Linear(4096, 8192)  # 128 MiB of weights
     big.config = Cfg
     assert auto_forward_tokens(big) == (4096 * 8192 + 8192) * 4 // (7 * (10 * 512 + 4 * 1376) * 4)

@@ -138,6 +138,19 @@ def split_by_tokens(rows: Sequence[int], widths: Sequence[int], budget: int) -> 
     return groups
 
 
+def batch_order(lengths: Sequence[int], cfg, accelerator):
+    """The trainers' micro-batch order: :class:`BucketedBatchOrder` over ``lengths`` with
+    ``cfg.group_by_length`` (the default), else the uniformly shuffled
+    :class:`dpolab.train.common.BatchOrder`; sliced for this process of ``accelerator``."""
+    from dpolab.train.common import BatchOrder
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.group_by_length:
+        return BucketedBatchOrder(lengths, cfg.batch_size, cfg.seed, world_size=world, rank=rank,
+                                  grad_accum=cfg.grad_accum)
+    return BatchOrder(len(lengths), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+
+
 def pair_lengths(pairs) -> list[int]:
     """Padded-width cost of each preference pair: ``|prompt| + max(|chosen|, |rejected|)``."""
     return [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]

@@ -61,10 +61,9 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
     prefix_sharing: bool | None = opt(None, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
                                       "prompt is computed once; unset: on when a check on the first pairs shows "
                                       "the model gives the same log-probs that way")
-    group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still shuffled")
     micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
                                          "many padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the weights' size, >= 256 tokens; 0: never split")
+                                         "activations about the weights' size, at least 64 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -93,7 +92,7 @@ def train(cfg: DPOConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dpolab.data import load_preference_data
-    from dpolab.data.bucketing import BucketedBatchOrder, split_by_tokens
+    from dpolab.data.bucketing import batch_order, split_by_tokens
     from dpolab.losses.dpo import PairLogps, needs_reference, preference_loss
     from dpolab.train import common, distributed
     from dpolab.train.reference import planned_rows, precompute_reference
@@ -121,10 +120,7 @@ def train(cfg: DPOConfig) -> dict:
     # one row when prefix-shared; prompt+chosen and prompt+rejected as two rows otherwise).
     widths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) if prefix else
               2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in data.train]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    order = (BucketedBatchOrder(widths, cfg.batch_size, cfg.seed, world_size=world, rank=rank,
-                                grad_accum=cfg.grad_accum) if cfg.group_by_length else
-             common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed, world_size=world, rank=rank))
+    order = batch_order(widths, cfg, accelerator)
     steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
     scheduler = common.make_scheduler(raw_optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
     budget = resolve_micro_batch_tokens(cfg, accelerator.unwrap_model(model))

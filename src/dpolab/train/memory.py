@@ -5,22 +5,23 @@ Llama-style decoder about ``10·h + 4·i`` values per token and layer (``h`` the
 MLP width): the attention block's normed input, q, k, v, rotated q and k, attention output and
 projected output, and the gated MLP's two projections, its activation and their product. Measured
 with ``torch.autograd.graph.saved_tensors_hooks`` on the benchmark's 26M model (h = 512, i = 1376,
-7 layers, float32): 296 KiB per token, the formula's value (tests/test_perf_chunking.py checks the
-formula against the saved tensors of a tiny model).
+7 layers, float32): about 294 KiB per token, against 290 KiB from the formula
+(tests/test_perf_chunking.py checks the formula against the saved tensors of a tiny model).
 
 Splitting a micro-batch into passes of at most ``T`` tokens bounds that memory by ``T × bytes per
 token`` without changing the gradient (the loss is a sum over pairs). ``auto_forward_tokens`` picks
-``T`` so the activations stay within the memory of the weights themselves, with a floor that keeps
-matrix products efficient: training state is then weights + gradients + two AdamW moments (4×) plus at
-most 1× for activations. For the 26M benchmark model that is 355 tokens (about 2 pairs); for an 8B
-model in bfloat16, about 2,500 tokens per pass.
+``T`` so the activations stay within the memory of the weights themselves: training state is then
+weights + gradients + two AdamW moments (4×) plus at most 1× for activations. Passes may always hold
+64 MiB of activations (below that the memory is negligible, and small passes of a small model only
+lose speed to per-operation overhead). For the benchmark's 26M model that is 317 tokens (about 2
+pairs), for its 3M model 1,057 tokens; for an 8B model in bfloat16, about 2,500 tokens per pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-MIN_FORWARD_TOKENS = 256
+MIN_ACTIVATION_BYTES = 64 * 2**20
 
 
 def activation_bytes_per_token(config, element_size: int) -> int | None:
@@ -35,12 +36,12 @@ def activation_bytes_per_token(config, element_size: int) -> int | None:
 
 
 def auto_forward_tokens(model: torch.nn.Module, mixed_precision: str = "no") -> int:
-    """Tokens per forward pass such that activations take about as much memory as the weights
-    (at least ``MIN_FORWARD_TOKENS``); 0 (never split) when the model's shape is unknown."""
+    """Tokens per forward pass such that activations take about as much memory as the weights, or
+    ``MIN_ACTIVATION_BYTES`` if that is more; 0 (never split) when the model's shape is unknown."""
     params = list(model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     element = 2 if mixed_precision in ("bf16", "fp16") else (params[0].element_size() if params else 4)
     per_token = activation_bytes_per_token(getattr(model, "config", None), element)
     if not per_token:
         return 0
-    return max(MIN_FORWARD_TOKENS, weight_bytes // per_token)
+    return max(weight_bytes, MIN_ACTIVATION_BYTES) // per_token

@@ -29,6 +29,8 @@ class BatchOptions:
     batch_size: int = opt(8, "examples (preference pairs, or packed rows) per micro-batch, per process")
     eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (the loss is averaged over all of them)")
+    group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still "
+                                "shuffled; --no-group-by-length for uniformly random batches")
 
 
 @dataclass

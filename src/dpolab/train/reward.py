@@ -74,6 +74,7 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tenso
 def train(cfg: RewardConfig) -> dict:
     """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
     from dpolab.data import collate_preference, load_preference_data, pad_token_id_for
+    from dpolab.data.bucketing import batch_order, pair_lengths
     from dpolab.losses.reward import bradley_terry_loss
     from dpolab.reward import RewardModel, load_reward_model
     from dpolab.train import common, distributed
@@ -95,8 +96,7 @@ def train(cfg: RewardConfig) -> dict:
     ckpt = common.resume_run(run, cfg.resume)
     pad_id = pad_token_id_for(tokenizer)
 
-    order = common.BatchOrder(len(data.train), cfg.batch_size, cfg.seed,
-                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    order = batch_order(pair_lengths(data.train), cfg, accelerator)
     steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
     optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)

@@ -87,6 +87,7 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.data.bucketing import batch_order
     from dpolab.data.collate import pad_token_id_for
     from dpolab.data.sft import collate_sft, load_sft_data, pack_examples
     from dpolab.train import common, distributed
@@ -107,8 +108,7 @@ def train(cfg: SFTConfig) -> dict:
     ckpt = common.resume_run(run, cfg.resume)
     pad_id = pad_token_id_for(tokenizer)
 
-    order = common.BatchOrder(len(rows), cfg.batch_size, cfg.seed,
-                              world_size=accelerator.num_processes, rank=accelerator.process_index)
+    order = batch_order([len(r) for r in rows], cfg, accelerator)
     steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
     optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
