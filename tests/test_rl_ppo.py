@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 from dpolab.cli import main
 from dpolab.config import make_config
 from dpolab.errors import DpolabError
-from dpolab.rl.nets import ActorCritic, load_policy
-from dpolab.rl.ppo import PPOConfig, train
+from dpolab.rl.nets import ActorCritic, fast_tanh, load_policy
+from dpolab.rl.ppo import PPOConfig, clip_grad_norm, ppo_update, train
 from dpolab.rl.rollout import Collector, evaluate, make_vec_env
 
 TINY = ["--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--n-epochs", "2", "--eval-episodes", "2",
@@ -191,3 +192,96 @@ def test_collector_state_roundtrip_and_unpicklable_fallback():
     with pytest.warns(UserWarning, match="next-step autoreset.*fresh episodes"):
         b.load_state_dict(old, reseed=5)
     a.envs.close(), b.envs.close()
+
+
+# -- the fast paths equal the plain ones -------------------------------------------------------------
+def test_fast_tanh_matches_torch_tanh_and_its_gradient():
+    torch.manual_seed(0)
+    for dtype, rtol in ((torch.float32, 2.5e-7), (torch.float64, 5e-16)):
+        x = (torch.randn(300, 70, dtype=dtype) * 3).requires_grad_()
+        x.data[0, :4] = torch.tensor([0.0, 1e-30, 25.0, -40.0], dtype=dtype)
+        y = fast_tanh(x)
+        ref = torch.tanh(x)
+        torch.testing.assert_close(y, ref, rtol=rtol, atol=0)
+        g = torch.randn_like(ref)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gref,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(gx, gref, rtol=4 * rtol, atol=4 * rtol)
+        with torch.no_grad():
+            torch.testing.assert_close(fast_tanh(x), ref.detach(), rtol=rtol, atol=0)
+    xb = torch.randn(5, 3, dtype=torch.bfloat16)
+    assert torch.equal(fast_tanh(xb), torch.tanh(xb))  # other dtypes: torch.tanh itself
+
+
+@pytest.mark.parametrize("discrete,activation,hidden", [(True, "tanh", [64, 64]), (False, "tanh", [32]),
+                                                        (True, "relu", [16, 8, 4])])
+def test_functional_forward_equals_the_modules(discrete, activation, hidden):
+    torch.manual_seed(0)
+    pol = ActorCritic(5, 3, discrete, hidden, activation, log_std_init=-0.3)
+    obs = torch.randn(40, 5)
+    out, values = pol(obs)
+    torch.testing.assert_close(out, pol.actor(obs))
+    torch.testing.assert_close(values, pol.critic(obs).squeeze(-1))
+    torch.testing.assert_close(pol.value(obs), values)
+    w = torch.randn(40, 3)
+    grads = torch.autograd.grad((out * w).sum() + values.pow(2).sum(), list(pol.parameters()), allow_unused=True)
+    ref = torch.autograd.grad((pol.actor(obs) * w).sum() + pol.critic(obs).pow(2).sum(), list(pol.parameters()),
+                              allow_unused=True)
+    for g, r in zip(grads, ref):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_is_torch_clip_grad_norm():
+    torch.manual_seed(0)
+    for max_norm in (0.5, 1e9, math.inf):
+        grads = [torch.randn(64, 4), torch.randn(64), torch.randn(2, 64) * 3, torch.randn(1)]
+        before = [g.clone() for g in grads]
+        twins = [g.clone().requires_grad_() for g in grads]
+        for t, g in zip(twins, grads):
+            t.grad = g.clone()
+        norm = clip_grad_norm(grads, max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(twins, max_norm, foreach=True)
+        assert torch.equal(norm, ref)
+        assert all(torch.equal(g, t.grad) for g, t in zip(grads, twins))
+        after = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+        if max_norm == 0.5:
+            assert norm > 1 and abs(float(after) - 0.5) < 1e-5
+        else:
+            assert all(torch.equal(g, b) for g, b in zip(grads, before))
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.05])
+@pytest.mark.parametrize("discrete", [True, False])
+def test_ppo_update_step_is_sgd_on_the_ppo_loss(ent_coef, discrete):
+    """One minibatch step of ppo_update with plain SGD moves θ by −lr·∇L, L = L^CLIP + c₁ L^VF − c₂ H
+    computed here from the nn.Sequential modules and torch.distributions (entropy left in the loss even
+    with c₂ = 0, as a plain implementation would)."""
+    torch.manual_seed(0)
+    n, a_dim = 64, 2
+    pol = ActorCritic(4, a_dim, discrete, log_std_init=-0.2)
+    for p in pol.parameters():  # away from the init (tiny policy head), so every term matters
+        p.data += 0.3 * torch.randn_like(p)
+    ref = ActorCritic(4, a_dim, discrete)
+    ref.load_state_dict(pol.state_dict())
+    obs = torch.randn(n, 4)
+    act = torch.randint(0, a_dim, (n,)) if discrete else torch.randn(n, a_dim)
+    old_logp, old_v, adv, ret = torch.randn(n) * 0.1 - 0.7, torch.randn(n), torch.randn(n), torch.randn(n)
+    if not discrete:
+        old_logp = old_logp - 1.5
+    cfg = make_config(PPOConfig, dict(n_epochs=1, batch_size=n, ent_coef=ent_coef, vf_coef=0.5, max_grad_norm=0.0,
+                                      norm_adv=True))
+    ppo_update(pol, torch.optim.SGD(pol.parameters(), lr=0.1), (obs, act, old_logp, old_v, adv, ret), cfg, 0.2)
+
+    dist = (torch.distributions.Categorical(logits=ref.actor(obs)) if discrete else
+            torch.distributions.Normal(ref.actor(obs), torch.exp(ref.log_std)))
+    logp = dist.log_prob(act) if discrete else dist.log_prob(act).sum(-1)
+    ent = dist.entropy() if discrete else dist.entropy().sum(-1)
+    ratio = torch.exp(logp - old_logp)
+    a = (adv - adv.mean()) / adv.std()
+    pg = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a).mean()
+    loss = pg + 0.5 * ((ref.critic(obs).squeeze(-1) - ret) ** 2).mean() - ent_coef * ent.mean()
+    loss.backward()
+    for (k, p), q in zip(pol.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - 0.1 * q.grad, rtol=1e-5, atol=1e-6, msg=k)
