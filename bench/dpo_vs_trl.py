@@ -13,29 +13,32 @@ learning rate and clipping, and the same thread count. TRL lives in its own envi
 
 Sides (each run in a FRESH subprocess, alternating ours/TRL after one warm-up run of each):
 
-* ``ours-trainer``: ``dpolab.train.dpo.train`` with its defaults (the real trainer: random batches,
-  one concatenated forward for chosen+rejected, live reference model);
-* ``trl-default``: ``trl.DPOTrainer`` with its defaults (live reference copy of the model);
-* ``ours-best``: the DPO step built from dpolab's pieces: length-bucketed batches
-  (``dpolab.data.bucketing``), prefix sharing (``dpolab.prefix``: one row per pair), reference
-  log-probs precomputed once, response-only lm_head with the chunked log-prob gather (``dpolab.lm``),
-  ``dpolab.losses.dpo.dpo_loss``, fused AdamW;
+* ``ours-default``: ``dpolab.train.dpo.train`` with its defaults: prefix sharing (checked exact on
+  the model first), length-bucketed steps, forward passes within the size-based token budget,
+  reference log-probs precomputed for the pairs the run visits;
+* ``trl-default``: ``trl.DPOTrainer`` with its defaults (live reference copy of the model, gradient
+  checkpointing on);
+* ``ours-best``: the same trainer with ``micro_batch_tokens=0`` (each micro-batch in one pass: more
+  activation memory, fewer and larger matrix products);
 * ``trl-best``: ``trl.DPOTrainer`` with ``precompute_ref_log_probs=True`` and
-  ``gradient_checkpointing=False`` (TRL's default is True: memory for compute; its length-grouped sampler
-  needs an ``input_ids`` column, which TRL 1.16's DPO dataset does not have).
+  ``gradient_checkpointing=False`` (its length-grouped sampler needs an ``input_ids`` column, which
+  TRL 1.16's DPO dataset does not have).
 
 Measures, per run: the wall time of every optimizer step (a global optimizer step hook, the same
 instrument for both), the pair tokens of every step (``2·|prompt| + |chosen| + |rejected|`` of its
 pairs: the same work unit for both, whatever layout a side uses), and the peak resident memory
-(``ru_maxrss`` at the last optimizer step minus ``ru_maxrss`` after imports and tokenizer load, before
-the data and any model; the end-of-run model save is not counted).
-The first ``--warmup-steps`` steps of each run (which include TRL's and our reference precompute)
-are not timed. Reported: median over runs of tokens/s and of the median step time, the median peak
-memory, the ratios, and model-FLOP utilisation (MFU) against a float32 matmul peak measured in the
-same run with the same threads. MFU counts ``6N`` FLOPs per token the policy processes and ``2N`` per
-token a live reference processes, ``N`` = non-embedding parameters (transformer blocks only; input
-embedding and lm_head excluded, attention score FLOPs ignored), on the tokens each side's layout
-actually runs (prefix sharing runs fewer, so its MFU is not inflated by the saving).
+(the kernel's peak-RSS mark is reset after imports and tokenizer load, before the data and any
+model; peak = ``ru_maxrss`` at the last optimizer step minus the resident memory at that reset; the
+end-of-run model save is not counted). The first ``--warmup-steps`` steps of each run are not timed;
+the reference precompute of both sides runs before the first step. Against TRL's defaults, which run
+a live reference inside every step, ours is charged its precompute: the timed steps' share of the
+precompute time is added to them (and its 2N FLOPs per token to the MFU). Reported: median over
+runs of tokens/s and of the median step time, the median peak memory, the ratios, and model-FLOP
+utilisation (MFU) against a float32 matmul peak measured in the same run with the same threads. MFU
+counts ``6N`` FLOPs per token the policy processes and ``2N`` per token a reference processes
+(live, or precomputed and charged), ``N`` = non-embedding parameters (transformer blocks only;
+input embedding and lm_head excluded, attention score FLOPs ignored), on the tokens each side's
+layout actually runs (prefix sharing runs fewer, so its MFU is not inflated by the saving).
 
 Correctness check first: on a batch of ``--batch-size`` pairs and a reference model that differs
 from the policy (so the loss is not ln 2 by construction), TRL's loss and ours (plain and
@@ -112,7 +115,7 @@ def non_embedding_params(model_dir: str) -> int:
 class StepClock:
     """Wall time at the end of every optimizer step, via torch's global step hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step=None) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.times: list[float] = [time.perf_counter()]
@@ -121,6 +124,8 @@ class StepClock:
         def hook(opt, args, kwargs) -> None:
             self.times.append(time.perf_counter())
             self.maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if on_step is not None:
+                on_step()
 
         self.handle = register_optimizer_step_post_hook(hook)
 
@@ -134,38 +139,67 @@ class StepClock:
 
 
 def baseline_kb() -> int:
-    """Peak RSS so far: taken after the side's imports and tokenizer load, before its data and models."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Resident memory now, taken after the side's imports and tokenizer load, before its data and
+    models; the kernel's peak-RSS mark is reset to it (``/proc/self/clear_refs``), so the
+    ``ru_maxrss`` read at each step is the peak since this point, not an import-time peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):  # not Linux: the peak so far is the best baseline there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # -- the four sides (each runs in its own subprocess) ---------------------------------------------
-def run_ours_trainer(a: argparse.Namespace) -> dict:
+def run_ours(a: argparse.Namespace, best: bool) -> dict:
+    """``dpolab.train.dpo.train`` as shipped (its defaults), or with ``best`` its speed-first setting
+    (``micro_batch_tokens=0``: each micro-batch in one forward/backward pass, more activation memory).
+
+    The pair tokens and forward tokens of every step are counted where the trainer collates its
+    batches. The reference log-probs are precomputed (the default) before the first step, for the rows
+    of all planned steps. Against TRL's defaults (a live reference inside every step) the timed steps
+    are charged their share of that time and of its FLOPs (2N per forward token); against TRL's best,
+    which precomputes before its first step too, neither side's precompute is timed."""
     import accelerate  # noqa: F401  (imports the trainer makes, before the baseline)
     import datasets  # noqa: F401
     import safetensors.torch  # noqa: F401
     import tqdm.auto  # noqa: F401
 
     from dpolab.config import make_config
-    from dpolab.data import load_preference_data
-    from dpolab.train import common
+    from dpolab.train import common, dpo
     from dpolab.train.dpo import DPOConfig, train
 
-    tok = common.load_tokenizer(a.model_dir)
+    common.load_tokenizer(a.model_dir)
     base = baseline_kb()
-    data = load_preference_data(a.data, tok, max_length=a.max_length, max_prompt_length=a.max_length - 1,
-                                eval_fraction=0.0, seed=0)
-    order = common.BatchOrder(len(data.train), a.batch_size, 0)
-    it = order.iterate(0)
-    pair_tokens = [sum(data.train[i].num_tokens for i in next(it)[1]) for _ in range(a.steps)]
-    clock = StepClock()
+    pair_tokens: list[int] = [0]
+    fwd_tokens: list[int] = [0]
+    clock = StepClock(on_step=lambda: (pair_tokens.append(0), fwd_tokens.append(0)))
+    collate = dpo.collate_pairs
+
+    def counting_collate(prefix, pairs, pad_id):
+        batch = collate(prefix, pairs, pad_id)
+        pair_tokens[-1] += sum(p.num_tokens for p in pairs)
+        fwd_tokens[-1] += dpo.batch_tokens(batch)
+        return batch
+
+    dpo.collate_pairs = counting_collate
+    extra = {"micro_batch_tokens": 0} if best else {}
     with tempfile.TemporaryDirectory() as out:
         cfg = make_config(DPOConfig, dict(model=a.model_dir, data=a.data, eval_fraction=0.0, output_dir=out,
                                           batch_size=a.batch_size, max_length=a.max_length,
                                           max_prompt_length=a.max_length - 1, learning_rate=LR,
-                                          max_steps=a.steps, logging_steps=10**6, progress=False, seed=0))
-        train(cfg)
+                                          max_steps=a.steps, logging_steps=10**6, progress=False, seed=0, **extra))
+        summary = train(cfg)
     n = non_embedding_params(a.model_dir)
-    return clock.result(pair_tokens, [t * 8 * n for t in pair_tokens], a.warmup_steps, base)
+    # step 1's counts also hold the precompute pass (it runs before the first step): never timed
+    res = clock.result(pair_tokens, [t * (6 if best else 8) * n for t in fwd_tokens], a.warmup_steps, base)
+    timed = len(res["step_times"])
+    res["ref_precompute_s"] = summary["ref_precompute_seconds"]
+    if not best:  # TRL's default runs a live reference inside its steps; TRL's best precomputes untimed too
+        res["seconds"] += summary["ref_precompute_seconds"] * timed / a.steps
+    res["prefix_sharing"], res["micro_batch_tokens"] = summary["prefix_sharing"], summary["micro_batch_tokens"]
+    return res
 
 
 def run_trl(a: argparse.Namespace, best: bool) -> dict:
@@ -199,58 +233,6 @@ def run_trl(a: argparse.Namespace, best: bool) -> dict:
         trainer.train()
     factor = 6 if best else 8
     return clock.result(pair_tokens, [t * factor * n for t in pair_tokens], a.warmup_steps, base)
-
-
-def run_ours_best(a: argparse.Namespace) -> dict:
-    import torch
-
-    from dpolab.data import load_preference_data
-    from dpolab.data.bucketing import BucketedBatchOrder
-    from dpolab.losses.dpo import dpo_loss
-    from dpolab.prefix import collate_prefix_shared, prefix_shared_logps
-    from dpolab.train import common
-
-    tok = common.load_tokenizer(a.model_dir)
-    base = baseline_kb()
-    data = load_preference_data(a.data, tok, max_length=a.max_length, max_prompt_length=a.max_length - 1,
-                                eval_fraction=0.0, seed=0)
-    pairs = data.train
-    clock = StepClock()
-    # reference pass once (prefix-shared, length-sorted, large batches), then the reference is freed
-    ref = common.load_causal_lm(a.model_dir).requires_grad_(False).eval()
-    ref_table = torch.zeros(len(pairs), 2)
-    by_len = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
-    with torch.no_grad():
-        for s in range(0, len(pairs), 4 * a.batch_size):
-            chunk = [pairs[i] for i in by_len[s:s + 4 * a.batch_size]]
-            b = collate_prefix_shared(chunk, tok.pad_token_id)
-            lp, _ = prefix_shared_logps(ref, b)
-            ref_table[b.index] = torch.stack(lp.split(len(chunk)), 1)
-    del ref
-    model = common.load_causal_lm(a.model_dir)
-    n = non_embedding_params(a.model_dir)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-    sched = common.make_scheduler(opt, "linear", 0, a.steps)
-    order = BucketedBatchOrder([len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs],
-                               a.batch_size, seed=0)
-    it = order.iterate(0)
-    pair_tokens, model_tokens = [], []
-    for _ in range(a.steps):
-        _, idx = next(it)
-        b = collate_prefix_shared([pairs[i] for i in idx], tok.pad_token_id)
-        lp, _ = prefix_shared_logps(model, b)
-        B = b.batch_size
-        r = ref_table[b.index]
-        losses, _, _ = dpo_loss(lp[:B], lp[B:], r[:, 0], r[:, 1], beta=0.1)
-        losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        pair_tokens.append(sum(pairs[i].num_tokens for i in idx))
-        model_tokens.append(6 * n * b.num_tokens)
-    return clock.result(pair_tokens, model_tokens, a.warmup_steps, base)
 
 
 def run_check(a: argparse.Namespace) -> dict:
@@ -301,8 +283,8 @@ def run_check(a: argparse.Namespace) -> dict:
             "same_token_ids": trl_ids == ours_ids, "pairs": B}
 
 
-SIDES = {"ours-trainer": run_ours_trainer, "trl-default": lambda a: run_trl(a, False),
-         "ours-best": run_ours_best, "trl-best": lambda a: run_trl(a, True), "check": run_check}
+SIDES = {"ours-default": lambda a: run_ours(a, False), "trl-default": lambda a: run_trl(a, False),
+         "ours-best": lambda a: run_ours(a, True), "trl-best": lambda a: run_trl(a, True), "check": run_check}
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -353,11 +335,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per model)")
-    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps (at least 1)")
     ap.add_argument("--repeats", type=int, default=2, help="measured runs per side (after one warm-up run)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
+    if a.warmup_steps < 1:
+        ap.error("--warmup-steps must be >= 1 (the first step's counts include the reference precompute)")
     if a.worker:
         import torch
 
@@ -385,7 +369,7 @@ def main() -> None:
         results["matmul_peak_gflops"] = peak
         print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({a.threads} threads)")
         for model in models:
-            for label, ours, theirs in (("defaults", "ours-trainer", "trl-default"),
+            for label, ours, theirs in (("defaults", "ours-default", "trl-default"),
                                         ("best", "ours-best", "trl-best")):
                 peak = max(peak, matmul_peak(a.threads))
                 results["matmul_peak_gflops"] = peak

@@ -63,7 +63,7 @@ class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
                                       "the model gives the same log-probs that way")
     micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
                                          "many padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the weights' size, at least 64 MiB; 0: never split")
+                                         "activations about the weights' size, at least 32 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:

@@ -12,16 +12,16 @@ Splitting a micro-batch into passes of at most ``T`` tokens bounds that memory b
 token`` without changing the gradient (the loss is a sum over pairs). ``auto_forward_tokens`` picks
 ``T`` so the activations stay within the memory of the weights themselves: training state is then
 weights + gradients + two AdamW moments (4×) plus at most 1× for activations. Passes may always hold
-64 MiB of activations (below that the memory is negligible, and small passes of a small model only
+32 MiB of activations (below that the memory is negligible, and small passes of a small model only
 lose speed to per-operation overhead). For the benchmark's 26M model that is 317 tokens (about 2
-pairs), for its 3M model 1,057 tokens; for an 8B model in bfloat16, about 2,500 tokens per pass.
+pairs), for its 3M model 528 tokens; for an 8B model in bfloat16, about 2,500 tokens per pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-MIN_ACTIVATION_BYTES = 64 * 2**20
+MIN_ACTIVATION_BYTES = 32 * 2**20
 
 
 def activation_bytes_per_token(config, element_size: int) -> int | None:
