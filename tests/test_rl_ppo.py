@@ -15,8 +15,8 @@ import torch
 from dpolab.cli import main
 from dpolab.config import make_config
 from dpolab.errors import DpolabError
-from dpolab.rl.nets import ActorCritic, fast_tanh, load_policy
-from dpolab.rl.ppo import PPOConfig, clip_grad_norm, ppo_update, train
+from dpolab.rl.nets import ActorCritic, fast_tanh, load_policy, save_policy
+from dpolab.rl.ppo import PPOConfig, clip_grad_norm, flat_optimizer_state, ppo_update, train
 from dpolab.rl.rollout import Collector, evaluate, make_vec_env
 
 TINY = ["--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--n-epochs", "2", "--eval-episodes", "2",
@@ -233,6 +233,30 @@ def test_functional_forward_equals_the_modules(discrete, activation, hidden):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("discrete,activation,hidden", [(True, "tanh", [64, 64]), (False, "tanh", [32]),
+                                                        (True, "relu", [16, 8, 4]), (False, "relu", [8, 8])])
+def test_backward_from_outputs_equals_autograd(discrete, activation, hidden):
+    torch.manual_seed(0)
+    pol = ActorCritic(5, 3, discrete, hidden, activation, log_std_init=-0.3)
+    for p in pol.parameters():
+        p.data += 0.2 * torch.randn_like(p)
+    obs = torch.randn(40, 5)
+    d_out, d_values, d_log_std = torch.randn(40, 3), torch.randn(40), torch.randn(3)
+    out, values, cache = pol.forward_with_cache(obs)
+    assert not out.requires_grad and not values.requires_grad  # no graph was built
+    ref_out, ref_values = pol.actor(obs), pol.critic(obs).squeeze(-1)
+    torch.testing.assert_close(out, ref_out.detach())
+    torch.testing.assert_close(values, ref_values.detach())
+    for with_values in (True, False):
+        scalar = (ref_out * d_out).sum() + (ref_values * d_values).sum() * with_values
+        if not discrete:
+            scalar = scalar + (pol.log_std * d_log_std).sum()
+        ref = torch.autograd.grad(scalar, list(pol.parameters()), retain_graph=True)
+        pol.backward_from_outputs(cache, d_out, d_values if with_values else None, d_log_std)
+        for (k, p), r in zip(pol.named_parameters(), ref):
+            torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_clip_grad_norm_is_torch_clip_grad_norm():
     torch.manual_seed(0)
     for max_norm in (0.5, 1e9, math.inf):
@@ -285,3 +309,53 @@ def test_ppo_update_step_is_sgd_on_the_ppo_loss(ent_coef, discrete):
     loss.backward()
     for (k, p), q in zip(pol.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach() - 0.1 * q.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_flat_parameters_are_views_and_the_update_equals_separate_tensors(tmp_path):
+    """flatten_parameters keeps every value, makes parameters and gradients views of two flat tensors,
+    and PPO updates with Adam over the flat tensor equal those with Adam over the separate tensors;
+    an Adam state over separate tensors (older checkpoints) converts to the flat one exactly."""
+    torch.manual_seed(0)
+    a = ActorCritic(4, 2, True)
+    b = ActorCritic(4, 2, True)
+    b.load_state_dict(a.state_dict())
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    flat = a.flatten_parameters()
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    assert flat.numel() == sum(p.numel() for p in a.parameters()) and a.flat_grad() is flat.grad
+    with torch.no_grad():
+        flat[0] = 7.0  # the first parameter is a view of the buffer
+        assert a.actor[0].weight[0, 0] == 7.0
+        flat[0] = before["actor.0.weight"][0, 0]
+    save_policy(a, tmp_path / "p")  # shared storage must not trouble safetensors
+    assert all(torch.equal(v, before[k]) for k, v in load_policy(tmp_path / "p")[0].state_dict().items())
+
+    cfg = make_config(PPOConfig, dict(n_epochs=3, batch_size=32))
+    opt_a = torch.optim.Adam([flat], lr=3e-3, eps=1e-5)
+    opt_b = torch.optim.Adam(b.parameters(), lr=3e-3, eps=1e-5)
+    batch = (torch.randn(64, 4), torch.randint(0, 2, (64,)), torch.randn(64) - 0.7, torch.randn(64), torch.randn(64),
+             torch.randn(64))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        ma, _, _ = ppo_update(a, opt_a, batch, cfg, 0.2)
+        torch.manual_seed(seed)
+        mb, _, _ = ppo_update(b, opt_b, batch, cfg, 0.2)
+        for (k, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+        assert ma.keys() == mb.keys() and all(math.isclose(ma[k], mb[k], rel_tol=1e-4, abs_tol=1e-6) for k in ma)
+    # the per-tensor Adam state, converted, continues exactly like the flat one
+    c = ActorCritic(4, 2, True)
+    c.load_state_dict(b.state_dict())
+    opt_c = torch.optim.Adam([c.flatten_parameters()], lr=3e-3, eps=1e-5)
+    opt_c.load_state_dict(flat_optimizer_state(opt_b.state_dict()))
+    torch.testing.assert_close(opt_c.state_dict()["state"][0]["exp_avg_sq"],
+                               torch.cat([opt_b.state[p]["exp_avg_sq"].reshape(-1) for p in b.parameters()]),
+                               rtol=0, atol=0)
+    for opt, pol in ((opt_c, c), (opt_b, b)):
+        torch.manual_seed(3)
+        ppo_update(pol, opt, batch, cfg, 0.2)
+    for p, q in zip(c.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert flat_optimizer_state(opt_c.state_dict()) == opt_c.state_dict()  # already flat: unchanged
+    next(a.parameters()).grad = None
+    assert a.flat_grad() is None  # detached from the buffer: ppo_update falls back to the separate tensors

@@ -242,17 +242,23 @@ def test_ppo_nan_loss_stops_naming_update_epoch_minibatch_and_saves_nothing_new(
     assert latest_step(out) == 128 and not (out / "final").exists()  # step-256 was never written
 
 
-def test_ppo_nan_gradient_is_named(tmp_path):
-    """A finite loss with a NaN gradient (hook on one weight) is caught through the gradient norm."""
+def test_ppo_nan_gradient_is_named(monkeypatch):
+    """A finite loss with a NaN gradient (one weight's gradient poisoned after the backward pass) is
+    caught through the gradient norm."""
     cfg = make_config(ppo_mod.PPOConfig, dict(n_epochs=1, batch_size=8, max_grad_norm=0.0))
     policy = ActorCritic(4, 2, True)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.full((16,), -0.7), torch.zeros(16),
              torch.randn(16), torch.randn(16))
-    handle = policy.critic[0].weight.register_hook(lambda g: g * float("nan"))
+    real = ActorCritic.backward_from_outputs
+
+    def poisoned(self, *a, **k):
+        real(self, *a, **k)
+        self.critic[0].weight.grad[0, 0] = float("nan")
+
+    monkeypatch.setattr(ActorCritic, "backward_from_outputs", poisoned)
     with pytest.raises(NonFiniteError, match=r"gradient norm at step 9 \(u, epoch 1, minibatch 1\)"):
         ppo_mod.ppo_update(policy, opt, batch, cfg, 0.2, where="u", step=9)
-    handle.remove()
 
 
 def test_ppo_skip_nonfinite_skips_exactly_the_bad_minibatches():

@@ -62,6 +62,17 @@ def fast_tanh(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATION_FNS = {"tanh": fast_tanh, "relu": F.relu}
 
 
+def _tanh_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.tanh_backward(grad, y)  # grad · (1 − y²), what autograd runs for tanh
+
+
+def _relu_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.threshold_backward(grad, y, 0)  # grad where y > 0, else 0 (as autograd for relu)
+
+
+_ACTIVATION_BACKWARDS = {"tanh": _tanh_backward, "relu": _relu_backward}
+
+
 def _mlp(sizes: list[int], activation: str, out_gain: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -100,6 +111,7 @@ class ActorCritic(nn.Module):
         self._actor_layers = [(m.weight, m.bias) for m in self.actor if isinstance(m, nn.Linear)]
         self._critic_layers = [(m.weight, m.bias) for m in self.critic if isinstance(m, nn.Linear)]
         self._activation = _ACTIVATION_FNS[activation]
+        self._activation_backward = _ACTIVATION_BACKWARDS[activation]
 
     def _mlp(self, layers: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
         """Same as ``self.actor(x)`` / ``self.critic(x)`` (tested)."""
@@ -129,6 +141,101 @@ class ActorCritic(nn.Module):
         if self.discrete:
             return entropy_from_logits(out)
         return (0.5 + 0.5 * _LOG_2PI + self.log_std).sum(-1).expand(out.shape[:-1])
+
+    # -- a training step without autograd through the MLPs ----------------------------------------------
+    # For these tiny networks building and walking the autograd graph costs more than the arithmetic, so
+    # the PPO update runs the MLPs forward without a graph, lets autograd differentiate only the loss
+    # with respect to the network outputs, and backpropagates through the layers by hand.
+    def forward_with_cache(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``(out, values, cache)`` as :meth:`forward`, computed without autograd; ``cache`` holds each
+        layer's input for :meth:`backward_from_outputs`."""
+        with torch.no_grad():
+            a_inputs, out = self._mlp_keep_inputs(self._actor_layers, obs)
+            c_inputs, values = self._mlp_keep_inputs(self._critic_layers, obs)
+        return out, values.squeeze(-1), (a_inputs, c_inputs)
+
+    def _mlp_keep_inputs(self, layers: list[tuple[torch.Tensor, torch.Tensor]],
+                         x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        inputs = [x]
+        for w, b in layers[:-1]:
+            x = self._activation(F.linear(x, w, b))
+            inputs.append(x)
+        w, b = layers[-1]
+        return inputs, F.linear(x, w, b)
+
+    def backward_from_outputs(self, cache: tuple, d_out: torch.Tensor | None, d_values: torch.Tensor | None,
+                              d_log_std: torch.Tensor | None = None) -> None:
+        """Given ∂L/∂out (B, A) and ∂L/∂values (B,) (``None``: zero) for the outputs of
+        :meth:`forward_with_cache`, and ∂L/∂log σ for Gaussian policies, set every parameter's ``.grad``
+        to ∂L/∂θ (overwritten in place when it exists). The chain rule per layer y = f(x Wᵀ + b), from the
+        last layer down, with dz = ∂L/∂(x Wᵀ + b):
+
+            ∂L/∂W = dzᵀ x,   ∂L/∂b = Σ_rows dz,   ∂L/∂x = dz W,   dz(previous layer) = ∂L/∂x ⊙ f'
+
+        with f' = 1 − y² for tanh (y = the layer's output) and [y > 0] for relu, the same operations
+        autograd runs for F.linear, tanh and relu (tested equal to autograd)."""
+        with torch.no_grad():
+            for layers, inputs, d in ((self._actor_layers, cache[0], d_out),
+                                      (self._critic_layers, cache[1],
+                                       None if d_values is None else d_values.unsqueeze(-1))):
+                if d is None:
+                    d = torch.zeros((inputs[0].shape[0], layers[-1][0].shape[0]), dtype=inputs[0].dtype)
+                for k in range(len(layers) - 1, -1, -1):
+                    w, b = layers[k]
+                    x = inputs[k]
+                    if w.grad is None or b.grad is None:
+                        w.grad, b.grad = torch.mm(d.t(), x), d.sum(0)
+                    else:  # in place: with flatten_parameters() these are views of the flat gradient
+                        torch.mm(d.t(), x, out=w.grad)
+                        torch.sum(d, 0, out=b.grad)
+                    if k:
+                        d = self._activation_backward(torch.mm(d, w), x)
+            if not self.discrete:
+                g = torch.zeros_like(self.log_std) if d_log_std is None else d_log_std
+                if self.log_std.grad is None:
+                    self.log_std.grad = g.clone()
+                else:
+                    self.log_std.grad.copy_(g)
+
+    # -- one flat buffer for all parameters and one for their gradients ---------------------------------
+    def flatten_parameters(self) -> torch.Tensor:
+        """Move every parameter into one contiguous tensor (each parameter becomes a view of it, values
+        unchanged) and give each a ``.grad`` that is a view of one gradient tensor; returns the flat
+        parameter tensor, whose ``.grad`` is the flat gradient. An optimizer over ``[flat]`` then updates
+        all parameters in one call and the gradient norm is one reduction (the same arithmetic per element
+        as over the separate tensors). Create the optimizer after this; moving the module afterwards
+        (``.to()``, ``.double()``) or setting a ``.grad`` to None detaches it from the buffers
+        (:meth:`flat_grad` then returns None)."""
+        params = list(self.parameters())
+        ref = params[0]
+        n = sum(p.numel() for p in params)
+        flat = torch.empty(n, dtype=ref.dtype, device=ref.device)
+        grad = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        views, offset = [], 0
+        with torch.no_grad():
+            for p in params:
+                k = p.numel()
+                flat[offset:offset + k].copy_(p.reshape(-1))
+                p.data = flat[offset:offset + k].view_as(p)
+                p.grad = grad[offset:offset + k].view_as(p)
+                views.append((p.data_ptr(), p.grad.data_ptr()))
+                offset += k
+        flat.requires_grad_(True)
+        flat.grad = grad
+        self._flat = (flat, views)
+        return flat
+
+    def flat_grad(self) -> torch.Tensor | None:
+        """The flat gradient of :meth:`flatten_parameters` if every parameter and ``.grad`` still are
+        views of the two buffers, else None."""
+        flat_views = getattr(self, "_flat", None)
+        if flat_views is None:
+            return None
+        flat, views = flat_views
+        for p, (data, grad) in zip(self.parameters(), views):
+            if p.data_ptr() != data or p.grad is None or p.grad.data_ptr() != grad:
+                return None
+        return flat.grad
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +271,8 @@ def save_policy(policy: ActorCritic, path: str | Path, extra: dict[str, Any] | N
         shutil.rmtree(p, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+        # cloned: after flatten_parameters() the parameters share one storage, which safetensors refuses
+        state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps({**policy.spec, **(extra or {})}, indent=2) + "\n")
         for f in tmp.iterdir():

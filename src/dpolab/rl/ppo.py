@@ -113,6 +113,23 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
+def flat_optimizer_state(saved: dict) -> dict:
+    """An Adam ``state_dict`` over the separate parameter tensors (checkpoints of dpolab before the
+    flat parameter buffer) as the state over the one flat tensor: the per-element moments
+    concatenated in parameter order (the order the flat buffer uses). Anything else is returned as is."""
+    (group,) = saved["param_groups"]
+    ids = group["params"]
+    if len(ids) == 1:
+        return saved
+    state = {}
+    if ids[0] in saved["state"]:
+        per = [saved["state"][i] for i in ids]
+        step = per[0]["step"]
+        state = {0: {"step": step.clone() if torch.is_tensor(step) else step,
+                     **{k: torch.cat([s[k].reshape(-1) for s in per]) for k in ("exp_avg", "exp_avg_sq")}}}
+    return {"state": state, "param_groups": [{**group, "params": [0]}]}
+
+
 def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
                cfg: PPOConfig, clip_eps: float, *, where: str = "", step: int = 0) -> tuple[dict[str, float], int, int]:
     """K epochs of minibatch steps on L^CLIP + c₁ L^VF − c₂ H over one rollout's samples.
@@ -127,7 +144,8 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
     only computed, without gradient, for the logged ``losses/entropy``."""
     b_obs, b_act, b_logp, b_val, b_adv, b_ret = batch
     n = b_obs.shape[0]
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = list(policy.parameters())
+    flat_grad = policy.flat_grad()  # one tensor for the norm and clipping (see flatten_parameters)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # the norm is needed either way
     entropy_bonus = cfg.ent_coef != 0
     sums = [0.0] * len(_LOSS_KEYS)
@@ -137,7 +155,11 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
         kl_stop = False
         for mb, lo in enumerate(range(0, n, cfg.batch_size), start=1):
             idx = perm[lo:lo + cfg.batch_size]
-            out, values = policy(b_obs[idx])
+            # Network outputs without autograd; autograd differentiates only the loss with respect to them,
+            # then ActorCritic.backward_from_outputs carries the gradient through the layers by hand.
+            out, values, cache = policy.forward_with_cache(b_obs[idx])
+            out.requires_grad_()
+            values.requires_grad_()
             logp = policy.log_prob(out, b_act[idx])
             mb_adv = b_adv[idx]
             if cfg.norm_adv and idx.numel() > 1:
@@ -155,18 +177,14 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
             else:
                 with torch.no_grad():
                     entropy_mean = policy.entropy(out.detach()).mean()
-            for p in params:
-                p.grad = None
-            loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = clip_grad_norm(grads, max_norm)
+            wrt = (out, values) if policy.discrete else (out, values, policy.log_std)
+            policy.backward_from_outputs(cache, *torch.autograd.grad(loss, wrt, allow_unused=True))
+            grad_norm = clip_grad_norm([flat_grad] if flat_grad is not None else [p.grad for p in params], max_norm)
             loss_value, norm_value = torch.stack([loss.detach(), grad_norm]).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 if not cfg.skip_nonfinite:
                     raise nonfinite_error(what, step, f"{where}, epoch {epoch}, minibatch {mb}")
-                for p in params:
-                    p.grad = None
                 skipped += 1
                 continue
             optimizer.step()
@@ -198,7 +216,8 @@ def train(cfg: PPOConfig) -> dict:
     collector = Collector(envs, seed=cfg.seed)
     policy = ActorCritic(obs_dim, action_dim, discrete, cfg.hidden, cfg.activation, cfg.log_std_init)
     # fused: one kernel for all parameters instead of ~10 small ops per tensor (the bulk of a step here)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
+    # and with all parameters in one flat tensor, one update of one tensor
+    optimizer = torch.optim.Adam([policy.flatten_parameters()], lr=cfg.lr, eps=1e-5, fused=True)
 
     per_update = cfg.n_envs * cfg.n_steps
     n_updates = math.ceil(cfg.total_steps / per_update)
@@ -206,7 +225,7 @@ def train(cfg: PPOConfig) -> dict:
     if cfg.resume is not None:
         state = load_checkpoint(run, cfg.resume, cfg)
         policy.load_state_dict(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(flat_optimizer_state(state["optimizer"]))
         collector.load_state_dict(state["collector"], reseed=cfg.seed + state["update"])
         start, eval_seconds, best = state["update"], state["eval_seconds"], state["best"]
         skipped = int(state.get("skipped_steps", 0))
