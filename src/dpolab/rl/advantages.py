@@ -12,8 +12,9 @@ PPO. Conventions, for step ``t`` of column ``n`` (one environment, or one sequen
 - ``truncated[t]``: the episode was cut at ``t`` (time limit): we bootstrap with γ·V(s_{t+1}), but the
   recursion does not reach across into the next episode.
 - ``mask[t]`` (optional): 0 for steps that are not real transitions (padding of a language-model
-  batch, or the reset step of a Gymnasium ≥ 1.0 next-step autoreset). Masked steps get advantage 0
-  and return 0 and never feed earlier steps.
+  batch, or the ignored reset step of a Gymnasium next-step autoreset; dpolab's Gymnasium collector
+  resets in the same step and needs no mask). Masked steps get advantage 0 and return 0 and never
+  feed earlier steps.
 
 Language-model use (per-token rewards). With ``B`` responses padded to length ``T`` (right padding),
 ``rewards``, ``values`` and ``mask`` of shape (B, T), the last real token of row b at index
@@ -58,9 +59,11 @@ def _check(rewards: torch.Tensor, *others: torch.Tensor | None) -> None:
 def shift_values(values: torch.Tensor, last_next_value: torch.Tensor | None = None) -> torch.Tensor:
     """``next_values[t] = values[t + 1]``, and ``last_next_value`` (N,) (default 0) after the last step.
 
-    values: (T, N) -> (T, N). Correct for a Gymnasium next-step-autoreset rollout, where the
-    observation after a finished step is that episode's final observation, and for language-model
-    rows (the token after the last real one is masked or terminal).
+    values: (T, N) -> (T, N). Correct inside episodes, for a Gymnasium next-step-autoreset rollout
+    (the observation after a finished step is that episode's final observation) and for
+    language-model rows (the token after the last real one is masked or terminal). With same-step
+    autoreset the entries at episode ends must be replaced (V(final observation) at a truncation),
+    as :class:`dpolab.rl.rollout.Collector` does.
     """
     last = torch.zeros_like(values[0]) if last_next_value is None else last_next_value.reshape(values[0].shape)
     return torch.cat([values[1:], last.to(values.dtype).unsqueeze(0)], dim=0)
