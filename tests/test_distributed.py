@@ -90,14 +90,17 @@ def _save_init(model_dir: Path, where: Path) -> None:
 
 def test_dpo_two_processes_equal_one_process_with_shared_reference(tiny_model_dir, tmp_path):
     """17 pairs, 2 x 8 per process vs 16 in one process; the reference pass is precomputed once
-    (each process scores its block, the tables are summed) and must equal the single-process one."""
+    (each process scores its block, the tables are summed) and must equal the single-process one.
+    The two processes also split their slices into passes of <= 40 tokens (a different number per
+    process: stand-in passes keep them aligned) and still match the unsplit single process."""
     data = write_rule_data(tmp_path / "prefs.jsonl", n=17, seed=1)
     eval_data = write_rule_data(tmp_path / "eval.jsonl", n=5, seed=2)  # odd: blocks of 3 and 2
     _save_init(tiny_model_dir, tmp_path)
     common = ["dpo", "--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--max-length", 48,
               "--max-prompt-length", 24, "--precompute-ref", *SGD]
     assert main([*map(str, common), "--output-dir", str(tmp_path / "one"), "--batch-size", "16"]) == 0
-    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8])
+    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8,
+                                  "--micro-batch-tokens", 40])
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.count("done:") == 1  # the final message comes from the main process only
     _assert_same_run(tmp_path / "one", tmp_path / "two",
@@ -122,7 +125,8 @@ def test_sft_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     _save_init(tiny_model_dir, tmp_path)
     common = ["sft", "--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--max-length", 48, *SGD]
     assert main([*map(str, common), "--output-dir", str(tmp_path / "one"), "--batch-size", "16"]) == 0
-    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8])
+    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8,
+                                  "--micro-batch-tokens", 40])
     assert res.returncode == 0, res.stderr[-4000:]
     _assert_same_run(tmp_path / "one", tmp_path / "two", ("loss", "eval/loss"))
     sa = json.loads((tmp_path / "one" / "summary.json").read_text())
