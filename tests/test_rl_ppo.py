@@ -311,29 +311,32 @@ def test_ppo_update_step_is_sgd_on_the_ppo_loss(ent_coef, discrete):
         torch.testing.assert_close(p.detach(), q.detach() - 0.1 * q.grad, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_flat_parameters_are_views_and_the_update_equals_separate_tensors(tmp_path):
+@pytest.mark.parametrize("discrete", [True, False])
+def test_flat_parameters_are_views_and_the_update_equals_separate_tensors(tmp_path, discrete):
     """flatten_parameters keeps every value, makes parameters and gradients views of two flat tensors,
     and PPO updates with Adam over the flat tensor equal those with Adam over the separate tensors;
     an Adam state over separate tensors (older checkpoints) converts to the flat one exactly."""
     torch.manual_seed(0)
-    a = ActorCritic(4, 2, True)
-    b = ActorCritic(4, 2, True)
+    a = ActorCritic(4, 2, discrete)
+    b = ActorCritic(4, 2, discrete)
     b.load_state_dict(a.state_dict())
     before = {k: v.clone() for k, v in a.state_dict().items()}
     flat = a.flatten_parameters()
     assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
     assert flat.numel() == sum(p.numel() for p in a.parameters()) and a.flat_grad() is flat.grad
+    first, p0 = next(iter(a.named_parameters()))
     with torch.no_grad():
         flat[0] = 7.0  # the first parameter is a view of the buffer
-        assert a.actor[0].weight[0, 0] == 7.0
-        flat[0] = before["actor.0.weight"][0, 0]
+        assert p0.reshape(-1)[0] == 7.0
+        flat[0] = before[first].reshape(-1)[0]
     save_policy(a, tmp_path / "p")  # shared storage must not trouble safetensors
     assert all(torch.equal(v, before[k]) for k, v in load_policy(tmp_path / "p")[0].state_dict().items())
 
     cfg = make_config(PPOConfig, dict(n_epochs=3, batch_size=32))
     opt_a = torch.optim.Adam([flat], lr=3e-3, eps=1e-5)
     opt_b = torch.optim.Adam(b.parameters(), lr=3e-3, eps=1e-5)
-    batch = (torch.randn(64, 4), torch.randint(0, 2, (64,)), torch.randn(64) - 0.7, torch.randn(64), torch.randn(64),
+    act = torch.randint(0, 2, (64,)) if discrete else torch.randn(64, 2)
+    batch = (torch.randn(64, 4), act, torch.randn(64) - 0.7 - 1.5 * (not discrete), torch.randn(64), torch.randn(64),
              torch.randn(64))
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -344,7 +347,7 @@ def test_flat_parameters_are_views_and_the_update_equals_separate_tensors(tmp_pa
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
         assert ma.keys() == mb.keys() and all(math.isclose(ma[k], mb[k], rel_tol=1e-4, abs_tol=1e-6) for k in ma)
     # the per-tensor Adam state, converted, continues exactly like the flat one
-    c = ActorCritic(4, 2, True)
+    c = ActorCritic(4, 2, discrete)
     c.load_state_dict(b.state_dict())
     opt_c = torch.optim.Adam([c.flatten_parameters()], lr=3e-3, eps=1e-5)
     opt_c.load_state_dict(flat_optimizer_state(opt_b.state_dict()))
