@@ -125,8 +125,7 @@ def test_sft_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     _save_init(tiny_model_dir, tmp_path)
     common = ["sft", "--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--max-length", 48, *SGD]
     assert main([*map(str, common), "--output-dir", str(tmp_path / "one"), "--batch-size", "16"]) == 0
-    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8,
-                                  "--micro-batch-tokens", 40])
+    res = launch("ddp_cpu.yaml", [*common, "--output-dir", tmp_path / "two", "--batch-size", 8])
     assert res.returncode == 0, res.stderr[-4000:]
     _assert_same_run(tmp_path / "one", tmp_path / "two", ("loss", "eval/loss"))
     sa = json.loads((tmp_path / "one" / "summary.json").read_text())
