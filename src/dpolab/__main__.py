@@ -1,3 +1,3 @@
-from dpolab.cli import main
+from dpolab.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

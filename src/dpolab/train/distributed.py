@@ -106,10 +106,12 @@ def global_sum(accelerator, values: list[float]) -> list[float]:
 
 
 def global_max(accelerator, value: int) -> int:
-    """The largest ``value`` over all processes (one all-gather; ``value`` itself with one process)."""
+    """The largest ``value`` over all processes (one all-reduce; ``value`` itself with one process)."""
     if accelerator.num_processes <= 1:
         return value
-    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def reduce_weighted(accelerator, rows: list[dict[str, float]], weights: list[float],
