@@ -25,6 +25,7 @@ Llama-family models with the ``sdpa`` or ``eager`` attention return a 4D mask as
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +200,7 @@ def check_prefix_sharing(model: torch.nn.Module, pairs: list[TokenizedPair], pad
 
     # the pairs with the longest rejected responses: a rejected token after the first is what could
     # see the chosen branch (the first is predicted by the last prompt position)
-    pairs = sorted((p for p in pairs if p.prompt_ids), key=lambda p: -len(p.rejected_ids))[:2]
+    pairs = heapq.nlargest(2, (p for p in pairs if p.prompt_ids), key=lambda p: len(p.rejected_ids))
     if not pairs:
         return "no pair with a prompt token to check it on"
     altered = [TokenizedPair(p.prompt_ids, [(t + 1) % vocab_size for t in p.chosen_ids],

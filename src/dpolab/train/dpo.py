@@ -378,12 +378,14 @@ def resolve_prefix_sharing(cfg: DPOConfig, model, pairs, pad_token_id: int, acce
 
     if cfg.prefix_sharing is False:
         return False
-    inner = accelerator.unwrap_model(model)
+    from dpolab.lm import _unwrap
+
+    inner = _unwrap(accelerator.unwrap_model(model)) or accelerator.unwrap_model(model)
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", "eager")
     if attn not in ("sdpa", "eager"):
         problem = f"its attention ('{attn}') ignores custom 4D masks"
     else:
-        vocab = getattr(inner.config, "vocab_size", None) or 1 + max(t for p in pairs[:2] for t in p.chosen_ids)
+        vocab = inner.get_input_embeddings().num_embeddings
         problem = check_prefix_sharing(model, pairs, pad_token_id, vocab, accelerator.device)
     if problem is None:
         return True

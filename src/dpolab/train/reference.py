@@ -75,7 +75,8 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
             tables = {s: stored[s].float() for s in sizes}
     tables = _share_tables(accelerator, tables, main_only=True)
     wanted = {"train": train_rows, "eval": list(range(sizes["eval"]))}
-    missing = {s: [i for i in rows if math.isnan(float(tables[s][i, 0]))] for s, rows in wanted.items()}
+    absent = {s: t[:, 0].isnan().tolist() for s, t in tables.items()}
+    missing = {s: [i for i in rows if absent[s][i]] for s, rows in wanted.items()}
     n_missing = sum(map(len, missing.values()))
     if n_missing == 0:
         accelerator.print(f"reference log-probs: cached ({path})")
