@@ -20,22 +20,22 @@ trainer) and adds the optional RPO negative log-likelihood term on the chosen re
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpolab.config import suggest
-from dpolab.errors import ConfigError
-
 LossOutput = tuple[Tensor, Tensor, Tensor]
+
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0  # Meng et al. 2024: β in [2, 2.5], γ/β = 0.5
 
 
 def _check_beta(beta: float) -> None:
     if not beta > 0:
-        raise ConfigError(f"beta must be > 0, got {beta}")
+        raise ValueError(f"beta must be > 0, got {beta}")
 
 
 def _check_shapes(*tensors: Tensor) -> None:
@@ -72,7 +72,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     """
     _check_beta(beta)
     if not 0.0 <= label_smoothing <= 0.5:
-        raise ConfigError(f"label_smoothing must be in [0, 0.5] for DPO/cDPO, got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be in [0, 0.5] for DPO/cDPO, got {label_smoothing}")
     rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     logits = beta * h
     losses = -F.logsigmoid(logits)
@@ -93,7 +93,7 @@ def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, 
     """
     _check_beta(beta)
     if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing must be in [0, 0.5) for robust DPO, got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for robust DPO, got {label_smoothing}")
     rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
@@ -143,11 +143,12 @@ def reference_free_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: 
 
 
 def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
-               rejected_lengths: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> LossOutput:
+               rejected_lengths: Tensor, *, beta: float = SIMPO_BETA, gamma: float = SIMPO_GAMMA) -> LossOutput:
     """SimPO (Meng et al. 2024, arXiv 2405.14734): ``−log σ(β·ℓ̄_w − β·ℓ̄_l − γ)``.
 
     ``ℓ̄ = log π_θ(y|x) / |y|`` is the mean token log-prob (summed log-prob over the response token
-    count) and ``γ`` the target reward margin. No reference model. Lengths ``(B,)`` (float or
+    count) and ``γ`` the target reward margin. No reference model. Defaults: the paper's β = 2.0 and
+    γ = 1.0 (γ/β = 0.5; the paper tunes β in [2, 2.5] and γ in [0.5, 1.5]). Lengths ``(B,)`` (float or
     integer) are clamped to at least 1 so that an empty response cannot divide by zero (its summed
     log-prob is 0). Rewards ``β·ℓ̄``, detached.
     """
@@ -191,7 +192,7 @@ class _Options:
 
 def _refs(name: str, p: PairLogps) -> tuple[Tensor, Tensor]:
     if p.ref_chosen is None or p.ref_rejected is None:
-        raise ConfigError(f"loss '{name}' needs reference log-probs (ref_chosen and ref_rejected)")
+        raise ValueError(f"loss '{name}' needs reference log-probs (ref_chosen and ref_rejected)")
     return p.ref_chosen, p.ref_rejected
 
 
@@ -228,54 +229,83 @@ def _ref_free(p: PairLogps, o: _Options) -> LossOutput:
     return reference_free_dpo_loss(p.policy_chosen, p.policy_rejected, beta=o.beta)
 
 
-#: name -> (loss over a :class:`PairLogps`, needs a reference model)
-LOSS_REGISTRY: dict[str, tuple[Callable[[PairLogps, _Options], LossOutput], bool]] = {
-    "sigmoid": (_sigmoid, True),     # DPO; cDPO when label_smoothing > 0
-    "robust": (_robust, True),
-    "ipo": (_ipo, True),
-    "hinge": (_hinge, True),
-    "simpo": (_simpo, False),
-    "ref_free": (_ref_free, False),
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered preference loss: the function over a :class:`PairLogps`, whether it needs the
+    reference's log-probs, and its own defaults for the shared options (``beta``, ``simpo_gamma``),
+    used wherever the caller gives none."""
+
+    fn: Callable[[PairLogps, _Options], LossOutput]
+    needs_reference: bool
+    defaults: dict[str, float] = field(default_factory=dict)
+
+
+DEFAULT_BETA = 0.1  # DPO paper §6: β = 0.1 for most of its experiments
+
+#: name -> its :class:`LossSpec`
+LOSS_REGISTRY: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(_sigmoid, True),     # DPO; cDPO when label_smoothing > 0
+    "robust": LossSpec(_robust, True),
+    "ipo": LossSpec(_ipo, True),
+    "hinge": LossSpec(_hinge, True),
+    "simpo": LossSpec(_simpo, False, {"beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA}),
+    "ref_free": LossSpec(_ref_free, False),
 }
 
 PREFERENCE_LOSSES: tuple[str, ...] = tuple(LOSS_REGISTRY)
 
 
-def _lookup(name: str) -> tuple[Callable[[PairLogps, _Options], LossOutput], bool]:
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _lookup(name: str) -> LossSpec:
     try:
         return LOSS_REGISTRY[name]
     except KeyError:
         valid = list(LOSS_REGISTRY)
-        raise ConfigError(f"unknown loss type '{name}'{suggest(str(name), valid)}; "
-                          f"valid: {', '.join(valid)}") from None
+        raise ValueError(f"unknown loss type '{name}'{_suggest(str(name), valid)}; "
+                         f"valid: {', '.join(valid)}") from None
 
 
 def needs_reference(name: str) -> bool:
-    """Whether the loss ``name`` uses reference-model log-probs (unknown name: ConfigError)."""
-    return _lookup(name)[1]
+    """Whether the loss ``name`` uses reference-model log-probs (unknown name: ValueError)."""
+    return _lookup(name).needs_reference
 
 
-def preference_loss(name: str, logps: PairLogps, *, beta: float, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 1.0, rpo_alpha: float | None = None,
+def loss_defaults(name: str) -> dict[str, float]:
+    """The defaults of the shared options for loss ``name``: ``beta`` (0.1 unless the loss's paper
+    says otherwise) and ``simpo_gamma``, SimPO's margin."""
+    return {"beta": DEFAULT_BETA, "simpo_gamma": SIMPO_GAMMA, **_lookup(name).defaults}
+
+
+def preference_loss(name: str, logps: PairLogps, *, beta: float | None = None, label_smoothing: float = 0.0,
+                    simpo_gamma: float | None = None, rpo_alpha: float | None = None,
                     ipo_length_normalize: bool = True) -> LossOutput:
     """The preference loss ``name`` (one of :data:`PREFERENCE_LOSSES`) on one batch.
 
-    ``label_smoothing`` is ε of cDPO ("sigmoid") and robust DPO; ``simpo_gamma`` is SimPO's target
-    margin γ; ``ipo_length_normalize`` makes IPO act on mean token log-probs (the IPO paper's
-    setting has no lengths; averaging keeps the target ``1/(2β)`` comparable across lengths).
-    ``rpo_alpha = α`` adds the RPO term (Pang et al. 2024, arXiv 2404.19733), the per-token
-    negative log-likelihood of the chosen response: ``α·(−log π_θ(y_w|x) / |y_w|)``.
+    ``beta`` and ``simpo_gamma`` left at ``None`` take the loss's own defaults
+    (:func:`loss_defaults`: β = 0.1, SimPO's β = 2.0 and γ = 1.0). ``label_smoothing`` is ε of cDPO
+    ("sigmoid") and robust DPO; ``simpo_gamma`` is SimPO's target margin γ; ``ipo_length_normalize``
+    makes IPO act on mean token log-probs (the IPO paper's setting has no lengths; averaging keeps
+    the target ``1/(2β)`` comparable across lengths). ``rpo_alpha = α`` adds the RPO term (Pang et
+    al. 2024, arXiv 2404.19733), the per-token negative log-likelihood of the chosen response:
+    ``α·(−log π_θ(y_w|x) / |y_w|)``.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; rewards are the implicit
     rewards ``β·(log π_θ − log π_ref)`` on summed log-probs (reference-free DPO: ``β·log π_θ``,
-    SimPO: ``β·mean-token log π_θ``), detached. Unknown names raise ConfigError.
+    SimPO: ``β·mean-token log π_θ``), detached. Unknown names raise ValueError.
     """
-    fn, _ = _lookup(name)
-    losses, chosen_rewards, rejected_rewards = fn(
+    spec = _lookup(name)
+    defaults = loss_defaults(name)
+    beta = defaults["beta"] if beta is None else beta
+    simpo_gamma = defaults["simpo_gamma"] if simpo_gamma is None else simpo_gamma
+    losses, chosen_rewards, rejected_rewards = spec.fn(
         logps, _Options(beta, label_smoothing, simpo_gamma, ipo_length_normalize))
     if rpo_alpha:
         if rpo_alpha < 0:
-            raise ConfigError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
         nll = -logps.policy_chosen / logps.chosen_lengths.clamp_min(1)
         losses = losses + rpo_alpha * nll
     return losses, chosen_rewards, rejected_rewards

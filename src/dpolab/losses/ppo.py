@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.errors import DpolabError
 from dpolab.losses.pg import entropy_from_logits
 
 __all__ = [
@@ -54,7 +53,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     KL(π_old‖π_θ) = (r − 1) − log r.
     """
     if clip_eps <= 0:
-        raise DpolabError(f"clip_eps must be > 0, got {clip_eps}")
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logp - old_logp.detach()
     ratio = torch.exp(log_ratio)
@@ -127,7 +126,7 @@ class AdaptiveKLController:
 
     def __init__(self, init_beta: float, target_kl: float, tolerance: float = 1.5, factor: float = 2.0):
         if target_kl <= 0 or init_beta < 0 or tolerance <= 1 or factor <= 1:
-            raise DpolabError("AdaptiveKLController needs target_kl > 0, init_beta >= 0, tolerance > 1, factor > 1")
+            raise ValueError("AdaptiveKLController needs target_kl > 0, init_beta >= 0, tolerance > 1, factor > 1")
         self.beta, self.target_kl = float(init_beta), float(target_kl)
         self.tolerance, self.factor = float(tolerance), float(factor)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.errors import DpolabError
 
 __all__ = ["discounted_returns", "gae", "nstep_returns", "shift_values", "whiten"]
 
@@ -44,16 +43,16 @@ def _flags(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if x is None:
         return torch.zeros_like(like, dtype=torch.bool)
     if x.shape != like.shape:
-        raise DpolabError(f"flag tensor of shape {tuple(x.shape)} does not match rewards {tuple(like.shape)}")
+        raise ValueError(f"flag tensor of shape {tuple(x.shape)} does not match rewards {tuple(like.shape)}")
     return x.to(device=like.device, dtype=torch.bool)
 
 
 def _check(rewards: torch.Tensor, *others: torch.Tensor | None) -> None:
     if rewards.dim() != 2:
-        raise DpolabError(f"expected (T, N) tensors (time first), got shape {tuple(rewards.shape)}")
+        raise ValueError(f"expected (T, N) tensors (time first), got shape {tuple(rewards.shape)}")
     for o in others:
         if o is not None and o.shape != rewards.shape:
-            raise DpolabError(f"shape mismatch: {tuple(o.shape)} vs rewards {tuple(rewards.shape)}")
+            raise ValueError(f"shape mismatch: {tuple(o.shape)} vs rewards {tuple(rewards.shape)}")
 
 
 def shift_values(values: torch.Tensor, last_next_value: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +94,7 @@ def nstep_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated: 
     All tensors (T, N); returns (T, N). ``n = 1`` gives the TD target r_t + γV(s_{t+1}).
     """
     if n < 1:
-        raise DpolabError(f"n-step returns need n >= 1, got {n}")
+        raise ValueError(f"n-step returns need n >= 1, got {n}")
     _check(rewards, next_values, terminated, truncated)
     term, trunc = _flags(terminated, rewards), _flags(truncated, rewards)
     end = term | trunc
@@ -136,7 +135,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
     """
     _check(rewards, values, next_values, terminated, truncated, mask)
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise DpolabError(f"gae needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
+        raise ValueError(f"gae needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
     term, trunc = _flags(terminated, rewards), _flags(truncated, rewards)
     m = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
     deltas = rewards + gamma * (~term) * next_values - values
@@ -161,11 +160,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
         out = (x - mean) * torch.rsqrt(var + eps)
         return out if shift_mean else out + mean
     if mask.shape != x.shape:
-        raise DpolabError(f"mask shape {tuple(mask.shape)} does not match {tuple(x.shape)}")
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tuple(x.shape)}")
     m = mask.to(x.dtype)
     n = m.sum()
     if n < 1:
-        raise DpolabError("whiten: the mask selects no element")
+        raise ValueError("whiten: the mask selects no element")
     mean = (x * m).sum() / n
     var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
