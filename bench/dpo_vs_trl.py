@@ -1,7 +1,7 @@
 """Benchmark: dpolab's DPO step against Hugging Face TRL's DPOTrainer, side by side in one run (CPU, fp32).
 
 Both sides get the same Llama-style models (``small`` ≈ 3M and ``medium`` ≈ 26M parameters, random
-weights from ``dpolab.tiny``), the same tokenizer, the same generated preference data (prompts and
+weights from ``dpolab.lm.tiny``), the same tokenizer, the same generated preference data (prompts and
 responses of varied length, never truncated), the same batch size, max length, AdamW with the same
 learning rate and clipping, and the same thread count. TRL lives in its own environment
 (``.venv-bench``), which also holds dpolab (editable), so one interpreter runs everything::
@@ -88,7 +88,7 @@ def make_data(n: int, seed: int) -> list[dict]:
 
 
 def setup(workdir: Path, n_pairs: int, models: list[str]) -> None:
-    from dpolab.tiny import tiny_llama, train_tokenizer
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
 
     rows = make_data(n_pairs, seed=0)
     (workdir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -167,23 +167,24 @@ def run_ours(a: argparse.Namespace, best: bool) -> dict:
     import tqdm.auto  # noqa: F401
 
     from dpolab.config import make_config
-    from dpolab.train import common, dpo
+    from dpolab.lm.loading import load_tokenizer
+    from dpolab.train import pair_layout
     from dpolab.train.dpo import DPOConfig, train
 
-    common.load_tokenizer(a.model_dir)
+    load_tokenizer(a.model_dir)
     base = baseline_kb()
     pair_tokens: list[int] = [0]
     fwd_tokens: list[int] = [0]
     clock = StepClock(on_step=lambda: (pair_tokens.append(0), fwd_tokens.append(0)))
-    collate = dpo.collate_pairs
+    collate = pair_layout.collate_pairs
 
     def counting_collate(prefix, pairs, pad_id):
         batch = collate(prefix, pairs, pad_id)
         pair_tokens[-1] += sum(p.num_tokens for p in pairs)
-        fwd_tokens[-1] += dpo.batch_tokens(batch)
+        fwd_tokens[-1] += pair_layout.batch_tokens(batch)
         return batch
 
-    dpo.collate_pairs = counting_collate
+    pair_layout.collate_pairs = counting_collate
     extra = {"micro_batch_tokens": 0} if best else {}
     with tempfile.TemporaryDirectory() as out:
         cfg = make_config(DPOConfig, dict(model=a.model_dir, data=a.data, eval_fraction=0.0, output_dir=out,
@@ -243,9 +244,10 @@ def run_check(a: argparse.Namespace) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from dpolab.data import collate_preference, load_preference_data
-    from dpolab.lm import model_sequence_logps
+    from dpolab.data.collate import collate_prefix_shared
+    from dpolab.lm.logps import model_sequence_logps
+    from dpolab.lm.prefix import prefix_shared_logps
     from dpolab.losses.dpo import dpo_loss
-    from dpolab.prefix import collate_prefix_shared, prefix_shared_logps
 
     rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()][:a.batch_size]
     with tempfile.TemporaryDirectory() as d:

@@ -11,7 +11,7 @@ alternating seed by seed:
    ``--threshold``. Reports the steps trained on when the threshold was first reached. Both sides
    evaluate at rollout boundaries, after the update (SB3: at the start of the next rollout).
 2. *Wall time* (``--timed-seeds``): the full budget without evaluation, timed; then one final
-   evaluation (untimed). Ours is ``dpolab.rl.ppo.train`` as shipped (it also writes the run directory,
+   evaluation (untimed). Ours is ``dpolab.rl.gym_ppo.train`` as shipped (it also writes the run directory,
    a checkpoint, ``final/`` and the learning-curve plot), SB3 is ``PPO(...).learn``.
 
     make bench-ppo        # = .venv-bench/bin/python bench/ppo_vs_sb3.py; ~7.5 min on a 2-core CPU
@@ -54,7 +54,7 @@ def _seeds(text: str) -> list[int]:
 # -- ours -----------------------------------------------------------------------------------------------
 def ours(seed: int, total_steps: int, eval_every: int, eval_episodes: int, stop: float | None) -> dict:
     from dpolab.config import make_config
-    from dpolab.rl.ppo import PPOConfig, train
+    from dpolab.rl.gym_ppo import PPOConfig, train
 
     with tempfile.TemporaryDirectory() as d:
         cfg = make_config(PPOConfig, dict(env=ENV, total_steps=total_steps, seed=seed, eval_every=eval_every,

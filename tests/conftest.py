@@ -38,14 +38,14 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from dpolab.tiny import train_tokenizer
+    from dpolab.lm.tiny import train_tokenizer
 
     return train_tokenizer(CORPUS, vocab_size=320)
 
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     return tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)
 
@@ -53,7 +53,7 @@ def tiny_model(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama + tokenizer saved in Hugging Face format, loadable by ``from_pretrained``."""
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)

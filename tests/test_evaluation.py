@@ -9,18 +9,16 @@ import pytest
 import torch
 
 from dpolab.errors import DpolabError
-from dpolab.evaluation import (
-    compute_rewards,
+from dpolab.lm.generation import generate
+from dpolab.lm.logps import response_token_logps, sequence_kl
+from dpolab.rewards.evaluation import (
     evaluate_policy,
-    load_reward_function,
     mean_reward,
     model_win_rate,
-    response_token_logps,
-    sequence_kl,
     win_rate,
     win_rate_from_rewards,
 )
-from dpolab.generation import generate
+from dpolab.rewards.functions import compute_rewards, load_reward_function
 
 
 def length_reward(prompts, completions):
@@ -41,8 +39,8 @@ def test_load_reward_function_from_cwd_module_and_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ("no_colon_here", "expected 'module:function'"),
     ("dpolab_no_such_module_xyz:f", "cannot import"),
-    ("dpolab.evaluation:no_such_function", "no attribute"),
-    ("dpolab.evaluation:__all__", "not callable"),
+    ("dpolab.rewards.evaluation:no_such_function", "no attribute"),
+    ("dpolab.rewards.evaluation:__all__", "not callable"),
     ("missing_file.py:f", "file not found"),
 ])
 def test_bad_reward_specs_are_clear_errors(spec, message):
@@ -87,7 +85,7 @@ def test_model_against_itself_under_a_constant_reward_is_one_half(tiny_model, ti
 
 # -- sequence KL --------------------------------------------------------------------------------------
 def test_sequence_kl_is_zero_against_itself_and_matches_token_sums(tiny_model, tiny_tokenizer):
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     other = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tiny_tokenizer)
     prompts = [tiny_tokenizer("the movie").input_ids, tiny_tokenizer("a terrible boring film").input_ids]
@@ -110,7 +108,7 @@ def test_sampled_sequence_kl_estimates_the_exact_kl(tiny_model, tiny_tokenizer):
     """One-token responses: KL(π‖π_ref) = Σ_v π(v|x)(log π(v|x) − log π_ref(v|x)) exactly from the
     logits; the mean of 3000 sampled k1 values is within 4.5 standard errors of it. (Random tiny
     models are near-uniform; sharper output layers make the two distributions clearly differ.)"""
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     ref = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, seed=3, tokenizer=tiny_tokenizer)
     with torch.no_grad():
@@ -141,7 +139,7 @@ def test_response_token_logps_use_the_sampling_temperature(tiny_model, tiny_toke
 
 def test_evaluate_policy_with_lora_reference_is_zero_kl_at_init(tiny_model, tiny_tokenizer):
     """A fresh LoRA adapter is a no-op (B = 0), so the policy equals its base: KL exactly 0."""
-    from dpolab.train.common import apply_lora
+    from dpolab.lm.loading import apply_lora
 
     policy = apply_lora(tiny_model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
     prompts = ["the movie", "a film"]

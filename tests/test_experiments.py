@@ -6,7 +6,7 @@ import random
 
 from dpolab.experiments.grammar import generate_reviews, review_prefix
 from dpolab.experiments.report import frontier_verdict, pareto
-from dpolab.experiments.rewards import vader_sentiment
+from dpolab.experiments.sentiment_reward import vader_sentiment
 
 
 def test_pareto_keeps_points_no_other_beats():

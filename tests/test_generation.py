@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dpolab.errors import DpolabError
-from dpolab.generation import Generation, decode_responses, filter_logits, generate, left_pad, sample_next
+from dpolab.lm.generation import Generation, decode_responses, filter_logits, generate, left_pad, sample_next
 
 EOS, PAD, V = 2, 0, 8
 

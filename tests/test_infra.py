@@ -10,7 +10,7 @@ import pytest
 from dpolab.cli import main
 from dpolab.config import load_yaml, opt, parse_config
 from dpolab.errors import ConfigError, DataError
-from dpolab.rundir import RunDir
+from dpolab.runs.rundir import RunDir
 
 
 @dataclass

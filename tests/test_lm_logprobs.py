@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpolab.lm import gather_token_logps, model_sequence_logps, sequence_logps
+from dpolab.lm.logps import gather_token_logps, model_sequence_logps, sequence_logps
 
 
 def reference_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

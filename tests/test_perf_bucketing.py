@@ -7,9 +7,8 @@ import itertools
 import pytest
 import torch
 
-from dpolab.data.bucketing import BucketedBatchOrder, padding_fraction
+from dpolab.data.batching import BatchOrder, BucketedBatchOrder, padding_fraction
 from dpolab.errors import ConfigError
-from dpolab.train.common import BatchOrder
 
 
 def _lengths(n: int = 203, seed: int = 0) -> list[int]:

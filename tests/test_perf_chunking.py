@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.data.bucketing import split_by_tokens
+from dpolab.data.batching import split_by_tokens
 from dpolab.train.memory import MIN_ACTIVATION_BYTES, activation_bytes_per_token, auto_forward_tokens
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from dpolab.data import collate_preference
+from dpolab.data.collate import collate_prefix_shared
 from dpolab.data.preference import TokenizedPair
-from dpolab.lm import model_sequence_logps
-from dpolab.prefix import (
+from dpolab.lm.logps import model_sequence_logps
+from dpolab.lm.prefix import (
     CHOSEN,
     PAD,
     PROMPT,
     REJECTED,
-    collate_prefix_shared,
     prefix_shared_logps,
     shared_mask,
 )
@@ -66,7 +66,7 @@ def test_empty_prompt_rejected():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_equals_plain_forward_values_and_gradients(tiny_tokenizer, attn):
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)
     model.config._attn_implementation = attn
@@ -87,15 +87,15 @@ def test_equals_plain_forward_values_and_gradients(tiny_tokenizer, attn):
 
 
 def test_full_logits_fallback_matches(tiny_tokenizer, monkeypatch):
-    from dpolab import prefix
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm import prefix
+    from dpolab.lm.tiny import tiny_llama
 
     model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=1, heads=4, tokenizer=tiny_tokenizer)
     pairs = _pairs(len(tiny_tokenizer), seed=3, n=3)
     shared = collate_prefix_shared(pairs, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         fast, _ = prefix_shared_logps(model, shared)
-        monkeypatch.setattr(prefix, "_plain_output_head", lambda m: None)
+        monkeypatch.setattr(prefix, "plain_output_head", lambda m: None)
         full, _ = prefix_shared_logps(model, shared)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
 
@@ -104,7 +104,7 @@ def test_check_passes_on_a_llama_and_names_what_breaks(tiny_model):
     """check_prefix_sharing: None for a model that honours 4D masks and position ids; a reason for
     one whose attention ignores the mask (rejected tokens would see chosen ones), and for one that
     ignores explicit positions."""
-    from dpolab.prefix import check_prefix_sharing
+    from dpolab.train.pair_layout import check_prefix_sharing
 
     pairs = _pairs(tiny_model.config.vocab_size)
     vocab = tiny_model.config.vocab_size

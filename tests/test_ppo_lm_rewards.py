@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
-from dpolab.rlhf import (
+from dpolab.lm.token_rewards import (
     explained_variance,
     last_token_index,
     masked_mean,
@@ -18,6 +17,7 @@ from dpolab.rlhf import (
     shape_scores,
     token_advantages,
 )
+from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 
 F64 = torch.float64
 
@@ -146,9 +146,9 @@ def test_policy_with_value_response_positions_and_value_head(tiny_model, tiny_to
     """The response-only forward (``prompt_length``, LM head on the kept rows only) equals slicing the
     full forward at positions P−1 … T−2; values are w·h + b on the last hidden state, from the
     policy (shared) or from a separate value model; the head round-trips through safetensors."""
-    from dpolab.generation import generate
-    from dpolab.tiny import tiny_llama
-    from dpolab.value import PolicyWithValue, ValueHead, load_value_head, save_value_head
+    from dpolab.lm.generation import generate
+    from dpolab.lm.tiny import tiny_llama
+    from dpolab.lm.value_head import PolicyWithValue, ValueHead, load_value_head, save_value_head
 
     head = ValueHead(32)
     assert head(torch.randn(2, 3, 32)).abs().max() == 0  # zero-initialised

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from dpolab.lm.token_rewards import masked_mean, per_token_rewards, token_advantages
 from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 from dpolab.rl.advantages import whiten
-from dpolab.rlhf import masked_mean, per_token_rewards, token_advantages
 
 BETA = 0.5
 REWARD = torch.tensor([[1.0, 0.0, 0.5, -0.5, 0.2],

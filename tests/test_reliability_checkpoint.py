@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab.errors import DpolabError
-from dpolab.rundir import RunDir
+from dpolab.runs.rundir import RunDir
 
 # A child process: checkpoint step-1 completely, then start step-2 whose writer writes a large
 # safetensors file and then keeps appending to a second file, announcing itself so the parent
@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
     from safetensors.torch import save_file
-    from dpolab.rundir import RunDir
+    from dpolab.runs.rundir import RunDir
 
     run = RunDir(sys.argv[1], keep_last=3)
     run.save_checkpoint(1, lambda d: save_file({"w": torch.full((64, 64), 1.0)}, str(d / "model.safetensors")))

@@ -12,7 +12,7 @@ import torch
 
 from dpolab.cli import main
 from dpolab.config import make_config
-from dpolab.rl.a2c import A2CConfig, a2c_update, train
+from dpolab.rl.gym_a2c import A2CConfig, a2c_update, train
 from dpolab.rl.nets import ActorCritic, load_policy
 from dpolab.rl.rollout import Collector, make_vec_env
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpolab.rl.envs import gridworld_4x4, random_walk, student_mrp
-from dpolab.rl.evaluation import (
+from dpolab.rl.mdp import MDP, MDPError
+from dpolab.rl.policy_evaluation import (
     Episode,
     discounted_returns,
     exact_values,
@@ -19,7 +20,6 @@ from dpolab.rl.evaluation import (
     td0_evaluation,
     td0_update,
 )
-from dpolab.rl.mdp import MDP, MDPError
 
 
 def test_discounted_returns_by_hand():

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpolab.rl.envs import QTABLE_GRID, gridworld_4x4, qtable_gridworld, student_mdp
-from dpolab.rl.evaluation import exact_values
 from dpolab.rl.mdp import MDP, MDPError
 from dpolab.rl.planning import (
     bellman_expectation,
@@ -20,6 +19,7 @@ from dpolab.rl.planning import (
     solve,
     value_iteration,
 )
+from dpolab.rl.policy_evaluation import exact_values
 
 
 def random_mdp(seed: int, S: int, A: int, gamma: float) -> MDP:

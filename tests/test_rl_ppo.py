@@ -15,8 +15,8 @@ import torch
 from dpolab.cli import main
 from dpolab.config import make_config
 from dpolab.errors import DpolabError
+from dpolab.rl.gym_ppo import PPOConfig, clip_grad_norm, flat_optimizer_state, ppo_update, train
 from dpolab.rl.nets import ActorCritic, fast_tanh, load_policy, save_policy
-from dpolab.rl.ppo import PPOConfig, clip_grad_norm, flat_optimizer_state, ppo_update, train
 from dpolab.rl.rollout import Collector, evaluate, make_vec_env
 
 TINY = ["--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--n-epochs", "2", "--eval-episodes", "2",

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from dpolab.cli import main
 from dpolab.config import make_config
 from dpolab.errors import DpolabError, NonFiniteError
-from dpolab.rl import a2c as a2c_mod
-from dpolab.rl import ppo as ppo_mod
+from dpolab.rl import gym_a2c as a2c_mod
+from dpolab.rl import gym_ppo as ppo_mod
 from dpolab.rl.nets import ActorCritic, load_policy, save_policy
 from dpolab.rl.rollout import Collector, env_state, make_vec_env, restore_env_state
 from dpolab.rl.tracking import save_checkpoint, save_final
-from dpolab.rundir import RunDir
+from dpolab.runs.rundir import RunDir
 
 PPO_ARGS = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "640", "--n-envs", "2", "--n-steps", "32",
             "--batch-size", "32", "--n-epochs", "2", "--eval-every", "256", "--eval-episodes", "2",

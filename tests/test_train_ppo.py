@@ -61,9 +61,10 @@ def test_ppo_raises_reward_with_bounded_kl_and_final_reloads(tiny_model_dir, pro
     from transformers import AutoModelForCausalLM
 
     from dpolab.data.prompts import load_prompts
-    from dpolab.evaluation import evaluate_policy, load_reward_function
-    from dpolab.train.common import load_tokenizer
-    from dpolab.value import load_value_head
+    from dpolab.lm.loading import load_tokenizer
+    from dpolab.lm.value_head import load_value_head
+    from dpolab.rewards.evaluation import evaluate_policy
+    from dpolab.rewards.functions import load_reward_function
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(prompts_file.read_text() * 4)  # 64 evaluation samples
@@ -126,7 +127,7 @@ def test_resume_equals_uninterrupted_run(tiny_model_dir, prompts_file, reward_fi
     ha = load_file(str(full / "final" / "value_head.safetensors"))
     hb = load_file(str(resumed / "final" / "value_head.safetensors"))
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
-    strip = ("seconds_per_step",)
+    strip = ("seconds_per_step", "tokens_per_second")
     tail = lambda run: [{k: v for k, v in r.items() if k not in strip} for r in _rows(run) if r["step"] > 2]  # noqa: E731
     assert tail(full) == tail(resumed)
     betas = [r["objective/kl_coef"] for r in _rows(full)]

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpolab.cli import main
-from dpolab.reward import RewardModel, load_reward_model, score
+from dpolab.lm.reward_model import RewardModel, load_reward_model
+from dpolab.rewards.functions import score
 
 # A known reward: r(y) = sum of per-word scores over the words of y.
 WORD_SCORES = {"alpha": -1.5, "bravo": -1.0, "charlie": -0.5, "delta": -0.2,
@@ -57,7 +58,7 @@ def write_bt_pairs(path: Path, n: int, seed: int) -> float:
 @pytest.fixture(scope="module")
 def word_model_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer has one token per word of WORD_SCORES."""
-    from dpolab.tiny import tiny_llama, train_tokenizer
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
 
     corpus = [PROMPT + " " + " ".join(WORD_SCORES)] * 20
     tok = train_tokenizer(corpus, vocab_size=300)
@@ -142,9 +143,9 @@ def test_reward_read_at_last_real_token(word_model_dir):
     batched = score(hf, [PROMPT] * 3, texts, tokenizer=tok)
     single = [score(hf, [PROMPT], [t], tokenizer=tok)[0] for t in texts]
     assert batched == pytest.approx(single, abs=1e-5)
-    from dpolab.reward import encode_pairs
+    from dpolab.data.preference import encode_prompt_completions
 
-    ids = encode_pairs(tok, [PROMPT] * 3, texts)
+    ids = encode_prompt_completions(tok, [PROMPT] * 3, texts)
     assert all(r[-1] == tok.eos_token_id for r in ids)
     width = max(map(len, ids))
     input_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids])
@@ -203,7 +204,7 @@ def test_bad_input_dry_run_and_help(word_model_dir, tmp_path, capsys):
     assert res.returncode == 0
     from dataclasses import fields
 
-    from dpolab.train.reward import RewardConfig
+    from dpolab.train.rm import RewardConfig
 
     for f in fields(RewardConfig):
         assert "--" + f.name.replace("_", "-") in res.stdout, f.name

@@ -54,7 +54,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_packed_loss_equals_unpacked(tiny_tokenizer, tiny_model, attn):
     """Packing with restarted positions and the block-diagonal mask reproduces the padded batch's
     per-token loss (and gradient); a plain 2D mask over the packed row would not."""
-    from dpolab.lm import model_sequence_logps
+    from dpolab.lm.logps import model_sequence_logps
 
     tiny_model.config._attn_implementation = attn
     rng = random.Random(1)
@@ -176,7 +176,7 @@ def test_dry_run_and_help(tiny_model_dir, sft_data, tmp_path, capsys):
 
 
 def test_nonfinite_loss_stops_without_saving(tiny_tokenizer, sft_data, tmp_path, capsys):
-    from dpolab.tiny import tiny_llama
+    from dpolab.lm.tiny import tiny_llama
 
     model_dir = tmp_path / "nan-model"
     model = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer)

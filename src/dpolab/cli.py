@@ -20,13 +20,13 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "demo": ("dpolab.experiments.sentiment", "the DPO paper's controlled-sentiment experiment (main job)"),
     "dpo": ("dpolab.train.dpo", "Direct Preference Optimization (and IPO, SimPO, ...) on preference pairs"),
     "sft": ("dpolab.train.sft", "supervised fine-tuning of a causal LM"),
-    "rm": ("dpolab.train.reward", "train a Bradley-Terry reward model on preference pairs"),
+    "rm": ("dpolab.train.rm", "train a Bradley-Terry reward model on preference pairs"),
     "ppo": ("dpolab.train.ppo", "PPO for a language model against a KL-penalised reward"),
     "rl": {
         "solve": ("dpolab.rl.cli", "solve a finite MDP exactly (policy or value iteration)"),
         "evaluate": ("dpolab.rl.cli", "Monte Carlo and TD(0) policy evaluation, with learning curves"),
-        "ppo": ("dpolab.rl.ppo", "PPO on a Gymnasium environment"),
-        "a2c": ("dpolab.rl.a2c", "advantage actor-critic on a Gymnasium environment"),
+        "ppo": ("dpolab.rl.gym_ppo", "PPO on a Gymnasium environment"),
+        "a2c": ("dpolab.rl.gym_a2c", "advantage actor-critic on a Gymnasium environment"),
     },
 }
 

@@ -216,9 +216,3 @@ def make_config(cls: type[T], values: dict[str, Any]) -> T:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    from dpolab.rundir import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.data.preference import TokenizedPair
-from dpolab.errors import ConfigError
+from dpolab.lm.loading import pad_token_id_for  # noqa: F401  (part of dpolab.data's API)
+from dpolab.lm.prefix import CHOSEN, PAD, PROMPT, REJECTED, PrefixSharedBatch, shared_mask
 
 
 @dataclass
@@ -44,16 +45,6 @@ class PreferenceBatch:
         return PreferenceBatch(*(t.to(device, non_blocking=non_blocking) for t in
                                  (self.input_ids, self.attention_mask, self.loss_mask,
                                   self.position_ids, self.index)))
-
-
-def pad_token_id_for(tokenizer) -> int:
-    """The tokenizer's pad id, or its EOS id when it has no pad token (masks never rely on it)."""
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError("the tokenizer has neither a pad_token nor an eos_token")
-    return int(pad)
 
 
 def collate_preference(pairs: list[TokenizedPair], pad_token_id: int, *,
@@ -88,3 +79,42 @@ def collate_preference(pairs: list[TokenizedPair], pad_token_id: int, *,
         position_ids=torch.where(real, positions, 0),
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
     )
+
+
+def collate_prefix_shared(pairs: list[TokenizedPair], pad_token_id: int, *,
+                          pad_to_multiple_of: int | None = None) -> PrefixSharedBatch:
+    """Pack ``B`` pairs into a :class:`PrefixSharedBatch` (shapes in its docstring).
+
+    Scored tokens are those of :func:`dpolab.data.collate_preference`: every response token (a
+    prompt always has at least one token, so each response token has a predictor)."""
+    if not pairs:
+        raise ValueError("collate_prefix_shared needs at least one pair")
+    for p in pairs:
+        if not p.prompt_ids:
+            raise ValueError(f"pair {p.index} has an empty prompt; prefix sharing needs at least one prompt token")
+    B = len(pairs)
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    segment = torch.full((B, width), PAD, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    rows, cols, labels, target = [], [], [], []
+    for b, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        input_ids[b, :P + C + R] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = PROMPT, CHOSEN, REJECTED
+        position_ids[b, :P + C] = torch.arange(P + C)
+        position_ids[b, P + C:P + C + R] = torch.arange(P, P + R)
+        # chosen token j (at P + j) is predicted by position P + j − 1; rejected token j (at P + C + j)
+        # by P + C + j − 1, except j = 0, predicted by the last prompt position P − 1.
+        rows += [b] * (C + R)
+        cols += list(range(P - 1, P + C - 1)) + [P - 1] + list(range(P + C, P + C + R - 1))
+        labels += p.chosen_ids + p.rejected_ids
+        target += [b] * C + [B + b] * R
+    return PrefixSharedBatch(
+        input_ids=input_ids, segment=segment, position_ids=position_ids, attention_mask=shared_mask(segment),
+        pred_row=torch.tensor(rows, dtype=torch.long), pred_col=torch.tensor(cols, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long), target=torch.tensor(target, dtype=torch.long),
+        index=torch.tensor([p.index for p in pairs], dtype=torch.long))

@@ -231,13 +231,15 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
-class _Specials:
+class SpecialIds:
     prefix: tuple[int, ...]  # what add_special_tokens=True puts before the text (e.g. BOS)
     start_id: int            # the token standing for an empty prompt
     eos_id: int
 
 
-def _specials(tokenizer) -> _Specials:
+def special_ids(tokenizer) -> SpecialIds:
+    """What the tokenizer adds around a text (its BOS prefix), the id standing for an empty prompt,
+    and EOS, probed once per tokenizer."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ConfigError("the tokenizer has no eos_token; responses need one appended (set "
@@ -251,7 +253,7 @@ def _specials(tokenizer) -> _Specials:
             prefix = with_specials[:k]
             break
     bos_id = tokenizer.bos_token_id
-    return _Specials(tuple(prefix), eos_id if bos_id is None else bos_id, eos_id)
+    return SpecialIds(tuple(prefix), eos_id if bos_id is None else bos_id, eos_id)
 
 
 def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
@@ -273,7 +275,7 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: _Specials, *,
+def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: SpecialIds, *,
               max_length: int, max_prompt_length: int, index: int) -> TokenizedPair | None:
     """Add specials, then truncate (prompt keeps its end, responses their start)."""
     prefix = list(sp.prefix)
@@ -295,6 +297,28 @@ def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: _Sp
     return TokenizedPair(prefix + prompt, chosen, rejected, index, truncated)
 
 
+def encode_prompt_completions(tokenizer, prompts: list[str], completions: list[str], *,
+                              max_length: int | None = None, max_prompt_length: int | None = None) -> list[list[int]]:
+    """Token ids of ``prompt + completion + EOS`` per pair, exactly as a chosen row of a preference pair
+    is built (same specials and truncation; no truncation by default). Raises ``ConfigError`` if a
+    completion keeps no token."""
+    if len(prompts) != len(completions):
+        raise ConfigError(f"{len(prompts)} prompts but {len(completions)} completions")
+    for name, texts in (("prompts", prompts), ("completions", completions)):
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"{name} must be strings")
+    sp = special_ids(tokenizer)
+    max_length = max_length or 1 << 30
+    max_prompt_length = max_prompt_length or max_length - 1
+    out = []
+    for p, c in zip(_encode_many(tokenizer, list(prompts)), _encode_many(tokenizer, list(completions))):
+        pair = _assemble(p, c, c, sp, max_length=max_length, max_prompt_length=max_prompt_length, index=0)
+        if pair is None:
+            raise ConfigError("a completion has no token left after truncation; raise max_length")
+        out.append(pair.prompt_ids + pair.chosen_ids)
+    return out
+
+
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
@@ -307,7 +331,7 @@ def tokenize_preference(ex: PreferenceExample, tokenizer, *, max_length: int,
     """Tokenize and truncate one pair (policy in the module docstring); ``None`` if a response
     is left with no token."""
     _check_lengths(max_length, max_prompt_length)
-    sp = _specials(tokenizer)
+    sp = special_ids(tokenizer)
     texts = _texts(ex, tokenizer)
     p, c, r = _encode_many(tokenizer, list(texts))
     return _assemble(p, c, r, sp, max_length=max_length, max_prompt_length=max_prompt_length,
@@ -364,7 +388,7 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
     _check_lengths(max_length, max_prompt_length)
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    sp = _specials(tokenizer)
+    sp = special_ids(tokenizer)
     examples = [parse_preference(r) for r in load_records(source, split=split)]
     if eval_source is not None:
         train_ex = examples
@@ -387,7 +411,7 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
     return PreferenceData(train, evals, report)
 
 
-def _tokenize_all(examples: list[PreferenceExample], tokenizer, sp: _Specials, report: DataReport,
+def _tokenize_all(examples: list[PreferenceExample], tokenizer, sp: SpecialIds, report: DataReport,
                   max_length: int, max_prompt_length: int, chunk: int = 1024) -> list[TokenizedPair]:
     pairs: list[TokenizedPair] = []
     for start in range(0, len(examples), chunk):

@@ -15,7 +15,7 @@ separately with ``add_special_tokens=False`` and concatenated as ids (no BPE mer
 boundary); the tokenizer's own leading specials (BOS) are prepended; EOS is appended to completions
 and texts (chat templates write their own end-of-turn tokens).
 
-Loss-mask convention (as in ``dpolab.lm``): ``loss_mask[t] = 1`` when token ``t`` is a training
+Loss-mask convention (as in ``dpolab.lm.logps``): ``loss_mask[t] = 1`` when token ``t`` is a training
 target, predicted by the logits at ``t - 1`` of the *same example*. ``loss_mask[0]`` is always 0, so
 packed examples never learn a token from the previous example's context.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpolab.data.loading import Record, load_records, record_error
-from dpolab.data.preference import _specials, eval_count
+from dpolab.data.preference import eval_count, special_ids
 from dpolab.errors import ConfigError, DataError
 
 LOSS_ON = ("completion", "full")
@@ -153,7 +153,7 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
     text and conversation rows lose their end. ``None`` when no target token is left."""
     if loss_on not in LOSS_ON:
         raise ConfigError(f"loss_on must be one of {list(LOSS_ON)}, got {loss_on!r}")
-    sp = _specials(tokenizer)
+    sp = special_ids(tokenizer)
     prefix = list(sp.prefix)
     truncated = False
     if kind == "completion":

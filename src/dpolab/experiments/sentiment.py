@@ -55,7 +55,7 @@ class DemoConfig:
     seed: int = opt(0, "random seed for every stage")
     model: str | None = opt(None, "base model (HF name or folder); default: pretrain a tiny Llama on our review grammar")
     prompts: str | None = opt(None, "prompt file (JSONL with 'prompt' or 'messages'); default: review prefixes")
-    reward: str = opt("dpolab.experiments.rewards:vader_sentiment", "ground-truth reward 'module:function'")
+    reward: str = opt("dpolab.experiments.sentiment_reward:vader_sentiment", "ground-truth reward 'module:function'")
     dpo_betas: list[float] | None = opt(None, "DPO β values (comma-separated)")
     ppo_kl_coefs: list[float] | None = opt(None, "PPO KL coefficients (comma-separated)")
     corpus_size: int | None = opt(None, "reviews generated for pretraining")
@@ -111,7 +111,7 @@ def build_base_model(cfg: DemoConfig, work: Path, say) -> tuple[str, list[str]]:
     corpus, held_out = reviews[:cfg.corpus_size], reviews[cfg.corpus_size:]
     if cfg.model:
         return cfg.model, held_out
-    from dpolab.tiny import tiny_llama, train_tokenizer
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
     from dpolab.train.sft import SFTConfig
     from dpolab.train.sft import train as sft_train
 
@@ -152,7 +152,8 @@ def make_prompts(cfg: DemoConfig, held_out: list[str], tokenizer) -> tuple[list[
 def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], reward_fn, path: Path) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from the base model; pair the best with
     the worst (and the 2nd best with the 2nd worst when there are 4 or more) by ground-truth reward."""
-    from dpolab.evaluation import compute_rewards, sample_completions
+    from dpolab.lm.generation import sample_completions
+    from dpolab.rewards.functions import compute_rewards
 
     k = cfg.samples_per_prompt
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -181,8 +182,8 @@ def evaluate_run(run_dir: Path, base_path: str, tokenizer, prompts: list[str], r
     import torch
     from safetensors.torch import load_file
 
-    from dpolab.evaluation import evaluate_policy
-    from dpolab.train.common import load_causal_lm
+    from dpolab.lm.loading import load_causal_lm
+    from dpolab.rewards.evaluation import evaluate_policy
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     policy = load_causal_lm(base_path)
@@ -205,15 +206,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the results dict also written to results.json."""
     import torch
 
-    from dpolab.evaluation import evaluate_policy, load_reward_function
     from dpolab.experiments.bandit import run_bandit_check
-    from dpolab.train.common import load_causal_lm, load_tokenizer
+    from dpolab.lm.loading import load_causal_lm, load_tokenizer
+    from dpolab.rewards.evaluation import evaluate_policy
+    from dpolab.rewards.functions import load_reward_function
     from dpolab.train.dpo import DPOConfig
     from dpolab.train.dpo import train as dpo_train
     from dpolab.train.ppo import PPOConfig
     from dpolab.train.ppo import train as ppo_train
-    from dpolab.train.reward import RewardConfig
-    from dpolab.train.reward import train as rm_train
+    from dpolab.train.rm import RewardConfig
+    from dpolab.train.rm import train as rm_train
 
     cfg = cfg.resolved()
     if not cfg.model:
@@ -303,8 +305,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 # -- outputs ------------------------------------------------------------------------------------
 def _samples(cfg, rows, base_path, base, tokenizer, prompts, reward_fn, work: Path) -> list[dict]:
     """Completions of base, DPO and PPO (the final model of each method's best-reward run) on 8 prefixes."""
-    from dpolab.evaluation import compute_rewards, sample_completions
-    from dpolab.train.common import load_causal_lm
+    from dpolab.lm.generation import sample_completions
+    from dpolab.lm.loading import load_causal_lm
+    from dpolab.rewards.functions import compute_rewards
 
     prompts = prompts[:8]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

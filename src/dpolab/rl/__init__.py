@@ -1,7 +1,7 @@
 """Reinforcement learning: tabular foundations and Gymnasium policy-gradient methods.
 
 Tabular part (all numpy float64): :mod:`dpolab.rl.mdp` (Markov chains, MRPs, MDPs, Bellman solves),
-:mod:`dpolab.rl.evaluation` (returns, Monte Carlo and TD(0) policy evaluation),
+:mod:`dpolab.rl.policy_evaluation` (returns, Monte Carlo and TD(0) policy evaluation),
 :mod:`dpolab.rl.planning` (policy iteration, value iteration, tabular Q-learning),
 :mod:`dpolab.rl.approx` (linear value-function approximation), :mod:`dpolab.rl.envs` (the
 textbook examples, our Q-table gridworld, Gymnasium toy-text conversion) and :mod:`dpolab.rl.cli`

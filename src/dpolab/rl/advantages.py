@@ -1,6 +1,6 @@
 """Returns and advantage estimators over (T, N) tensors, time first. Pure torch, no environment code.
 
-Shared by the Gymnasium PPO/A2C loops (``dpolab.rl.ppo``, ``dpolab.rl.a2c``) and the language-model
+Shared by the Gymnasium PPO/A2C loops (``dpolab.rl.gym_ppo``, ``dpolab.rl.gym_a2c``) and the language-model
 PPO. Conventions, for step ``t`` of column ``n`` (one environment, or one sequence):
 
 - ``rewards[t]``: r_t, received after taking a_t in s_t.
@@ -33,7 +33,6 @@ every real token.
 from __future__ import annotations
 
 import torch
-
 
 __all__ = ["discounted_returns", "gae", "nstep_returns", "shift_values", "whiten"]
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dpolab.rl.evaluation import Sampler
 from dpolab.rl.mdp import MDP, MRP, MDPError
+from dpolab.rl.policy_evaluation import Sampler
 
 
 def aggregation_features(n_states: int, n_groups: int, terminal: np.ndarray | None = None,

@@ -102,8 +102,8 @@ def _solve(cfg: SolveConfig) -> int:
 
 
 def _evaluate(cfg: EvaluateConfig) -> int:
-    from dpolab.rl.evaluation import exact_values, mc_evaluation, td0_evaluation
     from dpolab.rl.planning import policy_iteration
+    from dpolab.rl.policy_evaluation import exact_values, mc_evaluation, td0_evaluation
 
     model = make_model(cfg.env, cfg.mdp, cfg.gamma, cfg.env_kwargs)
     policy = None

@@ -4,7 +4,7 @@ Metrics go to ``metrics.jsonl`` (always), a tqdm progress bar (``progress``) and
 (``tensorboard``, only if the ``tensorboard`` package is installed; asking for it without the package
 is an error rather than a silent no-op).
 
-A checkpoint (``checkpoints/step-N/state.pt``, written atomically by :class:`dpolab.rundir.RunDir`)
+A checkpoint (``checkpoints/step-N/state.pt``, written atomically by :class:`dpolab.runs.rundir.RunDir`)
 holds everything a resumed run needs to continue exactly as if uninterrupted: network weights,
 optimizer state, Python/NumPy/torch RNG states, the update counter, and the vector environment's
 state as plain data (physics state, time-limit counters, autoreset flags, environment RNG states;
@@ -26,8 +26,9 @@ import torch
 from dpolab.config import config_to_dict
 from dpolab.errors import ConfigError, DpolabError
 from dpolab.rl.nets import save_policy
-from dpolab.rundir import RunDir, rng_state, set_rng_state
-from dpolab.train.common import nonfinite_error, weights_finite
+from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.rundir import RunDir
+from dpolab.runs.seeding import rng_state, set_rng_state
 
 # Config fields that must agree between a checkpoint and the run resuming it.
 STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps", "seed")

@@ -8,7 +8,7 @@ holds the few decisions every trainer makes the same way:
   something else than asked (several processes that do not see each other; FSDP/DeepSpeed that
   accelerate ignored on CPU).
 * Exact data parallelism: process ``r`` of ``W`` receives its slice of each global micro-batch
-  (:class:`dpolab.train.common.BatchOrder`); DDP *averages* gradients over the ``W`` processes, so a
+  (:class:`dpolab.data.batching.BatchOrder`); DDP *averages* gradients over the ``W`` processes, so a
   process backpropagates ``W * sum(local losses) / N`` with ``N`` the step's GLOBAL count of loss
   units. Then the averaged gradient is ``(1/W) * sum_r W * grad(sum_r) / N = grad(sum of all) / N``,
   the single-process gradient, also when the shards are uneven. A process whose slice is empty still
@@ -175,8 +175,8 @@ def accumulation_context(accelerator, model, sync: bool):
 def start_run(cfg: Any) -> tuple[Any, Any]:
     """The opening every LM trainer shares: its Accelerator (LoRA refused under FSDP/DeepSpeed, where
     the final merge would need the whole model on one process), seeded RNGs, and the tokenizer."""
-    from dpolab.rundir import seed_everything
-    from dpolab.train.common import load_tokenizer
+    from dpolab.lm.loading import load_tokenizer
+    from dpolab.runs.seeding import seed_everything
 
     accelerator = make_accelerator(cfg.mixed_precision)
     if getattr(cfg, "lora", False) and is_sharded(accelerator):

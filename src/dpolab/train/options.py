@@ -1,4 +1,4 @@
-"""Option groups shared by the language-model trainers (dpo, sft, rm, ppo).
+"""Option groups shared by the language-model trainers, and the checks they share.
 
 Each trainer's config dataclass inherits the groups it implements and declares its own fields; a
 field redeclared in a subclass (e.g. a different default learning rate) replaces the group's.
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpolab.config import opt
+from dpolab.errors import ConfigError
 
 
 @dataclass
@@ -60,3 +61,65 @@ class RunOptions:
     skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
     dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
     progress: bool = opt(True, "show a progress bar")
+
+
+def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") -> None:
+    """The checks every LM trainer's options share: ``--model`` and ``--data`` given, counts >= 1,
+    fractions in range, the prompt shorter than the whole. Each trainer's ``validate`` calls it first."""
+    if not cfg.model:
+        raise ConfigError("--model is required (a Hugging Face name or a local folder)")
+    if not cfg.data:
+        raise ConfigError(f"--data is required ({data_what})")
+    for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit", "max_length",
+                 "max_prompt_length", "eval_batch_size"):
+        value = getattr(cfg, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    max_prompt, max_len = getattr(cfg, "max_prompt_length", None), getattr(cfg, "max_length", None)
+    if max_prompt is not None and max_len is not None and max_prompt >= max_len:
+        raise ConfigError("--max-prompt-length must be smaller than --max-length")
+    if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
+        raise ConfigError("--eval-fraction must be in [0, 1)")
+
+
+# -- on-policy trainers (ppo; grpo, rloo and online dpo share them) ----------------------------------
+@dataclass
+class PromptOptions:
+    data: str = opt("", "prompt data: file, save_to_disk folder or hub name (required)")
+    eval_data: str | None = opt(None, "evaluation prompts (default: --eval-prompts of the training prompts)")
+    eval_prompts: int = opt(64, "how many prompts to evaluate on (0: skip evaluation)")
+    max_prompt_length: int = opt(128, "maximum prompt tokens (longer prompts keep their end)")
+    log_samples: int = opt(4, "completions per logging step written to samples.jsonl (and 2 printed)")
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = opt(32, "maximum response tokens (a response without EOS is truncated)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same tempered logits)")
+    top_k: int = opt(0, "sample from the k most likely tokens only (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)")
+
+
+@dataclass
+class RewardOptions:
+    reward_model: str | None = opt(None, "reward model folder (dpolab rm output) scoring (prompt, completion)")
+    reward: str | None = opt(None, "Python reward 'module:function' or 'file.py:function': "
+                             "f(prompts, completions) -> list[float]")
+
+
+def validate_on_policy(cfg) -> None:
+    """Checks of the prompt, sampling and reward options (an on-policy trainer's ``validate`` calls it)."""
+    if not cfg.model:
+        raise ConfigError("--model is required (a Hugging Face name or a local folder)")
+    if not cfg.data:
+        raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
+    if (cfg.reward_model is None) == (cfg.reward is None):
+        raise ConfigError("give exactly one of --reward-model DIR and --reward module:function")
+    for name in ("max_prompt_length", "max_new_tokens", "logging_steps", "save_total_limit"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise ConfigError("need --temperature > 0 (the trainer samples from its policy), 0 < --top-p <= 1, "
+                          "--top-k >= 0")
+    if cfg.eval_prompts < 0 or cfg.log_samples < 0:
+        raise ConfigError("--eval-prompts and --log-samples must be >= 0")

@@ -1,4 +1,5 @@
-"""The DPO reference pass: log-probs computed once before training and cached on disk.
+"""The reference of the pair trainers: log-probs computed once before training and cached on disk
+(the default), or a live frozen model, or the PEFT base with its adapters disabled.
 
 DPO needs ``log π_ref(y|x)`` of every response it trains on, and the reference never changes, so
 the default computes it once per pair instead of once per visit: a forward pass without gradients,
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from dpolab.rundir import RunDir
+from dpolab.runs.rundir import RunDir
+
+__all__ = ["Reference", "make_reference", "planned_rows", "precompute_reference"]
 
 Scorer = Callable[[object], torch.Tensor]  # a batch -> (2B,) summed response log-probs
 
@@ -37,12 +40,12 @@ def planned_rows(order, n_micro: int) -> list[int]:
 
 def cache_path(cfg, data, run: RunDir) -> Path:
     from dpolab.data import data_fingerprint
-    from dpolab.train import common
+    from dpolab.lm.loading import model_fingerprint
 
     key = hashlib.sha256(json.dumps({
         "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": common.model_fingerprint(cfg.ref_model or cfg.model),
-        "tokenizer": common.model_fingerprint(cfg.model), "max_length": cfg.max_length,
+        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": model_fingerprint(cfg.ref_model or cfg.model),
+        "tokenizer": model_fingerprint(cfg.model), "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision,
         "n": [len(data.train), len(data.eval)],
     }, sort_keys=True).encode()).hexdigest()[:20]
@@ -127,3 +130,62 @@ def _share_tables(accelerator, tables: dict[str, torch.Tensor], main_only: bool 
             v = torch.zeros_like(v)
         out[k] = accelerator.reduce(v.to(accelerator.device), reduction="sum").cpu().contiguous()
     return out
+
+
+class Reference:
+    """Reference log-probs of a batch of pairs: ``(ref_chosen, ref_rejected)``, each ``(B,)``.
+
+    From precomputed ``tables`` (``{"train": (N, 2), "eval": (M, 2)}``, indexed by the batch's pair
+    index), else by a forward pass of ``model`` (a frozen copy), else of the PEFT ``policy`` with its
+    adapters disabled. ``seconds``: time spent precomputing."""
+
+    def __init__(self, *, tables=None, model=None, policy=None, accelerator=None, seconds: float = 0.0):
+        self.tables, self.model, self.policy, self.accelerator, self.seconds = tables, model, policy, accelerator, seconds
+
+    @torch.no_grad()
+    def pair_logps(self, batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from dpolab.train.pair_layout import reference_logps
+
+        if self.tables is not None:
+            ref = self.tables[split][batch.index.cpu()]  # (B, 2)
+            device = batch.index.device
+            return ref[:, 0].to(device), ref[:, 1].to(device)
+        B = batch.batch_size
+        logps = reference_logps(self.policy, self.model, batch, self.accelerator)
+        return logps[:B], logps[B:]
+
+
+def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Reference:
+    """The reference ``cfg`` asks for: with ``precompute_ref``, tables for the training pairs of the
+    first ``n_micro`` micro-batches of ``engine.order`` and the eval split, computed by the policy
+    itself before its first update when it is the reference (a fresh run, no ``--ref-model``: no
+    second copy loaded), else by the reference model; otherwise a live frozen model, or with
+    ``--lora`` and no ``--ref-model`` the policy's base."""
+    import time
+
+    from dpolab.lm.loading import load_causal_lm
+    from dpolab.train import distributed
+    from dpolab.train.pair_layout import batch_logps, reference_logps
+
+    acc, model = engine.accelerator, engine.model
+
+    def load_ref():
+        ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        return distributed.prepare_reference(acc, ref)
+
+    if not cfg.precompute_ref:
+        if cfg.lora and not cfg.ref_model:
+            return Reference(policy=model, accelerator=acc)
+        return Reference(model=load_ref(), policy=model, accelerator=acc)
+
+    def make_scorer() -> Scorer:
+        if engine.ckpt is None and not cfg.ref_model:  # the policy as loaded IS the reference
+            model.eval()
+            return lambda batch: reference_logps(model, None if cfg.lora else model, batch, acc)
+        ref = load_ref()
+        return lambda batch: batch_logps(ref, batch)[0]
+
+    t0 = time.time()
+    tables = precompute_reference(cfg, data, planned_rows(engine.order, n_micro), accelerator=acc,
+                                  run=engine.run_dir, collate=collate, make_scorer=make_scorer)
+    return Reference(tables=tables, seconds=time.time() - t0)

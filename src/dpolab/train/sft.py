@@ -10,17 +10,21 @@ example, so a packed batch has exactly the loss of the same examples padded
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from dpolab.config import opt, parse_config
+from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.rundir import RunDir
-from dpolab.train.distributed import is_main_process
-from dpolab.train.options import BatchOptions, LoraOptions, ModelOptions, OptimizerOptions, RunOptions
+from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.options import (
+    BatchOptions,
+    LoraOptions,
+    ModelOptions,
+    OptimizerOptions,
+    RunOptions,
+    validate_common,
+)
 
 DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.
 
@@ -50,21 +54,9 @@ class SFTConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOp
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("--model is required (a Hugging Face name or a local folder)")
-        if not self.data:
-            raise ConfigError("--data is required (an SFT data file, folder or hub name)")
-        for name in ("batch_size", "grad_accum", "save_total_limit", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        validate_common(self, data_what="an SFT data file, folder or hub name")
         if self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
-            raise ConfigError("--max-prompt-length must be >= 1 and smaller than --max-length")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError("--eval-fraction must be in [0, 1)")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ConfigError("--eval-batch-size must be >= 1")
 
 
 def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +65,7 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(nll_sum, n_targets)``: a scalar float32 tensor (with grad) and a scalar long. Token
     ``t`` is scored by the logits at ``t - 1`` (``dpolab.lm.model_sequence_logps``); packed rows get
     the block-diagonal mask of :meth:`SFTBatch.model_attention_mask`."""
-    from dpolab.lm import model_sequence_logps
+    from dpolab.lm.logps import model_sequence_logps
 
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
@@ -85,13 +77,54 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -logps.sum(), counts.sum()
 
 
+class SFT(Algorithm):
+    """Summed NLL of the target tokens; the unit of the loss is a target token."""
+
+    name = "sft"
+
+    def __init__(self, cfg: SFTConfig, engine: Engine, data, rows, pad_id: int):
+        self.cfg, self.engine, self.data, self.rows, self.pad_id = cfg, engine, data, rows, pad_id
+        self.lora, self.micro_batches = cfg.lora, cfg.grad_accum
+
+    def passes(self, engine, group):
+        from dpolab.data.sft import collate_sft
+
+        return engine.micro_batch_passes(
+            group, lambda idx: collate_sft([self.rows[i] for i in idx], self.pad_id).to(engine.device),
+            lambda b: b.num_targets, lambda b: int(b.attention_mask.sum()))
+
+    def loss(self, batch):
+        nll, n = batch_nll(self.engine.model, batch)
+        return nll, {"loss": nll.item() / max(int(n), 1)}
+
+    def evaluate(self):
+        """Per-token mean NLL over all processes' blocks of the eval split."""
+        from dpolab.data.sft import collate_sft
+        from dpolab.train import distributed
+
+        if not self.data.eval:
+            return {}
+        acc, total, count = self.engine.accelerator, 0.0, 0
+        for idx in distributed.eval_shards(len(self.data.eval), self.cfg.eval_batch_size or self.cfg.batch_size, acc):
+            batch = collate_sft([self.data.eval[i] for i in idx or [0]], self.pad_id).to(acc.device)
+            nll, n = batch_nll(self.engine.model, batch)
+            if idx:  # an empty block runs a stand-in batch (aligned collective passes), not counted
+                total, count = total + float(nll), count + int(n)
+        total, count = distributed.global_sum(acc, [total, count])
+        count = int(count)
+        mean = total / max(count, 1)
+        return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
+
+
+
+
 def train(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    from dpolab.data.bucketing import batch_order
+    from dpolab.data.batching import batch_order
     from dpolab.data.collate import pad_token_id_for
-    from dpolab.data.sft import collate_sft, load_sft_data, pack_examples
-    from dpolab.train import common, distributed
-    from dpolab.train.supervised_loop import Task, run_loop
+    from dpolab.data.sft import load_sft_data, pack_examples
+    from dpolab.lm.loading import load_trainable_lm
+    from dpolab.train import distributed
 
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -101,57 +134,12 @@ def train(cfg: SFTConfig) -> dict:
     rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
     report["train_batch_rows"] = len(rows)
     if cfg.dry_run:
-        return common.dry_run_report(cfg, report)
+        return dry_run_report(cfg, report)
 
-    model = common.load_trainable_lm(cfg)
-    run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
-    ckpt = common.resume_run(run, cfg.resume)
-    pad_id = pad_token_id_for(tokenizer)
-
-    order = batch_order([len(r) for r in rows], cfg, accelerator)
-    steps = common.total_steps(cfg.max_steps, cfg.epochs, order.per_epoch, cfg.grad_accum)
-    optimizer = common.make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = common.make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    def loss(batch):
-        nll, n = batch_nll(model, batch)
-        return nll, {"loss": nll.item() / max(int(n), 1)}
-
-    def evaluate() -> dict[str, float]:
-        if not data.eval:
-            return {}
-        total, count = 0.0, 0
-        for idx in distributed.eval_shards(len(data.eval), cfg.eval_batch_size or cfg.batch_size, accelerator):
-            nll, n = batch_nll(model, collate_sft([data.eval[i] for i in idx or [0]], pad_id).to(accelerator.device))
-            if idx:  # an empty block runs a stand-in batch (aligned collective passes), not counted
-                total, count = total + float(nll), count + int(n)
-        total, count = distributed.global_sum(accelerator, [total, count])  # per-token mean over all processes
-        count = int(count)
-        mean = total / max(count, 1)
-        return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
-
-    def save_final(path: Path, state_dict) -> None:
-        final = accelerator.unwrap_model(model)
-        if cfg.lora:
-            final = final.merge_and_unload()
-        common.save_pretrained_atomic(final, tokenizer, path, state_dict=state_dict)
-
-    task = Task(name="sft", make_batch=lambda idx: collate_sft([rows[i] for i in idx], pad_id).to(accelerator.device),
-                units=lambda b: b.num_targets, tokens=lambda b: int(b.attention_mask.sum()), loss=loss,
-                evaluate=evaluate, save_final=save_final)
-    if accelerator.is_main_process:
-        run.create()
-        run.write_config(cfg)
-        (run.path / "data_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return run_loop(cfg, task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                    order=order, steps=steps, run=run, ckpt=ckpt, report=report,
-                    weight_filter=(lambda k: "lora_" in k) if cfg.lora else None)
+    engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
+    engine.plan(batch_order([len(r) for r in rows], cfg, accelerator), micro_batches=cfg.grad_accum)
+    return engine.run(SFT(cfg, engine, data, rows, pad_token_id_for(tokenizer)))
 
 
 def cli_main(argv: list[str], prog: str) -> int:
-    cfg = parse_config(SFTConfig, argv, prog=prog, description=DESCRIPTION)
-    summary = train(cfg)
-    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
-        print(f"done: {cfg.output_dir} (final model in {Path(cfg.output_dir) / 'final'})")
-    return 0
+    return cli(SFTConfig, train, argv, prog, DESCRIPTION)

@@ -39,8 +39,9 @@ from dpolab.rl.tracking import (
     save_final,
     start_run,
 )
-from dpolab.rundir import seed_everything
-from dpolab.train.common import StopSignal, nonfinite_error, resume_hint, weights_finite
+from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.seeding import seed_everything
+from dpolab.runs.signals import StopSignal, resume_hint
 
 
 @dataclass

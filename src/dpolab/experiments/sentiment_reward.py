@@ -3,7 +3,7 @@
 ``vader_sentiment`` is the demo's default: the VADER compound score of the completion, in [-1, 1]
 (Hutto & Gilbert 2014; the ``vaderSentiment`` package ships its lexicon, so it runs offline). It has
 the signature every dpolab reward callable has: ``f(prompts, completions) -> list[float]``, so
-``--reward dpolab.experiments.rewards:vader_sentiment`` works anywhere a reward is accepted.
+``--reward dpolab.experiments.sentiment_reward:vader_sentiment`` works anywhere a reward is accepted.
 """
 
 from __future__ import annotations

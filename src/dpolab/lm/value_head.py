@@ -20,7 +20,7 @@ from torch import nn
 
 from dpolab.errors import DpolabError
 
-__all__ = ["PolicyWithValue", "ValueHead", "hidden_size_of", "load_value_head", "save_value_head"]
+__all__ = ["PolicyWithValue", "ValueHead", "hidden_size_of", "load_critic", "load_value_head", "save_value_head"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_MODEL_DIR = "value_model"
@@ -130,3 +130,19 @@ def load_value_head(directory: str | Path) -> ValueHead:
     head = ValueHead(int(state["weight"].shape[1]))
     head.linear.load_state_dict(state)
     return head
+
+
+def load_critic(model: PolicyWithValue, path: str | Path) -> None:
+    """Load a ``critic.safetensors`` (the value head, and the value model if separate) into ``model``;
+    every tensor must fit and every critic weight must be there."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        weights = load_file(str(path))
+        result = model.load_state_dict(weights, strict=False)
+    except (OSError, RuntimeError) as err:
+        raise DpolabError(f"cannot load {path}: {str(err).strip().splitlines()[0]}") from None
+    missing = [k for k in model.critic_state() if k not in weights]
+    if result.unexpected_keys or missing:
+        raise DpolabError(f"{path} does not fit this critic (value head / --value-model settings differ)")

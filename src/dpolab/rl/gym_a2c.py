@@ -5,7 +5,7 @@
         Â_t = GAE(γ, λ); λ = 1 gives A3C's n-step returns up to the rollout end minus V(s_t)
         one gradient step on  L = −log π_θ(a_t|s_t) Â_t + c₁ (V(s_t) − G_t)² − c₂ H[π_θ(·|s_t)]
 
-The same rollout, advantage and network code as ``dpolab.rl.ppo``; the difference is one on-policy
+The same rollout, advantage and network code as ``dpolab.rl.gym_ppo``; the difference is one on-policy
 gradient step per rollout, no ratio and no clipping. Defaults follow Stable-Baselines3's A2C
 (RMSprop, lr 7e-4, T = 5) with the RL Zoo's N = 8 environments.
 
@@ -26,8 +26,8 @@ from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 from dpolab.losses.pg import a2c_loss
 from dpolab.rl.advantages import gae, whiten
+from dpolab.rl.gym_ppo import explained_variance
 from dpolab.rl.nets import ActorCritic
-from dpolab.rl.ppo import explained_variance
 from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
 from dpolab.rl.tracking import (
     Tracker,
@@ -38,8 +38,9 @@ from dpolab.rl.tracking import (
     save_final,
     start_run,
 )
-from dpolab.rundir import seed_everything
-from dpolab.train.common import StopSignal, nonfinite_error, resume_hint, weights_finite
+from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.seeding import seed_everything
+from dpolab.runs.signals import StopSignal, resume_hint
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -74,9 +73,12 @@ class RunDir:
 
     # -- files --------------------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:
-        from dpolab.config import save_config
+        """``config.yaml``: the resolved configuration (every field of the config dataclass)."""
+        import yaml
 
-        save_config(cfg, self.path / "config.yaml")
+        from dpolab.config import config_to_dict
+
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.create()
@@ -207,40 +209,3 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-# -- reproducibility ---------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states, as plain data (json/safetensors friendly via torch.save-free paths)."""
-    import numpy as np
-    import torch
-
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,4 +1,5 @@
-"""Length-bucketed micro-batches: little padding, still seeded and exactly resumable.
+"""Seeded, resumable orders of micro-batches: uniformly shuffled (:class:`BatchOrder`) or length-bucketed
+(:class:`BucketedBatchOrder`: little padding, still seeded and exactly resumable), and token-budget splits.
 
 A padded batch costs ``rows × longest row``; random batches of varied lengths waste much of that on
 padding. :class:`BucketedBatchOrder` groups rows of similar length while keeping the order random
@@ -19,7 +20,7 @@ they are split: 1 process × 1 micro-batch of 16, 4 micro-batches of 4, or 2 pro
 same 16 rows, so gradient accumulation and data parallelism leave the gradient unchanged.
 
 Micro-batch ``k`` depends only on ``(seed, k)``: :meth:`iterate` resumed at ``start = k`` replays the
-rest of an uninterrupted run exactly, the contract of :class:`dpolab.train.common.BatchOrder`, whose
+rest of an uninterrupted run exactly, the contract of :class:`BatchOrder`, whose
 interface (``per_epoch``, ``iterate(start)`` yielding ``(k, rows)``) this class shares.
 """
 
@@ -141,9 +142,7 @@ def split_by_tokens(rows: Sequence[int], widths: Sequence[int], budget: int) -> 
 def batch_order(lengths: Sequence[int], cfg, accelerator):
     """The trainers' micro-batch order: :class:`BucketedBatchOrder` over ``lengths`` with
     ``cfg.group_by_length`` (the default), else the uniformly shuffled
-    :class:`dpolab.train.common.BatchOrder`; sliced for this process of ``accelerator``."""
-    from dpolab.train.common import BatchOrder
-
+    :class:`BatchOrder`; sliced for this process of ``accelerator``."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.group_by_length:
         return BucketedBatchOrder(lengths, cfg.batch_size, cfg.seed, world_size=world, rank=rank,
@@ -161,3 +160,59 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     real = sum(lengths[i] for b in batches for i in b)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
     return 1.0 - real / padded if padded else 0.0
+
+
+@dataclass
+class BatchOrder:
+    """A seeded, resumable order of micro-batches over epochs.
+
+    Epoch ``e`` shuffles ``n`` rows with ``seed + e``; micro-batch ``k`` of the whole run is the
+    ``k``-th chunk of ``batch_size * world_size`` rows, and process ``rank`` takes its slice, so the
+    order depends only on (seed, k): resuming at micro-batch k reproduces the rest of the run exactly.
+    The last chunk of an epoch may be smaller (never dropped).
+    """
+
+    n: int
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, math.ceil(self.n / (self.batch_size * self.world_size)))
+
+    def epoch_perm(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def global_size(self, k: int) -> int:
+        """Rows in micro-batch ``k`` summed over all processes (the loss normaliser of an exact
+        multi-process step; needs no communication)."""
+        j = k % self.per_epoch
+        global_bs = self.batch_size * self.world_size
+        return max(0, min(global_bs, self.n - j * global_bs))
+
+    def global_rows(self, k: int) -> list[int]:
+        """The rows of micro-batch ``k`` over all processes (rank ``r`` takes its ``r``-th slice)."""
+        epoch, j = divmod(k, self.per_epoch)
+        global_bs = self.batch_size * self.world_size
+        return self.epoch_perm(epoch)[j * global_bs:(j + 1) * global_bs]
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """Yield (micro_batch_number, row indices) forever, starting at micro-batch ``start``."""
+        k = start
+        while True:
+            chunk = self.global_rows(k)
+            per = math.ceil(len(chunk) / self.world_size)
+            yield k, chunk[self.rank * per:(self.rank + 1) * per]
+            k += 1
+
+
+def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))

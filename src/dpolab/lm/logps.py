@@ -22,8 +22,12 @@ at position 0 has no predictor and is not counted.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
+
+from dpolab.errors import DpolabError
 
 # Architectures whose causal-LM forward ends in ``logits = lm_head(last_hidden_state)`` with no
 # scaling or soft-capping afterwards (checked against transformers' modeling files). Others (Gemma 2,
@@ -126,7 +130,7 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tupl
     return logps, mask.sum(-1)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying ``PreTrainedModel`` behind DDP/DeepSpeed (``.module``) and PEFT wrappers."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -138,9 +142,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _plain_output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+def plain_output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The output-embedding module if the model's logits are exactly ``head(last hidden)``."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if inner is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
         return None
@@ -168,7 +172,7 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     labels, mask = _shifted(input_ids, loss_mask)                                     # (B, T)
-    head = _plain_output_head(model) if response_only_logits else None
+    head = plain_output_head(model) if response_only_logits else None
     handle = None
     if head is not None:
         def select_response_rows(module, args, kwargs):
@@ -192,3 +196,41 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
     rows = mask.nonzero()[:, 0]                                                       # (M,) batch row
     logps = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return logps.index_add(0, rows, token_logps), mask.sum(-1)
+
+
+# -- log-probs of sampled responses (a Generation of dpolab.lm.generation) -------------------------
+def response_token_logps(model, gen, *, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | x, y_<t) of each response token, 0 after EOS. Returns (B, R) float32.
+
+    The logits at position P − 1 + t predict response token t; they are divided by ``temperature``
+    (> 0) to match the distribution the tokens were sampled from (0, i.e. greedy, counts as 1).
+    """
+    P = gen.prompt_length
+    out = model(input_ids=gen.input_ids, attention_mask=gen.attention_mask, position_ids=gen.position_ids,
+                use_cache=False)
+    logits = out.logits[:, P - 1:-1]  # (B, R, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logps = gather_token_logps(logits, gen.response_ids).float()
+    return logps * gen.response_mask
+
+
+def _reference_context(policy, ref_model):
+    """(model to run, context) for the reference: ``ref_model``, or a PEFT policy with adapters off."""
+    if ref_model is not None:
+        return ref_model, nullcontext()
+    if hasattr(policy, "disable_adapter"):
+        return policy, policy.disable_adapter()
+    raise DpolabError("no reference model given and the policy is not a PEFT (LoRA) model")
+
+
+@torch.no_grad()
+def sequence_kl(policy, ref_model, gen, *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample Σ_t (log π − log π_ref) over response tokens. Returns (B,) float32; its mean
+    estimates KL(π‖π_ref) when ``gen`` was sampled from ``policy``. ``ref_model=None`` uses a PEFT
+    policy's base (adapters disabled)."""
+    logp = response_token_logps(policy, gen, temperature=temperature)
+    model, ctx = _reference_context(policy, ref_model)
+    with ctx:
+        ref_logp = response_token_logps(model, gen, temperature=temperature)
+    return ((logp - ref_logp) * gen.response_mask).sum(dim=1)

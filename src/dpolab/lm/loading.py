@@ -1,0 +1,113 @@
+"""Loading models and tokenizers from the Hugging Face hub or local folders, and wrapping them in
+LoRA adapters: safetensors weights only (never a pickle), errors as one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.errors import ConfigError, DpolabError
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DpolabError(f"cannot load tokenizer '{name_or_path}': {first_line(err)}") from None
+    if tok.eos_token is None:
+        raise DpolabError(f"tokenizer '{name_or_path}' has no EOS token; responses need one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors weights only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_code: bool, **kwargs):
+    import transformers
+
+    if dtype not in DTYPES:
+        raise DpolabError(f"unknown dtype '{dtype}'; choose from {list(DTYPES)}")
+    major = int(transformers.__version__.split(".")[0])
+    dtype_kw = "dtype" if major >= 5 else "torch_dtype"
+    if DTYPES[dtype] is not None:
+        kwargs[dtype_kw] = DTYPES[dtype]
+    try:
+        return auto_cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                        use_safetensors=_has_safetensors(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise DpolabError(f"cannot load model '{name_or_path}': {first_line(err)}") from None
+
+
+def _has_safetensors(name_or_path: str) -> bool | None:
+    """Local folders must hold safetensors weights (never unpickle a .bin); hub names: prefer them."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if any(path.glob("*.safetensors")):
+            return True
+        if any(path.glob("*.bin")):
+            raise DpolabError(f"{path}: only pickle (.bin) weights found; dpolab loads safetensors only. "
+                              "Convert with `model.save_pretrained(dir, safe_serialization=True)`.")
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A cheap identity of a model for cache keys: weight-file names, sizes and mtimes, or the name."""
+    import hashlib
+
+    h = hashlib.sha256(str(name_or_path).encode())
+    path = Path(name_or_path)
+    if path.is_dir():
+        for f in sorted(path.glob("*")):
+            if f.is_file() and f.suffix in (".safetensors", ".json"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_trainable_lm(cfg):
+    """The policy a trainer fine-tunes: ``--model`` loaded, gradient checkpointing and LoRA applied as
+    configured (``cfg`` has the model and LoRA option groups of ``dpolab.train.options``)."""
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules)
+    return model
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str):
+    """Wrap ``model`` with LoRA adapters (peft). The reference is then the base with adapters off."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = target_modules if target_modules == "all-linear" else [
+        t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def pad_token_id_for(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (``load_tokenizer`` sets it)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has neither a pad_token nor an eos_token")
+    return int(tokenizer.eos_token_id)

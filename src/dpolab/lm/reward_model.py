@@ -1,0 +1,66 @@
+"""Reward models: an LM backbone with a scalar head, read at the last real token (docs/reward-model.md).
+
+A reward model is a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels=1`` (for
+Llama: ``LlamaForSequenceClassification``, a linear ``score`` head on the final hidden states).
+:class:`RewardModel` runs the backbone and applies the head only at each row's last real token,
+found from the attention mask (so a pad id equal to EOS cannot move it). :func:`dpolab.rewards.functions.score`
+scores (prompt, completion) texts tokenized exactly as in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dpolab.errors import DpolabError
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """``(B,)`` index of the last 1 in each row of a ``(B, T)`` 0/1 mask (right or left padding)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """Wraps a ``*ForSequenceClassification`` model with one label: ``forward`` returns ``(B,)``
+    float32 rewards, the head applied to the hidden state of each row's last real token.
+
+    Architectures whose head is not a ``score`` module on the backbone's last hidden state fall back
+    to the model's own forward (which pools at the last non-pad token id)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        head = getattr(model, "score", None)
+        self._plain_head = isinstance(head, nn.Module) and getattr(model, "base_model", model) is not model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if not self._plain_head:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return out.logits[:, 0].float()
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, last_token_index(attention_mask)]                                       # (B, H)
+        return self.model.score(last)[:, 0].float()                                                 # (B,)
+
+
+def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """A ``AutoModelForSequenceClassification`` with ``num_labels=1`` and ``pad_token_id`` set, from a
+    causal-LM checkpoint (the head is newly initialised) or a saved reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpolab.lm.loading import load_pretrained, pad_token_id_for
+
+    try:
+        model = load_pretrained(AutoModelForSequenceClassification, str(name_or_path), dtype=dtype,
+                      trust_remote_code=trust_remote_code, num_labels=1)
+    except (KeyError, ValueError) as err:  # no sequence-classification class for this architecture
+        raise DpolabError(f"cannot build a reward model from '{name_or_path}': {err}") from None
+    if model.config.num_labels != 1:
+        raise DpolabError(f"'{name_or_path}' has a {model.config.num_labels}-label head; a reward model needs 1")
+    model.config.pad_token_id = pad_token_id_for(tokenizer)
+    return model

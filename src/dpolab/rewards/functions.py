@@ -1,0 +1,140 @@
+"""Reward functions: what on-policy trainers and evaluations score completions with.
+
+A *reward function* is any ``f(prompts: list[str], completions: list[str]) -> list[float]`` (one
+finite number per pair). It can be a Python callable named ``module:function`` (or
+``path/to/file.py:function``), see :func:`load_reward_function`, or a trained reward model folder,
+see :func:`reward_model_function` and :func:`score`. :func:`compute_rewards` calls one and checks
+its answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dpolab.errors import DpolabError
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+__all__ = ["RewardFn", "compute_rewards", "load_reward_function", "reward_model_function", "score"]
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """Import ``module:function`` (the current directory and PYTHONPATH are searched) or
+    ``path/to/file.py:function``. Raises :class:`DpolabError` for a malformed spec, a module that
+    cannot be imported, or a missing / non-callable attribute."""
+    module_name, sep, attr = str(spec).rpartition(":")
+    if not sep or not module_name or not attr:
+        raise DpolabError(f"--reward {spec!r}: expected 'module:function' or 'file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise DpolabError(f"--reward {spec!r}: file not found: {path}")
+            mod_spec = importlib.util.spec_from_file_location(f"_dpolab_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except DpolabError:
+        raise
+    except Exception as err:  # an import error, or any error raised by the module's own code
+        raise DpolabError(f"--reward {spec!r}: cannot import '{module_name}': "
+                          f"{type(err).__name__}: {err}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise DpolabError(f"--reward {spec!r}: module '{module_name}' has no attribute '{attr}'")
+    if not callable(fn):
+        raise DpolabError(f"--reward {spec!r}: '{attr}' is not callable")
+    return fn
+
+
+def reward_model_function(model, tokenizer, *, batch_size: int = 16) -> RewardFn:
+    """A reward function scoring with a trained reward model through ``dpolab.lm.reward_model.score``."""
+    def scorer(prompts: list[str], completions: list[str]) -> list[float]:
+        out = score(model, prompts, completions, tokenizer=tokenizer, batch_size=batch_size)
+        return [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
+
+    return scorer
+
+
+def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Call ``fn`` and check its answer: one finite real number per completion. Returns (B,) float32.
+
+    Raises :class:`DpolabError` naming the function for an exception inside it, a non-sequence, a
+    wrong length, a non-number or a NaN/inf."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        out = fn(list(prompts), list(completions))
+    except Exception as err:
+        raise DpolabError(f"reward function {name} raised {type(err).__name__}: {err}") from None
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().reshape(-1).tolist() if out.dim() <= 1 else out
+    elif hasattr(out, "tolist") and getattr(out, "ndim", 1) <= 1:
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise DpolabError(f"reward function {name} must return a list of floats, got {type(out).__name__}")
+    if len(out) != len(completions):
+        raise DpolabError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
+    values = []
+    for i, v in enumerate(out):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DpolabError(f"reward function {name} returned {type(v).__name__} at position {i}; "
+                              "expected a float")
+        if not math.isfinite(float(v)):
+            raise DpolabError(f"reward function {name} returned a non-finite value ({v}) at position {i}")
+        values.append(float(v))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@torch.no_grad()
+def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenizer=None, batch_size: int = 32,
+          max_length: int | None = None, max_prompt_length: int | None = None) -> list[float]:
+    """Rewards ``r(prompt_i, completion_i)``, one float per pair, in order.
+
+    ``model``: a folder or hub name of a reward model (``dpolab rm``'s ``final/``), a loaded
+    ``*ForSequenceClassification`` model, or a :class:`RewardModel`. ``tokenizer`` defaults to the
+    one saved with the model. ``max_length``/``max_prompt_length`` truncate as in training (default:
+    no truncation)."""
+    from dpolab.data.preference import encode_prompt_completions
+    from dpolab.lm.loading import load_tokenizer, pad_token_id_for
+    from dpolab.lm.reward_model import RewardModel, load_reward_model
+
+    if isinstance(model, (str, Path)):
+        tokenizer = tokenizer or load_tokenizer(str(model))
+        model = load_reward_model(str(model), tokenizer)
+    if tokenizer is None:
+        inner = model.model if isinstance(model, RewardModel) else model
+        source = getattr(inner, "name_or_path", "") or getattr(getattr(inner, "config", None), "_name_or_path", "")
+        if not source:
+            raise DpolabError("score() needs tokenizer= for a model loaded without a name or path")
+        tokenizer = load_tokenizer(source)
+    if batch_size < 1:
+        raise DpolabError("batch_size must be >= 1")
+    rm = model if isinstance(model, RewardModel) else RewardModel(model)
+    was_training = rm.training
+    rm.eval()
+    pad = pad_token_id_for(tokenizer)
+    device = next(rm.parameters()).device
+    rows = encode_prompt_completions(tokenizer, list(prompts), list(completions), max_length=max_length,
+                                     max_prompt_length=max_prompt_length)
+    out: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+        out += rm(ids.to(device), mask.to(device)).tolist()
+    rm.train(was_training)
+    return out

@@ -1,0 +1,381 @@
+"""The run skeleton of every language-model trainer: one engine, one short file per algorithm.
+
+An :class:`Algorithm` says what is its own: how the rows of a step become forward/backward passes
+and a loss (offline trainers: SFT, RM, DPO, KTO), or how experience is collected and optimized over
+(on-policy trainers: PPO's epochs over a rollout, GRPO's iterations over a generation batch), its
+evaluation, what its checkpoint and final folder hold. The :class:`Engine` owns the rest:
+
+* the optimizer, the schedule and ``accelerate.prepare``; the seeded, resumable data order;
+* **exact steps** (:meth:`Engine.optimizer_step`): the loss of an optimizer step is the SUM of
+  per-unit losses (tokens, pairs, sequences) over all its passes divided by the step's units over
+  ALL processes, so gradient accumulation 1×8 = 8×1, any split into token-budget passes, and W
+  processes equal one process with the same global batch (:mod:`dpolab.train.distributed`); a
+  process with fewer passes runs weight-0 stand-ins, so collective operations stay aligned;
+* the gradient norm (clipping) and the non-finite guard (stop naming where, or skip and count);
+* the metric window and logging (``metrics.jsonl``, the progress bar), the evaluation cadence;
+* checkpoints (atomic, rotated, written once by the main process) and exact resume: weights,
+  optimizer, scheduler, RNG states, the data position, counters and the unlogged window;
+* SIGINT/SIGTERM agreed across processes: finish the step, checkpoint, print how to resume;
+* the final evaluation, checkpoint, ``final/`` folder and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.runs.checkpoint import (
+    load_checkpoint_weights,
+    read_training_state,
+    untied,
+    warn_config_changes,
+    write_training_state,
+)
+from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.rundir import RunDir
+from dpolab.runs.signals import StopSignal, resume_hint
+from dpolab.train import distributed
+from dpolab.train.optim import grad_norm_, make_optimizer, make_scheduler
+
+
+@dataclass
+class Pass:
+    """One forward/backward pass of an optimizer step.
+
+    batch: what the algorithm's loss takes (on the device). units: loss units it holds (tokens,
+    pairs, ...), the normaliser's share. tokens: tokens the model reads (throughput). where: named in
+    a non-finite error. real: False for a stand-in (a row run with weight 0 so that this process
+    joins the collective operations of a pass it has no data for)."""
+
+    batch: Any
+    units: int
+    tokens: int
+    where: str = ""
+    real: bool = True
+
+
+class Algorithm:
+    """What an algorithm file supplies to the :class:`Engine` (override what applies).
+
+    Offline algorithms implement :meth:`passes` and :meth:`loss` and inherit :meth:`step`;
+    on-policy ones override :meth:`step` (collect experience, then call
+    :meth:`Engine.optimizer_step` as often as they optimize)."""
+
+    name = ""                       # the command: progress bar and resume hint
+    bar_keys: tuple[str, ...] = ("loss",)
+    summary_keys: tuple[str, ...] = ("steps", "eval/loss", "loss", "wall_seconds")
+    train_mode = True               # model.train() while training (False: dropout stays off)
+    micro_batches = 1               # micro-batches of the data order per step
+
+    def passes(self, engine: Engine, group: list[tuple[int, list[int]]]) -> list[Pass]:
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """(SUM of the batch's per-unit losses, a scalar with grad; detached per-unit mean stats)."""
+        raise NotImplementedError
+
+    def step(self, engine: Engine, group: list[tuple[int, list[int]]]) -> dict[str, float] | None:
+        """One step on the micro-batches ``group`` [(k, rows)]; returns its metrics (None: skipped)."""
+        where = f"micro-batches {group[0][0]}..{group[-1][0]}"
+        return engine.optimizer_step(self.passes(engine, group), self.loss, where=where)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, unprefixed (the engine adds ``eval/``); ``{}`` without an eval set."""
+        return {}
+
+    def save_final(self, engine: Engine, path: Path, state_dict: dict | None) -> None:
+        """Write ``final/`` (main process only; ``state_dict``: the gathered weights when sharded):
+        the trained causal LM in Hugging Face format with its tokenizer, LoRA adapters merged."""
+        from dpolab.runs.checkpoint import save_pretrained_atomic
+
+        final = engine.unwrapped
+        if getattr(self, "lora", False):
+            final = final.merge_and_unload()
+        save_pretrained_atomic(final, engine.tokenizer, path, state_dict=state_dict)
+
+    def checkpoint_files(self, state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The safetensors files of a checkpoint: ``model.safetensors`` with every weight (LoRA runs:
+        the adapters only)."""
+        lora = getattr(self, "lora", False)
+        return {"model.safetensors": {k: v for k, v in state_dict.items() if not lora or "lora_" in k}}
+
+    def load_checkpoint(self, engine: Engine, directory: Path) -> None:
+        load_checkpoint_weights(engine.unwrapped, directory, partial=getattr(self, "lora", False))
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able algorithm state a checkpoint carries (e.g. an adaptive KL coefficient)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def on_log(self, engine: Engine, step: int, logged: dict[str, float]) -> None:
+        """After each logging step (e.g. write sample completions)."""
+
+    def on_resume(self, engine: Engine, step: int) -> None:
+        """On resume, main process: drop what the algorithm logged after ``step``."""
+
+    def summary(self, engine: Engine) -> dict[str, Any]:
+        """Extra entries of ``summary.json``: by default the rows the data loader skipped and truncated."""
+        report = engine.report
+        return {f"data/{k}_rows": report[k] for k in ("skipped", "truncated") if k in report}
+
+
+class Engine:
+    """Builds the optimizer and prepares the model for ``accelerator``; :meth:`plan` the steps,
+    then :meth:`run` an :class:`Algorithm`.
+
+    ``cfg`` has the option groups of :mod:`dpolab.train.options` (run, optimizer; ``grad_accum``
+    where the algorithm has it)."""
+
+    def __init__(self, cfg: Any, accelerator, model: torch.nn.Module, *, tokenizer=None, report: dict | None = None):
+        self.cfg, self.accelerator, self.tokenizer, self.report = cfg, accelerator, tokenizer, report or {}
+        self.run_dir = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
+        self.ckpt = self.run_dir.resolve_checkpoint(cfg.resume) if cfg.resume else None
+        optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+        self._raw_optimizer = optimizer
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = None
+        self.order = None
+        self.steps = 0
+        # state a checkpoint restores
+        self.step = self.micro = self.skipped = self.tokens_seen = self.tokens_window = 0
+        self.window: list[dict[str, float]] = []
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def plan(self, order, *, micro_batches: int = 1, optimizer_steps_per_step: int = 1) -> int:
+        """Fix the data order and the number of steps (``--max-steps``, else ``--epochs`` over the
+        order), and build the schedule over the optimizer steps they make. Returns the steps."""
+        cfg = self.cfg
+        self.order = order
+        if cfg.max_steps > 0:
+            self.steps = cfg.max_steps
+        else:
+            self.steps = max(1, math.ceil(cfg.epochs * order.per_epoch / micro_batches))
+        self.scheduler = make_scheduler(self._raw_optimizer, cfg.lr_scheduler, cfg.warmup_steps,
+                                        self.steps * optimizer_steps_per_step)
+        return self.steps
+
+    # -- one exact optimizer step -----------------------------------------------------------------
+    def micro_batch_passes(self, group: list[tuple[int, list[int]]], make_batch, units, tokens, *,
+                           split=None) -> list[Pass]:
+        """The passes of offline micro-batches ``group`` [(k, rows)]: each micro-batch as one pass, or
+        cut by ``split(rows) -> [rows]`` (a token budget). ``make_batch(rows)`` collates (row 0 stands
+        in for an empty micro-batch); ``units(batch)``, ``tokens(batch)`` count. With several
+        processes and ``split``, every process runs the largest count of passes of any process."""
+        parts = [(k, part) for k, rows in group for part in (split(rows) if split else [rows])]
+        if split is not None and self.accelerator.num_processes > 1:
+            n = distributed.global_max(self.accelerator, len(parts))
+            parts += [(group[-1][0], [])] * (n - len(parts))
+        out = []
+        for k, rows in parts:
+            batch = make_batch(rows or [0])
+            where = f"micro-batch {k}, rows {rows[:8]}{'...' if len(rows) > 8 else ''}"
+            out.append(Pass(batch, units(batch) if rows else 0, tokens(batch) if rows else 0, where, bool(rows)))
+        return out
+
+    def optimizer_step(self, passes: list[Pass], loss_fn, *, where: str = "") -> dict[str, float] | None:
+        """Backpropagate ``W · loss_sum / U`` per pass (``U``: the step's units over all processes, one
+        all-reduce), clip, check, step the optimizer (unless a non-finite value is skipped) and the
+        schedule. ``loss_fn(batch) -> (loss_sum, stats)``. Returns the unit-weighted means of the
+        stats over all processes plus ``grad_norm``; None when the step was skipped or had no unit."""
+        cfg, acc, model = self.cfg, self.accelerator, self.model
+        total = distributed.global_sum(acc, [sum(p.units for p in passes if p.real)])[0]
+        scale = acc.num_processes / total if total > 0 else 0.0
+        rows, weights, nonfinite, tokens = [], [], False, 0
+        for j, p in enumerate(passes):
+            if total == 0:  # no loss unit on any process: every process skips alike
+                break
+            with distributed.accumulation_context(acc, model, sync=j == len(passes) - 1):
+                loss_sum, stats = loss_fn(p.batch)
+                if p.real and not torch.isfinite(loss_sum).all():
+                    nonfinite = True  # every process still runs its backward passes (no hang)
+                    if not cfg.skip_nonfinite:
+                        raise nonfinite_error("loss", self.step + 1, p.where)
+                acc.backward(loss_sum * (scale if p.real else 0.0))
+            rows.append(stats)
+            weights.append(p.units)
+            tokens += p.tokens
+        merged: dict[str, float] = {}
+        grad_norm = torch.tensor(0.0)
+        if total > 0:  # the norm is checked also with clipping off (--max-grad-norm 0)
+            grad_norm = grad_norm_(model.parameters(), cfg.max_grad_norm, acc)
+            merged, _, extra = distributed.reduce_weighted(acc, rows, weights,
+                                                           {"tokens": tokens, "nonfinite": float(nonfinite)})
+            self.tokens_window += int(extra["tokens"])
+            nonfinite = extra["nonfinite"] > 0
+            if not nonfinite and not torch.isfinite(grad_norm).all():
+                nonfinite = True
+                if not cfg.skip_nonfinite:
+                    raise nonfinite_error("gradient norm", self.step + 1, where)
+        if nonfinite:
+            self.skipped += 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not merged or nonfinite:
+            return None
+        merged["grad_norm"] = float(grad_norm)
+        return merged
+
+    # -- the run -----------------------------------------------------------------------------------
+    def evaluate(self, algo: Algorithm) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            out = {f"eval/{k}": v for k, v in algo.evaluate().items()}
+        self.model.train(algo.train_mode)
+        return out
+
+    def save_checkpoint(self, algo: Algorithm) -> None:
+        """Written once, by the main process; the RNG state stored is the main process's (every
+        process was seeded alike). Refused for non-finite weights (``latest`` stays valid)."""
+        from safetensors.torch import save_file
+
+        if not weights_finite(self.unwrapped):
+            raise nonfinite_error("weights", self.step, "refusing to write a checkpoint")
+        full = distributed.model_state_dict(self.accelerator, self.model)  # collective when sharded
+        if not self.is_main:
+            return
+        files = algo.checkpoint_files(full)
+        state = {"step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
+                 "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
+                 "algorithm": algo.state_dict(), "config": vars(self.cfg)}
+
+        def write(d: Path) -> None:
+            for name, weights in files.items():
+                save_file(untied(weights), str(d / name))
+            write_training_state(d, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
+
+        self.run_dir.save_checkpoint(self.step, write)
+
+    def _resume(self, algo: Algorithm) -> None:
+        algo.load_checkpoint(self, self.ckpt)
+        state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step, self.micro = state["step"], state["micro_batch"]
+        self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
+        self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
+        algo.load_state_dict(state.get("algorithm", {}))
+        warn_config_changes(state.get("config", {}), vars(self.cfg))
+        if self.is_main:
+            self.run_dir.truncate_metrics(self.step)
+            algo.on_resume(self, self.step)
+        print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
+
+    def run(self, algo: Algorithm) -> dict:
+        """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or
+        ``{"stopped": True, "steps": N}`` after a signal."""
+        from tqdm.auto import tqdm
+
+        cfg, acc, run = self.cfg, self.accelerator, self.run_dir
+        if self.ckpt is not None:
+            self._resume(algo)
+        if self.is_main:
+            run.create()
+            run.write_config(cfg)
+            (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
+        self.model.train(algo.train_mode)
+        batches = self.order.iterate(start=self.micro)
+        bar = tqdm(total=self.steps, initial=self.step, desc=algo.name, dynamic_ncols=True,
+                   disable=not (cfg.progress and self.is_main))
+        t0 = time.time()
+        last_eval: dict[str, float] = {}
+        last_logged: dict[str, float] = {}
+        with StopSignal() as stop:
+            while self.step < self.steps:
+                group = [next(batches) for _ in range(algo.micro_batches)]
+                metrics = algo.step(self, group)
+                self.step += 1
+                self.micro = group[-1][0] + 1
+                bar.update(1)
+                if metrics:
+                    self.window.append(metrics)
+                step = self.step
+                if step % cfg.logging_steps == 0 or step == self.steps:
+                    elapsed = max(time.time() - t0, 1e-9)
+                    logged = _mean(self.window)
+                    logged.update({"learning_rate": self.scheduler.get_last_lr()[0],
+                                   "epoch": self.micro / self.order.per_epoch,
+                                   "tokens_per_second": self.tokens_window / elapsed, "skipped_steps": self.skipped})
+                    self.tokens_seen += self.tokens_window
+                    self.window, t0, self.tokens_window, last_logged = [], time.time(), 0, logged
+                    if self.is_main:
+                        run.log(step, logged)
+                    algo.on_log(self, step, logged)
+                    bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.4g}" for k in algo.bar_keys if k in logged})
+                if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.steps:
+                    last_eval = self.evaluate(algo)
+                    if self.is_main and last_eval:
+                        run.log(step, last_eval)
+                if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.steps:
+                    self.save_checkpoint(algo)
+                signame = stop.agreed(acc)
+                if signame and step < self.steps:
+                    self.save_checkpoint(algo)
+                    bar.close()
+                    if self.is_main:
+                        print(resume_hint(algo.name, run, signame, step, self.steps), file=sys.stderr)
+                    return {"stopped": True, "steps": step}
+        bar.close()
+
+        last_eval = self.evaluate(algo)
+        self.save_checkpoint(algo)
+        summary_metrics = {**last_logged, **last_eval, "skipped_steps": self.skipped, **algo.summary(self)}
+        full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
+        if not self.is_main:
+            return summary_metrics
+        if last_eval:
+            run.log(self.step, last_eval)
+        algo.save_final(self, run.final, full)
+        summary = run.write_summary(summary_metrics, steps=self.step)
+        print_summary(summary, algo.summary_keys)
+        return summary
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of the window's step metrics (each step weighs the same)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+
+
+def print_summary(summary: dict, keys: tuple[str, ...] | list[str]) -> None:
+    shown = {k: summary[k] for k in keys if k in summary}
+    width = max((len(k) for k in shown), default=0)
+    for k, v in shown.items():
+        print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}", file=sys.stderr)
+
+
+def dry_run_report(cfg, report: dict) -> dict:
+    """``--dry-run``: print the data report and resolved config; return the summary a run returns
+    instead of training (numeric report entries as ``data/...``)."""
+    print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+    return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+
+
+def cli(cfg_cls, train, argv: list[str], prog: str, description: str, *, final: str = "final model") -> int:
+    """A trainer's command: parse its options (``--config`` YAML, flags), train, say where the result is."""
+    from dpolab.config import parse_config
+    from dpolab.train.distributed import is_main_process
+
+    cfg = parse_config(cfg_cls, argv, prog=prog, description=description)
+    summary = train(cfg)
+    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
+        print(f"done: {cfg.output_dir} ({final} in {Path(cfg.output_dir) / 'final'})")
+    return 0

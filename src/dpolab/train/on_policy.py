@@ -1,0 +1,96 @@
+"""What the on-policy trainers share (``dpolab ppo``; GRPO, RLOO and online DPO likewise): the reward
+function, the reference model, the evaluation prompts and protocol, per-step sampling seeds and the
+``samples.jsonl`` log of sampled completions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dpolab.runs.rundir import RunDir, atomic_write_text
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of step ``step``: a resumed run draws exactly what an uninterrupted one does."""
+    return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
+
+
+def reward_function(cfg, device):
+    """``--reward module:function``, or ``--reward-model DIR`` loaded frozen on ``device``."""
+    from dpolab.rewards.functions import load_reward_function, reward_model_function
+
+    if cfg.reward is not None:
+        return load_reward_function(cfg.reward)
+    from dpolab.lm.loading import load_tokenizer
+    from dpolab.lm.reward_model import load_reward_model
+
+    rm_tokenizer = load_tokenizer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+    rm = load_reward_model(cfg.reward_model, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    rm = rm.requires_grad_(False).eval().to(device)
+    return reward_model_function(rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16))
+
+
+def reference_model(cfg, device):
+    """A frozen copy of ``--ref-model`` (default ``--model``) on ``device``; None with ``--lora`` and no
+    ``--ref-model``, where the reference is the policy's base with its adapters disabled."""
+    from dpolab.lm.loading import load_causal_lm
+
+    if cfg.lora and not cfg.ref_model:
+        return None
+    ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    return ref.requires_grad_(False).eval().to(device)
+
+
+def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]]] | None:
+    """(texts, ids) of the evaluation prompts: ``--eval-data``, else a seeded sample of the training
+    prompts; None with ``--eval-prompts 0``."""
+    if cfg.eval_prompts == 0:
+        return None
+    if cfg.eval_data:
+        from dpolab.data.prompts import load_prompts
+
+        data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length)
+        rows = list(range(min(cfg.eval_prompts, len(data))))
+    else:
+        data = prompts
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
+        rows = perm[:cfg.eval_prompts]
+    return [data.texts[i] for i in rows], [data.ids[i] for i in rows]
+
+
+def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, batch_size: int) -> dict[str, float]:
+    """Mean reward, its spread, sequence KL to the reference, response length and EOS fraction of one
+    seeded sample per evaluation prompt (the same draws at every evaluation of a run)."""
+    from dpolab.rewards.evaluation import evaluate_policy
+
+    if eval_set is None:
+        return {}
+    texts, ids = eval_set
+    return evaluate_policy(policy, tokenizer, texts, ids, reward_fn, ref_model=ref_model,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size)
+
+
+def log_samples(run: RunDir, step: int, rows: list[dict], n: int) -> None:
+    """Append the first ``n`` sample rows ({"prompt", "completion", "score", ...}) of ``step`` to
+    ``samples.jsonl``; print two."""
+    if n <= 0:
+        return
+    rows = [{"step": step, **r} for r in rows[:n]]
+    with open(run.path / "samples.jsonl", "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    for r in rows[:2]:
+        extra = f" kl={r['kl']:+.3f}" if "kl" in r else ""
+        print(f"[step {step}] score={r['score']:+.3f}{extra} | {r['prompt'][-40:]!r} -> {r['completion'][:60]!r}",
+              file=sys.stderr)
+
+
+def truncate_samples(run: RunDir, step: int) -> None:
+    """On resume: drop the sample rows logged after ``step``."""
+    path = Path(run.path) / "samples.jsonl"
+    if path.is_file():
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines if json.loads(ln).get("step", 0) <= step))

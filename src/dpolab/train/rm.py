@@ -1,0 +1,130 @@
+"""Bradley-Terry reward-model training (docs/reward-model.md).
+
+The model is the LM backbone with a scalar head (:mod:`dpolab.lm.reward_model`); each micro-batch is one
+forward pass over chosen and rejected rows concatenated on the batch axis; the loss is
+``−log σ(r_w − r_l − m)`` (:func:`dpolab.losses.reward.bradley_terry_loss`) averaged over all pairs
+of an optimizer step. Held-out pairwise accuracy is ``eval/accuracy`` in ``summary.json``; the model
+is saved to ``final/`` in Hugging Face format (``AutoModelForSequenceClassification``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpolab.config import opt
+from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions, validate_common
+
+DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.
+
+Data: the preference formats of `dpolab dpo` (prompt/chosen/rejected strings, implicit prompt, chat
+messages; docs/data-formats.md). Writes the run directory of docs/run-directory.md; summary.json
+holds "eval/accuracy" (held-out pairs ranked as labelled) and "eval/loss". Score texts afterwards
+with dpolab.rewards.functions.score("OUTPUT_DIR/final", prompts, completions).
+
+example:
+  dpolab rm --model path/to/sft --data prefs.jsonl --output-dir runs/rm
+"""
+
+
+@dataclass
+class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions):
+    model: str = opt("", "backbone: a causal LM (a new scalar head is added) or a saved reward model (required)")
+    data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
+    eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
+    eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
+    output_dir: str = opt("runs/rm", "run directory")
+    margin: float | None = opt(None, "margin m in −log σ(r_w − r_l − m) (off when unset)")
+    max_length: int = opt(512, "maximum prompt+response tokens")
+    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+
+    def validate(self) -> None:
+        validate_common(self, data_what="a preference data file, folder or hub name")
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+    """Batch means: ``loss``, ``accuracy`` (fraction with r_w > r_l, ties count as wrong),
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (r_w − r_l)."""
+    c, r = chosen.detach().float(), rejected.detach().float()
+    return {"loss": losses.detach().float().mean().item(), "accuracy": (c > r).float().mean().item(),
+            "rewards/chosen": c.mean().item(), "rewards/rejected": r.mean().item(),
+            "rewards/margins": (c - r).mean().item()}
+
+
+class RewardModelTraining(Algorithm):
+    """Bradley-Terry loss over chosen and rejected rows in one forward pass; the unit is a pair."""
+
+    name = "rm"
+    bar_keys = ("loss", "accuracy")
+    summary_keys = ("steps", "eval/loss", "eval/accuracy", "loss", "wall_seconds")
+
+    def __init__(self, cfg: RewardConfig, engine: Engine, data, pad_id: int):
+        self.cfg, self.engine, self.data, self.pad_id = cfg, engine, data, pad_id
+        self.micro_batches = cfg.grad_accum
+
+    def _collate(self, pairs):
+        from dpolab.data import collate_preference
+
+        return collate_preference(pairs, self.pad_id).to(self.engine.device)
+
+    def passes(self, engine, group):
+        return engine.micro_batch_passes(group, lambda idx: self._collate([self.data.train[i] for i in idx]),
+                                         lambda b: b.batch_size, lambda b: int(b.attention_mask.sum()))
+
+    def loss(self, batch):
+        """One forward over the (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected."""
+        from dpolab.losses.reward import bradley_terry_loss
+
+        rewards = self.engine.model(batch.input_ids, batch.attention_mask, batch.position_ids)   # (2B,)
+        B = batch.batch_size
+        losses = bradley_terry_loss(rewards[:B], rewards[B:], self.cfg.margin)                  # (B,)
+        return losses.sum(), pair_stats(rewards[:B], rewards[B:], losses)
+
+    def evaluate(self):
+        from dpolab.train import distributed
+
+        if not self.data.eval:
+            return {}
+        acc, rows, weights = self.engine.accelerator, [], []
+        for idx in distributed.eval_shards(len(self.data.eval), self.cfg.eval_batch_size or self.cfg.batch_size, acc):
+            rows.append(self.loss(self._collate([self.data.eval[i] for i in idx or [0]]))[1])
+            weights.append(len(idx))  # 0: a stand-in batch keeping collective passes aligned
+        return distributed.reduce_weighted(acc, rows, weights)[0]
+
+    def save_final(self, engine, path: Path, state_dict) -> None:
+        from dpolab.runs.checkpoint import save_pretrained_atomic
+
+        if state_dict is not None:  # gathered from FSDP/DeepSpeed shards: keys of the RewardModel wrapper
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        save_pretrained_atomic(self.engine.unwrapped.model, self.engine.tokenizer, path, state_dict=state_dict)
+
+
+
+def train(cfg: RewardConfig) -> dict:
+    """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
+    from dpolab.data import pad_token_id_for
+    from dpolab.data.batching import batch_order, pair_lengths
+    from dpolab.lm.reward_model import RewardModel, load_reward_model
+    from dpolab.train import distributed
+    from dpolab.train.pair_layout import load_pairs
+
+    accelerator, tokenizer = distributed.start_run(cfg)
+    data = load_pairs(cfg, tokenizer)
+    report = data.report.as_dict()
+    if cfg.dry_run:
+        return dry_run_report(cfg, report)
+
+    hf_model = load_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable()
+    engine = Engine(cfg, accelerator, RewardModel(hf_model), tokenizer=tokenizer, report=report)
+    engine.plan(batch_order(pair_lengths(data.train), cfg, accelerator), micro_batches=cfg.grad_accum)
+    return engine.run(RewardModelTraining(cfg, engine, data, pad_token_id_for(tokenizer)))
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    return cli(RewardConfig, train, argv, prog, DESCRIPTION, final='final reward model')
