@@ -1,167 +1,75 @@
-"""The DPO family of preference losses: pure functions over per-pair sequence log-probs.
+"""The DPO family of preference losses, by name: the registry, dispatch and weighted combinations.
 
-Every function takes per-example tensors of shape ``(B,)`` (summed response-token log-probs of the
-chosen ``y_w`` and rejected ``y_l`` responses, under the policy and, where needed, the frozen
-reference) and returns three ``(B,)`` tensors, unreduced::
+The loss functions live in modules by job and are re-exported here (trainers import them from this
+module): ``margin`` (functions of h alone: DPO/cDPO, robust, IPO, hinge, EXO, DiscoPOP), ``anchored``
+(separate terms on ρ_w and ρ_l: NCA, BCO, SPPO, APO), ``aot`` (batch-level), ``reference_free``
+(reference-free DPO, SimPO, ORPO, CPO), ``weighting`` (WPO weights). KTO, which is unpaired, is in
+``dpolab.losses.kto``.
 
-    (losses, chosen_rewards, rejected_rewards)
-
-The rewards are the *implicit rewards* of the loss, detached (statistics for logging, no gradient):
-``β·(log π_θ(y|x) − log π_ref(y|x))`` for reference-based losses, ``β·log π_θ(y|x)`` for
-reference-free DPO and ``β·mean-token log π_θ(y|x)`` for SimPO. The training loop reduces.
+Every loss takes per-pair ``(B,)`` tensors and returns ``(losses, chosen_rewards,
+rejected_rewards)``, unreduced, the rewards detached. :func:`preference_loss` dispatches by name
+through :data:`LOSS_REGISTRY` (no if-chain in a trainer), fills each loss's own defaults
+(:func:`loss_defaults`) and adds the optional RPO negative log-likelihood term;
+:func:`combined_preference_loss` sums several losses with weights.
 
 Notation (docs/dpo.md): ``ρ_w = log π_θ(y_w|x) − log π_ref(y_w|x)``, ``ρ_l`` likewise,
-``h = ρ_w − ρ_l``; ``σ`` is the logistic function, computed through ``F.logsigmoid`` so that large
-``|βh|`` stays finite.
-
-:func:`preference_loss` dispatches by name through :data:`LOSS_REGISTRY` (no if-chain in a
-trainer) and adds the optional RPO negative log-likelihood term on the chosen response.
+``h = ρ_w − ρ_l``; ``σ`` is the logistic function.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-LossOutput = tuple[Tensor, Tensor, Tensor]
+from dpolab.losses._common import LossOutput, token_mean
+from dpolab.losses.anchored import (
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    bco_running_delta,
+    nca_pair_loss,
+    sppo_hard_loss,
+)
+from dpolab.losses.aot import aot_loss, aot_unpaired_loss
+from dpolab.losses.margin import (
+    DISCOPOP_BETA,
+    DISCOPOP_TAU,
+    EXO_EPSILON,
+    discopop_loss,
+    dpo_loss,
+    exo_pair_loss,
+    hinge_loss,
+    ipo_loss,
+    robust_dpo_loss,
+)
+from dpolab.losses.reference_free import (
+    CPO_ALPHA,
+    CPO_BETA,
+    ORPO_LAMBDA,
+    SIMPO_BETA,
+    SIMPO_GAMMA,
+    cpo_loss,
+    log_odds,
+    orpo_loss,
+    reference_free_dpo_loss,
+    simpo_loss,
+)
+from dpolab.losses.weighting import wpo_token_log_normalizer, wpo_weights
 
-SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0  # Meng et al. 2024: β in [2, 2.5], γ/β = 0.5
-
-
-def _check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-
-
-def _check_shapes(*tensors: Tensor) -> None:
-    shape = tensors[0].shape
-    for t in tensors[1:]:
-        if t.shape != shape:
-            raise ValueError(f"log-prob tensors must share one shape, got {shape} and {t.shape}")
-
-
-def _margin(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-            ref_rejected_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Return ``(ρ_w, ρ_l, h = ρ_w − ρ_l)``, each ``(B,)``."""
-    _check_shapes(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    rho_w = policy_chosen_logps - ref_chosen_logps
-    rho_l = policy_rejected_logps - ref_rejected_logps
-    return rho_w, rho_l, rho_w - rho_l
-
-
-def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    """DPO, and conservative DPO (cDPO) when ``label_smoothing = ε > 0``.
-
-    DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7): ``−log σ(βh)``.
-    cDPO (Mitchell 2023, "A note on DPO with noisy preferences"): the preference label is flipped
-    with probability ε, so the loss is the cross-entropy against the soft label ``1 − ε``::
-
-        −(1 − ε)·log σ(βh) − ε·log σ(−βh)
-
-    whose minimiser in ``βh`` is ``log((1 − ε)/ε)`` instead of ``+∞``. ``ε ∈ [0, 0.5]``.
-
-    Args: four ``(B,)`` tensors of summed response log-probs. Returns ``(losses, chosen_rewards,
-    rejected_rewards)``, each ``(B,)``, rewards ``β·ρ`` detached. At policy = reference every loss
-    is ``ln 2`` and every reward 0.
-    """
-    _check_beta(beta)
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5] for DPO/cDPO, got {label_smoothing}")
-    rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    logits = beta * h
-    losses = -F.logsigmoid(logits)
-    if label_smoothing > 0:
-        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
-    return losses, (beta * rho_w).detach(), (beta * rho_l).detach()
-
-
-def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                    ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409), ``ε = label_smoothing``::
-
-        [−(1 − ε)·log σ(βh) + ε·log σ(−βh)] / (1 − 2ε)
-
-    An unbiased estimate of the clean DPO loss when labels are flipped with probability ε:
-    ``(1 − ε)·L(h) + ε·L(−h) = −log σ(βh)``. ``ε ∈ [0, 0.5)``; at ``ε = 0`` this is DPO.
-    Shapes and rewards as :func:`dpo_loss`.
-    """
-    _check_beta(beta)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for robust DPO, got {label_smoothing}")
-    rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    eps = label_smoothing
-    losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return losses, (beta * rho_w).detach(), (beta * rho_l).detach()
-
-
-def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, *, beta: float = 0.1) -> LossOutput:
-    """IPO (Azar et al. 2023, arXiv 2310.12036, with τ = β): ``(h − 1/(2β))²``.
-
-    A squared loss that regresses the log-ratio margin to the finite target ``1/(2β)`` instead of
-    pushing it to infinity. It acts on whatever log-probs it is given: summed ones, or
-    length-averaged ones (as :func:`preference_loss` does with ``ipo_length_normalize=True``).
-    Shapes as :func:`dpo_loss`; rewards ``β·ρ`` of the inputs, detached.
-    """
-    _check_beta(beta)
-    rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = (h - 1 / (2 * beta)) ** 2
-    return losses, (beta * rho_w).detach(), (beta * rho_l).detach()
-
-
-def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-               ref_rejected_logps: Tensor, *, beta: float = 0.1) -> LossOutput:
-    """Hinge loss on the log-ratio margin: ``max(0, 1 − βh)``.
-
-    SLiC (Zhao et al. 2023, arXiv 2305.10425, calibration loss) uses a hinge on the
-    log-likelihood margin; RSO (Liu et al. 2023, arXiv 2309.06657) puts it on the
-    reference-normalised margin with ``γ = β``, which is this function. Shapes as :func:`dpo_loss`.
-    """
-    _check_beta(beta)
-    rho_w, rho_l, h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = torch.relu(1 - beta * h)
-    return losses, (beta * rho_w).detach(), (beta * rho_l).detach()
-
-
-def reference_free_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *,
-                            beta: float = 0.1) -> LossOutput:
-    """Reference-free DPO: DPO with a uniform reference, ``−log σ(β[log π_θ(y_w) − log π_θ(y_l)])``.
-
-    (The ``reference_free`` option of the DPO authors' code, Rafailov et al. 2023.) Rewards are
-    ``β·log π_θ(y|x)``, detached; shapes as :func:`dpo_loss`.
-    """
-    _check_beta(beta)
-    _check_shapes(policy_chosen_logps, policy_rejected_logps)
-    losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps))
-    return losses, (beta * policy_chosen_logps).detach(), (beta * policy_rejected_logps).detach()
-
-
-def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
-               rejected_lengths: Tensor, *, beta: float = SIMPO_BETA, gamma: float = SIMPO_GAMMA) -> LossOutput:
-    """SimPO (Meng et al. 2024, arXiv 2405.14734): ``−log σ(β·ℓ̄_w − β·ℓ̄_l − γ)``.
-
-    ``ℓ̄ = log π_θ(y|x) / |y|`` is the mean token log-prob (summed log-prob over the response token
-    count) and ``γ`` the target reward margin. No reference model. Defaults: the paper's β = 2.0 and
-    γ = 1.0 (γ/β = 0.5; the paper tunes β in [2, 2.5] and γ in [0.5, 1.5]). Lengths ``(B,)`` (float or
-    integer) are clamped to at least 1 so that an empty response cannot divide by zero (its summed
-    log-prob is 0). Rewards ``β·ℓ̄``, detached.
-    """
-    _check_beta(beta)
-    _check_shapes(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
-    mean_w = policy_chosen_logps / chosen_lengths.clamp_min(1)
-    mean_l = policy_rejected_logps / rejected_lengths.clamp_min(1)
-    losses = -F.logsigmoid(beta * mean_w - beta * mean_l - gamma)
-    return losses, (beta * mean_w).detach(), (beta * mean_l).detach()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Dispatch by name
+__all__ = [
+    "DEFAULT_BETA", "LOSS_OPTIONS", "LOSS_REGISTRY", "PREFERENCE_LOSSES", "CombinedLoss", "LossOutput",
+    "LossSpec", "PairLogps", "apo_down_loss", "apo_zero_loss", "aot_loss", "aot_unpaired_loss",
+    "bco_pair_loss", "bco_running_delta", "combined_preference_loss", "cpo_loss", "discopop_loss",
+    "dpo_loss", "exo_pair_loss", "hinge_loss", "ipo_loss", "is_batch_level", "log_odds", "loss_defaults",
+    "nca_pair_loss", "needs_reference", "orpo_loss", "preference_loss", "reference_free_dpo_loss",
+    "robust_dpo_loss", "simpo_loss", "sppo_hard_loss", "unused_options", "wpo_token_log_normalizer",
+    "wpo_weights",
+]
 
 
 @dataclass
@@ -182,12 +90,7 @@ class PairLogps:
     ref_rejected: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class _Options:
-    beta: float
-    label_smoothing: float
-    simpo_gamma: float
-    ipo_length_normalize: bool
+Options = dict[str, Any]
 
 
 def _refs(name: str, p: PairLogps) -> tuple[Tensor, Tensor]:
@@ -196,60 +99,119 @@ def _refs(name: str, p: PairLogps) -> tuple[Tensor, Tensor]:
     return p.ref_chosen, p.ref_rejected
 
 
-def _sigmoid(p: PairLogps, o: _Options) -> LossOutput:
-    return dpo_loss(p.policy_chosen, p.policy_rejected, *_refs("sigmoid", p), beta=o.beta,
-                    label_smoothing=o.label_smoothing)
+def _per_token(name: str, p: PairLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four log-probs averaged over their response's tokens (policy and reference alike)."""
+    ref_c, ref_r = _refs(name, p)
+    return (token_mean(p.policy_chosen, p.chosen_lengths), token_mean(p.policy_rejected, p.rejected_lengths),
+            token_mean(ref_c, p.chosen_lengths), token_mean(ref_r, p.rejected_lengths))
 
 
-def _robust(p: PairLogps, o: _Options) -> LossOutput:
-    return robust_dpo_loss(p.policy_chosen, p.policy_rejected, *_refs("robust", p), beta=o.beta,
-                           label_smoothing=o.label_smoothing)
+def _sum_rewards(name: str, p: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
+    # Losses on token means still report β·ρ on sums, comparable with every other reference loss.
+    ref_c, ref_r = _refs(name, p)
+    return (beta * (p.policy_chosen - ref_c)).detach(), (beta * (p.policy_rejected - ref_r)).detach()
 
 
-def _ipo(p: PairLogps, o: _Options) -> LossOutput:
-    ref_c, ref_r = _refs("ipo", p)
-    if not o.ipo_length_normalize:
-        return ipo_loss(p.policy_chosen, p.policy_rejected, ref_c, ref_r, beta=o.beta)
-    lc, lr = p.chosen_lengths.clamp_min(1), p.rejected_lengths.clamp_min(1)
-    losses, _, _ = ipo_loss(p.policy_chosen / lc, p.policy_rejected / lr, ref_c / lc, ref_r / lr, beta=o.beta)
-    # Report the implicit rewards on summed log-probs, like every other reference-based loss.
-    return losses, (o.beta * (p.policy_chosen - ref_c)).detach(), (o.beta * (p.policy_rejected - ref_r)).detach()
+def _with_refs(loss: Callable[..., LossOutput], name: str, *keys: str) -> Callable[[PairLogps, Options], LossOutput]:
+    """Adapter: ``loss(policy_c, policy_r, ref_c, ref_r, **{k: options[k]})`` on summed log-probs."""
+    def fn(p: PairLogps, o: Options) -> LossOutput:
+        return loss(p.policy_chosen, p.policy_rejected, *_refs(name, p), **{k: o[k] for k in keys})
+    return fn
 
 
-def _hinge(p: PairLogps, o: _Options) -> LossOutput:
-    return hinge_loss(p.policy_chosen, p.policy_rejected, *_refs("hinge", p), beta=o.beta)
+def _ipo(p: PairLogps, o: Options) -> LossOutput:
+    losses, _, _ = ipo_loss(*_per_token("ipo", p), beta=o["beta"])
+    return (losses, *_sum_rewards("ipo", p, o["beta"]))
 
 
-def _simpo(p: PairLogps, o: _Options) -> LossOutput:
+def _sigmoid_norm(p: PairLogps, o: Options) -> LossOutput:
+    losses, _, _ = dpo_loss(*_per_token("sigmoid_norm", p), beta=o["beta"], label_smoothing=o["label_smoothing"])
+    return (losses, *_sum_rewards("sigmoid_norm", p, o["beta"]))
+
+
+def _bco_pair(p: PairLogps, o: Options) -> LossOutput:
+    return bco_pair_loss(p.policy_chosen, p.policy_rejected, *_refs("bco_pair", p), beta=o["beta"],
+                         delta=o["bco_delta"])
+
+
+def _discopop(p: PairLogps, o: Options) -> LossOutput:
+    return discopop_loss(p.policy_chosen, p.policy_rejected, *_refs("discopop", p), beta=o["beta"],
+                         tau=o["discopop_tau"])
+
+
+def _simpo(p: PairLogps, o: Options) -> LossOutput:
     return simpo_loss(p.policy_chosen, p.policy_rejected, p.chosen_lengths, p.rejected_lengths,
-                      beta=o.beta, gamma=o.simpo_gamma)
+                      beta=o["beta"], gamma=o["simpo_gamma"])
 
 
-def _ref_free(p: PairLogps, o: _Options) -> LossOutput:
-    return reference_free_dpo_loss(p.policy_chosen, p.policy_rejected, beta=o.beta)
+def _ref_free(p: PairLogps, o: Options) -> LossOutput:
+    return reference_free_dpo_loss(p.policy_chosen, p.policy_rejected, beta=o["beta"])
+
+
+def _orpo(p: PairLogps, o: Options) -> LossOutput:
+    return orpo_loss(p.policy_chosen, p.policy_rejected, p.chosen_lengths, p.rejected_lengths,
+                     lam=o["orpo_lambda"])
+
+
+def _cpo(p: PairLogps, o: Options) -> LossOutput:
+    return cpo_loss(p.policy_chosen, p.policy_rejected, p.chosen_lengths, beta=o["beta"], alpha=o["cpo_alpha"])
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered preference loss: the function over a :class:`PairLogps`, whether it needs the
-    reference's log-probs, and its own defaults for the shared options (``beta``, ``simpo_gamma``),
-    used wherever the caller gives none."""
+    """A registered preference loss.
 
-    fn: Callable[[PairLogps, _Options], LossOutput]
+    ``fn``: the loss over a :class:`PairLogps` and the resolved options; ``needs_reference``:
+    whether it reads the reference's log-probs; ``defaults``: every option it reads, with its own
+    default (the paper's value where the paper gives one); ``required``: options it reads that have
+    no default and must be given (BCO's running mean ``bco_delta``); ``batch_level``: its per-pair
+    values depend on the rest of the batch (AOT sorts across it), so a trainer must not split a
+    batch into passes and expect the same mean.
+    """
+
+    fn: Callable[[PairLogps, Options], LossOutput]
     needs_reference: bool
     defaults: dict[str, float] = field(default_factory=dict)
+    batch_level: bool = False
+    required: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The names of the options this loss reads."""
+        return (*self.defaults, *self.required)
 
 
 DEFAULT_BETA = 0.1  # DPO paper §6: β = 0.1 for most of its experiments
 
-#: name -> its :class:`LossSpec`
+#: every option :func:`preference_loss` accepts besides ``rpo_alpha``
+LOSS_OPTIONS = ("beta", "label_smoothing", "simpo_gamma", "discopop_tau", "orpo_lambda", "cpo_alpha", "bco_delta")
+
+_B = {"beta": DEFAULT_BETA}
+_B_EPS = {"beta": DEFAULT_BETA, "label_smoothing": 0.0}
+
+#: name -> its :class:`LossSpec`. Names follow TRL's ``loss_type`` where TRL has the loss.
 LOSS_REGISTRY: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_sigmoid, True),     # DPO; cDPO when label_smoothing > 0
-    "robust": LossSpec(_robust, True),
-    "ipo": LossSpec(_ipo, True),
-    "hinge": LossSpec(_hinge, True),
+    "sigmoid": LossSpec(_with_refs(dpo_loss, "sigmoid", "beta", "label_smoothing"), True, _B_EPS),  # DPO/cDPO
+    "robust": LossSpec(_with_refs(robust_dpo_loss, "robust", "beta", "label_smoothing"), True, _B_EPS),
+    "ipo": LossSpec(_ipo, True, _B),                                   # per-token averages (TRL's ipo)
+    "hinge": LossSpec(_with_refs(hinge_loss, "hinge", "beta"), True, _B),
     "simpo": LossSpec(_simpo, False, {"beta": SIMPO_BETA, "simpo_gamma": SIMPO_GAMMA}),
-    "ref_free": LossSpec(_ref_free, False),
+    "ref_free": LossSpec(_ref_free, False, _B),
+    "ipo_sum": LossSpec(_with_refs(ipo_loss, "ipo_sum", "beta"), True, _B),  # summed: the IPO paper's
+    "sigmoid_norm": LossSpec(_sigmoid_norm, True, _B_EPS),
+    "exo_pair": LossSpec(_with_refs(exo_pair_loss, "exo_pair", "beta", "label_smoothing"), True,
+                         {"beta": DEFAULT_BETA, "label_smoothing": EXO_EPSILON}),
+    "nca_pair": LossSpec(_with_refs(nca_pair_loss, "nca_pair", "beta"), True, _B),
+    "bco_pair": LossSpec(_bco_pair, True, _B, required=("bco_delta",)),
+    "sppo_hard": LossSpec(_with_refs(sppo_hard_loss, "sppo_hard", "beta"), True, _B),
+    "aot": LossSpec(_with_refs(aot_loss, "aot", "beta", "label_smoothing"), True, _B_EPS, batch_level=True),
+    "aot_unpaired": LossSpec(_with_refs(aot_unpaired_loss, "aot_unpaired", "beta", "label_smoothing"), True,
+                             _B_EPS, batch_level=True),
+    "apo_zero": LossSpec(_with_refs(apo_zero_loss, "apo_zero", "beta"), True, _B),
+    "apo_down": LossSpec(_with_refs(apo_down_loss, "apo_down", "beta"), True, _B),
+    "discopop": LossSpec(_discopop, True, {"beta": DISCOPOP_BETA, "discopop_tau": DISCOPOP_TAU}),
+    "orpo": LossSpec(_orpo, False, {"orpo_lambda": ORPO_LAMBDA}),
+    "cpo": LossSpec(_cpo, False, {"beta": CPO_BETA, "cpo_alpha": CPO_ALPHA}),
 }
 
 PREFERENCE_LOSSES: tuple[str, ...] = tuple(LOSS_REGISTRY)
@@ -263,7 +225,7 @@ def _suggest(name: str, valid: list[str]) -> str:
 def _lookup(name: str) -> LossSpec:
     try:
         return LOSS_REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         valid = list(LOSS_REGISTRY)
         raise ValueError(f"unknown loss type '{name}'{_suggest(str(name), valid)}; "
                          f"valid: {', '.join(valid)}") from None
@@ -274,38 +236,122 @@ def needs_reference(name: str) -> bool:
     return _lookup(name).needs_reference
 
 
+def is_batch_level(name: str) -> bool:
+    """Whether the loss ``name``'s per-pair values depend on the rest of its batch (AOT)."""
+    return _lookup(name).batch_level
+
+
 def loss_defaults(name: str) -> dict[str, float]:
-    """The defaults of the shared options for loss ``name``: ``beta`` (0.1 unless the loss's paper
-    says otherwise) and ``simpo_gamma``, SimPO's margin."""
-    return {"beta": DEFAULT_BETA, "simpo_gamma": SIMPO_GAMMA, **_lookup(name).defaults}
+    """The options loss ``name`` reads, with their defaults (a new dict): ``beta`` is 0.1 unless the
+    loss's paper says otherwise (SimPO 2.0, DiscoPOP 0.05; ORPO has no β but ``orpo_lambda``), and
+    each loss's own options (``label_smoothing``, ``simpo_gamma``, ``discopop_tau``, ``cpo_alpha``).
+    Required options without a default (``bco_delta``) are in ``LOSS_REGISTRY[name].required``."""
+    return dict(_lookup(name).defaults)
 
 
-def preference_loss(name: str, logps: PairLogps, *, beta: float | None = None, label_smoothing: float = 0.0,
-                    simpo_gamma: float | None = None, rpo_alpha: float | None = None,
-                    ipo_length_normalize: bool = True) -> LossOutput:
+def unused_options(name: str, **given: Any) -> list[str]:
+    """The options in ``given`` set (not ``None``) that loss ``name`` does not read, so that a config
+    layer can warn or refuse; :func:`preference_loss` itself ignores them."""
+    reads = set(_lookup(name).options)
+    return [k for k, v in given.items() if v is not None and k not in reads]
+
+
+def _resolve(name: str, spec: LossSpec, given: dict[str, Any]) -> Options:
+    options = dict(spec.defaults)
+    options.update({k: v for k, v in given.items() if v is not None and k in spec.options})
+    missing = [k for k in spec.required if options.get(k) is None]
+    if missing:
+        hint = " (the running mean of the implicit rewards; see bco_running_delta)" if "bco_delta" in missing else ""
+        raise ValueError(f"loss '{name}' needs {', '.join(missing)}{hint}")
+    return options
+
+
+def preference_loss(name: str, logps: PairLogps, *, beta: float | None = None,
+                    label_smoothing: float | None = None, simpo_gamma: float | None = None,
+                    rpo_alpha: float | None = None, discopop_tau: float | None = None,
+                    orpo_lambda: float | None = None, cpo_alpha: float | None = None,
+                    bco_delta: Tensor | float | None = None) -> LossOutput:
     """The preference loss ``name`` (one of :data:`PREFERENCE_LOSSES`) on one batch.
 
-    ``beta`` and ``simpo_gamma`` left at ``None`` take the loss's own defaults
-    (:func:`loss_defaults`: β = 0.1, SimPO's β = 2.0 and γ = 1.0). ``label_smoothing`` is ε of cDPO
-    ("sigmoid") and robust DPO; ``simpo_gamma`` is SimPO's target margin γ; ``ipo_length_normalize``
-    makes IPO act on mean token log-probs (the IPO paper's setting has no lengths; averaging keeps
-    the target ``1/(2β)`` comparable across lengths). ``rpo_alpha = α`` adds the RPO term (Pang et
-    al. 2024, arXiv 2404.19733), the per-token negative log-likelihood of the chosen response:
-    ``α·(−log π_θ(y_w|x) / |y_w|)``.
+    Options left at ``None`` take the loss's own defaults (:func:`loss_defaults`); options the loss
+    does not read are ignored (:func:`unused_options` lists them). ``beta``: β of every loss but
+    ORPO. ``label_smoothing``: ε of cDPO (``sigmoid``, ``sigmoid_norm``), robust DPO, AOT (cDPO-style)
+    and EXO (default 10⁻³, must be > 0). ``simpo_gamma``: SimPO's target margin γ.
+    ``discopop_tau``: DiscoPOP's τ. ``orpo_lambda``: ORPO's λ. ``cpo_alpha``: CPO's NLL weight.
+    ``bco_delta``: BCO's reward shift δ, required by ``bco_pair`` (:func:`bco_running_delta`).
+    ``rpo_alpha = α`` adds the RPO term (Pang et al. 2024, arXiv 2404.19733), the per-token negative
+    log-likelihood of the chosen response: ``α·(−log π_θ(y_w|x) / |y_w|)``.
+
+    ``ipo`` averages the log-probs per token before the IPO loss (TRL's form); ``ipo_sum`` uses the
+    summed ones (the IPO paper's sequence log-probs). Batch-level losses (:func:`is_batch_level`:
+    ``aot``, ``aot_unpaired``) must get the whole batch they are meant to be computed on.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; rewards are the implicit
-    rewards ``β·(log π_θ − log π_ref)`` on summed log-probs (reference-free DPO: ``β·log π_θ``,
-    SimPO: ``β·mean-token log π_θ``), detached. Unknown names raise ValueError.
+    rewards ``β·(log π_θ − log π_ref)`` on summed log-probs (reference-free DPO and CPO:
+    ``β·log π_θ``, SimPO: ``β·mean-token log π_θ``, ORPO: ``λ·mean-token log π_θ``), detached.
+    Unknown names and bad options raise ValueError.
     """
     spec = _lookup(name)
-    defaults = loss_defaults(name)
-    beta = defaults["beta"] if beta is None else beta
-    simpo_gamma = defaults["simpo_gamma"] if simpo_gamma is None else simpo_gamma
-    losses, chosen_rewards, rejected_rewards = spec.fn(
-        logps, _Options(beta, label_smoothing, simpo_gamma, ipo_length_normalize))
+    given = {"beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
+             "discopop_tau": discopop_tau, "orpo_lambda": orpo_lambda, "cpo_alpha": cpo_alpha,
+             "bco_delta": bco_delta}
+    losses, chosen_rewards, rejected_rewards = spec.fn(logps, _resolve(name, spec, given))
     if rpo_alpha:
-        if rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
-        nll = -logps.policy_chosen / logps.chosen_lengths.clamp_min(1)
-        losses = losses + rpo_alpha * nll
+        losses = losses + rpo_alpha * _rpo_nll(logps, rpo_alpha)
     return losses, chosen_rewards, rejected_rewards
+
+
+def _rpo_nll(logps: PairLogps, rpo_alpha: float) -> Tensor:
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+    return -token_mean(logps.policy_chosen, logps.chosen_lengths)
+
+
+class CombinedLoss(NamedTuple):
+    """A weighted sum of preference losses: ``losses`` = Σ_k w_k·``terms[k]`` (+ α·NLL with RPO),
+    ``(B,)``; rewards from the first term; ``terms``: name → that term's unweighted ``(B,)`` losses
+    (plus ``"rpo_nll"`` → the chosen mean-token NLL when ``rpo_alpha`` is on)."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    terms: dict[str, Tensor]
+
+
+def combined_preference_loss(names: Sequence[str], weights: Sequence[float] | None, logps: PairLogps, *,
+                             rpo_alpha: float | None = None, **options: Any) -> CombinedLoss:
+    """Σ_k w_k · loss_k per pair, like TRL's list-valued ``loss_type`` with ``loss_weights``.
+
+    ``names``: distinct registry names, at least one; ``weights``: one finite weight ≥ 0 per name
+    (``None``: all 1). ``options``: as :func:`preference_loss` (each term reads the ones it uses and
+    takes its own defaults for the rest, so e.g. ``beta=None`` gives DiscoPOP its 0.05 and DPO its
+    0.1; TRL shares one β). ``rpo_alpha`` is added once to the sum, not per term. The combination
+    is batch-level if any term is. Returns a :class:`CombinedLoss`; rewards from the first term.
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("combined_preference_loss needs at least one loss name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss names must be distinct, got {names}")
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(names)} loss names but {len(weights)} weights")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"loss weights must be finite and >= 0, got {weights}")
+    unknown = sorted(set(options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown loss options {unknown}; valid: {', '.join(LOSS_OPTIONS)}")
+    for name in names:
+        _lookup(name)  # every name checked before any is computed
+    terms: dict[str, Tensor] = {}
+    total = None
+    rewards = None
+    for name, weight in zip(names, weights):
+        losses, chosen_rewards, rejected_rewards = preference_loss(name, logps, **options)
+        terms[name] = losses
+        total = weight * losses if total is None else total + weight * losses
+        rewards = (chosen_rewards, rejected_rewards) if rewards is None else rewards
+    if rpo_alpha:
+        terms["rpo_nll"] = _rpo_nll(logps, rpo_alpha)
+        total = total + rpo_alpha * terms["rpo_nll"]
+    return CombinedLoss(total, rewards[0], rewards[1], terms)
