@@ -179,7 +179,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 def _signal_on_collect(monkeypatch, module, n: int, sig: int) -> None:
     """Make the ``n``-th rollout of this process deliver ``sig`` to itself mid-update."""
     calls = {"n": 0}
-    real = module.Collector.collect
+    real = Collector.collect
 
     def collect(self, policy, n_steps):
         calls["n"] += 1
@@ -187,7 +187,7 @@ def _signal_on_collect(monkeypatch, module, n: int, sig: int) -> None:
             os.kill(os.getpid(), sig)
         return real(self, policy, n_steps)
 
-    monkeypatch.setattr(module.Collector, "collect", collect)
+    monkeypatch.setattr(Collector, "collect", collect)
 
 
 @pytest.mark.parametrize("algo,args,at,per_update", [("ppo", PPO_ARGS, 4, 64), ("a2c", A2C_ARGS, 10, 20)])

@@ -142,6 +142,34 @@ class ActorCritic(nn.Module):
             return entropy_from_logits(out)
         return (0.5 + 0.5 * _LOG_2PI + self.log_std).sum(-1).expand(out.shape[:-1])
 
+    # -- a training step: forward, loss, backward ------------------------------------------------------
+    def training_forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, values)`` as :meth:`forward`, for a loss to differentiate with :meth:`backward`.
+
+        They are leaves for autograd: the MLPs run without a graph, and :meth:`backward` carries the
+        loss's gradient through them by hand (:meth:`backward_from_outputs`), which for these tiny
+        networks costs less than building and walking the graph (docs/ppo.md)."""
+        out, values, cache = self.forward_with_cache(obs)
+        out.requires_grad_()
+        values.requires_grad_()
+        self._pending = (cache, out, values)
+        return out, values
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Set every parameter's ``.grad`` to ∂loss/∂θ for a ``loss`` built from the outputs of the last
+        :meth:`training_forward` (and, for Gaussian policies, ``log_std``). Equal to
+        ``loss.backward()`` through :meth:`forward` (tested), gradients overwritten, not accumulated."""
+        cache, out, values = self._pending
+        self._pending = None
+        wrt = (out, values) if self.discrete else (out, values, self.log_std)
+        self.backward_from_outputs(cache, *torch.autograd.grad(loss, wrt, allow_unused=True))
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradient tensors to clip: the one flat gradient after :meth:`flatten_parameters`, else
+        each parameter's ``.grad``."""
+        flat = self.flat_grad()
+        return [flat] if flat is not None else [p.grad for p in self.parameters() if p.grad is not None]
+
     # -- a training step without autograd through the MLPs ----------------------------------------------
     # For these tiny networks building and walking the autograd graph costs more than the arithmetic, so
     # the PPO update runs the MLPs forward without a graph, lets autograd differentiate only the loss

@@ -65,6 +65,11 @@ class Tracker:
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
 
+    def advance(self, n: int) -> None:
+        """Move the progress bar ``n`` environment steps on."""
+        if self.bar is not None:
+            self.bar.update(n)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -16,14 +16,7 @@ from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.losses.dpo import PREFERENCE_LOSSES, loss_defaults
 from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
-from dpolab.train.options import (
-    BatchOptions,
-    LoraOptions,
-    ModelOptions,
-    OptimizerOptions,
-    RunOptions,
-    validate_common,
-)
+from dpolab.train.options import TrainerOptions, validate_common
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
 
@@ -37,7 +30,7 @@ example:
 
 
 @dataclass
-class DPOConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions):
+class DPOConfig(TrainerOptions):
     model: str = opt("", "policy model to train: a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
     data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")

@@ -63,6 +63,11 @@ class RunOptions:
     progress: bool = opt(True, "show a progress bar")
 
 
+@dataclass
+class TrainerOptions(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions):
+    """Every option group of an offline LM trainer (SFT, DPO, KTO): run, model, LoRA, batch, optimizer."""
+
+
 def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") -> None:
     """The checks every LM trainer's options share: ``--model`` and ``--data`` given, counts >= 1,
     fractions in range, the prompt shorter than the whole. Each trainer's ``validate`` calls it first."""

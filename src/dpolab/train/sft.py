@@ -17,14 +17,7 @@ import torch
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
-from dpolab.train.options import (
-    BatchOptions,
-    LoraOptions,
-    ModelOptions,
-    OptimizerOptions,
-    RunOptions,
-    validate_common,
-)
+from dpolab.train.options import TrainerOptions, validate_common
 
 DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.
 
@@ -39,7 +32,7 @@ example:
 
 
 @dataclass
-class SFTConfig(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions):
+class SFTConfig(TrainerOptions):
     model: str = opt("", "model to fine-tune: a Hugging Face name or local folder (required)")
     data: str = opt("", "training data: file, save_to_disk folder or hub name (required)")
     eval_data: str | None = opt(None, "held-out data (default: --eval-fraction of --data)")

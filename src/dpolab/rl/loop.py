@@ -1,0 +1,221 @@
+"""The run skeleton of the Gymnasium trainers (``dpolab rl ppo``, ``dpolab rl a2c``).
+
+An algorithm (:class:`GymAlgorithm`) supplies its optimizer and its update from one rollout; this
+loop owns the rest: the vector environment and the actor-critic, seeding, the learning-rate
+schedule's fraction, evaluation every ``--eval-every`` environment steps, checkpoints every
+``--save-steps`` and at the end, exact resume (weights, optimizer, RNG, environment state and the
+algorithm's own state), SIGINT/SIGTERM (finish the update, checkpoint, print how to resume), the
+non-finite weight guard, ``final/``, the learning curve and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpolab.config import opt
+from dpolab.errors import ConfigError
+from dpolab.rl.nets import ActorCritic
+from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
+from dpolab.rl.tracking import (
+    Tracker,
+    dry_run_summary,
+    load_checkpoint,
+    plot_learning_curve,
+    save_checkpoint,
+    save_final,
+    start_run,
+)
+from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.seeding import seed_everything
+from dpolab.runs.signals import StopSignal, resume_hint
+
+
+@dataclass
+class GymOptions:
+    """Options every Gymnasium trainer has (each redeclares the ones whose defaults differ)."""
+
+    env: str = opt("CartPole-v1", "Gymnasium environment id (flat Box observations; Discrete or Box actions)")
+    total_steps: int = opt(100_000, "environment steps to train for (rounded up to whole rollouts of N×T)")
+    seed: int = opt(1, "seed for torch, NumPy, Python and the environments")
+    output_dir: str = opt("runs/rl", "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")
+    resume: str | None = opt(None, "continue from a checkpoint: a path or 'latest' (in --output-dir)")
+    n_envs: int = opt(8, "N: parallel environments (SyncVectorEnv)")
+    n_steps: int = opt(32, "T: steps per environment per rollout")
+    gamma: float = opt(0.99, "discount γ")
+    gae_lambda: float = opt(0.95, "GAE λ")
+    lr: float = opt(1e-3, "learning rate")
+    vf_coef: float = opt(0.5, "c₁: value loss coefficient")
+    ent_coef: float = opt(0.0, "c₂: entropy bonus coefficient")
+    max_grad_norm: float = opt(0.5, "gradient norm clip (0 disables)")
+    hidden: list[int] = opt(default_factory=lambda: [64, 64], help="hidden layer sizes (comma separated)")
+    activation: str = opt("tanh", "hidden activation", choices=("tanh", "relu"))
+    log_std_init: float = opt(0.0, "initial log σ of Gaussian policies (continuous actions)")
+    eval_every: int = opt(10_000, "evaluate every this many environment steps (0: only at the end)")
+    eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
+    stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
+    save_steps: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end of the run)")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
+    threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
+    progress: bool = opt(True, "show a tqdm progress bar")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def validate(self) -> None:
+        for name in ("total_steps", "n_envs", "n_steps", "eval_episodes", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be > 0")
+        if not self.hidden:
+            raise ConfigError("--hidden needs at least one layer size")
+
+
+class GymAlgorithm:
+    """What a Gymnasium trainer supplies to :func:`run`."""
+
+    name = ""    # "ppo" / "a2c": the command is ``dpolab rl NAME``
+    title = ""   # for the learning-curve plot
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def make_optimizer(self, policy: ActorCritic) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        optimizer.load_state_dict(saved)
+
+    def update(self, policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollout,
+               episodes: list[tuple[float, int]], *, frac: float, update: int, n_updates: int,
+               step: int) -> tuple[dict[str, float] | None, int]:
+        """Learn from rollout ``ro`` (``frac``: the share of the budget left before it, for linear
+        annealing). Returns (metrics to log at this update or None, optimizer steps skipped)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data algorithm state a checkpoint carries (e.g. a partly filled logging window)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def run(cfg: Any, algo: GymAlgorithm) -> dict:
+    """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json)."""
+    envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
+    if cfg.dry_run:
+        return dry_run_summary(cfg, envs)
+    try:
+        run_dir = start_run(cfg)
+    except BaseException:
+        envs.close()
+        raise
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    obs_dim, action_dim, discrete = space_dims(envs)
+    collector = Collector(envs, seed=cfg.seed)
+    policy = ActorCritic(obs_dim, action_dim, discrete, cfg.hidden, cfg.activation, cfg.log_std_init)
+    optimizer = algo.make_optimizer(policy)
+
+    per_update = cfg.n_envs * cfg.n_steps
+    n_updates = math.ceil(cfg.total_steps / per_update)
+    start, eval_seconds, best, skipped = 0, 0.0, -math.inf, 0
+    if cfg.resume is not None:
+        state = load_checkpoint(run_dir, cfg.resume, cfg)
+        policy.load_state_dict(state["policy"])
+        algo.load_optimizer(optimizer, state["optimizer"])
+        collector.load_state_dict(state["collector"], reseed=cfg.seed + state["update"])
+        start, eval_seconds, best = state["update"], state["eval_seconds"], state["best"]
+        skipped = int(state.get("skipped_steps", 0))
+        algo.load_state_dict(state)
+
+    def checkpoint(update: int) -> None:
+        save_checkpoint(run_dir, update * per_update, cfg, {
+            "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
+            "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
+            "skipped_steps": skipped, **algo.state_dict()})
+
+    def run_eval(step: int) -> float:
+        nonlocal eval_seconds, best, evaluated_at
+        evaluated_at = step
+        t0 = time.perf_counter()
+        returns = evaluate(policy, cfg.env, cfg.eval_episodes, seed=cfg.seed + 1_000_003)
+        eval_seconds += time.perf_counter() - t0
+        mean = float(np.mean(returns))
+        best = max(best, mean)
+        tracker.log(step, {"eval/mean_return": mean, "eval/std_return": float(np.std(returns))})
+        return mean
+
+    tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, cfg.tensorboard, algo.name)
+    t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
+    update = start
+    signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
+    try:
+        while update < n_updates:
+            update += 1
+            step = update * per_update
+            ro, episodes = collector.collect(policy, cfg.n_steps)
+            # Linear annealing to 0 uses the fraction of the budget left before this rollout (CleanRL's
+            # convention; SB3 takes it after the rollout, one rollout less: 256/100k = 0.26% of lr and ε).
+            metrics, skipped_now = algo.update(policy, optimizer, ro, episodes, frac=1.0 - (update - 1) / n_updates,
+                                               update=update, n_updates=n_updates, step=step)
+            skipped += skipped_now
+            if not weights_finite(policy):  # e.g. an overflowing optimizer step: stop before acting on NaN
+                raise nonfinite_error("weights", step, f"after update {update}/{n_updates}")
+            if metrics is not None:
+                metrics["skipped_steps"] = skipped
+                metrics["charts/sps"] = step / max(time.perf_counter() - t_start, 1e-9)  # of this process
+                tracker.log(step, metrics)
+            tracker.advance(per_update)
+            if cfg.eval_every and step // cfg.eval_every > (step - per_update) // cfg.eval_every:
+                last_eval = run_eval(step)
+                if cfg.stop_return is not None and last_eval >= cfg.stop_return:
+                    break
+            if update < n_updates and cfg.save_steps and step // cfg.save_steps > (step - per_update) // cfg.save_steps:
+                checkpoint(update)
+            if signals.received and update < n_updates:
+                checkpoint(update)
+                print(resume_hint(f"rl {algo.name}", run_dir, signals.received, step, n_updates * per_update),
+                      file=sys.stderr)
+                return {"stopped": True, "steps": step}
+        step = update * per_update
+        if evaluated_at != step:
+            last_eval = run_eval(step)
+        checkpoint(update)
+    finally:
+        signals.__exit__(None, None, None)
+        tracker.close()
+        collector.envs.close()
+
+    save_final(run_dir, policy, {"env": cfg.env, "algo": algo.name}, step)
+    plot_learning_curve(run_dir, f"{algo.title} on {cfg.env} (seed {cfg.seed})")
+    return run_dir.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
+                                  "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 − Var[target − pred] / Var[target] (1: perfect, 0: no better than a constant; nan if Var = 0)."""
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)
+
+
+def cli(cfg_cls, algo_cls, argv: list[str], prog: str, description: str) -> int:
+    """A Gymnasium trainer's command: parse, train, print the final evaluation."""
+    from dpolab.config import parse_config
+
+    cfg = parse_config(cfg_cls, argv, prog, description=description)
+    summary = run(cfg, algo_cls(cfg))
+    if summary.get("stopped") or summary.get("dry_run"):
+        return 0
+    print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
+          f"-> {cfg.output_dir}")
+    return 0
