@@ -257,6 +257,31 @@ def test_backward_from_outputs_equals_autograd(discrete, activation, hidden):
             torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("discrete,activation", [(True, "tanh"), (False, "relu")])
+def test_training_forward_then_backward_equals_loss_backward(discrete, activation):
+    """The PPO update's interface: ``loss`` built from ``training_forward``'s outputs, then
+    ``policy.backward(loss)``, leaves the gradients ``loss.backward()`` through ``forward`` would."""
+    from dpolab.losses.ppo import ppo_clip_loss
+
+    torch.manual_seed(1)
+    pol = ActorCritic(4, 2, discrete, [16, 16], activation, log_std_init=-0.2)
+    twin = ActorCritic(4, 2, discrete, [16, 16], activation, log_std_init=-0.2)
+    twin.load_state_dict(pol.state_dict())
+    obs, adv, ret = torch.randn(32, 4), torch.randn(32), torch.randn(32)
+    actions = torch.randint(0, 2, (32,)) if discrete else torch.randn(32, 2)
+
+    def loss_of(out, values, net):
+        pg, _ = ppo_clip_loss(net.log_prob(out, actions), torch.full((32,), -0.7), adv, 0.2)
+        return pg.mean() + 0.5 * (values - ret).pow(2).mean() - 0.01 * net.entropy(out).mean()
+
+    out, values = pol.training_forward(obs)
+    pol.backward(loss_of(out, values, pol))
+    ref_out, ref_values = twin(obs)
+    loss_of(ref_out, ref_values, twin).backward()
+    for (k, p), q in zip(pol.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_clip_grad_norm_is_torch_clip_grad_norm():
     torch.manual_seed(0)
     for max_norm in (0.5, 1e9, math.inf):

@@ -96,6 +96,22 @@ def gather_token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None
     return out.view(labels.shape)
 
 
+@torch.no_grad()
+def token_log_sq_norms(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    """``log Σ_v π(v)²`` of each row's softmax, ``(..., V) -> (...)``, detached: the per-token
+    normaliser of WPO's weights (Zhou et al. 2024, arXiv 2406.11827; :mod:`dpolab.losses.weighting`).
+
+    ``= logsumexp(2z) − 2·logsumexp(z)``, chunked over rows in float32 like :func:`gather_token_logps`."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    chunk = chunk_size or max(1, _TARGET_CHUNK_ELEMENTS // max(vocab, 1))
+    out = torch.empty(flat.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for s in range(0, flat.shape[0], chunk):
+        x = flat[s:s + chunk].to(out.dtype)
+        out[s:s + chunk] = torch.logsumexp(2 * x, dim=-1) - 2 * torch.logsumexp(x, dim=-1)
+    return out.view(logits.shape[:-1])
+
+
 def _shifted(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Next-token labels and mask aligned with the logits positions, both ``(B, T)``.
 
@@ -153,8 +169,8 @@ def plain_output_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                         position_ids: Tensor | None = None, *,
-                         response_only_logits: bool = True) -> tuple[Tensor, Tensor]:
+                         position_ids: Tensor | None = None, *, response_only_logits: bool = True,
+                         with_sq_norms: bool = False) -> tuple[Tensor, ...]:
     """Run a causal LM and return the summed response-token log-probs of every sequence.
 
     Args:
@@ -165,9 +181,13 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
         response_only_logits: project only the hidden states that predict response tokens through
             the output embedding (supported architectures; others use full logits anyway).
 
+        with_sq_norms: also return ``(B,)`` sums over response tokens of
+            :func:`token_log_sq_norms` (detached; WPO's weights need them).
+
     Returns:
         ``(logps, counts)`` as :func:`sequence_logps`: ``(B,)`` float32 sums and ``(B,)`` int64
-        counts. Equal to the full-logits path and to ``−cross_entropy`` summed over response tokens.
+        counts (and the sums of ``with_sq_norms``). Equal to the full-logits path and to
+        ``−cross_entropy`` summed over response tokens.
     """
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -191,11 +211,17 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
             handle.remove()
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.ndim == 3:
-        return sequence_logps(logits, input_ids, loss_mask)
+        logps, counts = sequence_logps(logits, input_ids, loss_mask)
+        if not with_sq_norms:
+            return logps, counts
+        return logps, counts, (token_log_sq_norms(logits) * mask).sum(-1)
     token_logps = gather_token_logps(logits, labels[mask])                            # (M,)
     rows = mask.nonzero()[:, 0]                                                       # (M,) batch row
     logps = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return logps.index_add(0, rows, token_logps), mask.sum(-1)
+    if not with_sq_norms:
+        return logps.index_add(0, rows, token_logps), mask.sum(-1)
+    sq = torch.zeros_like(logps).index_add(0, rows, token_log_sq_norms(logits))
+    return logps.index_add(0, rows, token_logps), mask.sum(-1), sq
 
 
 # -- log-probs of sampled responses (a Generation of dpolab.lm.generation) -------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpolab.lm.logps import gather_token_logps, plain_output_head, unwrap_model
+from dpolab.lm.logps import gather_token_logps, plain_output_head, token_log_sq_norms, unwrap_model
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
@@ -95,12 +95,14 @@ def _mask_for(model: torch.nn.Module, mask: Tensor, dtype: torch.dtype) -> Tenso
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def prefix_shared_logps(model: torch.nn.Module, batch: PrefixSharedBatch) -> tuple[Tensor, Tensor]:
+def prefix_shared_logps(model: torch.nn.Module, batch: PrefixSharedBatch, *,
+                        with_sq_norms: bool = False) -> tuple[Tensor, ...]:
     """Summed response log-probs of all ``2B`` sequences of a prefix-shared batch, one forward pass.
 
     Returns ``(logps, counts)``, each ``(2B,)``: rows ``[0, B)`` chosen, ``[B, 2B)`` rejected, as
     :func:`dpolab.lm.model_sequence_logps` returns for the plain ``(2B, T)`` batch of the same pairs.
-    ``model``: a Hugging Face causal LM (possibly PEFT-wrapped) accepting a 4D attention mask."""
+    ``model``: a Hugging Face causal LM (possibly PEFT-wrapped) accepting a 4D attention mask.
+    ``with_sq_norms``: also the ``(2B,)`` sums of :func:`dpolab.lm.logps.token_log_sq_norms` (WPO)."""
     B = batch.batch_size
     head = plain_output_head(model)
     handle = None
@@ -126,7 +128,10 @@ def prefix_shared_logps(model: torch.nn.Module, batch: PrefixSharedBatch) -> tup
     token_logps = gather_token_logps(logits, batch.labels)                            # (M,)
     logps = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device)
     counts = torch.bincount(batch.target, minlength=2 * B)
-    return logps.index_add(0, batch.target, token_logps), counts
+    if not with_sq_norms:
+        return logps.index_add(0, batch.target, token_logps), counts
+    sq = torch.zeros_like(logps).index_add(0, batch.target, token_log_sq_norms(logits))
+    return logps.index_add(0, batch.target, token_logps), counts, sq
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:

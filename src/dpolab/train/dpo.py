@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.dpo import PREFERENCE_LOSSES, loss_defaults
+from dpolab.losses.dpo import LOSS_OPTIONS
 from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
 from dpolab.train.options import TrainerOptions, validate_common
+from dpolab.train.pair_layout import check_loss_options
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
 
@@ -37,12 +38,23 @@ class DPOConfig(TrainerOptions):
     eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
     output_dir: str = opt("runs/dpo", "run directory")
-    loss: str = opt("sigmoid", "preference loss (sigmoid = DPO; cDPO via --label-smoothing)", choices=PREFERENCE_LOSSES)
+    loss: str = opt("sigmoid", "preference loss (docs/dpo.md lists them: sigmoid = DPO, ipo, hinge, robust, simpo, "
+                    "orpo, cpo, exo_pair, nca_pair, bco_pair, sppo_hard, aot, apo_zero, discopop, ...), or a "
+                    "comma-separated combination 'a,b' summed with --loss-weights")
+    loss_weights: list[float] | None = opt(None, "weights of a --loss combination, comma separated (default: all 1)")
     beta: float | None = opt(None, "β: strength of the KL constraint / implicit-reward scale (unset: the loss's "
-                             "own default, 0.1; SimPO 2.0)")
-    label_smoothing: float = opt(0.0, "ε: assumed label-noise rate (cDPO for sigmoid, robust DPO for robust)")
+                             "own default, 0.1 for most; SimPO 2.0, DiscoPOP 0.05)")
+    label_smoothing: float | None = opt(None, "ε: assumed label-noise rate (cDPO for sigmoid, robust DPO, AOT, EXO; "
+                                        "unset: the loss's default, 0 or EXO's 1e-3)")
     simpo_gamma: float | None = opt(None, "SimPO target reward margin γ (unset: SimPO's default, 1.0)")
+    discopop_tau: float | None = opt(None, "DiscoPOP temperature τ (unset: the paper's 0.05)")
+    orpo_lambda: float | None = opt(None, "ORPO's weight λ of the odds-ratio term (unset: 0.1)")
+    cpo_alpha: float | None = opt(None, "CPO's weight α of the NLL term (unset: 1.0)")
     rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
+    wpo: bool = opt(False, "weight each pair by WPO's on-policy probability of its responses (arXiv 2406.11827)")
+    ref_update_steps: int = opt(0, "TR-DPO: update the reference from the policy every N steps (0: never; needs "
+                                "--no-precompute-ref)")
+    ref_update_alpha: float = opt(1.0, "TR-DPO: π_ref ← α·π_θ + (1−α)·π_ref at each update (1: hard copy)")
     learning_rate: float = opt(1e-6, "peak learning rate")
     max_length: int = opt(512, "maximum prompt+response tokens")
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
@@ -57,18 +69,22 @@ class DPOConfig(TrainerOptions):
                                          "activations about the weights' size, at least 32 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
+    @property
+    def losses(self) -> list[str]:
+        return [n.strip() for n in self.loss.split(",") if n.strip()]
+
     def validate(self) -> None:
         validate_common(self, data_what="a preference data file, folder or hub name")
-        defaults = loss_defaults(self.loss)  # the loss's own β (and γ for SimPO) unless given
-        self.beta = defaults.get("beta", 0.1) if self.beta is None else self.beta
-        if self.simpo_gamma is None:
-            self.simpo_gamma = defaults.get("simpo_gamma")
-        if self.beta <= 0:
-            raise ConfigError("--beta must be > 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError("--label-smoothing must be in [0, 0.5)")
+        check_loss_options(self)
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
             raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
+        if self.ref_update_steps < 0 or not 0 < self.ref_update_alpha <= 1:
+            raise ConfigError("--ref-update-steps must be >= 0 and --ref-update-alpha in (0, 1]")
+        if self.ref_update_steps and self.precompute_ref:
+            raise ConfigError("--ref-update-steps (TR-DPO) changes the reference during training, which would make "
+                              "precomputed reference log-probs stale: add --no-precompute-ref")
+        if self.ref_update_steps and self.lora:
+            raise ConfigError("--ref-update-steps (TR-DPO) needs a full reference copy; it is not supported with --lora")
 
 
 class DPO(Algorithm):
@@ -83,6 +99,7 @@ class DPO(Algorithm):
         self.cfg, self.engine, self.data, self.lora = cfg, engine, data, cfg.lora
         self.prefix, self.widths, self.budget, self.reference, self.collate = prefix, widths, budget, reference, collate
         self.micro_batches = cfg.grad_accum
+        self.bco_delta, self.bco_count = 0.0, 0  # BCO's reward shift: a running mean over the run
 
     def passes(self, engine, group):
         from dpolab.data.batching import split_by_tokens
@@ -96,19 +113,62 @@ class DPO(Algorithm):
         losses, stats = self.pair_losses(batch, "train")
         return losses.sum(), stats
 
+    def step(self, engine, group):
+        from dpolab.train.reference import update_reference
+
+        out = super().step(engine, group)
+        if out is not None and "bco_pair" in self.cfg.losses:
+            # δ: the running mean of the implicit rewards of the steps so far (used from the next step on)
+            n = 2 * sum(engine.order.global_size(k) for k, _ in group)
+            step_sum = (out["rewards/chosen"] + out["rewards/rejected"]) * n / 2
+            self.bco_count += n
+            self.bco_delta += (step_sum - n * self.bco_delta) / self.bco_count
+        tau = self.cfg.ref_update_steps
+        if tau and (engine.step + 1) % tau == 0:
+            update_reference(self.reference.model, engine.unwrapped, self.cfg.ref_update_alpha)
+        return out
+
+    def state_dict(self):
+        return {"bco_delta": self.bco_delta, "bco_count": self.bco_count}
+
+    def load_state_dict(self, state):
+        self.bco_delta, self.bco_count = float(state.get("bco_delta", 0.0)), int(state.get("bco_count", 0))
+
+    def checkpoint_files(self, state_dict):
+        files = super().checkpoint_files(state_dict)
+        if self.cfg.ref_update_steps:  # the reference moved with the policy: it is state too
+            files["reference.safetensors"] = self.reference.model.state_dict()
+        return files
+
+    def load_checkpoint(self, engine, directory):
+        from dpolab.runs.checkpoint import load_checkpoint_weights
+
+        super().load_checkpoint(engine, directory)
+        if self.cfg.ref_update_steps:
+            load_checkpoint_weights(self.reference.model, directory, file="reference.safetensors")
+
     def pair_losses(self, batch, split: str):
         """(B,) losses of a batch of pairs of ``split`` and their detached mean statistics."""
-        from dpolab.losses.dpo import PairLogps, preference_loss
+        from dpolab.losses.dpo import PairLogps, combined_preference_loss
+        from dpolab.losses.weighting import wpo_weights
         from dpolab.train.pair_layout import batch_logps
 
         cfg, B = self.cfg, batch.batch_size
-        logps, lengths = batch_logps(self.engine.model, batch)
+        logps, lengths, *sq = batch_logps(self.engine.model, batch, with_sq_norms=cfg.wpo)
         ref_c, ref_r = self.reference.pair_logps(batch, split) if self.reference is not None else (None, None)
         lp = PairLogps(policy_chosen=logps[:B], policy_rejected=logps[B:], chosen_lengths=lengths[:B],
                        rejected_lengths=lengths[B:], ref_chosen=ref_c, ref_rejected=ref_r)
-        losses, chosen_r, rejected_r = preference_loss(cfg.loss, lp, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                                                       simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        return losses, {
+        out = combined_preference_loss(cfg.losses, cfg.loss_weights, lp, rpo_alpha=cfg.rpo_alpha,
+                                       bco_delta=self.bco_delta if "bco_pair" in cfg.losses else None,
+                                       **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+        losses, chosen_r, rejected_r = out.losses, out.chosen_rewards, out.rejected_rewards
+        terms = {f"losses/{k}": v.detach().mean().item() for k, v in out.terms.items()} if len(out.terms) > 1 else {}
+        if cfg.wpo:  # Σ_t a_t = log-prob − log Σ_v π(v)² per response
+            aligned = logps.detach() - sq[0]
+            weights = wpo_weights(aligned[:B], lengths[:B], aligned[B:], lengths[B:])
+            losses = losses * weights
+            terms["wpo/weight"] = weights.mean().item()
+        return losses, {**terms,
             "loss": losses.detach().mean().item(),
             "rewards/chosen": chosen_r.mean().item(),
             "rewards/rejected": rejected_r.mean().item(),
@@ -141,7 +201,7 @@ def train(cfg: DPOConfig) -> dict:
     """Run DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     from dpolab.data.batching import batch_order
     from dpolab.lm.loading import load_trainable_lm
-    from dpolab.losses.dpo import needs_reference
+    from dpolab.losses.dpo import is_batch_level, needs_reference
     from dpolab.train import distributed
     from dpolab.train.pair_layout import (
         collate_pairs,
@@ -167,8 +227,14 @@ def train(cfg: DPOConfig) -> dict:
     def collate(pairs):
         return collate_pairs(prefix, pairs, pad_id).to(accelerator.device)
 
-    reference = make_reference(cfg, engine, data, collate, steps * cfg.grad_accum) if needs_reference(cfg.loss) else None
+    use_ref = any(needs_reference(n) for n in cfg.losses)
+    reference = make_reference(cfg, engine, data, collate, steps * cfg.grad_accum) if use_ref else None
     budget = resolve_micro_batch_tokens(cfg, engine.unwrapped)
+    if any(is_batch_level(n) for n in cfg.losses):  # AOT sorts across its batch: never split the micro-batch
+        budget = 0
+        if cfg.grad_accum > 1 or accelerator.num_processes > 1:
+            accelerator.print("note: AOT sorts within each micro-batch of each process, so --grad-accum and "
+                              "several processes change its loss (docs/dpo.md)")
     return engine.run(DPO(cfg, engine, data, prefix=prefix, widths=widths, budget=budget, reference=reference,
                           collate=collate))
 

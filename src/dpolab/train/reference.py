@@ -189,3 +189,12 @@ def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Refere
     tables = precompute_reference(cfg, data, planned_rows(engine.order, n_micro), accelerator=acc,
                                   run=engine.run_dir, collate=collate, make_scorer=make_scorer)
     return Reference(tables=tables, seconds=time.time() - t0)
+
+
+@torch.no_grad()
+def update_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv 2404.09656): π_ref ← α·π_θ + (1 − α)·π_ref,
+    weight by weight; ``alpha = 1`` is the hard update (a copy of the policy)."""
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in policy.named_parameters():
+        ref_params[name].lerp_(p.detach().to(ref_params[name].dtype), alpha)

@@ -1,0 +1,137 @@
+"""Checkpoints of the language-model trainers: weights (safetensors), optimizer, scheduler and RNG
+states (``torch.load(weights_only=True)``: tensors and plain data, never code), the JSON trainer
+state, and Hugging Face folders written atomically. The folder itself is made atomic by
+:meth:`dpolab.runs.rundir.RunDir.save_checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpolab.errors import DpolabError
+from dpolab.runs.seeding import rng_state, set_rng_state
+
+
+def write_training_state(directory: Path, *, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Optimizer, scheduler, RNG states (torch tensors and plain data, loadable with
+    ``torch.load(weights_only=True)``) and the JSON trainer state (counters, data position)."""
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, directory / "training_state.pt")
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def read_training_state(directory: Path, *, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG states from a checkpoint; return the JSON trainer state.
+
+    Only tensors and plain data are unpickled (``weights_only=True``); a damaged or foreign
+    checkpoint is a :class:`DpolabError` naming the folder, never a traceback."""
+    import pickle
+
+    directory = Path(directory)
+    for name in ("training_state.pt", "trainer_state.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise DpolabError(f"cannot resume from {directory}: it has no {name} (not a checkpoint of this trainer)")
+    try:
+        blob = torch.load(directory / "training_state.pt", weights_only=True)
+        state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        set_rng_state(blob["rng"])
+        for key in ("step", "micro_batch", "skipped_steps", "tokens"):
+            if not isinstance(state.get(key), int):
+                raise ValueError(f"trainer_state.json: '{key}' missing or not an integer")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError,
+            pickle.UnpicklingError) as err:
+        raise DpolabError(f"cannot read checkpoint {directory}: {_first_line(err)}") from None
+    return state
+
+
+def load_checkpoint_weights(module: torch.nn.Module, directory: Path, *, partial: bool = False,
+                            file: str = "model.safetensors") -> None:
+    """Load ``model.safetensors`` (or ``file``) of a checkpoint into ``module``.
+
+    Every stored tensor must match a parameter or buffer of ``module``; unless ``partial`` (a
+    checkpoint of trainable weights only, e.g. LoRA adapters), every entry of ``module`` must be
+    stored too. A checkpoint of another model is an error, never a silently half-loaded model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / file
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise DpolabError(f"cannot read {path}: {_first_line(err)}") from None
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise DpolabError(f"{path} does not fit this model: {_first_line(err)}") from None
+    missing = [] if partial else _untied(module, result.missing_keys)
+    if result.unexpected_keys or missing:
+        bad = (result.unexpected_keys or missing)[:3]
+        raise DpolabError(f"{path} does not fit this model ({'unexpected' if result.unexpected_keys else 'missing'}"
+                          f" weights {bad}); was it written by a run of another model or with other --lora settings?")
+
+
+def _untied(module: torch.nn.Module, missing: list[str]) -> list[str]:
+    """Missing keys other than tied duplicates (a tied weight is stored once under another name)."""
+    sd = module.state_dict()
+    present = {sd[k].data_ptr() for k in sd if k not in missing}
+    return [k for k in missing if sd[k].data_ptr() not in present]
+
+
+def compare_resume_config(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Options that differ between a checkpoint's config and the resuming run's, as
+    ``name: old -> new`` lines (options that do not change the trajectory are ignored)."""
+    harmless = {"resume", "output_dir", "progress", "dry_run", "logging_steps", "eval_steps", "save_steps",
+                "save_total_limit", "ref_cache_dir", *ignore}
+    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
+            if k not in harmless and k in now and saved[k] != now[k]]
+
+
+def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    changes = compare_resume_config(saved, now)
+    if changes:
+        print("warning: resuming with options that differ from the checkpoint's; the run will not equal an "
+              "uninterrupted one:\n  " + "\n  ".join(changes), file=sys.stderr)
+
+
+def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """Write a Hugging Face model folder under a temporary name, then rename it into place.
+
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP/DeepSpeed, gathered by
+    :func:`dpolab.train.distributed.model_state_dict`)."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if state_dict is not None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors for safetensors, which refuses tensors sharing storage (tied
+    embeddings): a tensor whose storage was already seen is cloned."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        v = v.detach()
+        out[k] = v.clone().contiguous().cpu() if v.data_ptr() in seen else v.contiguous().cpu()
+        seen.add(v.data_ptr())
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
