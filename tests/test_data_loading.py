@@ -56,6 +56,22 @@ def test_jsonl_lines_are_1_based_and_count_blank_lines(tmp_path):
     assert records[1].where == f"{path}:3"
 
 
+def test_gzip_compressed_text_files(tmp_path):
+    import gzip
+
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    records = load_records(str(path))
+    assert [r.data for r in records] == rows and records[1].line == 2
+    (tmp_path / "cut.jsonl.gz").write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(DataError, match="not a complete gzip file"):
+        load_records(str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "x.tar.gz").write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="unsupported file extension"):
+        load_records(str(tmp_path / "x.tar.gz"))
+
+
 def test_json_list_and_columns(tmp_path):
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps(ROWS))

@@ -254,7 +254,8 @@ def test_seeded_eval_split_indices_and_report(tmp_path):
     assert [p.index for p in data.train] == list(range(38)) and [p.index for p in data.eval] == [0, 1]
     # tokens per pair: 2*3 (prompt) + 2 ("c"+EOS) + 3 ("rr"+EOS) = 11.
     assert data.report.as_dict() == {"rows": 40, "train_rows": 38, "eval_rows": 2, "skipped": 0,
-                                     "truncated": 0, "tokens": 40 * 11, "skipped_examples": []}
+                                     "truncated": 0, "tokens": 40 * 11, "skipped_examples": [],
+                                     "formats": {"standard": 40}}
     again = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
     assert [p.prompt_ids for p in again.eval] == [p.prompt_ids for p in data.eval]
     other = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=4)

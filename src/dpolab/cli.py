@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "sft": ("dpolab.train.sft", "supervised fine-tuning of a causal LM"),
     "rm": ("dpolab.train.rm", "train a Bradley-Terry reward model on preference pairs"),
     "ppo": ("dpolab.train.ppo", "PPO for a language model against a KL-penalised reward"),
+    "generate": ("dpolab.commands.generate", "sample completions of a causal LM for prompts, as JSONL"),
+    "eval": ("dpolab.commands.evaluate", "reward, KL to a reference and win rates of models on prompts"),
     "rl": {
         "solve": ("dpolab.rl.cli", "solve a finite MDP exactly (policy or value iteration)"),
         "evaluate": ("dpolab.rl.cli", "Monte Carlo and TD(0) policy evaluation, with learning curves"),

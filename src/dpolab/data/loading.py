@@ -29,7 +29,7 @@ from typing import Any
 
 from dpolab.errors import DataError
 
-FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 JSON_WHITESPACE = " \t\r\n"
 
 
@@ -84,8 +84,10 @@ def load_records(source: str, *, split: str = "train") -> list[Record]:
     path = Path(source).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix == ".gz":  # a gzip-compressed text file: read by the extension before .gz
+            suffix = Path(path.stem).suffix.lower() + ".gz"
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
-                   ".csv": _read_csv}
+                   ".csv": _read_csv, ".jsonl.gz": _read_jsonl, ".json.gz": _read_json, ".csv.gz": _read_csv}
         if suffix not in readers:
             raise DataError(f"unsupported file extension '{path.suffix or '(none)'}'; expected one "
                             f"of {', '.join(FILE_EXTENSIONS)}", path=source)
@@ -135,10 +137,17 @@ def _hash_file(h: Any, file: Path) -> None:
 
 
 def _read_bytes(path: Path, source: str) -> bytes:
+    """The file's bytes, decompressed when it ends in ``.gz``."""
+    import gzip
+    import zlib
+
     try:
-        return path.read_bytes()
-    except OSError as exc:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix.lower() == ".gz" else data
+    except OSError as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read file: {exc.strerror or exc}", path=source) from exc
+    except (EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read file: not a complete gzip file ({exc})", path=source) from exc
 
 
 def _decode(data: bytes, source: str) -> str:

@@ -53,6 +53,7 @@ class PreferenceExample:
     path: str
     line: int
     unit: str = "line"  # "line" (JSONL) or "row" (other sources), as in Record
+    source_format: str = "standard"  # how the prompt was found: standard, implicit or conversational
 
     @property
     def conversational(self) -> bool:
@@ -73,8 +74,9 @@ def parse_preference(record: Record) -> PreferenceExample:
     chosen, rejected = _value(record, "chosen"), _value(record, "rejected")
     prompt = _value(record, "prompt", required=False)
 
-    def make(p, c, r) -> PreferenceExample:
-        return PreferenceExample(p, c, r, record.path, record.line, record.unit)
+    def make(p, c, r, fmt: str = "") -> PreferenceExample:
+        fmt = fmt or ("conversational" if isinstance(c, list) else "standard")
+        return PreferenceExample(p, c, r, record.path, record.line, record.unit, fmt)
 
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise record_error(record, "'chosen' and 'rejected' must both be strings or both be "
@@ -86,7 +88,7 @@ def parse_preference(record: Record) -> PreferenceExample:
                 raise record_error(record, "no 'prompt' field, and 'chosen' and 'rejected' share no "
                                    "prefix ending at a turn marker or whitespace; add a 'prompt' "
                                    "field", field="prompt")
-            return make(*split)
+            return make(*split, "implicit")
         if isinstance(prompt, str):
             return make(prompt, chosen, rejected)
         # Messages as prompt, plain strings as responses.
@@ -345,7 +347,9 @@ def tokenize_preference(ex: PreferenceExample, tokenizer, *, max_length: int,
 @dataclass
 class DataReport:
     """What loading did. ``rows == train_rows + eval_rows + skipped``; ``truncated`` counts kept
-    pairs that lost tokens; ``tokens`` sums :attr:`TokenizedPair.num_tokens` over kept pairs."""
+    pairs that lost tokens; ``tokens`` sums :attr:`TokenizedPair.num_tokens` over kept pairs;
+    ``formats`` counts rows by how their prompt was found (``standard``: a ``prompt`` field,
+    ``implicit``: the prefix chosen and rejected share, ``conversational``: chat messages)."""
 
     rows: int
     train_rows: int
@@ -354,6 +358,7 @@ class DataReport:
     truncated: int
     tokens: int
     skipped_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
+    formats: dict[str, int] = field(default_factory=dict)  # rows per source format: how prompts were found
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -401,6 +406,8 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
 
     report = DataReport(rows=len(train_ex) + len(eval_ex), train_rows=0, eval_rows=0, skipped=0,
                         truncated=0, tokens=0)
+    for ex in (*train_ex, *eval_ex):
+        report.formats[ex.source_format] = report.formats.get(ex.source_format, 0) + 1
     train = _tokenize_all(train_ex, tokenizer, sp, report, max_length, max_prompt_length)
     evals = _tokenize_all(eval_ex, tokenizer, sp, report, max_length, max_prompt_length)
     report.train_rows, report.eval_rows = len(train), len(evals)

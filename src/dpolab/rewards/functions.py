@@ -58,10 +58,13 @@ def load_reward_function(spec: str) -> RewardFn:
     return fn
 
 
-def reward_model_function(model, tokenizer, *, batch_size: int = 16) -> RewardFn:
-    """A reward function scoring with a trained reward model through ``dpolab.lm.reward_model.score``."""
+def reward_model_function(model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
+                          max_prompt_length: int | None = None) -> RewardFn:
+    """A reward function scoring with a trained reward model through :func:`score`; ``max_length`` and
+    ``max_prompt_length`` truncate as the reward model's training did (the prompt keeps its end)."""
     def scorer(prompts: list[str], completions: list[str]) -> list[float]:
-        out = score(model, prompts, completions, tokenizer=tokenizer, batch_size=batch_size)
+        out = score(model, prompts, completions, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                    max_prompt_length=max_prompt_length)
         return [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
 
     return scorer

@@ -30,7 +30,10 @@ def reward_function(cfg, device):
     rm_tokenizer = load_tokenizer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     rm = load_reward_model(cfg.reward_model, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     rm = rm.requires_grad_(False).eval().to(device)
-    return reward_model_function(rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16))
+    # prompts cut as the policy sees them (the reward model's own tokens may differ in count)
+    return reward_model_function(rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
+                                 max_prompt_length=cfg.max_prompt_length,
+                                 max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1)
 
 
 def reference_model(cfg, device):

@@ -1,0 +1,257 @@
+"""`dpolab generate` and `dpolab eval` through the CLI on tiny local models: seeded and batch-size
+independent sampling, greedy decoding equal to Hugging Face's, pass-through fields, one-line errors
+with nothing written; an evaluation where a model fine-tuned toward the reward beats its base, a
+model against itself wins exactly half, the reference's KL to itself is 0, and the plot is a PNG."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpolab.cli import main
+
+PROMPTS = ["the movie", "a film", "the plot", "what a", "I hated", "the music", "a story", "the worst"]
+SFT_COMPLETIONS = [" was great fun and i loved every minute", " was clever and the music was wonderful",
+                   " a delightful story charming and warm", " the worst film of the year a total mess"]
+
+REWARD_SOURCE = '''
+def lower_space(prompts, completions):
+    """Fraction of the completion's characters that are lowercase ASCII letters or spaces (0 if empty)."""
+    return [sum(ch == " " or "a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+'''
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("commands")
+    (path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "id": i, "completion": f"ref {i}"}) + "\n" for i, p in enumerate(PROMPTS)),
+        encoding="utf-8")
+    (path / "rewards.py").write_text(REWARD_SOURCE, encoding="utf-8")
+    return path
+
+
+def _gen(model_dir, *extra) -> list[str]:
+    return ["generate", "--model", str(model_dir), "--no-progress", "--max-new-tokens", "8", *map(str, extra)]
+
+
+def _run_gen(capsys, model_dir, *extra) -> list[dict]:
+    assert main(_gen(model_dir, *extra)) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+# -- generate ------------------------------------------------------------------------------------
+def test_generate_from_file_passes_fields_through_and_is_seeded(tiny_model_dir, work, tmp_path, monkeypatch):
+    out = tmp_path / "a.jsonl"
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", out)) == 0
+    rows = _read_jsonl(out)
+    assert len(rows) == 3 * len(PROMPTS)
+    assert [r["prompt"] for r in rows] == [p for p in PROMPTS for _ in range(3)]
+    assert [r["sample"] for r in rows] == [0, 1, 2] * len(PROMPTS)
+    assert [r["id"] for r in rows] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    # the row's own "completion" is kept under another name; ours is the sampled text
+    assert rows[3]["input_completion"] == "ref 1"
+    for r in rows:
+        assert set(r) == {"prompt", "completion", "sample", "response_tokens", "finished", "id", "input_completion"}
+        assert 1 <= r["response_tokens"] <= 8 and isinstance(r["finished"], bool)
+        assert r["finished"] or r["response_tokens"] == 8
+    assert len({r["completion"] for r in rows}) > len(PROMPTS)  # the samples of a prompt differ
+
+    again, batched, other = tmp_path / "b.jsonl", tmp_path / "c.jsonl", tmp_path / "d.jsonl"
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", again)) == 0
+    assert again.read_bytes() == out.read_bytes()
+    # per-(prompt, sample) seeds: the batch size does not change the draws
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", batched, "--batch-size", 1)) == 0
+    assert batched.read_bytes() == out.read_bytes()
+    # without generate(seeds=...), one row at a time with its own generator: the same draws
+    import dpolab.commands.generate as gen_cmd
+
+    monkeypatch.setattr(gen_cmd, "_generate_takes_seeds", lambda: False)
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", again)) == 0
+    assert again.read_bytes() == out.read_bytes()
+    monkeypatch.undo()
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 2,
+                     "--output", other)) == 0
+    assert [r["completion"] for r in _read_jsonl(other)] != [r["completion"] for r in rows]
+
+
+def test_generate_from_prompt_flags_and_greedy(tiny_model_dir, tiny_tokenizer, capsys):
+    """--prompt takes several values and repeats (commas stay inside a prompt); temperature 0 is
+    greedy: the same whatever the seed, and equal to Hugging Face's greedy generate."""
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.data.prompts import tokenize_prompts
+
+    texts = ["the movie, the plot", "I hated", "a story"]
+    greedy = _run_gen(capsys, tiny_model_dir, "--prompt", texts[0], texts[1], "--prompt", texts[2], "--temperature", 0,
+                      "--seed", 3, "--num-samples", 2)
+    assert [r["prompt"] for r in greedy] == [t for t in texts for _ in range(2)]
+    assert greedy == _run_gen(capsys, tiny_model_dir, "--prompt", *texts, "--temperature", 0, "--seed", 4,
+                              "--num-samples", 2)
+    assert greedy[0]["completion"] == greedy[1]["completion"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids, _ = tokenize_prompts(texts, tiny_tokenizer)
+    for text, prompt_ids, row in zip(texts, ids, greedy[::2]):
+        ids_t = torch.tensor([prompt_ids])
+        out = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=8, do_sample=False,
+                             eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+        response = out[0, len(prompt_ids):].tolist()
+        if tiny_tokenizer.eos_token_id in response:
+            response = response[:response.index(tiny_tokenizer.eos_token_id) + 1]
+        assert row["response_tokens"] == len(response), text
+        assert row["completion"] == tiny_tokenizer.decode(response, skip_special_tokens=True)
+
+    sampled = _run_gen(capsys, tiny_model_dir, "--prompt", *texts, "--seed", 3)
+    assert [r["completion"] for r in sampled] != [r["completion"] for r in greedy[::2]]
+
+
+def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work, tmp_path, capsys):
+    out = tmp_path / "never.jsonl"
+
+    def err(*extra) -> str:
+        assert main(_gen(tiny_model_dir, "--output", out, *extra)) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, msg
+        assert not out.exists()
+        return msg
+
+    missing = tmp_path / "missing.jsonl"
+    assert f"{missing}: file not found" in err("--data", missing)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n', encoding="utf-8")
+    assert f"{bad}:2: field 'prompt'" in err("--data", bad)
+    assert "did you mean '--num-samples'" in err("--prompt", "a", "--num-sample", 2)
+    assert "exactly one of --data" in err()
+    assert "exactly one of --data" in err("--data", work / "prompts.jsonl", "--prompt", "a")
+    assert "--temperature >= 0" in err("--prompt", "a", "--temperature", -1)
+    assert "--num-samples must be >= 1" in err("--prompt", "a", "--num-samples", 0)
+    assert "is a folder" in err("--prompt", "a", "--output", tmp_path)
+
+
+# -- eval ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, work) -> dict[str, Path]:
+    """The base, a copy of it in another folder, and the base fine-tuned for 40 SFT steps on
+    lowercase completions: trained toward the reward (the fraction of lowercase letters and spaces)."""
+    copy = work / "base-copy"
+    shutil.copytree(tiny_model_dir, copy)
+    sft = work / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": PROMPTS[i % 8], "completion": SFT_COMPLETIONS[i % 4]}) + "\n"
+                           for i in range(64)), encoding="utf-8")
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(sft), "--output-dir", str(work / "sft"),
+                 "--max-steps", "40", "--learning-rate", "1e-2", "--batch-size", "8", "--eval-fraction", "0",
+                 "--no-progress"]) == 0
+    return {"base": Path(tiny_model_dir), "copy": copy, "trained": work / "sft" / "final"}
+
+
+@pytest.fixture(scope="module")
+def evaluation(models, work) -> dict:
+    out = work / "eval"
+    args = ["eval", "--models", str(models["base"]), str(models["trained"]), "--models", str(models["copy"]),
+            "--labels", "base", "trained", "copy", "--data", str(work / "prompts.jsonl"),
+            "--reward", f"{work / 'rewards.py'}:lower_space", "--num-samples", "4", "--max-new-tokens", "8",
+            "--output", str(out / "results.json"), "--plot", str(out / "frontier.png"),
+            "--samples-output", str(out / "samples.jsonl"), "--no-progress", "--bootstrap", "500"]
+    assert main(args) == 0
+    return {"dir": out, "results": json.loads((out / "results.json").read_text(encoding="utf-8")), "args": args}
+
+
+def test_eval_trained_model_beats_its_base(evaluation):
+    by = {m["label"]: m for m in evaluation["results"]["models"]}
+    base, trained = by["base"], by["trained"]
+    assert trained["reward"] > base["reward"] + 0.1, (trained["reward"], base["reward"])
+    assert trained["win_rate"] > 0.6 and trained["win_rate_ci90"][0] > 0.5, trained
+    assert trained["wins"] > trained["losses"]
+    assert trained["kl"] > 0 and trained["kl_ci90"][0] <= trained["kl"] <= trained["kl_ci90"][1]
+
+
+def test_eval_self_comparisons_are_exact(evaluation):
+    """Same seeds: the baseline against itself and its copy (another folder, loaded and sampled on its
+    own) tie on every completion, a win rate of exactly 0.5; the KL of both to the baseline (the
+    default reference) is exactly 0 (the copy's computed through both models)."""
+    res = evaluation["results"]
+    by = {m["label"]: m for m in res["models"]}
+    assert res["baseline"] == res["reference"] == by["base"]["model"]
+    for label in ("base", "copy"):
+        m = by[label]
+        assert m["win_rate"] == 0.5 and m["ties"] == 32 and m["wins"] == m["losses"] == 0
+        assert m["kl"] == 0.0 and m["kl_std"] == 0.0
+        assert m["reward"] == by["base"]["reward"]
+    samples = _read_jsonl(evaluation["dir"] / "samples.jsonl")
+    assert len(samples) == 3 * 32
+    base = [s["completion"] for s in samples if s["model"] == "base"]
+    assert base == [s["completion"] for s in samples if s["model"] == "copy"]
+    assert base != [s["completion"] for s in samples if s["model"] == "trained"]
+
+
+def test_eval_json_has_every_field_and_the_plot_is_a_png(evaluation):
+    res = evaluation["results"]
+    assert {"data", "prompts", "num_samples", "completions", "reward", "baseline", "reference", "models",
+            "config"} <= set(res)
+    assert (res["prompts"], res["num_samples"], res["completions"]) == (8, 4, 32)
+    keys = {"model", "label", "reward", "reward_std", "reward_sem", "reward_ci90", "kl", "kl_std", "kl_sem",
+            "kl_ci90", "response_length", "eos_fraction", "win_rate", "win_rate_sem", "win_rate_ci90", "wins",
+            "ties", "losses"}
+    for m in res["models"]:
+        assert set(m) == keys
+        assert m["reward_ci90"][0] <= m["reward"] <= m["reward_ci90"][1]
+        assert 1 <= m["response_length"] <= 8 and 0 <= m["eos_fraction"] <= 1
+        assert m["wins"] + m["ties"] + m["losses"] == 32
+    assert (evaluation["dir"] / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, capsys):
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
+
+    out = tmp_path / "never.json"
+    reward = f"{work / 'rewards.py'}:lower_space"
+
+    def err(*extra) -> str:
+        assert main(["eval", "--data", str(work / "prompts.jsonl"), "--output", str(out), "--no-progress",
+                     "--max-new-tokens", "4", *map(str, extra)]) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, msg
+        assert not out.exists()
+        return msg
+
+    other = tmp_path / "other-vocab"
+    tok = train_tokenizer(["completely different words here", "zebra quartz jumps"] * 10, vocab_size=280)
+    tiny_llama(len(tok), hidden_size=16, layers=1, heads=2, tokenizer=tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    assert "different vocabulary" in err("--models", tiny_model_dir, other, "--reward", reward)
+    assert "--models is required" in err("--reward", reward)
+    assert "exactly one of --reward-model" in err("--models", tiny_model_dir)
+    assert "2 labels for 1 models" in err("--models", tiny_model_dir, "--reward", reward, "--labels", "a", "b")
+    assert "needs the KL" in err("--models", tiny_model_dir, "--reward", reward, "--no-kl",
+                                 "--plot", tmp_path / "p.png")
+    assert "did you mean '--baseline'" in err("--models", tiny_model_dir, "--reward", reward, "--baselin", "x")
+
+
+@pytest.mark.parametrize("command, cls", [("generate", "dpolab.commands.generate:GenerateConfig"),
+                                          ("eval", "dpolab.commands.evaluate:EvalConfig")])
+def test_help_documents_every_option(command, cls, capsys):
+    import importlib
+
+    module, name = cls.split(":")
+    config = getattr(importlib.import_module(module), name)
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for f in fields(config):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--config" in text and "examples:" in text
