@@ -1,5 +1,7 @@
 """The sampling loop: per-row EOS stopping and masking, filters against hand values, the sampled
-distribution, seeding, and equivalence of the KV-cached loop with full forwards and HF greedy."""
+distribution, seeding (one generator, or one seed per row independent of the batch), the periodic
+EOS check, the last-position-only prompt pass, and equivalence of the KV-cached loop with full
+forwards and HF greedy."""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ import torch
 from torch import nn
 
 from dpolab.errors import DpolabError
-from dpolab.lm.generation import Generation, decode_responses, filter_logits, generate, left_pad, sample_next
+from dpolab.lm import generation
+from dpolab.lm.generation import (
+    Generation,
+    decode_responses,
+    filter_logits,
+    generate,
+    inverse_cdf_draw,
+    left_pad,
+    sample_next,
+)
 
 EOS, PAD, V = 2, 0, 8
 
@@ -144,3 +155,187 @@ def test_bad_arguments_are_user_errors():
         generate(lm, TOK, [[1]], max_new_tokens=0)
     with pytest.raises(DpolabError, match="no prompts"):
         left_pad([], 0)
+
+
+# -- inverse-CDF draws -----------------------------------------------------------------------------
+def test_inverse_cdf_draw_hand_values():
+    """Weights (0, 1, 0, 3, 0): CDF (0, 1, 1, 4, 4) / 4. u in [0, 1/4) -> 1, u in [1/4, 1) -> 3;
+    zero weights are never drawn, not even at u = 0 or u just below 1 (a product that rounds up)."""
+    w = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).expand(6, 5)
+    u = torch.tensor([0.0, 0.1, 0.25 - 1e-12, 0.25, 0.7, 1 - 2**-53], dtype=torch.float64)
+    assert inverse_cdf_draw(w, u).tolist() == [1, 1, 1, 3, 3, 3]
+    assert inverse_cdf_draw(torch.tensor([[5.0]]), torch.tensor([0.5], dtype=torch.float64)).tolist() == [0]
+
+
+def test_inverse_cdf_draw_equals_one_level_search():
+    """The two-level search (blocks of ≈ √V, a vocabulary not a multiple of the block, zero runs)
+    picks the same index as one float64 cumulative sum over the whole row."""
+    g = torch.Generator().manual_seed(0)
+    for V in (3, 320, 1000, 4099):
+        w = torch.softmax(3 * torch.randn(64, V, generator=g), -1)
+        w[:, ::7] = 0.0
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        cdf = w.double().cumsum(-1)
+        ref = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+        assert torch.equal(inverse_cdf_draw(w, u), ref), V
+
+
+def test_inverse_cdf_draw_frequencies():
+    """60,000 draws over 37 weights (a third of them zero): each frequency within 4.5 standard
+    errors of w / Σw, and no zero-weight index drawn."""
+    n, g = 60_000, torch.Generator().manual_seed(1)
+    w = torch.rand(37, generator=g)
+    w[::3] = 0.0
+    draws = inverse_cdf_draw(w.expand(n, 37), torch.rand(n, generator=g, dtype=torch.float64))
+    freq = torch.bincount(draws, minlength=37).double() / n
+    p = (w / w.sum()).double()
+    assert ((freq - p).abs() <= 4.5 * torch.sqrt(p * (1 - p) / n)).all()
+    assert freq[::3].sum() == 0
+
+
+# -- per-row seeds ----------------------------------------------------------------------------------
+def _rows(gen: Generation) -> list[tuple[list[int], bool]]:
+    """Each row's response tokens (up to its length) and whether it finished."""
+    return [(gen.response_ids[i, :int(n)].tolist(), bool(gen.finished[i])) for i, n in enumerate(gen.response_lengths)]
+
+
+def test_per_row_seeds_do_not_depend_on_the_batch(tiny_model, tiny_tokenizer):
+    """The same 8 prompts (lengths 2-9 tokens) sampled in one batch of 8 and in two reordered batches
+    of 4 (other neighbours, other positions, other padding widths) give each row identical tokens,
+    masks and EOS flags, for several seed sets and filters; EOS = a few frequent tokens, so rows
+    finish at different steps."""
+    texts = ["the movie", "a terrible boring film with awful", "I hated", "what a delightful story, charming",
+             "the plot was clever", "User: hello", "the worst film of the year, a total", "music"]
+    prompts = [tiny_tokenizer(x).input_ids for x in texts]
+    eos = list(range(3, 40))
+    for base, kw in ((0, {}), (100, {"top_p": 0.9}), (7, {"top_k": 20, "temperature": 0.7})):
+        seeds = [base + 11 * i for i in range(8)]
+        whole = _rows(generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=10, seeds=seeds,
+                               eos_token_id=eos, **kw))
+        split = {}
+        for part in ([5, 0, 7, 2], [3, 6, 1, 4]):
+            gen = generate(tiny_model, tiny_tokenizer, [prompts[i] for i in part], max_new_tokens=10,
+                           seeds=[seeds[i] for i in part], eos_token_id=eos, **kw)
+            split.update(zip(part, _rows(gen)))
+        assert [split[i] for i in range(8)] == whole, base
+        assert len({tuple(t) for t, _ in whole}) > 1 and 0 < sum(f for _, f in whole) < 8
+
+
+def test_per_row_seeds_reproduce_and_differ(tiny_model, tiny_tokenizer):
+    """Same seeds -> same tokens; another seed changes the row; a row's first 4 tokens do not depend
+    on max_new_tokens (its t-th token uses the t-th uniform of its own generator)."""
+    prompts = [tiny_tokenizer("the movie").input_ids] * 3
+    draw = lambda seeds, n=8: generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=n, seeds=seeds,  # noqa: E731
+                                       eos_token_id=[]).response_ids
+    a = draw([1, 2, 3])
+    assert torch.equal(a, draw([1, 2, 3]))
+    assert torch.equal(a[:, :4], draw([1, 2, 3], 4))
+    assert len({tuple(r) for r in a.tolist()}) == 3  # one prompt, three seeds: three responses
+    assert torch.equal(a[0], draw([1, 9, 9])[0]) and not torch.equal(a[1], draw([1, 9, 9])[1])
+
+
+def test_seed_arguments_are_checked():
+    lm = ScriptedLM([[1], [1]])
+    with pytest.raises(DpolabError, match="one seed per prompt"):
+        generate(lm, TOK, [[1], [1]], max_new_tokens=2, seeds=[0])
+    with pytest.raises(DpolabError, match="not both"):
+        generate(lm, TOK, [[1], [1]], max_new_tokens=2, seeds=[0, 1], generator=torch.Generator())
+    with pytest.raises(DpolabError, match="eos_check_every"):
+        generate(lm, TOK, [[1], [1]], max_new_tokens=2, eos_check_every=0)
+
+
+# -- periodic EOS check ------------------------------------------------------------------------------
+def test_periodic_eos_check_gives_the_same_generation():
+    """Both rows end at step 1. Checked every step the loop stops there (2 forwards); checked every
+    3 steps it runs one more step, whose pads are trimmed: the same ids, masks and flags."""
+    script = [[5, EOS, 5, 5, 5], [EOS, 5, 5, 5, 5]]
+    every, lm1 = {}, ScriptedLM(script)
+    every[1] = generate(lm1, TOK, [[1], [1]], max_new_tokens=5, temperature=0, eos_check_every=1)
+    lm3 = ScriptedLM(script)
+    every[3] = generate(lm3, TOK, [[1], [1]], max_new_tokens=5, temperature=0, eos_check_every=3)
+    assert len(lm1.calls) == 2 and len(lm3.calls) == 3
+    for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished"):
+        assert torch.equal(getattr(every[1], f), getattr(every[3], f)), f
+    assert every[3].response_ids.tolist() == [[5, EOS], [EOS, PAD]]
+
+
+def test_periodic_eos_check_on_a_sampled_batch(tiny_model, tiny_tokenizer):
+    """Seeded sampling with frequent EOS tokens (rows end at different steps, all before 16):
+    checks every 1, 3 and 8 steps (the last two run steps past the end) give equal Generations."""
+    prompts = [tiny_tokenizer(x).input_ids for x in ("the movie", "a film", "I hated the ending", "what")]
+    gens = [generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=16, seeds=[4, 5, 6, 7],
+                     eos_token_id=list(range(3, 100)), eos_check_every=k) for k in (1, 3, 8)]
+    lengths = gens[0].response_lengths.tolist()
+    assert gens[0].finished.all() and len(set(lengths)) > 1 and gens[0].response_ids.shape[1] == max(lengths) < 8
+    for g in gens[1:]:
+        for f in ("response_ids", "response_mask", "finished"):
+            assert torch.equal(getattr(gens[0], f), getattr(g, f)), f
+
+
+# -- last-position-only prompt pass, preallocated KV cache -------------------------------------------
+def _fields(gen: Generation) -> tuple[torch.Tensor, ...]:
+    return gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask, gen.finished
+
+
+def _equal(a: Generation, b: Generation) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(_fields(a), _fields(b)))
+
+
+def _greedy_and_sampled(model, tokenizer, prompts):
+    return [generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0),
+            generate(model, tokenizer, prompts, max_new_tokens=6, seeds=[1, 2, 3], top_p=0.95),
+            generate(model, tokenizer, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0))]
+
+
+PROMPTS = ("the movie", "a terrible boring film with awful", "I")
+
+
+def test_prompt_pass_on_the_last_position_equals_full_logits(tiny_model, tiny_tokenizer, monkeypatch):
+    """The HF model takes ``logits_to_keep``: the prompt pass gets ``logits_to_keep=1`` and returns
+    (B, 1, V) logits (the decode steps get none). Greedy, per-row-seeded and generator-seeded
+    tokens equal those of the full (B, P, V) path, and the kept logits equal the full ones."""
+    prompts = [tiny_tokenizer(x).input_ids for x in PROMPTS]
+    seen = []
+    hook = tiny_model.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape))),
+        with_kwargs=True)
+    fast = _greedy_and_sampled(tiny_model, tiny_tokenizer, prompts)
+    P, V = fast[0].prompt_length, tiny_model.config.vocab_size
+    monkeypatch.setattr(generation, "_prefill_kwargs", lambda model: {})
+    seen_full = len(seen)
+    full = _greedy_and_sampled(tiny_model, tiny_tokenizer, prompts)
+    hook.remove()
+    assert seen[0] == (1, (3, 1, V)) and seen[1][0] is None
+    assert seen[seen_full] == (None, (3, P, V))
+    assert all(_equal(a, b) for a, b in zip(fast, full))
+    ids, mask = left_pad(prompts, tiny_tokenizer.pad_token_id)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        last = tiny_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, logits_to_keep=1).logits
+        every = tiny_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
+    torch.testing.assert_close(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
+
+
+def test_preallocated_kv_cache_equals_the_growing_cache(tiny_model, tiny_tokenizer, monkeypatch):
+    """The HF model gets a cache whose layers write into buffers of P + max_new_tokens positions;
+    the tokens are those of transformers' own growing (concatenating) cache, greedy and sampled."""
+    prompts = [tiny_tokenizer(x).input_ids for x in PROMPTS]
+    layers = []
+    hook = tiny_model.register_forward_hook(lambda m, args, kwargs, out: layers.append(type(out.cache.layers[0])),
+                                            with_kwargs=True)
+    fast = _greedy_and_sampled(tiny_model, tiny_tokenizer, prompts)
+    monkeypatch.setattr(generation, "_preallocated_cache_kwargs", lambda model, capacity: {})
+    n_fast = len(layers)
+    grown = _greedy_and_sampled(tiny_model, tiny_tokenizer, prompts)
+    hook.remove()
+    assert {c.__name__ for c in layers[:n_fast]} == {"PreallocatedLayer"}
+    assert {c.__name__ for c in layers[n_fast:]} == {"DynamicLayer"}
+    assert all(_equal(a, b) for a, b in zip(fast, grown))
+
+
+def test_preallocated_cache_is_used_only_where_exact(tiny_model):
+    """Not for a model without a transformers config, nor for sliding-window or mixed layers."""
+    assert generation._preallocated_cache_kwargs(ScriptedLM([[1]]), 8) == {}
+    assert len(set(generation._preallocated_cache_kwargs(tiny_model, 8)) & {"cache", "past_key_values"}) == 1
+    tiny_model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert generation._preallocated_cache_kwargs(tiny_model, 8) == {}

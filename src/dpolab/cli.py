@@ -22,8 +22,12 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "sft": ("dpolab.train.sft", "supervised fine-tuning of a causal LM"),
     "rm": ("dpolab.train.rm", "train a Bradley-Terry reward model on preference pairs"),
     "ppo": ("dpolab.train.ppo", "PPO for a language model against a KL-penalised reward"),
+    "grpo": ("dpolab.train.grpo", "GRPO: group-relative policy optimization against rewards (no critic)"),
+    "rloo": ("dpolab.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline against rewards"),
+    "kto": ("dpolab.train.kto", "KTO on unpaired desirable/undesirable completions (or split pairs)"),
     "generate": ("dpolab.commands.generate", "sample completions of a causal LM for prompts, as JSONL"),
     "eval": ("dpolab.commands.evaluate", "reward, KL to a reference and win rates of models on prompts"),
+    "task": ("dpolab.commands.task", "write a built-in verifiable task (prompts, answers, noisy SFT data)"),
     "rl": {
         "solve": ("dpolab.rl.cli", "solve a finite MDP exactly (policy or value iteration)"),
         "evaluate": ("dpolab.rl.cli", "Monte Carlo and TD(0) policy evaluation, with learning curves"),

@@ -38,7 +38,7 @@ from dpolab.commands.generate import (
 )
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.train.options import RewardOptions, SamplingOptions
+from dpolab.train.options import RewardOptions, SamplingOptions, validate_rewards
 
 DESCRIPTION = """Evaluate models on a prompt set: reward, sequence KL to a reference, length, EOS rate and
 win rate against a baseline, with standard errors and bootstrap 90% intervals.
@@ -92,8 +92,7 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
             raise ConfigError("--models is required (one or more hub names or local folders)")
         if not self.data:
             raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
-        if (self.reward_model is None) == (self.reward is None):
-            raise ConfigError("give exactly one of --reward-model DIR and --reward module:function")
+        validate_rewards(self, several=False)
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"--labels: {len(self.labels)} labels for {len(self.models)} models; give one per model")
         check_counts(self)
@@ -243,7 +242,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         models.append(row)
     n, k = len(records), cfg.num_samples
     results = {"data": cfg.data, "prompts": n, "num_samples": k, "completions": n * k,
-               "reward": cfg.reward or cfg.reward_model, "baseline": baseline, "reference": reference,
+               "reward": (cfg.reward or cfg.reward_model)[0], "baseline": baseline, "reference": reference,
                "models": models, "config": asdict(cfg)}
     samples = [{"model": label, "prompt_index": i, "sample": j, "prompt": r["prompts"][i],
                 "completion": r["completions"][i * k + j], "reward": float(r["rewards"][i, j]),

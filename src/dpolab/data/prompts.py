@@ -31,13 +31,22 @@ class PromptData:
     source: str = ""
     truncated: int = 0
     locations: list[str] = field(default_factory=list)
+    extras: list[dict] = field(default_factory=list)  # each row's other fields (e.g. a reference answer)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, rows: list[int]) -> PromptData:
         return PromptData([self.texts[i] for i in rows], [self.ids[i] for i in rows], self.source,
-                          0, [self.locations[i] for i in rows] if self.locations else [])
+                          0, [self.locations[i] for i in rows] if self.locations else [],
+                          [self.extras[i] for i in rows] if self.extras else [])
+
+    def columns(self, rows: list[int]) -> dict[str, list]:
+        """The other fields of ``rows``, one list per field present in every row (reward arguments)."""
+        if not self.extras:
+            return {}
+        keys = set.intersection(*(set(self.extras[i]) for i in rows)) if rows else set()
+        return {k: [self.extras[i][k] for i in rows] for k in sorted(keys)}
 
     def report(self) -> dict:
         return {"source": self.source, "prompts": len(self), "truncated": self.truncated}
@@ -121,7 +130,7 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
     from dpolab.data.loading import load_records, record_error
 
     records = load_records(source, split=split)
-    texts, chat, where = [], [], []
+    texts, chat, where, extras = [], [], [], []
     for rec in records:
         if not isinstance(rec.data, dict):
             raise record_error(rec, "expected a JSON object")
@@ -129,5 +138,6 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
         texts.append(text)
         chat.append(is_chat)
         where.append(rec)
+        extras.append({k: v for k, v in rec.data.items() if k not in ("prompt", "messages")})
     ids, truncated = tokenize_prompts(texts, tokenizer, chat=chat, max_prompt_length=max_prompt_length)
-    return PromptData(texts, ids, str(source), truncated, [r.where for r in where])
+    return PromptData(texts, ids, str(source), truncated, [r.where for r in where], extras)

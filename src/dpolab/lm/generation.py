@@ -1,10 +1,14 @@
 """Sampling responses from a causal LM with a KV cache: our own short loop, seeded and per-row EOS aware.
 
 Why not ``model.generate``: PPO needs (i) reproducible draws from an explicit ``torch.Generator``
-(so a resumed run repeats an uninterrupted one), (ii) the exact response mask (True up to and
-including EOS, False on what follows) and (iii) whether each row produced EOS. The loop is a dozen
-lines: one forward over the left-padded prompts, then one token per step reusing
-``past_key_values``.
+(so a resumed run repeats an uninterrupted one), or from one seed per row (so a row's response does
+not depend on which process or batch sampled it), (ii) the exact response mask (True up to and
+including EOS, False on what follows) and (iii) whether each row produced EOS. The loop is short:
+one forward over the left-padded prompts (LM head on the last position only), then one token per
+step reusing the KV cache, writing into preallocated token, mask and attention-mask tensors.
+Sampling draws one uniform per row and step and inverts the CDF (``inverse_cdf_draw``), where
+``torch.multinomial`` draws one exponential per vocabulary entry; docs/performance.md has the
+measurements against ``model.generate``.
 
 Layout of a batch (``P`` = longest prompt, ``R`` = longest response)::
 
@@ -17,6 +21,8 @@ The logits at position ``P - 1 + t`` of ``input_ids`` predict response token ``t
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +30,8 @@ import torch
 
 from dpolab.errors import DpolabError
 
-__all__ = ["Generation", "decode_responses", "filter_logits", "generate", "left_pad", "position_ids_from_mask",
-           "sample_completions", "sample_next"]
+__all__ = ["Generation", "decode_responses", "filter_logits", "generate", "inverse_cdf_draw", "left_pad",
+           "position_ids_from_mask", "sample_completions", "sample_next"]
 
 
 @dataclass
@@ -128,36 +134,86 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from ``softmax(filter(logits / temperature))``; ``temperature = 0`` is greedy.
 
-    logits: (B, V) -> (B,) long. Draws use ``generator`` (on its own device) for reproducibility.
+    logits: (B, V) -> (B,) long. Each row's token is the inverse CDF of its distribution at one
+    uniform: ``uniforms`` (B,) in [0, 1) if given (so a row's draw depends only on its own
+    uniform), else ``torch.rand(B)`` from ``generator`` (on its own device) for reproducibility.
     """
     if temperature < 0:
         raise DpolabError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    gen_device = generator.device if generator is not None else probs.device
-    draw = torch.multinomial(probs.to(gen_device), 1, generator=generator)
-    return draw.squeeze(-1).to(logits.device)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+    if uniforms is None:
+        gen_device = generator.device if generator is not None else probs.device
+        uniforms = torch.rand(probs.shape[0], generator=generator, device=gen_device, dtype=torch.float64)
+    return inverse_cdf_draw(probs, uniforms.to(device=probs.device, dtype=torch.float64))
+
+
+def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index ``i`` of each row with probability ``weights[i] / sum(weights)``, from one uniform per row.
+
+    weights: (B, V) ≥ 0 float32 (any positive total), uniforms: (B,) float64 in [0, 1) -> (B,) long.
+    ``torch.multinomial(p, 1)`` draws B·V exponentials per call (its Gumbel-max fast path); this
+    needs one uniform per row. Two levels, so that no cumulative sum runs over the whole vocabulary:
+    a block of ``bs`` ≈ √V indices is chosen from the blocks' masses (float64 cumulative sum of the
+    float32 block sums), then an index inside it from the same uniform rescaled to the block. Zero
+    weights are never chosen (every search lands on a strict increase of a cumulative sum).
+    """
+    B, V = weights.shape
+    bs = 1 << max(0, (max(V, 2) - 1).bit_length() // 2)  # power of two ≈ √V
+    nb = -(-V // bs)
+    if nb * bs != V:
+        weights = torch.nn.functional.pad(weights, (0, nb * bs - V))
+    blocks = weights.view(B, nb, bs)
+    block_mass = blocks.sum(-1).double()                              # (B, nb)
+    cum = block_mass.cumsum(-1)                                       # (B, nb)
+    target = _below(uniforms.unsqueeze(1) * cum[:, -1:], cum[:, -1:])  # (B, 1) in [0, total)
+    j = torch.searchsorted(cum, target, right=True)                   # (B, 1) block index
+    mass_j = block_mass.gather(1, j)
+    start = cum.gather(1, j) - mass_j
+    frac = ((target - start) / mass_j).clamp_(min=0.0)               # position inside block j, ~[0, 1)
+    inner = blocks.gather(1, j.unsqueeze(-1).expand(B, 1, bs)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    k = torch.searchsorted(inner, _below(frac * inner[:, -1:], inner[:, -1:]), right=True)
+    return (j * bs + k).squeeze(1)
+
+
+def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``x`` clamped strictly below ``total`` (a product ``u · total`` can round up to ``total``)."""
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              generator: torch.Generator | None = None,
-             eos_token_id: int | Sequence[int] | None = None) -> Generation:
+             eos_token_id: int | Sequence[int] | None = None,
+             seeds: Sequence[int] | None = None,
+             eos_check_every: int | None = None) -> Generation:
     """Sample one response per prompt with a KV cache, stopping each row at its first EOS.
 
     Args:
-        model: a causal LM (``model(input_ids, attention_mask, position_ids, past_key_values,
-            use_cache=True)`` returning ``.logits`` and ``.past_key_values``); run in eval mode (no
-            dropout) and restored to its previous mode afterwards.
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, cache | past_key_values,
+            use_cache=True)`` returning ``.logits`` and ``.cache`` / ``.past_key_values``); run in
+            eval mode (no dropout) and restored to its previous mode afterwards. When its ``forward``
+            takes ``logits_to_keep`` (or ``num_logits_to_keep``), the prompt pass computes the LM
+            head on the last position only; a transformers model with full-attention layers gets a
+            KV cache allocated once for ``P + max_new_tokens`` positions (same values as its own).
         tokenizer: supplies ``pad_token_id`` (falls back to EOS) and ``eos_token_id``.
         prompts_ids: B lists of prompt token ids (each non-empty).
         max_new_tokens: at most this many response tokens per row (EOS included).
-        eos_token_id: stop token(s); default ``tokenizer.eos_token_id``.
+        generator: one generator for the whole batch (B uniforms per step).
+        eos_token_id: stop token(s); default ``tokenizer.eos_token_id``; ``[]`` never stops early.
+        seeds: one int per prompt; row i's draws then come only from a generator seeded with
+            ``seeds[i]`` (its t-th token uses its t-th uniform), so its tokens do not depend on the
+            other rows of the batch, its position or the padding width (up to floating-point
+            effects of the batched forward). Exclusive with ``generator``.
+        eos_check_every: test "every row has finished" every this many steps (default: every step
+            on CPU, where it costs nothing; every 8 on accelerators, where it waits for the
+            device). Finished rows keep producing pads, so the result does not depend on it.
     Returns a :class:`Generation`, on the model's device; ``R`` = the longest response produced.
     """
     if max_new_tokens < 1:
@@ -170,35 +226,153 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts_ids, pad))
     eos_ids = eos_ids.to(device)
-    B = prompt_ids.shape[0]
+    B, P = prompt_ids.shape
+    N = max_new_tokens
+    if seeds is not None and generator is not None:
+        raise DpolabError("generate: give either seeds (one per prompt) or one generator, not both")
+    if seeds is not None and len(seeds) != B:
+        raise DpolabError(f"generate: {len(seeds)} seeds for {B} prompts; give one seed per prompt")
+    if eos_check_every is None:
+        eos_check_every = 1 if device.type == "cpu" else 8
+    if eos_check_every < 1:
+        raise DpolabError(f"eos_check_every must be >= 1, got {eos_check_every}")
+    uniforms = None if temperature == 0 else _step_uniforms(N, B, seeds, generator, device)  # (N, B)
+    prefill_kw = {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
 
     was_training = model.training
     model.eval()
     try:
-        attn = prompt_mask.long()                      # (B, P + t)
-        step_ids, step_pos = prompt_ids, position_ids_from_mask(attn)
-        cache_kw: dict = {}
+        # preallocated: a column per step is written in place, the model sees a prefix view
+        attn = torch.zeros(B, P + N, dtype=torch.long, device=device)  # (B, P + N)
+        attn[:, :P] = prompt_mask
+        tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
+        masks = torch.zeros((B, N), dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        tokens, masks = [], []
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
-                        **cache_kw)
-            cache_kw = _next_cache_kwargs(out)
+        prompt_pos = position_ids_from_mask(prompt_mask)
+        next_pos = prompt_pos[:, -1:] + 1                              # (B, 1) position of response token 0
+        out = model(input_ids=prompt_ids, attention_mask=attn[:, :P], position_ids=prompt_pos, use_cache=True,
+                    **prefill_kw)
+        for t in range(N):
             tok = sample_next(out.logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator)  # (B,)
+                              uniforms=None if uniforms is None else uniforms[t])  # (B,)
             live = ~done
-            tok = torch.where(live, tok, torch.full_like(tok, pad))
-            tokens.append(tok)
-            masks.append(live)
-            done = done | (live & torch.isin(tok, eos_ids))
-            if bool(done.all()):
+            tok = tok.masked_fill(done, pad)
+            tokens[:, t] = tok
+            masks[:, t] = live
+            if eos_ids.numel():
+                done = done | (live & torch.isin(tok, eos_ids))
+            if t + 1 == N or ((t + 1) % eos_check_every == 0 and bool(done.all())):
                 break
-            attn = torch.cat([attn, live.long().unsqueeze(1)], dim=1)
-            step_ids, step_pos = tok.unsqueeze(1), step_pos[:, -1:] + 1
+            attn[:, P + t] = live
+            out = model(input_ids=tok.unsqueeze(1), attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
+                        use_cache=True, **_next_cache_kwargs(out))
     finally:
         model.train(was_training)
-    return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=torch.stack(tokens, 1),
-                      response_mask=torch.stack(masks, 1), finished=done)
+    R = int(masks.sum(1).max())  # steps run after every row finished hold only pads
+    return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=tokens[:, :R],
+                      response_mask=masks[:, :R], finished=done)
+
+
+def _step_uniforms(N: int, B: int, seeds: Sequence[int] | None, generator: torch.Generator | None,
+                   device: torch.device) -> torch.Tensor:
+    """(N, B) float64 uniforms in [0, 1): row t holds the draws of step t. With ``seeds``, column i
+    is the first N uniforms of ``torch.Generator().manual_seed(seeds[i])`` (on the CPU, so the
+    same on every device)."""
+    if seeds is None:
+        gen_device = generator.device if generator is not None else device
+        return torch.rand(N, B, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+    cols = [torch.rand(N, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(cols, dim=1).to(device)
+
+
+def _prefill_kwargs(model) -> dict:
+    """``{"logits_to_keep": 1}`` (or the older ``num_logits_to_keep``) when the model's forward (or a
+    PEFT wrapper's base model's) takes it: the prompt pass then runs the LM head on one position
+    instead of ``P`` (a (B, P, V) float tensor and its matmul saved)."""
+    candidates = [model]
+    if hasattr(model, "get_base_model"):
+        candidates.append(model.get_base_model())
+    for m in candidates:
+        try:
+            params = inspect.signature(m.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in params:
+                return {name: 1}
+    return {}
+
+
+def _preallocated_cache_kwargs(model, capacity: int) -> dict:
+    """A transformers KV cache whose layers write into buffers of ``capacity`` positions (a
+    ``PreallocatedLayer`` per layer), as the prompt pass's keyword; ``{}`` (the model's own
+    growing cache) where that cannot be set up exactly: not a transformers model, a version without
+    ``Cache(layers=...)``, or layers other than full attention (sliding windows, linear attention)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config, layer_class = getattr(base, "config", None), _preallocated_layer_class()
+    if config is None or layer_class is None:
+        return {}
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    n_layers, layer_types = getattr(config, "num_hidden_layers", None), getattr(config, "layer_types", None)
+    if not isinstance(n_layers, int) or getattr(config, "is_encoder_decoder", False):
+        return {}
+    if layer_types is None and getattr(config, "sliding_window", None):
+        return {}
+    if layer_types is not None and (len(layer_types) != n_layers or any(t != "full_attention" for t in layer_types)):
+        return {}
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    name = next((k for k in ("cache", "past_key_values") if k in params), None)
+    if name is None:
+        return {}
+    try:
+        return {name: Cache(layers=[layer_class(capacity) for _ in range(n_layers)])}
+    except TypeError:
+        return {}
+
+
+@functools.cache
+def _preallocated_layer_class():
+    """transformers' growing cache layer with its per-step ``torch.cat`` (a copy of the whole cache,
+    O(T) per step) replaced by a write into a buffer allocated once; attention sees the first T
+    positions, the same values as the concatenated tensor."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
+            (B, H, _, D), Dv = key_states.shape, value_states.shape[-1]  # (B, heads, T, head dim)
+            self.device = key_states.device
+            self.key_buffer = key_states.new_empty(B, H, self.capacity, D)
+            self.value_buffer = value_states.new_empty(B, value_states.shape[1], self.capacity, Dv)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self.length, self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise DpolabError(f"generate: KV cache of {self.capacity} positions overflowed")
+            self.key_buffer[:, :, start:end].copy_(key_states)
+            self.value_buffer[:, :, start:end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    return PreallocatedLayer
 
 
 def _next_cache_kwargs(out) -> dict:

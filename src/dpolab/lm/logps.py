@@ -224,6 +224,63 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
     return logps.index_add(0, rows, token_logps), mask.sum(-1), sq
 
 
+def model_token_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                      position_ids: Tensor | None = None, *, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs ``log π(x_t | x_<t)`` of the tokens where ``loss_mask`` is set, ``(B, T)``
+    (0 elsewhere), from logits divided by ``temperature``; with ``with_entropy`` also the entropy of
+    each of those tokens' predictive distributions, ``(B, T)``, detached.
+
+    As :func:`model_sequence_logps`, only the positions that predict a masked token go through the
+    output embedding (no ``(B, T, V)`` logits on supported architectures), and token ``t`` is
+    predicted at ``t − 1`` (column 0 is never scored)."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    labels, mask = _shifted(input_ids, loss_mask)                                     # (B, T) at predictors
+    head = plain_output_head(model)
+    handle = None
+    if head is not None:
+        def select_rows(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("input")
+            if hidden is None or hidden.shape[:2] != mask.shape:
+                return None
+            return ((hidden[mask], *args[1:]), kwargs) if args else (args, {**kwargs, "input": hidden[mask]})
+
+        handle = head.register_forward_pre_hook(select_rows, with_kwargs=True)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.ndim == 3:
+        logits = logits[mask]                                                         # (M, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    token = gather_token_logps(logits, labels[mask])                                  # (M,)
+    logps = torch.zeros(mask.shape, dtype=token.dtype, device=token.device)
+    logps[:, 1:] = logps[:, 1:].masked_scatter(mask[:, :-1], token)                   # back to token positions
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = _entropy_rows(logits.detach())
+            entropy = torch.zeros_like(logps)
+            entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask[:, :-1], ent)
+    return logps, entropy
+
+
+@torch.no_grad()
+def _entropy_rows(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per row of an ``(M, V)`` matrix, chunked in float32."""
+    chunk = max(1, _TARGET_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, logits.shape[0], chunk):
+        x = logits[s:s + chunk].float()
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        out[s:s + chunk] = (lse.squeeze(-1) - (torch.softmax(x, -1) * x).sum(-1))
+    return out
+
+
 # -- log-probs of sampled responses (a Generation of dpolab.lm.generation) -------------------------
 def response_token_logps(model, gen, *, temperature: float = 1.0) -> torch.Tensor:
     """log π(y_t | x, y_<t) of each response token, 0 after EOS. Returns (B, R) float32.

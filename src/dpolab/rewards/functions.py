@@ -23,7 +23,7 @@ from dpolab.errors import DpolabError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
-__all__ = ["RewardFn", "compute_rewards", "load_reward_function", "reward_model_function", "score"]
+__all__ = ["RewardFn", "WeightedRewards", "compute_rewards", "load_reward_function", "reward_model_function", "score"]
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -70,14 +70,19 @@ def reward_model_function(model, tokenizer, *, batch_size: int = 16, max_length:
     return scorer
 
 
-def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
+def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
+                    columns: dict[str, list] | None = None) -> torch.Tensor:
     """Call ``fn`` and check its answer: one finite real number per completion. Returns (B,) float32.
+
+    ``columns``: the prompt rows' other fields (e.g. a reference ``answer``), one list per field
+    aligned with ``prompts``, passed as keyword arguments to a function that names them (or takes
+    ``**kwargs``): ``f(prompts, completions, answer)`` receives the answers.
 
     Raises :class:`DpolabError` naming the function for an exception inside it, a non-sequence, a
     wrong length, a non-number or a NaN/inf."""
     name = getattr(fn, "__qualname__", repr(fn))
     try:
-        out = fn(list(prompts), list(completions))
+        out = fn(list(prompts), list(completions), **_accepted(fn, columns or {}))
     except Exception as err:
         raise DpolabError(f"reward function {name} raised {type(err).__name__}: {err}") from None
     if isinstance(out, torch.Tensor):
@@ -141,3 +146,45 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
         out += rm(ids.to(device), mask.to(device)).tolist()
     rm.train(was_training)
     return out
+
+
+def _accepted(fn, columns: dict[str, list]) -> dict[str, list]:
+    """The columns ``fn`` takes as keyword arguments: all of them for ``**kwargs``, else those it names."""
+    import inspect
+
+    if not columns:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(columns)
+    names = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+    return {n: columns[n] for n in names if n in columns}
+
+
+class WeightedRewards:
+    """Several reward functions with weights: the score is ``Σ_k w_k·r_k(prompt, completion)``.
+
+    ``named``: ``[(name, fn)]`` (names are metric keys: ``rewards/<name>``); ``weights``: one per
+    function (default all 1)."""
+
+    def __init__(self, named: list[tuple[str, RewardFn]], weights: Sequence[float] | None = None):
+        if not named:
+            raise DpolabError("no reward function given")
+        weights = [1.0] * len(named) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(named):
+            raise DpolabError(f"{len(weights)} reward weights for {len(named)} reward functions")
+        self.named, self.weights = named, weights
+
+    def score(self, prompts: list[str], completions: list[str],
+              columns: dict[str, list] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(scores (B,), {name: (B,) rewards})``: the weighted sum and each function's values."""
+        terms = {name: compute_rewards(fn, prompts, completions, columns) for name, fn in self.named}
+        total = sum(w * terms[name] for (name, _), w in zip(self.named, self.weights))
+        return total, terms
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        """As a plain reward function: the weighted sum."""
+        return self.score(prompts, completions, columns)[0].tolist()

@@ -195,8 +195,10 @@ class Engine:
     def optimizer_step(self, passes: list[Pass], loss_fn, *, where: str = "") -> dict[str, float] | None:
         """Backpropagate ``W · loss_sum / U`` per pass (``U``: the step's units over all processes, one
         all-reduce), clip, check, step the optimizer (unless a non-finite value is skipped) and the
-        schedule. ``loss_fn(batch) -> (loss_sum, stats)``. Returns the unit-weighted means of the
-        stats over all processes plus ``grad_norm``; None when the step was skipped or had no unit."""
+        schedule. ``loss_fn(batch) -> (loss_sum, stats)``; a stat given as ``(sum, count)`` is averaged
+        as Σ sum / Σ count over the passes (e.g. a per-token mean), the others weighted by units.
+        Returns the means over all processes plus ``grad_norm``; None when the step was skipped or
+        had no unit."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
         total = distributed.global_sum(acc, [sum(p.units for p in passes if p.real)])[0]
         scale = acc.num_processes / total if total > 0 else 0.0
@@ -218,8 +220,12 @@ class Engine:
         grad_norm = torch.tensor(0.0)
         if total > 0:  # the norm is checked also with clipping off (--max-grad-norm 0)
             grad_norm = grad_norm_(model.parameters(), cfg.max_grad_norm, acc)
+            rows, ratios = _split_ratio_stats(rows, weights)
             merged, _, extra = distributed.reduce_weighted(acc, rows, weights,
-                                                           {"tokens": tokens, "nonfinite": float(nonfinite)})
+                                                           {"tokens": tokens, "nonfinite": float(nonfinite), **ratios})
+            for key in [k for k in extra if k.startswith("/")]:  # (Σ value, Σ count) pairs: their ratio
+                if key.endswith("/sum"):
+                    merged[key[1:-4]] = extra[key] / max(extra[key[:-4] + "/count"], 1e-12)
             self.tokens_window += int(extra["tokens"])
             nonfinite = extra["nonfinite"] > 0
             if not nonfinite and not torch.isfinite(grad_norm).all():
@@ -348,6 +354,20 @@ class Engine:
         summary = run.write_summary(summary_metrics, steps=self.step)
         print_summary(summary, algo.summary_keys)
         return summary
+
+
+def _split_ratio_stats(rows: list[dict], weights: list[int]) -> tuple[list[dict], dict[str, float]]:
+    """Stats given as ``(sum, count)`` pairs (per-token means whose count is not the pass's units)
+    become two plain sums over the passes of real data (``"/name/sum"``, ``"/name/count"``); the
+    rest stay unit-weighted means."""
+    plain = [{k: v for k, v in r.items() if not isinstance(v, tuple)} for r in rows]
+    sums: dict[str, float] = {}
+    for r, w in zip(rows, weights):
+        for k, v in r.items():
+            if isinstance(v, tuple):
+                sums[f"/{k}/sum"] = sums.get(f"/{k}/sum", 0.0) + (v[0] if w else 0.0)
+                sums[f"/{k}/count"] = sums.get(f"/{k}/count", 0.0) + (v[1] if w else 0.0)
+    return plain, sums
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -19,21 +19,31 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def reward_function(cfg, device):
-    """``--reward module:function``, or ``--reward-model DIR`` loaded frozen on ``device``."""
-    from dpolab.rewards.functions import load_reward_function, reward_model_function
+    """The rewards ``--reward``/``--reward-model`` name, weighted by ``--reward-weights``, as one
+    :class:`dpolab.rewards.functions.WeightedRewards` (callable as a reward function; its
+    ``score`` method also returns each reward's values). Reward models load frozen on ``device``."""
+    from pathlib import Path
 
-    if cfg.reward is not None:
-        return load_reward_function(cfg.reward)
-    from dpolab.lm.loading import load_tokenizer
-    from dpolab.lm.reward_model import load_reward_model
+    from dpolab.rewards.functions import WeightedRewards, load_reward_function, reward_model_function
 
-    rm_tokenizer = load_tokenizer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-    rm = load_reward_model(cfg.reward_model, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    rm = rm.requires_grad_(False).eval().to(device)
-    # prompts cut as the policy sees them (the reward model's own tokens may differ in count)
-    return reward_model_function(rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
-                                 max_prompt_length=cfg.max_prompt_length,
-                                 max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1)
+    def listed(x) -> list[str]:  # a config built in Python may hold one string
+        return [x] if isinstance(x, str) else list(x or [])
+
+    named = [(spec.rpartition(":")[2], load_reward_function(spec)) for spec in listed(cfg.reward)]
+    for folder in listed(cfg.reward_model):
+        from dpolab.lm.loading import load_tokenizer
+        from dpolab.lm.reward_model import load_reward_model
+
+        rm_tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
+        rm = load_reward_model(folder, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        rm = rm.requires_grad_(False).eval().to(device)
+        # prompts cut as the policy sees them (the reward model's own tokens may differ in count)
+        named.append((Path(folder).name or "reward_model", reward_model_function(
+            rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
+            max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1)))
+    if len({n for n, _ in named}) < len(named):  # metric names must be distinct
+        named = [(f"{n}_{i}", fn) for i, (n, fn) in enumerate(named)]
+    return WeightedRewards(named, cfg.reward_weights)
 
 
 def reference_model(cfg, device):
@@ -47,9 +57,9 @@ def reference_model(cfg, device):
     return ref.requires_grad_(False).eval().to(device)
 
 
-def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]]] | None:
-    """(texts, ids) of the evaluation prompts: ``--eval-data``, else a seeded sample of the training
-    prompts; None with ``--eval-prompts 0``."""
+def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]], dict[str, list]] | None:
+    """(texts, ids, other columns) of the evaluation prompts: ``--eval-data``, else a seeded sample of
+    the training prompts; None with ``--eval-prompts 0``."""
     if cfg.eval_prompts == 0:
         return None
     if cfg.eval_data:
@@ -61,7 +71,7 @@ def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]]
         data = prompts
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
         rows = perm[:cfg.eval_prompts]
-    return [data.texts[i] for i in rows], [data.ids[i] for i in rows]
+    return [data.texts[i] for i in rows], [data.ids[i] for i in rows], data.columns(rows)
 
 
 def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, batch_size: int) -> dict[str, float]:
@@ -71,10 +81,10 @@ def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, bat
 
     if eval_set is None:
         return {}
-    texts, ids = eval_set
+    texts, ids, columns = eval_set
     return evaluate_policy(policy, tokenizer, texts, ids, reward_fn, ref_model=ref_model,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size)
+                           top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size, columns=columns)
 
 
 def log_samples(run: RunDir, step: int, rows: list[dict], n: int) -> None:

@@ -107,19 +107,35 @@ class SamplingOptions:
 
 @dataclass
 class RewardOptions:
-    reward_model: str | None = opt(None, "reward model folder (dpolab rm output) scoring (prompt, completion)")
-    reward: str | None = opt(None, "Python reward 'module:function' or 'file.py:function': "
-                             "f(prompts, completions) -> list[float]")
+    reward_model: list[str] | None = opt(None, "reward model folder(s) (dpolab rm output) scoring (prompt, completion)")
+    reward: list[str] | None = opt(None, "Python reward(s) 'module:function' or 'file.py:function', comma separated: "
+                                   "f(prompts, completions, [column, ...]) -> list[float]; a parameter named like "
+                                   "a field of the prompt rows (e.g. answer) receives that field")
+    reward_weights: list[float] | None = opt(None, "weights of the rewards, --reward ones first, then --reward-model "
+                                             "(default: all 1); the score is their weighted sum")
 
 
-def validate_on_policy(cfg) -> None:
+def validate_rewards(cfg, *, several: bool = True) -> None:
+    """``--reward``/``--reward-model`` given (as lists) and ``--reward-weights`` one per reward;
+    ``several=False``: exactly one reward."""
+    for name in ("reward", "reward_model"):
+        if isinstance(getattr(cfg, name), str):  # a config built in Python with one string
+            setattr(cfg, name, [getattr(cfg, name)])
+    given = len(cfg.reward or []) + len(cfg.reward_model or [])
+    if given == 0 or (not several and given != 1):
+        raise ConfigError("give exactly one of --reward-model DIR and --reward module:function" if not several else
+                          "give --reward module:function and/or --reward-model DIR (several: comma separated)")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != given:
+        raise ConfigError(f"--reward-weights: {len(cfg.reward_weights)} weights for {given} rewards")
+
+
+def validate_on_policy(cfg, *, several_rewards: bool = True) -> None:
     """Checks of the prompt, sampling and reward options (an on-policy trainer's ``validate`` calls it)."""
     if not cfg.model:
         raise ConfigError("--model is required (a Hugging Face name or a local folder)")
     if not cfg.data:
         raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
-    if (cfg.reward_model is None) == (cfg.reward is None):
-        raise ConfigError("give exactly one of --reward-model DIR and --reward module:function")
+    validate_rewards(cfg, several=several_rewards)
     for name in ("max_prompt_length", "max_new_tokens", "logging_steps", "save_total_limit"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -128,3 +144,22 @@ def validate_on_policy(cfg) -> None:
                           "--top-k >= 0")
     if cfg.eval_prompts < 0 or cfg.log_samples < 0:
         raise ConfigError("--eval-prompts and --log-samples must be >= 0")
+
+
+@dataclass
+class GroupOptions:
+    """Sampling ``k`` completions per prompt and optimizing over them (GRPO, RLOO, online DPO)."""
+
+    prompts_per_step: int = opt(8, "prompts per step, per process (each sampled --num-generations times)")
+    num_generations: int = opt(8, "completions sampled per prompt (the group)")
+    num_iterations: int = opt(1, "μ: optimization passes over each step's completions")
+    mini_batches: int = opt(1, "optimizer steps per pass (the completions split into this many mini-batches)")
+    micro_batch_size: int = opt(16, "completions per forward/backward pass (same gradient, less memory)")
+    mask_truncated_completions: bool = opt(False, "leave completions cut at --max-new-tokens (no EOS) out of the loss")
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of completions without EOS")
+
+
+def validate_groups(cfg) -> None:
+    for name in ("prompts_per_step", "num_generations", "num_iterations", "mini_batches", "micro_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

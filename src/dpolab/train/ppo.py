@@ -73,7 +73,7 @@ class PPOConfig(RunOptions, PromptOptions, SamplingOptions, RewardOptions, Model
     logging_steps: int = opt(1, "log metrics (and sample completions) every N PPO steps")
 
     def validate(self) -> None:
-        validate_on_policy(self)
+        validate_on_policy(self, several_rewards=False)
         for name in ("rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -142,7 +142,6 @@ class PPO(Algorithm):
         from dpolab.lm.logps import gather_token_logps, response_token_logps
         from dpolab.lm.token_rewards import masked_mean, per_token_rewards, shape_scores, token_advantages
         from dpolab.losses.ppo import entropy_from_logits
-        from dpolab.rewards.functions import compute_rewards
         from dpolab.rl.advantages import whiten
         from dpolab.train.on_policy import step_seed
 
@@ -151,7 +150,7 @@ class PPO(Algorithm):
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, generator=torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step)))
         texts, completions = [self.prompts.texts[i] for i in idx], decode_responses(self.engine.tokenizer, gen)
-        raw = compute_rewards(self.reward_fn, texts, completions).to(device)
+        raw = self.reward_fn.score(texts, completions, self.prompts.columns(idx))[0].to(device)
         scores = shape_scores(raw, gen.finished, missing_eos_penalty=cfg.missing_eos_penalty, reward_clip=cfg.reward_clip)
         mask = gen.response_mask
         logits, values = self.forward(gen)
@@ -304,7 +303,8 @@ def train(cfg: PPOConfig) -> dict:
     reward_fn = on_policy.reward_function(cfg, accelerator.device)
     report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
     if cfg.dry_run:
-        probe = compute_rewards(reward_fn, prompts.texts[:2], [""] * min(2, len(prompts)))
+        rows = list(range(min(2, len(prompts))))
+        probe = compute_rewards(reward_fn, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
         print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
                           "config": vars(cfg)}, indent=2))
         return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}

@@ -1,0 +1,99 @@
+"""Built-in tasks with a checkable answer: prompts whose reward is exact match, for the critic-free
+trainers (``dpolab grpo``, ``dpolab rloo``) and their tests, learnable by a tiny model on a CPU.
+
+Each task maps a seeded random generator to ``(prompt, answer)``:
+
+* ``reverse``: ``"reverse: 3 1 4 ="`` → ``"4 1 3"`` (3 to 5 digits);
+* ``copy``: ``"copy: 3 1 4 ="`` → ``"3 1 4"``;
+* ``add``: ``"12+7="`` → ``"19"`` (two numbers below 50).
+
+:func:`write_task` writes prompt files (``train.jsonl``, ``eval.jsonl``: rows ``{"prompt", "answer"}``,
+disjoint prompts) and an SFT file (``sft.jsonl``: ``{"prompt", "completion"}``) whose completions
+are right with probability ``1 − noise`` and otherwise a corruption of the same shape, so a model
+fine-tuned on it starts with partial accuracy for RL to raise. :func:`exact_match` is the reward:
+``--reward dpolab.rewards.tasks:exact_match`` (it receives the rows' ``answer`` field).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["TASKS", "exact_match", "make_examples", "write_task"]
+
+
+def _digits(rng: random.Random) -> list[str]:
+    return [str(rng.randrange(10)) for _ in range(rng.randint(3, 5))]
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    d = _digits(rng)
+    return f"reverse: {' '.join(d)} =", " ".join(reversed(d))
+
+
+def _copy(rng: random.Random) -> tuple[str, str]:
+    d = _digits(rng)
+    return f"copy: {' '.join(d)} =", " ".join(d)
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(50), rng.randrange(50)
+    return f"{a}+{b}=", str(a + b)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"reverse": _reverse, "copy": _copy, "add": _add}
+
+
+def _corrupt(answer: str, rng: random.Random) -> str:
+    """A wrong answer of the same shape: every digit redrawn, at least one changed."""
+    while True:
+        wrong = "".join(str(rng.randrange(10)) if ch.isdigit() else ch for ch in answer)
+        if wrong != answer:
+            return wrong
+
+
+def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, str]]:
+    """``n`` distinct (prompt, answer) pairs of ``task`` whose prompts are not in ``exclude``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+    rng, seen, out = random.Random(seed), set(exclude), []
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            return out
+        prompt, answer = TASKS[task](rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append((prompt, answer))
+    raise ValueError(f"task '{task}' has fewer than {n} distinct prompts left")
+
+
+def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int = 128, sft: int = 2048,
+               noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``eval.jsonl`` (prompt/answer rows; eval prompts disjoint from the others)
+    and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``). Returns the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = make_examples(task, eval, seed + 1)
+    held = {p for p, _ in evals}
+    trains = make_examples(task, train, seed, exclude=held)
+    rng = random.Random(seed + 2)
+    sfts = [(p, a if rng.random() >= noise else _corrupt(a, rng))
+            for p, a in make_examples(task, sft, seed + 3, exclude=held)] if sft else []
+    files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "sft": out / "sft.jsonl"}
+    _write(files["train"], [{"prompt": p, "answer": a} for p, a in trains])
+    _write(files["eval"], [{"prompt": p, "answer": a} for p, a in evals])
+    _write(files["sft"], [{"prompt": p, "completion": " " + c} for p, c in sfts])
+    return files
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    from dpolab.runs.rundir import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str]) -> list[float]:
+    """1.0 where the completion, stripped of surrounding white space, is the answer; else 0.0."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]

@@ -1,0 +1,154 @@
+"""Sampled experience for the on-policy trainers, exact on any number of processes.
+
+A step's prompts are the engine's micro-batch: process ``r`` of ``W`` holds its slice of the global
+chunk (:class:`dpolab.data.batching.BatchOrder`). Each process samples ``k`` completions of each of
+its prompts, every completion from its own seed (:func:`dpolab.lm.sampling.row_seeds` of the step and
+the prompt's dataset row), so a completion does not depend on which process or batch drew it. The
+completions of a prompt stay on one process, so group statistics need no communication; statistics
+over the whole batch (a batch std, token counts) are summed across processes.
+
+Optimization over the experience is planned on GLOBAL completion indices: mini-batch ``m`` of a
+seeded permutation of the step's ``n_global`` completions, each process taking the ones it holds,
+split into passes of at most ``micro_batch_size`` (stand-ins where a process has fewer passes). With
+the engine's global loss normaliser this gives the gradient one process with the whole batch would.
+A process whose share of an (uneven, last) chunk is empty samples prompt 0 as stand-in rows: they
+keep it in step with the others and carry no weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpolab.train.engine import Pass
+
+
+@dataclass
+class Samples:
+    """One step's completions on this process: ``n = len(prompts) · k`` rows, on the device.
+
+    gen: the :class:`dpolab.lm.generation.Generation` of the n rows. rows: the dataset row of each
+    completion's prompt. prompts, completions: texts. scores (n,): the weighted reward; terms: each
+    reward function's (n,) values. offset: the global index of this process's first completion;
+    n_global: completions over all processes. real: False for stand-in rows (an empty share)."""
+
+    gen: object
+    rows: list[int]
+    prompts: list[str]
+    completions: list[str]
+    scores: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    k: int
+    offset: int
+    n_global: int
+    real: bool = True
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+
+def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, *, seed: int, micro: int) -> Samples:
+    """Sample ``k`` completions of each prompt row ``idx`` (this process's share of micro-batch
+    ``micro`` of the engine's order), score them with ``rewards``
+    (:class:`dpolab.rewards.functions.WeightedRewards`) and place them in the step's global batch.
+    ``seed``: the step's seed."""
+    from dpolab.lm.generation import decode_responses
+    from dpolab.lm.sampling import row_seeds
+
+    acc, order = engine.accelerator, engine.order
+    chunk = order.global_rows(micro)  # the step's prompts over all processes
+    per = -(-len(chunk) // acc.num_processes)
+    start = min(acc.process_index * per, len(chunk))
+    real = bool(idx)
+    idx = idx or [0]
+    rows = [i for i in idx for _ in range(k)]
+    gen = sampler.sample([prompts.ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         seeds=row_seeds(seed, [i * k + j for i in idx for j in range(k)]))
+    texts = [prompts.texts[i] for i in rows]
+    completions = decode_responses(engine.tokenizer, gen)
+    scores, terms = rewards.score(texts, completions, prompts.columns(rows))
+    return Samples(gen, rows, texts, completions, scores.to(engine.device), {n: t.to(engine.device) for n, t in
+                   terms.items()}, k, start * k, len(chunk) * k, real)
+
+
+@torch.no_grad()
+def rollout_token_logps(model, gen, temperature: float, batch: int, *, with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of a Generation's responses, ``(n, R)``, zero after EOS,
+    in forward passes of ``batch`` rows (no gradient)."""
+    logps, ents = [], []
+    for s in range(0, gen.batch_size, batch):
+        lp, ent = response_logps(model, gen.select(torch.arange(s, min(s + batch, gen.batch_size))), temperature,
+                                 with_entropy=with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def response_logps(model, gen, temperature: float, *, with_entropy: bool = False):
+    """``(log π(y_t | x, y_<t) (B, R), entropy (B, R) or None)`` for a Generation's responses, zero
+    after EOS, with gradient (:func:`dpolab.lm.logps.model_token_logps`: only response positions go
+    through the LM head)."""
+    from dpolab.lm.logps import model_token_logps
+
+    P = gen.prompt_length
+    loss_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)
+    lp, ent = model_token_logps(model, gen.input_ids, gen.attention_mask, loss_mask, gen.position_ids,
+                                temperature=temperature, with_entropy=with_entropy)
+    return lp[:, P:], (ent[:, P:] if ent is not None else None)
+
+
+def minibatch_rows(samples: Samples, n_minibatches: int, seed: int) -> list[list[int]]:
+    """This process's local rows of each of ``n_minibatches`` mini-batches of a seeded permutation of
+    the step's global completions (the same permutation on every process)."""
+    perm = torch.randperm(samples.n_global, generator=torch.Generator().manual_seed(seed)).tolist()
+    size = -(-samples.n_global // n_minibatches)
+    lo, hi = samples.offset, samples.offset + (samples.n if samples.real else 0)
+    return [[g - lo for g in perm[m * size:(m + 1) * size] if lo <= g < hi] for m in range(n_minibatches)]
+
+
+def row_passes(engine, rows: list[int], micro_batch_size: int, units, where: str) -> list[Pass]:
+    """Passes of at most ``micro_batch_size`` local rows (a LongTensor batch each), padded with stand-ins
+    to the largest count of any process; ``units(rows_tensor) -> int``: the loss units of a pass."""
+    from dpolab.train import distributed
+
+    device = engine.device
+    parts = [torch.tensor(rows[i:i + micro_batch_size], device=device) for i in range(0, len(rows), micro_batch_size)]
+    out = [Pass(p, units(p), 0, f"{where}, rows {p.tolist()[:8]}") for p in parts]
+    n = distributed.global_max(engine.accelerator, len(out)) if engine.accelerator.num_processes > 1 else len(out)
+    stand_in = torch.tensor([0], device=device)
+    return out + [Pass(stand_in, 0, 0, where, real=False)] * (n - len(out))
+
+
+def global_moments(accelerator, values: torch.Tensor, weight: bool = True) -> tuple[float, float, float]:
+    """(count, mean, unbiased std) of ``values`` over all processes (one all-reduce); a process
+    passes ``weight=False`` for stand-in rows."""
+    from dpolab.train import distributed
+
+    v = values.double().reshape(-1) if weight else values.new_zeros(0).double()
+    n, s, sq = distributed.global_sum(accelerator, [float(v.numel()), float(v.sum()), float((v * v).sum())])
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    mean = s / n
+    var = (sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    return n, mean, max(var, 0.0) ** 0.5
+
+
+def reward_metrics(accelerator, samples: Samples) -> dict[str, float]:
+    """Mean and std of the weighted score and of each reward over all processes' completions, the
+    completion lengths and the share cut at ``--max-new-tokens`` (no EOS)."""
+    from dpolab.train import distributed
+
+    out = {}
+    for key, values in [("rewards", samples.scores), *((f"rewards/{n}", t) for n, t in samples.terms.items())]:
+        _, mean, std = global_moments(accelerator, values, samples.real)
+        out[f"{key}/mean"], out[f"{key}/std"] = mean, std
+    gen, w = samples.gen, float(samples.real)
+    lengths = gen.response_lengths.double()
+    n, total, truncated = distributed.global_sum(accelerator, [w * len(lengths), w * float(lengths.sum()),
+                                                               w * float((~gen.finished).sum())])
+    out["completions/mean_length"] = total / max(n, 1)
+    out["completions/clipped_ratio"] = truncated / max(n, 1)
+    return out

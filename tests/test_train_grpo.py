@@ -1,0 +1,214 @@
+"""`dpolab grpo` and `dpolab rloo` end to end: they raise exact-match accuracy on the built-in copy task
+from a partly competent start, 2 CPU processes equal 1 process (uneven last batch included), a real
+process stopped by SIGTERM resumes bitwise, and bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import _free_port, launch  # noqa: E402, F401
+from test_reliability_signals import assert_clean_stop, assert_same_weights, interrupt, metric_rows  # noqa: E402
+
+PROMPTS = ["the movie", "a film", "the plot", "what a", "I hated"]
+
+REWARDS = '''
+def frac_alpha(prompts, completions):
+    return [sum("a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+
+def length(prompts, completions, topic):
+    return [len(c) / 10 + (t == "x") for c, t in zip(completions, topic)]
+
+def wrong_length(prompts, completions):
+    return [0.0]
+
+def nan(prompts, completions):
+    return [float("nan")] * len(completions)
+'''
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "topic": "x" if i % 2 else "y"}) + "\n"
+                            for i, p in enumerate(PROMPTS)))
+    return path
+
+
+@pytest.fixture()
+def reward_file(tmp_path) -> Path:
+    path = tmp_path / "grpo_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def _args(cmd, model_dir, data, out, *extra):
+    return [cmd, "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--no-progress",
+            "--max-new-tokens", "6", "--log-samples", "0", "--eval-prompts", "0", *map(str, extra)]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- it learns: the built-in verifiable task ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def copy_task(tmp_path_factory):
+    """The copy task, a tokenizer trained on it and a tiny Llama fine-tuned on its noisy SFT file
+    (30% of completions wrong): a start that copies some strings and not others."""
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
+    from dpolab.rewards.tasks import write_task
+
+    root = tmp_path_factory.mktemp("copy")
+    files = write_task("copy", root / "data", train=256, eval=64, sft=4000, noise=0.3, seed=0)
+    texts = [json.loads(x)["prompt"] + json.loads(x)["completion"] for x in files["sft"].read_text().splitlines()]
+    tok = train_tokenizer(texts * 3, vocab_size=300)
+    model = tiny_llama(len(tok), hidden_size=64, layers=2, heads=4, tokenizer=tok, max_positions=64)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    assert main(["sft", "--model", str(root / "base"), "--data", str(files["sft"]), "--output-dir", str(root / "sft"),
+                 "--max-steps", "400", "--batch-size", "32", "--learning-rate", "3e-3", "--max-length", "32",
+                 "--eval-fraction", "0", "--no-progress", "--logging-steps", "100"]) == 0
+    return root / "sft" / "final", files
+
+
+def _accuracy(model_dir, eval_file) -> float:
+    """Sampled (temperature 1) exact match on the held-out prompts, the protocol of eval/reward."""
+    from dpolab.data.prompts import load_prompts
+    from dpolab.lm.loading import load_causal_lm, load_tokenizer
+    from dpolab.rewards.evaluation import evaluate_policy
+    from dpolab.rewards.tasks import exact_match
+
+    tok = load_tokenizer(str(model_dir))
+    data = load_prompts(str(eval_file), tok, max_prompt_length=16)
+    model = load_causal_lm(str(model_dir))
+    return evaluate_policy(model, tok, data.texts, data.ids, exact_match, ref_model=model, max_new_tokens=12,
+                           seed=7919, batch_size=64, columns=data.columns(list(range(len(data)))))["reward"]
+
+
+@pytest.mark.parametrize("cmd, extra", [
+    ("grpo", ("--num-generations", 8, "--learning-rate", "1e-3")),
+    ("rloo", ("--num-generations", 8, "--learning-rate", "1e-3", "--beta", "0.01")),
+])
+def test_raises_exact_match_on_held_out_prompts(copy_task, tmp_path, cmd, extra):
+    model_dir, files = copy_task
+    start = _accuracy(model_dir, files["eval"])
+    out = tmp_path / cmd
+    assert main([cmd, "--model", str(model_dir), "--data", str(files["train"]), "--eval-data", str(files["eval"]),
+                 "--eval-prompts", "64", "--reward", "dpolab.rewards.tasks:exact_match", "--output-dir", str(out),
+                 "--max-steps", "30", "--prompts-per-step", "16", "--max-new-tokens", "12", "--max-prompt-length",
+                 "16", "--micro-batch-size", "64", "--no-progress", "--log-samples", "0", *map(str, extra)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    end = _accuracy(out / "final", files["eval"])
+    assert summary["eval/reward"] == pytest.approx(end, abs=1e-6)  # eval/reward is this protocol
+    assert end > start + 0.15, (start, end)  # measured: 0.11 -> ~0.45 (GRPO) in 30 steps
+
+
+# -- multi-process: 2 processes equal 1 --------------------------------------------------------------
+SGD = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", "0", "--max-steps", "3",
+       "--logging-steps", "1", "--lr-scheduler", "constant")
+
+
+@pytest.mark.parametrize("cmd, extra", [
+    ("grpo", ("--beta", "0.1", "--scale-rewards", "batch", "--loss-aggregation", "token")),
+    ("rloo", ("--update", "clip")),
+])
+def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd, extra):
+    """5 prompts, 4 per step globally: step 2 holds ONE prompt (process 1 has none: stand-in rows);
+    two iterations of two mini-batches over a shared permutation, passes of 3 completions."""
+    common = [*_args(cmd, tiny_model_dir, prompts_file, "OUT", "--reward", f"{reward_file}:frac_alpha",
+                     "--num-generations", 4, "--num-iterations", 2, "--mini-batches", 2, "--micro-batch-size", 3,
+                     *SGD, *extra)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = lambda out, n: [str(out) if a == "OUT" else a for a in common] + ["--prompts-per-step", str(n)]  # noqa: E731
+    assert main(argv(one, 4)) == 0
+    res = launch("ddp_cpu.yaml", argv(two, 2))
+    assert res.returncode == 0, res.stderr[-4000:]
+    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(float((wa[k] - init[k]).abs().max()) for k in wa) > 1e-2  # the comparison can see a scale error
+    for ra, rb in zip(_rows(one), _rows(two)):
+        for key in ("rewards/mean", "rewards/std", "completions/mean_length", "kl", "entropy"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-5), (key, ra["step"])
+
+
+# -- exact resume through a real process ---------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["grpo", "rloo"])
+def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd):
+    common = _args(cmd, tiny_model_dir, prompts_file, "OUT", "--reward", f"{reward_file}:frac_alpha",
+                   "--num-generations", 4, "--prompts-per-step", 2, "--max-steps", 6, "--save-steps", 1,
+                   "--learning-rate", "1e-2", "--num-iterations", 2)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    with_out = lambda out: [str(out) if a == "OUT" else a for a in common]  # noqa: E731
+    assert main(with_out(ref)) == 0
+    rc, err = interrupt(with_out(run), run, after_rows=2)
+    assert_clean_stop(rc, err, signal.SIGTERM)
+    assert not (run / "summary.json").exists()
+    assert main([*with_out(run), "--resume", "latest"]) == 0
+    assert_same_weights(load_file(str(ref / "final" / "model.safetensors")),
+                        load_file(str(run / "final" / "model.safetensors")))
+    assert metric_rows(ref) == metric_rows(run)
+
+
+# -- options, metrics and bad input --------------------------------------------------------------------
+def test_metrics_several_weighted_rewards_and_row_fields(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args("grpo", tiny_model_dir, prompts_file, out,
+                      "--reward", f"{reward_file}:frac_alpha,{reward_file}:length", "--reward-weights", "1,0.5",
+                      "--num-generations", 4, "--prompts-per-step", 2, "--max-steps", 2, "--beta", "0.05",
+                      "--epsilon-high", "0.28", "--mask-truncated-completions")) == 0
+    row = _rows(out)[0]
+    for key in ("rewards/mean", "rewards/std", "rewards/frac_alpha/mean", "rewards/length/mean",
+                "frac_reward_zero_std", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "kl", "entropy",
+                "completions/mean_length", "completions/clipped_ratio", "grad_norm"):
+        assert key in row and math.isfinite(row[key]), key
+    assert row["rewards/mean"] == pytest.approx(row["rewards/frac_alpha/mean"] + 0.5 * row["rewards/length/mean"],
+                                                abs=1e-5)
+    assert row["rewards/length/mean"] >= 0.5  # the `topic` field of the rows reached the reward
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 samples from π = π_ref
+
+
+def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, prompts_file, reward_file, tmp_path,
+                                                              capsys):
+    def err(cmd, *extra) -> str:
+        out = tmp_path / "bad"
+        assert main(_args(cmd, tiny_model_dir, prompts_file, out, "--max-steps", 1, "--num-generations", 2,
+                          "--prompts-per-step", 2, *extra)) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, msg
+        assert not (out / "summary.json").exists() and not (out / "checkpoints").exists()
+        return msg
+
+    assert "returned 1 values for 4" in err("grpo", "--reward", f"{reward_file}:wrong_length")
+    assert "non-finite value (nan)" in err("rloo", "--reward", f"{reward_file}:nan")
+    assert "no group std" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
+    assert ">= 2" in err("rloo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
+    assert "2 weights for 1 rewards" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--reward-weights", "1,2")
+    assert "--reward" in err("grpo")
+
+
+def test_task_command_writes_disjoint_files(tmp_path, capsys):
+    assert main(["task", "add", "--output-dir", str(tmp_path / "t"), "--train", "50", "--eval", "20", "--sft", "30",
+                 "--noise", "0.5"]) == 0
+    read = lambda n: [json.loads(x) for x in (tmp_path / "t" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    train, evals, sft = read("train"), read("eval"), read("sft")
+    assert len(train) == 50 and len(evals) == 20 and len(sft) == 30
+    assert not {r["prompt"] for r in evals} & ({r["prompt"] for r in train} | {r["prompt"] for r in sft})
+    a, b = map(int, train[0]["prompt"][:-1].split("+"))
+    assert train[0]["answer"] == str(a + b)
+    from dpolab.rewards.tasks import exact_match
+
+    assert exact_match(["p", "q"], [" 19 ", "18"], ["19", "19"]) == [1.0, 0.0]
