@@ -146,3 +146,51 @@ def load_critic(model: PolicyWithValue, path: str | Path) -> None:
     missing = [k for k in model.critic_state() if k not in weights]
     if result.unexpected_keys or missing:
         raise DpolabError(f"{path} does not fit this critic (value head / --value-model settings differ)")
+
+
+def save_policy_with_value(model: PolicyWithValue, tokenizer, path: str | Path, *, merge_lora: bool = False) -> None:
+    """``final/`` of LM PPO: the policy as a Hugging Face folder (LoRA merged), the value head beside
+    it and a separate value model's trunk in ``value_model/``."""
+    from dpolab.runs.checkpoint import save_pretrained_atomic
+
+    path = Path(path)
+    save_pretrained_atomic(model.policy.merge_and_unload() if merge_lora else model.policy, tokenizer, path)
+    save_value_head(model.value_head, path)
+    if model.value_model is not None:
+        model.value_model.save_pretrained(path / VALUE_MODEL_DIR, safe_serialization=True)
+
+
+@torch.no_grad()
+def rollout_values(model, gen, temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """For a Generation, in forward passes of ``batch`` rows of a :class:`PolicyWithValue` (possibly
+    wrapped): the sampled tokens' log-probs (n, R), the values (n, R), both zero after EOS, and the
+    summed per-token entropy of the policy."""
+    from dpolab.lm.logps import gather_token_logps
+    from dpolab.losses.pg import entropy_from_logits
+
+    logps, values, entropy = [], [], 0.0
+    for lo in range(0, gen.batch_size, batch):
+        g = gen.select(torch.arange(lo, min(lo + batch, gen.batch_size), device=gen.response_mask.device))
+        logits, v = model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length)
+        logits = logits / temperature if temperature != 1.0 else logits
+        m = g.response_mask
+        logps.append(gather_token_logps(logits, g.response_ids).float() * m)
+        values.append(v.float() * m)
+        entropy += float((entropy_from_logits(logits.float()) * m).sum())
+    return torch.cat(logps), torch.cat(values), entropy
+
+
+def checkpoint_files(state_dict: dict[str, torch.Tensor], lora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """A :class:`PolicyWithValue`'s checkpoint: the policy's weights as ``model.safetensors`` (LoRA
+    runs: the adapters), the critic's as ``critic.safetensors``."""
+    policy = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+    return {"model.safetensors": {k: v for k, v in policy.items() if not lora or "lora_" in k},
+            "critic.safetensors": {k: v for k, v in state_dict.items() if not k.startswith("policy.")}}
+
+
+def load_checkpoint(model: PolicyWithValue, directory: str | Path, lora: bool) -> None:
+    """Load what :func:`checkpoint_files` wrote."""
+    from dpolab.runs.checkpoint import load_checkpoint_weights
+
+    load_checkpoint_weights(model.policy, Path(directory), partial=lora)
+    load_critic(model, Path(directory) / "critic.safetensors")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.train.engine import Algorithm
+from dpolab.train.on_policy import OnPolicy
 
 
-class CriticFree(Algorithm):
-    train_mode = False
+class CriticFree(OnPolicy):
     bar_keys = ("rewards/mean", "kl")
     summary_keys = ("steps", "eval/reward", "eval/kl", "rewards/mean", "kl", "wall_seconds")
 
@@ -26,14 +25,9 @@ class CriticFree(Algorithm):
         """Whether the step needs π_ref's log-probs of the completions (a KL term, β > 0)."""
         return cfg.beta > 0
 
-    def __init__(self, cfg, engine, prompts, eval_set, rewards, ref_model):
-        from dpolab.lm.sampling import LocalSampler
-
-        self.cfg, self.engine, self.prompts, self.eval_set = cfg, engine, prompts, eval_set
-        self.rewards, self.ref_model, self.lora = rewards, ref_model, cfg.lora
-        self.sampler = LocalSampler(engine.unwrapped, engine.tokenizer)  # the policy itself: nothing to copy
+    def __init__(self, cfg, engine, *args):
+        super().__init__(cfg, engine, *args)
         self.uses_reference = self.uses_reference_for(cfg)
-        self.samples: list[dict] = []
 
     # -- what each algorithm defines ---------------------------------------------------------------
     def advantages(self, s, old: torch.Tensor | None, ref: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
@@ -49,21 +43,12 @@ class CriticFree(Algorithm):
         raise NotImplementedError
 
     # -- the shared step ---------------------------------------------------------------------------
-    def _ref_logps(self, gen):
-        from contextlib import nullcontext
-
-        from dpolab.train.rollouts import rollout_token_logps
-
-        model = self.ref_model if self.ref_model is not None else self.engine.unwrapped
-        ctx = nullcontext() if self.ref_model is not None else self.engine.unwrapped.disable_adapter()
-        with ctx:
-            return rollout_token_logps(model, gen, self.cfg.temperature, self.cfg.micro_batch_size)[0]
-
     def step(self, engine, group):
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
         from dpolab.train.rollouts import (
             minibatch_rows,
+            reference_token_logps,
             reward_metrics,
             rollout_token_logps,
             row_passes,
@@ -80,7 +65,8 @@ class CriticFree(Algorithm):
         several = cfg.num_iterations > 1 or cfg.mini_batches > 1
         old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size)[0] \
             if several or self.needs_old_logps else None
-        ref = self._ref_logps(s.gen) if self.uses_reference else None
+        ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size) \
+            if self.uses_reference else None
         adv, metrics = self.advantages(s, old, ref)
         mask = s.gen.response_mask & s.gen.finished[:, None] if cfg.mask_truncated_completions else s.gen.response_mask
         outs = []
@@ -111,62 +97,23 @@ class CriticFree(Algorithm):
         stats = {k: (float((v.detach() * m).sum()), count) for k, v in {**st, "entropy": entropy}.items()}
         return (w * per_token).sum(), stats
 
-    # -- the rest of the run -------------------------------------------------------------------------
-    def evaluate(self):
-        from dpolab.train.on_policy import evaluate_samples
-
-        return evaluate_samples(self.cfg, self.engine.unwrapped, self.engine.tokenizer, self.eval_set, self.rewards,
-                                self.ref_model, self.cfg.micro_batch_size)
-
-    def on_log(self, engine, step, logged):
-        from dpolab.train.on_policy import log_samples
-
-        if engine.is_main:
-            log_samples(engine.run_dir, step, self.samples, self.cfg.log_samples)
-
-    def on_resume(self, engine, step):
-        from dpolab.train.on_policy import truncate_samples
-
-        truncate_samples(engine.run_dir, step)
-
-    def summary(self, engine):
-        return {"data/prompts": len(self.prompts), "data/truncated_prompts": self.prompts.truncated}
-
     needs_old_logps = False  # RLOO's KL-shaped reward needs the sampling policy's log-probs
 
 
 def train_critic_free(cfg, algo_cls) -> dict:
-    """The opening GRPO and RLOO share: prompts, rewards, the policy (LoRA as configured), the
-    reference where needed, the engine and its plan; then the run."""
-    import json
-
-    from dpolab.data.batching import BatchOrder
-    from dpolab.data.prompts import load_prompts
-    from dpolab.errors import ConfigError
+    """The opening GRPO and RLOO share (:func:`dpolab.train.on_policy.open_run`), the policy (LoRA as
+    configured), the reference where needed, the engine and its plan; then the run."""
     from dpolab.lm.loading import load_trainable_lm
-    from dpolab.rewards.functions import compute_rewards
-    from dpolab.train import distributed, on_policy
+    from dpolab.train import on_policy
     from dpolab.train.engine import Engine
 
-    accelerator, tokenizer = distributed.start_run(cfg)
-    if distributed.is_sharded(accelerator):
-        raise ConfigError(f"dpolab {algo_cls.name} samples with the whole model on each process: use DDP "
-                          "(FSDP/DeepSpeed sharding is not supported for on-policy trainers yet; docs/scaling.md)")
-    prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length)
-    eval_set = on_policy.eval_prompt_set(cfg, prompts, tokenizer)
-    rewards = on_policy.reward_function(cfg, accelerator.device)
-    report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
-    if cfg.dry_run:
-        rows = list(range(min(2, len(prompts))))
-        probe = compute_rewards(rewards, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
-        print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
-                          "config": vars(cfg)}, indent=2))
-        return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}
-    model = load_trainable_lm(cfg)
+    opened = on_policy.open_run(cfg, algo_cls.name)
+    if isinstance(opened, dict):
+        return opened
+    accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     needs_ref = algo_cls.uses_reference_for(cfg) or eval_set is not None
     ref_model = on_policy.reference_model(cfg, accelerator.device) if needs_ref else None
-    engine = Engine(cfg, accelerator, model, tokenizer=tokenizer, report=report)
-    order = BatchOrder(len(prompts), cfg.prompts_per_step, cfg.seed, world_size=accelerator.num_processes,
-                       rank=accelerator.process_index)
-    engine.plan(order, optimizer_steps_per_step=cfg.num_iterations * cfg.mini_batches)
+    engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
+    engine.plan(on_policy.prompt_order(cfg, prompts, accelerator, cfg.prompts_per_step),
+                optimizer_steps_per_step=cfg.num_iterations * cfg.mini_batches)
     return engine.run(algo_cls(cfg, engine, prompts, eval_set, rewards, ref_model))

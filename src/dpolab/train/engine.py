@@ -12,7 +12,7 @@ evaluation, what its checkpoint and final folder hold. The :class:`Engine` owns 
   processes equal one process with the same global batch (:mod:`dpolab.train.distributed`); a
   process with fewer passes runs weight-0 stand-ins, so collective operations stay aligned;
 * the gradient norm (clipping) and the non-finite guard (stop naming where, or skip and count);
-* the metric window and logging (``metrics.jsonl``, the progress bar), the evaluation cadence;
+  the metric window and logging (``metrics.jsonl``, the progress bar), the evaluation cadence;
 * checkpoints (atomic, rotated, written once by the main process) and exact resume: weights,
   optimizer, scheduler, RNG states, the data position, counters and the unlogged window;
 * SIGINT/SIGTERM agreed across processes: finish the step, checkpoint, print how to resume;
@@ -370,8 +370,7 @@ def _split_ratio_stats(rows: list[dict], weights: list[int]) -> tuple[list[dict]
     return plain, sums
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Key-wise mean of the window's step metrics (each step weighs the same)."""
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:  # each step of the window weighs the same
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
 
 

@@ -1,6 +1,7 @@
-"""What the on-policy trainers share (``dpolab ppo``; GRPO, RLOO and online DPO likewise): the reward
-function, the reference model, the evaluation prompts and protocol, per-step sampling seeds and the
-``samples.jsonl`` log of sampled completions."""
+"""What the on-policy trainers share (``dpolab ppo``, ``grpo``, ``rloo``, ``online-dpo``): the opening
+(prompts, rewards, dry run), the reward functions, the reference model, the evaluation prompts and
+protocol, per-step sampling seeds, the ``samples.jsonl`` log of sampled completions, and the
+:class:`OnPolicy` base of their algorithms."""
 
 from __future__ import annotations
 
@@ -11,6 +12,80 @@ from pathlib import Path
 import torch
 
 from dpolab.runs.rundir import RunDir, atomic_write_text
+from dpolab.train.engine import Algorithm
+
+
+class OnPolicy(Algorithm):
+    """An algorithm that samples from its policy: dropout off throughout (eval mode, so the first
+    ratio is exactly 1), evaluation by :func:`evaluate_samples`, ``samples.jsonl`` kept in step with
+    resume. Subclasses set ``self.samples`` (the last step's rows to log) and may redefine ``policy``
+    (the causal LM inside what the engine trains)."""
+
+    train_mode = False
+
+    def __init__(self, cfg, engine, prompts, eval_set, rewards, ref_model):
+        from dpolab.lm.sampling import LocalSampler
+
+        self.cfg, self.engine, self.prompts, self.eval_set = cfg, engine, prompts, eval_set
+        self.rewards, self.ref_model, self.lora = rewards, ref_model, cfg.lora
+        self.sampler = LocalSampler(self.policy, engine.tokenizer)  # the policy itself: nothing to copy
+        self.samples: list[dict] = []
+
+    @property
+    def policy(self):
+        return self.engine.unwrapped
+
+    def evaluate(self):
+        return evaluate_samples(self.cfg, self.policy, self.engine.tokenizer, self.eval_set, self.rewards,
+                                self.ref_model, getattr(self.cfg, "micro_batch_size", 16))
+
+    def on_log(self, engine, step, logged):
+        if engine.is_main:
+            log_samples(engine.run_dir, step, self.samples, self.cfg.log_samples)
+
+    def on_resume(self, engine, step):
+        truncate_samples(engine.run_dir, step)
+
+    def summary(self, engine):
+        return {"data/prompts": len(self.prompts), "data/truncated_prompts": self.prompts.truncated}
+
+
+def open_run(cfg, name: str):
+    """The opening every on-policy trainer shares: the accelerator (sharded set-ups refused: sampling
+    needs the whole model on each process), seeded RNGs, the tokenizer, the prompts, the evaluation
+    prompts, the rewards and the data report. With ``--dry-run`` returns the summary instead (after
+    probing the reward on empty completions); else ``(accelerator, tokenizer, prompts, eval_set,
+    rewards, report)``."""
+    import json
+
+    from dpolab.data.prompts import load_prompts
+    from dpolab.errors import ConfigError
+    from dpolab.rewards.functions import compute_rewards
+    from dpolab.train import distributed
+
+    accelerator, tokenizer = distributed.start_run(cfg)
+    if distributed.is_sharded(accelerator):
+        raise ConfigError(f"dpolab {name} samples with the whole model on each process: use DDP (FSDP/DeepSpeed "
+                          "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
+    prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    eval_set = eval_prompt_set(cfg, prompts, tokenizer)
+    rewards = reward_function(cfg, accelerator.device)
+    report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
+    if cfg.dry_run:
+        rows = list(range(min(2, len(prompts))))
+        probe = compute_rewards(rewards, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
+        print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
+                          "config": vars(cfg)}, indent=2))
+        return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}
+    return accelerator, tokenizer, prompts, eval_set, rewards, report
+
+
+def prompt_order(cfg, prompts, accelerator, batch_size: int):
+    """The seeded, resumable order of the prompts: ``batch_size`` per process and step."""
+    from dpolab.data.batching import BatchOrder
+
+    return BatchOrder(len(prompts), batch_size, cfg.seed, world_size=accelerator.num_processes,
+                      rank=accelerator.process_index)
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -115,6 +115,12 @@ class RewardOptions:
                                              "(default: all 1); the score is their weighted sum")
 
 
+@dataclass
+class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions, ModelOptions, LoraOptions,
+                      OptimizerOptions):
+    """Every option group of an on-policy trainer (PPO, GRPO, RLOO, online DPO)."""
+
+
 def validate_rewards(cfg, *, several: bool = True) -> None:
     """``--reward``/``--reward-model`` given (as lists) and ``--reward-weights`` one per reward;
     ``several=False``: exactly one reward."""
@@ -159,7 +165,12 @@ class GroupOptions:
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of completions without EOS")
 
 
-def validate_groups(cfg) -> None:
-    for name in ("prompts_per_step", "num_generations", "num_iterations", "mini_batches", "micro_batch_size"):
+def require_positive(cfg, *names: str) -> None:
+    """Each option ``names`` must be >= 1."""
+    for name in names:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def validate_groups(cfg) -> None:
+    require_positive(cfg, "prompts_per_step", "num_generations", "num_iterations", "mini_batches", "micro_batch_size")

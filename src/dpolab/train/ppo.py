@@ -11,7 +11,6 @@ Dropout is off throughout (the model stays in eval mode), so the first mini-batc
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +18,10 @@ import torch
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.train.engine import Algorithm, Engine, Pass, cli
-from dpolab.train.options import (
-    LoraOptions,
-    ModelOptions,
-    OptimizerOptions,
-    PromptOptions,
-    RewardOptions,
-    RunOptions,
-    SamplingOptions,
-    validate_on_policy,
-)
+from dpolab.lm import value_head
+from dpolab.train.engine import Engine, cli
+from dpolab.train.on_policy import OnPolicy
+from dpolab.train.options import OnPolicyOptions, require_positive, validate_on_policy
 
 DESCRIPTION = """Fine-tune a causal LM with PPO against a reward model or a Python reward function.
 
@@ -44,12 +36,13 @@ example:
 
 
 @dataclass
-class PPOConfig(RunOptions, PromptOptions, SamplingOptions, RewardOptions, ModelOptions, LoraOptions, OptimizerOptions):
+class PPOConfig(OnPolicyOptions):
     model: str = opt("", "policy to train (and default reference): a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
     output_dir: str = opt("runs/ppo", "run directory")
-    rollout_batch_size: int = opt(16, "prompts (one response each) per PPO step")
-    mini_batch_size: int = opt(4, "responses per gradient step")
+    rollout_batch_size: int = opt(16, "prompts per PPO step, per process")
+    num_samples: int = opt(1, "responses sampled per prompt (each is one episode)")
+    mini_batch_size: int = opt(4, "responses per gradient step, per process")
     grad_accum: int = opt(1, "micro-batches each mini-batch is split into (same gradient, less memory)")
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     kl_coef: float = opt(0.05, "β: KL penalty coefficient (initial value with --adaptive-kl)")
@@ -71,36 +64,28 @@ class PPOConfig(RunOptions, PromptOptions, SamplingOptions, RewardOptions, Model
     max_steps: int = opt(-1, "PPO steps (rollout + update); overrides --epochs when > 0")
     epochs: float = opt(1.0, "passes over the prompts")
     logging_steps: int = opt(1, "log metrics (and sample completions) every N PPO steps")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
         validate_on_policy(self, several_rewards=False)
-        for name in ("rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.mini_batch_size > self.rollout_batch_size:
-            raise ConfigError("--mini-batch-size must not exceed --rollout-batch-size")
-        if self.kl_coef < 0 or self.target_kl <= 0:
-            raise ConfigError("--kl-coef must be >= 0 and --target-kl > 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ConfigError("--gamma and --lam must be in [0, 1]")
-        if self.cliprange <= 0 or self.cliprange_value <= 0:
-            raise ConfigError("--cliprange and --cliprange-value must be > 0")
-        if self.reward_clip < 0:
-            raise ConfigError("--reward-clip must be >= 0")
+        require_positive(self, "rollout_batch_size", "num_samples", "mini_batch_size", "grad_accum", "ppo_epochs")
+        checks = {"--mini-batch-size must not exceed --rollout-batch-size × --num-samples":
+                  self.mini_batch_size <= self.rollout_batch_size * self.num_samples,
+                  "--kl-coef must be >= 0 and --target-kl > 0": self.kl_coef >= 0 and self.target_kl > 0,
+                  "--gamma and --lam must be in [0, 1]": 0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+                  "--cliprange and --cliprange-value must be > 0": self.cliprange > 0 and self.cliprange_value > 0,
+                  "--reward-clip must be >= 0": self.reward_clip >= 0}
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass
 class Rollout:
-    """One PPO step's experience on the training device: ``B`` responses of ``R`` tokens.
+    """One PPO step's experience on this process: the :class:`dpolab.train.rollouts.Samples`, the
+    scores (n,) after penalty and clipping, and (n, R) tensors, zero after EOS."""
 
-    gen: the :class:`dpolab.lm.generation.Generation`. raw_scores (B,) as the reward returned them;
-    scores (B,) after penalty and clipping. logps, ref_logps, values, kl, advantages, returns: (B, R),
-    zero after EOS. entropy: mean per-token entropy of the rollout policy."""
-
-    gen: object
-    prompts: list[str]
-    completions: list[str]
-    raw_scores: torch.Tensor
+    samples: object
     scores: torch.Tensor
     logps: torch.Tensor
     ref_logps: torch.Tensor
@@ -108,149 +93,125 @@ class Rollout:
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    entropy: float
 
 
-class PPO(Algorithm):
+class PPO(OnPolicy):
     name = "ppo"
-    train_mode = False  # dropout off for rollouts and updates alike
     bar_keys = ("objective/scores", "objective/kl")
     summary_keys = ("steps", "eval/reward", "eval/kl", "objective/scores", "objective/kl", "wall_seconds")
 
-    def __init__(self, cfg: PPOConfig, engine: Engine, prompts, eval_set, reward_fn, ref_model):
+    def __init__(self, cfg: PPOConfig, engine: Engine, *args):
         from dpolab.losses.ppo import AdaptiveKLController, FixedKLController
 
-        self.cfg, self.engine, self.prompts, self.eval_set = cfg, engine, prompts, eval_set
-        self.reward_fn, self.ref_model, self.lora = reward_fn, ref_model, cfg.lora
+        super().__init__(cfg, engine, *args)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-        self.samples: list[dict] = []
 
     @property
     def core(self):
         return self.engine.unwrapped
 
-    def forward(self, g) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response-aligned (logits / temperature (B, R, V), values (B, R)) for a Generation."""
-        logits, values = self.engine.model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length)
-        if self.cfg.temperature != 1.0:
-            logits = logits / self.cfg.temperature
-        return logits, values.float()
+    @property
+    def policy(self):
+        return self.engine.unwrapped.policy
 
     @torch.no_grad()
-    def collect(self, idx: list[int], step: int) -> Rollout:
-        from dpolab.lm.generation import decode_responses, generate
-        from dpolab.lm.logps import gather_token_logps, response_token_logps
-        from dpolab.lm.token_rewards import masked_mean, per_token_rewards, shape_scores, token_advantages
-        from dpolab.losses.ppo import entropy_from_logits
-        from dpolab.rl.advantages import whiten
+    def collect(self, idx: list[int], micro: int, step: int) -> tuple[Rollout, float]:
+        """Sample, score, and compute per-token rewards and GAE advantages; whitening is over the
+        global batch. Returns the rollout and the mean per-token entropy (all processes)."""
+        from dpolab.lm.token_rewards import per_token_rewards, shape_scores, token_advantages
+        from dpolab.lm.value_head import rollout_values
+        from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
+        from dpolab.train.rollouts import global_whiten, reference_token_logps, sample_step
 
-        cfg, core, device = self.cfg, self.core, self.engine.device
-        gen = generate(core.policy, self.engine.tokenizer, [self.prompts.ids[i] for i in idx],
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, generator=torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step)))
-        texts, completions = [self.prompts.texts[i] for i in idx], decode_responses(self.engine.tokenizer, gen)
-        raw = self.reward_fn.score(texts, completions, self.prompts.columns(idx))[0].to(device)
-        scores = shape_scores(raw, gen.finished, missing_eos_penalty=cfg.missing_eos_penalty, reward_clip=cfg.reward_clip)
-        mask = gen.response_mask
-        logits, values = self.forward(gen)
-        logps = gather_token_logps(logits, gen.response_ids).float() * mask
-        entropy = float(masked_mean(entropy_from_logits(logits.float()), mask))
-        ref = self.ref_model if self.ref_model is not None else core.policy
-        with (core.policy.disable_adapter() if self.ref_model is None else nullcontext()):
-            ref_logps = response_token_logps(ref, gen, temperature=cfg.temperature)
-        values = values * mask
+        cfg, core, acc = self.cfg, self.core, self.engine.accelerator
+        s = sample_step(self.engine, cfg, self.prompts, idx, cfg.num_samples, self.rewards, self.sampler,
+                        seed=step_seed(cfg.seed, step), micro=micro)
+        gen, mask = s.gen, s.gen.response_mask
+        scores = shape_scores(s.scores, gen.finished, missing_eos_penalty=cfg.missing_eos_penalty,
+                              reward_clip=cfg.reward_clip)
+        logps, values, ent = rollout_values(self.engine.model, gen, cfg.temperature, cfg.mini_batch_size)
+        ref_logps = reference_token_logps(core.policy, self.ref_model, gen, cfg.temperature, cfg.mini_batch_size)
         rewards, kl = per_token_rewards(scores, logps, ref_logps, mask, kl_coef=self.kl_ctl.beta,
                                         kl_estimator=cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = global_whiten(acc, rewards, mask, s.real, shift_mean=False)
         adv, ret = token_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
-        return Rollout(gen, texts, completions, raw, scores, logps, ref_logps, values, kl, adv, ret, entropy)
+            adv = global_whiten(acc, adv, mask, s.real)
+        ent_sum, tokens = distributed.global_sum(acc, [ent * s.real, float(mask.sum()) * s.real])
+        return Rollout(s, scores, logps, ref_logps, values, kl, adv, ret), ent_sum / max(tokens, 1)
 
     def minibatch_loss(self, ro: Rollout, rows: torch.Tensor):
         """Summed clipped policy + vf_coef · value losses over the response tokens of ``rows``."""
         from dpolab.lm.logps import gather_token_logps
-        from dpolab.lm.token_rewards import masked_mean
         from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 
-        g = ro.gen.select(rows)
+        g = ro.samples.gen.select(rows)
         m = g.response_mask
-        logits, values = self.forward(g)
-        logp = gather_token_logps(logits, g.response_ids).float()
+        logits, values = self.engine.model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length)
+        logp = gather_token_logps(logits / self.cfg.temperature if self.cfg.temperature != 1.0 else logits,
+                                  g.response_ids).float()
+        values = values.float()
         pg, pstats = ppo_clip_loss(logp, ro.logps[rows], ro.advantages[rows], self.cfg.cliprange)
         vf, vstats = clipped_value_loss(values, ro.values[rows], ro.returns[rows], self.cfg.cliprange_value)
         mf = m.to(pg.dtype)
         loss_sum = (pg * mf).sum() + self.cfg.vf_coef * (vf * mf).sum()
-        return loss_sum, {"losses/policy": float(masked_mean(pg.detach(), m)),
-                          "losses/value": float(masked_mean(vf.detach(), m)),
-                          "losses/clipfrac": float(masked_mean(pstats["clipfrac"], m)),
-                          "losses/approx_kl": float(masked_mean(pstats["approx_kl"], m)),
-                          "losses/vf_clipfrac": float(masked_mean(vstats["vf_clipfrac"], m)),
-                          "policy/ratio": float(masked_mean(pstats["ratio"], m))}
+        n = float(mf.sum())
+        pair = lambda x: (float((x.detach() * mf).sum()), n)  # noqa: E731  (per-token means, exact over passes)
+        return loss_sum, {"losses/policy": pair(pg), "losses/value": pair(vf), "losses/clipfrac": pair(pstats["clipfrac"]),
+                          "losses/approx_kl": pair(pstats["approx_kl"]), "losses/vf_clipfrac": pair(vstats["vf_clipfrac"]),
+                          "policy/ratio": pair(pstats["ratio"])}
 
     def update(self, engine: Engine, ro: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches; the mean of their metrics."""
-        cfg, B = self.cfg, ro.scores.shape[0]
+        """``ppo_epochs`` passes over mini-batches of a shared permutation of the global batch."""
         from dpolab.train.on_policy import step_seed
+        from dpolab.train.rollouts import minibatch_rows, row_passes
 
-        perm_rng = torch.Generator().manual_seed(step_seed(cfg.seed, engine.step) + 1)
-        rows_out = []
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=perm_rng)
-            for start in range(0, B, cfg.mini_batch_size):
-                rows = perm[start:start + cfg.mini_batch_size].to(engine.device)
-                per = -(-len(rows) // cfg.grad_accum)
-                passes = [Pass(part, int(ro.gen.response_mask[part].sum()), 0, f"mini-batch rows {part.tolist()[:8]}")
-                          for part in rows.split(per)]
-                out = engine.optimizer_step(passes, lambda part: self.minibatch_loss(ro, part),
-                                            where=f"mini-batch rows {rows.tolist()[:8]}")
+        cfg, s = self.cfg, ro.samples
+        n_minibatches = -(-cfg.rollout_batch_size * cfg.num_samples // cfg.mini_batch_size)
+        micro = -(-cfg.mini_batch_size // cfg.grad_accum)
+        mask = s.gen.response_mask
+        outs = []
+        for epoch in range(cfg.ppo_epochs):
+            for m, rows in enumerate(minibatch_rows(s, n_minibatches, step_seed(cfg.seed, engine.step) + 1 + epoch)):
+                where = f"epoch {epoch + 1}, mini-batch {m + 1}"
+                passes = row_passes(engine, rows, micro, lambda r: int(mask[r].sum()), where)
+                out = engine.optimizer_step(passes, lambda r: self.minibatch_loss(ro, r), where=where)
                 if out is not None:
-                    rows_out.append(out)
-        return {k: sum(r[k] for r in rows_out) / len(rows_out) for k in rows_out[0]} if rows_out else {}
+                    outs.append(out)
+        return {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]} if outs else {}
 
     def step(self, engine, group):
-        from dpolab.lm.token_rewards import explained_variance
+        from dpolab.train.rollouts import global_explained_variance, global_means
 
         ((k, idx),) = group
         t0 = time.time()
-        ro = self.collect(idx, engine.step)
-        beta = self.kl_ctl.beta
+        ro, entropy = self.collect(idx, k, engine.step)
+        s, acc, beta = ro.samples, engine.accelerator, self.kl_ctl.beta
         stats = self.update(engine, ro)
-        mask, seq_kl = ro.gen.response_mask, ro.kl.sum(1)
-        engine.tokens_window += int(mask.sum())
-        self.kl_ctl.update(float(seq_kl.mean()))
-        self.samples = [{"prompt": ro.prompts[i], "completion": ro.completions[i], "score": float(ro.raw_scores[i]),
-                         "kl": float(seq_kl[i])} for i in range(len(ro.prompts))]
+        self.sampler.sync_weights(self.core.policy)
+        mask, seq_kl = s.gen.response_mask, ro.kl.sum(1)
+        g = global_means(acc, s.real, kl=seq_kl, scores=s.scores, shaped=ro.scores, tokens=mask.sum(1).float(),
+                         eos=s.gen.finished.float())
+        kl_mean = g["kl"][0]
+        engine.tokens_window += int(round(g["tokens"][0] * s.n_global))
+        self.kl_ctl.update(kl_mean)
+        self.samples = [{"prompt": s.prompts[i], "completion": s.completions[i], "score": float(s.scores[i]),
+                         "kl": float(seq_kl[i])} for i in range(s.n)] if s.real else []
         return {
-            "objective/kl": float(seq_kl.mean()), "objective/kl_coef": beta, "objective/entropy": ro.entropy,
-            "objective/scores": float(ro.raw_scores.mean()),
-            "objective/scores_std": float(ro.raw_scores.std()) if len(idx) > 1 else 0.0,
-            "objective/non_score_reward": float(-beta * seq_kl.mean()),
-            "objective/rlhf_reward": float(ro.scores.mean() - beta * seq_kl.mean()), **stats,
-            "losses/explained_variance": explained_variance(ro.values, ro.returns, mask),
-            "val/response_length": float(ro.gen.response_lengths.float().mean()),
-            "val/eos_fraction": float(ro.gen.finished.float().mean()), "seconds_per_step": time.time() - t0,
+            "objective/kl": kl_mean, "objective/kl_coef": beta, "objective/entropy": entropy,
+            "objective/scores": g["scores"][0], "objective/scores_std": g["scores"][1],
+            "objective/non_score_reward": -beta * kl_mean, "objective/rlhf_reward": g["shaped"][0] - beta * kl_mean,
+            **stats, "losses/explained_variance": global_explained_variance(acc, ro.values, ro.returns, mask, s.real),
+            "val/response_length": g["tokens"][0], "val/eos_fraction": g["eos"][0], "seconds_per_step": time.time() - t0,
         }
 
-    def evaluate(self):
-        from dpolab.train.on_policy import evaluate_samples
-
-        return evaluate_samples(self.cfg, self.core.policy, self.engine.tokenizer, self.eval_set, self.reward_fn,
-                                self.ref_model, self.cfg.rollout_batch_size)
-
     def checkpoint_files(self, state_dict):
-        policy = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        return {"model.safetensors": {k: v for k, v in policy.items() if not self.lora or "lora_" in k},
-                "critic.safetensors": {k: v for k, v in state_dict.items() if not k.startswith("policy.")}}
+        return value_head.checkpoint_files(state_dict, self.lora)
 
     def load_checkpoint(self, engine, directory):
-        from dpolab.lm.value_head import load_critic
-        from dpolab.runs.checkpoint import load_checkpoint_weights
-
-        load_checkpoint_weights(self.core.policy, directory, partial=self.lora)
-        load_critic(self.core, directory / "critic.safetensors")
+        value_head.load_checkpoint(self.core, directory, self.lora)
 
     def state_dict(self):
         return {"kl_coef": self.kl_ctl.beta}
@@ -258,70 +219,30 @@ class PPO(Algorithm):
     def load_state_dict(self, state):
         self.kl_ctl.beta = float(state.get("kl_coef", self.cfg.kl_coef))
 
-    def on_log(self, engine, step, logged):
-        from dpolab.train.on_policy import log_samples
-
-        if engine.is_main:
-            log_samples(engine.run_dir, step, self.samples, self.cfg.log_samples)
-
-    def on_resume(self, engine, step):
-        from dpolab.train.on_policy import truncate_samples
-
-        truncate_samples(engine.run_dir, step)
-
     def save_final(self, engine, path: Path, state_dict) -> None:
-        from dpolab.lm.value_head import VALUE_MODEL_DIR, save_value_head
-        from dpolab.runs.checkpoint import save_pretrained_atomic
-
-        core = self.core
-        save_pretrained_atomic(core.policy.merge_and_unload() if self.lora else core.policy, self.engine.tokenizer, path)
-        save_value_head(core.value_head, path)
-        if core.value_model is not None:
-            core.value_model.save_pretrained(path / VALUE_MODEL_DIR, safe_serialization=True)
-
-    def summary(self, engine):
-        return {"data/prompts": len(self.prompts), "data/truncated_prompts": self.prompts.truncated}
+        value_head.save_policy_with_value(self.core, self.engine.tokenizer, path, merge_lora=self.lora)
 
 
 def train(cfg: PPOConfig) -> dict:
     """Run PPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    import json
-
-    from dpolab.data.batching import BatchOrder
-    from dpolab.data.prompts import load_prompts
-    from dpolab.lm.loading import apply_lora, load_causal_lm
+    from dpolab.lm.loading import load_causal_lm, load_trainable_lm
     from dpolab.lm.value_head import PolicyWithValue, ValueHead, hidden_size_of
-    from dpolab.rewards.functions import compute_rewards
-    from dpolab.train import distributed, on_policy
+    from dpolab.train import on_policy
 
-    accelerator, tokenizer = distributed.start_run(cfg)
-    if accelerator.num_processes > 1:  # a known limit (docs/scaling.md)
-        raise ConfigError("dpolab ppo runs in a single process (one device); launch it without a "
-                          "multi-process accelerate config (docs/scaling.md)")
-    prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length)
-    eval_set = on_policy.eval_prompt_set(cfg, prompts, tokenizer)
-    reward_fn = on_policy.reward_function(cfg, accelerator.device)
-    report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
-    if cfg.dry_run:
-        rows = list(range(min(2, len(prompts))))
-        probe = compute_rewards(reward_fn, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
-        print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
-                          "config": vars(cfg)}, indent=2))
-        return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}
-
-    policy = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.lora:
-        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            target_modules=cfg.lora_target_modules)
+    opened = on_policy.open_run(cfg, "ppo")
+    if isinstance(opened, dict):
+        return opened
+    accelerator, tokenizer, prompts, eval_set, rewards, report = opened
+    policy = load_trainable_lm(cfg)
     ref_model = on_policy.reference_model(cfg, accelerator.device)
     value_model = load_causal_lm(cfg.value_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
         if cfg.value_model else None
     model = PolicyWithValue(policy, ValueHead(hidden_size_of(value_model or policy)), value_model)
     engine = Engine(cfg, accelerator, model, tokenizer=tokenizer, report=report)
-    minibatches = -(-cfg.rollout_batch_size // cfg.mini_batch_size)
-    engine.plan(BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.seed),
+    minibatches = -(-cfg.rollout_batch_size * cfg.num_samples // cfg.mini_batch_size)
+    engine.plan(on_policy.prompt_order(cfg, prompts, accelerator, cfg.rollout_batch_size),
                 optimizer_steps_per_step=cfg.ppo_epochs * minibatches)
-    return engine.run(PPO(cfg, engine, prompts, eval_set, reward_fn, ref_model))
+    return engine.run(PPO(cfg, engine, prompts, eval_set, rewards, ref_model))
 
 
 def cli_main(argv: list[str], prog: str) -> int:

@@ -87,6 +87,16 @@ def rollout_token_logps(model, gen, temperature: float, batch: int, *, with_entr
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
+@torch.no_grad()
+def reference_token_logps(policy, ref_model, gen, temperature: float, batch: int) -> torch.Tensor:
+    """The reference's per-token log-probs of a Generation's responses, ``(n, R)``: ``ref_model``, or
+    with ``None`` the PEFT ``policy`` with its adapters disabled."""
+    if ref_model is not None:
+        return rollout_token_logps(ref_model, gen, temperature, batch)[0]
+    with policy.disable_adapter():
+        return rollout_token_logps(policy, gen, temperature, batch)[0]
+
+
 def response_logps(model, gen, temperature: float, *, with_entropy: bool = False):
     """``(log π(y_t | x, y_<t) (B, R), entropy (B, R) or None)`` for a Generation's responses, zero
     after EOS, with gradient (:func:`dpolab.lm.logps.model_token_logps`: only response positions go
@@ -136,6 +146,12 @@ def global_moments(accelerator, values: torch.Tensor, weight: bool = True) -> tu
     return n, mean, max(var, 0.0) ** 0.5
 
 
+def global_means(accelerator, real: bool, **values: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """``{name: (mean, unbiased std)}`` of each tensor's entries over all processes (one all-reduce
+    per tensor); stand-in rows (``real=False``) count for nothing."""
+    return {k: global_moments(accelerator, v, real)[1:] for k, v in values.items()}
+
+
 def reward_metrics(accelerator, samples: Samples) -> dict[str, float]:
     """Mean and std of the weighted score and of each reward over all processes' completions, the
     completion lengths and the share cut at ``--max-new-tokens`` (no EOS)."""
@@ -152,3 +168,25 @@ def reward_metrics(accelerator, samples: Samples) -> dict[str, float]:
     out["completions/mean_length"] = total / max(n, 1)
     out["completions/clipped_ratio"] = truncated / max(n, 1)
     return out
+
+
+def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, real: bool = True, *, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """:func:`dpolab.rl.advantages.whiten` over the masked entries of every process: the mean and the
+    unbiased variance come from global sums (stand-in rows, ``real=False``, count for nothing)."""
+    m = mask.bool()
+    n, mean, std = global_moments(accelerator, x[m], real)
+    if n < 1:
+        raise ValueError("global_whiten: the mask selects no element")
+    out = (x - mean) * torch.rsqrt(torch.tensor(std * std + eps, dtype=x.dtype, device=x.device))
+    if not shift_mean:
+        out = out + mean
+    return out * m.to(x.dtype)
+
+
+def global_explained_variance(acc, values, returns, mask, real: bool) -> float:
+    """1 − Var[G − V] / Var[G] over the response tokens of every process."""
+    m = mask.bool()
+    _, _, std_ret = global_moments(acc, returns[m], real)
+    _, _, std_err = global_moments(acc, (returns - values)[m], real)
+    return float("nan") if std_ret == 0 else 1 - (std_err / std_ret) ** 2
