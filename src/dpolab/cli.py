@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "ppo": ("dpolab.train.ppo", "PPO for a language model against a KL-penalised reward"),
     "grpo": ("dpolab.train.grpo", "GRPO: group-relative policy optimization against rewards (no critic)"),
     "rloo": ("dpolab.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline against rewards"),
+    "online-dpo": ("dpolab.train.online_dpo", "online DPO: pairs sampled from the policy, ranked by a reward"),
     "kto": ("dpolab.train.kto", "KTO on unpaired desirable/undesirable completions (or split pairs)"),
     "generate": ("dpolab.commands.generate", "sample completions of a causal LM for prompts, as JSONL"),
     "eval": ("dpolab.commands.evaluate", "reward, KL to a reference and win rates of models on prompts"),

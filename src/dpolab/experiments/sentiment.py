@@ -10,9 +10,14 @@ ground-truth reward against sequence-level KL(π‖π_ref). Here, with no networ
 3. preference pairs as in the paper: several completions per training prefix sampled from the base
    model, paired best-vs-worst by the ground-truth reward;
 4. DPO for several β, and PPO for several KL coefficients against a reward model trained on the same
-   pairs (``dpolab rm``); every checkpoint is evaluated on held-out prefixes (mean reward, KL);
-5. the finite-response check of the theory (dpolab.experiments.bandit);
-6. frontier.png, curves.png, samples.md, results.csv/json and report.md in the output directory.
+   pairs (``dpolab rm``); GRPO (several β of its KL term) and RLOO (several β of its KL-shaped
+   reward) on the ground-truth reward itself; every checkpoint is evaluated on held-out prefixes
+   (mean reward, KL);
+5. the best-of-N baseline: N base-model completions per held-out prefix, the best by the reward kept,
+   at the analytic KL bound log N − (N−1)/N;
+6. the finite-response check of the theory (dpolab.experiments.bandit);
+7. frontier.png, curves.png, samples.md, results.csv/json and report.md in the output directory, with
+   a verdict over every method's frontier.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import json
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
-from dpolab.experiments.report import frontier_verdict, print_table, write_outputs
+from dpolab.experiments.report import best_of_n_kl_bound, frontier_verdict, print_table, write_outputs
 
 DESCRIPTION = """Run the DPO paper's controlled-sentiment experiment end to end (no network needed).
 
@@ -36,16 +42,25 @@ example:
   dpolab demo --model gpt2 --prompts prompts.jsonl   # your own base model and prompts
 """
 
-# Sizes of the two presets; any of them can be set explicitly.
+# Sizes of the two presets; any of them can be set explicitly. GRPO and RLOO: 8 prefixes × 8
+# completions per step (docs/demo.md has how these were chosen).
 PRESETS = {
     "quick": dict(corpus_size=3000, pretrain_steps=300, hidden_size=64, layers=2, train_prompts=192,
                   samples_per_prompt=4, eval_prompts=64, max_new_tokens=16, dpo_betas=[0.1, 0.5],
-                  dpo_steps=40, ppo_kl_coefs=[0.05, 0.2], ppo_steps=10, rm_steps=60, eval_every=10),
+                  dpo_steps=40, ppo_kl_coefs=[0.05, 0.2], ppo_steps=10, rm_steps=60, eval_every=10,
+                  grpo_betas=[0.0, 0.05], grpo_steps=20, rloo_betas=[0.01, 0.1], rloo_steps=20,
+                  num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
     "full": dict(corpus_size=8000, pretrain_steps=800, hidden_size=96, layers=3, train_prompts=512,
                  samples_per_prompt=4, eval_prompts=128, max_new_tokens=20, dpo_betas=[0.05, 0.1, 0.25, 0.5, 1.0],
                  dpo_steps=120, ppo_kl_coefs=[0.02, 0.05, 0.1, 0.2, 0.5], ppo_steps=30, rm_steps=200,
-                 eval_every=20),
+                 eval_every=20, grpo_betas=[0.0, 0.05, 0.2], grpo_steps=40, rloo_betas=[0.01, 0.03, 0.1],
+                 rloo_steps=40, num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
 }
+
+# The trained series: method -> (its knob, run-directory prefix), one table for training,
+# evaluation and samples.md alike.
+SERIES = {"DPO": ("beta", "dpo-beta"), "PPO": ("kl_coef", "ppo-kl"), "GRPO": ("beta", "grpo-beta"),
+          "RLOO": ("beta", "rloo-beta")}
 
 
 @dataclass
@@ -58,6 +73,9 @@ class DemoConfig:
     reward: str = opt("dpolab.experiments.sentiment_reward:vader_sentiment", "ground-truth reward 'module:function'")
     dpo_betas: list[float] | None = opt(None, "DPO β values (comma-separated)")
     ppo_kl_coefs: list[float] | None = opt(None, "PPO KL coefficients (comma-separated)")
+    grpo_betas: list[float] | None = opt(None, "GRPO β values of its KL term (comma-separated; 0: no KL term)")
+    rloo_betas: list[float] | None = opt(None, "RLOO β values of its KL-shaped reward r − β·KL (comma-separated)")
+    best_of_n: list[int] | None = opt(None, "N values of the best-of-N baseline (comma-separated)")
     corpus_size: int | None = opt(None, "reviews generated for pretraining")
     pretrain_steps: int | None = opt(None, "pretraining steps of the tiny base model")
     hidden_size: int | None = opt(None, "hidden size of the tiny base model")
@@ -69,7 +87,11 @@ class DemoConfig:
     dpo_steps: int | None = opt(None, "DPO optimizer steps per β")
     ppo_steps: int | None = opt(None, "PPO steps (rollout + update) per KL coefficient")
     rm_steps: int | None = opt(None, "reward-model training steps")
-    eval_every: int | None = opt(None, "evaluate a checkpoint every N DPO steps (PPO: every N/4 steps)")
+    grpo_steps: int | None = opt(None, "GRPO steps (sample + update) per β")
+    rloo_steps: int | None = opt(None, "RLOO steps (sample + update) per β")
+    num_generations: int | None = opt(None, "GRPO/RLOO: completions sampled per prefix in a step (the group)")
+    prompts_per_step: int | None = opt(None, "GRPO/RLOO: prefixes per step")
+    eval_every: int | None = opt(None, "evaluate a checkpoint every N DPO steps (PPO, GRPO, RLOO: every N/4 steps)")
     progress: bool = opt(True, "show progress bars")
 
     def resolved(self) -> DemoConfig:
@@ -83,23 +105,37 @@ class DemoConfig:
         return DemoConfig(**values)
 
     def validate(self) -> None:
-        for name in ("dpo_betas", "ppo_kl_coefs"):
+        for name, low, what in (("dpo_betas", 0, "positive"), ("ppo_kl_coefs", 0, "positive"),
+                                ("grpo_betas", None, "values >= 0"), ("rloo_betas", None, "values >= 0"),
+                                ("best_of_n", 0, "values >= 1")):
             vals = getattr(self, name)
-            if vals is not None and (not vals or any(v <= 0 for v in vals)):
-                raise ConfigError(f"--{name.replace('_', '-')} needs positive values")
+            if vals is not None and (not vals or any(v < 0 or (low is not None and v <= low) for v in vals)):
+                raise ConfigError(f"--{name.replace('_', '-')} needs {what}")
         if self.samples_per_prompt is not None and self.samples_per_prompt < 2:
             raise ConfigError("--samples-per-prompt must be >= 2 to form pairs")
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ConfigError("--num-generations must be >= 2: GRPO and RLOO compare each completion with its group")
 
 
 class Stages:
-    """A plain progress display: numbered stages with elapsed time (trainers draw their own bars)."""
+    """A plain progress display: numbered stages with elapsed time (trainers draw their own bars),
+    and each timed stage's seconds in ``timings``."""
 
     def __init__(self, total: int):
         self.total, self.n, self.t0 = total, 0, time.time()
+        self.timings: dict[str, float] = {}
 
     def __call__(self, text: str) -> None:
         self.n += 1
         print(f"[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def timed(self, key: str, text: str | None = None):
+        if text is not None:
+            self(text)
+        t = time.time()
+        yield
+        self.timings[key] = time.time() - t
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -149,17 +185,26 @@ def make_prompts(cfg: DemoConfig, held_out: list[str], tokenizer) -> tuple[list[
     return prefixes[:cfg.train_prompts], prefixes[cfg.train_prompts:cfg.train_prompts + cfg.eval_prompts]
 
 
-def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], reward_fn, path: Path) -> dict:
-    """Sample ``samples_per_prompt`` completions per prompt from the base model; pair the best with
-    the worst (and the 2nd best with the 2nd worst when there are 4 or more) by ground-truth reward."""
+def sample_scored(cfg: DemoConfig, model, tokenizer, prompts: list[str], k: int, reward_fn, seed: int):
+    """``k`` seeded completions of each prompt, scored by the reward: (texts, prompt-major, P·k;
+    rewards (P, k) float64; the batches' Generations, same order). Preference pairs and best-of-N
+    both draw from the base model this way."""
     from dpolab.lm.generation import sample_completions
     from dpolab.rewards.functions import compute_rewards
 
-    k = cfg.samples_per_prompt
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    texts, _ = sample_completions(model, tokenizer, [x for x in ids for _ in range(k)],
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 11, batch_size=64)
-    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).tolist()
+    texts, gens = sample_completions(model, tokenizer, [x for x in ids for _ in range(k)],
+                                     max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=64)
+    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).double()
+    return texts, rewards.view(len(prompts), k), gens
+
+
+def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], reward_fn, path: Path) -> dict:
+    """Sample ``samples_per_prompt`` completions per prompt from the base model; pair the best with
+    the worst (and the 2nd best with the 2nd worst when there are 4 or more) by ground-truth reward."""
+    k = cfg.samples_per_prompt
+    texts, scored, _ = sample_scored(cfg, model, tokenizer, prompts, k, reward_fn, cfg.seed + 11)
+    rewards = scored.flatten().tolist()
     rows, ties = [], 0
     for i, prompt in enumerate(prompts):
         group = sorted(zip(rewards[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]), key=lambda t: -t[0])
@@ -174,6 +219,41 @@ def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], rew
         raise ConfigError(f"only {len(rows)} preference pairs had distinct rewards; use more prompts or samples")
     _write_jsonl(path, rows)
     return {"pairs": len(rows), "ties_skipped": ties, "base_sample_reward": sum(rewards) / len(rewards)}
+
+
+def best_of_n(cfg: DemoConfig, base, tokenizer, prompts: list[str], reward_fn) -> tuple[list[dict], list]:
+    """The best-of-N baseline (DPO paper §6; Stiennon et al. 2020): max(N) completions of each held-out
+    prompt from the base model; for each N the first N of them, the best by the reward kept. Its KL
+    is the analytic bound (``best_of_n_kl_bound``): measuring it would need best-of-N's own
+    probabilities, a sum over every set of N draws. Returns (one row per N; the (text, reward) of the
+    best of all max(N) completions of each prompt, for samples.md)."""
+    import torch
+
+    k = max(cfg.best_of_n)
+    texts, rewards, gens = sample_scored(cfg, base, tokenizer, prompts, k, reward_fn, cfg.seed + 103)
+    lengths = torch.cat([g.response_lengths for g in gens]).double().view(-1, k)
+    finished = torch.cat([g.finished for g in gens]).double().view(-1, k)
+    rows = []
+    for n in cfg.best_of_n:
+        best, at = rewards[:, :n].max(1)
+        rows.append({"method": "best-of-N", "param": "N", "value": n, "step": 0, "reward": float(best.mean()),
+                     "reward_std": float(best.std()) if best.numel() > 1 else 0.0, "kl": best_of_n_kl_bound(n),
+                     "kl_kind": "bound", "response_length": float(lengths.gather(1, at[:, None]).mean()),
+                     "eos_fraction": float(finished.gather(1, at[:, None]).mean())})
+    top = rewards.argmax(1).tolist()
+    return rows, [(texts[i * k + j], float(rewards[i, j])) for i, j in enumerate(top)]
+
+
+def sweep(method: str, values: list[float], train_one, evaluate, work: Path) -> list[dict]:
+    """Train one run per value of the method's knob (``train_one(value, run_dir)``) and evaluate
+    every checkpoint of each (``evaluate(run_dir)``): the rows of one series."""
+    param, prefix = SERIES[method]
+    rows = []
+    for value in values:
+        run = work / f"{prefix}{value:g}"
+        train_one(value, run)
+        rows += [{"method": method, "param": param, "value": value, **r, "kl_kind": "sampled"} for r in evaluate(run)]
+    return rows
 
 
 def evaluate_run(run_dir: Path, base_path: str, tokenizer, prompts: list[str], reward_fn, cfg: DemoConfig,
@@ -212,8 +292,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from dpolab.rewards.functions import load_reward_function
     from dpolab.train.dpo import DPOConfig
     from dpolab.train.dpo import train as dpo_train
+    from dpolab.train.grpo import GRPOConfig
+    from dpolab.train.grpo import train as grpo_train
     from dpolab.train.ppo import PPOConfig
     from dpolab.train.ppo import train as ppo_train
+    from dpolab.train.rloo import RLOOConfig
+    from dpolab.train.rloo import train as rloo_train
     from dpolab.train.rm import RewardConfig
     from dpolab.train.rm import train as rm_train
 
@@ -229,73 +313,85 @@ def run_demo(cfg: DemoConfig) -> dict:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    say = Stages(7 if not cfg.model else 6)
-    timings: dict[str, float] = {}
-    t = time.time()
+    say = Stages(9 if not cfg.model else 8)
 
-    base_path, held_out = build_base_model(cfg, work, say)
-    timings["base_model"] = time.time() - t
+    with say.timed("base_model"):
+        base_path, held_out = build_base_model(cfg, work, say)
     tokenizer = load_tokenizer(base_path)
     base = load_causal_lm(base_path).eval()
     base.requires_grad_(False)
     train_prompts, eval_prompts = make_prompts(cfg, held_out, tokenizer)
 
-    say(f"sampling {cfg.samples_per_prompt} completions for each of {len(train_prompts)} prefixes; "
-        "labelling pairs with the ground-truth reward")
-    t = time.time()
-    prefs = work / "preferences.jsonl"
-    pref_stats = build_preferences(cfg, base, tokenizer, train_prompts, reward_fn, prefs)
-    _write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
-    _write_jsonl(work / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
-    timings["preferences"] = time.time() - t
+    with say.timed("preferences", f"sampling {cfg.samples_per_prompt} completions for each of {len(train_prompts)} "
+                   "prefixes; labelling pairs with the ground-truth reward"):
+        prefs = work / "preferences.jsonl"
+        pref_stats = build_preferences(cfg, base, tokenizer, train_prompts, reward_fn, prefs)
+        _write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+        _write_jsonl(work / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
     eval_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in eval_prompts]
     base_eval = evaluate_policy(base, tokenizer, eval_prompts, eval_ids, reward_fn, compute_kl=False,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 101, batch_size=64)
     base_eval["kl"] = 0.0
 
+    def evaluate(run):
+        return evaluate_run(run, base_path, tokenizer, eval_prompts, reward_fn, cfg, base)
+
     rows: list[dict] = []
     common = dict(max_length=cfg.max_new_tokens + 48, max_prompt_length=48, seed=cfg.seed, progress=cfg.progress)
-    say(f"DPO for β in {cfg.dpo_betas} ({cfg.dpo_steps} steps each)")
-    t = time.time()
-    for beta in cfg.dpo_betas:
-        run = work / f"dpo-beta{beta:g}"
-        dpo_train(DPOConfig(model=base_path, data=str(prefs), output_dir=str(run), beta=beta, learning_rate=1e-3,
-                            batch_size=16, max_steps=cfg.dpo_steps, eval_fraction=0.05, warmup_steps=5,
-                            lr_scheduler="constant", save_steps=cfg.eval_every, save_total_limit=1000,
-                            logging_steps=5, precompute_ref=True, **common))
-        for r in evaluate_run(run, base_path, tokenizer, eval_prompts, reward_fn, cfg, base):
-            rows.append({"method": "DPO", "param": "beta", "value": beta, **r})
-    timings["dpo"] = time.time() - t
+    with say.timed("dpo", f"DPO for β in {cfg.dpo_betas} ({cfg.dpo_steps} steps each)"):
+        rows += sweep("DPO", cfg.dpo_betas, lambda beta, run: dpo_train(DPOConfig(
+            model=base_path, data=str(prefs), output_dir=str(run), beta=beta, learning_rate=1e-3, batch_size=16,
+            max_steps=cfg.dpo_steps, eval_fraction=0.05, warmup_steps=5, lr_scheduler="constant",
+            save_steps=cfg.eval_every, save_total_limit=1000, logging_steps=5, precompute_ref=True, **common)),
+            evaluate, work)
 
-    say(f"reward model on the same {pref_stats['pairs']} pairs, then PPO for KL coefficients {cfg.ppo_kl_coefs}")
-    t = time.time()
-    rm_summary = rm_train(RewardConfig(model=base_path, data=str(prefs), output_dir=str(work / "rm"),
-                                       learning_rate=1e-3, batch_size=16, max_steps=cfg.rm_steps,
-                                       eval_fraction=0.1, logging_steps=10, **common))
-    ppo_every = max(1, cfg.eval_every // 4)
-    for coef in cfg.ppo_kl_coefs:
-        run = work / f"ppo-kl{coef:g}"
-        ppo_train(PPOConfig(model=base_path, reward_model=str(work / "rm" / "final"), data=str(work / "prompts.jsonl"),
-                            output_dir=str(run), kl_coef=coef, learning_rate=3e-4, rollout_batch_size=32,
-                            mini_batch_size=8, ppo_epochs=4, max_new_tokens=cfg.max_new_tokens,
-                            max_prompt_length=48, max_steps=cfg.ppo_steps, eval_prompts=0, save_steps=ppo_every,
-                            save_total_limit=1000, logging_steps=ppo_every, seed=cfg.seed, progress=cfg.progress))
-        for r in evaluate_run(run, base_path, tokenizer, eval_prompts, reward_fn, cfg, base):
-            rows.append({"method": "PPO", "param": "kl_coef", "value": coef, **r})
-    timings["rm_ppo"] = time.time() - t
+    # PPO, GRPO and RLOO: one rollout and update per step, a checkpoint every `online_every` steps
+    online_every = max(1, cfg.eval_every // 4)
+    with say.timed("rm_ppo", f"reward model on the same {pref_stats['pairs']} pairs, then PPO for KL coefficients "
+                   f"{cfg.ppo_kl_coefs}"):
+        rm_summary = rm_train(RewardConfig(model=base_path, data=str(prefs), output_dir=str(work / "rm"),
+                                           learning_rate=1e-3, batch_size=16, max_steps=cfg.rm_steps,
+                                           eval_fraction=0.1, logging_steps=10, **common))
+        rows += sweep("PPO", cfg.ppo_kl_coefs, lambda coef, run: ppo_train(PPOConfig(
+            model=base_path, reward_model=str(work / "rm" / "final"), data=str(work / "prompts.jsonl"),
+            output_dir=str(run), kl_coef=coef, learning_rate=3e-4, rollout_batch_size=32, mini_batch_size=8,
+            ppo_epochs=4, max_new_tokens=cfg.max_new_tokens, max_prompt_length=48, max_steps=cfg.ppo_steps,
+            eval_prompts=0, save_steps=online_every, save_total_limit=1000, logging_steps=online_every,
+            seed=cfg.seed, progress=cfg.progress)), evaluate, work)
 
-    say("finite-response check of the theory: DPO and PPO against π* = π_ref·exp(r/β)/Z")
-    t = time.time()
-    bandit = run_bandit_check(0.5, seed=cfg.seed, quick=cfg.quick)
-    timings["bandit"] = time.time() - t
+    # GRPO and RLOO score their samples with the ground-truth reward itself (no reward model), one
+    # pass per step (on-policy: no old log-probs to keep); lr 1e-3 as for DPO: the trainers' 1e-6
+    # default is for large models and does not move this one. Evaluated by the demo (eval_prompts=0).
+    group = dict(model=base_path, data=str(work / "prompts.jsonl"), reward=[cfg.reward],
+                 num_generations=cfg.num_generations, prompts_per_step=cfg.prompts_per_step,
+                 micro_batch_size=cfg.num_generations * cfg.prompts_per_step, learning_rate=1e-3,
+                 max_new_tokens=cfg.max_new_tokens, max_prompt_length=48, eval_prompts=0, save_steps=online_every,
+                 save_total_limit=1000, logging_steps=online_every, seed=cfg.seed, progress=cfg.progress)
+    with say.timed("grpo", f"GRPO on the ground-truth reward for β in {cfg.grpo_betas} ({cfg.grpo_steps} steps "
+                   f"of {cfg.prompts_per_step} prefixes × {cfg.num_generations} completions)"):
+        rows += sweep("GRPO", cfg.grpo_betas, lambda beta, run: grpo_train(GRPOConfig(
+            output_dir=str(run), beta=beta, max_steps=cfg.grpo_steps, **group)), evaluate, work)
+    with say.timed("rloo", f"RLOO on the ground-truth reward for β in {cfg.rloo_betas} ({cfg.rloo_steps} steps "
+                   f"of {cfg.prompts_per_step} prefixes × {cfg.num_generations} completions)"):
+        rows += sweep("RLOO", cfg.rloo_betas, lambda beta, run: rloo_train(RLOOConfig(
+            output_dir=str(run), beta=beta, max_steps=cfg.rloo_steps, **group)), evaluate, work)
+
+    with say.timed("best_of_n", f"best-of-N baseline for N in {cfg.best_of_n}: {max(cfg.best_of_n)} base-model "
+                   f"completions of each of {len(eval_prompts)} held-out prefixes"):
+        bon_rows, bon_best = best_of_n(cfg, base, tokenizer, eval_prompts, reward_fn)
+        rows += bon_rows
+
+    with say.timed("bandit", "finite-response check of the theory: DPO and PPO against π* = π_ref·exp(r/β)/Z"):
+        bandit = run_bandit_check(0.5, seed=cfg.seed, quick=cfg.quick)
 
     say(f"writing results to {out}")
-    samples = _samples(cfg, rows, base_path, base, tokenizer, eval_prompts, reward_fn, work)
+    samples = _samples(cfg, rows, base, tokenizer, eval_prompts, reward_fn, work,
+                       {f"best-of-{max(cfg.best_of_n)}": bon_best})
     verdict = frontier_verdict(rows)
     results = {"config": asdict(cfg), "base": base_eval, "preferences": pref_stats,
                "reward_model": {k: v for k, v in rm_summary.items() if k.startswith("eval/")},
                "rows": rows, "bandit": bandit, "verdict": verdict,
-               "timings_seconds": {k: round(v, 1) for k, v in timings.items()}}
+               "timings_seconds": {k: round(v, 1) for k, v in say.timings.items()}}
     results["command"] = reproduce_command(results["config"])
     write_outputs(out, results, samples)
     print_table(results)
@@ -303,8 +399,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 # -- outputs ------------------------------------------------------------------------------------
-def _samples(cfg, rows, base_path, base, tokenizer, prompts, reward_fn, work: Path) -> list[dict]:
-    """Completions of base, DPO and PPO (the final model of each method's best-reward run) on 8 prefixes."""
+def _samples(cfg, rows, base, tokenizer, prompts, reward_fn, work: Path, extra: dict[str, list]) -> list[dict]:
+    """Completions of the base model and of each trained method (the final model of its best-reward
+    run) on 8 prefixes, then ``extra``'s (name -> (text, reward) per prefix, e.g. best-of-N's)."""
     from dpolab.lm.generation import sample_completions
     from dpolab.lm.loading import load_causal_lm
     from dpolab.rewards.functions import compute_rewards
@@ -313,7 +410,7 @@ def _samples(cfg, rows, base_path, base, tokenizer, prompts, reward_fn, work: Pa
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out = {"prompt": prompts}
     models = {"base": base}
-    for method, prefix, key in (("DPO", "dpo-beta", "beta"), ("PPO", "ppo-kl", "kl_coef")):
+    for method, (key, prefix) in SERIES.items():
         finals = [r for r in rows if r["method"] == method]
         if finals:
             last = max(r["step"] for r in finals)
@@ -322,7 +419,9 @@ def _samples(cfg, rows, base_path, base, tokenizer, prompts, reward_fn, work: Pa
     for name, model in models.items():
         texts, _ = sample_completions(model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 5)
         out[name] = list(zip(texts, compute_rewards(reward_fn, prompts, texts).tolist()))
-    return [{"prompt": p, **{name: out[name][i] for name in models}} for i, p in enumerate(prompts)]
+    out.update({name: pairs[:len(prompts)] for name, pairs in extra.items()})
+    names = [*models, *extra]
+    return [{"prompt": p, **{name: out[name][i] for name in names}} for i, p in enumerate(prompts)]
 
 
 def reproduce_command(cfg: dict) -> str:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.dpo import LOSS_OPTIONS
 from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
-from dpolab.train.options import TrainerOptions, validate_common
+from dpolab.train.options import PreferenceLossOptions, TrainerOptions, validate_common
 from dpolab.train.pair_layout import check_loss_options
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
@@ -31,26 +30,13 @@ example:
 
 
 @dataclass
-class DPOConfig(TrainerOptions):
+class DPOConfig(TrainerOptions, PreferenceLossOptions):
     model: str = opt("", "policy model to train: a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model; with --lora, the base with adapters off)")
     data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
     eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given")
     output_dir: str = opt("runs/dpo", "run directory")
-    loss: str = opt("sigmoid", "preference loss (docs/dpo.md lists them: sigmoid = DPO, ipo, hinge, robust, simpo, "
-                    "orpo, cpo, exo_pair, nca_pair, bco_pair, sppo_hard, aot, apo_zero, discopop, ...), or a "
-                    "comma-separated combination 'a,b' summed with --loss-weights")
-    loss_weights: list[float] | None = opt(None, "weights of a --loss combination, comma separated (default: all 1)")
-    beta: float | None = opt(None, "β: strength of the KL constraint / implicit-reward scale (unset: the loss's "
-                             "own default, 0.1 for most; SimPO 2.0, DiscoPOP 0.05)")
-    label_smoothing: float | None = opt(None, "ε: assumed label-noise rate (cDPO for sigmoid, robust DPO, AOT, EXO; "
-                                        "unset: the loss's default, 0 or EXO's 1e-3)")
-    simpo_gamma: float | None = opt(None, "SimPO target reward margin γ (unset: SimPO's default, 1.0)")
-    discopop_tau: float | None = opt(None, "DiscoPOP temperature τ (unset: the paper's 0.05)")
-    orpo_lambda: float | None = opt(None, "ORPO's weight λ of the odds-ratio term (unset: 0.1)")
-    cpo_alpha: float | None = opt(None, "CPO's weight α of the NLL term (unset: 1.0)")
-    rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
     wpo: bool = opt(False, "weight each pair by WPO's on-policy probability of its responses (arXiv 2406.11827)")
     ref_update_steps: int = opt(0, "TR-DPO: update the reference from the policy every N steps (0: never; needs "
                                 "--no-precompute-ref)")
@@ -68,10 +54,6 @@ class DPOConfig(TrainerOptions):
                                          "many padded tokens (same gradient, less activation memory); unset: "
                                          "activations about the weights' size, at least 32 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
-
-    @property
-    def losses(self) -> list[str]:
-        return [n.strip() for n in self.loss.split(",") if n.strip()]
 
     def validate(self) -> None:
         validate_common(self, data_what="a preference data file, folder or hub name")
@@ -149,34 +131,10 @@ class DPO(Algorithm):
 
     def pair_losses(self, batch, split: str):
         """(B,) losses of a batch of pairs of ``split`` and their detached mean statistics."""
-        from dpolab.losses.dpo import PairLogps, combined_preference_loss
-        from dpolab.losses.weighting import wpo_weights
-        from dpolab.train.pair_layout import batch_logps
+        from dpolab.train.pair_layout import pair_losses
 
-        cfg, B = self.cfg, batch.batch_size
-        logps, lengths, *sq = batch_logps(self.engine.model, batch, with_sq_norms=cfg.wpo)
-        ref_c, ref_r = self.reference.pair_logps(batch, split) if self.reference is not None else (None, None)
-        lp = PairLogps(policy_chosen=logps[:B], policy_rejected=logps[B:], chosen_lengths=lengths[:B],
-                       rejected_lengths=lengths[B:], ref_chosen=ref_c, ref_rejected=ref_r)
-        out = combined_preference_loss(cfg.losses, cfg.loss_weights, lp, rpo_alpha=cfg.rpo_alpha,
-                                       bco_delta=self.bco_delta if "bco_pair" in cfg.losses else None,
-                                       **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
-        losses, chosen_r, rejected_r = out.losses, out.chosen_rewards, out.rejected_rewards
-        terms = {f"losses/{k}": v.detach().mean().item() for k, v in out.terms.items()} if len(out.terms) > 1 else {}
-        if cfg.wpo:  # Σ_t a_t = log-prob − log Σ_v π(v)² per response
-            aligned = logps.detach() - sq[0]
-            weights = wpo_weights(aligned[:B], lengths[:B], aligned[B:], lengths[B:])
-            losses = losses * weights
-            terms["wpo/weight"] = weights.mean().item()
-        return losses, {**terms,
-            "loss": losses.detach().mean().item(),
-            "rewards/chosen": chosen_r.mean().item(),
-            "rewards/rejected": rejected_r.mean().item(),
-            "rewards/margins": (chosen_r - rejected_r).mean().item(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
-            "logps/chosen": lp.policy_chosen.detach().mean().item(),
-            "logps/rejected": lp.policy_rejected.detach().mean().item(),
-        }
+        ref = self.reference.pair_logps(batch, split) if self.reference is not None else (None, None)
+        return pair_losses(self.cfg, self.engine.model, batch, ref, bco_delta=self.bco_delta)
 
     def evaluate(self):
         """Each process scores its block of the eval split; the means are over all pairs."""

@@ -68,6 +68,7 @@ def open_run(cfg, name: str):
         raise ConfigError(f"dpolab {name} samples with the whole model on each process: use DDP (FSDP/DeepSpeed "
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
     prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    check_room(cfg, max(len(ids) for ids in prompts.ids))
     eval_set = eval_prompt_set(cfg, prompts, tokenizer)
     rewards = reward_function(cfg, accelerator.device)
     report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
@@ -78,6 +79,24 @@ def open_run(cfg, name: str):
                           "config": vars(cfg)}, indent=2))
         return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}
     return accelerator, tokenizer, prompts, eval_set, rewards, report
+
+
+def check_room(cfg, longest_prompt: int) -> None:
+    """Refuse, before loading any weights, prompts that leave no room for ``--max-new-tokens`` in the
+    model's positions (``max_position_embeddings`` of its config, where it has one)."""
+    from transformers import AutoConfig
+
+    from dpolab.errors import ConfigError
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code),
+                        "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return  # the model load reports it
+    if limit is not None and longest_prompt + cfg.max_new_tokens > limit:
+        raise ConfigError(f"prompts of up to {longest_prompt} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed "
+                          f"the model's {limit} positions: no room for the completions; lower --max-prompt-length "
+                          "or --max-new-tokens")
 
 
 def prompt_order(cfg, prompts, accelerator, batch_size: int):

@@ -68,6 +68,31 @@ class TrainerOptions(RunOptions, ModelOptions, LoraOptions, BatchOptions, Optimi
     """Every option group of an offline LM trainer (SFT, DPO, KTO): run, model, LoRA, batch, optimizer."""
 
 
+@dataclass
+class PreferenceLossOptions:
+    """The DPO family's loss and its options (``dpolab dpo``, ``dpolab online-dpo``)."""
+
+    loss: str = opt("sigmoid", "preference loss (docs/dpo.md lists them: sigmoid = DPO, ipo, hinge, robust, simpo, "
+                    "orpo, cpo, exo_pair, nca_pair, bco_pair, sppo_hard, aot, apo_zero, discopop, ...), or a "
+                    "comma-separated combination 'a,b' summed with --loss-weights")
+    loss_weights: list[float] | None = opt(None, "weights of a --loss combination, comma separated (default: all 1)")
+    beta: float | None = opt(None, "β: strength of the KL constraint / implicit-reward scale (unset: the loss's "
+                             "own default, 0.1 for most; SimPO 2.0, DiscoPOP 0.05)")
+    label_smoothing: float | None = opt(None, "ε: assumed label-noise rate (cDPO for sigmoid, robust DPO, AOT, EXO; "
+                                        "unset: the loss's default, 0 or EXO's 1e-3)")
+    simpo_gamma: float | None = opt(None, "SimPO target reward margin γ (unset: SimPO's default, 1.0)")
+    discopop_tau: float | None = opt(None, "DiscoPOP temperature τ (unset: the paper's 0.05)")
+    orpo_lambda: float | None = opt(None, "ORPO's weight λ of the odds-ratio term (unset: 0.1)")
+    cpo_alpha: float | None = opt(None, "CPO's weight α of the NLL term (unset: 1.0)")
+    rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
+    rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
+    wpo: bool = opt(False, "weight each pair by WPO's on-policy probability of its responses (arXiv 2406.11827)")
+
+    @property
+    def losses(self) -> list[str]:
+        return [n.strip() for n in self.loss.split(",") if n.strip()]
+
+
 def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") -> None:
     """The checks every LM trainer's options share: ``--model`` and ``--data`` given, counts >= 1,
     fractions in range, the prompt shorter than the whole. Each trainer's ``validate`` calls it first."""

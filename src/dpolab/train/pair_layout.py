@@ -103,6 +103,35 @@ def reference_logps(policy, ref_model, batch, accelerator) -> torch.Tensor:
     return batch_logps(ref_model, batch)[0].detach()
 
 
+def pair_losses(cfg, model, batch, ref: tuple, *, bco_delta: float | None = None):
+    """The (B,) preference losses of a batch of pairs under ``cfg``'s loss (one of the DPO family or a
+    weighted combination, :mod:`dpolab.losses.dpo`; with ``cfg.wpo`` WPO-weighted) and their mean
+    statistics (the standard names, plus each term of a combination). ``ref``: the reference's
+    ``(chosen, rejected)`` summed log-probs, or ``(None, None)`` for reference-free losses."""
+    from dpolab.losses.dpo import LOSS_OPTIONS, PairLogps, combined_preference_loss
+    from dpolab.losses.weighting import wpo_weights
+
+    B = batch.batch_size
+    logps, lengths, *sq = batch_logps(model, batch, with_sq_norms=cfg.wpo)
+    lp = PairLogps(policy_chosen=logps[:B], policy_rejected=logps[B:], chosen_lengths=lengths[:B],
+                   rejected_lengths=lengths[B:], ref_chosen=ref[0], ref_rejected=ref[1])
+    out = combined_preference_loss(cfg.losses, cfg.loss_weights, lp, rpo_alpha=cfg.rpo_alpha,
+                                   bco_delta=bco_delta if "bco_pair" in cfg.losses else None,
+                                   **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+    losses, chosen_r, rejected_r = out.losses, out.chosen_rewards, out.rejected_rewards
+    terms = {f"losses/{k}": v.detach().mean().item() for k, v in out.terms.items()} if len(out.terms) > 1 else {}
+    if cfg.wpo:  # Σ_t a_t = log-prob − log Σ_v π(v)² per response
+        aligned = logps.detach() - sq[0]
+        weights = wpo_weights(aligned[:B], lengths[:B], aligned[B:], lengths[B:])
+        losses = losses * weights
+        terms["wpo/weight"] = weights.mean().item()
+    return losses, {**terms, "loss": losses.detach().mean().item(), "rewards/chosen": chosen_r.mean().item(),
+                    "rewards/rejected": rejected_r.mean().item(), "rewards/margins": (chosen_r - rejected_r).mean().item(),
+                    "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+                    "logps/chosen": lp.policy_chosen.detach().mean().item(),
+                    "logps/rejected": lp.policy_rejected.detach().mean().item()}
+
+
 def check_prefix_sharing(model: torch.nn.Module, pairs, pad_token_id: int, vocab_size: int,
                          device: torch.device | str = "cpu") -> str | None:
     """Whether prefix sharing is exact for ``model``: None if so, else the reason it is not.

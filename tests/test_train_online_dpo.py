@@ -1,0 +1,132 @@
+"""`dpolab online-dpo`: the DPO family on pairs sampled from the policy and ranked by a reward. It
+raises the reward, ties are skipped and counted, 2 CPU processes equal 1 (uneven last batch), a
+real process stopped by SIGTERM resumes bitwise, and bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import launch  # noqa: E402
+from test_reliability_signals import assert_clean_stop, assert_same_weights, interrupt, metric_rows  # noqa: E402
+from test_train_grpo import PROMPTS, REWARDS  # noqa: E402
+
+MORE = REWARDS + '''
+def constant(prompts, completions):
+    return [1.0] * len(completions)
+'''
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+@pytest.fixture()
+def reward_file(tmp_path) -> Path:
+    path = tmp_path / "odpo_rewards.py"
+    path.write_text(MORE)
+    return path
+
+
+def _args(model_dir, data, out, reward, *extra, fn="frac_alpha"):
+    return ["online-dpo", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--no-progress",
+            "--max-new-tokens", "6", "--log-samples", "0", "--eval-prompts", "0", "--reward", f"{reward}:{fn}",
+            *map(str, extra)]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_raises_the_reward_and_logs_the_dpo_metrics(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, prompts_file, out, reward_file, "--max-steps", 25, "--prompts-per-step", 5,
+                      "--num-samples", 4, "--learning-rate", "5e-3", "--beta", "0.1", "--eval-prompts", 5,
+                      "--max-new-tokens", 8)) == 0
+    rows = [r for r in _rows(out) if "loss" in r]
+    first = rows[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: π = π_ref, every pair at ln 2
+    for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "rewards/mean",
+                "pairs/ties", "pairs/count", "completions/mean_length"):
+        assert key in first, key
+    early = sum(r["rewards/mean"] for r in rows[:5]) / 5
+    late = sum(r["rewards/mean"] for r in rows[-5:]) / 5
+    assert late > early + 0.1, (early, late)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "eval/reward" in summary and "eval/kl" in summary
+
+
+def test_ties_are_skipped_and_counted(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "ties"
+    assert main(_args(tiny_model_dir, prompts_file, out, reward_file, "--max-steps", 2, "--prompts-per-step", 5,
+                      fn="constant")) == 0
+    rows = _rows(out)
+    assert all(r["pairs/ties"] == 1.0 and r["pairs/count"] == 0 for r in rows)
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(init[k], final[k]) for k in init)  # no pair, no update
+
+
+SGD = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", "0", "--max-steps", "3",
+       "--lr-scheduler", "constant", "--num-samples", "3", "--micro-batch-size", "1", "--beta", "0.5")
+
+
+@pytest.mark.parametrize("label", ["rank", "bradley_terry"])
+def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, reward_file, tmp_path, label):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(tiny_model_dir, prompts_file, one, reward_file, *SGD, "--prompts-per-step", 4,
+                      "--label", label)) == 0
+    res = launch("ddp_cpu.yaml", _args(tiny_model_dir, prompts_file, two, reward_file, *SGD, "--prompts-per-step", 2,
+                                       "--label", label))
+    assert res.returncode == 0, res.stderr[-4000:]
+    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(float((wa[k] - init[k]).abs().max()) for k in init) > 1e-2
+    for ra, rb in zip(_rows(one), _rows(two)):
+        for key in ("loss", "rewards/margins", "rewards/mean", "pairs/count", "pairs/ties"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (key, ra["step"])
+
+
+def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    common = ("--prompts-per-step", 2, "--num-samples", 2, "--max-steps", 6, "--save-steps", 1,
+              "--learning-rate", "1e-2")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(_args(tiny_model_dir, prompts_file, ref, reward_file, *common)) == 0
+    rc, err = interrupt(_args(tiny_model_dir, prompts_file, run, reward_file, *common), run, after_rows=2)
+    assert_clean_stop(rc, err, signal.SIGTERM)
+    assert main([*_args(tiny_model_dir, prompts_file, run, reward_file, *common), "--resume", "latest"]) == 0
+    assert_same_weights(load_file(str(ref / "final" / "model.safetensors")),
+                        load_file(str(run / "final" / "model.safetensors")))
+    assert metric_rows(ref) == metric_rows(run)
+
+
+def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):
+    def err(*extra, fn="frac_alpha") -> str:
+        out = tmp_path / "bad"
+        assert main(_args(tiny_model_dir, prompts_file, out, reward_file, "--max-steps", 1, *extra, fn=fn)) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, msg
+        assert not (out / "summary.json").exists() and not (out / "checkpoints").exists()
+        return msg
+
+    assert "--num-samples must be >= 2" in err("--num-samples", 1)
+    assert "returned 1 values for" in err(fn="wrong_length")
+    assert "non-finite value (nan)" in err(fn="nan")
+    assert "no room for the completions" in err("--max-new-tokens", 300)
+    assert "use it with `dpolab dpo`" in err("--loss", "bco_pair")
