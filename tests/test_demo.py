@@ -1,14 +1,18 @@
-"""`dpolab demo --quick` end to end: every artifact exists and is well-formed, and DPO raises the
-ground-truth reward well above the base model's at bounded KL."""
+"""`dpolab demo --quick` end to end: every artifact exists and is well-formed (the DPO, PPO, GRPO and
+RLOO series and the best-of-N baseline), the verdict covers every method, and DPO, GRPO and RLOO
+raise the ground-truth reward well above the base model's."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
 from dpolab.cli import main
+
+METHODS = {"DPO", "PPO", "GRPO", "RLOO", "best-of-N"}
 
 
 @pytest.fixture(scope="module")
@@ -18,38 +22,95 @@ def demo_dir(tmp_path_factory):
     return out
 
 
-def test_demo_writes_every_artifact(demo_dir):
+@pytest.fixture(scope="module")
+def results(demo_dir):
+    return json.loads((demo_dir / "results.json").read_text())
+
+
+def test_demo_writes_every_artifact(demo_dir, results):
     for name in ("frontier.png", "curves.png", "samples.md", "results.csv", "results.json", "report.md"):
         path = demo_dir / name
         assert path.is_file() and path.stat().st_size > 0, name
     for png in ("frontier.png", "curves.png"):
         assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((demo_dir / "results.json").read_text())
-    methods = {r["method"] for r in results["rows"]}
-    assert methods == {"DPO", "PPO"}
+    assert {r["method"] for r in results["rows"]} == METHODS
     for r in results["rows"]:
         assert -1.0 <= r["reward"] <= 1.0 and r["kl"] == r["kl"]  # VADER range; KL not NaN
     with open(demo_dir / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(results["rows"]) + 1 and rows[0]["method"] == "base"
+    assert {r["method"] for r in rows[1:]} == METHODS
     report = (demo_dir / "report.md").read_text()
     assert results["verdict"]["text"] in report and "dpolab demo --quick" in report
     assert f"{results['base']['reward']:+.3f}" in report
     samples = (demo_dir / "samples.md").read_text()
-    assert "**base**" in samples and "**DPO" in samples and "**PPO" in samples
+    for name in ("**base**", "**DPO", "**PPO", "**GRPO", "**RLOO", f"**best-of-{max(results['config']['best_of_n'])}**"):
+        assert name in samples, name
     bandit = results["bandit"]
     assert bandit["kl_star_dpo"] < 0.25 * bandit["kl_star_ref"]
     assert bandit["kl_star_ppo"] < 0.25 * bandit["kl_star_ref"]
 
 
-def test_demo_dpo_beats_base_at_bounded_kl(demo_dir):
-    results = json.loads((demo_dir / "results.json").read_text())
+def test_demo_grpo_and_rloo_series_are_complete(demo_dir, results):
+    """One run per β, each with a checkpoint every eval_every/4 steps up to its last, all evaluated."""
+    cfg = results["config"]
+    every = max(1, cfg["eval_every"] // 4)
+    for method, betas, steps in (("GRPO", "grpo_betas", "grpo_steps"), ("RLOO", "rloo_betas", "rloo_steps")):
+        rows = [r for r in results["rows"] if r["method"] == method]
+        assert sorted({r["value"] for r in rows}) == sorted(cfg[betas])
+        for beta in cfg[betas]:
+            run_steps = sorted(r["step"] for r in rows if r["value"] == beta)
+            assert run_steps == list(range(every, cfg[steps], every)) + [cfg[steps]], (method, beta)
+            assert (demo_dir / "work" / f"{method.lower()}-beta{beta:g}" / "final").is_dir()
+        assert all(r["param"] == "beta" and r["kl_kind"] == "sampled" for r in rows)
+
+
+def test_demo_best_of_n_rows(demo_dir, results):
+    """One row per N at the bound log N − (N−1)/N; best-of-1 is the base model's evaluation sample
+    itself, and the best of more draws (nested: the first N of max(N)) is never worse."""
+    rows = [r for r in results["rows"] if r["method"] == "best-of-N"]
+    assert [r["value"] for r in rows] == results["config"]["best_of_n"]
+    for r in rows:
+        assert r["kl"] == pytest.approx(math.log(r["value"]) - (r["value"] - 1) / r["value"], abs=1e-12)
+        assert r["kl_kind"] == "bound" and r["step"] == 0 and r["param"] == "N"
+    one = next(r for r in rows if r["value"] == 1)
+    assert one["reward"] == pytest.approx(results["base"]["reward"], abs=1e-9)
+    rewards = [r["reward"] for r in sorted(rows, key=lambda r: r["value"])]
+    assert rewards == sorted(rewards) and rewards[-1] > rewards[0] + 0.2, rewards
+    report = (demo_dir / "report.md").read_text()
+    assert "(bound)" in report and "log N − (N−1)/N" in report
+
+
+def test_demo_verdict_covers_every_method(demo_dir, results):
+    verdict = results["verdict"]
+    assert set(verdict["methods"]) == METHODS
+    for m in METHODS:
+        assert m in verdict["text"], m
+        assert set(verdict["dominated_share"][m]) == METHODS - {m}
+    assert verdict["text"].startswith(("DPO's frontier dominates", "PPO's frontier dominates", "Neither frontier"))
+    assert sum(verdict["joint_frontier_points"].values()) >= 1
+    report = (demo_dir / "report.md").read_text()
+    assert "Best mean reward at bounded KL" in report and "Dominance between frontiers" in report
+    for m in METHODS:  # a row per method in both tables, and in the table of final points
+        assert report.count(f"| {m} |") >= 2 and f"| {m}" in report.split("### Best mean reward")[0], m
+
+
+def test_demo_dpo_beats_base_at_bounded_kl(results):
     base = results["base"]["reward"]
     last = max(r["step"] for r in results["rows"] if r["method"] == "DPO")
     finals = [r for r in results["rows"] if r["method"] == "DPO" and r["step"] == last]
     best = max(finals, key=lambda r: r["reward"])
     assert best["reward"] > base + 0.2, (base, finals)
     assert best["kl"] < 25.0, best
+
+
+@pytest.mark.parametrize("method", ["GRPO", "RLOO"])
+def test_demo_critic_free_methods_beat_base(results, method):
+    """Their best checkpoint, on the held-out prefixes (measured over seeds 0-2: +0.4 to +0.6 above the base)."""
+    base = results["base"]["reward"]
+    rows = [r for r in results["rows"] if r["method"] == method]
+    best = max(rows, key=lambda r: r["reward"])
+    assert best["reward"] > base + 0.25, (base, best)
 
 
 def test_demo_refuses_to_overwrite_finished_run(demo_dir, capsys):
@@ -67,11 +128,21 @@ def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
     args = ["demo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward", f"{reward}:score",
             "--output-dir", str(out), "--no-progress", "--train-prompts", "16", "--eval-prompts", "4",
             "--samples-per-prompt", "4", "--max-new-tokens", "8", "--dpo-betas", "0.5", "--ppo-kl-coefs", "0.1",
-            "--dpo-steps", "4", "--ppo-steps", "2", "--rm-steps", "4", "--eval-every", "4", "--quick"]
+            "--dpo-steps", "4", "--ppo-steps", "2", "--rm-steps", "4", "--eval-every", "4", "--quick",
+            "--grpo-betas", "0", "--rloo-betas", "0.1", "--grpo-steps", "2", "--rloo-steps", "2",
+            "--num-generations", "2", "--prompts-per-step", "4", "--best-of-n", "1,4"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["model"] == str(tiny_model_dir)
-    assert {r["method"] for r in results["rows"]} == {"DPO", "PPO"}
+    assert {r["method"] for r in results["rows"]} == METHODS
     assert not (out / "work" / "pretrain").exists()  # the user's model was used, nothing pretrained
     report = (out / "report.md").read_text()
     assert f"--model {tiny_model_dir}" in report and f"--reward {reward}:score" in report and "--dpo-steps 4" in report
+    assert "--grpo-betas 0 " in report and "--best-of-n 1,4" in report
+
+
+def test_demo_rejects_bad_series_options(capsys):
+    for flag, value, msg in (("--grpo-betas", "-0.1", "values >= 0"), ("--best-of-n", "0,4", "values >= 1"),
+                             ("--num-generations", "1", ">= 2")):
+        assert main(["demo", "--quick", flag, value]) == 2
+        assert msg in capsys.readouterr().err, flag

@@ -188,3 +188,23 @@ def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
         assert r["means"] == {"x": 2.0} and r["total"] == 2.0 and r["sums"] == {"tokens": 30.0}
     # 5 rows, blocks of ceil(5/2) = 3: [0,1,2] and [3,4]; batches of 2, the same count on both
     assert rows[0]["shards"] == [[0, 1], [2]] and rows[1]["shards"] == [[3, 4], []]
+
+
+def test_accelerate_cpu_launch_that_starts_one_process_is_refused(tiny_model_dir, tmp_path):
+    """The command a user types, ``accelerate launch --cpu --num_processes 2 -m dpolab dpo ...``,
+    starts ONE process (accelerate needs mpirun for CPU processes): the run says so in one line and
+    points to the CPU config and torchrun, instead of training alone with the per-process batch."""
+    data = write_rule_data(tmp_path / "prefs.jsonl", n=8)
+    out = tmp_path / "alone"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "-m", "dpolab", "dpo",
+                          "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out)],
+                         env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert res.returncode != 0
+    line = [ln for ln in res.stderr.splitlines() if "dpolab dpo: error:" in ln]
+    assert len(line) == 1 and "started ONE" in line[0] and "examples/accelerate/ddp_cpu.yaml" in line[0], res.stderr
+    # (accelerate's own launcher prints a traceback of the failed child; none comes from dpolab)
+    assert "src/dpolab" not in res.stderr and not out.exists()
+    # a plain single-process launch is left alone
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "ok"),
+                 "--max-steps", "1", "--max-length", "48", "--max-prompt-length", "24", "--no-progress"]) == 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
+import pytest
+
 from dpolab.experiments.grammar import generate_reviews, review_prefix
-from dpolab.experiments.report import frontier_verdict, pareto
+from dpolab.experiments.report import best_of_n_kl_bound, frontier_verdict, pareto
 from dpolab.experiments.sentiment_reward import vader_sentiment
 
 
@@ -32,6 +35,55 @@ def test_frontier_verdict_cases():
     mixed = frontier_verdict(_rows("DPO", [(1.0, 0.6), (5.0, 0.7)]) + _rows("PPO", [(0.5, 0.5), (2.0, 0.8)]))
     assert mixed["text"].startswith("Neither frontier dominates")
     assert mixed["ppo_points_dominated_by_dpo"] == 0.0 and mixed["dpo_points_dominated_by_ppo"] == 0.5
+
+
+def test_frontier_verdict_over_several_methods():
+    """Five methods, shares by hand ((kl, reward); weak dominance = no more KL and at least the reward):
+    A = (1, .6), (4, .9)    B = (2, .5), (5, .8)    C = (.5, .7), (6, .95)    D = (3, .2)    E = (0, .1), (1, .6)
+    B by A: (2,.5) <- (1,.6) yes; (5,.8) <- (4,.9) yes -> 100%; A by B: 0%     => A dominates B
+    A by C: (1,.6) <- (.5,.7) yes; (4,.9) needs kl <= 4 and r >= .9: no -> 50%; C by A: (.5,.7) no, (6,.95) no -> 0%
+    D by every other: (3,.2) <- (1,.6) (A, E), (2,.5) (B), (.5,.7) (C) -> 100%; nothing by D -> A, B, C, E dominate D
+    A by E: (1,.6) <- (1,.6) yes (a tie), (4,.9) no -> 50%; E by A: (0,.1) no, (1,.6) yes -> 50%
+    joint frontier (nothing with no more KL and strictly more reward, or less KL and as much):
+    E (0,.1), C (.5,.7), A (4,.9), C (6,.95); (1,.6) of A and E is beaten by C's (.5,.7)."""
+    pts = {"A": [(1, .6), (4, .9)], "B": [(2, .5), (5, .8)], "C": [(.5, .7), (6, .95)], "D": [(3, .2)],
+           "E": [(0, .1), (1, .6)]}
+    v = frontier_verdict([r for m, p in pts.items() for r in _rows(m, p)], kl_budgets=(1.0, 5.0))
+    assert v["methods"] == ["A", "B", "C", "D", "E"]
+    share = v["dominated_share"]
+    assert share["B"]["A"] == 1.0 and share["A"]["B"] == 0.0
+    assert share["A"]["C"] == 0.5 and share["C"]["A"] == 0.0
+    assert all(share["D"][m] == 1.0 for m in "ABCE") and all(share[m]["D"] == 0.0 for m in "ABCE")
+    assert share["A"]["E"] == 0.5 and share["E"]["A"] == 0.5
+    assert ["A", "B"] in v["dominates"] and ["C", "D"] in v["dominates"] and ["A", "E"] not in v["dominates"]
+    assert ["A", "C"] not in v["dominates"] and ["C", "A"] not in v["dominates"]  # 50% is not dominance
+    assert v["joint_frontier_points"] == {"A": 1, "B": 0, "C": 2, "D": 0, "E": 1}
+    assert v["best_reward"] == {"A": .9, "B": .8, "C": .95, "D": .2, "E": .6}
+    assert v["best_reward_at_kl"]["1"] == {"A": .6, "B": None, "C": .7, "D": None, "E": .6}
+    assert v["best_reward_at_kl"]["5"] == {"A": .9, "B": .8, "C": .7, "D": .2, "E": .6}
+    assert "ppo_points_dominated_by_dpo" not in v  # only with both DPO and PPO
+    text = v["text"]
+    assert text.startswith("Over every method (A, B, C, D and E): ")
+    assert "A's frontier dominates B's and D's" in text and "C's frontier dominates D's" in text
+    assert "made of points of A (1), C (2) and E (1)" in text
+
+
+def test_frontier_verdict_with_dpo_and_ppo_keeps_the_paper_sentence_first():
+    rows = _rows("DPO", [(1.0, 0.6), (2.0, 0.8)]) + _rows("PPO", [(1.5, 0.5), (3.0, 0.7)]) + \
+        _rows("best-of-N", [(0.0, 0.1), (0.5, 0.9)])
+    v = frontier_verdict(rows)
+    assert v["text"].startswith("DPO's frontier dominates PPO's at this scale")
+    assert "best-of-N's frontier dominates DPO's and PPO's" in v["text"]
+    assert v["ppo_points_dominated_by_dpo"] == 1.0 and v["dpo_points_dominated_by_ppo"] == 0.0
+
+
+def test_best_of_n_kl_bound():
+    # log N − (N−1)/N: 0 for N = 1 (the reference itself); log 2 − 1/2 = 0.19315 for N = 2
+    assert best_of_n_kl_bound(1) == 0.0
+    assert best_of_n_kl_bound(2) == pytest.approx(0.1931471806, abs=1e-9)
+    assert best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16, abs=1e-12)
+    bounds = [best_of_n_kl_bound(n) for n in (1, 2, 4, 8, 16, 32)]
+    assert bounds == sorted(bounds) and bounds[-1] < math.log(32)  # grows, but slower than log N
 
 
 def test_grammar_is_reproducible_and_of_mixed_sentiment():

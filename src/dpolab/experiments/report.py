@@ -76,7 +76,7 @@ def frontier_verdict(rows: list[dict], kl_budgets: tuple[float, ...] = KL_BUDGET
         order = [f"{a}'s frontier dominates {_join([b + chr(39) + 's' for b in losers])}"
                  for a, losers in by_winner.items() if losers]
         text = f"Over every method ({_join(methods)}): "
-        text += (_join(order) + "; no other pair is ordered" if order
+        text += ("; ".join(order) + "; no other pair is ordered" if order
                  else "no method's frontier dominates another's")
         on_joint = [f"{m} ({joint[m]})" for m in methods if joint[m]]
         sentences.append(text + f". The joint frontier of all points is made of points of {_join(on_joint)}.")
@@ -133,7 +133,10 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
         ax.scatter(*zip(*pts), s=18, alpha=0.55, color=color, label=f"{method} checkpoints")
         ax.plot(*zip(*pareto(pts)), color=color, lw=2, label=f"{method} frontier")
     ax.scatter([0], [results["base"]["reward"]], color="black", marker="*", s=120, label="base model", zorder=3)
-    ax.set_xlabel("sequence KL(π ‖ π_ref) (nats)")
+    # KL spans best-of-N's < 2 nats to hundreds where an unpenalised run hacks the reward: linear up
+    # to 1 nat, logarithmic above (monotone, so the frontiers are the same)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("sequence KL(π ‖ π_ref) (nats; linear below 1, log above)")
     ax.set_ylabel("mean ground-truth reward")
     ax.set_title("Reward vs KL (controlled sentiment)")
     ax.grid(alpha=0.3)

@@ -57,6 +57,9 @@ PRESETS = {
                  rloo_steps=40, num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
 }
 
+# Every evaluation samples with seed --seed + EVAL_SEED (the same draws for every checkpoint).
+EVAL_SEED = 101
+
 # The trained series: method -> (its knob, run-directory prefix), one table for training,
 # evaluation and samples.md alike.
 SERIES = {"DPO": ("beta", "dpo-beta"), "PPO": ("kl_coef", "ppo-kl"), "GRPO": ("beta", "grpo-beta"),
@@ -80,7 +83,7 @@ class DemoConfig:
     pretrain_steps: int | None = opt(None, "pretraining steps of the tiny base model")
     hidden_size: int | None = opt(None, "hidden size of the tiny base model")
     layers: int | None = opt(None, "layers of the tiny base model")
-    train_prompts: int | None = opt(None, "prefixes used for preference pairs and PPO rollouts")
+    train_prompts: int | None = opt(None, "prefixes used for preference pairs and PPO/GRPO/RLOO rollouts")
     samples_per_prompt: int | None = opt(None, "completions sampled per prefix to build pairs")
     eval_prompts: int | None = opt(None, "held-out prefixes for evaluation")
     max_new_tokens: int | None = opt(None, "completion length cap")
@@ -105,11 +108,11 @@ class DemoConfig:
         return DemoConfig(**values)
 
     def validate(self) -> None:
-        for name, low, what in (("dpo_betas", 0, "positive"), ("ppo_kl_coefs", 0, "positive"),
+        for name, low, what in (("dpo_betas", 0, "positive values"), ("ppo_kl_coefs", 0, "positive values"),
                                 ("grpo_betas", None, "values >= 0"), ("rloo_betas", None, "values >= 0"),
                                 ("best_of_n", 0, "values >= 1")):
-            vals = getattr(self, name)
-            if vals is not None and (not vals or any(v < 0 or (low is not None and v <= low) for v in vals)):
+            vals = getattr(self, name)  # low: the bound values must exceed (None: >= 0 suffices)
+            if vals is not None and (not vals or any(v < 0 if low is None else v <= low for v in vals)):
                 raise ConfigError(f"--{name.replace('_', '-')} needs {what}")
         if self.samples_per_prompt is not None and self.samples_per_prompt < 2:
             raise ConfigError("--samples-per-prompt must be >= 2 to form pairs")
@@ -185,26 +188,17 @@ def make_prompts(cfg: DemoConfig, held_out: list[str], tokenizer) -> tuple[list[
     return prefixes[:cfg.train_prompts], prefixes[cfg.train_prompts:cfg.train_prompts + cfg.eval_prompts]
 
 
-def sample_scored(cfg: DemoConfig, model, tokenizer, prompts: list[str], k: int, reward_fn, seed: int):
-    """``k`` seeded completions of each prompt, scored by the reward: (texts, prompt-major, P·k;
-    rewards (P, k) float64; the batches' Generations, same order). Preference pairs and best-of-N
-    both draw from the base model this way."""
-    from dpolab.lm.generation import sample_completions
-    from dpolab.rewards.functions import compute_rewards
-
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    texts, gens = sample_completions(model, tokenizer, [x for x in ids for _ in range(k)],
-                                     max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=64)
-    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).double()
-    return texts, rewards.view(len(prompts), k), gens
-
-
 def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], reward_fn, path: Path) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from the base model; pair the best with
     the worst (and the 2nd best with the 2nd worst when there are 4 or more) by ground-truth reward."""
+    from dpolab.lm.generation import sample_completions
+    from dpolab.rewards.functions import compute_rewards
+
     k = cfg.samples_per_prompt
-    texts, scored, _ = sample_scored(cfg, model, tokenizer, prompts, k, reward_fn, cfg.seed + 11)
-    rewards = scored.flatten().tolist()
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    texts, _ = sample_completions(model, tokenizer, [x for x in ids for _ in range(k)],
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 11, batch_size=64)
+    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).tolist()
     rows, ties = [], 0
     for i, prompt in enumerate(prompts):
         group = sorted(zip(rewards[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]), key=lambda t: -t[0])
@@ -223,16 +217,24 @@ def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], rew
 
 def best_of_n(cfg: DemoConfig, base, tokenizer, prompts: list[str], reward_fn) -> tuple[list[dict], list]:
     """The best-of-N baseline (DPO paper §6; Stiennon et al. 2020): max(N) completions of each held-out
-    prompt from the base model; for each N the first N of them, the best by the reward kept. Its KL
-    is the analytic bound (``best_of_n_kl_bound``): measuring it would need best-of-N's own
+    prompt from the base model; for each N the first N of them, the best by the reward kept. Draw 0
+    of each prompt is the base model's evaluation sample (same seed), so best-of-1 is the base point.
+    Its KL is the analytic bound (``best_of_n_kl_bound``): measuring it would need best-of-N's own
     probabilities, a sum over every set of N draws. Returns (one row per N; the (text, reward) of the
     best of all max(N) completions of each prompt, for samples.md)."""
     import torch
 
+    from dpolab.lm.generation import sample_completions
+    from dpolab.rewards.functions import compute_rewards
+
     k = max(cfg.best_of_n)
-    texts, rewards, gens = sample_scored(cfg, base, tokenizer, prompts, k, reward_fn, cfg.seed + 103)
-    lengths = torch.cat([g.response_lengths for g in gens]).double().view(-1, k)
-    finished = torch.cat([g.finished for g in gens]).double().view(-1, k)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    draws = [sample_completions(base, tokenizer, ids, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed + EVAL_SEED + 1000 * j, batch_size=64) for j in range(k)]
+    texts = [draws[j][0][i] for i in range(len(prompts)) for j in range(k)]  # prompt-major: (P·k,)
+    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).double().view(-1, k)
+    lengths = torch.stack([torch.cat([g.response_lengths for g in gens]) for _, gens in draws], 1).double()
+    finished = torch.stack([torch.cat([g.finished for g in gens]) for _, gens in draws], 1).double()
     rows = []
     for n in cfg.best_of_n:
         best, at = rewards[:, :n].max(1)
@@ -277,7 +279,7 @@ def evaluate_run(run_dir: Path, base_path: str, tokenizer, prompts: list[str], r
             raise RuntimeError(f"{ckpt}: checkpoint weights do not match the base model")
         with torch.no_grad():
             res = evaluate_policy(policy, tokenizer, prompts, ids, reward_fn, ref_model=ref_model,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 101, batch_size=64)
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + EVAL_SEED, batch_size=64)
         rows.append({"step": int(ckpt.name.split("-")[1]), **res})
     return rows
 
@@ -330,7 +332,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         _write_jsonl(work / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
     eval_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in eval_prompts]
     base_eval = evaluate_policy(base, tokenizer, eval_prompts, eval_ids, reward_fn, compute_kl=False,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 101, batch_size=64)
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + EVAL_SEED, batch_size=64)
     base_eval["kl"] = 0.0
 
     def evaluate(run):

@@ -10,6 +10,7 @@ non-finite weight guard, ``final/``, the learning curve and ``summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -28,11 +29,13 @@ from dpolab.rl.tracking import (
     dry_run_summary,
     load_checkpoint,
     plot_learning_curve,
+    report_to,
     save_checkpoint,
     save_final,
     start_run,
 )
 from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.model_card import method_text, write_model_card
 from dpolab.runs.seeding import seed_everything
 from dpolab.runs.signals import StopSignal, resume_hint
 
@@ -65,7 +68,9 @@ class GymOptions:
     dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
     threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
     progress: bool = opt(True, "show a tqdm progress bar")
-    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    tensorboard: bool = opt(False, "also log to TensorBoard (the same as --report-to tensorboard)")
+    report_to: str = opt("none", "also log to experiment trackers: tensorboard, wandb, mlflow, a comma-separated "
+                         "list, or none (pip install 'dpolab[tracking]')")
 
     def validate(self) -> None:
         for name in ("total_steps", "n_envs", "n_steps", "eval_episodes", "threads"):
@@ -111,6 +116,7 @@ class GymAlgorithm:
 
 def run(cfg: Any, algo: GymAlgorithm) -> dict:
     """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json)."""
+    trackers = report_to(cfg)  # a tracker that is not installed fails before any work
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
     if cfg.dry_run:
         return dry_run_summary(cfg, envs)
@@ -155,7 +161,8 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
         tracker.log(step, {"eval/mean_return": mean, "eval/std_return": float(np.std(returns))})
         return mean
 
-    tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, cfg.tensorboard, algo.name)
+    tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
+                      dataclasses.asdict(cfg))
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
     update = start
     signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
@@ -198,8 +205,11 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
 
     save_final(run_dir, policy, {"env": cfg.env, "algo": algo.name}, step)
     plot_learning_curve(run_dir, f"{algo.title} on {cfg.env} (seed {cfg.seed})")
-    return run_dir.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
-                                  "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
+    summary = run_dir.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
+                                     "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
+    write_model_card(run_dir.final, command=f"rl {algo.name}", method=method_text(algo), config=dataclasses.asdict(cfg),
+                     metrics=summary, base_model="")
+    return summary
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

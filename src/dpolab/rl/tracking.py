@@ -1,8 +1,8 @@
 """Run bookkeeping shared by the Gymnasium PPO and A2C loops: metrics, checkpoints, final policy, plot.
 
-Metrics go to ``metrics.jsonl`` (always), a tqdm progress bar (``progress``) and TensorBoard
-(``tensorboard``, only if the ``tensorboard`` package is installed; asking for it without the package
-is an error rather than a silent no-op).
+Metrics go to ``metrics.jsonl`` (always), a tqdm progress bar (``progress``) and the experiment
+trackers of ``--report-to`` (asking for one that is not installed is an error rather than a silent
+no-op).
 
 A checkpoint (``checkpoints/step-N/state.pt``, written atomically by :class:`dpolab.runs.rundir.RunDir`)
 holds everything a resumed run needs to continue exactly as if uninterrupted: network weights,
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dpolab.config import config_to_dict
-from dpolab.errors import ConfigError, DpolabError
+from dpolab.errors import DpolabError
 from dpolab.rl.nets import save_policy
 from dpolab.runs.guards import nonfinite_error, weights_finite
 from dpolab.runs.rundir import RunDir
@@ -35,28 +35,24 @@ STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps",
 
 
 class Tracker:
-    """Logs a step's metrics to the run directory, the progress bar and (optionally) TensorBoard."""
+    """Logs a step's metrics to the run directory, the progress bar and the ``--report-to`` trackers
+    (:mod:`dpolab.runs.trackers`; ``--tensorboard`` is ``--report-to tensorboard``)."""
 
-    def __init__(self, run: RunDir, total: int, initial: int, progress: bool, tensorboard: bool, desc: str):
+    def __init__(self, run: RunDir, total: int, initial: int, progress: bool, report_to: list[str], desc: str,
+                 config: dict[str, Any] | None = None):
+        from dpolab.runs.trackers import Trackers
+
         self.run = run
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.writer = SummaryWriter(log_dir=str(run.path / "tensorboard"))
+        self.trackers = Trackers(report_to, run.path, config or {})
 
     def log(self, step: int, metrics: dict[str, Any], advance: int = 0) -> None:
         self.run.log(step, metrics)
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, float(v), step)
+        self.trackers.log(metrics, step)
         if self.bar is not None:
             if advance:
                 self.bar.update(advance)
@@ -73,8 +69,15 @@ class Tracker:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close()
+
+
+def report_to(cfg: Any) -> list[str]:
+    """The trackers a Gymnasium run logs to: ``--report-to`` plus ``--tensorboard``, checked installed."""
+    from dpolab.runs.trackers import parse_report_to
+
+    names = parse_report_to(getattr(cfg, "report_to", None))
+    return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
 
 
 def start_run(cfg: Any) -> RunDir:

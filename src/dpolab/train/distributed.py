@@ -5,8 +5,8 @@ processes and :class:`accelerate.Accelerator` wraps the model (DDP, FSDP, DeepSp
 holds the few decisions every trainer makes the same way:
 
 * :func:`make_accelerator` builds the ``Accelerator`` and refuses set-ups that would silently run
-  something else than asked (several processes that do not see each other; FSDP/DeepSpeed that
-  accelerate ignored on CPU).
+  something else than asked (several processes that do not see each other; one process where
+  several were asked; FSDP/DeepSpeed that accelerate ignored on CPU).
 * Exact data parallelism: process ``r`` of ``W`` receives its slice of each global micro-batch
   (:class:`dpolab.data.batching.BatchOrder`); DDP *averages* gradients over the ``W`` processes, so a
   process backpropagates ``W * sum(local losses) / N`` with ``N`` the step's GLOBAL count of loss
@@ -37,6 +37,21 @@ FSDP_ON_CPU = ("FSDP is not available on CPU processes: accelerate (1.15) builds
                "GPU or other accelerator device. Use DDP on CPU (examples/accelerate/ddp_cpu.yaml), FSDP on GPUs.")
 
 
+ALONE_BY_MISTAKE = ("accelerate launch was asked for several CPU processes but started ONE (accelerate starts CPU "
+                    "processes only through mpirun), which would train alone with the per-process batch: launch "
+                    "with --config_file examples/accelerate/ddp_cpu.yaml or torchrun --nproc_per_node N -m dpolab ...")
+
+
+def single_by_mistake() -> bool:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) without mpirun runs one process: its
+    simple launcher then sets ``MASTER_ADDR`` (done only for several processes) but no rank or
+    world size, and no MPI launcher is around."""
+    env = os.environ
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+    return (env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+            and "RANK" not in env and not mpi)
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An :class:`accelerate.Accelerator` for the process group the launcher started.
 
@@ -49,6 +64,8 @@ def make_accelerator(mixed_precision: str = "no"):
     from accelerate.utils import DistributedType
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if single_by_mistake():
+        raise ConfigError(ALONE_BY_MISTAKE)
     cpu = world > 1 and not torch.cuda.is_available()
     if _env_flag("ACCELERATE_USE_FSDP") and cpu:
         # accelerate 1.15's FullyShardedDataParallelPlugin.__post_init__ raises "There are currently
@@ -177,7 +194,9 @@ def start_run(cfg: Any) -> tuple[Any, Any]:
     the final merge would need the whole model on one process), seeded RNGs, and the tokenizer."""
     from dpolab.lm.loading import load_tokenizer
     from dpolab.runs.seeding import seed_everything
+    from dpolab.runs.trackers import parse_report_to
 
+    parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
     accelerator = make_accelerator(cfg.mixed_precision)
     if getattr(cfg, "lora", False) and is_sharded(accelerator):
         raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "

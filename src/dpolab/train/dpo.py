@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.command import cli, dry_run_report
+from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import PreferenceLossOptions, TrainerOptions, validate_common
 from dpolab.train.pair_layout import check_loss_options
 

@@ -39,8 +39,10 @@ from dpolab.runs.checkpoint import (
     write_training_state,
 )
 from dpolab.runs.guards import nonfinite_error, weights_finite
+from dpolab.runs.model_card import method_text, write_model_card
 from dpolab.runs.rundir import RunDir
 from dpolab.runs.signals import StopSignal, resume_hint
+from dpolab.runs.trackers import open_trackers
 from dpolab.train import distributed
 from dpolab.train.optim import grad_norm_, make_optimizer, make_scheduler
 
@@ -289,15 +291,29 @@ class Engine:
     def run(self, algo: Algorithm) -> dict:
         """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or
         ``{"stopped": True, "steps": N}`` after a signal."""
-        from tqdm.auto import tqdm
-
-        cfg, acc, run = self.cfg, self.accelerator, self.run_dir
+        cfg, run = self.cfg, self.run_dir
         if self.ckpt is not None:
             self._resume(algo)
         if self.is_main:
             run.create()
             run.write_config(cfg)
             (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
+        self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path, vars(cfg))
+        try:
+            return self._loop(algo)
+        finally:
+            self.trackers.close()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """A row of ``metrics.jsonl`` and of the trackers (main process)."""
+        if self.is_main and metrics:
+            self.run_dir.log(step, metrics)
+            self.trackers.log(metrics, step)
+
+    def _loop(self, algo: Algorithm) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc, run = self.cfg, self.accelerator, self.run_dir
         self.model.train(algo.train_mode)
         batches = self.order.iterate(start=self.micro)
         bar = tqdm(total=self.steps, initial=self.step, desc=algo.name, dynamic_ncols=True,
@@ -323,14 +339,12 @@ class Engine:
                                    "tokens_per_second": self.tokens_window / elapsed, "skipped_steps": self.skipped})
                     self.tokens_seen += self.tokens_window
                     self.window, t0, self.tokens_window, last_logged = [], time.time(), 0, logged
-                    if self.is_main:
-                        run.log(step, logged)
+                    self.log(step, logged)
                     algo.on_log(self, step, logged)
                     bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.4g}" for k in algo.bar_keys if k in logged})
                 if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.steps:
                     last_eval = self.evaluate(algo)
-                    if self.is_main and last_eval:
-                        run.log(step, last_eval)
+                    self.log(step, last_eval)
                 if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.steps:
                     self.save_checkpoint(algo)
                 signame = stop.agreed(acc)
@@ -348,10 +362,11 @@ class Engine:
         full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
         if not self.is_main:
             return summary_metrics
-        if last_eval:
-            run.log(self.step, last_eval)
+        self.log(self.step, last_eval)
         algo.save_final(self, run.final, full)
         summary = run.write_summary(summary_metrics, steps=self.step)
+        write_model_card(run.final, command=algo.name, method=method_text(algo), config=vars(cfg), metrics=summary,
+                         report=self.report)
         print_summary(summary, algo.summary_keys)
         return summary
 
@@ -379,22 +394,3 @@ def print_summary(summary: dict, keys: tuple[str, ...] | list[str]) -> None:
     width = max((len(k) for k in shown), default=0)
     for k, v in shown.items():
         print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}", file=sys.stderr)
-
-
-def dry_run_report(cfg, report: dict) -> dict:
-    """``--dry-run``: print the data report and resolved config; return the summary a run returns
-    instead of training (numeric report entries as ``data/...``)."""
-    print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
-    return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
-
-
-def cli(cfg_cls, train, argv: list[str], prog: str, description: str, *, final: str = "final model") -> int:
-    """A trainer's command: parse its options (``--config`` YAML, flags), train, say where the result is."""
-    from dpolab.config import parse_config
-    from dpolab.train.distributed import is_main_process
-
-    cfg = parse_config(cfg_cls, argv, prog=prog, description=description)
-    summary = train(cfg)
-    if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
-        print(f"done: {cfg.output_dir} ({final} in {Path(cfg.output_dir) / 'final'})")
-    return 0

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.losses.grpo import ADVANTAGE_SCALES, AGGREGATIONS
+from dpolab.train.command import cli
 from dpolab.train.critic_free import CriticFree, train_critic_free
-from dpolab.train.engine import cli
 from dpolab.train.options import GroupOptions, OnPolicyOptions, validate_groups, validate_on_policy
 
 DESCRIPTION = """Train a causal LM with GRPO: group-relative advantages from several sampled completions per prompt.

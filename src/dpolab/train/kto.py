@@ -23,7 +23,8 @@ import torch
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.losses.kto import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
-from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.command import cli, dry_run_report
+from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import TrainerOptions, validate_common
 
 DESCRIPTION = """Train a causal LM with KTO on completions labelled desirable or undesirable.

@@ -42,6 +42,7 @@ class OnPolicy(Algorithm):
     def on_log(self, engine, step, logged):
         if engine.is_main:
             log_samples(engine.run_dir, step, self.samples, self.cfg.log_samples)
+            engine.trackers.log_samples([{"step": step, **r} for r in self.samples[:self.cfg.log_samples]], step)
 
     def on_resume(self, engine, step):
         truncate_samples(engine.run_dir, step)

@@ -17,7 +17,7 @@ import torch
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.train.engine import cli
+from dpolab.train.command import cli
 from dpolab.train.on_policy import OnPolicy
 from dpolab.train.options import OnPolicyOptions, PreferenceLossOptions, require_positive, validate_on_policy
 

@@ -61,6 +61,8 @@ class RunOptions:
     skip_nonfinite: bool = opt(False, "skip steps whose loss or gradient is NaN/inf (counted) instead of stopping")
     dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
     progress: bool = opt(True, "show a progress bar")
+    report_to: str = opt("none", "also log to experiment trackers: tensorboard, wandb, mlflow, a comma-separated "
+                         "list, or none (pip install 'dpolab[tracking]')")
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.lm import value_head
-from dpolab.train.engine import Engine, cli
+from dpolab.train.command import cli
+from dpolab.train.engine import Engine
 from dpolab.train.on_policy import OnPolicy
 from dpolab.train.options import OnPolicyOptions, require_positive, validate_on_policy
 

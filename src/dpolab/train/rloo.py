@@ -17,8 +17,8 @@ import torch
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
+from dpolab.train.command import cli
 from dpolab.train.critic_free import CriticFree, train_critic_free
-from dpolab.train.engine import cli
 from dpolab.train.options import GroupOptions, OnPolicyOptions, validate_groups, validate_on_policy
 
 DESCRIPTION = """Train a causal LM with RLOO: k sampled completions per prompt, each baselined by the other k − 1.

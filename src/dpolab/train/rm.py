@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from dpolab.config import opt
-from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.command import cli, dry_run_report
+from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions, validate_common
 
 DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.

@@ -16,7 +16,8 @@ import torch
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.train.engine import Algorithm, Engine, cli, dry_run_report
+from dpolab.train.command import cli, dry_run_report
+from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import TrainerOptions, validate_common
 
 DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.

@@ -1,0 +1,104 @@
+"""Experiment trackers (``--report-to``): what a run writes to ``metrics.jsonl`` also goes to TensorBoard,
+Weights & Biases or MLflow, through accelerate's tracker classes, with the resolved config as the
+run's hyper-parameters and, for the trainers that sample, tables of sampled completions.
+
+Each tracker is an optional dependency (``pip install 'dpolab[tracking]'``); asking for one that is
+not installed is a one-line error before any work starts (:func:`parse_report_to`). Files stay in
+the run directory: ``tensorboard/``, ``mlruns/`` (MLflow's local store, unless
+``MLFLOW_TRACKING_URI`` says otherwise) and ``wandb/`` (W&B honours ``WANDB_MODE``, e.g. ``offline``).
+Only the main process of a multi-process run writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dpolab.errors import ConfigError
+
+#: --report-to name -> the package it needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def parse_report_to(value: str | list[str] | None) -> list[str]:
+    """The trackers ``--report-to`` names (``none``, one name, or a comma-separated list), each
+    checked to be known and installed."""
+    if value is None:
+        return []
+    names = [n.strip().lower() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    names = [n for n in names if n != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--report-to: unknown tracker '{name}'; choose from none, {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install 'dpolab[tracking]'")
+    return list(dict.fromkeys(names))
+
+
+def _hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as flat scalar hyper-parameters (lists and None as text), as trackers accept them."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+
+
+class Trackers:
+    """The trackers of one run: ``log`` numeric metrics at a step, ``log_samples`` rows of sampled
+    completions as a table, ``close`` at the end. With no tracker every call is a no-op."""
+
+    def __init__(self, names: list[str], run_dir: str | Path, config: dict[str, Any]):
+        from accelerate import tracking
+
+        self.trackers = []
+        run_dir, run_name = Path(run_dir).resolve(), Path(run_dir).resolve().name
+        for name in names:
+            if name == "tensorboard":
+                tracker = tracking.TensorBoardTracker(run_name, run_dir / "tensorboard")
+            elif name == "wandb":
+                tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "dpolab"), name=run_name,
+                                                dir=str(run_dir))
+            else:
+                import mlflow
+
+                if "MLFLOW_TRACKING_URI" not in os.environ:  # the local file store, inside the run directory
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in
+                    mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+                tracker = tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dpolab"), run_name=run_name)
+            tracker.start()
+            tracker.store_init_configuration(_hparams(config))
+            self.trackers.append((name, tracker))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for _, tracker in self.trackers:
+            tracker.log(values, step=step)
+
+    def log_samples(self, rows: list[dict], step: int, name: str = "samples") -> None:
+        """A table of sample rows (all with the same keys): a W&B table, a TensorBoard text summary,
+        an MLflow JSON artifact."""
+        if not rows or not self.trackers:
+            return
+        columns = list(rows[0])
+        data = [[r.get(c) for c in columns] for r in rows]
+        for kind, tracker in self.trackers:
+            if kind == "wandb":
+                tracker.log_table(name, columns=columns, data=data, step=step)
+            elif kind == "tensorboard":
+                lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                lines += ["| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+                          for row in data]
+                tracker.writer.add_text(name, "\n".join(lines), global_step=step)
+            else:
+                import mlflow
+
+                mlflow.log_dict({"columns": columns, "data": data}, f"{name}/step-{step}.json")
+
+    def close(self) -> None:
+        for _, tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def open_trackers(report_to, run_dir: str | Path, config: dict[str, Any]) -> Trackers:
+    return Trackers(parse_report_to(report_to), run_dir, config)
