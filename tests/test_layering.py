@@ -1,7 +1,8 @@
 """The layout keeps its promises (docs/architecture.md): every module imports in a fresh interpreter,
 imports form no cycle, ``dpolab.rl`` stands without ``dpolab.train``, the pure maths (``dpolab.losses``,
 ``dpolab.rl.advantages``) needs only torch, math and the standard library, the language-model blocks
-(``dpolab.lm``) need no data, training or CLI code, and no private name crosses a module.
+(``dpolab.lm``) need no data, training or CLI code (the run directory's file helpers, ``dpolab.runs``,
+are below them), and no private name crosses a module.
 
 Imports are read from the source (every ``import`` statement, also those inside functions), so a
 cycle through a lazy import counts too."""
@@ -30,9 +31,16 @@ MODULES = _modules()
 
 
 def _imports(path: Path) -> list[tuple[str, list[str], int]]:
-    """(module imported, names taken from it, line) for every import statement of ``path``."""
+    """(module imported, names taken from it, line) for every import statement of ``path`` that can run
+    (those under ``if TYPE_CHECKING:`` only name types for checkers)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -107,7 +115,7 @@ def test_pure_maths_imports_only_torch_math_and_the_standard_library():
 
 
 def test_language_model_blocks_import_no_data_training_or_cli_code():
-    lower = ("dpolab.lm", "dpolab.losses", "dpolab.rl.advantages", "dpolab.errors")
+    lower = ("dpolab.lm", "dpolab.losses", "dpolab.rl.advantages", "dpolab.errors", "dpolab.runs")
     assert _offenders("dpolab.lm", lambda m: not m.startswith("dpolab") or m.startswith(lower)) == []
 
 

@@ -137,8 +137,11 @@ def test_fast_path_really_skips_prompt_and_padding_rows(tiny_model, tiny_tokeniz
             model_sequence_logps(tiny_model, input_ids, attention_mask, loss_mask)
     finally:
         handle.remove()
-    assert seen == [(int(loss_mask[:, 1:].sum()), len(tiny_tokenizer))]
+    # only the M predicting rows reach the head, which is fused into the log-prob (it passes the hidden
+    # states through; the (M, V) logits are formed chunk by chunk inside the log-prob)
+    assert seen == [(int(loss_mask[:, 1:].sum()), tiny_model.config.hidden_size)]
     assert not tiny_model.lm_head._forward_pre_hooks  # the hook is removed again
+    assert "forward" not in tiny_model.lm_head.__dict__  # and the head is its own again
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -185,3 +188,28 @@ def test_shape_errors():
         gather_token_logps(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="shape mismatch"):
         sequence_logps(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 3), (0.7, 100)])
+def test_fused_head_log_probs_equal_the_plain_head_with_their_gradients(temperature, chunk):
+    """The output head fused into the log-prob (logits one chunk of rows at a time, recomputed in
+    backward) gives the values, entropies, log Σp² and gradients of log_softmax(h Wᵀ + b) in float64."""
+    from dpolab.lm.logps import _LinearTokenLogps
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.randn(7, dtype=torch.float64, generator=g)
+    lp, ent, sq = _LinearTokenLogps.apply(h, w, b, labels, chunk, temperature, True, True)
+    grads = torch.autograd.grad((lp * upstream).sum(), (h, w, b))
+    z = (h @ w.T + b) / temperature
+    ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1).detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sq, (p * p).sum(-1).log().detach(), rtol=0, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((ref * upstream).sum(), (h, w, b))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert not ent.requires_grad and not sq.requires_grad

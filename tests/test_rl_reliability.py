@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from dpolab.cli import main
 from dpolab.config import make_config
 from dpolab.errors import DpolabError, NonFiniteError
+from dpolab.losses import pg as pg_losses
+from dpolab.losses import ppo as ppo_losses
 from dpolab.rl import gym_a2c as a2c_mod
 from dpolab.rl import gym_ppo as ppo_mod
 from dpolab.rl.nets import ActorCritic, load_policy, save_policy
@@ -235,7 +237,7 @@ def _nan_on_call(monkeypatch, module, name: str, calls: set[int]) -> None:
 def test_ppo_nan_loss_stops_naming_update_epoch_minibatch_and_saves_nothing_new(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     # updates have 64 samples = 2 minibatches × 2 epochs = 4 loss calls; call 15 = update 4, epoch 2, minibatch 1
-    _nan_on_call(monkeypatch, ppo_mod, "ppo_clip_loss", {15})
+    _nan_on_call(monkeypatch, ppo_losses, "ppo_clip_loss", {15})
     assert main([*PPO_ARGS, "--save-steps", "128", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "non-finite loss at step 256 (update 4/10, epoch 2, minibatch 1)" in err and "Traceback" not in err
@@ -273,19 +275,19 @@ def test_ppo_skip_nonfinite_skips_exactly_the_bad_minibatches():
     twin.load_state_dict(policy.state_dict())
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     bad = {2, 7}
-    real, calls = ppo_mod.ppo_clip_loss, {"n": 0}
+    real, calls = ppo_losses.ppo_clip_loss, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss, st = real(*a, **k)
         return (loss * float("nan"), st) if calls["n"] in bad else (loss, st)
 
-    ppo_mod.ppo_clip_loss = poisoned
+    ppo_losses.ppo_clip_loss = poisoned
     try:
         torch.manual_seed(5)
         metrics, epochs, skipped = ppo_mod.ppo_update(policy, opt, batch, cfg, 0.2)
     finally:
-        ppo_mod.ppo_clip_loss = real
+        ppo_losses.ppo_clip_loss = real
     assert (epochs, skipped) == (2, 2)
     assert all(s["step"] == 6 for s in opt.state.values())
     assert all(math.isfinite(v) for v in metrics.values())
@@ -311,7 +313,7 @@ def test_ppo_skip_nonfinite_skips_exactly_the_bad_minibatches():
 
 
 def test_skip_nonfinite_runs_count_skipped_steps(tmp_path, monkeypatch):
-    _nan_on_call(monkeypatch, ppo_mod, "ppo_clip_loss", {3, 4, 10})
+    _nan_on_call(monkeypatch, ppo_losses, "ppo_clip_loss", {3, 4, 10})
     out = tmp_path / "ppo"
     assert main([*PPO_ARGS, "--total-steps", "256", "--skip-nonfinite", "--output-dir", str(out)]) == 0
     train_rows = [r for r in rows(out) if "skipped_steps" in r]
@@ -320,7 +322,7 @@ def test_skip_nonfinite_runs_count_skipped_steps(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 3
 
     with monkeypatch.context() as m:
-        _nan_on_call(m, a2c_mod, "a2c_loss", {2})  # 3 updates of 20 steps, logged together
+        _nan_on_call(m, pg_losses, "a2c_loss", {2})  # 3 updates of 20 steps, logged together
         out = tmp_path / "a2c"
         assert main([*A2C_ARGS, "--total-steps", "60", "--skip-nonfinite", "--output-dir", str(out)]) == 0
     (row,) = [r for r in rows(out) if "skipped_steps" in r]
@@ -328,7 +330,7 @@ def test_skip_nonfinite_runs_count_skipped_steps(tmp_path, monkeypatch):
 
 
 def test_a2c_nan_loss_stops_naming_the_update(tmp_path, monkeypatch, capsys):
-    _nan_on_call(monkeypatch, a2c_mod, "a2c_loss", {2})
+    _nan_on_call(monkeypatch, pg_losses, "a2c_loss", {2})
     out = tmp_path / "a2c"
     assert main([*A2C_ARGS, "--total-steps", "60", "--output-dir", str(out)]) == 2
     assert "non-finite loss at step 40 (update 2/3)" in capsys.readouterr().err

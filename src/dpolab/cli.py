@@ -8,9 +8,9 @@ and a command's heavy imports (torch, transformers) are paid only when it is use
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from dpolab import __version__
 from dpolab.errors import DpolabError
@@ -39,13 +39,16 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
 
 
 def _available(table: dict) -> dict:
+    """The commands whose module is there, found on disk: ``importlib.util.find_spec`` would import
+    each command's packages (and their heavy dependencies) just to list them."""
+    root = Path(__file__).resolve().parent.parent
     out = {}
     for name, entry in table.items():
         if isinstance(entry, dict):
             sub = _available(entry)
             if sub:
                 out[name] = sub
-        elif importlib.util.find_spec(entry[0]) is not None:
+        elif (root / (entry[0].replace(".", "/") + ".py")).is_file():
             out[name] = entry
     return out
 

@@ -48,12 +48,12 @@ PRESETS = {
     "quick": dict(corpus_size=3000, pretrain_steps=300, hidden_size=64, layers=2, train_prompts=192,
                   samples_per_prompt=4, eval_prompts=64, max_new_tokens=16, dpo_betas=[0.1, 0.5],
                   dpo_steps=40, ppo_kl_coefs=[0.05, 0.2], ppo_steps=10, rm_steps=60, eval_every=10,
-                  grpo_betas=[0.0, 0.05], grpo_steps=20, rloo_betas=[0.01, 0.1], rloo_steps=20,
+                  grpo_betas=[0.0, 0.2], grpo_steps=20, rloo_betas=[0.01, 0.1], rloo_steps=20,
                   num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
     "full": dict(corpus_size=8000, pretrain_steps=800, hidden_size=96, layers=3, train_prompts=512,
                  samples_per_prompt=4, eval_prompts=128, max_new_tokens=20, dpo_betas=[0.05, 0.1, 0.25, 0.5, 1.0],
                  dpo_steps=120, ppo_kl_coefs=[0.02, 0.05, 0.1, 0.2, 0.5], ppo_steps=30, rm_steps=200,
-                 eval_every=20, grpo_betas=[0.0, 0.05, 0.2], grpo_steps=40, rloo_betas=[0.01, 0.03, 0.1],
+                 eval_every=20, grpo_betas=[0.0, 0.2, 1.0], grpo_steps=40, rloo_betas=[0.01, 0.03, 0.1],
                  rloo_steps=40, num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
 }
 

@@ -73,6 +73,116 @@ class _TokenLogps(torch.autograd.Function):
         return grad, None, None
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """``log softmax((h Wᵀ + b) / T)[label]`` for rows ``h`` of an ``(M, H)`` matrix: the output head
+    fused into the log-prob, so the ``(M, V)`` logits exist one chunk of rows at a time, in the
+    forward pass and again (recomputed) in the backward pass; what backward keeps is ``h`` and the
+    weight. Optionally, without gradient, each row's entropy and ``log Σ_v p(v)²`` (WPO)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk, temperature, want_entropy, want_sq):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        out, lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(2))
+        ent = torch.empty(n if want_entropy else 0, dtype=dtype, device=hidden.device)
+        sq = torch.empty(n if want_sq else 0, dtype=dtype, device=hidden.device)
+        for s in range(0, n, chunk):
+            z = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).to(dtype) / temperature  # (c, V)
+            l = torch.logsumexp(z, dim=-1)
+            lse[s:s + chunk] = l
+            out[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - l
+            if want_entropy:
+                ent[s:s + chunk] = l - (torch.softmax(z, dim=-1) * z).sum(-1)
+            if want_sq:
+                sq[s:s + chunk] = torch.logsumexp(2 * z, dim=-1) - 2 * l
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.mark_non_differentiable(ent, sq)
+        return out, ent, sq
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_ent, _grad_sq):
+        # d log p(label) / dz = onehot(label) − softmax(z), z = logits / T, per row
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk, temperature = ctx.chunk, ctx.temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b and bias is not None else None
+        grad_out = grad_out.to(lse.dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            z = torch.nn.functional.linear(h, weight, bias).to(lse.dtype) / temperature
+            g = grad_out[s:s + chunk, None]                                           # (c, 1)
+            dz = torch.exp(z - lse[s:s + chunk, None]).mul_(-g)
+            dz.scatter_add_(-1, labels[s:s + chunk, None], g)
+            dz /= temperature                                                         # d/d(logits)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += dz.T @ h.to(lse.dtype)
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
+
+
+def _head_chunk(vocab: int) -> int:
+    return max(1, _TARGET_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class ResponseRows:
+    """Run a causal LM so that only the hidden states chosen by ``select(hidden) -> (M, H) | None``
+    reach its output head. With a plain ``nn.Linear`` head the head is bypassed (its rows come back
+    as the model's "logits" and :func:`rows_token_logps` fuses the head into the log-probs); with
+    other supported heads their logits of those rows come back; otherwise (``select`` returned None,
+    or an unsupported architecture) the full logits."""
+
+    def __init__(self, model: torch.nn.Module, select, enabled: bool = True, *, head: torch.nn.Module | None = None):
+        self.head = (head if head is not None else plain_output_head(model)) if enabled else None
+        self.select, self.selected, self.handle = select, False, None
+        self.fused = type(self.head) is torch.nn.Linear and self.head.weight.dim() == 2
+
+    def __enter__(self) -> ResponseRows:
+        if self.head is None:
+            return self
+
+        def pre(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("input")
+            rows = self.select(hidden) if hidden is not None else None
+            if rows is None:
+                return None  # unexpected layout: leave the call alone, full logits are used
+            self.selected = True
+            return ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, "input": rows})
+
+        self.handle = self.head.register_forward_pre_hook(pre, with_kwargs=True)
+        if self.fused:
+            plain = self.head.forward
+            self.head.forward = lambda x: x if self.selected else plain(x)  # the head runs in the log-prob
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.handle is not None:
+            self.handle.remove()
+        if self.fused and "forward" in self.head.__dict__:
+            del self.head.forward
+        return False
+
+    def token_logps(self, output: Tensor, labels: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
+                    with_sq: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(log-probs (M,), entropies (M,) or None, log Σ p² (M,) or None) of ``labels`` (M,) from what
+        the model returned for the selected rows (hidden states when fused, else logits (M, V))."""
+        if self.fused and self.selected:
+            w, b = self.head.weight, self.head.bias
+            lp, ent, sq = _LinearTokenLogps.apply(output, w, b, labels, _head_chunk(w.shape[0]), float(temperature),
+                                                  with_entropy, with_sq)
+            return lp, (ent if with_entropy else None), (sq if with_sq else None)
+        logits = output / temperature if temperature != 1.0 else output
+        return (gather_token_logps(logits, labels), _entropy_rows(logits.detach()) if with_entropy else None,
+                token_log_sq_norms(logits) if with_sq else None)
+
+
 def gather_token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None) -> Tensor:
     """Log-probability of each label under the softmax of its logits row.
 
@@ -192,36 +302,21 @@ def model_sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_ma
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     labels, mask = _shifted(input_ids, loss_mask)                                     # (B, T)
-    head = plain_output_head(model) if response_only_logits else None
-    handle = None
-    if head is not None:
-        def select_response_rows(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("input")
-            if hidden is None or hidden.shape[:2] != mask.shape:
-                return None  # unexpected layout: leave the call alone, full logits are used
-            selected = hidden[mask]                                                   # (M, H)
-            return ((selected, *args[1:]), kwargs) if args else (args, {**kwargs, "input": selected})
-
-        handle = head.register_forward_pre_hook(select_response_rows, with_kwargs=True)
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False)
-    finally:
-        if handle is not None:
-            handle.remove()
+    rows_of = ResponseRows(model, lambda h: h[mask] if h.shape[:2] == mask.shape else None, response_only_logits)
+    with rows_of:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.ndim == 3:
+    if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):
         logps, counts = sequence_logps(logits, input_ids, loss_mask)
         if not with_sq_norms:
             return logps, counts
         return logps, counts, (token_log_sq_norms(logits) * mask).sum(-1)
-    token_logps = gather_token_logps(logits, labels[mask])                            # (M,)
+    token_logps, _, sq = rows_of.token_logps(logits, labels[mask], with_sq=with_sq_norms)  # (M,)
     rows = mask.nonzero()[:, 0]                                                       # (M,) batch row
     logps = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     if not with_sq_norms:
         return logps.index_add(0, rows, token_logps), mask.sum(-1)
-    sq = torch.zeros_like(logps).index_add(0, rows, token_log_sq_norms(logits))
-    return logps.index_add(0, rows, token_logps), mask.sum(-1), sq
+    return logps.index_add(0, rows, token_logps), mask.sum(-1), torch.zeros_like(logps).index_add(0, rows, sq)
 
 
 def model_token_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
@@ -237,35 +332,19 @@ def model_token_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     labels, mask = _shifted(input_ids, loss_mask)                                     # (B, T) at predictors
-    head = plain_output_head(model)
-    handle = None
-    if head is not None:
-        def select_rows(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("input")
-            if hidden is None or hidden.shape[:2] != mask.shape:
-                return None
-            return ((hidden[mask], *args[1:]), kwargs) if args else (args, {**kwargs, "input": hidden[mask]})
-
-        handle = head.register_forward_pre_hook(select_rows, with_kwargs=True)
-    try:
+    rows_of = ResponseRows(model, lambda h: h[mask] if h.shape[:2] == mask.shape else None)
+    with rows_of:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        if handle is not None:
-            handle.remove()
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.ndim == 3:
+    if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):
         logits = logits[mask]                                                         # (M, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    token = gather_token_logps(logits, labels[mask])                                  # (M,)
+    token, ent, _ = rows_of.token_logps(logits, labels[mask], temperature=temperature, with_entropy=with_entropy)
     logps = torch.zeros(mask.shape, dtype=token.dtype, device=token.device)
     logps[:, 1:] = logps[:, 1:].masked_scatter(mask[:, :-1], token)                   # back to token positions
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            ent = _entropy_rows(logits.detach())
-            entropy = torch.zeros_like(logps)
-            entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask[:, :-1], ent)
+        entropy = torch.zeros_like(logps)
+        entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask[:, :-1], ent.detach())
     return logps, entropy
 
 

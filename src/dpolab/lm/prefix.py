@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpolab.lm.logps import gather_token_logps, plain_output_head, token_log_sq_norms, unwrap_model
+from dpolab.lm.logps import ResponseRows, plain_output_head, unwrap_model
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
@@ -105,33 +105,21 @@ def prefix_shared_logps(model: torch.nn.Module, batch: PrefixSharedBatch, *,
     ``with_sq_norms``: also the ``(2B,)`` sums of :func:`dpolab.lm.logps.token_log_sq_norms` (WPO)."""
     B = batch.batch_size
     head = plain_output_head(model)
-    handle = None
-    if head is not None:
-        def select(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("input")
-            if hidden is None or hidden.shape[:2] != batch.input_ids.shape:
-                return None
-            chosen_rows = hidden[batch.pred_row, batch.pred_col]                      # (M, H)
-            return ((chosen_rows, *args[1:]), kwargs) if args else (args, {**kwargs, "input": chosen_rows})
-
-        handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    rows_of = ResponseRows(model, lambda h: h[batch.pred_row, batch.pred_col]
+                           if h.shape[:2] == batch.input_ids.shape else None, head is not None, head=head)
     dtype = next(model.parameters()).dtype
-    try:
+    with rows_of:
         out = model(input_ids=batch.input_ids, attention_mask=_mask_for(_inner(model), batch.attention_mask, dtype),
                     position_ids=batch.position_ids, use_cache=False)
-    finally:
-        if handle is not None:
-            handle.remove()
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.ndim == 3:                                                              # full logits fallback
+    if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):                  # full logits fallback
         logits = logits[batch.pred_row, batch.pred_col]
-    token_logps = gather_token_logps(logits, batch.labels)                            # (M,)
+    token_logps, _, sq = rows_of.token_logps(logits, batch.labels, with_sq=with_sq_norms)  # (M,)
     logps = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device)
     counts = torch.bincount(batch.target, minlength=2 * B)
     if not with_sq_norms:
         return logps.index_add(0, batch.target, token_logps), counts
-    sq = torch.zeros_like(logps).index_add(0, batch.target, token_log_sq_norms(logits))
-    return logps.index_add(0, batch.target, token_logps), counts, sq
+    return logps.index_add(0, batch.target, token_logps), counts, torch.zeros_like(logps).index_add(0, batch.target, sq)
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:

@@ -67,12 +67,21 @@ class PolicyWithValue(nn.Module):
         self.value_model = value_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, *,
-                prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                position_ids: torch.Tensor | None = None, *, prompt_length: int | None = None,
+                response_ids: torch.Tensor | None = None, response_mask: torch.Tensor | None = None,
+                temperature: float = 1.0, with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
         """Logits (B, T, V) and values (B, T) of every position; with ``prompt_length = P`` only the
         positions that predict response tokens: logits (B, T − P, V) and values (B, T − P) from
         positions P − 1 … T − 2 (the LM head then runs on those rows only, where the model's
-        forward takes ``logits_to_keep``)."""
+        forward takes ``logits_to_keep``).
+
+        With ``response_ids`` and ``response_mask`` (B, R = T − P) it returns instead the lean
+        ``(log-probs (B, R), values (B, R), entropies (B, R) or None)`` of the response tokens at
+        ``temperature``, zero where the mask is 0: only the predicting rows reach the LM head, which
+        is fused into the log-prob (:class:`dpolab.lm.logps.ResponseRows`): no (B, R, V) logits."""
+        if response_ids is not None:
+            return self._response_logps(input_ids, attention_mask, position_ids, prompt_length, response_ids,
+                                        response_mask, temperature, with_entropy)
         shared = self.value_model is None
         kw = {}
         keep = None if prompt_length is None else input_ids.shape[1] - prompt_length + 1
@@ -90,6 +99,31 @@ class PolicyWithValue(nn.Module):
         if keep is not None:
             logits, values = logits[:, -keep:-1], values[:, -keep:-1]
         return logits, values
+
+    def _response_logps(self, input_ids, attention_mask, position_ids, P, response_ids, response_mask, temperature,
+                        with_entropy):
+        from dpolab.lm.logps import ResponseRows
+
+        shared = self.value_model is None
+        pred = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        pred[:, P - 1:-1] = response_mask.bool()                                      # positions predicting them
+        rows_of = ResponseRows(self.policy, lambda h: h[pred] if h.shape[:2] == pred.shape else None)
+        with rows_of:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              output_hidden_states=shared, use_cache=False)
+        logits = out.logits
+        if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):
+            logits = logits[pred]
+        m = response_mask.bool()
+        token, ent, _ = rows_of.token_logps(logits, response_ids[m], temperature=temperature,
+                                            with_entropy=with_entropy)
+        hidden = out.hidden_states[-1] if shared else self.value_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+            use_cache=False).hidden_states[-1]
+        values = self.value_head(hidden)[:, P - 1:-1].float() * m
+        logps = torch.zeros(m.shape, dtype=token.dtype, device=token.device).masked_scatter(m, token)
+        entropy = torch.zeros_like(logps).masked_scatter(m, ent) if with_entropy else None
+        return logps, values, entropy
 
     def critic_state(self) -> dict[str, torch.Tensor]:
         """Weights of the critic's own parameters (head, and the separate value model if any)."""
@@ -165,18 +199,15 @@ def rollout_values(model, gen, temperature: float, batch: int) -> tuple[torch.Te
     """For a Generation, in forward passes of ``batch`` rows of a :class:`PolicyWithValue` (possibly
     wrapped): the sampled tokens' log-probs (n, R), the values (n, R), both zero after EOS, and the
     summed per-token entropy of the policy."""
-    from dpolab.lm.logps import gather_token_logps
-    from dpolab.losses.pg import entropy_from_logits
-
     logps, values, entropy = [], [], 0.0
     for lo in range(0, gen.batch_size, batch):
         g = gen.select(torch.arange(lo, min(lo + batch, gen.batch_size), device=gen.response_mask.device))
-        logits, v = model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length)
-        logits = logits / temperature if temperature != 1.0 else logits
-        m = g.response_mask
-        logps.append(gather_token_logps(logits, g.response_ids).float() * m)
-        values.append(v.float() * m)
-        entropy += float((entropy_from_logits(logits.float()) * m).sum())
+        lp, v, ent = model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length,
+                           response_ids=g.response_ids, response_mask=g.response_mask, temperature=temperature,
+                           with_entropy=True)
+        logps.append(lp)
+        values.append(v)
+        entropy += float(ent.sum())
     return torch.cat(logps), torch.cat(values), entropy
 
 

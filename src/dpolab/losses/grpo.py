@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpolab.losses.constants import ADVANTAGE_SCALES, AGGREGATIONS
 from dpolab.losses.ppo import kl_k3, ppo_clip_loss
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "kl_shaped_rewards", "rloo_advantages", "token_weights", "zero_std_fraction",
 ]
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-AGGREGATIONS = ("sequence", "token", "constant")
 
 
 def _check_rewards(rewards: Tensor, name: str = "rewards") -> None:

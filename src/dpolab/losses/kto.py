@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KTO_BETA = 0.1
-KTO_DESIRABLE_WEIGHT = 1.0
-KTO_UNDESIRABLE_WEIGHT = 1.0
-KTO_WEIGHT_RATIO_RANGE = (1.0, 4.0 / 3.0)  # recommended λ_D·n_D / (λ_U·n_U)
+from dpolab.losses.constants import (
+    KTO_BETA,
+    KTO_DESIRABLE_WEIGHT,
+    KTO_UNDESIRABLE_WEIGHT,
+    KTO_WEIGHT_RATIO_RANGE,
+)
 
 
 def kto_mismatched_completions(n: int, device: torch.device | str | None = None) -> Tensor:

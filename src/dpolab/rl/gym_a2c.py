@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.pg import a2c_loss
-from dpolab.rl.advantages import gae, whiten
 from dpolab.rl.loop import GymAlgorithm, GymOptions, cli, explained_variance, run
-from dpolab.rl.nets import ActorCritic
-from dpolab.rl.rollout import Rollout
-from dpolab.runs.guards import nonfinite_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.rl.nets import ActorCritic
+    from dpolab.rl.rollout import Rollout
 
 
 @dataclass
@@ -59,6 +58,11 @@ def a2c_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, ro: Rollou
     A NaN/inf loss or gradient norm raises a :class:`NonFiniteError` naming ``where``; with
     ``cfg.skip_nonfinite`` the step is skipped instead (weights and optimizer state untouched) and
     the losses come back as ``None``."""
+    import torch
+
+    from dpolab.losses.pg import a2c_loss
+    from dpolab.rl.advantages import gae, whiten
+    from dpolab.runs.guards import nonfinite_error
     adv, ret = gae(ro.rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
                    gamma=cfg.gamma, lam=cfg.gae_lambda)
     b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
@@ -97,11 +101,14 @@ class A2C(GymAlgorithm):
         self.n_logged = self.n_stepped = 0  # updates in the logging window, of them not skipped
 
     def make_optimizer(self, policy):
+        import torch
         if self.cfg.optimizer == "rmsprop":
             return torch.optim.RMSprop(policy.parameters(), lr=self.cfg.lr, alpha=0.99, eps=1e-5)
         return torch.optim.Adam(policy.parameters(), lr=self.cfg.lr, eps=1e-5)
 
     def update(self, policy, optimizer, ro, episodes, *, frac, update, n_updates, step):
+        import numpy as np
+
         cfg = self.cfg
         lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
         for group in optimizer.param_groups:

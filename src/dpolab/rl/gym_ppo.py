@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.pg import value_loss
-from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
-from dpolab.rl.advantages import gae, whiten
 from dpolab.rl.loop import GymAlgorithm, GymOptions, cli, explained_variance, run
-from dpolab.rl.nets import ActorCritic
-from dpolab.runs.guards import nonfinite_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.rl.nets import ActorCritic
 
 
 @dataclass
@@ -67,6 +65,7 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``; returns the norm
     before clipping. The same operations as ``torch.nn.utils.clip_grad_norm_(foreach=True)`` on one
     device and dtype (identical results, tested) without its per-call grouping overhead."""
+    import torch
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
@@ -76,6 +75,7 @@ def flat_optimizer_state(saved: dict) -> dict:
     """An Adam ``state_dict`` over the separate parameter tensors (checkpoints of dpolab before the
     flat parameter buffer) as the state over the one flat tensor: the per-element moments
     concatenated in parameter order (the order the flat buffer uses). Anything else is returned as is."""
+    import torch
     (group,) = saved["param_groups"]
     ids = group["params"]
     if len(ids) == 1:
@@ -101,6 +101,12 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
 
     With ``ent_coef == 0`` the entropy is left out of the loss (its gradient would be exactly 0) and
     only computed, without gradient, for the logged ``losses/entropy``."""
+    import torch
+
+    from dpolab.losses.pg import value_loss
+    from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
+    from dpolab.rl.advantages import whiten
+    from dpolab.runs.guards import nonfinite_error
     b_obs, b_act, b_logp, b_val, b_adv, b_ret = batch
     n = b_obs.shape[0]
     grads = None  # after flatten_parameters: one flat tensor, so clipping is one norm
@@ -152,12 +158,17 @@ class PPO(GymAlgorithm):
     def make_optimizer(self, policy):
         # fused: one kernel for all parameters instead of ~10 small ops per tensor (the bulk of a step
         # here), and with all parameters in one flat tensor, one update of one tensor
+        import torch
         return torch.optim.Adam([policy.flatten_parameters()], lr=self.cfg.lr, eps=1e-5, fused=True)
 
     def load_optimizer(self, optimizer, saved):
         optimizer.load_state_dict(flat_optimizer_state(saved))
 
     def update(self, policy, optimizer, ro, episodes, *, frac, update, n_updates, step):
+        import numpy as np
+
+        from dpolab.rl.advantages import gae
+
         cfg = self.cfg
         lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
         clip_now = cfg.clip_eps * frac if cfg.anneal_clip else cfg.clip_eps

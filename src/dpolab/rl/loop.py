@@ -15,29 +15,16 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.rl.nets import ActorCritic
-from dpolab.rl.rollout import Collector, Rollout, evaluate, make_vec_env, space_dims
-from dpolab.rl.tracking import (
-    Tracker,
-    dry_run_summary,
-    load_checkpoint,
-    plot_learning_curve,
-    report_to,
-    save_checkpoint,
-    save_final,
-    start_run,
-)
-from dpolab.runs.guards import nonfinite_error, weights_finite
-from dpolab.runs.model_card import method_text, write_model_card
-from dpolab.runs.seeding import seed_everything
-from dpolab.runs.signals import StopSignal, resume_hint
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.rl.nets import ActorCritic
+    from dpolab.rl.rollout import Rollout
 
 
 @dataclass
@@ -116,6 +103,25 @@ class GymAlgorithm:
 
 def run(cfg: Any, algo: GymAlgorithm) -> dict:
     """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json)."""
+    import numpy as np
+    import torch
+
+    from dpolab.rl.nets import ActorCritic
+    from dpolab.rl.rollout import Collector, evaluate, make_vec_env, space_dims
+    from dpolab.rl.tracking import (
+        Tracker,
+        dry_run_summary,
+        load_checkpoint,
+        plot_learning_curve,
+        report_to,
+        save_checkpoint,
+        save_final,
+        start_run,
+    )
+    from dpolab.runs.guards import nonfinite_error, weights_finite
+    from dpolab.runs.model_card import method_text, write_model_card
+    from dpolab.runs.seeding import seed_everything
+    from dpolab.runs.signals import StopSignal, resume_hint
     trackers = report_to(cfg)  # a tracker that is not installed fails before any work
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
     if cfg.dry_run:
@@ -145,12 +151,14 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
         algo.load_state_dict(state)
 
     def checkpoint(update: int) -> None:
+
         save_checkpoint(run_dir, update * per_update, cfg, {
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
             "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
             "skipped_steps": skipped, **algo.state_dict()})
 
     def run_eval(step: int) -> float:
+
         nonlocal eval_seconds, best, evaluated_at
         evaluated_at = step
         t0 = time.perf_counter()

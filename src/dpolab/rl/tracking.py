@@ -19,9 +19,7 @@ import dataclasses
 import json
 import pickle
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dpolab.config import config_to_dict
 from dpolab.errors import DpolabError
@@ -29,6 +27,9 @@ from dpolab.rl.nets import save_policy
 from dpolab.runs.guards import nonfinite_error, weights_finite
 from dpolab.runs.rundir import RunDir
 from dpolab.runs.seeding import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    import torch
 
 # Config fields that must agree between a checkpoint and the run resuming it.
 STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps", "seed")
@@ -96,6 +97,7 @@ def save_checkpoint(run: RunDir, step: int, cfg: Any, state: dict[str, Any]) -> 
 
     Refused (a :class:`NonFiniteError`; ``latest`` keeps naming the previous checkpoint) if the
     weights in ``state["policy"]`` hold a NaN/inf."""
+    import torch
     if not all(bool(torch.isfinite(v).all()) for v in state["policy"].values()):
         raise nonfinite_error("weights", step, "refusing to write a checkpoint")
     payload = {**state, "rng": rng_state(), "config": config_to_dict(cfg), "step": step}
@@ -112,6 +114,7 @@ def save_final(run: RunDir, policy: torch.nn.Module, extra: dict[str, Any], step
 def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
     """Load the checkpoint named by ``spec`` (``latest`` or a path), check it matches ``cfg``, and
     restore the RNG states. The caller restores the networks, optimizer and collector from it."""
+    import torch
     path = run.resolve_checkpoint(spec)
     if not (path / "state.pt").is_file():
         raise DpolabError(f"--resume: {path} has no state.pt")

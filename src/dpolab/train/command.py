@@ -17,10 +17,11 @@ def dry_run_report(cfg, report: dict) -> dict:
 def cli(cfg_cls, train, argv: list[str], prog: str, description: str, *, final: str = "final model") -> int:
     """A trainer's command: parse its options (``--config`` YAML, flags), train, say where the result is."""
     from dpolab.config import parse_config
-    from dpolab.train.distributed import is_main_process
 
     cfg = parse_config(cfg_cls, argv, prog=prog, description=description)
     summary = train(cfg)
+    from dpolab.train.distributed import is_main_process
+
     if not summary.get("dry_run") and not summary.get("stopped") and is_main_process():
         print(f"done: {cfg.output_dir} ({final} in {Path(cfg.output_dir) / 'final'})")
     return 0

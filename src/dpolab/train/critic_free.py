@@ -11,9 +11,12 @@ ratio is then exactly 1). Dropout is off throughout (eval mode), as in LM PPO.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.train.on_policy import OnPolicy
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CriticFree(OnPolicy):
@@ -44,6 +47,8 @@ class CriticFree(OnPolicy):
 
     # -- the shared step ---------------------------------------------------------------------------
     def step(self, engine, group):
+        import torch
+
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
         from dpolab.train.rollouts import (

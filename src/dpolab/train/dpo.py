@@ -11,13 +11,16 @@ log-probs are precomputed once (:mod:`dpolab.train.reference`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
+from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.engine import Algorithm, Engine
-from dpolab.train.options import PreferenceLossOptions, TrainerOptions, validate_common
-from dpolab.train.pair_layout import check_loss_options
+from dpolab.train.options import PreferenceLossOptions, TrainerOptions, check_loss_options, validate_common
+
+if TYPE_CHECKING:
+    from dpolab.train.engine import Engine
 
 DESCRIPTION = """Train a causal LM with DPO (or IPO, SimPO, hinge, robust/conservative DPO) on preference pairs.
 
@@ -162,6 +165,7 @@ def train(cfg: DPOConfig) -> dict:
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.losses.dpo import is_batch_level, needs_reference
     from dpolab.train import distributed
+    from dpolab.train.engine import Engine
     from dpolab.train.pair_layout import (
         collate_pairs,
         load_pairs,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.grpo import ADVANTAGE_SCALES, AGGREGATIONS
+from dpolab.losses.constants import ADVANTAGE_SCALES, AGGREGATIONS
 from dpolab.train.command import cli
 from dpolab.train.critic_free import CriticFree, train_critic_free
 from dpolab.train.options import GroupOptions, OnPolicyOptions, validate_groups, validate_on_policy

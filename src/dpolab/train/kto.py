@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.losses.kto import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
+from dpolab.losses.constants import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
+from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import TrainerOptions, validate_common
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.train.engine import Engine
 
 DESCRIPTION = """Train a causal LM with KTO on completions labelled desirable or undesirable.
 
@@ -133,6 +137,8 @@ class KTO(Algorithm):
                     "wall_seconds")
 
     def __init__(self, cfg: KTOConfig, engine: Engine, data, *, widths: list[int], budget: int, reference, collate):
+        import torch
+
         from dpolab.data.unpaired import implied_pairs
 
         self.cfg, self.engine, self.data, self.lora = cfg, engine, data, cfg.lora
@@ -153,6 +159,8 @@ class KTO(Algorithm):
             batch_tokens, split=lambda rows: split_by_tokens(rows, self.widths, self.budget))
 
     def step(self, engine, group):
+        import torch
+
         from dpolab.losses.kto import kto_reference_point_from_sums
         from dpolab.train import distributed
 
@@ -185,6 +193,8 @@ class KTO(Algorithm):
     def evaluate(self):
         """One no-grad pass over the eval split (each process its block); from the gathered per-row
         log-probs: z0 over the whole split, the loss, and the accuracy on its implied pairs."""
+        import torch
+
         from dpolab.losses.kto import kto_loss, kto_reference_point
         from dpolab.train import distributed
         from dpolab.train.pair_layout import batch_logps
@@ -222,6 +232,7 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.data.unpaired import load_unpaired_data
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.train import distributed
+    from dpolab.train.engine import Engine
     from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_micro_batch_tokens
     from dpolab.train.reference import make_reference
 

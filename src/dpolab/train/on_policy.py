@@ -9,10 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from dpolab.runs.rundir import RunDir, atomic_write_text
-from dpolab.train.engine import Algorithm
+from dpolab.train.algorithm import Algorithm
 
 
 class OnPolicy(Algorithm):
@@ -155,6 +153,8 @@ def reference_model(cfg, device):
 def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]], dict[str, list]] | None:
     """(texts, ids, other columns) of the evaluation prompts: ``--eval-data``, else a seeded sample of
     the training prompts; None with ``--eval-prompts 0``."""
+    import torch
+
     if cfg.eval_prompts == 0:
         return None
     if cfg.eval_data:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.command import cli
@@ -50,7 +48,7 @@ class OnlineDPOConfig(OnPolicyOptions, PreferenceLossOptions):
 
     def validate(self) -> None:
         from dpolab.losses.dpo import LOSS_REGISTRY
-        from dpolab.train.pair_layout import check_loss_options
+        from dpolab.train.options import check_loss_options
 
         validate_on_policy(self)
         require_positive(self, "prompts_per_step", "micro_batch_size")
@@ -76,6 +74,8 @@ class OnlineDPO(OnPolicy):
 
     def make_pairs(self, s, seed: int) -> tuple[list, int]:
         """This process's pairs (best, worst) per prompt, and the count of ties skipped."""
+        import torch
+
         from dpolab.data.preference import TokenizedPair
         from dpolab.lm.sampling import row_seeds
 

@@ -27,39 +27,6 @@ def load_pairs(cfg, tokenizer):
                                 eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
 
 
-def check_loss_options(cfg) -> None:
-    """``--loss`` (one name or a combination ``a,b`` with ``--loss-weights``) against the registry, and
-    the options the chosen losses read: an unknown name names the closest one; an option no chosen
-    loss reads is refused rather than silently ignored; ``beta`` is resolved to the (first) loss's
-    own default when one loss is given, so the saved config says what ran."""
-    from dpolab.losses.dpo import LOSS_OPTIONS, LOSS_REGISTRY, loss_defaults
-
-    names = cfg.losses
-    if not names:
-        raise ConfigError("--loss needs at least one loss name")
-    for name in names:
-        if name not in LOSS_REGISTRY:
-            from dpolab.config import suggest
-
-            raise ConfigError(f"--loss: unknown loss '{name}'{suggest(name, list(LOSS_REGISTRY))}; choose from "
-                              f"{', '.join(LOSS_REGISTRY)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--loss names a loss twice: {cfg.loss}")
-    weights = cfg.loss_weights
-    if weights is not None and (len(weights) != len(names) or any(w < 0 for w in weights)):
-        raise ConfigError(f"--loss-weights needs one weight >= 0 per loss of --loss ({len(names)}), got {weights}")
-    reads = {k for n in names for k in LOSS_REGISTRY[n].options}
-    for key in LOSS_OPTIONS:
-        if key != "beta" and getattr(cfg, key, None) is not None and key not in reads:
-            raise ConfigError(f"--{key.replace('_', '-')} is not read by --loss {cfg.loss}")
-    if cfg.beta is None and len(names) == 1 and "beta" in reads:  # a combination: each term its own default
-        cfg.beta = loss_defaults(names[0])["beta"]
-    if cfg.beta is not None and cfg.beta <= 0:
-        raise ConfigError("--beta must be > 0")
-    if cfg.label_smoothing is not None and not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError("--label-smoothing must be in [0, 0.5)")
-
-
 def collate_pairs(prefix_sharing: bool, pairs, pad_token_id: int):
     """A plain (2B, T) PreferenceBatch, or when prefix-shared a (B, L) PrefixSharedBatch."""
     from dpolab.data.collate import collate_preference, collate_prefix_shared

@@ -13,16 +13,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
-from dpolab.lm import value_head
 from dpolab.train.command import cli
-from dpolab.train.engine import Engine
 from dpolab.train.on_policy import OnPolicy
 from dpolab.train.options import OnPolicyOptions, require_positive, validate_on_policy
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.train.engine import Engine
 
 DESCRIPTION = """Fine-tune a causal LM with PPO against a reward model or a Python reward function.
 
@@ -115,10 +117,10 @@ class PPO(OnPolicy):
     def policy(self):
         return self.engine.unwrapped.policy
 
-    @torch.no_grad()
     def collect(self, idx: list[int], micro: int, step: int) -> tuple[Rollout, float]:
-        """Sample, score, and compute per-token rewards and GAE advantages; whitening is over the
-        global batch. Returns the rollout and the mean per-token entropy (all processes)."""
+        """Sample, score, and compute per-token rewards and GAE advantages (call without gradient);
+        whitening is over the global batch. Returns the rollout and the mean per-token entropy (all
+        processes)."""
         from dpolab.lm.token_rewards import per_token_rewards, shape_scores, token_advantages
         from dpolab.lm.value_head import rollout_values
         from dpolab.train import distributed
@@ -145,15 +147,13 @@ class PPO(OnPolicy):
 
     def minibatch_loss(self, ro: Rollout, rows: torch.Tensor):
         """Summed clipped policy + vf_coef · value losses over the response tokens of ``rows``."""
-        from dpolab.lm.logps import gather_token_logps
         from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
 
         g = ro.samples.gen.select(rows)
         m = g.response_mask
-        logits, values = self.engine.model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length)
-        logp = gather_token_logps(logits / self.cfg.temperature if self.cfg.temperature != 1.0 else logits,
-                                  g.response_ids).float()
-        values = values.float()
+        logp, values, _ = self.engine.model(g.input_ids, g.attention_mask, g.position_ids, prompt_length=g.prompt_length,
+                                            response_ids=g.response_ids, response_mask=m,
+                                            temperature=self.cfg.temperature)
         pg, pstats = ppo_clip_loss(logp, ro.logps[rows], ro.advantages[rows], self.cfg.cliprange)
         vf, vstats = clipped_value_loss(values, ro.values[rows], ro.returns[rows], self.cfg.cliprange_value)
         mf = m.to(pg.dtype)
@@ -184,11 +184,14 @@ class PPO(OnPolicy):
         return {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]} if outs else {}
 
     def step(self, engine, group):
+        import torch
+
         from dpolab.train.rollouts import global_explained_variance, global_means
 
         ((k, idx),) = group
         t0 = time.time()
-        ro, entropy = self.collect(idx, k, engine.step)
+        with torch.no_grad():
+            ro, entropy = self.collect(idx, k, engine.step)
         s, acc, beta = ro.samples, engine.accelerator, self.kl_ctl.beta
         stats = self.update(engine, ro)
         self.sampler.sync_weights(self.core.policy)
@@ -209,9 +212,13 @@ class PPO(OnPolicy):
         }
 
     def checkpoint_files(self, state_dict):
+        from dpolab.lm import value_head
+
         return value_head.checkpoint_files(state_dict, self.lora)
 
     def load_checkpoint(self, engine, directory):
+        from dpolab.lm import value_head
+
         value_head.load_checkpoint(self.core, directory, self.lora)
 
     def state_dict(self):
@@ -221,6 +228,8 @@ class PPO(OnPolicy):
         self.kl_ctl.beta = float(state.get("kl_coef", self.cfg.kl_coef))
 
     def save_final(self, engine, path: Path, state_dict) -> None:
+        from dpolab.lm import value_head
+
         value_head.save_policy_with_value(self.core, self.engine.tokenizer, path, merge_lora=self.lora)
 
 
@@ -229,6 +238,7 @@ def train(cfg: PPOConfig) -> dict:
     from dpolab.lm.loading import load_causal_lm, load_trainable_lm
     from dpolab.lm.value_head import PolicyWithValue, ValueHead, hidden_size_of
     from dpolab.train import on_policy
+    from dpolab.train.engine import Engine
 
     opened = on_policy.open_run(cfg, "ppo")
     if isinstance(opened, dict):

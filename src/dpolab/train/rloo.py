@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.command import cli
@@ -66,6 +64,8 @@ class RLOO(CriticFree):
         return cfg.beta > 0
 
     def advantages(self, s, old, ref):
+        import torch
+
         from dpolab.losses.grpo import kl_shaped_rewards, rloo_advantages
         from dpolab.train.rollouts import global_moments
 
@@ -86,6 +86,8 @@ class RLOO(CriticFree):
 
     def weights(self, mask):
         # the sequence log-prob is the sum over its tokens; the loss is the mean over completions
+        import torch
+
         return mask.to(torch.float32), int(mask.any(1).sum())
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
+from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions, validate_common
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.train.engine import Engine
 
 DESCRIPTION = """Train a Bradley-Terry reward model (LM backbone + scalar head) on preference pairs.
 
@@ -111,6 +115,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.data.batching import batch_order, pair_lengths
     from dpolab.lm.reward_model import RewardModel, load_reward_model
     from dpolab.train import distributed
+    from dpolab.train.engine import Engine
     from dpolab.train.pair_layout import load_pairs
 
     accelerator, tokenizer = distributed.start_run(cfg)

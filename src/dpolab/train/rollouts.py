@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpolab.train.engine import Pass
+from dpolab.train.algorithm import Pass
 
 
 @dataclass

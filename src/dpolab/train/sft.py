@@ -10,15 +10,20 @@ example, so a packed batch has exactly the loss of the same examples padded
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
+from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.engine import Algorithm, Engine
 from dpolab.train.options import TrainerOptions, validate_common
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpolab.train.engine import Engine
 
 DESCRIPTION = """Supervised fine-tuning of a causal LM on prompt/completion, conversational or plain-text data.
 
@@ -59,6 +64,8 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(nll_sum, n_targets)``: a scalar float32 tensor (with grad) and a scalar long. Token
     ``t`` is scored by the logits at ``t - 1`` (``dpolab.lm.model_sequence_logps``); packed rows get
     the block-diagonal mask of :meth:`SFTBatch.model_attention_mask`."""
+    import torch
+
     from dpolab.lm.logps import model_sequence_logps
 
     inner = getattr(model, "module", model)
@@ -107,7 +114,7 @@ class SFT(Algorithm):
         total, count = distributed.global_sum(acc, [total, count])
         count = int(count)
         mean = total / max(count, 1)
-        return {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": count}
+        return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": count}
 
 
 
@@ -119,6 +126,7 @@ def train(cfg: SFTConfig) -> dict:
     from dpolab.data.sft import load_sft_data, pack_examples
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.train import distributed
+    from dpolab.train.engine import Engine
 
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
