@@ -21,7 +21,7 @@ _EXPORTS = {
     "apo_zero_loss": "dpolab.losses.dpo",
     "bco_pair_loss": "dpolab.losses.dpo",
     "bco_running_delta": "dpolab.losses.dpo",
-    "bradley_terry_loss": "dpolab.losses.reward",
+    "bradley_terry_loss": "dpolab.losses.bradley_terry",
     "combined_preference_loss": "dpolab.losses.dpo",
     "cpo_loss": "dpolab.losses.dpo",
     "discopop_loss": "dpolab.losses.dpo",

@@ -2,7 +2,7 @@
 
 The model is the LM backbone with a scalar head (:mod:`dpolab.lm.reward_model`); each micro-batch is one
 forward pass over chosen and rejected rows concatenated on the batch axis; the loss is
-``−log σ(r_w − r_l − m)`` (:func:`dpolab.losses.reward.bradley_terry_loss`) averaged over all pairs
+``−log σ(r_w − r_l − m)`` (:func:`dpolab.losses.bradley_terry.bradley_terry_loss`) averaged over all pairs
 of an optimizer step. Held-out pairwise accuracy is ``eval/accuracy`` in ``summary.json``; the model
 is saved to ``final/`` in Hugging Face format (``AutoModelForSequenceClassification``).
 """
@@ -82,7 +82,7 @@ class RewardModelTraining(Algorithm):
 
     def loss(self, batch):
         """One forward over the (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected."""
-        from dpolab.losses.reward import bradley_terry_loss
+        from dpolab.losses.bradley_terry import bradley_terry_loss
 
         rewards = self.engine.model(batch.input_ids, batch.attention_mask, batch.position_ids)   # (2B,)
         B = batch.batch_size
