@@ -49,6 +49,35 @@ class OnPolicy(Algorithm):
         return {"data/prompts": len(self.prompts), "data/truncated_prompts": self.prompts.truncated}
 
 
+class ActorCritic(OnPolicy):
+    """An on-policy algorithm whose engine trains a policy with a value head
+    (:class:`dpolab.lm.value_head.PolicyWithValue`): checkpoints hold the critic too, and ``final/``
+    the policy with its head beside it."""
+
+    @property
+    def core(self):
+        return self.engine.unwrapped
+
+    @property
+    def policy(self):
+        return self.engine.unwrapped.policy
+
+    def checkpoint_files(self, state_dict):
+        from dpolab.lm import value_head
+
+        return value_head.checkpoint_files(state_dict, self.lora)
+
+    def load_checkpoint(self, engine, directory):
+        from dpolab.lm import value_head
+
+        value_head.load_checkpoint(self.core, directory, self.lora)
+
+    def save_final(self, engine, path, state_dict) -> None:
+        from dpolab.lm import value_head
+
+        value_head.save_policy_with_value(self.core, self.engine.tokenizer, path, merge_lora=self.lora)
+
+
 def open_run(cfg, name: str):
     """The opening every on-policy trainer shares: the accelerator (sharded set-ups refused: sampling
     needs the whole model on each process), seeded RNGs, the tokenizer, the prompts, the evaluation

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.command import cli
-from dpolab.train.on_policy import OnPolicy
+from dpolab.train.on_policy import ActorCritic
 from dpolab.train.options import OnPolicyOptions, require_positive, validate_on_policy
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class Rollout:
     returns: torch.Tensor
 
 
-class PPO(OnPolicy):
+class PPO(ActorCritic):
     name = "ppo"
     bar_keys = ("objective/scores", "objective/kl")
     summary_keys = ("steps", "eval/reward", "eval/kl", "objective/scores", "objective/kl", "wall_seconds")
@@ -108,14 +107,6 @@ class PPO(OnPolicy):
 
         super().__init__(cfg, engine, *args)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-
-    @property
-    def core(self):
-        return self.engine.unwrapped
-
-    @property
-    def policy(self):
-        return self.engine.unwrapped.policy
 
     def collect(self, idx: list[int], micro: int, step: int) -> tuple[Rollout, float]:
         """Sample, score, and compute per-token rewards and GAE advantages (call without gradient);
@@ -211,26 +202,11 @@ class PPO(OnPolicy):
             "val/response_length": g["tokens"][0], "val/eos_fraction": g["eos"][0], "seconds_per_step": time.time() - t0,
         }
 
-    def checkpoint_files(self, state_dict):
-        from dpolab.lm import value_head
-
-        return value_head.checkpoint_files(state_dict, self.lora)
-
-    def load_checkpoint(self, engine, directory):
-        from dpolab.lm import value_head
-
-        value_head.load_checkpoint(self.core, directory, self.lora)
-
     def state_dict(self):
         return {"kl_coef": self.kl_ctl.beta}
 
     def load_state_dict(self, state):
         self.kl_ctl.beta = float(state.get("kl_coef", self.cfg.kl_coef))
-
-    def save_final(self, engine, path: Path, state_dict) -> None:
-        from dpolab.lm import value_head
-
-        value_head.save_policy_with_value(self.core, self.engine.tokenizer, path, merge_lora=self.lora)
 
 
 def train(cfg: PPOConfig) -> dict:
