@@ -69,7 +69,7 @@ SERIES = {"DPO": ("beta", "dpo-beta"), "PPO": ("kl_coef", "ppo-kl"), "GRPO": ("b
 @dataclass
 class DemoConfig:
     output_dir: str | None = opt(None, "where results go (default: runs/demo-<timestamp>)")
-    quick: bool = opt(False, "the small preset: under 3 minutes on 2 CPU cores")
+    quick: bool = opt(False, "the small preset: under 4 minutes on 2 CPU cores")
     seed: int = opt(0, "random seed for every stage")
     model: str | None = opt(None, "base model (HF name or folder); default: pretrain a tiny Llama on our review grammar")
     prompts: str | None = opt(None, "prompt file (JSONL with 'prompt' or 'messages'); default: review prefixes")
