@@ -37,8 +37,25 @@ from dpolab.errors import ConfigError
 _BATCH_SHUFFLE_SALT = 0x5EED_B0C  # separates the batch-order stream from the row-shuffle stream
 
 
+class _ProcessSlices:
+    """This process's slice of each global micro-batch: rank ``r`` takes the ``r``-th of
+    ``world_size`` near-equal contiguous slices (a subclass defines ``global_rows(k)``)."""
+
+    def global_rows(self, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """Yield ``(micro_batch_number, row indices)`` forever, starting at micro-batch ``start``."""
+        k = start
+        while True:
+            chunk = self.global_rows(k)
+            per = math.ceil(len(chunk) / self.world_size)
+            yield k, chunk[self.rank * per:(self.rank + 1) * per]
+            k += 1
+
+
 @dataclass
-class BucketedBatchOrder:
+class BucketedBatchOrder(_ProcessSlices):
     """Seeded, resumable, length-bucketed order of micro-batches over epochs.
 
     lengths: per-row cost used for grouping, e.g. ``len(prompt) + max(len(chosen), len(rejected))``
@@ -108,15 +125,6 @@ class BucketedBatchOrder:
         """Rows in micro-batch ``k`` over all processes (the exact multi-process loss normaliser)."""
         return len(self.global_rows(k))
 
-    def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
-        """Yield ``(micro_batch_number, row indices)`` forever, starting at micro-batch ``start``."""
-        k = start
-        while True:
-            chunk = self.global_rows(k)
-            per = math.ceil(len(chunk) / self.world_size)
-            yield k, chunk[self.rank * per:(self.rank + 1) * per]
-            k += 1
-
 
 def split_by_tokens(rows: Sequence[int], widths: Sequence[int], budget: int) -> list[list[int]]:
     """Cut a micro-batch into forward passes of at most ``budget`` padded tokens each.
@@ -163,7 +171,7 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
 
 
 @dataclass
-class BatchOrder:
+class BatchOrder(_ProcessSlices):
     """A seeded, resumable order of micro-batches over epochs.
 
     Epoch ``e`` shuffles ``n`` rows with ``seed + e``; micro-batch ``k`` of the whole run is the
@@ -201,15 +209,6 @@ class BatchOrder:
         epoch, j = divmod(k, self.per_epoch)
         global_bs = self.batch_size * self.world_size
         return self.epoch_perm(epoch)[j * global_bs:(j + 1) * global_bs]
-
-    def iterate(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
-        """Yield (micro_batch_number, row indices) forever, starting at micro-batch ``start``."""
-        k = start
-        while True:
-            chunk = self.global_rows(k)
-            per = math.ceil(len(chunk) / self.world_size)
-            yield k, chunk[self.rank * per:(self.rank + 1) * per]
-            k += 1
 
 
 def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:

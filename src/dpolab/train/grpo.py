@@ -49,9 +49,6 @@ class GRPOConfig(OnPolicyOptions, GroupOptions):
                                 "over all tokens of the batch (DAPO), or the sum over tokens / --max-new-tokens "
                                 "(Dr. GRPO)", choices=AGGREGATIONS)
     learning_rate: float = opt(1e-6, "peak learning rate")
-    lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
 
     def validate(self) -> None:
         validate_on_policy(self)

@@ -42,9 +42,6 @@ class OnlineDPOConfig(OnPolicyOptions, PreferenceLossOptions):
                      "probability σ(r_w − r_l) (bradley_terry)", choices=("rank", "bradley_terry"))
     micro_batch_size: int = opt(8, "pairs per forward/backward pass (same gradient, less memory)")
     learning_rate: float = opt(5e-7, "peak learning rate")
-    lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
 
     def validate(self) -> None:
         from dpolab.losses.dpo import LOSS_REGISTRY

@@ -87,7 +87,6 @@ class PreferenceLossOptions:
     orpo_lambda: float | None = opt(None, "ORPO's weight λ of the odds-ratio term (unset: 0.1)")
     cpo_alpha: float | None = opt(None, "CPO's weight α of the NLL term (unset: 1.0)")
     rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
-    rpo_alpha: float | None = opt(None, "weight of an NLL term on chosen responses (RPO); off when unset")
     wpo: bool = opt(False, "weight each pair by WPO's on-policy probability of its responses (arXiv 2406.11827)")
 
     @property
@@ -178,7 +177,12 @@ class RewardOptions:
 @dataclass
 class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions, ModelOptions, LoraOptions,
                       OptimizerOptions):
-    """Every option group of an on-policy trainer (PPO, GRPO, RLOO, online DPO)."""
+    """Every option group of an on-policy trainer (PPO, GRPO, RLOO, online DPO), with the defaults they
+    share: a constant learning rate, and metrics (with sample completions) at every step."""
+
+    lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
 
 def validate_rewards(cfg, *, several: bool = True) -> None:

@@ -61,12 +61,9 @@ class PPOConfig(OnPolicyOptions):
     reward_clip: float = opt(0.0, "clip scores to [-C, C] (0: off)")
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses without EOS")
     value_model: str | None = opt(None, "separate value network (a causal LM folder/name); default: a head on the policy")
-    lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "linear warmup, in gradient steps")
     max_steps: int = opt(-1, "PPO steps (rollout + update); overrides --epochs when > 0")
     epochs: float = opt(1.0, "passes over the prompts")
-    logging_steps: int = opt(1, "log metrics (and sample completions) every N PPO steps")
-    gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
         validate_on_policy(self, several_rewards=False)
