@@ -13,10 +13,13 @@ import torch
 from dpolab.losses import kto as kto_mod
 from dpolab.losses.kto import (
     kto_loss,
+    kto_metric_means,
+    kto_metric_sums,
     kto_mismatched_completions,
     kto_reference_point,
     kto_reference_point_from_sums,
     kto_weight_ratio,
+    kto_weight_ratio_warning,
     kto_weights_for_imbalance,
 )
 
@@ -150,3 +153,34 @@ def test_user_errors():
         kto_reference_point_from_sums(1.0, 0)
     with pytest.raises(ValueError, match="at least 2"):
         kto_mismatched_completions(1)
+
+
+def test_metric_sums_and_means_by_hand():
+    """Rows ρ = [0.5, −1, 1, −0.5] (D, D, U, U), β = 0.1, z0 = 0: rewards β·ρ; per-class means of the
+    rewards and policy log-probs, the loss per row, counts; a class with no rows reports 0."""
+    desirable = torch.tensor([True, True, False, False])
+    losses, _, stats = kto_loss(POL, REF, desirable, 0.0, beta=0.1)
+    sums = kto_metric_sums(losses, POL, desirable, stats)
+    out = kto_metric_means(sums, 4)
+    close(out["loss"], sum(losses.tolist()) / 4)
+    close(out["rewards/chosen"], 0.1 * (0.5 - 1.0) / 2)
+    close(out["rewards/rejected"], 0.1 * (1.0 - 0.5) / 2)
+    close(out["rewards/margins"], -0.025 - 0.025)
+    close(out["logps/chosen"], (-1.0 - 3.0) / 2)
+    close(out["logps/rejected"], (-1.0 - 2.0) / 2)
+    assert (out["count/chosen"], out["count/rejected"]) == (2, 2)
+    all_desirable = torch.ones(4, dtype=torch.bool)
+    losses, _, stats = kto_loss(POL, REF, all_desirable, 0.0, beta=0.1)
+    only = kto_metric_means(kto_metric_sums(losses, POL, all_desirable, stats), 4)
+    assert only["count/rejected"] == 0 and only["rewards/rejected"] == 0.0 and only["logps/rejected"] == 0.0
+
+
+def test_weight_ratio_warning():
+    """Silent inside the paper's [1, 4/3]; outside, a line with the ratio and weights that restore 1;
+    one class missing, a line saying so."""
+    assert kto_weight_ratio_warning(10, 10, 1.0, 1.0) is None
+    assert kto_weight_ratio_warning(12, 10, 1.0, 1.0) is None              # 1.2
+    line = kto_weight_ratio_warning(1, 10, 1.0, 1.0)                        # 0.1: λ_D = 10 restores 1
+    assert "0.1 " in line and "--desirable-weight 10 --undesirable-weight 1" in line
+    assert "only desirable" in kto_weight_ratio_warning(5, 0, 1.0, 1.0)
+    assert "only undesirable" in kto_weight_ratio_warning(0, 5, 1.0, 1.0)

@@ -137,3 +137,40 @@ def kto_weights_for_imbalance(n_desirable: int, n_undesirable: int, *, ratio: fl
     if ratio * n_undesirable >= n_desirable:
         return ratio * n_undesirable / n_desirable, 1.0
     return 1.0, n_desirable / (ratio * n_undesirable)
+
+
+def kto_weight_ratio_warning(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                             undesirable_weight: float) -> str | None:
+    """The paper's rule for imbalanced data, λ_D·n_D/(λ_U·n_U) in [1, 4/3], as one warning line; None if it holds."""
+    if not (n_desirable and n_undesirable):
+        return (f"warning: the training data holds only {'un' if not n_desirable else ''}desirable examples "
+                f"({n_desirable + n_undesirable}); KTO then learns only relative to its reference point")
+    ratio = kto_weight_ratio(n_desirable, n_undesirable, desirable_weight, undesirable_weight)
+    if KTO_WEIGHT_RATIO_RANGE[0] <= ratio <= KTO_WEIGHT_RATIO_RANGE[1]:
+        return None
+    wd, wu = kto_weights_for_imbalance(n_desirable, n_undesirable)
+    return (f"warning: λ_D·n_D/(λ_U·n_U) = {ratio:.3g} ({n_desirable} desirable, {n_undesirable} undesirable) is "
+            f"outside the paper's recommended [1, 4/3]; e.g. --desirable-weight {wd:.4g} --undesirable-weight {wu:.4g}")
+
+
+def kto_metric_sums(losses: Tensor, logps: Tensor, desirable: Tensor, stats: dict[str, Tensor]) -> dict[str, float]:
+    """Sums over a batch's rows (of :func:`kto_loss`'s losses and stats and the policy log-probs), to be
+    added across passes and processes before :func:`kto_metric_means` divides."""
+    lp = logps.detach()
+    return {"loss": losses.detach().sum().item(), "count/chosen": stats["count/chosen"].item(),
+            "count/rejected": stats["count/rejected"].item(), "rewards/chosen": stats["rewards/chosen_sum"].item(),
+            "rewards/rejected": stats["rewards/rejected_sum"].item(), "logps/chosen": lp[desirable].sum().item(),
+            "logps/rejected": lp[~desirable].sum().item()}
+
+
+def kto_metric_means(sums: dict[str, float], n: float) -> dict[str, float]:
+    """The logged metrics from :func:`kto_metric_sums` over ``n`` rows: ``loss`` per row, ``rewards/*`` and
+    ``logps/*`` per desirable ("chosen") / undesirable ("rejected") row (0 for a class with none), counts."""
+    out = {"loss": sums["loss"] / n}
+    for side in ("chosen", "rejected"):
+        count = sums[f"count/{side}"]
+        out[f"count/{side}"] = round(count)
+        for what in ("rewards", "logps"):
+            out[f"{what}/{side}"] = sums[f"{what}/{side}"] / count if count else 0.0
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out

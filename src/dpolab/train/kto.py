@@ -90,44 +90,6 @@ def half_logps(model, batch, mismatched: bool = False) -> torch.Tensor:
     return model_sequence_logps(model, *(t[rows, :width] for t in parts))[0]
 
 
-def class_sums(losses, logps, desirable, stats) -> dict[str, float]:
-    """Sums over a batch's rows (those of :func:`dpolab.losses.kto.kto_loss` and the policy log-probs),
-    reduced across passes and processes before :func:`class_means` divides."""
-    lp = logps.detach()
-    return {"loss": losses.detach().sum().item(), "count/chosen": stats["count/chosen"].item(),
-            "count/rejected": stats["count/rejected"].item(), "rewards/chosen": stats["rewards/chosen_sum"].item(),
-            "rewards/rejected": stats["rewards/rejected_sum"].item(), "logps/chosen": lp[desirable].sum().item(),
-            "logps/rejected": lp[~desirable].sum().item()}
-
-
-def class_means(sums: dict[str, float], n: float) -> dict[str, float]:
-    """The logged metrics from :func:`class_sums` over ``n`` rows: ``loss`` per row, ``rewards/*`` and
-    ``logps/*`` per desirable ("chosen") / undesirable ("rejected") row (0 for a class with none), counts."""
-    out = {"loss": sums["loss"] / n}
-    for side in ("chosen", "rejected"):
-        count = sums[f"count/{side}"]
-        out[f"count/{side}"] = round(count)
-        for what in ("rewards", "logps"):
-            out[f"{what}/{side}"] = sums[f"{what}/{side}"] / count if count else 0.0
-    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    return out
-
-
-def weight_ratio_warning(cfg: KTOConfig, n_desirable: int, n_undesirable: int) -> str | None:
-    """The paper's rule for imbalanced data, λ_D·n_D/(λ_U·n_U) in [1, 4/3], as one warning line; None if it holds."""
-    from dpolab.losses.kto import KTO_WEIGHT_RATIO_RANGE, kto_weight_ratio, kto_weights_for_imbalance
-
-    if not (n_desirable and n_undesirable):
-        return (f"warning: the training data holds only {'un' if not n_desirable else ''}desirable examples "
-                f"({n_desirable + n_undesirable}); KTO then learns only relative to its reference point")
-    ratio = kto_weight_ratio(n_desirable, n_undesirable, cfg.desirable_weight, cfg.undesirable_weight)
-    if KTO_WEIGHT_RATIO_RANGE[0] <= ratio <= KTO_WEIGHT_RATIO_RANGE[1]:
-        return None
-    wd, wu = kto_weights_for_imbalance(n_desirable, n_undesirable)
-    return (f"warning: λ_D·n_D/(λ_U·n_U) = {ratio:.3g} ({n_desirable} desirable, {n_undesirable} undesirable) is "
-            f"outside the paper's recommended [1, 4/3]; e.g. --desirable-weight {wd:.4g} --undesirable-weight {wu:.4g}")
-
-
 class KTO(Algorithm):
     """The KTO loss over rows ``(x_i, y_i)`` with a per-step z0 from the rows' mismatched pairs."""
 
@@ -161,7 +123,7 @@ class KTO(Algorithm):
     def step(self, engine, group):
         import torch
 
-        from dpolab.losses.kto import kto_reference_point_from_sums
+        from dpolab.losses.kto import kto_metric_means, kto_reference_point_from_sums
         from dpolab.train import distributed
 
         passes = self.passes(engine, group)
@@ -179,23 +141,23 @@ class KTO(Algorithm):
         out = engine.optimizer_step(passes, lambda b: self.loss(*b, z0),
                                     where=f"micro-batches {group[0][0]}..{group[-1][0]}")
         # the engine's means are Σ/N of the per-row sums: back to sums, then per-class means
-        return None if out is None else {**class_means({k: v * n for k, v in out.items()}, n), "kl": z0,
+        return None if out is None else {**kto_metric_means({k: v * n for k, v in out.items()}, n), "kl": z0,
                                          "grad_norm": out["grad_norm"]}
 
     def loss(self, batch, ref, z0: float):
-        from dpolab.losses.kto import kto_loss
+        from dpolab.losses.kto import kto_loss, kto_metric_sums
 
         logps = half_logps(self.engine.model, batch)
         desirable = self.desirable["train"][batch.index.cpu()].to(logps.device)
         losses, _, stats = kto_loss(logps, ref, desirable, z0, **self.weights)
-        return losses.sum(), {k: v / batch.batch_size for k, v in class_sums(losses, logps, desirable, stats).items()}
+        return losses.sum(), {k: v / batch.batch_size for k, v in kto_metric_sums(losses, logps, desirable, stats).items()}
 
     def evaluate(self):
         """One no-grad pass over the eval split (each process its block); from the gathered per-row
         log-probs: z0 over the whole split, the loss, and the accuracy on its implied pairs."""
         import torch
 
-        from dpolab.losses.kto import kto_loss, kto_reference_point
+        from dpolab.losses.kto import kto_loss, kto_metric_means, kto_metric_sums, kto_reference_point
         from dpolab.train import distributed
         from dpolab.train.pair_layout import batch_logps
 
@@ -214,7 +176,7 @@ class KTO(Algorithm):
         z0 = kto_reference_point(table[:, 2], table[:, 3])
         desirable = self.desirable["eval"]
         losses, rewards, stats = kto_loss(table[:, 0], table[:, 1], desirable, z0, **self.weights)
-        out = {**class_means(class_sums(losses, table[:, 0], desirable, stats), len(rows)), "kl": float(z0)}
+        out = {**kto_metric_means(kto_metric_sums(losses, table[:, 0], desirable, stats), len(rows)), "kl": float(z0)}
         if self.eval_pairs:
             d, u = zip(*self.eval_pairs)
             out["rewards/accuracies"] = (rewards[list(d)] > rewards[list(u)]).double().mean().item()
@@ -231,6 +193,7 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.data.batching import batch_order
     from dpolab.data.unpaired import load_unpaired_data
     from dpolab.lm.loading import load_trainable_lm
+    from dpolab.losses.kto import kto_weight_ratio_warning
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
     from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_micro_batch_tokens
@@ -240,7 +203,8 @@ def train(cfg: KTOConfig) -> dict:
     data = load_unpaired_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     report = data.report.as_dict()
-    warning = weight_ratio_warning(cfg, report["desirable"], report["undesirable"])
+    warning = kto_weight_ratio_warning(report["desirable"], report["undesirable"], cfg.desirable_weight,
+                                       cfg.undesirable_weight)
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)
     if cfg.dry_run:
