@@ -161,21 +161,21 @@ def test_bad_arguments_are_user_errors():
 def test_inverse_cdf_draw_hand_values():
     """Weights (0, 1, 0, 3, 0): CDF (0, 1, 1, 4, 4) / 4. u in [0, 1/4) -> 1, u in [1/4, 1) -> 3;
     zero weights are never drawn, not even at u = 0 or u just below 1 (a product that rounds up).
-    The same on a vocabulary large enough for the two-level search."""
+    The same on a larger vocabulary."""
     w = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).expand(6, 5)
     u = torch.tensor([0.0, 0.1, 0.25 - 1e-12, 0.25, 0.7, 1 - 2**-53], dtype=torch.float64)
     assert inverse_cdf_draw(w, u).tolist() == [1, 1, 1, 3, 3, 3]
     assert inverse_cdf_draw(torch.tensor([[5.0]]), torch.tensor([0.5], dtype=torch.float64)).tolist() == [0]
-    # the two-level search (V > 4096, blocks of 64, a partial last block): the same weights spread
-    # over blocks 0, 1 and the last, zeros everywhere else (also at both ends)
+    # a larger vocabulary (blocks of 64, a partial last block): the same weights in blocks 1 and the
+    # last, zeros everywhere else (whole zero blocks, zeros at both ends)
     big = torch.zeros(6, 5000)
     big[:, 70], big[:, 4990] = 1.0, 3.0
     assert inverse_cdf_draw(big, u).tolist() == [70, 70, 70, 4990, 4990, 4990]
 
 
 def test_inverse_cdf_draw_equals_one_level_search():
-    """The two-level search (V > 4096: blocks of ≈ √V, a vocabulary not a multiple of the block,
-    zero runs) picks the same index as one float64 cumulative sum over the whole row."""
+    """The two-level search (blocks of ≈ √V, vocabularies not a multiple of the block, zero runs)
+    picks the same index as one float64 cumulative sum over the whole row."""
     g = torch.Generator().manual_seed(0)
     for V in (3, 320, 4096, 4099, 10007, 32000):
         w = torch.softmax(3 * torch.randn(64, V, generator=g), -1)

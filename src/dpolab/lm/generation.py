@@ -158,18 +158,12 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
     weights: (B, V) ≥ 0 float32 (any positive total), uniforms: (B,) float64 in [0, 1) -> (B,) long.
     ``torch.multinomial(p, 1)`` draws B·V exponentials per call (its Gumbel-max fast path); this
-    needs one uniform per row. Up to ``_ONE_LEVEL_VOCAB`` entries, one float64 cumulative sum per
-    row; above, two levels, so that no cumulative sum runs over the whole vocabulary: a block of
-    ``bs`` ≈ √V indices is chosen from the blocks' masses (float64 cumulative sum of the float32
-    block sums), then an index inside it from the same uniform rescaled to the block. The choice
-    depends on V only, never on B. Zero weights are never chosen (every search lands on a strict
-    increase of a cumulative sum).
+    needs one uniform per row. Two levels, so that no cumulative sum runs over the whole vocabulary:
+    a block of ``bs`` ≈ √V indices is chosen from the blocks' masses (float64 cumulative sum of the
+    float32 block sums), then an index inside it from the same uniform rescaled to the block. Zero
+    weights are never chosen (every search lands on a strict increase of a cumulative sum).
     """
     B, V = weights.shape
-    if V <= _ONE_LEVEL_VOCAB:  # fewer, larger ops win at small V (docs/performance.md)
-        cum = weights.cumsum(-1, dtype=torch.float64)                 # (B, V)
-        target = _below(uniforms.unsqueeze(1) * cum[:, -1:], cum[:, -1:])
-        return torch.searchsorted(cum, target, right=True).squeeze(1)
     bs = 1 << max(0, (max(V, 2) - 1).bit_length() // 2)  # power of two ≈ √V
     nb = -(-V // bs)
     if nb * bs != V:
@@ -185,9 +179,6 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     inner = blocks.gather(1, j.unsqueeze(-1).expand(B, 1, bs)).squeeze(1).cumsum(-1, dtype=torch.float64)
     k = torch.searchsorted(inner, _below(frac * inner[:, -1:], inner[:, -1:]), right=True)
     return (j * bs + k).squeeze(1)
-
-
-_ONE_LEVEL_VOCAB = 4096
 
 
 def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
