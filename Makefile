@@ -7,7 +7,7 @@ DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo lint bench bench-quick bench-ppo clean
+.PHONY: setup test test-slow demo lint bench bench-quick bench-ppo bench-grpo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dpolab demo $(DEMO_ARGS)
 
-# Benchmarks (bench/README.md): TRL lives only in .venv-bench, never in .venv.
+# Benchmarks (bench/README.md) run in .venv-bench (TRL, SB3); .venv has TRL only for bench/gpu.sh's dry run.
 .venv-bench/.installed: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "$(TORCH_SPEC)"
@@ -43,6 +43,27 @@ bench-quick: .venv-bench/.installed
 
 bench-ppo: .venv-bench/.installed
 	.venv-bench/bin/python bench/ppo_vs_sb3.py
+
+# GRPO and RLOO against TRL's GRPOTrainer/RLOOTrainer (defaults, and without checkpointing)
+bench-grpo: .venv-bench/.installed
+	.venv-bench/bin/python bench/grpo_rloo_vs_trl.py --threads 1 --repeats 3 --trl-best --json bench/grpo_rloo_vs_trl_results.json
+
+# SFT and reward model against TRL's SFTTrainer/RewardTrainer; DPO at 32k/152k vocabularies on HH-RLHF
+.PHONY: bench-sft-rm bench-vocab
+bench-sft-rm: .venv-bench/.installed
+	.venv-bench/bin/python bench/sft_rm_vs_trl.py --threads 1 --json bench/sft_rm_vs_trl_results.json
+
+bench-vocab: .venv-bench/.installed
+	.venv-bench/bin/python bench/dpo_vocab.py --threads 1 --json bench/dpo_vocab_results.json
+
+.PHONY: bench-generation
+# bench/gpu.sh: SFT, DPO and FSDP on a machine with one GPU (its --dry-run runs anywhere, in the test suite)
+.PHONY: bench-gpu
+bench-gpu: .venv-bench/.installed
+	bash bench/gpu.sh
+
+bench-generation: .venv-bench/.installed
+	.venv-bench/bin/python bench/generation_vs_hf.py --threads 1 --json bench/generation_vs_hf_results.json
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
