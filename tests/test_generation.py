@@ -147,6 +147,23 @@ def test_kv_cache_loop_equals_full_forward_and_hf_greedy(tiny_model, tiny_tokeni
         assert ref[0, len(p):len(p) + n].tolist() == gen.response_ids[i, :n].tolist()
 
 
+def test_sampled_log_probs_equal_a_full_forward(tiny_model, tiny_tokenizer):
+    """``with_logps``: the tempered log-probs of the drawn tokens from the cached loop (left-padded
+    batch, filters on) = log-softmax(logits / T) of one full forward over prompt+response at those
+    tokens (no filter), 0 after EOS; the tokens themselves do not change; greedy uses T = 1."""
+    from dpolab.train.rollouts import rollout_token_logps
+
+    prompts = [tiny_tokenizer(x).input_ids for x in ("the movie", "a terrible boring film with awful", "I")]
+    for kw in ({"temperature": 0.7, "top_k": 20}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 0}):
+        plain = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=8, seeds=[4, 5, 6], **kw)
+        gen = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=8, seeds=[4, 5, 6], with_logps=True, **kw)
+        assert plain.logps is None and _equal(plain, gen)
+        full = rollout_token_logps(tiny_model, gen, kw["temperature"] or 1.0, 2)[0]
+        torch.testing.assert_close(gen.logps, full, rtol=0, atol=1e-5)
+        assert (gen.logps[~gen.response_mask] == 0).all() and (gen.logps[gen.response_mask] < 0).all()
+        assert torch.equal(gen.select([2, 0]).logps, gen.logps[[2, 0]])
+
+
 def test_bad_arguments_are_user_errors():
     lm = ScriptedLM([[1]])
     with pytest.raises(DpolabError, match="no tokens"):

@@ -122,10 +122,12 @@ SGD = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", "0", "
 @pytest.mark.parametrize("cmd, extra", [
     ("grpo", ("--beta", "0.1", "--scale-rewards", "batch", "--loss-aggregation", "token")),
     ("rloo", ("--update", "clip")),
+    # one optimizer step per batch: the KL of the reward comes from the sampler's log-probs
+    ("rloo", ("--num-iterations", 1, "--mini-batches", 1, "--beta", "0.1")),
 ])
 def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd, extra):
     """5 prompts, 4 per step globally: step 2 holds ONE prompt (process 1 has none: stand-in rows);
-    two iterations of two mini-batches over a shared permutation, passes of 3 completions."""
+    two iterations of two mini-batches over a shared permutation (or one step), passes of 3 completions."""
     common = [*_args(cmd, tiny_model_dir, prompts_file, "OUT", "--reward", f"{reward_file}:frac_alpha",
                      "--num-generations", 4, "--num-iterations", 2, "--mini-batches", 2, "--micro-batch-size", 3,
                      *SGD, *extra)]
@@ -143,6 +145,36 @@ def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, reward_fi
         for key in ("rewards/mean", "rewards/std", "completions/mean_length", "kl", "entropy"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-5), (key, ra["step"])
+
+
+def test_rloo_kl_from_the_sampler_equals_the_extra_pass(tiny_model_dir, prompts_file, reward_file, tmp_path,
+                                                        monkeypatch):
+    """One optimizer step per batch, β > 0: the KL-shaped reward from the sampler's log-probs gives the
+    weights and metrics of the run that recomputes them with a no-grad pass (a sampler without them)."""
+    from dpolab.lm import sampling
+
+    argv = lambda out: _args("rloo", tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha",  # noqa: E731
+                             "--num-generations", 4, "--prompts-per-step", 2, "--beta", "0.1", *SGD)
+    assert main(argv(tmp_path / "sampler")) == 0
+    calls = []
+    real = sampling.generate
+
+    def without_logps(*args, with_logps=False, **kw):
+        calls.append(with_logps)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling, "generate", without_logps)
+    assert main(argv(tmp_path / "pass")) == 0
+    assert calls and all(calls)  # the trainer asked, the sampler did not give: the pass ran
+    wa = load_file(str(tmp_path / "sampler" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "pass" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    rows_a, rows_b = _rows(tmp_path / "sampler"), _rows(tmp_path / "pass")
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["kl"] == pytest.approx(rb["kl"], abs=1e-5)
+        assert ra["rlhf_reward"] == pytest.approx(rb["rlhf_reward"], abs=1e-5)
+    assert len(rows_a) == 3 and max(r["kl"] for r in rows_b) > 1e-3  # the policy moved: the KL term acts
 
 
 # -- exact resume through a real process ---------------------------------------------------------------

@@ -42,6 +42,8 @@ class Generation:
     response_ids: (B, R) long, right-padded with the pad id after EOS (or after ``max_new_tokens``).
     response_mask: (B, R) bool, True on generated tokens up to and including EOS.
     finished: (B,) bool, True where the row produced EOS (False = truncated at ``max_new_tokens``).
+    logps: (B, R) float32 or None: log-softmax of the sampling forward's logits divided by the
+    temperature (no top-k/top-p filter) at each response token, 0 after EOS; only when asked for.
     """
 
     prompt_ids: torch.Tensor
@@ -49,6 +51,7 @@ class Generation:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     finished: torch.Tensor
+    logps: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -81,12 +84,14 @@ class Generation:
 
     def to(self, device) -> Generation:
         return Generation(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids,
-                                                   self.response_mask, self.finished)))
+                                                   self.response_mask, self.finished)),
+                          logps=None if self.logps is None else self.logps.to(device))
 
     def select(self, rows) -> Generation:
         """The sub-batch of ``rows`` (an index tensor or list)."""
         return Generation(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
-                          self.response_mask[rows], self.finished[rows])
+                          self.response_mask[rows], self.finished[rows],
+                          logps=None if self.logps is None else self.logps[rows])
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -192,7 +197,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
              generator: torch.Generator | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              seeds: Sequence[int] | None = None,
-             eos_check_every: int | None = None) -> Generation:
+             eos_check_every: int | None = None, with_logps: bool = False) -> Generation:
     """Sample one response per prompt with a KV cache, stopping each row at its first EOS.
 
     Args:
@@ -214,6 +219,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         eos_check_every: test "every row has finished" every this many steps (default: every step
             on CPU, where it costs nothing; every 8 on accelerators, where it waits for the
             device). Finished rows keep producing pads, so the result does not depend on it.
+        with_logps: also return :attr:`Generation.logps`, the tempered log-probs of the drawn tokens
+            under the forward that drew them (greedy: at temperature 1).
     Returns a :class:`Generation`, on the model's device; ``R`` = the longest response produced.
     """
     if max_new_tokens < 1:
@@ -247,6 +254,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         attn[:, :P] = prompt_mask
         tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
         masks = torch.zeros((B, N), dtype=torch.bool, device=device)
+        logps = torch.zeros((B, N), dtype=torch.float32, device=device) if with_logps else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         prompt_pos = position_ids_from_mask(prompt_mask)
         next_pos = prompt_pos[:, -1:] + 1                              # (B, 1) position of response token 0
@@ -256,6 +264,10 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
             tok = sample_next(out.logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p,
                               uniforms=None if uniforms is None else uniforms[t])  # (B,)
             live = ~done
+            if logps is not None:
+                scaled = out.logits[:, -1, :].float() / (temperature or 1.0)
+                lp = torch.log_softmax(scaled, dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+                logps[:, t] = lp.masked_fill(done, 0.0)
             tok = tok.masked_fill(done, pad)
             tokens[:, t] = tok
             masks[:, t] = live
@@ -270,7 +282,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         model.train(was_training)
     R = int(masks.sum(1).max())  # steps run after every row finished hold only pads
     return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=tokens[:, :R],
-                      response_mask=masks[:, :R], finished=done)
+                      response_mask=masks[:, :R], finished=done, logps=None if logps is None else logps[:, :R])
 
 
 def _step_uniforms(N: int, B: int, seeds: Sequence[int] | None, generator: torch.Generator | None,

@@ -27,9 +27,12 @@ class Sampler(Protocol):
     """What an on-policy trainer needs from a sampler."""
 
     def sample(self, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int]) -> Generation:
+               top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int], with_logps: bool = False) -> Generation:
         """One response per prompt (B lists of token ids), row i drawn from ``seeds[i]`` alone;
-        ``temperature = 0`` is greedy. The Generation's tensors are on the trainer's device."""
+        ``temperature = 0`` is greedy. The Generation's tensors are on the trainer's device.
+        ``with_logps``: fill ``Generation.logps`` if these are the trained policy's own log-probs
+        (same weights, same forward); a backend whose numbers differ leaves it None and the trainer
+        computes them itself."""
         ...
 
     def sync_weights(self, model) -> None:
@@ -52,10 +55,10 @@ class LocalSampler:
         self.model, self.tokenizer, self.eos_token_id = model, tokenizer, eos_token_id
 
     def sample(self, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int]) -> Generation:
+               top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int], with_logps: bool = False) -> Generation:
         return generate(self.model, self.tokenizer, prompts_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                        eos_token_id=self.eos_token_id)
+                        eos_token_id=self.eos_token_id, with_logps=with_logps)
 
     def sync_weights(self, model) -> None:
         # the parameters are shared: nothing to copy; a different module (a re-wrapped or

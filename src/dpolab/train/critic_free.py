@@ -6,7 +6,8 @@ each step exact over its micro-batches and processes (:class:`dpolab.train.engin
 
 The old log-probs of the ratio are those of the sampling policy: computed by a forward without
 gradient when there is more than one optimizer step per batch, else the current ones detached (the
-ratio is then exactly 1). Dropout is off throughout (eval mode), as in LM PPO.
+ratio is then exactly 1). A reward shaped by them (RLOO's KL) then takes them from the in-process
+sampler, which computed them while drawing. Dropout is off throughout (eval mode), as in LM PPO.
 """
 
 from __future__ import annotations
@@ -63,16 +64,19 @@ class CriticFree(OnPolicy):
         cfg = self.cfg
         ((k, idx),) = group
         seed = step_seed(cfg.seed, engine.step)
+        several = cfg.num_iterations > 1 or cfg.mini_batches > 1
+        # with one optimizer step the sampling forward's log-probs are the old policy's (the ratio
+        # is 1 by construction), so a reward that needs them takes them from the sampler if it has them
+        scored_logps = self.needs_old_logps(cfg) and not several
         s = sample_step(engine, cfg, self.prompts, idx, cfg.num_generations, self.rewards, self.sampler, seed=seed,
-                        micro=k)
+                        micro=k, with_logps=scored_logps)
         if cfg.missing_eos_penalty is not None:
             s.scores = torch.where(s.gen.finished, s.scores, s.scores - cfg.missing_eos_penalty)
-        several = cfg.num_iterations > 1 or cfg.mini_batches > 1
         old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size)[0] \
-            if several or self.needs_old_logps else None
+            if several or (scored_logps and s.gen.logps is None) else None
         ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size) \
             if self.uses_reference else None
-        adv, metrics = self.advantages(s, old, ref)
+        adv, metrics = self.advantages(s, s.gen.logps if old is None else old, ref)
         mask = s.gen.response_mask & s.gen.finished[:, None] if cfg.mask_truncated_completions else s.gen.response_mask
         outs = []
         for it in range(cfg.num_iterations):
@@ -102,7 +106,10 @@ class CriticFree(OnPolicy):
         stats = {k: (float((v.detach() * m).sum()), count) for k, v in {**st, "entropy": entropy}.items()}
         return (w * per_token).sum(), stats
 
-    needs_old_logps = False  # RLOO's KL-shaped reward needs the sampling policy's log-probs
+    @classmethod
+    def needs_old_logps(cls, cfg) -> bool:
+        """Whether :meth:`advantages` needs the sampling policy's log-probs (RLOO's KL-shaped reward)."""
+        return False
 
 
 def train_critic_free(cfg, algo_cls) -> dict:

@@ -54,7 +54,9 @@ class RLOOConfig(OnPolicyOptions, GroupOptions):
 
 class RLOO(CriticFree):
     name = "rloo"
-    needs_old_logps = True  # the KL of the reward is the sampling policy's
+    @classmethod
+    def needs_old_logps(cls, cfg) -> bool:
+        return cfg.beta > 0  # the KL of the reward is the sampling policy's
 
     @classmethod
     def uses_reference_for(cls, cfg) -> bool:

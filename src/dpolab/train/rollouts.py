@@ -49,11 +49,12 @@ class Samples:
         return len(self.rows)
 
 
-def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, *, seed: int, micro: int) -> Samples:
+def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, *, seed: int, micro: int,
+                with_logps: bool = False) -> Samples:
     """Sample ``k`` completions of each prompt row ``idx`` (this process's share of micro-batch
     ``micro`` of the engine's order), score them with ``rewards``
     (:class:`dpolab.rewards.functions.WeightedRewards`) and place them in the step's global batch.
-    ``seed``: the step's seed."""
+    ``seed``: the step's seed; ``with_logps``: ask the sampler for the drawn tokens' log-probs."""
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.sampling import row_seeds
 
@@ -66,7 +67,7 @@ def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, 
     rows = [i for i in idx for _ in range(k)]
     gen = sampler.sample([prompts.ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         seeds=row_seeds(seed, [i * k + j for i in idx for j in range(k)]))
+                         seeds=row_seeds(seed, [i * k + j for i in idx for j in range(k)]), with_logps=with_logps)
     texts = [prompts.texts[i] for i in rows]
     completions = decode_responses(engine.tokenizer, gen)
     scores, terms = rewards.score(texts, completions, prompts.columns(rows))
