@@ -23,6 +23,11 @@ REWARD_SOURCE = '''
 def lower_space(prompts, completions):
     """Fraction of the completion's characters that are lowercase ASCII letters or spaces (0 if empty)."""
     return [sum(ch == " " or "a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def row_id(prompts, completions, id):
+    """The prompt row's own `id` field: what `dpolab eval` passes to a reward that names it."""
+    return [float(i) for i in id]
 '''
 
 
@@ -212,6 +217,19 @@ def test_eval_json_has_every_field_and_the_plot_is_a_png(evaluation):
         assert 1 <= m["response_length"] <= 8 and 0 <= m["eos_fraction"] <= 1
         assert m["wins"] + m["ties"] + m["losses"] == 32
     assert (evaluation["dir"] / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_passes_row_fields_to_the_reward(work, tiny_model_dir, tmp_path):
+    """A reward that names a column of the prompt rows (`id`, 0..7) receives it for each completion,
+    as in training: every sample of prompt i scores i, so the mean is 3.5 and the std over prompts fixed."""
+    out = tmp_path / "ids.json"
+    assert main(["eval", "--models", str(tiny_model_dir), "--data", str(work / "prompts.jsonl"), "--reward",
+                 f"{work / 'rewards.py'}:row_id", "--num-samples", "3", "--max-new-tokens", "4", "--no-kl",
+                 "--output", str(out), "--samples-output", str(tmp_path / "s.jsonl"), "--no-progress"]) == 0
+    (m,) = json.loads(out.read_text(encoding="utf-8"))["models"]
+    assert m["reward"] == pytest.approx(3.5)
+    rows = _read_jsonl(tmp_path / "s.jsonl")
+    assert [r["reward"] for r in rows] == [float(i) for i in range(8) for _ in range(3)]
 
 
 def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, capsys):

@@ -160,8 +160,10 @@ def check_vocabulary(name: str, tokenizer, ref_name: str, ref_tokenizer) -> None
                           f"model with the same tokenizer, or --no-kl")
 
 
-def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, label: str) -> dict:
-    """Sample every (prompt, sample) row of one model; rewards, KLs, lengths, EOS flags and texts."""
+def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, label: str,
+                      columns: list[dict] | None = None) -> dict:
+    """Sample every (prompt, sample) row of one model; rewards, KLs, lengths, EOS flags and texts.
+    ``columns``: each prompt row's other fields, passed to a reward function that names them."""
     import torch
 
     from dpolab.lm.generation import decode_responses
@@ -175,8 +177,9 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
     with progress_bar(n * k, label, cfg.progress) as bar:
         for start, gen in iter_samples(model, tokenizer, rows_ids, seeds, cfg):
             texts_b = decode_responses(tokenizer, gen)
-            prompts_b = [texts[(start + b) // k] for b in range(len(texts_b))]
-            rewards.append(compute_rewards(reward_fn, prompts_b, texts_b).double())
+            rows = [(start + b) // k for b in range(len(texts_b))]
+            rewards.append(compute_rewards(reward_fn, [texts[i] for i in rows], texts_b,
+                                           row_columns(columns, rows)).double())
             if ref_model is model:  # the reference itself: log π − log π_ref is 0 token by token
                 kls.append(torch.zeros(len(texts_b), dtype=torch.float64))
             elif ref_model is not None:
@@ -188,6 +191,15 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
     return {"rewards": torch.cat(rewards).view(n, k), "kl": torch.cat(kls).view(n, k) if kls else None,
             "lengths": torch.cat(lengths).view(n, k), "finished": torch.cat(finished).view(n, k),
             "completions": completions, "prompts": texts}
+
+
+def row_columns(columns: list[dict] | None, rows: list[int]) -> dict[str, list]:
+    """The fields present in every one of ``rows`` (e.g. an ``answer``), one list per field, aligned
+    with ``rows``: the keyword arguments a reward function may name (as in training)."""
+    if not columns or not rows:
+        return {}
+    keys = set.intersection(*(set(columns[i]) for i in rows))
+    return {key: [columns[i][key] for i in rows] for key in sorted(keys)}
 
 
 def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -219,13 +231,14 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         for name, _ in entries:
             check_vocabulary(name, tokenizers[name], reference, tokenizers[reference])
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
+    columns = [{k: v for k, v in rec.data.items() if k not in ("prompt", "messages")} for rec in records]
 
     ref_model = load_model(reference, cfg, device) if reference is not None else None
     raw = []
     for name, label in entries:
         model = ref_model if name == reference else load_model(name, cfg, device)
         texts, ids = prompts[name]
-        raw.append(_sample_and_score(model, tokenizers[name], texts, ids, ref_model, reward_fn, cfg, label))
+        raw.append(_sample_and_score(model, tokenizers[name], texts, ids, ref_model, reward_fn, cfg, label, columns))
         if model is not ref_model:
             del model
             if device.type == "cuda":
