@@ -164,10 +164,15 @@ def test_grad_accumulation_and_resume(word_model_dir, tmp_path):
            "--eval-fraction", "0")
     assert main(_args(word_model_dir, data, tmp_path / "a", "--batch-size", "8", *sgd)) == 0
     assert main(_args(word_model_dir, data, tmp_path / "b", "--batch-size", "2", "--grad-accum", "4", *sgd)) == 0
+    # passes within a token budget of 30: one or two pairs each
+    assert main(_args(word_model_dir, data, tmp_path / "c", "--batch-size", "8", "--micro-batch-tokens", "30",
+                      *sgd)) == 0
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    for other in ("b", "c"):
+        wb = load_file(str(tmp_path / other / "final" / "model.safetensors"))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["micro_batch_tokens"] == 30
 
     common = ("--learning-rate", "1e-3", "--max-steps", "4", "--batch-size", "4", "--save-steps", "2",
               "--save-total-limit", "5", "--eval-fraction", "0", "--logging-steps", "1")

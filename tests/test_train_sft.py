@@ -107,18 +107,24 @@ def test_sft_cli_learns_and_final_reloads(tiny_model_dir, sft_data, tmp_path):
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, tmp_path):
-    """8 examples in 1 micro-batch == 4 micro-batches of 2: the loss is averaged over all target
-    tokens of the step (a per-micro-batch mean would weight short completions more; SGD shows it)."""
+    """8 examples in 1 micro-batch == 4 micro-batches of 2 == passes within a token budget: the loss is
+    averaged over all target tokens of the step (a per-micro-batch mean would weight short completions
+    more; SGD shows it)."""
     common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0",
               "--eval-fraction", "0")
     assert main(_args(tiny_model_dir, sft_data, tmp_path / "a", "--batch-size", "8", *common)) == 0
     assert main(_args(tiny_model_dir, sft_data, tmp_path / "b", "--batch-size", "2", "--grad-accum", "4",
                       *common)) == 0
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    # a token budget of 20 cuts each micro-batch of 8 into passes of one or two examples
+    assert main(_args(tiny_model_dir, sft_data, tmp_path / "c", "--batch-size", "8", "--micro-batch-tokens", "20",
+                      *common)) == 0
+    wa, wb, wc = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(wa[k], init[k]) for k in wa)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wa[k], wc[k], atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["micro_batch_tokens"] == 20
 
 
 def test_packed_training_step_equals_unpacked(tiny_model_dir, sft_data, tmp_path):

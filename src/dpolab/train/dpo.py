@@ -54,16 +54,11 @@ class DPOConfig(TrainerOptions, PreferenceLossOptions):
     prefix_sharing: bool | None = opt(None, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
                                       "prompt is computed once; unset: on when a check on the first pairs shows "
                                       "the model gives the same log-probs that way")
-    micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
-                                         "many padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the weights' size, at least 32 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
         validate_common(self, data_what="a preference data file, folder or hub name")
         check_loss_options(self)
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
-            raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
         if self.ref_update_steps < 0 or not 0 < self.ref_update_alpha <= 1:
             raise ConfigError("--ref-update-steps must be >= 0 and --ref-update-alpha in (0, 1]")
         if self.ref_update_steps and self.precompute_ref:
@@ -166,13 +161,8 @@ def train(cfg: DPOConfig) -> dict:
     from dpolab.losses.dpo import is_batch_level, needs_reference
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
-    from dpolab.train.pair_layout import (
-        collate_pairs,
-        load_pairs,
-        pair_widths,
-        resolve_micro_batch_tokens,
-        resolve_prefix_sharing,
-    )
+    from dpolab.train.memory import resolve_micro_batch_tokens
+    from dpolab.train.pair_layout import collate_pairs, load_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
     accelerator, tokenizer = distributed.start_run(cfg)

@@ -63,9 +63,6 @@ class KTOConfig(TrainerOptions):
     precompute_ref: bool = opt(True, "compute reference log-probs (of each row's completion and its mismatched one) "
                                "once before training, cached on disk; --no-precompute-ref runs a live reference")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
-    micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
-                                         "many padded tokens (same step, less activation memory); unset: "
-                                         "activations about the weights' size, at least 32 MiB; 0: never split")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -74,8 +71,6 @@ class KTOConfig(TrainerOptions):
             raise ConfigError("--beta must be > 0")
         if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
             raise ConfigError("--desirable-weight and --undesirable-weight must be > 0")
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
-            raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
 
 
 def half_logps(model, batch, mismatched: bool = False) -> torch.Tensor:
@@ -196,7 +191,8 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.losses.kto import kto_weight_ratio_warning
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
-    from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_micro_batch_tokens
+    from dpolab.train.memory import resolve_micro_batch_tokens
+    from dpolab.train.pair_layout import collate_pairs, pair_widths
     from dpolab.train.reference import make_reference
 
     accelerator, tokenizer = distributed.start_run(cfg)

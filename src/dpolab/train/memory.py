@@ -45,3 +45,16 @@ def auto_forward_tokens(model: torch.nn.Module, mixed_precision: str = "no") -> 
     if not per_token:
         return 0
     return max(weight_bytes, MIN_ACTIVATION_BYTES) // per_token
+
+
+def resolve_micro_batch_tokens(cfg, model) -> int:
+    """The forward-pass token budget of an offline trainer: ``--micro-batch-tokens``, or the
+    size-based default (:func:`auto_forward_tokens`); 0 with gradient checkpointing, whose
+    activations are already small."""
+    from dpolab.lm.logps import unwrap_model
+
+    if cfg.micro_batch_tokens is not None:
+        return cfg.micro_batch_tokens
+    if cfg.gradient_checkpointing:
+        return 0
+    return auto_forward_tokens(unwrap_model(model) or model, cfg.mixed_precision)

@@ -32,6 +32,9 @@ class BatchOptions:
     grad_accum: int = opt(1, "micro-batches per optimizer step (the loss is averaged over all of them)")
     group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still "
                                 "shuffled; --no-group-by-length for uniformly random batches")
+    micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
+                                         "many padded tokens (same gradient, less activation memory); unset: "
+                                         "activations about the weights' size, at least 32 MiB; 0: never split")
 
 
 @dataclass
@@ -144,6 +147,8 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
         raise ConfigError("--max-prompt-length must be smaller than --max-length")
     if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
         raise ConfigError("--eval-fraction must be in [0, 1)")
+    if (getattr(cfg, "micro_batch_tokens", None) or 0) < 0:
+        raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
 
 
 # -- on-policy trainers (ppo; grpo, rloo and online dpo share them) ----------------------------------

@@ -173,17 +173,3 @@ def resolve_prefix_sharing(cfg, model, pairs, pad_token_id: int, accelerator) ->
         raise ConfigError(f"--prefix-sharing is not exact for this model: {problem}. Drop --prefix-sharing.")
     accelerator.print(f"prefix sharing off: {problem}")
     return False
-
-
-def resolve_micro_batch_tokens(cfg, model) -> int:
-    """The forward-pass token budget: ``--micro-batch-tokens``, or the size-based default
-    (:func:`dpolab.train.memory.auto_forward_tokens`); 0 with gradient checkpointing, whose
-    activations are already small."""
-    from dpolab.lm.logps import unwrap_model
-    from dpolab.train.memory import auto_forward_tokens
-
-    if cfg.micro_batch_tokens is not None:
-        return cfg.micro_batch_tokens
-    if cfg.gradient_checkpointing:
-        return 0
-    return auto_forward_tokens(unwrap_model(model) or model, cfg.mixed_precision)

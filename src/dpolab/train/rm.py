@@ -67,9 +67,12 @@ class RewardModelTraining(Algorithm):
     bar_keys = ("loss", "accuracy")
     summary_keys = ("steps", "eval/loss", "eval/accuracy", "loss", "wall_seconds")
 
-    def __init__(self, cfg: RewardConfig, engine: Engine, data, pad_id: int):
+    def __init__(self, cfg: RewardConfig, engine: Engine, data, pad_id: int, budget: int):
+        from dpolab.train.pair_layout import pair_widths
+
         self.cfg, self.engine, self.data, self.pad_id = cfg, engine, data, pad_id
-        self.micro_batches = cfg.grad_accum
+        self.micro_batches, self.budget = cfg.grad_accum, budget
+        self.widths = pair_widths(data.train, False)  # chosen and rejected: two rows of one width
 
     def _collate(self, pairs):
         from dpolab.data import collate_preference
@@ -77,8 +80,14 @@ class RewardModelTraining(Algorithm):
         return collate_preference(pairs, self.pad_id).to(self.engine.device)
 
     def passes(self, engine, group):
+        from dpolab.data.batching import split_by_tokens
+
         return engine.micro_batch_passes(group, lambda idx: self._collate([self.data.train[i] for i in idx]),
-                                         lambda b: b.batch_size, lambda b: int(b.attention_mask.sum()))
+                                         lambda b: b.batch_size, lambda b: int(b.attention_mask.sum()),
+                                         split=lambda rows: split_by_tokens(rows, self.widths, self.budget))
+
+    def summary(self, engine):
+        return {"micro_batch_tokens": self.budget, **super().summary(engine)}
 
     def loss(self, batch):
         """One forward over the (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected."""
@@ -116,6 +125,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.lm.reward_model import RewardModel, load_reward_model
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
+    from dpolab.train.memory import resolve_micro_batch_tokens
     from dpolab.train.pair_layout import load_pairs
 
     accelerator, tokenizer = distributed.start_run(cfg)
@@ -129,7 +139,8 @@ def train(cfg: RewardConfig) -> dict:
         hf_model.gradient_checkpointing_enable()
     engine = Engine(cfg, accelerator, RewardModel(hf_model), tokenizer=tokenizer, report=report)
     engine.plan(batch_order(pair_lengths(data.train), cfg, accelerator), micro_batches=cfg.grad_accum)
-    return engine.run(RewardModelTraining(cfg, engine, data, pad_token_id_for(tokenizer)))
+    budget = resolve_micro_batch_tokens(cfg, hf_model)  # the backbone's shape sets the activations
+    return engine.run(RewardModelTraining(cfg, engine, data, pad_token_id_for(tokenizer), budget))
 
 
 def cli_main(argv: list[str], prog: str) -> int:

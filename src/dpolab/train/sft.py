@@ -83,20 +83,26 @@ class SFT(Algorithm):
 
     name = "sft"
 
-    def __init__(self, cfg: SFTConfig, engine: Engine, data, rows, pad_id: int):
+    def __init__(self, cfg: SFTConfig, engine: Engine, data, rows, pad_id: int, budget: int):
         self.cfg, self.engine, self.data, self.rows, self.pad_id = cfg, engine, data, rows, pad_id
-        self.lora, self.micro_batches = cfg.lora, cfg.grad_accum
+        self.lora, self.micro_batches, self.budget = cfg.lora, cfg.grad_accum, budget
+        self.widths = [len(r) for r in rows]
 
     def passes(self, engine, group):
+        from dpolab.data.batching import split_by_tokens
         from dpolab.data.sft import collate_sft
 
         return engine.micro_batch_passes(
             group, lambda idx: collate_sft([self.rows[i] for i in idx], self.pad_id).to(engine.device),
-            lambda b: b.num_targets, lambda b: int(b.attention_mask.sum()))
+            lambda b: b.num_targets, lambda b: int(b.attention_mask.sum()),
+            split=lambda rows: split_by_tokens(rows, self.widths, self.budget))
 
     def loss(self, batch):
         nll, n = batch_nll(self.engine.model, batch)
         return nll, {"loss": nll.item() / max(int(n), 1)}
+
+    def summary(self, engine):
+        return {"micro_batch_tokens": self.budget, **super().summary(engine)}
 
     def evaluate(self):
         """Per-token mean NLL over all processes' blocks of the eval split."""
@@ -127,6 +133,7 @@ def train(cfg: SFTConfig) -> dict:
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
+    from dpolab.train.memory import resolve_micro_batch_tokens
 
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -140,7 +147,8 @@ def train(cfg: SFTConfig) -> dict:
 
     engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
     engine.plan(batch_order([len(r) for r in rows], cfg, accelerator), micro_batches=cfg.grad_accum)
-    return engine.run(SFT(cfg, engine, data, rows, pad_token_id_for(tokenizer)))
+    budget = resolve_micro_batch_tokens(cfg, engine.unwrapped)
+    return engine.run(SFT(cfg, engine, data, rows, pad_token_id_for(tokenizer), budget))
 
 
 def cli_main(argv: list[str], prog: str) -> int:
