@@ -37,10 +37,10 @@ rounds running every side once, in turn, so noise hits all sides alike):
 * with ``--trl-best`` also ``trl-grpo-nogc`` and ``trl-rloo-nogc``: the same with gradient
   checkpointing off (TRL's faster setting on this model).
 
-Both sides run the same forward passes per step: GRPO a generation and one training
-forward/backward (the old log-probs are the detached current ones on both); RLOO a generation, a
-no-grad pass of the policy (old log-probs of the KL), one of the reference and one training
-forward/backward.
+The forward passes per step: GRPO, on both sides, a generation and one training forward/backward
+(the old log-probs are the detached current ones); RLOO a generation, a no-grad pass of the
+reference and one training forward/backward, and on TRL's side also a no-grad pass of the policy
+for the old log-probs of the KL, which ours takes from its sampler (the log-probs it drew with).
 
 Measures, per run: the wall time of every optimizer step (torch's global optimizer-step hook, the
 same clock for both; a step holds its generation, reward, log-prob passes, backward and update), the

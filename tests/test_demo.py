@@ -5,6 +5,7 @@ raise the ground-truth reward well above the base model's."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 
@@ -15,10 +16,14 @@ from dpolab.cli import main
 METHODS = {"DPO", "PPO", "GRPO", "RLOO", "best-of-N"}
 
 
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
+    trackers = ["--report-to", "tensorboard"] if HAS_TENSORBOARD else []
+    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", *trackers]) == 0
     return out
 
 
@@ -146,3 +151,19 @@ def test_demo_rejects_bad_series_options(capsys):
                              ("--num-generations", "1", ">= 2")):
         assert main(["demo", "--quick", flag, value]) == 2
         assert msg in capsys.readouterr().err, flag
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install 'dpolab[tracking]')")
+def test_report_to_logs_the_demo_and_every_stage(demo_dir, results):
+    """--report-to tensorboard: the demo's own run holds the base reward, each method's best reward and
+    the frontier and samples tables; every training stage's run directory has its own event files."""
+    from test_trackers import _tensorboard_scalars
+
+    tb = _tensorboard_scalars(demo_dir)
+    assert tb["base/reward"] == [(0, pytest.approx(results["base"]["reward"], abs=1e-6))]
+    for m in METHODS:
+        best = max(r["reward"] for r in results["rows"] if r["method"] == m)
+        assert tb[f"best_reward/{m}"] == [(0, pytest.approx(best, abs=1e-6))], m
+    assert {"text:frontier", "text:samples"} <= {k.split("/")[0] for k in tb}, sorted(tb)
+    for stage in ("pretrain", "rm", "dpo-beta0.1", "ppo-kl0.05", "grpo-beta0", "rloo-beta0.01"):
+        assert any((demo_dir / "work" / stage / "tensorboard").rglob("events.out.tfevents.*")), stage

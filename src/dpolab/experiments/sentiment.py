@@ -96,6 +96,8 @@ class DemoConfig:
     prompts_per_step: int | None = opt(None, "GRPO/RLOO: prefixes per step")
     eval_every: int | None = opt(None, "evaluate a checkpoint every N DPO steps (PPO, GRPO, RLOO: every N/4 steps)")
     progress: bool = opt(True, "show progress bars")
+    report_to: str = opt("none", "also log every stage's run, and the demo's frontier and samples as tables, to "
+                         "experiment trackers: tensorboard, wandb, mlflow, a comma-separated list, or none")
 
     def resolved(self) -> DemoConfig:
         preset = PRESETS["quick" if self.quick else "full"]
@@ -118,6 +120,9 @@ class DemoConfig:
             raise ConfigError("--samples-per-prompt must be >= 2 to form pairs")
         if self.num_generations is not None and self.num_generations < 2:
             raise ConfigError("--num-generations must be >= 2: GRPO and RLOO compare each completion with its group")
+        from dpolab.runs.trackers import parse_report_to
+
+        parse_report_to(self.report_to)  # a tracker that is not installed fails before any stage runs
 
 
 class Stages:
@@ -196,7 +201,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         return evaluate_run(run, base_path, tokenizer, eval_prompts, reward_fn, cfg, base)
 
     rows: list[dict] = []
-    common = dict(max_length=cfg.max_new_tokens + 48, max_prompt_length=48, seed=cfg.seed, progress=cfg.progress)
+    common = dict(max_length=cfg.max_new_tokens + 48, max_prompt_length=48, seed=cfg.seed, progress=cfg.progress,
+                  report_to=cfg.report_to)
     with say.timed("dpo", f"DPO for β in {cfg.dpo_betas} ({cfg.dpo_steps} steps each)"):
         rows += sweep("DPO", cfg.dpo_betas, lambda beta, run: dpo_train(DPOConfig(
             model=base_path, data=str(prefs), output_dir=str(run), beta=beta, learning_rate=1e-3, batch_size=16,
@@ -216,7 +222,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             output_dir=str(run), kl_coef=coef, learning_rate=3e-4, rollout_batch_size=32, mini_batch_size=8,
             ppo_epochs=4, max_new_tokens=cfg.max_new_tokens, max_prompt_length=48, max_steps=cfg.ppo_steps,
             eval_prompts=0, save_steps=online_every, save_total_limit=1000, logging_steps=online_every,
-            seed=cfg.seed, progress=cfg.progress)), evaluate, work)
+            seed=cfg.seed, progress=cfg.progress, report_to=cfg.report_to)), evaluate, work)
 
     # GRPO and RLOO score their samples with the ground-truth reward itself (no reward model), one
     # pass per step (on-policy: no old log-probs to keep); lr 1e-3 as for DPO: the trainers' 1e-6
@@ -225,7 +231,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                  num_generations=cfg.num_generations, prompts_per_step=cfg.prompts_per_step,
                  micro_batch_size=cfg.num_generations * cfg.prompts_per_step, learning_rate=1e-3,
                  max_new_tokens=cfg.max_new_tokens, max_prompt_length=48, eval_prompts=0, save_steps=online_every,
-                 save_total_limit=1000, logging_steps=online_every, seed=cfg.seed, progress=cfg.progress)
+                 save_total_limit=1000, logging_steps=online_every, seed=cfg.seed, progress=cfg.progress,
+                 report_to=cfg.report_to)
     with say.timed("grpo", f"GRPO on the ground-truth reward for β in {cfg.grpo_betas} ({cfg.grpo_steps} steps "
                    f"of {cfg.prompts_per_step} prefixes × {cfg.num_generations} completions)"):
         rows += sweep("GRPO", cfg.grpo_betas, lambda beta, run: grpo_train(GRPOConfig(
@@ -253,8 +260,33 @@ def run_demo(cfg: DemoConfig) -> dict:
                "timings_seconds": {k: round(v, 1) for k, v in say.timings.items()}}
     results["command"] = reproduce_command(results["config"])
     write_outputs(out, results, samples)
+    log_to_trackers(cfg, out, results, samples)
     print_table(results)
     return results
+
+
+def log_to_trackers(cfg: DemoConfig, out: Path, results: dict, samples: list[dict]) -> None:
+    """With ``--report-to``: the demo's own tracker run (in its output folder) gets the base reward,
+    each method's best reward as metrics, and the frontier rows and sample completions as tables."""
+    from dpolab.runs.trackers import open_trackers
+
+    trackers = open_trackers(cfg.report_to, out, asdict(cfg))
+    if not trackers.trackers:
+        return
+    best = {f"best_reward/{m}": max(r["reward"] for r in results["rows"] if r["method"] == m)
+            for m in dict.fromkeys(r["method"] for r in results["rows"])}
+    trackers.log({"base/reward": results["base"]["reward"], **best}, step=0)
+    keys = ("method", "param", "value", "step", "reward", "kl", "kl_kind")
+    trackers.log_samples([{k: r.get(k) for k in keys} for r in results["rows"]], step=0, name="frontier")
+    trackers.log_samples([{name: _cell(v) for name, v in row.items()} for row in samples], step=0, name="samples")
+    trackers.close()
+
+
+def _cell(value) -> str:
+    """A samples-table cell: a (completion, reward, ...) entry as "completion (+0.123)", text as is."""
+    if isinstance(value, (tuple, list)) and len(value) >= 2 and isinstance(value[1], (int, float)):
+        return f"{value[0]} ({value[1]:+.3f})"
+    return str(value)
 
 
 # -- outputs ------------------------------------------------------------------------------------

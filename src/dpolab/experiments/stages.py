@@ -49,7 +49,7 @@ def build_base_model(cfg: DemoConfig, work: Path, say) -> tuple[str, list[str]]:
     sft_train(SFTConfig(model=str(init), data=str(work / "corpus.jsonl"), output_dir=str(work / "pretrain"),
                         loss_on="full", max_length=96, learning_rate=3e-3, warmup_steps=20, lr_scheduler="cosine",
                         batch_size=32, max_steps=cfg.pretrain_steps, eval_fraction=0.02, logging_steps=25,
-                        seed=cfg.seed, progress=cfg.progress))
+                        seed=cfg.seed, progress=cfg.progress, report_to=cfg.report_to))
     return str(work / "pretrain" / "final"), held_out
 
 
