@@ -65,6 +65,11 @@ bench-gpu: .venv-bench/.installed
 bench-generation: .venv-bench/.installed
 	.venv-bench/bin/python bench/generation_vs_hf.py --threads 1 --json bench/generation_vs_hf_results.json
 
+# docs/cli.md: every command's --help (tests/test_cli_reference.py checks it is current)
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m dpolab.commands.reference > docs/cli.md
+
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests bench
 

@@ -38,14 +38,14 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
 }
 
 
-def _available(table: dict) -> dict:
+def available_commands(table: dict) -> dict:
     """The commands whose module is there, found on disk: ``importlib.util.find_spec`` would import
     each command's packages (and their heavy dependencies) just to list them."""
     root = Path(__file__).resolve().parent.parent
     out = {}
     for name, entry in table.items():
         if isinstance(entry, dict):
-            sub = _available(entry)
+            sub = available_commands(entry)
             if sub:
                 out[name] = sub
         elif (root / (entry[0].replace(".", "/") + ".py")).is_file():
@@ -76,7 +76,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
-    table = _available(COMMANDS)
+    table = available_commands(COMMANDS)
     prog = "dpolab"
     while True:
         if not argv or argv[0] in ("-h", "--help"):
