@@ -69,7 +69,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -77,9 +76,16 @@ import tempfile
 import time
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("dpo_vs_trl", Path(__file__).with_name("dpo_vs_trl.py"))
-dvt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dvt)  # the DPO benchmark's models, lexicon generator, step clock and memory baseline
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dvt = _load("dpo_vs_trl")     # the DPO benchmark's models, lexicon generator, step clock and memory baseline
+srt = _load("sft_rm_vs_trl")  # versions and load average, as the other benchmarks record them
 
 MODELS, VOCAB = dvt.MODELS, dvt.VOCAB
 LR = 1e-6  # the default of all four trainers
@@ -295,7 +301,7 @@ def spawn(side: str, a: argparse.Namespace, model: str, workdir: Path) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"{side} on {model} failed:\n{p.stderr[-4000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_s"], res["load_avg"] = wall, load_average()
+    res["process_s"], res["load_avg"] = wall, srt.load_average()
     return res
 
 
@@ -345,23 +351,6 @@ def check_setup(a: argparse.Namespace, runs: dict[str, dict]) -> bool:
                and r["sampled_batches"] == a.steps for r in runs.values())
 
 
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    for name in ("torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
@@ -392,12 +381,12 @@ def main() -> None:
     a.steps = a.steps or (5 if a.quick else 10)
     repeats, warm_runs = (1, 0) if a.quick else (a.repeats, 1)
     t_start = time.time()
-    results: dict = {"date": datetime.date.today().isoformat(), "versions": versions(), "threads": a.threads,
+    results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(), "threads": a.threads,
                      "model": a.model, "model_shape": dict(zip(("hidden", "layers", "heads", "intermediate"),
                                                                MODELS[a.model])),
                      "vocab": VOCAB, "num_generations": a.num_generations, "prompts_per_step": a.prompts_per_step,
                      "completion_length": a.completion_length, "steps": a.steps, "warmup_steps": a.warmup_steps,
-                     "repeats": repeats, "learning_rate": LR, "load_avg_start": load_average(),
+                     "repeats": repeats, "learning_rate": LR, "load_avg_start": srt.load_average(),
                      "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(f"load average {results['load_avg_start']} on {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -426,7 +415,7 @@ def main() -> None:
                 results[f"{algo}/{trl}"] = row
                 print(line(algo, trl, row), flush=True)
             results[f"{algo}/runs"] = runs
-    results["load_avg_end"] = load_average()
+    results["load_avg_end"] = srt.load_average()
     results["wall_s"] = time.time() - t_start
     print(f"load average at the end {results['load_avg_end']}; wall {results['wall_s']:.0f} s")
     print(markdown_table(results))
