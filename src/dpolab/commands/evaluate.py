@@ -166,6 +166,7 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
     ``columns``: each prompt row's other fields, passed to a reward function that names them."""
     import torch
 
+    from dpolab.data.prompts import row_columns
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.logps import sequence_kl
     from dpolab.rewards.functions import compute_rewards
@@ -193,20 +194,12 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
             "completions": completions, "prompts": texts}
 
 
-def row_columns(columns: list[dict] | None, rows: list[int]) -> dict[str, list]:
-    """The fields present in every one of ``rows`` (e.g. an ``answer``), one list per field, aligned
-    with ``rows``: the keyword arguments a reward function may name (as in training)."""
-    if not columns or not rows:
-        return {}
-    keys = set.intersection(*(set(columns[i]) for i in rows))
-    return {key: [columns[i][key] for i in rows] for key in sorted(keys)}
-
-
 def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Evaluate every model of ``cfg``. Returns (results, per-completion sample rows)."""
     import torch
 
     from dpolab.commands.generate import resolve_device
+    from dpolab.data.prompts import extra_fields
     from dpolab.lm.loading import load_tokenizer
     from dpolab.train.on_policy import reward_function
 
@@ -231,7 +224,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         for name, _ in entries:
             check_vocabulary(name, tokenizers[name], reference, tokenizers[reference])
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
-    columns = [{k: v for k, v in rec.data.items() if k not in ("prompt", "messages")} for rec in records]
+    columns = [extra_fields(rec.data) for rec in records]
 
     ref_model = load_model(reference, cfg, device) if reference is not None else None
     raw = []

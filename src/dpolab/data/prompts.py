@@ -43,13 +43,24 @@ class PromptData:
 
     def columns(self, rows: list[int]) -> dict[str, list]:
         """The other fields of ``rows``, one list per field present in every row (reward arguments)."""
-        if not self.extras:
-            return {}
-        keys = set.intersection(*(set(self.extras[i]) for i in rows)) if rows else set()
-        return {k: [self.extras[i][k] for i in rows] for k in sorted(keys)}
+        return row_columns(self.extras, rows)
 
     def report(self) -> dict:
         return {"source": self.source, "prompts": len(self), "truncated": self.truncated}
+
+
+def extra_fields(row: dict) -> dict:
+    """A prompt row's fields other than the prompt itself (e.g. a reference ``answer``)."""
+    return {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+
+
+def row_columns(extras: list[dict], rows: list[int]) -> dict[str, list]:
+    """The fields present in every one of ``rows`` of ``extras``, one list per field aligned with
+    ``rows``: the keyword arguments a reward function may name."""
+    if not extras or not rows:
+        return {}
+    keys = set.intersection(*(set(extras[i]) for i in rows))
+    return {k: [extras[i][k] for i in rows] for k in sorted(keys)}
 
 
 def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
@@ -138,6 +149,6 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
         texts.append(text)
         chat.append(is_chat)
         where.append(rec)
-        extras.append({k: v for k, v in rec.data.items() if k not in ("prompt", "messages")})
+        extras.append(extra_fields(rec.data))
     ids, truncated = tokenize_prompts(texts, tokenizer, chat=chat, max_prompt_length=max_prompt_length)
     return PromptData(texts, ids, str(source), truncated, [r.where for r in where], extras)
