@@ -66,3 +66,16 @@ def test_auto_budget_is_weights_over_activations_with_a_floor(tiny_model):
     assert auto_forward_tokens(big) == (4096 * 8192 + 8192) * 4 // (7 * (10 * 512 + 4 * 1376) * 4)
     assert auto_forward_tokens(big, "bf16") == 2 * auto_forward_tokens(big)  # 16-bit activations
     assert auto_forward_tokens(torch.nn.Linear(2, 2)) == 0  # unknown shape: never split
+
+
+def test_auto_budget_leaves_out_the_embedding_and_head(monkeypatch):
+    """The vocabulary's rows keep no per-token activations: a larger vocabulary buys no larger passes."""
+    from dpolab.lm.tiny import tiny_llama
+    from dpolab.train import memory
+
+    monkeypatch.setattr(memory, "MIN_ACTIVATION_BYTES", 0)  # no floor: the weights decide
+    small, large = (tiny_llama(v, hidden_size=32, layers=2, heads=2, intermediate_size=64) for v in (64, 4096))
+    blocks = sum(p.numel() * 4 for n, p in small.named_parameters() if "embed" not in n and "lm_head" not in n)
+    per_token = activation_bytes_per_token(small.config, 4)
+    assert memory.auto_forward_tokens(small) == memory.auto_forward_tokens(large) == blocks // per_token
+    assert sum(p.numel() for p in large.parameters()) > 10 * sum(p.numel() for p in small.parameters())

@@ -87,7 +87,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         ent = torch.empty(n if want_entropy else 0, dtype=dtype, device=hidden.device)
         sq = torch.empty(n if want_sq else 0, dtype=dtype, device=hidden.device)
         for s in range(0, n, chunk):
-            z = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).to(dtype) / temperature  # (c, V)
+            z = _chunk_logits(hidden[s:s + chunk], weight, bias, dtype, temperature)  # (c, V)
             l = torch.logsumexp(z, dim=-1)
             lse[s:s + chunk] = l
             out[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - l
@@ -113,19 +113,27 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_out = grad_out.to(lse.dtype)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            z = torch.nn.functional.linear(h, weight, bias).to(lse.dtype) / temperature
             g = grad_out[s:s + chunk, None]                                           # (c, 1)
-            dz = torch.exp(z - lse[s:s + chunk, None]).mul_(-g)
+            # in place: one (c, V) buffer per chunk, and the (V, H) product added into grad_w directly
+            dz = _chunk_logits(h, weight, bias, lse.dtype, temperature).sub_(lse[s:s + chunk, None]).exp_().mul_(-g)
             dz.scatter_add_(-1, labels[s:s + chunk, None], g)
-            dz /= temperature                                                         # d/d(logits)
+            if temperature != 1.0:
+                dz.div_(temperature)                                                  # d/d(logits)
             if grad_h is not None:
                 grad_h[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += dz.T @ h.to(lse.dtype)
+                grad_w.addmm_(dz.T, h.to(lse.dtype))
             if grad_b is not None:
                 grad_b += dz.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``(h Wᵀ + b) / T`` in ``dtype``, a fresh tensor the caller may change in place."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    z = z.to(dtype) if z.dtype != dtype else z
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def _head_chunk(vocab: int) -> int:
