@@ -323,3 +323,23 @@ def test_imbalance_warning_dry_run_and_help(tiny_model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     for f in fields(KTOConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_reference_cache_names_the_trainer(tiny_model_dir, tmp_path):
+    """DPO's (chosen, rejected) and KTO's (matched, mismatched) tables never share a cache file, even
+    with every other part of the key equal."""
+    from types import SimpleNamespace
+
+    from dpolab.config import make_config
+    from dpolab.train.dpo import DPOConfig
+    from dpolab.train.kto import KTOConfig
+    from dpolab.train.reference import cache_path
+
+    data_file = write_rule_data(tmp_path / "pairs.jsonl", n=8)
+    fields = dict(model=str(tiny_model_dir), data=str(data_file), output_dir=str(tmp_path / "out"),
+                  ref_cache_dir=str(tmp_path / "cache"))
+    data = SimpleNamespace(train=[0] * 6, eval=[0] * 2)
+    run = SimpleNamespace(path=tmp_path / "out")
+    paths = {cls.__name__: cache_path(make_config(cls, fields), data, run) for cls in (DPOConfig, KTOConfig)}
+    assert paths["DPOConfig"] != paths["KTOConfig"]
+    assert paths["DPOConfig"].parent == paths["KTOConfig"].parent == tmp_path / "cache"

@@ -8,8 +8,8 @@ rows of the planned micro-batches for a shorter run) plus the evaluation split. 
 are then not needed during training (memory), and a second epoch, a resumed run or another run on
 the same data and reference (a β sweep) costs nothing more.
 
-The cache file is keyed by the data (content hashes), the reference model, the tokenizer, the
-truncation settings, the dtype and the mixed precision, so a changed dataset or model never reuses
+The cache file is keyed by the trainer (its tables' columns), the data (content hashes), the
+reference model, the tokenizer, the truncation settings, the dtype and the mixed precision, so a changed dataset or model never reuses
 stale values. Rows not computed yet are NaN in the stored tables; a later run with a wider plan
 computes only what is missing.
 """
@@ -43,6 +43,8 @@ def cache_path(cfg, data, run: RunDir) -> Path:
     from dpolab.lm.loading import model_fingerprint
 
     key = hashlib.sha256(json.dumps({
+        # the trainer: DPO's (chosen, rejected) and KTO's (matched, mismatched) columns differ
+        "trainer": type(cfg).__name__,
         "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": model_fingerprint(cfg.ref_model or cfg.model),
         "tokenizer": model_fingerprint(cfg.model), "max_length": cfg.max_length,
