@@ -29,8 +29,12 @@ Sides (each run in a FRESH subprocess; per model and task one warm-up run of eac
   options (also ``packing=True``, which TRL runs padding-free: each batch one flattened row with a
   block mask; and ``padding_free=True`` alone) this was the fastest on this data in a one-off
   comparison (docs/performance.md); ``--trl-sft-best`` selects another;
-* RM ``ours-default``: ``dpolab.train.rm.train`` as shipped (chosen and rejected in one forward
-  pass, length-bucketed steps). It has no faster switch, so its runs also stand against TRL's best;
+* RM ``ours-default``: ``dpolab.train.rm.train`` as shipped (each pair one prefix-shared row
+  ``[prompt | chosen | rejected]``, the prompt computed once, as its check finds the model exact;
+  length-bucketed steps). It has no faster switch, so its runs also stand against TRL's best. Its
+  tokens are counted as pairs' tokens ``2·|prompt| + |chosen| + |rejected|``, the real tokens of
+  TRL's two rows per pair, so both sides count the same work (and our MFU is the effective one:
+  the model runs the shared prompt once);
 * RM ``trl-default``: ``trl.RewardTrainer`` defaults (gradient checkpointing on); ``trl-best``:
   gradient checkpointing off.
 
@@ -278,15 +282,20 @@ def run_ours(a: argparse.Namespace, best: bool) -> dict:
     if a.task == "sft":
         import dpolab.data.sft as module
         name = "collate_sft"
-    else:
-        import dpolab.data as module
-        name = "collate_preference"
-    collate = getattr(module, name)
+        collate = module.collate_sft
 
-    def counting(rows, pad_id, **kw):
-        batch = collate(rows, pad_id, **kw)
-        tokens[-1] += int(batch.attention_mask.sum())
-        return batch
+        def counting(rows, pad_id, **kw):
+            batch = collate(rows, pad_id, **kw)
+            tokens[-1] += int(batch.attention_mask.sum())
+            return batch
+    else:
+        import dpolab.train.pair_layout as module
+        name = "collate_pairs"
+        collate = module.collate_pairs
+
+        def counting(prefix, pairs, pad_id):  # either layout: the pairs' tokens, TRL's unit
+            tokens[-1] += sum(p.num_tokens for p in pairs)
+            return collate(prefix, pairs, pad_id)
 
     setattr(module, name, counting)  # the trainers import it at call time: they get the counting one
     with tempfile.TemporaryDirectory() as out:

@@ -74,6 +74,12 @@ class PrefixSharedBatch:
         return PrefixSharedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def last_of_segment(segment: Tensor, which: int) -> Tensor:
+    """``(B,)`` column of each row's last position in segment ``which`` (CHOSEN or REJECTED)."""
+    cols = torch.arange(segment.shape[1], device=segment.device).expand_as(segment)
+    return torch.where(segment == which, cols, -1).amax(dim=1)
+
+
 def shared_mask(segment: Tensor) -> Tensor:
     """The ``(B, 1, L, L)`` boolean attention mask of a prefix-shared batch from its ``(B, L)`` segments.
 
@@ -87,7 +93,7 @@ def shared_mask(segment: Tensor) -> Tensor:
     return (allowed | pad_q)[:, None]
 
 
-def _mask_for(model: torch.nn.Module, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def attention_mask_for(model: torch.nn.Module, mask: Tensor, dtype: torch.dtype) -> Tensor:
     """SDPA takes the boolean mask as is; eager attention adds it, so give it 0 / dtype-min."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
@@ -109,7 +115,7 @@ def prefix_shared_logps(model: torch.nn.Module, batch: PrefixSharedBatch, *,
                            if h.shape[:2] == batch.input_ids.shape else None, head is not None, head=head)
     dtype = next(model.parameters()).dtype
     with rows_of:
-        out = model(input_ids=batch.input_ids, attention_mask=_mask_for(_inner(model), batch.attention_mask, dtype),
+        out = model(input_ids=batch.input_ids, attention_mask=attention_mask_for(_inner(model), batch.attention_mask, dtype),
                     position_ids=batch.position_ids, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):                  # full logits fallback

@@ -35,7 +35,19 @@ class RewardModel(nn.Module):
         head = getattr(model, "score", None)
         self._plain_head = isinstance(head, nn.Module) and getattr(model, "base_model", model) is not model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    @property
+    def supports_prefix_sharing(self) -> bool:
+        """Whether :meth:`forward` takes the prefix-shared layout (a plain ``score`` head)."""
+        return self._plain_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                segment: Tensor | None = None) -> Tensor:
+        """``(B,)`` rewards of the rows; with ``segment`` (a prefix-shared batch of
+        :mod:`dpolab.lm.prefix`: ``B`` rows ``[prompt | chosen | rejected]``, a ``(B, 1, L, L)`` mask)
+        ``(2B,)``: each pair's chosen reward (rows ``[0, B)``) then its rejected one, read at the last
+        token of each branch, whose context is exactly that of the plain row ``prompt + response``."""
+        if segment is not None:
+            return self._shared_rewards(input_ids, attention_mask, position_ids, segment)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if not self._plain_head:
@@ -46,6 +58,19 @@ class RewardModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, last_token_index(attention_mask)]                                       # (B, H)
         return self.model.score(last)[:, 0].float()                                                 # (B,)
+
+    def _shared_rewards(self, input_ids, mask, position_ids, segment) -> Tensor:
+        from dpolab.lm.prefix import CHOSEN, REJECTED, attention_mask_for, last_of_segment
+
+        if not self._plain_head:
+            raise DpolabError("this reward model's head is not a plain score module: prefix sharing is not supported")
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask_for(self.model, mask, dtype),
+                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, L, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        ends = torch.cat([hidden[rows, last_of_segment(segment, CHOSEN)],
+                          hidden[rows, last_of_segment(segment, REJECTED)]])                     # (2B, H)
+        return self.model.score(ends)[:, 0].float()                                            # (2B,)
 
 
 def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trust_remote_code: bool = False):

@@ -34,7 +34,8 @@ class BatchOptions:
                                 "shuffled; --no-group-by-length for uniformly random batches")
     micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
                                          "many padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the weights' size, at least 32 MiB; 0: never split")
+                                         "activations about the size of the transformer blocks' weights, at "
+                                         "least 32 MiB; 0: never split")
 
 
 @dataclass

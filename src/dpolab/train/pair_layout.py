@@ -100,8 +100,11 @@ def pair_losses(cfg, model, batch, ref: tuple, *, bco_delta: float | None = None
 
 
 def check_prefix_sharing(model: torch.nn.Module, pairs, pad_token_id: int, vocab_size: int,
-                         device: torch.device | str = "cpu") -> str | None:
+                         device: torch.device | str = "cpu", *, score=None) -> str | None:
     """Whether prefix sharing is exact for ``model``: None if so, else the reason it is not.
+    ``score(model, batch) -> (values, scale)``, both ``(2B,)``, chosen then rejected, for either
+    layout: what must agree and the unit of the tolerances; default :func:`batch_logps` (summed
+    response log-probs, tolerances per scored token); the reward model gives its rewards, scale 1.
 
     Run on two of ``pairs`` (those with the longest rejected responses) before training, without
     gradients, in eval mode, two ways:
@@ -119,9 +122,7 @@ def check_prefix_sharing(model: torch.nn.Module, pairs, pad_token_id: int, vocab
     ``model`` may be wrapped (DDP, FSDP: every process must then run the check, as every forward is
     collective).
     """
-    from dpolab.lm.logps import model_sequence_logps
-    from dpolab.lm.prefix import prefix_shared_logps
-
+    score = score or batch_logps
     # the pairs with the longest rejected responses: a rejected token after the first is what could
     # see the chosen branch (the first is predicted by the last prompt position)
     pairs = heapq.nlargest(2, (p for p in pairs if p.prompt_ids), key=lambda p: len(p.rejected_ids))
@@ -136,11 +137,9 @@ def check_prefix_sharing(model: torch.nn.Module, pairs, pad_token_id: int, vocab
     model.eval()
     try:
         with torch.no_grad():
-            plain = collate_pairs(False, pairs, pad_token_id).to(device)
-            lp_plain, counts = model_sequence_logps(model, plain.input_ids, plain.attention_mask, plain.loss_mask,
-                                                    plain.position_ids)
-            lp_shared, _ = prefix_shared_logps(model, collate_pairs(True, pairs, pad_token_id).to(device))
-            lp_alt, _ = prefix_shared_logps(model, collate_pairs(True, altered, pad_token_id).to(device))
+            lp_plain, counts = score(model, collate_pairs(False, pairs, pad_token_id).to(device))
+            lp_shared, _ = score(model, collate_pairs(True, pairs, pad_token_id).to(device))
+            lp_alt, _ = score(model, collate_pairs(True, altered, pad_token_id).to(device))
     except Exception as err:  # a model whose forward rejects a 4D mask or explicit positions
         return f"the model's forward does not accept the shared layout ({type(err).__name__}: {err})"
     finally:
@@ -149,24 +148,27 @@ def check_prefix_sharing(model: torch.nn.Module, pairs, pad_token_id: int, vocab
         return "rejected tokens see the chosen ones (the attention ignores the 4D mask)"
     if ((lp_shared - lp_plain).abs() > tol * counts.float()).any():
         worst = float((lp_shared - lp_plain).abs().max())
-        return f"the shared row's log-probs differ from the plain batch's by {worst:.3g}"
+        return f"the shared row's values differ from the plain batch's by {worst:.3g}"
     return None
 
 
-def resolve_prefix_sharing(cfg, model, pairs, pad_token_id: int, accelerator) -> bool:
+def resolve_prefix_sharing(cfg, model, pairs, pad_token_id: int, accelerator, *, inner=None, score=None) -> bool:
     """``--prefix-sharing`` on/off as given, or (unset) on when :func:`check_prefix_sharing` finds the
-    model exact in the shared layout. Given explicitly and failing the check: an error."""
+    model exact in the shared layout. Given explicitly and failing the check: an error. ``inner``: the
+    Hugging Face model whose config and embedding to inspect (default: ``model`` unwrapped);
+    ``score``: as for :func:`check_prefix_sharing`."""
     from dpolab.lm.logps import unwrap_model
 
     if cfg.prefix_sharing is False:
         return False
-    inner = unwrap_model(accelerator.unwrap_model(model)) or accelerator.unwrap_model(model)
+    if inner is None:
+        inner = unwrap_model(accelerator.unwrap_model(model)) or accelerator.unwrap_model(model)
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", "eager")
     if attn not in ("sdpa", "eager"):
         problem = f"its attention ('{attn}') ignores custom 4D masks"
     else:
         vocab = inner.get_input_embeddings().num_embeddings
-        problem = check_prefix_sharing(model, pairs, pad_token_id, vocab, accelerator.device)
+        problem = check_prefix_sharing(model, pairs, pad_token_id, vocab, accelerator.device, score=score)
     if problem is None:
         return True
     if cfg.prefix_sharing:

@@ -1,7 +1,9 @@
 """Bradley-Terry reward-model training (docs/reward-model.md).
 
 The model is the LM backbone with a scalar head (:mod:`dpolab.lm.reward_model`); each micro-batch is one
-forward pass over chosen and rejected rows concatenated on the batch axis; the loss is
+forward pass, over each pair as one prefix-shared row ``[prompt | chosen | rejected]`` when a check
+shows the model exact that way (:mod:`dpolab.train.pair_layout`: the prompt is computed once), else
+over chosen and rejected rows concatenated on the batch axis; the loss is
 ``−log σ(r_w − r_l − m)`` (:func:`dpolab.losses.bradley_terry.bradley_terry_loss`) averaged over all pairs
 of an optimizer step. Held-out pairwise accuracy is ``eval/accuracy`` in ``summary.json``; the model
 is saved to ``final/`` in Hugging Face format (``AutoModelForSequenceClassification``).
@@ -45,6 +47,9 @@ class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions):
     margin: float | None = opt(None, "margin m in −log σ(r_w − r_l − m) (off when unset)")
     max_length: int = opt(512, "maximum prompt+response tokens")
     max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    prefix_sharing: bool | None = opt(None, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
+                                      "prompt is computed once; unset: on when a check on the first pairs shows "
+                                      "the model gives the same rewards that way")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -67,33 +72,32 @@ class RewardModelTraining(Algorithm):
     bar_keys = ("loss", "accuracy")
     summary_keys = ("steps", "eval/loss", "eval/accuracy", "loss", "wall_seconds")
 
-    def __init__(self, cfg: RewardConfig, engine: Engine, data, pad_id: int, budget: int):
-        from dpolab.train.pair_layout import pair_widths
-
+    def __init__(self, cfg: RewardConfig, engine: Engine, data, pad_id: int, budget: int, *, prefix: bool,
+                 widths: list[int]):
         self.cfg, self.engine, self.data, self.pad_id = cfg, engine, data, pad_id
-        self.micro_batches, self.budget = cfg.grad_accum, budget
-        self.widths = pair_widths(data.train, False)  # chosen and rejected: two rows of one width
+        self.micro_batches, self.budget, self.prefix, self.widths = cfg.grad_accum, budget, prefix, widths
 
     def _collate(self, pairs):
-        from dpolab.data import collate_preference
+        from dpolab.train.pair_layout import collate_pairs
 
-        return collate_preference(pairs, self.pad_id).to(self.engine.device)
+        return collate_pairs(self.prefix, pairs, self.pad_id).to(self.engine.device)
 
     def passes(self, engine, group):
         from dpolab.data.batching import split_by_tokens
+        from dpolab.train.pair_layout import batch_tokens
 
         return engine.micro_batch_passes(group, lambda idx: self._collate([self.data.train[i] for i in idx]),
-                                         lambda b: b.batch_size, lambda b: int(b.attention_mask.sum()),
+                                         lambda b: b.batch_size, batch_tokens,
                                          split=lambda rows: split_by_tokens(rows, self.widths, self.budget))
 
     def summary(self, engine):
-        return {"micro_batch_tokens": self.budget, **super().summary(engine)}
+        return {"prefix_sharing": self.prefix, "micro_batch_tokens": self.budget, **super().summary(engine)}
 
     def loss(self, batch):
-        """One forward over the (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected."""
+        """One forward over the batch (either layout): rewards of rows [0, B) chosen, [B, 2B) rejected."""
         from dpolab.losses.bradley_terry import bradley_terry_loss
 
-        rewards = self.engine.model(batch.input_ids, batch.attention_mask, batch.position_ids)   # (2B,)
+        rewards = reward_scores(self.engine.model, batch)[0]                                     # (2B,)
         B = batch.batch_size
         losses = bradley_terry_loss(rewards[:B], rewards[B:], self.cfg.margin)                  # (B,)
         return losses.sum(), pair_stats(rewards[:B], rewards[B:], losses)
@@ -118,6 +122,15 @@ class RewardModelTraining(Algorithm):
 
 
 
+def reward_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) rewards of a batch of pairs in either layout (chosen, then rejected) and a unit scale:
+    what the loss reads and what the prefix-sharing check compares."""
+    import torch
+
+    rewards = model(batch.input_ids, batch.attention_mask, batch.position_ids, segment=getattr(batch, "segment", None))
+    return rewards, torch.ones_like(rewards)
+
+
 def train(cfg: RewardConfig) -> dict:
     """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
     from dpolab.data import pad_token_id_for
@@ -126,7 +139,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
     from dpolab.train.memory import resolve_micro_batch_tokens
-    from dpolab.train.pair_layout import load_pairs
+    from dpolab.train.pair_layout import load_pairs, pair_widths, resolve_prefix_sharing
 
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_pairs(cfg, tokenizer)
@@ -138,9 +151,15 @@ def train(cfg: RewardConfig) -> dict:
     if cfg.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
     engine = Engine(cfg, accelerator, RewardModel(hf_model), tokenizer=tokenizer, report=report)
+    pad_id = pad_token_id_for(tokenizer)
+    prefix = resolve_prefix_sharing(cfg, engine.model, data.train, pad_id, accelerator, inner=hf_model,
+                                    score=reward_scores)
+    # the steps' pairs as in the plain layout, whichever runs (the same batches either way); the
+    # passes within a step split by the width each pair has in the layout that runs
     engine.plan(batch_order(pair_lengths(data.train), cfg, accelerator), micro_batches=cfg.grad_accum)
+    widths = pair_widths(data.train, prefix)
     budget = resolve_micro_batch_tokens(cfg, hf_model)  # the backbone's shape sets the activations
-    return engine.run(RewardModelTraining(cfg, engine, data, pad_token_id_for(tokenizer), budget))
+    return engine.run(RewardModelTraining(cfg, engine, data, pad_id, budget, prefix=prefix, widths=widths))
 
 
 def cli_main(argv: list[str], prog: str) -> int:
