@@ -197,7 +197,8 @@ def train(cfg: KTOConfig) -> dict:
 
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_unpaired_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+                              eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                              split=cfg.data_split, eval_split=cfg.eval_split)
     report = data.report.as_dict()
     warning = kto_weight_ratio_warning(report["desirable"], report["undesirable"], cfg.desirable_weight,
                                        cfg.undesirable_weight)

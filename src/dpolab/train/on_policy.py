@@ -95,7 +95,7 @@ def open_run(cfg, name: str):
     if distributed.is_sharded(accelerator):
         raise ConfigError(f"dpolab {name} samples with the whole model on each process: use DDP (FSDP/DeepSpeed "
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
-    prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.data_split)
     check_room(cfg, max(len(ids) for ids in prompts.ids))
     eval_set = eval_prompt_set(cfg, prompts, tokenizer)
     rewards = reward_function(cfg, accelerator.device)
@@ -189,7 +189,7 @@ def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]]
     if cfg.eval_data:
         from dpolab.data.prompts import load_prompts
 
-        data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length)
+        data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.eval_split)
         rows = list(range(min(cfg.eval_prompts, len(data))))
     else:
         data = prompts

@@ -70,8 +70,18 @@ class RunOptions:
 
 
 @dataclass
-class TrainerOptions(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions):
-    """Every option group of an offline LM trainer (SFT, DPO, KTO): run, model, LoRA, batch, optimizer."""
+class SplitOptions:
+    """Which split of a hub dataset or ``save_to_disk`` DatasetDict to read (a file has only one)."""
+
+    data_split: str = opt("train", "split of --data to read when it is a hub dataset or a save_to_disk DatasetDict "
+                          "(e.g. train_prefs)")
+    eval_split: str = opt("test", "split of --eval-data to read when it is a hub dataset or a DatasetDict")
+
+
+@dataclass
+class TrainerOptions(RunOptions, ModelOptions, LoraOptions, BatchOptions, OptimizerOptions, SplitOptions):
+    """Every option group of an offline LM trainer (SFT, DPO, KTO): run, model, LoRA, batch, optimizer,
+    data splits."""
 
 
 @dataclass
@@ -154,7 +164,7 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
 
 # -- on-policy trainers (ppo; grpo, rloo and online dpo share them) ----------------------------------
 @dataclass
-class PromptOptions:
+class PromptOptions(SplitOptions):
     data: str = opt("", "prompt data: file, save_to_disk folder or hub name (required)")
     eval_data: str | None = opt(None, "evaluation prompts (default: --eval-prompts of the training prompts)")
     eval_prompts: int = opt(64, "how many prompts to evaluate on (0: skip evaluation)")

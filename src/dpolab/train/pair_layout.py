@@ -24,7 +24,8 @@ def load_pairs(cfg, tokenizer):
     from dpolab.data import load_preference_data
 
     return load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+                                eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                                split=cfg.data_split, eval_split=cfg.eval_split)
 
 
 def collate_pairs(prefix_sharing: bool, pairs, pad_token_id: int):

@@ -45,7 +45,8 @@ def cache_path(cfg, data, run: RunDir) -> Path:
     key = hashlib.sha256(json.dumps({
         # the trainer: DPO's (chosen, rejected) and KTO's (matched, mismatched) columns differ
         "trainer": type(cfg).__name__,
-        "data": data_fingerprint(cfg.data), "eval": data_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+        "data": data_fingerprint(cfg.data, split=cfg.data_split),
+        "eval": data_fingerprint(cfg.eval_data, split=cfg.eval_split) if cfg.eval_data else None,
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": model_fingerprint(cfg.ref_model or cfg.model),
         "tokenizer": model_fingerprint(cfg.model), "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision,

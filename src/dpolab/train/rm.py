@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 from dpolab.config import opt
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import BatchOptions, ModelOptions, OptimizerOptions, RunOptions, validate_common
+from dpolab.train.options import (
+    BatchOptions,
+    ModelOptions,
+    OptimizerOptions,
+    RunOptions,
+    SplitOptions,
+    validate_common,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +45,7 @@ example:
 
 
 @dataclass
-class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions):
+class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions, SplitOptions):
     model: str = opt("", "backbone: a causal LM (a new scalar head is added) or a saved reward model (required)")
     data: str = opt("", "training preference data: file, save_to_disk folder or hub name (required)")
     eval_data: str | None = opt(None, "held-out preference data (default: --eval-fraction of --data)")

@@ -138,7 +138,7 @@ def train(cfg: SFTConfig) -> dict:
     accelerator, tokenizer = distributed.start_run(cfg)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
-                         seed=cfg.seed)
+                         seed=cfg.seed, split=cfg.data_split, eval_split=cfg.eval_split)
     report = data.report.as_dict()
     rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
     report["train_batch_rows"] = len(rows)
