@@ -35,11 +35,6 @@ class RewardModel(nn.Module):
         head = getattr(model, "score", None)
         self._plain_head = isinstance(head, nn.Module) and getattr(model, "base_model", model) is not model
 
-    @property
-    def supports_prefix_sharing(self) -> bool:
-        """Whether :meth:`forward` takes the prefix-shared layout (a plain ``score`` head)."""
-        return self._plain_head
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
                 segment: Tensor | None = None) -> Tensor:
         """``(B,)`` rewards of the rows; with ``segment`` (a prefix-shared batch of
