@@ -14,7 +14,9 @@ builds the same weights): ``tiny`` (vocab 4096, hidden 64, 2 layers), ``small`` 
 Sides, for greedy and for sampling at temperature 1 (no top-k, no top-p):
 
 * ours: ``generate(model, tok, prompts, max_new_tokens=N, temperature=..., seeds=range(B),
-  eos_token_id=[])``: the per-row-seeded path the on-policy trainers use;
+  eos_token_id=[])``: the per-row-seeded path the on-policy trainers use (on these Llama models
+  through the direct decoder of ``dpolab.lm.decode``; ``--ablations`` also times it with the
+  model's own forward, ``fast=False``);
 * HF: ``model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=..., top_k=0,
   top_p=1.0, temperature=1.0, pad_token_id=0)`` with EOS disabled (``eos_token_id=None`` there and
   in the model's generation config). ``top_k=0`` matters: HF's default sampling applies top-k 50.
@@ -132,14 +134,18 @@ def ablation_sides(model, tok, prompts, ids, mask, N: int, greedy: bool, compile
 
     from dpolab.lm import generation
 
-    def without(name, value):
+    def without(name, value, **kw):
         def side():
             with patched(generation, name, value):
-                return run_ours(model, tok, prompts, N, greedy)
+                return run_ours(model, tok, prompts, N, greedy, **kw)
         return side
 
-    sides = {"full prompt logits": without("_prefill_kwargs", lambda m: {}),
-             "growing KV cache (torch.cat)": without("_preallocated_cache_kwargs", lambda m, c: {}),
+    # the prompt-pass and cache pieces belong to the model-forward path (fast=False); the direct
+    # decoder (dpolab.lm.decode) has its own
+    sides = {"model's own forward (no direct decoder)": lambda: run_ours(model, tok, prompts, N, greedy, fast=False),
+             "model's forward, full prompt logits": without("_prefill_kwargs", lambda m: {}, fast=False),
+             "model's forward, growing KV cache (torch.cat)": without("_preallocated_cache_kwargs", lambda m, c: {},
+                                                                      fast=False),
              "EOS check every 8 steps": lambda: run_ours(model, tok, prompts, N, greedy, eos_check_every=8)}
     if not greedy:
         sides["torch.multinomial"] = without("inverse_cdf_draw", lambda p, u: torch.multinomial(p, 1).squeeze(1))
@@ -296,7 +302,7 @@ def main() -> None:
                 if a.ablations:
                     for k, r in s["time_vs_ours"].items():
                         same = row["same_tokens_as_ours"][k]
-                        print(f"{head} {k:30s} time x{r['median']:.2f} [{r['iqr'][0]:.2f}, {r['iqr'][1]:.2f}] "
+                        print(f"{head} {k:46s} time x{r['median']:.2f} [{r['iqr'][0]:.2f}, {r['iqr'][1]:.2f}] "
                               f"first call {row['first_call_s'][k]:.1f} s" + ("" if same is None else f" same tokens: {same}"),
                               flush=True)
                     continue

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dpolab.errors import DpolabError
+from dpolab.lm.decode import fast_decoder
 
 __all__ = ["Generation", "decode_responses", "filter_logits", "generate", "inverse_cdf_draw", "left_pad",
            "position_ids_from_mask", "sample_completions", "sample_next"]
@@ -197,7 +198,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
              generator: torch.Generator | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              seeds: Sequence[int] | None = None,
-             eos_check_every: int | None = None, with_logps: bool = False) -> Generation:
+             eos_check_every: int | None = None, with_logps: bool = False, fast: bool = True) -> Generation:
     """Sample one response per prompt with a KV cache, stopping each row at its first EOS.
 
     Args:
@@ -221,6 +222,9 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
             device). Finished rows keep producing pads, so the result does not depend on it.
         with_logps: also return :attr:`Generation.logps`, the tempered log-probs of the drawn tokens
             under the forward that drew them (greedy: at temperature 1).
+        fast: use :mod:`dpolab.lm.decode`'s direct decoder where it computes this model exactly
+            (Llama-family architectures without wrappers or hooks); False, or any other model,
+            runs the model's own forward.
     Returns a :class:`Generation`, on the model's device; ``R`` = the longest response produced.
     """
     if max_new_tokens < 1:
@@ -244,7 +248,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
     if eos_check_every < 1:
         raise DpolabError(f"eos_check_every must be >= 1, got {eos_check_every}")
     uniforms = None if temperature == 0 else _step_uniforms(N, B, seeds, generator, device)  # (N, B)
-    prefill_kw = {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
+    decoder = fast_decoder(model, P + N) if fast else None
+    prefill_kw = {} if decoder else {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
 
     was_training = model.training
     model.eval()
@@ -258,14 +263,18 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         done = torch.zeros(B, dtype=torch.bool, device=device)
         prompt_pos = position_ids_from_mask(prompt_mask)
         next_pos = prompt_pos[:, -1:] + 1                              # (B, 1) position of response token 0
-        out = model(input_ids=prompt_ids, attention_mask=attn[:, :P], position_ids=prompt_pos, use_cache=True,
-                    **prefill_kw)
+        if decoder is not None:
+            logits = decoder.prefill(prompt_ids, attn[:, :P], prompt_pos)
+        else:
+            out = model(input_ids=prompt_ids, attention_mask=attn[:, :P], position_ids=prompt_pos, use_cache=True,
+                        **prefill_kw)
+            logits = out.logits[:, -1, :]
         for t in range(N):
-            tok = sample_next(out.logits[:, -1, :], temperature=temperature, top_k=top_k, top_p=top_p,
+            tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                               uniforms=None if uniforms is None else uniforms[t])  # (B,)
             live = ~done
             if logps is not None:
-                scaled = out.logits[:, -1, :].float() / (temperature or 1.0)
+                scaled = logits.float() / (temperature or 1.0)
                 lp = torch.log_softmax(scaled, dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
                 logps[:, t] = lp.masked_fill(done, 0.0)
             tok = tok.masked_fill(done, pad)
@@ -276,8 +285,12 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
             if t + 1 == N or ((t + 1) % eos_check_every == 0 and bool(done.all())):
                 break
             attn[:, P + t] = live
-            out = model(input_ids=tok.unsqueeze(1), attention_mask=attn[:, :P + t + 1], position_ids=next_pos + t,
-                        use_cache=True, **_next_cache_kwargs(out))
+            if decoder is not None:
+                logits = decoder.step(tok.unsqueeze(1), attn[:, :P + t + 1], next_pos + t)
+            else:
+                out = model(input_ids=tok.unsqueeze(1), attention_mask=attn[:, :P + t + 1],
+                            position_ids=next_pos + t, use_cache=True, **_next_cache_kwargs(out))
+                logits = out.logits[:, -1, :]
     finally:
         model.train(was_training)
     R = int(masks.sum(1).max())  # steps run after every row finished hold only pads

@@ -1,0 +1,197 @@
+"""A direct KV-cache decoder for the Llama family (Llama, Mistral without a sliding window, Qwen2, Qwen3).
+
+:func:`~dpolab.lm.generation.generate` spends most of a small model's sampling time in the per-call
+work around each matrix product (module calls, mask building, cache bookkeeping; profile in
+docs/performance.md), not in the products. This module computes the same forward from the model's
+own parameters with fewer, larger operations: the query, key and value projections as one product
+and the gate and up projections as one (weights concatenated once per :func:`fast_decoder` call, so
+they always match the parameters being trained), one preallocated KV buffer per layer, the
+attention mask of a decode step read from the sampler's own mask, and the LM head on the last
+position only. Rotary embeddings come from the model's own ``rotary_emb`` module (every RoPE
+scaling type the model supports), the norms use each module's weight and epsilon with the same
+float32 arithmetic.
+
+:func:`fast_decoder` returns None, and the caller uses the model's own forward, whenever the exact
+same computation cannot be guaranteed: another architecture, a wrapped model (PEFT, DDP, FSDP,
+quantised or LoRA-injected layers: anything but ``torch.nn.Linear``), hooks on any module,
+sharded (DTensor) parameters, sliding-window or non-full attention layers, an activation other
+than SiLU, or an attention implementation other than ``sdpa`` / ``eager``. Tested against the
+model's forward in tests/test_decode.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FastDecoder", "fast_decoder"]
+
+# scaled_dot_product_attention takes enable_gqa from torch 2.5 on; before, the key heads are repeated
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+def fast_decoder(model, capacity: int) -> FastDecoder | None:
+    """A :class:`FastDecoder` over ``model``'s current weights with room for ``capacity`` positions,
+    or None when the model is not one this decoder computes exactly (see the module docstring)."""
+    if type(model).__name__ not in _ARCHITECTURES or not _plain(model):
+        return None
+    config = model.config
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return None
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return None
+    if layer_types is None and getattr(config, "sliding_window", None) and \
+            getattr(config, "use_sliding_window", True):
+        return None
+    inner = model.model
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    if len(inner.layers) != config.num_hidden_layers:
+        return None
+    return FastDecoder(model, capacity)
+
+
+def _plain(model) -> bool:
+    """Only plain modules: no hooks anywhere, no DTensor parameters, every projection a Linear."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            return False
+    for p in model.parameters():
+        if type(p) is not torch.nn.Parameter or type(p.data) is not torch.Tensor:
+            return False
+    try:
+        layer = model.model.layers[0]
+        linears = [model.lm_head, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    for lay in model.model.layers:
+        mods = [lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj, lay.self_attn.o_proj,
+                lay.mlp.gate_proj, lay.mlp.up_proj, lay.mlp.down_proj]
+        if any(type(m) is not torch.nn.Linear for m in mods):
+            return False
+    norms = [model.model.norm] + [n for lay in model.model.layers
+                                  for n in (lay.input_layernorm, lay.post_attention_layernorm,
+                                            getattr(lay.self_attn, "q_norm", None),
+                                            getattr(lay.self_attn, "k_norm", None)) if n is not None]
+    if any(not hasattr(n, "variance_epsilon") or getattr(n, "bias", None) is not None for n in norms):
+        return False
+    return all(type(m) is torch.nn.Linear for m in linears)
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm: float32 statistics, weight times the normalised input in its own dtype."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _cat_linear(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in mods], dim=0)
+    biases = [m.bias for m in mods]
+    if all(b is None for b in biases):
+        return weight, None
+    bias = torch.cat([b if b is not None else weight.new_zeros(m.weight.shape[0]) for m, b in zip(mods, biases)])
+    return weight, bias
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021, arXiv 2104.09864) in the half-split layout: x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class FastDecoder:
+    """Prefill and one-token decode steps of a Llama-family causal LM, returning last-position logits.
+
+    Built per generation call (:func:`fast_decoder`), under ``torch.no_grad``: it holds concatenated
+    copies of the projection weights, which are stale once the optimizer steps.
+    """
+
+    def __init__(self, model, capacity: int):
+        cfg = model.config
+        inner = model.model
+        self.model, self.capacity = model, capacity
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.head_w = model.lm_head.weight
+        self.head_b = model.lm_head.bias
+        self.layers = []
+        for lay in inner.layers:
+            att, mlp = lay.self_attn, lay.mlp
+            qkv_w, qkv_b = _cat_linear([att.q_proj, att.k_proj, att.v_proj])
+            gu_w, gu_b = _cat_linear([mlp.gate_proj, mlp.up_proj])
+            self.layers.append(dict(
+                ln1=lay.input_layernorm, ln2=lay.post_attention_layernorm,
+                q_norm=getattr(att, "q_norm", None), k_norm=getattr(att, "k_norm", None),
+                qkv_w=qkv_w, qkv_b=qkv_b, o_w=att.o_proj.weight, o_b=att.o_proj.bias,
+                gu_w=gu_w, gu_b=gu_b, down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+                scale=getattr(att, "scaling", self.head_dim ** -0.5), inter=mlp.gate_proj.weight.shape[0], k=None, v=None))
+        self.length = 0
+
+    def _layer(self, L: dict, x: torch.Tensor, cos, sin, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        h = _rms(L["ln1"], x)
+        qkv = F.linear(h, L["qkv_w"], L["qkv_b"])
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if L["q_norm"] is not None:
+            q, k = _rms(L["q_norm"], q), _rms(L["k_norm"], k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, D)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if L["k"] is None:
+            L["k"] = k.new_empty(B, Hkv, self.capacity, D)
+            L["v"] = v.new_empty(B, Hkv, self.capacity, D)
+        start, end = self.length, self.length + T
+        L["k"][:, :, start:end] = k
+        L["v"][:, :, start:end] = v
+        keys, values = L["k"][:, :, :end], L["v"][:, :, :end]
+        if Hkv != Hq and not _SDPA_GQA:
+            keys, values = keys.repeat_interleave(Hq // Hkv, dim=1), values.repeat_interleave(Hq // Hkv, dim=1)
+        gqa = {"enable_gqa": True} if Hkv != Hq and _SDPA_GQA else {}
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=L["scale"], **gqa)
+        a = a.transpose(1, 2).reshape(B, T, Hq * D)
+        x = x + F.linear(a, L["o_w"], L["o_b"])
+        h = _rms(L["ln2"], x)
+        gu = F.linear(h, L["gu_w"], L["gu_b"])
+        gate, up = gu.split([L["inter"], L["inter"]], dim=-1)
+        return x + F.linear(F.silu(gate) * up, L["down_w"], L["down_b"])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        if self.length + T > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions overflowed")
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)               # (B, T, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)      # broadcast over heads
+        for L in self.layers:
+            x = self._layer(L, x, cos, sin, mask)
+        self.length += T
+        h = _rms(self.norm, x[:, -1])
+        return F.linear(h, self.head_w, self.head_b)        # (B, V)
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, attention_mask (0/1 or bool), positions: (B, P) -> (B, V) logits of the last position.
+        A padding query attends to itself only (its output is never read), so no row is all-masked."""
+        P = ids.shape[1]
+        real = attention_mask.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        mask = causal & real[:, None, :]                                   # (B, P, P)
+        mask |= torch.eye(P, dtype=torch.bool, device=ids.device)
+        return self._forward(ids, positions, mask.unsqueeze(1))
+
+    def step(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row. ids, positions: (B, 1); attention_mask: (B, T) over every cached
+        position plus this one -> (B, V) logits."""
+        return self._forward(ids, positions, attention_mask.bool()[:, None, None, :])
