@@ -74,6 +74,23 @@ def test_prefill_and_decode_steps_equal_the_model_forward_in_float64(arch, kw):
             logits = dec.step(tok, attn[:, :P + t + 1], position_ids_from_mask(attn[:, :P + t + 1])[:, -1:])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unfused_projections_for_large_models_give_the_same_logits(arch, monkeypatch):
+    """Above FUSE_MAX_BYTES the decoder uses the parameters themselves (no concatenated copies)."""
+    model = _model(arch, kv_heads=2)
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = position_ids_from_mask(mask)
+    with torch.no_grad():
+        fused = fast_decoder(model, ids.shape[1])
+        monkeypatch.setattr(decode, "FUSE_MAX_BYTES", 0)
+        plain = fast_decoder(model, ids.shape[1])
+        assert fused.fused and not plain.fused
+        assert plain.layers[0]["qkv"][0][0] is model.model.layers[0].self_attn.q_proj.weight
+        ref = model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
+        torch.testing.assert_close(plain.prefill(ids, mask, pos), ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused.prefill(ids, mask, pos), ref, rtol=0, atol=1e-10)
+
+
 class _Tok:
     pad_token_id, eos_token_id = 0, 2
 

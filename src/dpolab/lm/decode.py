@@ -5,7 +5,7 @@ work around each matrix product (module calls, mask building, cache bookkeeping;
 docs/performance.md), not in the products. This module computes the same forward from the model's
 own parameters with fewer, larger operations: the query, key and value projections as one product
 and the gate and up projections as one (weights concatenated once per :func:`fast_decoder` call, so
-they always match the parameters being trained), one preallocated KV buffer per layer, the
+they always match the parameters being trained; only for models where the copies are small), one preallocated KV buffer per layer, the
 attention mask of a decode step read from the sampler's own mask, and the LM head on the last
 position only. Rotary embeddings come from the model's own ``rotary_emb`` module (every RoPE
 scaling type the model supports), the norms use each module's weight and epsilon with the same
@@ -28,6 +28,8 @@ __all__ = ["FastDecoder", "fast_decoder"]
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5 on; before, the key heads are repeated
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+# fuse the q/k/v and gate/up products (by concatenated weight copies) only up to this many bytes
+FUSE_MAX_BYTES = 64 << 20
 _ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
 
@@ -93,13 +95,22 @@ def _rms(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(dtype)
 
 
-def _cat_linear(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _projections(mods, fuse: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) pairs computing the outputs of ``mods`` side by side: one concatenated pair
+    when ``fuse`` (one product instead of several), else each module's own tensors (no copy)."""
+    if not fuse:
+        return [(m.weight, m.bias) for m in mods]
     weight = torch.cat([m.weight for m in mods], dim=0)
-    biases = [m.bias for m in mods]
-    if all(b is None for b in biases):
-        return weight, None
-    bias = torch.cat([b if b is not None else weight.new_zeros(m.weight.shape[0]) for m, b in zip(mods, biases)])
-    return weight, bias
+    if all(m.bias is None for m in mods):
+        return [(weight, None)]
+    return [(weight, torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                                for m in mods]))]
+
+
+def _project(x: torch.Tensor, pairs) -> torch.Tensor:
+    if len(pairs) == 1:
+        return F.linear(x, *pairs[0])
+    return torch.cat([F.linear(x, w, b) for w, b in pairs], dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,8 +123,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class FastDecoder:
     """Prefill and one-token decode steps of a Llama-family causal LM, returning last-position logits.
 
-    Built per generation call (:func:`fast_decoder`), under ``torch.no_grad``: it holds concatenated
-    copies of the projection weights, which are stale once the optimizer steps.
+    Built per generation call (:func:`fast_decoder`), under ``torch.no_grad``: for models whose
+    q/k/v and gate/up weights take at most :data:`FUSE_MAX_BYTES` it holds concatenated copies of
+    them, which are stale once the optimizer steps; larger models use the parameters themselves.
     """
 
     def __init__(self, model, capacity: int):
@@ -126,16 +138,22 @@ class FastDecoder:
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.head_w = model.lm_head.weight
         self.head_b = model.lm_head.bias
+        # the concatenated copies cost their size in memory for the call: only where that is small
+        # (there the products are many and short, and fusing them pays); large models run as they are
+        fused_bytes = sum(m.weight.numel() * m.weight.element_size() for lay in inner.layers
+                          for m in (lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj,
+                                    lay.mlp.gate_proj, lay.mlp.up_proj))
+        self.fused = fused_bytes <= FUSE_MAX_BYTES
         self.layers = []
         for lay in inner.layers:
             att, mlp = lay.self_attn, lay.mlp
-            qkv_w, qkv_b = _cat_linear([att.q_proj, att.k_proj, att.v_proj])
-            gu_w, gu_b = _cat_linear([mlp.gate_proj, mlp.up_proj])
             self.layers.append(dict(
                 ln1=lay.input_layernorm, ln2=lay.post_attention_layernorm,
                 q_norm=getattr(att, "q_norm", None), k_norm=getattr(att, "k_norm", None),
-                qkv_w=qkv_w, qkv_b=qkv_b, o_w=att.o_proj.weight, o_b=att.o_proj.bias,
-                gu_w=gu_w, gu_b=gu_b, down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+                qkv=_projections([att.q_proj, att.k_proj, att.v_proj], self.fused),
+                o_w=att.o_proj.weight, o_b=att.o_proj.bias,
+                gate_up=_projections([mlp.gate_proj, mlp.up_proj], self.fused),
+                down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
                 scale=getattr(att, "scaling", self.head_dim ** -0.5), inter=mlp.gate_proj.weight.shape[0], k=None, v=None))
         self.length = 0
 
@@ -143,7 +161,7 @@ class FastDecoder:
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         h = _rms(L["ln1"], x)
-        qkv = F.linear(h, L["qkv_w"], L["qkv_b"])
+        qkv = _project(h, L["qkv"])
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if L["q_norm"] is not None:
@@ -164,7 +182,7 @@ class FastDecoder:
         a = a.transpose(1, 2).reshape(B, T, Hq * D)
         x = x + F.linear(a, L["o_w"], L["o_b"])
         h = _rms(L["ln2"], x)
-        gu = F.linear(h, L["gu_w"], L["gu_b"])
+        gu = _project(h, L["gate_up"])
         gate, up = gu.split([L["inter"], L["inter"]], dim=-1)
         return x + F.linear(F.silu(gate) * up, L["down_w"], L["down_b"])
 
