@@ -177,6 +177,29 @@ def test_rloo_kl_from_the_sampler_equals_the_extra_pass(tiny_model_dir, prompts_
     assert len(rows_a) == 3 and max(r["kl"] for r in rows_b) > 1e-3  # the policy moved: the KL term acts
 
 
+def test_sampling_runs_through_the_direct_decoder(tiny_model_dir, prompts_file, reward_file, tmp_path, monkeypatch):
+    """The trainer's sampler uses dpolab.lm.decode on its (unwrapped, hook-free) Llama policy, once
+    per step, and a run on the model's own forward gives the same weights and rewards."""
+    from dpolab.lm import decode, generation
+
+    argv = lambda out: _args("grpo", tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha",  # noqa: E731
+                             "--num-generations", 4, "--prompts-per-step", 2, *SGD)
+    built = []
+    real_init = decode.FastDecoder.__init__
+    monkeypatch.setattr(decode.FastDecoder, "__init__", lambda self, *a: (built.append(1), real_init(self, *a))[1])
+    assert main(argv(tmp_path / "direct")) == 0
+    assert len(built) == len(_rows(tmp_path / "direct")) == 3
+    monkeypatch.setattr(generation, "fast_decoder", lambda model, capacity: None)
+    assert main(argv(tmp_path / "forward")) == 0
+    assert len(built) == 3
+    wa = load_file(str(tmp_path / "direct" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "forward" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    for ra, rb in zip(_rows(tmp_path / "direct"), _rows(tmp_path / "forward")):
+        assert ra["rewards/mean"] == pytest.approx(rb["rewards/mean"], abs=1e-6)
+
+
 # -- exact resume through a real process ---------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["grpo", "rloo"])
 def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd):

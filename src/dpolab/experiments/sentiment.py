@@ -47,7 +47,7 @@ DESCRIPTION = """Run the DPO paper's controlled-sentiment experiment end to end 
 
 example:
   dpolab demo --quick                       # under 4 minutes on 2 CPU cores
-  dpolab demo --output-dir runs/demo        # the default size, ~15 minutes
+  dpolab demo --output-dir runs/demo        # the default size, ~8 minutes on 2 CPU cores
   dpolab demo --model gpt2 --prompts prompts.jsonl   # your own base model and prompts
 """
 
