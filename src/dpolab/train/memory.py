@@ -66,14 +66,16 @@ def auto_forward_tokens(model: torch.nn.Module, mixed_precision: str = "no") -> 
     return max(weight_bytes, MIN_ACTIVATION_BYTES) // per_token
 
 
-def resolve_micro_batch_tokens(cfg, model) -> int:
-    """The forward-pass token budget of an offline trainer: ``--micro-batch-tokens``, or the
-    size-based default (:func:`auto_forward_tokens`); 0 with gradient checkpointing, whose
-    activations are already small."""
+def resolve_micro_batch_tokens(cfg, model, *, checkpointed: bool | None = None) -> int:
+    """The forward-pass token budget: ``--micro-batch-tokens``, or the size-based default
+    (:func:`auto_forward_tokens`); 0 when the passes run with gradient checkpointing
+    (``checkpointed``, default ``cfg.gradient_checkpointing``), whose activations are already small.
+    The on-policy trainers pass False: their model stays in eval mode, where transformers does not
+    checkpoint."""
     from dpolab.lm.logps import unwrap_model
 
     if cfg.micro_batch_tokens is not None:
         return cfg.micro_batch_tokens
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing if checkpointed is None else checkpointed:
         return 0
     return auto_forward_tokens(unwrap_model(model) or model, cfg.mixed_precision)

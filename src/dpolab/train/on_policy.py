@@ -23,11 +23,14 @@ class OnPolicy(Algorithm):
 
     def __init__(self, cfg, engine, prompts, eval_set, rewards, ref_model):
         from dpolab.lm.sampling import LocalSampler
+        from dpolab.train.memory import resolve_micro_batch_tokens
 
         self.cfg, self.engine, self.prompts, self.eval_set = cfg, engine, prompts, eval_set
         self.rewards, self.ref_model, self.lora = rewards, ref_model, cfg.lora
         self.sampler = LocalSampler(self.policy, engine.tokenizer)  # the policy itself: nothing to copy
         self.samples: list[dict] = []
+        # padded tokens a training pass may hold (0: no limit); the rows of a pass are cut to fit
+        self.pass_tokens = resolve_micro_batch_tokens(cfg, self.policy, checkpointed=False)
 
     @property
     def policy(self):

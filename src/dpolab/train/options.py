@@ -199,6 +199,10 @@ class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions,
     lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    micro_batch_tokens: int | None = opt(None, "split each training pass further into passes of at most this many "
+                                         "padded tokens (same gradient, less activation memory); unset: "
+                                         "activations about the size of the transformer blocks' weights, at "
+                                         "least 32 MiB; 0: never split")
 
 
 def validate_rewards(cfg, *, several: bool = True) -> None:

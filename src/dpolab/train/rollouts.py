@@ -120,11 +120,16 @@ def minibatch_rows(samples: Samples, n_minibatches: int, seed: int) -> list[list
     return [[g - lo for g in perm[m * size:(m + 1) * size] if lo <= g < hi] for m in range(n_minibatches)]
 
 
-def row_passes(engine, rows: list[int], micro_batch_size: int, units, where: str) -> list[Pass]:
+def row_passes(engine, rows: list[int], micro_batch_size: int, units, where: str, *, width: int = 0,
+               budget: int = 0) -> list[Pass]:
     """Passes of at most ``micro_batch_size`` local rows (a LongTensor batch each), padded with stand-ins
-    to the largest count of any process; ``units(rows_tensor) -> int``: the loss units of a pass."""
+    to the largest count of any process; ``units(rows_tensor) -> int``: the loss units of a pass.
+    With a token ``budget`` (> 0) and rows of ``width`` padded tokens each, a pass also holds at most
+    ``budget // width`` rows (at least one): the gradient is the same, the activations bounded."""
     from dpolab.train import distributed
 
+    if budget > 0 and width > 0:
+        micro_batch_size = min(micro_batch_size, max(1, budget // width))
     device = engine.device
     parts = [torch.tensor(rows[i:i + micro_batch_size], device=device) for i in range(0, len(rows), micro_batch_size)]
     out = [Pass(p, units(p), 0, f"{where}, rows {p.tolist()[:8]}") for p in parts]
