@@ -36,6 +36,9 @@ def test_pass_sizes_hand_values():
     assert sizes(width=30, budget=95) == [3, 3, 3, 1]         # 95 // 30 = 3 rows a pass
     assert sizes(width=30, budget=1000) == [4, 4, 2]          # the budget never enlarges a pass
     assert sizes(width=30, budget=10) == [1] * 10             # narrower than a row: one row a pass
+    even = [int(p.batch.numel()) for p in rollouts.row_passes(_engine(), list(range(16)), 16, len, "t",
+                                                              width=40, budget=528)]
+    assert even == [8, 8]                                     # 528 // 40 = 13 a pass: two even passes
     units = [p.units for p in rollouts.row_passes(_engine(), rows, 4, len, "t", width=30, budget=95)]
     assert units == [3, 3, 3, 1]
 

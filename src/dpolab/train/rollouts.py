@@ -125,11 +125,15 @@ def row_passes(engine, rows: list[int], micro_batch_size: int, units, where: str
     """Passes of at most ``micro_batch_size`` local rows (a LongTensor batch each), padded with stand-ins
     to the largest count of any process; ``units(rows_tensor) -> int``: the loss units of a pass.
     With a token ``budget`` (> 0) and rows of ``width`` padded tokens each, a pass also holds at most
-    ``budget // width`` rows (at least one): the gradient is the same, the activations bounded."""
+    ``budget // width`` rows (at least one), in as few passes as that allows, of even sizes (16 rows,
+    at most 13 a pass: 8 and 8): the gradient is the same, the activations bounded."""
     from dpolab.train import distributed
 
-    if budget > 0 and width > 0:
-        micro_batch_size = min(micro_batch_size, max(1, budget // width))
+    if budget > 0 and width > 0 and rows:
+        cap = max(1, budget // width)
+        if cap < micro_batch_size:
+            n = -(-len(rows) // cap)
+            micro_batch_size = -(-len(rows) // n)
     device = engine.device
     parts = [torch.tensor(rows[i:i + micro_batch_size], device=device) for i in range(0, len(rows), micro_batch_size)]
     out = [Pass(p, units(p), 0, f"{where}, rows {p.tolist()[:8]}") for p in parts]
