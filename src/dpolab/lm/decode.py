@@ -5,9 +5,9 @@ work around each matrix product (module calls, mask building, cache bookkeeping;
 docs/performance.md), not in the products. This module computes the same forward from the model's
 own parameters with fewer, larger operations: the query, key and value projections as one product
 and the gate and up projections as one (weights concatenated once per :func:`fast_decoder` call, so
-they always match the parameters being trained; only for models where the copies are small), one preallocated KV buffer per layer, the
-attention mask of a decode step read from the sampler's own mask, and the LM head on the last
-position only. Rotary embeddings come from the model's own ``rotary_emb`` module (every RoPE
+they always match the parameters being trained; only for models where the copies are small), one
+preallocated KV buffer per layer, the attention mask of a decode step read from the sampler's own
+mask, and the LM head on the last position only. Rotary embeddings come from the model's own ``rotary_emb`` module (every RoPE
 scaling type the model supports), the norms use each module's weight and epsilon with the same
 float32 arithmetic.
 
