@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = ["FastDecoder", "fast_decoder"]
 
-# scaled_dot_product_attention takes enable_gqa from torch 2.5 on; before, the key heads are repeated
+# scaled_dot_product_attention takes enable_gqa from torch 2.5 on
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 # fuse the q/k/v and gate/up products (by concatenated weight copies) only up to this many bytes
 FUSE_MAX_BYTES = 64 << 20
@@ -68,23 +68,26 @@ def _plain(model) -> bool:
         if type(p) is not torch.nn.Parameter or type(p.data) is not torch.Tensor:
             return False
     try:
-        layer = model.model.layers[0]
-        linears = [model.lm_head, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    except (AttributeError, IndexError, TypeError):
-        return False
-    for lay in model.model.layers:
-        mods = [lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj, lay.self_attn.o_proj,
-                lay.mlp.gate_proj, lay.mlp.up_proj, lay.mlp.down_proj]
-        if any(type(m) is not torch.nn.Linear for m in mods):
+        layers, head, final_norm = list(model.model.layers), model.lm_head, model.model.norm
+        if type(head) is not torch.nn.Linear or not _plain_norm(final_norm):
             return False
-    norms = [model.model.norm] + [n for lay in model.model.layers
-                                  for n in (lay.input_layernorm, lay.post_attention_layernorm,
-                                            getattr(lay.self_attn, "q_norm", None),
-                                            getattr(lay.self_attn, "k_norm", None)) if n is not None]
-    if any(not hasattr(n, "variance_epsilon") or getattr(n, "bias", None) is not None for n in norms):
+        for lay in layers:
+            att, mlp = lay.self_attn, lay.mlp
+            if any(type(m) is not torch.nn.Linear for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+                return False
+            norms = (lay.input_layernorm, lay.post_attention_layernorm, getattr(att, "q_norm", None),
+                     getattr(att, "k_norm", None))
+            if not all(n is None or _plain_norm(n) for n in norms):
+                return False
+    except (AttributeError, TypeError):
         return False
-    return all(type(m) is torch.nn.Linear for m in linears)
+    return True
+
+
+def _plain_norm(norm) -> bool:
+    """An RMSNorm as :func:`_rms` computes it: a weight and an epsilon, no bias."""
+    return hasattr(norm, "variance_epsilon") and getattr(norm, "bias", None) is None
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
@@ -131,10 +134,13 @@ class FastDecoder:
     def __init__(self, model, capacity: int):
         cfg = model.config
         inner = model.model
-        self.model, self.capacity = model, capacity
+        self.capacity = capacity
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        # grouped-query attention: SDPA's enable_gqa (torch >= 2.5), else the key heads repeated
+        self.repeat_kv = self.n_heads // self.n_kv if self.n_kv != self.n_heads and not _SDPA_GQA else 1
+        self.sdpa_kw = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_GQA else {}
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.head_w = model.lm_head.weight
         self.head_b = model.lm_head.bias
@@ -175,10 +181,9 @@ class FastDecoder:
         L["k"][:, :, start:end] = k
         L["v"][:, :, start:end] = v
         keys, values = L["k"][:, :, :end], L["v"][:, :, :end]
-        if Hkv != Hq and not _SDPA_GQA:
-            keys, values = keys.repeat_interleave(Hq // Hkv, dim=1), values.repeat_interleave(Hq // Hkv, dim=1)
-        gqa = {"enable_gqa": True} if Hkv != Hq and _SDPA_GQA else {}
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=L["scale"], **gqa)
+        if self.repeat_kv > 1:
+            keys, values = keys.repeat_interleave(self.repeat_kv, dim=1), values.repeat_interleave(self.repeat_kv, dim=1)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=L["scale"], **self.sdpa_kw)
         a = a.transpose(1, 2).reshape(B, T, Hq * D)
         x = x + F.linear(a, L["o_w"], L["o_b"])
         h = _rms(L["ln2"], x)

@@ -64,6 +64,11 @@ class Generation:
         return int(self.prompt_ids.shape[1])
 
     @property
+    def width(self) -> int:
+        """P + R: padded tokens per row of :attr:`input_ids`."""
+        return int(self.prompt_ids.shape[1] + self.response_ids.shape[1])
+
+    @property
     def input_ids(self) -> torch.Tensor:
         """(B, P+R) prompt and response ids."""
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)

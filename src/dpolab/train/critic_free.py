@@ -83,7 +83,7 @@ class CriticFree(OnPolicy):
             for m, rows in enumerate(minibatch_rows(s, cfg.mini_batches, seed + 1 + it)):
                 where = f"iteration {it + 1}, mini-batch {m + 1}"
                 passes = row_passes(engine, rows, cfg.micro_batch_size, lambda r: self.weights(mask[r])[1], where,
-                                    width=s.gen.prompt_length + mask.shape[1], budget=self.pass_tokens)
+                                    width=s.gen.width, budget=self.pass_tokens)
                 out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask), where=where)
                 outs.append(out) if out is not None else None
         self.sampler.sync_weights(engine.unwrapped)

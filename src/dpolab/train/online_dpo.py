@@ -116,7 +116,7 @@ class OnlineDPO(OnPolicy):
 
         # a pair is two rows of at most the sampled width each
         passes = row_passes(engine, list(range(len(pairs))), cfg.micro_batch_size, len, "pairs",
-                            width=2 * (s.gen.prompt_length + s.gen.response_ids.shape[1]), budget=self.pass_tokens)
+                            width=2 * s.gen.width, budget=self.pass_tokens)
         out = engine.optimizer_step(passes, loss, where=f"step {engine.step + 1}")
         self.sampler.sync_weights(self.policy)
         n_pairs, n_ties, tokens = distributed.global_sum(engine.accelerator, [len(pairs), ties, float(

@@ -25,6 +25,11 @@ class OptimizerOptions:
     epochs: float = opt(1.0, "passes over the training data")
 
 
+# what --micro-batch-tokens does, offline and on-policy (dpolab.train.memory)
+_TOKEN_BUDGET_HELP = ("(same gradient, less activation memory); unset: activations about the size of the "
+                      "transformer blocks' weights, at least 32 MiB; 0: never split")
+
+
 @dataclass
 class BatchOptions:
     batch_size: int = opt(8, "examples (preference pairs, or packed rows) per micro-batch, per process")
@@ -33,9 +38,7 @@ class BatchOptions:
     group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still "
                                 "shuffled; --no-group-by-length for uniformly random batches")
     micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
-                                         "many padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the size of the transformer blocks' weights, at "
-                                         "least 32 MiB; 0: never split")
+                                         "many padded tokens " + _TOKEN_BUDGET_HELP)
 
 
 @dataclass
@@ -200,9 +203,7 @@ class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions,
     logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     micro_batch_tokens: int | None = opt(None, "split each training pass further into passes of at most this many "
-                                         "padded tokens (same gradient, less activation memory); unset: "
-                                         "activations about the size of the transformer blocks' weights, at "
-                                         "least 32 MiB; 0: never split")
+                                         "padded tokens " + _TOKEN_BUDGET_HELP)
 
 
 def validate_rewards(cfg, *, several: bool = True) -> None:

@@ -166,7 +166,7 @@ class PPO(ActorCritic):
             for m, rows in enumerate(minibatch_rows(s, n_minibatches, step_seed(cfg.seed, engine.step) + 1 + epoch)):
                 where = f"epoch {epoch + 1}, mini-batch {m + 1}"
                 passes = row_passes(engine, rows, micro, lambda r: int(mask[r].sum()), where,
-                                    width=s.gen.prompt_length + mask.shape[1], budget=self.pass_tokens)
+                                    width=s.gen.width, budget=self.pass_tokens)
                 out = engine.optimizer_step(passes, lambda r: self.minibatch_loss(ro, r), where=where)
                 if out is not None:
                     outs.append(out)

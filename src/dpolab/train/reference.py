@@ -10,8 +10,8 @@ the same data and reference (a β sweep) costs nothing more.
 
 The cache file is keyed by the trainer (its tables' columns), the data (content hashes), the
 reference model, the tokenizer, the truncation settings, the dtype and the mixed precision, so a
-changed dataset or model never reuses stale values. Rows not computed yet are NaN in the stored tables; a later run with a wider plan
-computes only what is missing.
+changed dataset or model never reuses stale values. Rows not computed yet are NaN in the stored
+tables; a later run with a wider plan computes only what is missing.
 """
 
 from __future__ import annotations
