@@ -37,6 +37,14 @@ clipping 1.0, max length 512. Tokens: pair tokens ``2·|prompt| + |chosen| + |re
 timed steps. Memory as in ``sft_rm_vs_trl.py``: the baseline after the side's imports and tokenizer,
 the whole-process resident peak (baseline included) and the peak over the baseline.
 
+MFU, head included (at these sizes the head holds most of the weights): per timed step ``8·N`` FLOPs
+per token through the transformer blocks (policy forward and backward, reference forward; ``N`` the
+block parameters; prefix sharing runs fewer tokens, so its saving does not inflate our MFU) plus
+``8·V·H`` per response token, the positions whose log-probs the loss reads (logits of prompt
+positions, which TRL also computes, are not counted on either side; attention scores ignored), over
+the step time, against the best matmul rate in the run's precision measured before and after each
+vocabulary with the same threads. The table also gives the head's share of those FLOPs.
+
 Correctness first, at each vocabulary: TRL's first-batch DPO loss and ours (plain and
 prefix-shared), with a reference that differs from the policy, agree to 1e-4, and the two
 tokenisations give identical ids (``dpo_vs_trl.run_check``).
@@ -160,19 +168,23 @@ def run_ours(a: argparse.Namespace) -> dict:
 
     load_tokenizer(a.model_dir)
     mem = srt.start_memory()
-    tokens: list[int] = [0]
-    clock = srt.StepClock(on_step=lambda: tokens.append(0))
+    tokens, run, resp = [0], [0], [0]  # per step: pair tokens, tokens through the blocks, response tokens
+    clock = srt.StepClock(on_step=lambda: (tokens.append(0), run.append(0), resp.append(0)))
     collate = pair_layout.collate_pairs
 
     def counting(prefix, pairs, pad_id):
+        batch = collate(prefix, pairs, pad_id)
         tokens[-1] += sum(p.num_tokens for p in pairs)
-        return collate(prefix, pairs, pad_id)
+        run[-1] += pair_layout.batch_tokens(batch)
+        resp[-1] += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        return batch
 
     pair_layout.collate_pairs = counting
     with tempfile.TemporaryDirectory() as out:
         summary = train(ours_config(a, out))
-    # step 1's count also holds the precompute pass (it runs before the first step): never timed
+    # step 1's counts also hold the precompute pass (it runs before the first step): never timed
     res = clock.result(tokens, 0.0, a.warmup_steps, mem)
+    res.update(step_flops(a.model_dir, run, resp, a.warmup_steps, len(tokens) - 1))
     res["ref_precompute_s"] = summary["ref_precompute_seconds"]
     res["seconds"] += summary["ref_precompute_seconds"] * len(res["step_times"]) / a.steps  # charged
     res["prefix_sharing"], res["micro_batch_tokens"] = summary["prefix_sharing"], summary["micro_batch_tokens"]
@@ -190,10 +202,12 @@ def run_trl(a: argparse.Namespace) -> dict:
     rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=srt.torch_dtype(a))
     tokens: list[int] = []
+    resp: list[int] = []
 
     class Counting(DPOTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             tokens.append(int(inputs["attention_mask"].sum()))
+            resp.append(int(inputs["completion_mask"].sum()))
             return super().training_step(model, inputs, *args, **kwargs)
 
     with tempfile.TemporaryDirectory() as out:
@@ -201,17 +215,31 @@ def run_trl(a: argparse.Namespace) -> dict:
                            processing_class=tok)
         clock = srt.StepClock()
         trainer.train()
-    return clock.result(tokens, 0.0, a.warmup_steps, mem)
+    res = clock.result(tokens, 0.0, a.warmup_steps, mem)
+    res.update(step_flops(a.model_dir, tokens, resp, a.warmup_steps, len(tokens)))  # both rows run whole
+    return res
+
+
+def step_flops(model_dir: str, run: list[int], resp: list[int], warmup: int, steps: int) -> dict:
+    """Model FLOPs of the timed steps, head included: ``8·N`` per token through the blocks (the
+    policy's forward and backward, ``6N``, and the reference's forward, ``2N``; ``N`` the block
+    parameters) and ``8·V·H`` per response token, the only positions whose logits a DPO loss needs
+    (the head's ``V×H`` product; its FLOPs on prompt positions are not counted, on either side)."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    n, head = srt.block_params(model_dir), c["vocab_size"] * c["hidden_size"]
+    run_t, resp_t = sum(run[warmup:steps]), sum(resp[warmup:steps])
+    return {"run_tokens": run_t, "response_tokens": resp_t, "model_flops": 8.0 * (n * run_t + head * resp_t),
+            "head_flop_share": head * resp_t / (n * run_t + head * resp_t)}
 
 
 SIDES = {"ours": run_ours, "trl": run_trl, "check": dvt.run_check}
 
 
 # -- driver ----------------------------------------------------------------------------------------
-def summary_row(o_runs: list[dict], t_runs: list[dict]) -> dict:
-    row = srt.compare(o_runs, t_runs, 1.0)
-    for side in ("ours", "trl"):
-        row[side].pop("mfu")  # no MFU here: the head's FLOPs, not the blocks', dominate at these sizes
+def summary_row(o_runs: list[dict], t_runs: list[dict], peak: float) -> dict:
+    row = srt.compare(o_runs, t_runs, peak)
+    for side, runs in (("ours", o_runs), ("trl", t_runs)):
+        row[side]["head_flop_share"] = srt.spread([r["head_flop_share"] for r in runs])
     if o_runs[0].get("gpu_peak_mb") is not None:
         o, t = (srt.spread([r["gpu_peak_mb"] for r in runs]) for runs in (o_runs, t_runs))
         row["ours"]["gpu_peak_mb"], row["trl"]["gpu_peak_mb"] = o, t
@@ -223,7 +251,8 @@ def markdown_table(results: dict) -> str:
     fmt = srt.fmt
     lines = ["| vocab (model rows / tokenizer) | ours tok/s | TRL tok/s | speed ratio | ours peak RSS MB | "
              "TRL peak RSS MB | memory ratio | ours over baseline MB | TRL over baseline MB | over-baseline ratio | "
-             "baselines MB (ours / TRL) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "baselines MB (ours / TRL) | ours MFU | TRL MFU | head share of the FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in results["rows"].items():
         o, t = r["ours"], r["trl"]
         lines.append(
@@ -231,7 +260,8 @@ def markdown_table(results: dict) -> str:
             f"{fmt(t['tokens_per_s'])} | {r['speedup']:.2f}× ({r['speedup_rounds']['min']:.2f}–"
             f"{r['speedup_rounds']['max']:.2f}) | {fmt(o['peak_rss_mb'])} | {fmt(t['peak_rss_mb'])} | "
             f"{r['memory_ratio']:.2f}× | {fmt(o['peak_mb'])} | {fmt(t['peak_mb'])} | {r['over_baseline_ratio']:.2f}× | "
-            f"{o['baseline_mb']['median']:.0f} / {t['baseline_mb']['median']:.0f} |"
+            f"{o['baseline_mb']['median']:.0f} / {t['baseline_mb']['median']:.0f} | {o['mfu']['median']:.1%} | "
+            f"{t['mfu']['median']:.1%} | {o['head_flop_share']['median']:.0%} / {t['head_flop_share']['median']:.0%} |"
             + (f" GPU peak {o['gpu_peak_mb']['median']:.0f} / {t['gpu_peak_mb']['median']:.0f} MB "
                f"({r['gpu_memory_ratio']:.2f}×) |" if "gpu_memory_ratio" in r else ""))
     return "\n".join(lines)
@@ -287,6 +317,8 @@ def main() -> None:
                     "--steps", str(steps), *srt.worker_args(a)]
 
         raw = {}
+        peak = srt.matmul_peak(a.threads, a.device, a.precision)  # re-measured after every vocabulary: best kept
+        print(f"{a.precision} matmul peak: {peak:.1f} GFLOP/s ({a.device}, {a.threads} threads)", flush=True)
         for v in vocabs:
             if not a.gpu:
                 c = srt.spawn(__file__, "check", args_for(v, 1), a.threads)
@@ -304,13 +336,18 @@ def main() -> None:
             for _ in range(repeats):
                 for side in ("ours", "trl"):
                     runs[side].append(srt.spawn(__file__, side, args_for(v, a.run_steps), a.threads))
-            row = summary_row(runs["ours"], runs["trl"])
+            peak = max(peak, srt.matmul_peak(a.threads, a.device, a.precision))
+            row = summary_row(runs["ours"], runs["trl"], peak)
             row.update(model_vocab=srt.QWEN_05B["vocab_size"] if a.gpu else VOCABS[v],
                        tokenizer_vocab=info["tokenizer_vocab"][v])
             results["rows"][v] = row
             raw[v] = runs
             results["load_average"][v] = srt.load_average()
             srt.print_row(v, row)
+    for v, row in results["rows"].items():  # every MFU against the best peak of the whole run
+        row.update({k: x for k, x in summary_row(raw[v]["ours"], raw[v]["trl"], peak).items() if k in ("ours", "trl")})
+    results["matmul_peak_gflops"] = peak
+    print(f"{a.precision} matmul peak (best of the run): {peak:.1f} GFLOP/s")
     results["runs"] = raw
     results["load_average"]["end"] = srt.load_average()
     print(f"load average {results['load_average']}")
