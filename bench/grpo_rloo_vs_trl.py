@@ -205,8 +205,8 @@ def run_ours(a: argparse.Namespace, algo: str) -> dict:
     rec = Record(dvt.baseline_kb())
 
     class FullLength(sampling.LocalSampler):  # no early stop: every completion has max_new_tokens tokens
-        def __init__(self, model, tokenizer, *, eos_token_id=None):
-            super().__init__(model, tokenizer, eos_token_id=[])
+        def __init__(self, model, tokenizer, *, eos_token_id=None, **kw):
+            super().__init__(model, tokenizer, eos_token_id=[], **kw)
 
         sample = rec.timed("generate", sampling.LocalSampler.sample)
 

@@ -80,6 +80,18 @@ def test_generate_from_file_passes_fields_through_and_is_seeded(tiny_model_dir, 
     assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
                      "--output", batched, "--batch-size", 1)) == 0
     assert batched.read_bytes() == out.read_bytes()
+    # through the model's own forward (--no-direct-decoder): the same draws, the decoder not even tried
+    from dpolab.lm import generation
+
+    asked, real_fast = [], generation.fast_decoder
+    monkeypatch.setattr(generation, "fast_decoder", lambda *a: (asked.append(1), real_fast(*a))[1])
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", batched, "--no-direct-decoder")) == 0
+    assert batched.read_bytes() == out.read_bytes() and not asked
+    assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
+                     "--output", batched)) == 0
+    assert batched.read_bytes() == out.read_bytes() and asked
+    monkeypatch.undo()
     # without generate(seeds=...), one row at a time with its own generator: the same draws
     import dpolab.commands.generate as gen_cmd
 

@@ -179,7 +179,8 @@ def test_rloo_kl_from_the_sampler_equals_the_extra_pass(tiny_model_dir, prompts_
 
 def test_sampling_runs_through_the_direct_decoder(tiny_model_dir, prompts_file, reward_file, tmp_path, monkeypatch):
     """The trainer's sampler uses dpolab.lm.decode on its (unwrapped, hook-free) Llama policy, once
-    per step, and a run on the model's own forward gives the same weights and rewards."""
+    per step, and a run on the model's own forward (--no-direct-decoder) gives the same weights and
+    rewards."""
     from dpolab.lm import decode, generation
 
     argv = lambda out: _args("grpo", tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha",  # noqa: E731
@@ -189,9 +190,11 @@ def test_sampling_runs_through_the_direct_decoder(tiny_model_dir, prompts_file, 
     monkeypatch.setattr(decode.FastDecoder, "__init__", lambda self, *a: (built.append(1), real_init(self, *a))[1])
     assert main(argv(tmp_path / "direct")) == 0
     assert len(built) == len(_rows(tmp_path / "direct")) == 3
-    monkeypatch.setattr(generation, "fast_decoder", lambda model, capacity: None)
-    assert main(argv(tmp_path / "forward")) == 0
-    assert len(built) == 3
+    asked = []
+    real_fast = generation.fast_decoder
+    monkeypatch.setattr(generation, "fast_decoder", lambda *a: (asked.append(1), real_fast(*a))[1])
+    assert main([*argv(tmp_path / "forward"), "--no-direct-decoder"]) == 0
+    assert len(built) == 3 and not asked  # not even tried
     wa = load_file(str(tmp_path / "direct" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "forward" / "final" / "model.safetensors"))
     for k in wa:

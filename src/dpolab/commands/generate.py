@@ -205,7 +205,7 @@ def iter_samples(model, tokenizer, prompts_ids: Sequence[Sequence[int]], seeds: 
     from dpolab.lm.generation import generate
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-              eos_token_id=stop_ids(model, tokenizer))
+              eos_token_id=stop_ids(model, tokenizer), fast=cfg.direct_decoder)
     per_row_seeds = _generate_takes_seeds()
     for start in range(0, len(prompts_ids), cfg.batch_size):
         ids = list(prompts_ids[start:start + cfg.batch_size])

@@ -429,14 +429,15 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 32) -> tuple[list[str], list[Generation]]:
-    """Sample one completion per prompt (seeded), in batches. Returns (texts, per-batch Generations)."""
+                       batch_size: int = 32, fast: bool = True) -> tuple[list[str], list[Generation]]:
+    """Sample one completion per prompt (seeded), in batches (``fast``: as for :func:`generate`).
+    Returns (texts, per-batch Generations)."""
     device = next(model.parameters()).device
     gen_rng = torch.Generator(device=device).manual_seed(seed)
     texts, gens = [], []
     for i in range(0, len(prompts_ids), batch_size):
         gen = generate(model, tokenizer, prompts_ids[i:i + batch_size], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=gen_rng)
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=gen_rng, fast=fast)
         texts.extend(decode_responses(tokenizer, gen))
         gens.append(gen)
     return texts, gens

@@ -49,16 +49,17 @@ class LocalSampler:
             update is seen at once and :meth:`sync_weights` copies nothing.
         tokenizer: supplies the pad and EOS ids.
         eos_token_id: stop token(s), default the tokenizer's EOS (``[]``: never stop early).
+        fast: ``generate``'s ``fast`` (the direct decoder where it applies; False: the model's forward).
     """
 
-    def __init__(self, model, tokenizer, *, eos_token_id: int | Sequence[int] | None = None):
-        self.model, self.tokenizer, self.eos_token_id = model, tokenizer, eos_token_id
+    def __init__(self, model, tokenizer, *, eos_token_id: int | Sequence[int] | None = None, fast: bool = True):
+        self.model, self.tokenizer, self.eos_token_id, self.fast = model, tokenizer, eos_token_id, fast
 
     def sample(self, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int], with_logps: bool = False) -> Generation:
         return generate(self.model, self.tokenizer, prompts_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                        eos_token_id=self.eos_token_id, with_logps=with_logps)
+                        eos_token_id=self.eos_token_id, with_logps=with_logps, fast=self.fast)
 
     def sync_weights(self, model) -> None:
         # the parameters are shared: nothing to copy; a different module (a re-wrapped or

@@ -46,16 +46,17 @@ def win_rate(fn: RewardFn, prompts: list[str], completions_a: list[str], complet
 def evaluate_policy(policy, tokenizer, prompt_texts: list[str], prompts_ids: Sequence[Sequence[int]],
                     reward_fn: RewardFn, *, ref_model=None, compute_kl: bool = True, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int = 32, columns: dict[str, list] | None = None) -> dict[str, float]:
+                    batch_size: int = 32, columns: dict[str, list] | None = None, fast: bool = True) -> dict[str, float]:
     """Sample from ``policy`` on the prompts; return ``reward`` (mean), ``reward_std``, ``kl``
     (sequence KL to the reference, if ``compute_kl``), ``response_length`` and ``eos_fraction``.
-    ``columns``: the prompt rows' other fields, for reward functions that take them."""
+    ``columns``: the prompt rows' other fields, for reward functions that take them; ``fast``:
+    ``generate``'s (False: sample through the model's own forward)."""
     was_training = policy.training
     policy.eval()
     try:
         texts, gens = sample_completions(policy, tokenizer, prompts_ids, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, fast=fast)
         rewards = compute_rewards(reward_fn, list(prompt_texts), texts, columns).double()
         out = {"reward": float(rewards.mean()),
                "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,

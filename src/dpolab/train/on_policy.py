@@ -27,7 +27,8 @@ class OnPolicy(Algorithm):
 
         self.cfg, self.engine, self.prompts, self.eval_set = cfg, engine, prompts, eval_set
         self.rewards, self.ref_model, self.lora = rewards, ref_model, cfg.lora
-        self.sampler = LocalSampler(self.policy, engine.tokenizer)  # the policy itself: nothing to copy
+        # the policy itself: nothing to copy
+        self.sampler = LocalSampler(self.policy, engine.tokenizer, fast=cfg.direct_decoder)
         self.samples: list[dict] = []
         # padded tokens a training pass may hold (0: no limit); the rows of a pass are cut to fit
         self.pass_tokens = resolve_micro_batch_tokens(cfg, self.policy, checkpointed=False)
@@ -211,7 +212,8 @@ def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, bat
     texts, ids, columns = eval_set
     return evaluate_policy(policy, tokenizer, texts, ids, reward_fn, ref_model=ref_model,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size, columns=columns)
+                           top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size, columns=columns,
+                           fast=cfg.direct_decoder)
 
 
 def log_samples(run: RunDir, step: int, rows: list[dict], n: int) -> None:

@@ -181,6 +181,9 @@ class SamplingOptions:
     temperature: float = opt(1.0, "sampling temperature (log-probs use the same tempered logits)")
     top_k: int = opt(0, "sample from the k most likely tokens only (0: off)")
     top_p: float = opt(1.0, "nucleus sampling mass (1: off)")
+    direct_decoder: bool = opt(True, "sample through dpolab's KV-cache decoder where it computes the model exactly "
+                               "(Llama, Mistral, Qwen2, Qwen3; others use the model's forward anyway); "
+                               "--no-direct-decoder: always the model's own forward")
 
 
 @dataclass
