@@ -345,7 +345,7 @@ def main() -> None:
             results["load_average"][v] = srt.load_average()
             srt.print_row(v, row)
     for v, row in results["rows"].items():  # every MFU against the best peak of the whole run
-        row.update({k: x for k, x in summary_row(raw[v]["ours"], raw[v]["trl"], peak).items() if k in ("ours", "trl")})
+        row.update(summary_row(raw[v]["ours"], raw[v]["trl"], peak))
     results["matmul_peak_gflops"] = peak
     print(f"{a.precision} matmul peak (best of the run): {peak:.1f} GFLOP/s")
     results["runs"] = raw

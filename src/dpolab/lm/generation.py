@@ -254,7 +254,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         raise DpolabError(f"eos_check_every must be >= 1, got {eos_check_every}")
     uniforms = None if temperature == 0 else _step_uniforms(N, B, seeds, generator, device)  # (N, B)
     decoder = fast_decoder(model, P + N) if fast else None
-    prefill_kw = {} if decoder else {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
+    prefill_kw = {} if decoder is not None else {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
 
     was_training = model.training
     model.eval()

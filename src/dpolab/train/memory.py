@@ -76,6 +76,8 @@ def resolve_micro_batch_tokens(cfg, model, *, checkpointed: bool | None = None) 
 
     if cfg.micro_batch_tokens is not None:
         return cfg.micro_batch_tokens
-    if cfg.gradient_checkpointing if checkpointed is None else checkpointed:
+    if checkpointed is None:
+        checkpointed = cfg.gradient_checkpointing
+    if checkpointed:
         return 0
     return auto_forward_tokens(unwrap_model(model) or model, cfg.mixed_precision)
