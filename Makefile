@@ -46,7 +46,7 @@ bench-ppo: .venv-bench/.installed
 
 # GRPO and RLOO against TRL's GRPOTrainer/RLOOTrainer (defaults, and without checkpointing)
 bench-grpo: .venv-bench/.installed
-	.venv-bench/bin/python bench/grpo_rloo_vs_trl.py --threads 1 --repeats 3 --trl-best --json bench/grpo_rloo_vs_trl_results.json
+	.venv-bench/bin/python bench/grpo_rloo_vs_trl.py --threads 1 --repeats 3 --trl-best --ours-gc --json bench/grpo_rloo_vs_trl_results.json
 
 # SFT and reward model against TRL's SFTTrainer/RewardTrainer; DPO at 32k/152k vocabularies on HH-RLHF
 .PHONY: bench-sft-rm bench-vocab

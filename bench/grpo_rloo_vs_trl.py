@@ -35,7 +35,9 @@ rounds running every side once, in turn, so noise hits all sides alike):
   gradient: the ratio is 1);
 * ``trl-rloo``: ``trl.RLOOTrainer`` defaults (gradient checkpointing on, β = 0.05, reference model);
 * with ``--trl-best`` also ``trl-grpo-nogc`` and ``trl-rloo-nogc``: the same with gradient
-  checkpointing off (TRL's faster setting on this model).
+  checkpointing off (TRL's faster setting on this model);
+* with ``--ours-gc`` also ``ours-grpo-gc`` and ``ours-rloo-gc``: ours with ``gradient_checkpointing``
+  (the eval-mode policy's layers checkpointed, one training pass: no token budget).
 
 The forward passes per step: GRPO, on both sides, a generation and one training forward/backward
 (the old log-probs are the detached current ones); RLOO a generation, a no-grad pass of the
@@ -183,7 +185,7 @@ class Record:
 
 
 # -- the sides (each runs in its own subprocess) -----------------------------------------------------
-def run_ours(a: argparse.Namespace, algo: str) -> dict:
+def run_ours(a: argparse.Namespace, algo: str, gradient_checkpointing: bool = False) -> dict:
     """``dpolab.train.{grpo,rloo}.train`` through its Python API, defaults except what must match."""
     import accelerate  # noqa: F401  (what the trainer imports, before the baseline)
     import safetensors.torch  # noqa: F401
@@ -227,7 +229,8 @@ def run_ours(a: argparse.Namespace, algo: str) -> dict:
             model=a.model_dir, data=a.data, output_dir=out, reward=[f"{Path(__file__).resolve()}:reward"],
             num_generations=a.num_generations, prompts_per_step=a.prompts_per_step, micro_batch_size=n,
             max_new_tokens=a.completion_length, max_prompt_length=64, learning_rate=LR, max_steps=a.steps,
-            eval_prompts=0, log_samples=0, logging_steps=10**6, progress=False, seed=0, **extra))
+            eval_prompts=0, log_samples=0, logging_steps=10**6, progress=False, seed=0,
+            gradient_checkpointing=gradient_checkpointing, **extra))
         assert cfg.beta == BETA[algo], (cfg.beta, BETA[algo])
         train(cfg)
     res = rec.result(a.warmup_steps)
@@ -282,6 +285,7 @@ def run_trl(a: argparse.Namespace, algo: str, gradient_checkpointing: bool | Non
 
 
 SIDES = {"ours-grpo": lambda a: run_ours(a, "grpo"), "trl-grpo": lambda a: run_trl(a, "grpo", None),
+         "ours-grpo-gc": lambda a: run_ours(a, "grpo", True), "ours-rloo-gc": lambda a: run_ours(a, "rloo", True),
          "trl-grpo-nogc": lambda a: run_trl(a, "grpo", False),
          "ours-rloo": lambda a: run_ours(a, "rloo"), "trl-rloo": lambda a: run_trl(a, "rloo", None),
          "trl-rloo-nogc": lambda a: run_trl(a, "rloo", False)}
@@ -366,6 +370,7 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps (at least 1)")
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per side (after one warm-up run)")
     ap.add_argument("--trl-best", action="store_true", help="also TRL with gradient checkpointing off")
+    ap.add_argument("--ours-gc", action="store_true", help="also ours with gradient checkpointing")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -394,7 +399,8 @@ def main() -> None:
         setup(workdir, [a.model])
         for algo in a.algos.split(","):
             trls = [f"trl-{algo}"] + ([f"trl-{algo}-nogc"] if a.trl_best else [])
-            sides = [f"ours-{algo}", *trls]
+            ours = [f"ours-{algo}"] + ([f"ours-{algo}-gc"] if a.ours_gc else [])
+            sides = [*ours, *trls]
             for _ in range(warm_runs):
                 for side in sides:
                     spawn(side, a, a.model, workdir)  # warm-up runs, discarded
@@ -409,11 +415,12 @@ def main() -> None:
             print(f"  same setup on every run: {ok}", flush=True)
             if not ok:
                 raise SystemExit("setup check FAILED: the sides did not run the same shapes")
-            for trl in trls:
-                row = {**compare(runs[f"ours-{algo}"], runs[trl]), "ours_side": f"ours-{algo}", "trl_side": trl,
-                       "setup_ok": ok}
-                results[f"{algo}/{trl}"] = row
-                print(line(algo, trl, row), flush=True)
+            for our in ours:
+                for trl in trls:
+                    row = {**compare(runs[our], runs[trl]), "ours_side": our, "trl_side": trl, "setup_ok": ok}
+                    key = algo + ("+gc" if our.endswith("-gc") else "")  # "grpo/trl-grpo", "grpo+gc/trl-grpo"
+                    results[f"{key}/{trl}"] = row
+                    print(line(key, trl, row), flush=True)
             results[f"{algo}/runs"] = runs
     results["load_avg_end"] = srt.load_average()
     results["wall_s"] = time.time() - t_start
@@ -448,7 +455,8 @@ def markdown_table(results: dict) -> str:
         algo, trl = key.split("/")
         o, t = r["ours"], r["trl"]
         sr, mr, cr = r["speedup_rounds"], r["memory_ratio_rounds"], r["cpu_speedup_rounds"]
-        lines.append(f"| {algo.upper()} | {trl} | {o['tokens_per_s']['median']:.0f} | {t['tokens_per_s']['median']:.0f} "
+        label = algo.upper().replace("+GC", ", ours with gradient checkpointing")
+        lines.append(f"| {label} | {trl} | {o['tokens_per_s']['median']:.0f} | {t['tokens_per_s']['median']:.0f} "
                      f"| {r['speedup']:.2f}× ({sr['min']:.2f}-{sr['max']:.2f}) | {r['cpu_speedup']:.2f}× "
                      f"({cr['min']:.2f}-{cr['max']:.2f}) | {o['median_step_s']['median']:.2f} | "
                      f"{t['median_step_s']['median']:.2f} | {o['peak_mb']['median']:.0f} | {t['peak_mb']['median']:.0f} "

@@ -99,7 +99,4 @@ def test_default_budget_is_sized_by_the_model(tiny_model_dir):
     cfg = SimpleNamespace(micro_batch_tokens=None, gradient_checkpointing=False, mixed_precision="no")
     assert resolve_micro_batch_tokens(cfg, model) == auto_forward_tokens(model) > 0
     checkpointing = SimpleNamespace(**{**vars(cfg), "gradient_checkpointing": True})
-    assert resolve_micro_batch_tokens(checkpointing, model) == 0  # an offline trainer's checkpointed passes
-    # the on-policy trainers' model stays in eval mode, where transformers does not checkpoint: the
-    # budget stays
-    assert resolve_micro_batch_tokens(checkpointing, model, checkpointed=False) == auto_forward_tokens(model)
+    assert resolve_micro_batch_tokens(checkpointing, model) == 0  # checkpointed passes: no budget

@@ -140,6 +140,24 @@ def test_any_split_into_forward_passes_gives_the_same_step(tiny_model_dir, rule_
                 torch.testing.assert_close(runs[budget][k], runs["0"][k], atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, rule_data, tmp_path, monkeypatch):
+    """--gradient-checkpointing (transformers' own, the policy trains in training mode) recomputes
+    each layer in the backward pass and gives the weights of the plain passes."""
+    import transformers.modeling_utils as tmu  # where transformers takes its checkpoint function from
+
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0",
+              "--batch-size", "8")
+    _run(tiny_model_dir, rule_data, tmp_path / "plain", *common)
+    calls = []
+    real = tmu.checkpoint
+    monkeypatch.setattr(tmu, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    summary = _run(tiny_model_dir, rule_data, tmp_path / "ckpt", "--gradient-checkpointing", *common)
+    assert len(calls) >= 2 * 2 and summary["micro_batch_tokens"] == 0  # both layers, each step; no budget
+    wa, wb = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
 def test_resume_from_checkpoint_is_exact(tiny_model_dir, rule_data, tmp_path):
     common = ("--learning-rate", "1e-3", "--max-steps", "6", "--batch-size", "4", "--logging-steps", "1",
               "--save-steps", "3", "--save-total-limit", "5")

@@ -203,6 +203,46 @@ def test_sampling_runs_through_the_direct_decoder(tiny_model_dir, prompts_file, 
         assert ra["rewards/mean"] == pytest.approx(rb["rewards/mean"], abs=1e-6)
 
 
+@pytest.mark.parametrize("cmd", ["grpo", "rloo"])
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompts_file, reward_file, tmp_path, monkeypatch,
+                                                   cmd):
+    """--gradient-checkpointing checkpoints the eval-mode policy's layers in the training passes
+    (dpolab.lm.checkpointing) and changes nothing else: the same weights and metrics."""
+    import torch.utils.checkpoint as tuc
+
+    argv = lambda out: _args(cmd, tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha",  # noqa: E731
+                             "--num-generations", 4, "--prompts-per-step", 2, "--beta", "0.1", *SGD)
+    assert main(argv(tmp_path / "plain")) == 0
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main([*argv(tmp_path / "ckpt"), "--gradient-checkpointing"]) == 0
+    assert len(calls) >= 3 * 2  # each step's training pass runs both layers checkpointed
+    wa = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "ckpt" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+    for ra, rb in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "ckpt")):
+        assert ra["kl"] == pytest.approx(rb["kl"], abs=1e-6)
+        assert ra["rewards/mean"] == pytest.approx(rb["rewards/mean"], abs=1e-6)
+
+
+def test_checkpointed_passes_on_two_processes_equal_one_plain_process(tiny_model_dir, prompts_file, reward_file,
+                                                                     tmp_path):
+    """DDP's gradient hooks see the checkpointed layers' recompute: 2 processes with
+    --gradient-checkpointing give one plain process's weights."""
+    common = _args("grpo", tiny_model_dir, prompts_file, "OUT", "--reward", f"{reward_file}:frac_alpha",
+                   "--num-generations", 4, "--num-iterations", 2, "--beta", "0.1", *SGD)
+    argv = lambda out, n, *x: [str(out) if a == "OUT" else a for a in common] + ["--prompts-per-step", str(n), *x]  # noqa: E731
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(argv(one, 4)) == 0
+    res = launch("ddp_cpu.yaml", argv(two, 2, "--gradient-checkpointing"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # -- exact resume through a real process ---------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["grpo", "rloo"])
 def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd):

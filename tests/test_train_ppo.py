@@ -135,6 +135,30 @@ def test_resume_equals_uninterrupted_run(tiny_model_dir, prompts_file, reward_fi
     assert betas[0] == 0.05 and betas[1] == 0.025 and _rows(full)[0]["objective/kl"] == 0.0
 
 
+@pytest.mark.parametrize("value_model", [False, True])
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompts_file, reward_file, tmp_path, monkeypatch,
+                                                   value_model):
+    """--gradient-checkpointing checkpoints the eval-mode layers of the policy (and of a separate
+    value model) in PPO's passes: the same policy and value head as the plain run."""
+    import torch.utils.checkpoint as tuc
+
+    common = ("--reward", f"{reward_file}:frac_alpha", "--rollout-batch-size", 4, "--mini-batch-size", 2,
+              "--ppo-epochs", 2, "--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", 0,
+              "--max-steps", 2, "--eval-prompts", 0, "--max-new-tokens", 4,
+              *(("--value-model", tiny_model_dir) if value_model else ()))
+    assert main(_args(tiny_model_dir, prompts_file, tmp_path / "plain", *common)) == 0
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(_args(tiny_model_dir, prompts_file, tmp_path / "ckpt", "--gradient-checkpointing", *common)) == 0
+    # 2 steps x 2 epochs x 2 mini-batches, 2 layers in each model
+    assert len(calls) == 2 * 2 * 2 * 2 * (2 if value_model else 1)
+    for name in ("model.safetensors", "value_head.safetensors"):
+        wa, wb = (load_file(str(tmp_path / r / "final" / name)) for r in ("plain", "ckpt"))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+
 def test_lora_with_separate_value_model(tiny_model_dir, prompts_file, reward_file, tmp_path):
     """LoRA: the reference is the base with adapters off, so the first step's KL is exactly 0; the
     merged policy reloads without LoRA weights; the separate value model is saved next to it."""

@@ -257,6 +257,24 @@ def test_prefix_shared_rewards_and_gradients_equal_the_plain_batch(word_model_di
     assert "does not accept the shared layout" in reason and "not a plain score module" in reason
 
 
+def test_gradient_checkpointing_trains_the_same(word_model_dir, tmp_path, monkeypatch):
+    import transformers.modeling_utils as tmu  # where transformers takes its checkpoint function from
+
+    data = tmp_path / "p.jsonl"
+    write_bt_pairs(data, 32, seed=5)
+    sgd = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "2", "--max-grad-norm", "0",
+           "--eval-fraction", "0", "--batch-size", "8")
+    assert main(_args(word_model_dir, data, tmp_path / "plain", *sgd)) == 0
+    calls = []
+    real = tmu.checkpoint
+    monkeypatch.setattr(tmu, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(_args(word_model_dir, data, tmp_path / "ckpt", "--gradient-checkpointing", *sgd)) == 0
+    assert calls  # transformers' checkpointing ran
+    wa, wb = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("plain", "ckpt"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
 def test_prefix_sharing_on_and_off_train_the_same(word_model_dir, tmp_path):
     """Training with and without prefix sharing: the same weights after two SGD steps (1e-5; the steps
     take the same length-bucketed pairs either way), and the summary says which layout ran (on by

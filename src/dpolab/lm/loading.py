@@ -86,11 +86,19 @@ def load_trainable_lm(cfg):
     configured (``cfg`` has the model and LoRA option groups of ``dpolab.train.options``)."""
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing (for the modules in training mode; a model kept in
+    eval mode is checkpointed by :mod:`dpolab.lm.checkpointing`)."""
+    # the name since transformers 5, where the old one warns
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str):

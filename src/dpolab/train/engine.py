@@ -117,23 +117,28 @@ class Engine:
         as Σ sum / Σ count over the passes (e.g. a per-token mean), the others weighted by units.
         Returns the means over all processes plus ``grad_norm``; None when the step was skipped or
         had no unit."""
+        from dpolab.lm.checkpointing import checkpointed_layers
+
         cfg, acc, model = self.cfg, self.accelerator, self.model
         total = distributed.global_sum(acc, [sum(p.units for p in passes if p.real)])[0]
         scale = acc.num_processes / total if total > 0 else 0.0
         rows, weights, nonfinite, tokens = [], [], False, 0
-        for j, p in enumerate(passes):
-            if total == 0:  # no loss unit on any process: every process skips alike
-                break
-            with distributed.accumulation_context(acc, model, sync=j == len(passes) - 1):
-                loss_sum, stats = loss_fn(p.batch)
-                if p.real and not torch.isfinite(loss_sum).all():
-                    nonfinite = True  # every process still runs its backward passes (no hang)
-                    if not cfg.skip_nonfinite:
-                        raise nonfinite_error("loss", self.step + 1, p.where)
-                acc.backward(loss_sum * (scale if p.real else 0.0))
-            rows.append(stats)
-            weights.append(p.units)
-            tokens += p.tokens
+        # a model kept in eval mode (the on-policy trainers) is not checkpointed by transformers
+        eval_checkpointing = getattr(cfg, "gradient_checkpointing", False) and not model.training
+        with checkpointed_layers(model, enabled=eval_checkpointing):
+            for j, p in enumerate(passes):
+                if total == 0:  # no loss unit on any process: every process skips alike
+                    break
+                with distributed.accumulation_context(acc, model, sync=j == len(passes) - 1):
+                    loss_sum, stats = loss_fn(p.batch)
+                    if p.real and not torch.isfinite(loss_sum).all():
+                        nonfinite = True  # every process still runs its backward passes (no hang)
+                        if not cfg.skip_nonfinite:
+                            raise nonfinite_error("loss", self.step + 1, p.where)
+                    acc.backward(loss_sum * (scale if p.real else 0.0))
+                rows.append(stats)
+                weights.append(p.units)
+                tokens += p.tokens
         merged: dict[str, float] = {}
         grad_norm = torch.tensor(0.0)
         if total > 0:  # the norm is checked also with clipping off (--max-grad-norm 0)

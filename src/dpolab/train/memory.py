@@ -66,18 +66,14 @@ def auto_forward_tokens(model: torch.nn.Module, mixed_precision: str = "no") -> 
     return max(weight_bytes, MIN_ACTIVATION_BYTES) // per_token
 
 
-def resolve_micro_batch_tokens(cfg, model, *, checkpointed: bool | None = None) -> int:
+def resolve_micro_batch_tokens(cfg, model) -> int:
     """The forward-pass token budget: ``--micro-batch-tokens``, or the size-based default
-    (:func:`auto_forward_tokens`); 0 when the passes run with gradient checkpointing
-    (``checkpointed``, default ``cfg.gradient_checkpointing``), whose activations are already small.
-    The on-policy trainers pass False: their model stays in eval mode, where transformers does not
-    checkpoint."""
+    (:func:`auto_forward_tokens`); 0 with ``--gradient-checkpointing``, whose activations are
+    already small (the on-policy trainers checkpoint in eval mode: :mod:`dpolab.lm.checkpointing`)."""
     from dpolab.lm.logps import unwrap_model
 
     if cfg.micro_batch_tokens is not None:
         return cfg.micro_batch_tokens
-    if checkpointed is None:
-        checkpointed = cfg.gradient_checkpointing
-    if checkpointed:
+    if cfg.gradient_checkpointing:
         return 0
     return auto_forward_tokens(unwrap_model(model) or model, cfg.mixed_precision)

@@ -30,8 +30,9 @@ class OnPolicy(Algorithm):
         # the policy itself: nothing to copy
         self.sampler = LocalSampler(self.policy, engine.tokenizer, fast=cfg.direct_decoder)
         self.samples: list[dict] = []
-        # padded tokens a training pass may hold (0: no limit); the rows of a pass are cut to fit
-        self.pass_tokens = resolve_micro_batch_tokens(cfg, self.policy, checkpointed=False)
+        # padded tokens a training pass may hold (0: no limit, as with --gradient-checkpointing);
+        # the rows of a pass are cut to fit
+        self.pass_tokens = resolve_micro_batch_tokens(cfg, self.policy)
 
     @property
     def policy(self):

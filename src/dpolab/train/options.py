@@ -27,7 +27,8 @@ class OptimizerOptions:
 
 # what --micro-batch-tokens does, offline and on-policy (dpolab.train.memory)
 _TOKEN_BUDGET_HELP = ("(same gradient, less activation memory); unset: activations about the size of the "
-                      "transformer blocks' weights, at least 32 MiB; 0: never split")
+                      "transformer blocks' weights, at least 32 MiB, none with --gradient-checkpointing; "
+                      "0: never split")
 
 
 @dataclass

@@ -142,6 +142,7 @@ def train(cfg: RewardConfig) -> dict:
     """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
     from dpolab.data import pad_token_id_for
     from dpolab.data.batching import batch_order, pair_lengths
+    from dpolab.lm.loading import enable_checkpointing
     from dpolab.lm.reward_model import RewardModel, load_reward_model
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
@@ -156,7 +157,7 @@ def train(cfg: RewardConfig) -> dict:
 
     hf_model = load_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable()
+        enable_checkpointing(hf_model)
     engine = Engine(cfg, accelerator, RewardModel(hf_model), tokenizer=tokenizer, report=report)
     pad_id = pad_token_id_for(tokenizer)
     prefix = resolve_prefix_sharing(cfg, engine.model, data.train, pad_id, accelerator, inner=hf_model,
