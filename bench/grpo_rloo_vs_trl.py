@@ -37,7 +37,11 @@ rounds running every side once, in turn, so noise hits all sides alike):
 * with ``--trl-best`` also ``trl-grpo-nogc`` and ``trl-rloo-nogc``: the same with gradient
   checkpointing off (TRL's faster setting on this model);
 * with ``--ours-gc`` also ``ours-grpo-gc`` and ``ours-rloo-gc``: ours with ``gradient_checkpointing``
-  (the eval-mode policy's layers checkpointed, one training pass: no token budget).
+  (the eval-mode policy's layers checkpointed, one training pass: no token budget; no prefix sharing).
+
+``--instruction-words N`` puts the same N-word instruction before every prompt, for both sides: long
+prompts, where ours runs each prompt once per pass for its G completions (``prefix_sharing``, its
+default) and TRL runs it G times.
 
 The forward passes per step: GRPO, on both sides, a generation and one training forward/backward
 (the old log-probs are the detached current ones); RLOO a generation, a no-grad pass of the
@@ -106,11 +110,22 @@ def reward(prompts, completions, **columns):
 
 
 # -- setup: prompts, tokenizer, model ------------------------------------------------------------------
-def setup(workdir: Path, models: list[str]) -> None:
+INSTRUCTION = ("read the symbols after the colon and write them again in the opposite order with the same "
+               "spacing and nothing else before or after them").split()
+
+
+def instruction(words: int) -> str:
+    """A fixed instruction of ``words`` words put before every prompt (0: none): long prompts, as
+    in tasks whose prompts carry a system text or a problem statement."""
+    return " ".join(INSTRUCTION[i % len(INSTRUCTION)] for i in range(words)) + " " if words else ""
+
+
+def setup(workdir: Path, models: list[str], instruction_words: int = 0) -> None:
     from dpolab.lm.tiny import tiny_llama, train_tokenizer
     from dpolab.rewards.tasks import make_examples
 
-    rows = [{"prompt": p, "answer": a} for p, a in make_examples("reverse", N_PROMPTS, seed=0)]
+    head = instruction(instruction_words)
+    rows = [{"prompt": head + p, "answer": a} for p, a in make_examples("reverse", N_PROMPTS, seed=0)]
     (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # the vocabulary: the lexicon text of the DPO benchmark (to reach 4096 entries) and the prompts
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in dvt.make_data(256, seed=0)]
@@ -228,7 +243,8 @@ def run_ours(a: argparse.Namespace, algo: str, gradient_checkpointing: bool = Fa
         cfg = make_config(Config, dict(
             model=a.model_dir, data=a.data, output_dir=out, reward=[f"{Path(__file__).resolve()}:reward"],
             num_generations=a.num_generations, prompts_per_step=a.prompts_per_step, micro_batch_size=n,
-            max_new_tokens=a.completion_length, max_prompt_length=64, learning_rate=LR, max_steps=a.steps,
+            max_new_tokens=a.completion_length, max_prompt_length=1024 - a.completion_length, learning_rate=LR,
+            max_steps=a.steps,
             eval_prompts=0, log_samples=0, logging_steps=10**6, progress=False, seed=0,
             gradient_checkpointing=gradient_checkpointing, **extra))
         assert cfg.beta == BETA[algo], (cfg.beta, BETA[algo])
@@ -371,6 +387,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per side (after one warm-up run)")
     ap.add_argument("--trl-best", action="store_true", help="also TRL with gradient checkpointing off")
     ap.add_argument("--ours-gc", action="store_true", help="also ours with gradient checkpointing")
+    ap.add_argument("--instruction-words", type=int, default=0,
+                    help="put a fixed instruction of this many words before every prompt (long prompts)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -389,14 +407,14 @@ def main() -> None:
     results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(), "threads": a.threads,
                      "model": a.model, "model_shape": dict(zip(("hidden", "layers", "heads", "intermediate"),
                                                                MODELS[a.model])),
-                     "vocab": VOCAB, "num_generations": a.num_generations, "prompts_per_step": a.prompts_per_step,
+                     "vocab": VOCAB, "instruction_words": a.instruction_words, "num_generations": a.num_generations, "prompts_per_step": a.prompts_per_step,
                      "completion_length": a.completion_length, "steps": a.steps, "warmup_steps": a.warmup_steps,
                      "repeats": repeats, "learning_rate": LR, "load_avg_start": srt.load_average(),
                      "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(f"load average {results['load_avg_start']} on {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as d:
         workdir = Path(d)
-        setup(workdir, [a.model])
+        setup(workdir, [a.model], a.instruction_words)
         for algo in a.algos.split(","):
             trls = [f"trl-{algo}"] + ([f"trl-{algo}-nogc"] if a.trl_best else [])
             ours = [f"ours-{algo}"] + ([f"ours-{algo}-gc"] if a.ours_gc else [])

@@ -43,6 +43,25 @@ def test_pass_sizes_hand_values():
     assert units == [3, 3, 3, 1]
 
 
+def test_shared_prompt_pass_sizes_hand_values():
+    """Passes that run each of their prompts once: rows grouped by prompt, each distinct prompt's
+    width (10) counted once and each row's response (14 − 10 = 4) per row."""
+    prompt_of = [0, 0, 0, 0, 1, 1, 1, 1]
+    rows = [5, 0, 7, 2, 4, 1, 6, 3]  # a mini-batch's permutation
+
+    def parts(size, budget):
+        return [p.batch.tolist() for p in rollouts.row_passes(_engine(), rows, size, len, "t", width=14, budget=budget,
+                                                              prompt_of=prompt_of, prompt_width=10)]
+
+    # 4 rows of prompt 0: 10 + 16 = 26; a 5th row with prompt 1: 20 + 20 = 40 (fits); a 6th: 44
+    assert parts(16, 40) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert parts(16, 0) == [[0, 1, 2, 3, 4, 5, 6, 7]]           # no budget: --micro-batch-size only
+    assert parts(2, 0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert parts(16, 5) == [[r] for r in range(8)]              # narrower than a row: one row a pass
+    # the plain layout would hold 40 // 14 = 2 rows a pass
+    assert [p.batch.numel() for p in rollouts.row_passes(_engine(), rows, 16, len, "t", width=14, budget=40)] == [2] * 4
+
+
 @pytest.fixture()
 def files(tmp_path):
     prompts = tmp_path / "prompts.jsonl"

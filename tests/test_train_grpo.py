@@ -243,6 +243,37 @@ def test_checkpointed_passes_on_two_processes_equal_one_plain_process(tiny_model
         torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("cmd, extra", [
+    ("grpo", ("--beta", "0.1", "--num-iterations", 2, "--mini-batches", 2)),  # old, reference and training passes
+    ("rloo", ()),
+])
+def test_prefix_sharing_trains_the_same(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys, cmd, extra):
+    """Each prompt run once in the log-prob passes (on by default: the start-up check passes on the
+    tiny Llama) gives the plain rows' weights and metrics; off with --gradient-checkpointing, and
+    asking for both is refused before any training."""
+    argv = lambda out, *x: _args(cmd, tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha",  # noqa: E731
+                                 "--num-generations", 4, "--prompts-per-step", 2, *SGD, *extra, *x)
+    summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
+    assert main(argv(tmp_path / "shared")) == 0 and summary(tmp_path / "shared")["prefix_sharing"] is True
+    assert main(argv(tmp_path / "plain", "--no-prefix-sharing")) == 0
+    assert summary(tmp_path / "plain")["prefix_sharing"] is False
+    wa = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "shared" / "final" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max(float((wa[k] - init[k]).abs().max()) for k in wa) > 1e-2  # the comparison can see a difference
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+    for ra, rb in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "shared")):
+        for key in ("rewards/mean", "kl", "entropy"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), key
+    assert main(argv(tmp_path / "gc", "--gradient-checkpointing")) == 0
+    assert summary(tmp_path / "gc")["prefix_sharing"] is False
+    capsys.readouterr()
+    assert main(argv(tmp_path / "both", "--gradient-checkpointing", "--prefix-sharing")) == 2
+    assert "--prefix-sharing cannot run with --gradient-checkpointing" in capsys.readouterr().err
+    assert not (tmp_path / "both" / "checkpoints").exists()
+
+
 # -- exact resume through a real process ---------------------------------------------------------------
 @pytest.mark.parametrize("cmd", ["grpo", "rloo"])
 def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path, cmd):

@@ -32,6 +32,7 @@ class CriticFree(OnPolicy):
     def __init__(self, cfg, engine, *args):
         super().__init__(cfg, engine, *args)
         self.uses_reference = self.uses_reference_for(cfg)
+        self.shared = resolve_shared_prompts(cfg, engine, self.prompts)
 
     # -- what each algorithm defines ---------------------------------------------------------------
     def advantages(self, s, old: torch.Tensor | None, ref: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
@@ -72,10 +73,10 @@ class CriticFree(OnPolicy):
                         micro=k, with_logps=scored_logps)
         if cfg.missing_eos_penalty is not None:
             s.scores = torch.where(s.gen.finished, s.scores, s.scores - cfg.missing_eos_penalty)
-        old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size)[0] \
+        old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size, shared=self.shared)[0] \
             if several or (scored_logps and s.gen.logps is None) else None
-        ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size) \
-            if self.uses_reference else None
+        ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size,
+                                    shared=self.shared) if self.uses_reference else None
         adv, metrics = self.advantages(s, s.gen.logps if old is None else old, ref)
         mask = s.gen.response_mask & s.gen.finished[:, None] if cfg.mask_truncated_completions else s.gen.response_mask
         outs = []
@@ -83,7 +84,8 @@ class CriticFree(OnPolicy):
             for m, rows in enumerate(minibatch_rows(s, cfg.mini_batches, seed + 1 + it)):
                 where = f"iteration {it + 1}, mini-batch {m + 1}"
                 passes = row_passes(engine, rows, cfg.micro_batch_size, lambda r: self.weights(mask[r])[1], where,
-                                    width=s.gen.width, budget=self.pass_tokens)
+                                    width=s.gen.width, budget=self.pass_tokens,
+                                    prompt_of=s.rows if self.shared else None, prompt_width=s.gen.prompt_length)
                 out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask), where=where)
                 outs.append(out) if out is not None else None
         self.sampler.sync_weights(engine.unwrapped)
@@ -98,7 +100,8 @@ class CriticFree(OnPolicy):
         from dpolab.train.rollouts import response_logps
 
         g = s.gen.select(rows)
-        logp, entropy = response_logps(self.engine.model, g, self.cfg.temperature, with_entropy=True)
+        logp, entropy = response_logps(self.engine.model, g, self.cfg.temperature, with_entropy=True,
+                                       shared=self.shared)
         per_token, st = self.token_loss(logp, old[rows] if old is not None else logp.detach(),
                                         ref[rows] if ref is not None else None, adv[rows])
         m = mask[rows]
@@ -111,6 +114,35 @@ class CriticFree(OnPolicy):
     def needs_old_logps(cls, cfg) -> bool:
         """Whether :meth:`advantages` needs the sampling policy's log-probs (RLOO's KL-shaped reward)."""
         return False
+
+    def summary(self, engine):
+        return {**super().summary(engine), "prefix_sharing": self.shared}
+
+
+def resolve_shared_prompts(cfg, engine, prompts) -> bool:
+    """``--prefix-sharing`` on/off as given, or (unset) on when
+    :func:`dpolab.lm.shared_prompt.check_shared_prompts` finds the policy exact that way; off with
+    ``--gradient-checkpointing`` (a recomputed layer would write the prompt's cache again). Given
+    explicitly and not possible: an error."""
+    from dpolab.errors import ConfigError
+    from dpolab.lm.shared_prompt import check_shared_prompts
+
+    if cfg.prefix_sharing is False:
+        return False
+    if cfg.gradient_checkpointing:
+        if cfg.prefix_sharing:
+            raise ConfigError("--prefix-sharing cannot run with --gradient-checkpointing (a checkpointed layer "
+                              "would write the prompt's key/value cache twice): drop one of them")
+        return False
+    policy = engine.unwrapped
+    problem = check_shared_prompts(policy, prompts.ids, policy.get_input_embeddings().num_embeddings,
+                                   device=engine.device)
+    if problem is None:
+        return True
+    if cfg.prefix_sharing:
+        raise ConfigError(f"--prefix-sharing is not exact for this model: {problem}. Drop --prefix-sharing.")
+    engine.accelerator.print(f"prefix sharing off: {problem}")
+    return False
 
 
 def train_critic_free(cfg, algo_cls) -> dict:

@@ -18,7 +18,13 @@ from dpolab.errors import ConfigError
 from dpolab.losses.constants import ADVANTAGE_SCALES, AGGREGATIONS
 from dpolab.train.command import cli
 from dpolab.train.critic_free import CriticFree, train_critic_free
-from dpolab.train.options import GroupOptions, OnPolicyOptions, validate_groups, validate_on_policy
+from dpolab.train.options import (
+    GroupOptions,
+    OnPolicyOptions,
+    PromptSharingOptions,
+    validate_groups,
+    validate_on_policy,
+)
 
 DESCRIPTION = """Train a causal LM with GRPO: group-relative advantages from several sampled completions per prompt.
 
@@ -35,7 +41,7 @@ example:
 
 
 @dataclass
-class GRPOConfig(OnPolicyOptions, GroupOptions):
+class GRPOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
     model: str = opt("", "policy to train (and default reference): a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model for the KL term and eval/kl (default: a frozen copy of "
                                 "--model; with --lora, the base with adapters off)")

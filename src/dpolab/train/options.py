@@ -254,6 +254,15 @@ class GroupOptions:
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of completions without EOS")
 
 
+@dataclass
+class PromptSharingOptions:
+    """Running each group's prompt once in the log-prob passes (GRPO, RLOO)."""
+
+    prefix_sharing: bool | None = opt(None, "run each prompt once in the log-prob passes, its key/value cache shared "
+                                      "by its completions; unset: on when a check at the start shows the model "
+                                      "gives the same log-probs that way (off with --gradient-checkpointing)")
+
+
 def require_positive(cfg, *names: str) -> None:
     """Each option ``names`` must be >= 1."""
     for name in names:

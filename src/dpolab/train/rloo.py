@@ -17,7 +17,13 @@ from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.command import cli
 from dpolab.train.critic_free import CriticFree, train_critic_free
-from dpolab.train.options import GroupOptions, OnPolicyOptions, validate_groups, validate_on_policy
+from dpolab.train.options import (
+    GroupOptions,
+    OnPolicyOptions,
+    PromptSharingOptions,
+    validate_groups,
+    validate_on_policy,
+)
 
 DESCRIPTION = """Train a causal LM with RLOO: k sampled completions per prompt, each baselined by the other k − 1.
 
@@ -31,7 +37,7 @@ example:
 
 
 @dataclass
-class RLOOConfig(OnPolicyOptions, GroupOptions):
+class RLOOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
     model: str = opt("", "policy to train (and default reference): a Hugging Face name or local folder (required)")
     ref_model: str | None = opt(None, "reference model of the KL penalty (default: a frozen copy of --model; "
                                 "with --lora, the base with adapters off)")

@@ -76,34 +76,41 @@ def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, 
 
 
 @torch.no_grad()
-def rollout_token_logps(model, gen, temperature: float, batch: int, *, with_entropy: bool = False):
+def rollout_token_logps(model, gen, temperature: float, batch: int, *, with_entropy: bool = False,
+                        shared: bool = False):
     """Per-token log-probs (and entropies) of a Generation's responses, ``(n, R)``, zero after EOS,
-    in forward passes of ``batch`` rows (no gradient)."""
+    in forward passes of ``batch`` rows (no gradient); ``shared``: as :func:`response_logps`."""
     logps, ents = [], []
     for s in range(0, gen.batch_size, batch):
         lp, ent = response_logps(model, gen.select(torch.arange(s, min(s + batch, gen.batch_size))), temperature,
-                                 with_entropy=with_entropy)
+                                 with_entropy=with_entropy, shared=shared)
         logps.append(lp)
         ents.append(ent)
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 @torch.no_grad()
-def reference_token_logps(policy, ref_model, gen, temperature: float, batch: int) -> torch.Tensor:
+def reference_token_logps(policy, ref_model, gen, temperature: float, batch: int, *, shared: bool = False) -> torch.Tensor:
     """The reference's per-token log-probs of a Generation's responses, ``(n, R)``: ``ref_model``, or
-    with ``None`` the PEFT ``policy`` with its adapters disabled."""
+    with ``None`` the PEFT ``policy`` with its adapters disabled; ``shared``: as :func:`response_logps`."""
     if ref_model is not None:
-        return rollout_token_logps(ref_model, gen, temperature, batch)[0]
+        return rollout_token_logps(ref_model, gen, temperature, batch, shared=shared)[0]
     with policy.disable_adapter():
-        return rollout_token_logps(policy, gen, temperature, batch)[0]
+        return rollout_token_logps(policy, gen, temperature, batch, shared=shared)[0]
 
 
-def response_logps(model, gen, temperature: float, *, with_entropy: bool = False):
+def response_logps(model, gen, temperature: float, *, with_entropy: bool = False, shared: bool = False):
     """``(log π(y_t | x, y_<t) (B, R), entropy (B, R) or None)`` for a Generation's responses, zero
     after EOS, with gradient (:func:`dpolab.lm.logps.model_token_logps`: only response positions go
-    through the LM head)."""
+    through the LM head). ``shared``: rows with the same prompt run it once
+    (:mod:`dpolab.lm.shared_prompt`; the same values up to rounding)."""
     from dpolab.lm.logps import model_token_logps
 
+    if shared:  # two forward calls whatever the rows: every process calls a DDP model alike
+        from dpolab.lm.shared_prompt import prompt_groups, shared_prompt_token_logps
+
+        return shared_prompt_token_logps(model, gen, prompt_groups(gen), temperature=temperature,
+                                         with_entropy=with_entropy)
     P = gen.prompt_length
     loss_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)
     lp, ent = model_token_logps(model, gen.input_ids, gen.attention_mask, loss_mask, gen.position_ids,
@@ -121,21 +128,51 @@ def minibatch_rows(samples: Samples, n_minibatches: int, seed: int) -> list[list
 
 
 def row_passes(engine, rows: list[int], micro_batch_size: int, units, where: str, *, width: int = 0,
-               budget: int = 0) -> list[Pass]:
+               budget: int = 0, prompt_of: list[int] | None = None, prompt_width: int = 0) -> list[Pass]:
     """Passes of at most ``micro_batch_size`` local rows (a LongTensor batch each), padded with stand-ins
     to the largest count of any process; ``units(rows_tensor) -> int``: the loss units of a pass.
     With a token ``budget`` (> 0) and rows of ``width`` padded tokens each, a pass also holds at most
     ``budget // width`` rows (at least one), in as few passes as that allows, of even sizes (16 rows,
-    at most 13 a pass: 8 and 8): the gradient is the same, the activations bounded."""
-    from dpolab.train import distributed
+    at most 13 a pass: 8 and 8): the gradient is the same, the activations bounded.
 
+    ``prompt_of`` (the prompt of each local row) for passes that run each of their prompts once
+    (:mod:`dpolab.lm.shared_prompt`): the rows are taken grouped by prompt, and a pass's tokens count
+    ``prompt_width`` per distinct prompt plus ``width − prompt_width`` per row."""
+    if prompt_of is not None:
+        parts = _shared_parts(sorted(rows, key=lambda r: (prompt_of[r], r)), prompt_of, micro_batch_size,
+                              budget, prompt_width, width - prompt_width)
+        return _as_passes(engine, parts, units, where)
     if budget > 0 and width > 0 and rows:
         cap = max(1, budget // width)
         if cap < micro_batch_size:
             n = -(-len(rows) // cap)
             micro_batch_size = -(-len(rows) // n)
+    return _as_passes(engine, [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)],
+                      units, where)
+
+
+def _shared_parts(rows: list[int], prompt_of: list[int], size: int, budget: int, P: int, R: int) -> list[list[int]]:
+    """Consecutive runs of ``rows`` of at most ``size`` rows and (``budget`` > 0) at most ``budget``
+    tokens, each distinct prompt counted once (``P``) and each row's response (``R``); at least one
+    row a pass."""
+    parts: list[list[int]] = []
+    cur: list[int] = []
+    prompts: set[int] = set()
+    for r in rows:
+        tokens = (len(prompts | {prompt_of[r]})) * P + (len(cur) + 1) * R
+        if cur and (len(cur) == size or (budget > 0 and tokens > budget)):
+            parts.append(cur)
+            cur, prompts = [], set()
+        cur.append(r)
+        prompts.add(prompt_of[r])
+    return parts + ([cur] if cur else [])
+
+
+def _as_passes(engine, parts: list[list[int]], units, where: str) -> list[Pass]:
+    from dpolab.train import distributed
+
     device = engine.device
-    parts = [torch.tensor(rows[i:i + micro_batch_size], device=device) for i in range(0, len(rows), micro_batch_size)]
+    parts = [torch.tensor(p, device=device) for p in parts]
     out = [Pass(p, units(p), 0, f"{where}, rows {p.tolist()[:8]}") for p in parts]
     n = distributed.global_max(engine.accelerator, len(out)) if engine.accelerator.num_processes > 1 else len(out)
     stand_in = torch.tensor([0], device=device)
