@@ -117,6 +117,26 @@ def test_generation_through_the_decoder_equals_the_model_path(arch, kw):
     assert lengths and lengths != {12}  # EOS did stop rows early
 
 
+@pytest.mark.parametrize(("arch", "kw"), CASES)
+def test_repeated_prompts_are_prefilled_once(arch, kw, monkeypatch):
+    """A group's samples (each prompt given to several rows, their own seeds): the decoder prefills
+    each distinct prompt once and hands its cache to the rows; the same tokens and log-probs (1e-10)
+    as the model's own path, which runs every row."""
+    model = _model(arch, **kw)
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    prefilled = []
+    real = decode.FastDecoder.prefill
+    monkeypatch.setattr(decode.FastDecoder, "prefill", lambda self, ids, *a: (prefilled.append(ids.shape[0]),
+                                                                             real(self, ids, *a))[1])
+    seeds = list(range(10, 10 + len(prompts)))
+    a = generate(model, _Tok, prompts, max_new_tokens=10, with_logps=True, seeds=seeds)
+    b = generate(model, _Tok, prompts, max_new_tokens=10, with_logps=True, seeds=seeds, fast=False)
+    assert prefilled == [len(PROMPTS)]
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logps, b.logps, rtol=0, atol=1e-10)
+    assert len({tuple(r) for r in a.response_ids[:3].tolist()}) > 1  # the rows of a group drew apart
+
+
 def test_float32_generation_matches_and_the_decoder_is_used(monkeypatch):
     model = _model("llama", kv_heads=2, dtype=torch.float32)
     built = []

@@ -214,6 +214,13 @@ class FastDecoder:
         mask |= torch.eye(P, dtype=torch.bool, device=ids.device)
         return self._forward(ids, positions, mask.unsqueeze(1))
 
+    def expand(self, index: torch.Tensor) -> None:
+        """Row ``b`` of the cache becomes what row ``index[b]`` was: prompts prefilled once, then
+        given to every row that samples from them."""
+        for L in self.layers:
+            if L["k"] is not None:
+                L["k"], L["v"] = L["k"].index_select(0, index), L["v"].index_select(0, index)
+
     def step(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row. ids, positions: (B, 1); attention_mask: (B, T) over every cached
         position plus this one -> (B, V) logits."""

@@ -105,6 +105,16 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first (U,), inverse (B,))`` for the distinct rows of ``(B, P)`` left-padded prompt ids and
+    their mask: ``first[u]``, a row holding prompt ``u``; ``inverse[b]``, the prompt of row ``b``."""
+    key = torch.cat([ids, mask.long()], dim=1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((uniq.shape[0],), key.shape[0], dtype=torch.long, device=key.device)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id lists to ``(B, P)`` ids and a bool mask (True on real tokens)."""
     if not sequences:
@@ -269,7 +279,13 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         prompt_pos = position_ids_from_mask(prompt_mask)
         next_pos = prompt_pos[:, -1:] + 1                              # (B, 1) position of response token 0
         if decoder is not None:
-            logits = decoder.prefill(prompt_ids, attn[:, :P], prompt_pos)
+            # a prompt given to several rows (a group's samples) is prefilled once
+            first, inverse = distinct_rows(prompt_ids, prompt_mask)
+            if len(first) < B:
+                logits = decoder.prefill(prompt_ids[first], attn[first, :P], prompt_pos[first])[inverse]
+                decoder.expand(inverse)
+            else:
+                logits = decoder.prefill(prompt_ids, attn[:, :P], prompt_pos)
         else:
             out = model(input_ids=prompt_ids, attention_mask=attn[:, :P], position_ids=prompt_pos, use_cache=True,
                         **prefill_kw)

@@ -27,17 +27,14 @@ import inspect
 import torch
 from torch import Tensor
 
+from dpolab.lm.generation import Generation, distinct_rows
 from dpolab.lm.logps import ResponseRows, model_token_logps, unwrap_model
 
 
 def prompt_groups(gen) -> tuple[Tensor, Tensor]:
     """``(first (U,), inverse (B,))`` for the distinct prompts (ids and mask) of a Generation's rows:
     ``first[u]``, a row holding prompt ``u``; ``inverse[b]``, the prompt of row ``b``."""
-    key = torch.cat([gen.prompt_ids, gen.prompt_mask.long()], dim=1)
-    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-    rows = torch.arange(key.shape[0], device=key.device)
-    first = torch.full((uniq.shape[0],), key.shape[0], dtype=torch.long, device=key.device)
-    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+    return distinct_rows(gen.prompt_ids, gen.prompt_mask)
 
 
 def _cache_name(model: torch.nn.Module) -> str:
@@ -109,8 +106,6 @@ def check_shared_prompts(model: torch.nn.Module, prompts: list[list[int]], vocab
     completions each of seeded random tokens, one of them shorter and one prompt left-padded (its
     rows start with pads): the per-token log-probs of the shared pass against the plain rows, within
     1e-4 per token for float32 weights, 5e-2 for 16-bit ones."""
-    from dpolab.lm.generation import Generation
-
     prompts = [p for p in prompts if p][:2]
     if not prompts:
         return "no prompt with a token to check it on"
