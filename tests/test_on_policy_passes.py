@@ -53,11 +53,18 @@ def test_shared_prompt_pass_sizes_hand_values():
         return [p.batch.tolist() for p in rollouts.row_passes(_engine(), rows, size, len, "t", width=14, budget=budget,
                                                               prompt_of=prompt_of, prompt_width=10)]
 
-    # 4 rows of prompt 0: 10 + 16 = 26; a 5th row with prompt 1: 20 + 20 = 40 (fits); a 6th: 44
-    assert parts(16, 40) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    # 4 rows of prompt 0: 10 + 16 = 26; a 5th row with prompt 1: 20 + 20 = 40 (fits); a 6th: 44 does
+    # not: two passes, which run as two of even size
+    assert parts(16, 40) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert parts(16, 0) == [[0, 1, 2, 3, 4, 5, 6, 7]]           # no budget: --micro-batch-size only
     assert parts(2, 0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert parts(16, 5) == [[r] for r in range(8)]              # narrower than a row: one row a pass
+    # 4 prompts of 8 tokens, 4 responses of 32 each, a budget of 528: 15 rows fit (4·8 + 15·32 = 512),
+    # so two passes, as 8 and 8 (272 tokens each) rather than 15 and 1
+    sixteen = [p.batch.numel() for p in rollouts.row_passes(_engine(), list(range(16)), 16, len, "t", width=40,
+                                                            budget=528, prompt_of=[r // 4 for r in range(16)],
+                                                            prompt_width=8)]
+    assert sixteen == [8, 8]
     # the plain layout would hold 40 // 14 = 2 rows a pass
     assert [p.batch.numel() for p in rollouts.row_passes(_engine(), rows, 16, len, "t", width=14, budget=40)] == [2] * 4
 

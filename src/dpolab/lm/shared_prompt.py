@@ -68,18 +68,31 @@ def shared_prompt_token_logps(model: torch.nn.Module, gen, groups: tuple[Tensor,
         out_r = model(input_ids=gen.response_ids, attention_mask=gen.attention_mask, position_ids=positions[:, P:],
                       use_cache=True, **{name: cache})
     first_tok = gen.response_mask[:, 0]
-    lp0, ent0 = _rows_logps(rows_p, out_p, lambda lg: lg[:, -1], inverse[first_tok], gen.response_ids[first_tok, 0],
-                            temperature, with_entropy)
-    lp1, ent1 = _rows_logps(rows_r, out_r, lambda lg: lg[pred], None, gen.response_ids[:, 1:][pred[:, :-1]],
-                            temperature, with_entropy)
+    labels0, labels1 = gen.response_ids[first_tok, 0], gen.response_ids[:, 1:][pred[:, :-1]]
+    if all(r.fused and r.selected for r in (rows_p, rows_r)):
+        # one fused head call over both passes' hidden rows (its weight gradient is formed once)
+        n0 = int(labels0.shape[0])
+        hidden = torch.cat([_output(out_p)[inverse[first_tok]], _output(out_r)])
+        lp, ent, _ = rows_r.token_logps(hidden, torch.cat([labels0, labels1]), temperature=temperature,
+                                        with_entropy=with_entropy)
+        lp0, lp1 = lp[:n0], lp[n0:]
+        ent0, ent1 = (ent[:n0], ent[n0:]) if with_entropy else (None, None)
+    else:
+        lp0, ent0 = _rows_logps(rows_p, out_p, lambda lg: lg[:, -1], inverse[first_tok], labels0, temperature,
+                                with_entropy)
+        lp1, ent1 = _rows_logps(rows_r, out_r, lambda lg: lg[pred], None, labels1, temperature, with_entropy)
     logps = _scatter(first_tok, pred, lp0, lp1, R)
     return logps, (_scatter(first_tok, pred, ent0.detach(), ent1.detach(), R) if with_entropy else None)
+
+
+def _output(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def _rows_logps(rows_of: ResponseRows, out, select_logits, take, labels, temperature, with_entropy):
     """Token log-probs (and entropies) of the selected positions of one pass; ``take`` indexes the
     selected rows again (the prompt rows out to their completions)."""
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = _output(out)
     if logits.ndim == 3 and not (rows_of.fused and rows_of.selected):
         logits = select_logits(logits)  # full-logits fallback
     if take is not None:

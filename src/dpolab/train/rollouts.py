@@ -155,17 +155,23 @@ def _shared_parts(rows: list[int], prompt_of: list[int], size: int, budget: int,
     """Consecutive runs of ``rows`` of at most ``size`` rows and (``budget`` > 0) at most ``budget``
     tokens, each distinct prompt counted once (``P``) and each row's response (``R``); at least one
     row a pass."""
+    def tokens(part: list[int]) -> int:
+        return len({prompt_of[r] for r in part}) * P + len(part) * R
+
     parts: list[list[int]] = []
     cur: list[int] = []
-    prompts: set[int] = set()
     for r in rows:
-        tokens = (len(prompts | {prompt_of[r]})) * P + (len(cur) + 1) * R
-        if cur and (len(cur) == size or (budget > 0 and tokens > budget)):
+        if cur and (len(cur) == size or (budget > 0 and tokens(cur + [r]) > budget)):
             parts.append(cur)
-            cur, prompts = [], set()
+            cur = []
         cur.append(r)
-        prompts.add(prompt_of[r])
-    return parts + ([cur] if cur else [])
+    parts += [cur] if cur else []
+    # as many passes of even sizes where they fit (16 rows as 8 and 8, not 15 and 1)
+    n, even = len(parts), -(-len(rows) // max(len(parts), 1))
+    split = [rows[i:i + even] for i in range(0, len(rows), even)] if rows else []
+    if len(split) == n and all(budget <= 0 or tokens(p) <= budget for p in split):
+        return split
+    return parts
 
 
 def _as_passes(engine, parts: list[list[int]], units, where: str) -> list[Pass]:
