@@ -57,6 +57,14 @@ def _args(cmd, model_dir, data, out, *extra):
             "--max-new-tokens", "6", "--log-samples", "0", "--eval-prompts", "0", *map(str, extra)]
 
 
+def _assert_same_final_weights(a: Path, b: Path, atol: float) -> dict[str, torch.Tensor]:
+    """Run ``b``'s final weights equal run ``a``'s within ``atol``; returns ``a``'s."""
+    wa, wb = (load_file(str(run / "final" / "model.safetensors")) for run in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    return wa
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -218,10 +226,7 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, prompts_file,
     monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert main([*argv(tmp_path / "ckpt"), "--gradient-checkpointing"]) == 0
     assert len(calls) >= 3 * 2  # each step's training pass runs both layers checkpointed
-    wa = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "ckpt" / "final" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+    _assert_same_final_weights(tmp_path / "plain", tmp_path / "ckpt", 1e-6)
     for ra, rb in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "ckpt")):
         assert ra["kl"] == pytest.approx(rb["kl"], abs=1e-6)
         assert ra["rewards/mean"] == pytest.approx(rb["rewards/mean"], abs=1e-6)
@@ -238,9 +243,7 @@ def test_checkpointed_passes_on_two_processes_equal_one_plain_process(tiny_model
     assert main(argv(one, 4)) == 0
     res = launch("ddp_cpu.yaml", argv(two, 2, "--gradient-checkpointing"))
     assert res.returncode == 0, res.stderr[-4000:]
-    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    _assert_same_final_weights(one, two, 1e-4)
 
 
 @pytest.mark.parametrize("cmd, extra", [
@@ -257,12 +260,9 @@ def test_prefix_sharing_trains_the_same(tiny_model_dir, prompts_file, reward_fil
     assert main(argv(tmp_path / "shared")) == 0 and summary(tmp_path / "shared")["prefix_sharing"] is True
     assert main(argv(tmp_path / "plain", "--no-prefix-sharing")) == 0
     assert summary(tmp_path / "plain")["prefix_sharing"] is False
-    wa = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "shared" / "final" / "model.safetensors"))
+    wa = _assert_same_final_weights(tmp_path / "plain", tmp_path / "shared", 1e-5)
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max(float((wa[k] - init[k]).abs().max()) for k in wa) > 1e-2  # the comparison can see a difference
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
     for ra, rb in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "shared")):
         for key in ("rewards/mean", "kl", "entropy"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-5), key
