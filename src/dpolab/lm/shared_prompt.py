@@ -22,6 +22,7 @@ is not used with activation checkpointing.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -40,8 +41,12 @@ def prompt_groups(gen) -> tuple[Tensor, Tensor]:
 def _cache_name(model: torch.nn.Module) -> str:
     """The forward's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.2x) or
     ``past_key_values``."""
-    inner = unwrap_model(model) or model
-    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+    return _cache_name_of(type(unwrap_model(model) or model))
+
+
+@functools.cache
+def _cache_name_of(cls: type) -> str:  # once per model class, not per pass
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def shared_prompt_token_logps(model: torch.nn.Module, gen, groups: tuple[Tensor, Tensor], *,

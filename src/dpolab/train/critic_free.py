@@ -126,6 +126,7 @@ def resolve_shared_prompts(cfg, engine, prompts) -> bool:
     explicitly and not possible: an error."""
     from dpolab.errors import ConfigError
     from dpolab.lm.shared_prompt import check_shared_prompts
+    from dpolab.train.pair_layout import prefix_sharing_verdict
 
     if cfg.prefix_sharing is False:
         return False
@@ -137,12 +138,7 @@ def resolve_shared_prompts(cfg, engine, prompts) -> bool:
     policy = engine.unwrapped
     problem = check_shared_prompts(policy, prompts.ids, policy.get_input_embeddings().num_embeddings,
                                    device=engine.device)
-    if problem is None:
-        return True
-    if cfg.prefix_sharing:
-        raise ConfigError(f"--prefix-sharing is not exact for this model: {problem}. Drop --prefix-sharing.")
-    engine.accelerator.print(f"prefix sharing off: {problem}")
-    return False
+    return prefix_sharing_verdict(cfg.prefix_sharing, problem, engine.accelerator)
 
 
 def train_critic_free(cfg, algo_cls) -> dict:

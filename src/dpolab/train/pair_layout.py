@@ -170,9 +170,15 @@ def resolve_prefix_sharing(cfg, model, pairs, pad_token_id: int, accelerator, *,
     else:
         vocab = inner.get_input_embeddings().num_embeddings
         problem = check_prefix_sharing(model, pairs, pad_token_id, vocab, accelerator.device, score=score)
+    return prefix_sharing_verdict(cfg.prefix_sharing, problem, accelerator)
+
+
+def prefix_sharing_verdict(asked: bool | None, problem: str | None, accelerator) -> bool:
+    """On when the check found no ``problem``; else an error if ``--prefix-sharing`` was ``asked``
+    for, or off with a message (unset)."""
     if problem is None:
         return True
-    if cfg.prefix_sharing:
+    if asked:
         raise ConfigError(f"--prefix-sharing is not exact for this model: {problem}. Drop --prefix-sharing.")
     accelerator.print(f"prefix sharing off: {problem}")
     return False
