@@ -209,6 +209,45 @@ def test_passes_and_precomputed_reference_give_the_same_steps(tiny_model_dir, tm
     assert list((tmp_path / "pre" / "cache").glob("ref-logps-*.safetensors"))
 
 
+def test_prefix_shared_scoring_gives_the_plain_tables_with_fewer_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """The reference precompute and the evaluation score a row's completion and its mismatched one as
+    one row [prompt|completion|mismatched] when exact: the same reference tables, z0, losses, eval
+    metrics and weights as the plain two rows, with each prompt run once in those passes."""
+    from dpolab.train import pair_layout
+
+    data = write_unpaired_data(tmp_path / "rows.jsonl", n=40, desirable_share=0.6)
+    common = (*SGD, "--max-steps", "3", "--batch-size", "8", "--eval-fraction", "0.2", "--eval-steps", "3")
+    tokens = {"shared": 0, "as plain rows": 0, "prompts": 0}  # of the shared-layout batches
+    collate = pair_layout.collate_pairs
+
+    def counting(prefix, rows, pad_id):
+        batch = collate(prefix, rows, pad_id)
+        if prefix:
+            tokens["shared"] += pair_layout.batch_tokens(batch)
+            tokens["as plain rows"] += pair_layout.batch_tokens(collate(False, rows, pad_id))
+            tokens["prompts"] += sum(len(r.prompt_ids) for r in rows)
+        return batch
+
+    monkeypatch.setattr(pair_layout, "collate_pairs", counting)
+    for name, extra in (("plain", ("--no-prefix-sharing",)), ("shared", ("--prefix-sharing",))):
+        assert kto(tiny_model_dir, data, tmp_path / name, *common, *extra) == 0
+    assert _summary(tmp_path / "plain")["prefix_sharing"] is False
+    assert _summary(tmp_path / "shared")["prefix_sharing"] is True
+    tables = {name: load_file(str(next((tmp_path / name / "cache").glob("ref-logps-*.safetensors"))))
+              for name in ("plain", "shared")}
+    for split in ("train", "eval"):
+        plain, shared = tables["plain"][split], tables["shared"][split]
+        assert torch.equal(plain.isnan(), shared.isnan()) and not plain.isnan().all()
+        torch.testing.assert_close(shared.nan_to_num(), plain.nan_to_num(), atol=1e-5, rtol=0)
+    _assert_close_runs(tmp_path / "plain", tmp_path / "shared", atol=1e-5)
+    evals = [[r for r in _metrics(tmp_path / name) if "eval/loss" in r] for name in ("plain", "shared")]
+    assert len(evals[0]) == len(evals[1]) >= 1
+    for ra, rb in zip(*evals):
+        for k in ("eval/loss", "eval/kl", "eval/rewards/margins"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), k
+    assert tokens["prompts"] > 0 and tokens["shared"] == tokens["as plain rows"] - tokens["prompts"]
+
+
 def test_lora_run_with_live_base_reference(tiny_model_dir, tmp_path):
     data = write_rule_data(tmp_path / "prefs.jsonl", n=16)
     for name, extra in (("lora-live", ("--no-precompute-ref",)), ("lora-pre", ())):

@@ -2,8 +2,10 @@
 
 What is KTO's own: unpaired examples (:mod:`dpolab.data.unpaired`), the reference point z0 and the
 loss of :mod:`dpolab.losses.kto`. Row ``i`` travels as the pair ``(x_i, y_i, y_j(i))`` with a fixed
-mismatched partner ``j(i)``, so the plain pair batch and the reference of :mod:`dpolab.train.reference`
-(precomputed and cached by default, a live frozen model, or the PEFT base) serve it unchanged. A step:
+mismatched partner ``j(i)``, so the pair batches and the reference of :mod:`dpolab.train.reference`
+(precomputed and cached by default, a live frozen model, or the PEFT base) serve it unchanged; the
+passes that score both halves without gradients (reference precompute, evaluation) take the
+prefix-shared layout when exact. A step:
 
 1. z0 = max(0, mean of log π_θ(y_j(i)|x_i) − log π_ref(y_j(i)|x_i)) over the step's rows on ALL
    processes: a no-grad pass over the mismatched halves, then one all-reduce of (sum, count);
@@ -63,6 +65,11 @@ class KTOConfig(TrainerOptions):
     precompute_ref: bool = opt(True, "compute reference log-probs (of each row's completion and its mismatched one) "
                                "once before training, cached on disk; --no-precompute-ref runs a live reference")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
+    prefix_sharing: bool | None = opt(None, "in the no-grad passes that score both a row's completion and its mismatched "
+                                      "one (reference precompute, evaluation), run them as one row "
+                                      "[prompt|completion|mismatched] with a 4D mask, the prompt computed once; unset: "
+                                      "on when a check on the first rows shows the model gives the same log-probs "
+                                      "that way")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
 
     def validate(self) -> None:
@@ -93,13 +100,15 @@ class KTO(Algorithm):
     summary_keys = ("steps", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl", "loss",
                     "wall_seconds")
 
-    def __init__(self, cfg: KTOConfig, engine: Engine, data, *, widths: list[int], budget: int, reference, collate):
+    def __init__(self, cfg: KTOConfig, engine: Engine, data, *, widths: list[int], budget: int, reference, collate,
+                 prefix: bool, collate_scored):
         import torch
 
         from dpolab.data.unpaired import implied_pairs
 
         self.cfg, self.engine, self.data, self.lora = cfg, engine, data, cfg.lora
         self.widths, self.budget, self.reference, self.collate = widths, budget, reference, collate
+        self.prefix, self.collate_scored = prefix, collate_scored  # both halves at once: eval, reference
         self.micro_batches = cfg.grad_accum
         self.desirable = {s: torch.tensor([r.desirable for r in getattr(data, s)], dtype=torch.bool)
                           for s in ("train", "eval")}
@@ -161,7 +170,7 @@ class KTO(Algorithm):
             return {}
         table = torch.zeros(len(rows), 4, dtype=torch.float64)  # policy, ref of (x_i, y_i); of (x_i, y_j(i))
         for idx in distributed.eval_shards(len(rows), self.cfg.eval_batch_size or self.cfg.batch_size, acc):
-            batch = self.collate([rows[i] for i in idx or [0]])  # a stand-in batch keeps collectives aligned
+            batch = self.collate_scored([rows[i] for i in idx or [0]])  # a stand-in batch keeps collectives aligned
             logps = batch_logps(self.engine.model, batch)[0]
             ref, ref_kl = self.reference.pair_logps(batch, "eval")
             B = batch.batch_size
@@ -178,7 +187,8 @@ class KTO(Algorithm):
         return out
 
     def summary(self, engine):
-        return {"ref_precompute_seconds": self.reference.seconds, "micro_batch_tokens": self.budget,
+        return {"ref_precompute_seconds": self.reference.seconds, "prefix_sharing": self.prefix,
+                "micro_batch_tokens": self.budget,
                 **super().summary(engine)}
 
 
@@ -192,7 +202,7 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.train import distributed
     from dpolab.train.engine import Engine
     from dpolab.train.memory import resolve_micro_batch_tokens
-    from dpolab.train.pair_layout import collate_pairs, pair_widths
+    from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
     accelerator, tokenizer = distributed.start_run(cfg)
@@ -211,12 +221,20 @@ def train(cfg: KTOConfig) -> dict:
     pad_id, widths = pad_token_id_for(tokenizer), pair_widths(data.train, False)  # the plain (2B, T) layout
     steps = engine.plan(batch_order(widths, cfg, accelerator), micro_batches=cfg.grad_accum)
 
+    # the training passes use the two halves apart (z0 first, then the matched rows with gradients);
+    # passes scoring both halves without gradients can run each prompt once
+    prefix = resolve_prefix_sharing(cfg, engine.model, data.train, pad_id, accelerator)
+
     def collate(rows):
         return collate_pairs(False, rows, pad_id).to(accelerator.device)
 
-    reference = make_reference(cfg, engine, data, collate, steps * cfg.grad_accum)
+    def collate_scored(rows):
+        return collate_pairs(prefix, rows, pad_id).to(accelerator.device)
+
+    reference = make_reference(cfg, engine, data, collate_scored, steps * cfg.grad_accum)
     budget = resolve_micro_batch_tokens(cfg, engine.unwrapped)
-    return engine.run(KTO(cfg, engine, data, widths=widths, budget=budget, reference=reference, collate=collate))
+    return engine.run(KTO(cfg, engine, data, widths=widths, budget=budget, reference=reference, collate=collate,
+                          prefix=prefix, collate_scored=collate_scored))
 
 
 def cli_main(argv: list[str], prog: str) -> int:
