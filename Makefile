@@ -56,6 +56,11 @@ bench-sft-rm: .venv-bench/.installed
 bench-vocab: .venv-bench/.installed
 	.venv-bench/bin/python bench/dpo_vocab.py --threads 1 --json bench/dpo_vocab_results.json
 
+# KTO against TRL's KTOTrainer
+.PHONY: bench-kto
+bench-kto: .venv-bench/.installed
+	.venv-bench/bin/python bench/kto_vs_trl.py --threads 1 --json bench/kto_vs_trl_results.json
+
 .PHONY: bench-generation
 # bench/gpu.sh: SFT, DPO and FSDP on a machine with one GPU (its --dry-run runs anywhere, in the test suite)
 .PHONY: bench-gpu
