@@ -103,6 +103,26 @@ def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, reward_fi
                 assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (key, ra["step"])
 
 
+def test_prefix_shared_pairs_train_as_the_plain_rows(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """Each sampled pair as one row [prompt|chosen|rejected] (policy and live reference passes) gives
+    the plain two rows' losses, metrics and weights; the summary says which layout ran."""
+    runs = {"plain": "--no-prefix-sharing", "shared": "--prefix-sharing"}
+    for name, flag in runs.items():
+        assert main(_args(tiny_model_dir, prompts_file, tmp_path / name, reward_file, *SGD, "--prompts-per-step", 4,
+                          "--micro-batch-size", 2, flag)) == 0
+        assert json.loads((tmp_path / name / "summary.json").read_text())["prefix_sharing"] is (name == "shared")
+    wa, wb = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in runs)
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max(float((wa[k] - init[k]).abs().max()) for k in init) > 1e-2
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    rows = [_rows(tmp_path / n) for n in runs]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for ra, rb in zip(*rows):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "pairs/count"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (key, ra["step"])
+
+
 def test_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, prompts_file, reward_file, tmp_path):
     common = ("--prompts-per-step", 2, "--num-samples", 2, "--max-steps", 6, "--save-steps", 1,
               "--learning-rate", "1e-2")

@@ -3,7 +3,8 @@
 Each step samples ``--num-samples`` completions of each prompt from the current policy (PPO's
 sampling: :mod:`dpolab.train.rollouts`), ranks them with the reward (a reward model or a Python
 function), pairs the best with the worst, and takes one optimizer step of any loss of the DPO family
-(:func:`dpolab.train.pair_layout.pair_losses`) against the reference. Pairs whose two scores tie
+(:func:`dpolab.train.pair_layout.pair_losses`) against the reference, each pair one prefix-shared row
+when exact (DPO's layout). Pairs whose two scores tie
 carry no preference: they are skipped and counted. With ``--label bradley_terry`` the preference is
 drawn from σ(r_w − r_l) instead of ranked; on a bandit, the population minimiser of the DPO loss is
 then π* = π_ref·exp(r/β)/Z for any sampling policy with full support (tests/test_online_theory.py).
@@ -41,6 +42,9 @@ class OnlineDPOConfig(OnPolicyOptions, PreferenceLossOptions):
     label: str = opt("rank", "which completion of a pair is preferred: the higher reward (rank), or a draw with "
                      "probability σ(r_w − r_l) (bradley_terry)", choices=("rank", "bradley_terry"))
     micro_batch_size: int = opt(8, "pairs per forward/backward pass (same gradient, less memory)")
+    prefix_sharing: bool | None = opt(None, "run each sampled pair as one row [prompt|chosen|rejected] with a 4D mask "
+                                      "in the training and reference passes, the prompt computed once; unset: on "
+                                      "when a check at the start shows the model gives the same log-probs that way")
     learning_rate: float = opt(5e-7, "peak learning rate")
 
     def validate(self) -> None:
@@ -68,6 +72,24 @@ class OnlineDPO(OnPolicy):
 
         super().__init__(cfg, engine, *args)
         self.reference = Reference(model=self.ref_model, policy=engine.model, accelerator=engine.accelerator)
+        self.prefix = self.resolve_prefix_sharing(engine)
+
+    def resolve_prefix_sharing(self, engine) -> bool:
+        """DPO's check of the prefix-shared layout (:func:`dpolab.train.pair_layout.resolve_prefix_sharing`),
+        on the first two prompts with seeded random completions of two lengths (nothing is sampled yet)."""
+        import torch
+
+        from dpolab.data.preference import TokenizedPair
+        from dpolab.train.pair_layout import resolve_prefix_sharing
+
+        if self.cfg.prefix_sharing is False:
+            return False
+        vocab = engine.unwrapped.get_input_embeddings().num_embeddings
+        g = torch.Generator().manual_seed(0)
+        pairs = [TokenizedPair(list(p), torch.randint(0, vocab, (3,), generator=g).tolist(),
+                               torch.randint(0, vocab, (5,), generator=g).tolist(), i, False)
+                 for i, p in enumerate([p for p in self.prompts.ids if len(p)][:2])]
+        return resolve_prefix_sharing(self.cfg, engine.model, pairs, engine.tokenizer.pad_token_id, engine.accelerator)
 
     def make_pairs(self, s, seed: int) -> tuple[list, int]:
         """This process's pairs (best, worst) per prompt, and the count of ties skipped."""
@@ -93,11 +115,10 @@ class OnlineDPO(OnPolicy):
         return pairs, ties
 
     def step(self, engine, group):
-        from dpolab.data.collate import collate_preference
         from dpolab.data.preference import TokenizedPair
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
-        from dpolab.train.pair_layout import pair_losses
+        from dpolab.train.pair_layout import collate_pairs, pair_losses
         from dpolab.train.rollouts import reward_metrics, row_passes, sample_step
 
         cfg, ((k, idx),) = self.cfg, group
@@ -110,13 +131,14 @@ class OnlineDPO(OnPolicy):
         pad = engine.tokenizer.pad_token_id
 
         def loss(rows):
-            batch = collate_preference([(pairs or stand_in)[i] for i in rows.tolist()], pad).to(engine.device)
+            batch = collate_pairs(self.prefix, [(pairs or stand_in)[i] for i in rows.tolist()], pad).to(engine.device)
             losses, stats = pair_losses(cfg, engine.model, batch, self.reference.pair_logps(batch, "train"))
             return losses.sum(), stats
 
-        # a pair is two rows of at most the sampled width each
+        # a pair is one row of at most the prompt and two responses, or two rows of the sampled width
+        R = s.gen.response_ids.shape[1]
         passes = row_passes(engine, list(range(len(pairs))), cfg.micro_batch_size, len, "pairs",
-                            width=2 * s.gen.width, budget=self.pass_tokens)
+                            width=s.gen.width + R if self.prefix else 2 * s.gen.width, budget=self.pass_tokens)
         out = engine.optimizer_step(passes, loss, where=f"step {engine.step + 1}")
         self.sampler.sync_weights(self.policy)
         n_pairs, n_ties, tokens = distributed.global_sum(engine.accelerator, [len(pairs), ties, float(
@@ -126,6 +148,10 @@ class OnlineDPO(OnPolicy):
                         for p, c, v in zip(s.prompts, s.completions, s.scores)] if s.real else []
         return {**(out or {}), **reward_metrics(engine.accelerator, s),
                 "pairs/ties": n_ties / max(n_pairs + n_ties, 1), "pairs/count": n_pairs}
+
+
+    def summary(self, engine):
+        return {**super().summary(engine), "prefix_sharing": self.prefix}
 
 
 def train(cfg: OnlineDPOConfig) -> dict:
