@@ -121,7 +121,8 @@ def test_generation_through_the_decoder_equals_the_model_path(arch, kw):
 def test_repeated_prompts_are_prefilled_once(arch, kw, monkeypatch):
     """A group's samples (each prompt given to several rows, their own seeds): the decoder prefills
     each distinct prompt once and hands its cache to the rows; the same tokens and log-probs (1e-10)
-    as the model's own path, which runs every row."""
+    as the model's own path (which also prefills each distinct prompt once, into its preallocated
+    cache: tests/test_generation.py checks that against a prefill of every row)."""
     model = _model(arch, **kw)
     prompts = [p for p in PROMPTS for _ in range(3)]
     prefilled = []

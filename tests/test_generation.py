@@ -362,3 +362,39 @@ def test_preallocated_cache_is_used_only_where_exact(tiny_model):
     assert len(set(generation._preallocated_cache_kwargs(tiny_model, 8)) & {"cache", "past_key_values"}) == 1
     tiny_model.config.layer_types = ["full_attention", "sliding_attention"]
     assert generation._preallocated_cache_kwargs(tiny_model, 8) == {}
+
+
+def _float64_lm(arch: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1)
+        return transformers.GPT2LMHeadModel(config).double().eval()
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_repeated_prompts_prefill_once_through_the_models_own_forward(arch, monkeypatch):
+    """Without the direct decoder (GPT-2; Llama with fast=False) a prompt given to several rows (a
+    group's samples, own seeds) is prefilled once into the preallocated cache, which is then copied
+    out to its rows: the same tokens and log-probs (float64, 1e-10) as a prefill of every row."""
+    model = _float64_lm(arch)
+    prompts = [p for p in [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17]] for _ in range(3)]
+    seeds = list(range(10, 10 + len(prompts)))
+    prefill_rows: list[int] = []
+    model.register_forward_pre_hook(lambda m, args, kw: prefill_rows.append(kw["input_ids"].shape), with_kwargs=True)
+    grouped = generate(model, TOK, prompts, max_new_tokens=8, with_logps=True, seeds=seeds, eos_token_id=[],
+                       fast=False)
+    B = len(prompts)
+    monkeypatch.setattr(generation, "distinct_rows", lambda ids, mask: (torch.arange(B), torch.arange(B)))
+    each = generate(model, TOK, prompts, max_new_tokens=8, with_logps=True, seeds=seeds, eos_token_id=[], fast=False)
+    assert prefill_rows[0] == (4, 6) and prefill_rows[8] == (B, 6)  # 8 calls each: a prefill, 7 steps
+    assert all(s == (B, 1) for s in prefill_rows[1:8] + prefill_rows[9:])
+    assert torch.equal(grouped.response_ids, each.response_ids)
+    torch.testing.assert_close(grouped.logps, each.logps, rtol=0, atol=1e-10)
+    assert len({tuple(r) for r in grouped.response_ids[:3].tolist()}) > 1  # the rows of a group drew apart

@@ -264,7 +264,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         raise DpolabError(f"eos_check_every must be >= 1, got {eos_check_every}")
     uniforms = None if temperature == 0 else _step_uniforms(N, B, seeds, generator, device)  # (N, B)
     decoder = fast_decoder(model, P + N) if fast else None
-    prefill_kw = {} if decoder is not None else {**_prefill_kwargs(model), **_preallocated_cache_kwargs(model, P + N)}
+    cache_kw = {} if decoder is not None else _preallocated_cache_kwargs(model, P + N)
+    prefill_kw = {} if decoder is not None else {**_prefill_kwargs(model), **cache_kw}
 
     was_training = model.training
     model.eval()
@@ -278,18 +279,26 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         done = torch.zeros(B, dtype=torch.bool, device=device)
         prompt_pos = position_ids_from_mask(prompt_mask)
         next_pos = prompt_pos[:, -1:] + 1                              # (B, 1) position of response token 0
+        # a prompt given to several rows (a group's samples) is prefilled once, its cache copied to
+        # the rows: by the direct decoder, or into the preallocated cache (the model's own growing
+        # cache is of a class not known here, so it keeps one prefill row per row)
+        first, inverse = distinct_rows(prompt_ids, prompt_mask)
+        grouped = len(first) < B and (decoder is not None or bool(cache_kw))
         if decoder is not None:
-            # a prompt given to several rows (a group's samples) is prefilled once
-            first, inverse = distinct_rows(prompt_ids, prompt_mask)
-            if len(first) < B:
+            if grouped:
                 logits = decoder.prefill(prompt_ids[first], attn[first, :P], prompt_pos[first])[inverse]
                 decoder.expand(inverse)
             else:
                 logits = decoder.prefill(prompt_ids, attn[:, :P], prompt_pos)
         else:
-            out = model(input_ids=prompt_ids, attention_mask=attn[:, :P], position_ids=prompt_pos, use_cache=True,
-                        **prefill_kw)
+            rows = first if grouped else slice(None)
+            out = model(input_ids=prompt_ids[rows], attention_mask=attn[rows, :P], position_ids=prompt_pos[rows],
+                        use_cache=True, **prefill_kw)
             logits = out.logits[:, -1, :]
+            if grouped:
+                logits = logits[inverse]
+                for layer in next(iter(cache_kw.values())).layers:
+                    layer.reorder_cache(inverse)
         for t in range(N):
             tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                               uniforms=None if uniforms is None else uniforms[t])  # (B,)
@@ -417,6 +426,13 @@ def _preallocated_layer_class():
             self.length = end
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
+
+        def reorder_cache(self, beam_idx) -> None:  # rows of the buffers (a group prefill's copy-out)
+            if self.is_initialized:
+                idx = beam_idx.to(self.key_buffer.device)
+                self.key_buffer = self.key_buffer.index_select(0, idx)
+                self.value_buffer = self.value_buffer.index_select(0, idx)
+                self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     return PreallocatedLayer
 
