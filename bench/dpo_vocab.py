@@ -192,15 +192,10 @@ def run_ours(a: argparse.Namespace) -> dict:
 
 
 def run_trl(a: argparse.Namespace) -> dict:
-    srt.preimport(srt.TRL_IMPORTS + [srt.modeling_module(a.model_dir)])
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    tok = AutoTokenizer.from_pretrained(a.model_dir)
-    mem = srt.start_memory()
-    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()]
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=srt.torch_dtype(a))
+    tok, mem, rows, model = srt.trl_start(a)
     tokens: list[int] = []
     resp: list[int] = []
 
@@ -347,13 +342,8 @@ def main() -> None:
     for v, row in results["rows"].items():  # every MFU against the best peak of the whole run
         row.update(summary_row(raw[v]["ours"], raw[v]["trl"], peak))
     results["matmul_peak_gflops"] = peak
-    print(f"{a.precision} matmul peak (best of the run): {peak:.1f} GFLOP/s")
     results["runs"] = raw
-    results["load_average"]["end"] = srt.load_average()
-    print(f"load average {results['load_average']}")
-    print(markdown_table(results))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+    srt.finish(a, results, peak, markdown_table(results))
 
 
 def dry_run(ap: argparse.ArgumentParser, a: argparse.Namespace, workdir: Path) -> None:

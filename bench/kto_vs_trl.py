@@ -135,15 +135,10 @@ def run_ours(a: argparse.Namespace) -> dict:
 
 
 def run_trl(a: argparse.Namespace, gradient_checkpointing: bool | None) -> dict:
-    srt.preimport(srt.TRL_IMPORTS + [srt.modeling_module(a.model_dir)])
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOTrainer
 
-    tok = AutoTokenizer.from_pretrained(a.model_dir)
-    mem = srt.start_memory()
-    rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()]
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=srt.torch_dtype(a))
+    tok, mem, rows, model = srt.trl_start(a)
     tokens: list[int] = []
 
     class Counting(KTOTrainer):
@@ -300,11 +295,7 @@ def main() -> None:
     results["matmul_peak_gflops"] = peak
     results["ref_precompute_s"] = {m: statistics.median(r["ref_precompute_s"] for r in raw[m]["ours"]) for m in raw}
     results["runs"] = raw
-    results["load_average"]["end"] = srt.load_average()
-    print(f"fp32 matmul peak (best of the run): {peak:.1f} GFLOP/s; load average {results['load_average']}")
-    print(markdown_table(results))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+    srt.finish(a, results, peak, markdown_table(results))
 
 
 if __name__ == "__main__":

@@ -341,21 +341,29 @@ def torch_dtype(a: argparse.Namespace):
     return torch.bfloat16 if a.precision == "bf16" else torch.float32
 
 
-def run_trl(a: argparse.Namespace, best: bool) -> dict:
-    """``trl.SFTTrainer`` / ``trl.RewardTrainer`` with their defaults, or their fastest setting.
-    Real tokens are counted as each micro-batch enters ``training_step``."""
+def trl_start(a: argparse.Namespace, model_class=None):
+    """A TRL side up to its trainer: its imports, the tokenizer, the memory baseline, then the data
+    rows and the model (``model_class``, default ``AutoModelForCausalLM``) in the run's dtype.
+    Returns ``(tokenizer, memory, rows, model)`` (also used by dpo_vocab.py and kto_vs_trl.py)."""
     preimport(TRL_IMPORTS + [modeling_module(a.model_dir)])
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardTrainer, SFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     mem = start_memory()
     rows = [json.loads(x) for x in Path(a.data).read_text().splitlines()]
-    if a.task == "sft":
-        model, base = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch_dtype(a)), SFTTrainer
-    else:
-        model, base = AutoModelForSequenceClassification.from_pretrained(a.model_dir, dtype=torch_dtype(a)), RewardTrainer
+    model = (model_class or AutoModelForCausalLM).from_pretrained(a.model_dir, dtype=torch_dtype(a))
+    return tok, mem, rows, model
+
+
+def run_trl(a: argparse.Namespace, best: bool) -> dict:
+    """``trl.SFTTrainer`` / ``trl.RewardTrainer`` with their defaults, or their fastest setting.
+    Real tokens are counted as each micro-batch enters ``training_step``."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardTrainer, SFTTrainer
+
+    tok, mem, rows, model = trl_start(a, None if a.task == "sft" else AutoModelForSequenceClassification)
+    base = SFTTrainer if a.task == "sft" else RewardTrainer
     tokens: list[int] = []
 
     class Counting(base):
@@ -696,9 +704,14 @@ def main() -> None:
         row.update(compare(runs[row["ours_side"]], runs[row["trl_side"]], peak))
     results["matmul_peak_gflops"] = peak
     results["runs"] = raw
+    finish(a, results, peak, markdown_table(results))
+
+
+def finish(a: argparse.Namespace, results: dict, peak: float, table: str) -> None:
+    """The run's closing lines: the matmul peak, the load average, the table; the JSON where asked."""
     results["load_average"]["end"] = load_average()
     print(f"{a.precision} matmul peak (best of the run): {peak:.1f} GFLOP/s; load average {results['load_average']}")
-    print(markdown_table(results))
+    print(table)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 
