@@ -4,10 +4,10 @@ Each step samples ``--num-samples`` completions of each prompt from the current 
 sampling: :mod:`dpolab.train.rollouts`), ranks them with the reward (a reward model or a Python
 function), pairs the best with the worst, and takes one optimizer step of any loss of the DPO family
 (:func:`dpolab.train.pair_layout.pair_losses`) against the reference, each pair one prefix-shared row
-when exact (DPO's layout). Pairs whose two scores tie
-carry no preference: they are skipped and counted. With ``--label bradley_terry`` the preference is
-drawn from σ(r_w − r_l) instead of ranked; on a bandit, the population minimiser of the DPO loss is
-then π* = π_ref·exp(r/β)/Z for any sampling policy with full support (tests/test_online_theory.py).
+when exact (DPO's layout). Pairs whose two scores tie carry no preference: they are skipped and
+counted. With ``--label bradley_terry`` the preference is drawn from σ(r_w − r_l) instead of ranked;
+on a bandit, the population minimiser of the DPO loss is then π* = π_ref·exp(r/β)/Z for any sampling
+policy with full support (tests/test_online_theory.py).
 """
 
 from __future__ import annotations
@@ -148,7 +148,6 @@ class OnlineDPO(OnPolicy):
                         for p, c, v in zip(s.prompts, s.completions, s.scores)] if s.real else []
         return {**(out or {}), **reward_metrics(engine.accelerator, s),
                 "pairs/ties": n_ties / max(n_pairs + n_ties, 1), "pairs/count": n_pairs}
-
 
     def summary(self, engine):
         return {**super().summary(engine), "prefix_sharing": self.prefix}
