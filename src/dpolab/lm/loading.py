@@ -3,6 +3,7 @@ LoRA adapters: safetensors weights only (never a pickle), errors as one clear li
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,10 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str
         t.strip() for t in target_modules.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads the attribute transformers 5 renamed; the warning is not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def pad_token_id_for(tokenizer) -> int:
