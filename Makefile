@@ -61,6 +61,11 @@ bench-vocab: .venv-bench/.installed
 bench-kto: .venv-bench/.installed
 	.venv-bench/bin/python bench/kto_vs_trl.py --threads 1 --json bench/kto_vs_trl_results.json
 
+# online DPO against TRL's experimental OnlineDPOTrainer
+.PHONY: bench-online-dpo
+bench-online-dpo: .venv-bench/.installed
+	.venv-bench/bin/python bench/online_dpo_vs_trl.py --threads 1 --json bench/online_dpo_vs_trl_results.json
+
 .PHONY: bench-generation
 # bench/gpu.sh: SFT, DPO and FSDP on a machine with one GPU (its --dry-run runs anywhere, in the test suite)
 .PHONY: bench-gpu

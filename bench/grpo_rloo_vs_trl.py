@@ -163,6 +163,28 @@ class Record:
                            "completion_lengths": sorted(set(int(x) for x in lengths)),
                            "prompt_lengths": [int(prompt_mask.sum(1).min()), int(prompt_mask.sum(1).max())]})
 
+    def full_length_sampler(self, sampling) -> None:
+        """Our sampler made to never stop early (every completion ``max_new_tokens`` long), its
+        ``sample`` timed as the generation phase."""
+        class FullLength(sampling.LocalSampler):
+            def __init__(self, model, tokenizer, *, eos_token_id=None, **kw):
+                super().__init__(model, tokenizer, eos_token_id=[], **kw)
+
+            sample = self.timed("generate", sampling.LocalSampler.sample)
+
+        sampling.LocalSampler = FullLength
+
+    def count_samples(self, rollouts) -> None:
+        """Our trainers' sampling step (``dpolab.train.rollouts.sample_step``) records each batch."""
+        sample_step = rollouts.sample_step
+
+        def counting(*args, **kwargs):
+            s = sample_step(*args, **kwargs)
+            self.add_batch(list(s.rows), s.gen.prompt_mask, s.gen.response_mask)
+            return s
+
+        rollouts.sample_step = counting
+
     def timed(self, phase: str, fn, *, only_without_grad: bool = False):
         import torch
 
@@ -220,23 +242,9 @@ def run_ours(a: argparse.Namespace, algo: str, gradient_checkpointing: bool = Fa
         from dpolab.train.rloo import train
     load_tokenizer(a.model_dir)
     rec = Record(dvt.baseline_kb())
-
-    class FullLength(sampling.LocalSampler):  # no early stop: every completion has max_new_tokens tokens
-        def __init__(self, model, tokenizer, *, eos_token_id=None, **kw):
-            super().__init__(model, tokenizer, eos_token_id=[], **kw)
-
-        sample = rec.timed("generate", sampling.LocalSampler.sample)
-
-    sampling.LocalSampler = FullLength
+    rec.full_length_sampler(sampling)
     rollouts.rollout_token_logps = rec.timed("nograd_logps", rollouts.rollout_token_logps)  # old and reference
-    sample_step = rollouts.sample_step
-
-    def counting_sample_step(*args, **kwargs):
-        s = sample_step(*args, **kwargs)
-        rec.add_batch(list(s.rows), s.gen.prompt_mask, s.gen.response_mask)
-        return s
-
-    rollouts.sample_step = counting_sample_step
+    rec.count_samples(rollouts)
     n = a.prompts_per_step * a.num_generations
     extra = {"loss_aggregation": "token"} if algo == "grpo" else {}
     with tempfile.TemporaryDirectory() as out:
@@ -308,8 +316,8 @@ SIDES = {"ours-grpo": lambda a: run_ours(a, "grpo"), "trl-grpo": lambda a: run_t
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def spawn(side: str, a: argparse.Namespace, model: str, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(workdir / model),
+def spawn(side: str, a: argparse.Namespace, model: str, workdir: Path, script: str = __file__) -> dict:
+    cmd = [sys.executable, script, "--worker", side, "--model-dir", str(workdir / model),
            "--data", str(workdir / "prompts.jsonl"), "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
            "--threads", str(a.threads), "--num-generations", str(a.num_generations),
            "--prompts-per-step", str(a.prompts_per_step), "--completion-length", str(a.completion_length)]
