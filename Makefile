@@ -32,7 +32,7 @@ demo: $(STAMP)
 .venv-bench/.installed: pyproject.toml
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	.venv-bench/bin/python -m pip install --quiet -e . trl stable-baselines3 transformers==5.24.0 accelerate==1.15.0 peft==0.21.2 datasets
+	.venv-bench/bin/python -m pip install --quiet -e . trl==1.16.0 stable-baselines3 transformers==5.24.0 accelerate==1.15.0 peft==0.21.2 datasets
 	touch .venv-bench/.installed
 
 bench: .venv-bench/.installed
