@@ -297,8 +297,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
             logits = out.logits[:, -1, :]
             if grouped:
                 logits = logits[inverse]
-                for layer in next(iter(cache_kw.values())).layers:
-                    layer.reorder_cache(inverse)
+                next(iter(cache_kw.values())).reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer
         for t in range(N):
             tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                               uniforms=None if uniforms is None else uniforms[t])  # (B,)
@@ -319,7 +318,7 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
                 logits = decoder.step(tok.unsqueeze(1), attn[:, :P + t + 1], next_pos + t)
             else:
                 out = model(input_ids=tok.unsqueeze(1), attention_mask=attn[:, :P + t + 1],
-                            position_ids=next_pos + t, use_cache=True, **_next_cache_kwargs(out))
+                            position_ids=next_pos + t, use_cache=True, **next_cache_kwargs(out))
                 logits = out.logits[:, -1, :]
     finally:
         model.train(was_training)
@@ -437,7 +436,7 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
-def _next_cache_kwargs(out) -> dict:
+def next_cache_kwargs(out) -> dict:
     """The KV cache of a forward's output, as the keyword the next forward takes: ``cache`` in
     transformers ≥ 5.2x, ``past_key_values`` before (the older name is deprecated there)."""
     fields = getattr(type(out), "__dataclass_fields__", {})

@@ -22,31 +22,17 @@ is not used with activation checkpointing.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import Tensor
 
-from dpolab.lm.generation import Generation, distinct_rows
-from dpolab.lm.logps import ResponseRows, model_token_logps, unwrap_model
+from dpolab.lm.generation import Generation, distinct_rows, next_cache_kwargs
+from dpolab.lm.logps import ResponseRows, model_token_logps
 
 
 def prompt_groups(gen) -> tuple[Tensor, Tensor]:
     """``(first (U,), inverse (B,))`` for the distinct prompts (ids and mask) of a Generation's rows:
     ``first[u]``, a row holding prompt ``u``; ``inverse[b]``, the prompt of row ``b``."""
     return distinct_rows(gen.prompt_ids, gen.prompt_mask)
-
-
-def _cache_name(model: torch.nn.Module) -> str:
-    """The forward's key/value-cache argument and output field: ``cache`` (transformers ≥ 5.2x) or
-    ``past_key_values``."""
-    return _cache_name_of(type(unwrap_model(model) or model))
-
-
-@functools.cache
-def _cache_name_of(cls: type) -> str:  # once per model class, not per pass
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def shared_prompt_token_logps(model: torch.nn.Module, gen, groups: tuple[Tensor, Tensor], *,
@@ -56,22 +42,21 @@ def shared_prompt_token_logps(model: torch.nn.Module, gen, groups: tuple[Tensor,
     values :func:`dpolab.train.rollouts.response_logps` gives with the plain rows."""
     first, inverse = groups
     P, R = gen.prompt_length, gen.response_ids.shape[1]
-    name = _cache_name(model)
     positions = gen.position_ids
     # 1. the distinct prompts; their last position predicts the first response token
     p_ids, p_mask = gen.prompt_ids[first], gen.prompt_mask[first].long()
     rows_p = ResponseRows(model, lambda h: h[:, -1] if h.shape[:2] == p_ids.shape else None)
     with rows_p:
         out_p = model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions[first, :P], use_cache=True)
-    cache = out_p[name]
-    cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer; differentiable
+    cache_kw = next_cache_kwargs(out_p)  # {"cache" | "past_key_values": the prompts' cache}
+    next(iter(cache_kw.values())).reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer; differentiable
     # 2. the completions on their prompt's cache; position t predicts response token t + 1
     pred = torch.zeros_like(gen.response_mask)
     pred[:, :-1] = gen.response_mask[:, 1:]
     rows_r = ResponseRows(model, lambda h: h[pred] if h.shape[:2] == pred.shape else None)
     with rows_r:
         out_r = model(input_ids=gen.response_ids, attention_mask=gen.attention_mask, position_ids=positions[:, P:],
-                      use_cache=True, **{name: cache})
+                      use_cache=True, **cache_kw)
     first_tok = gen.response_mask[:, 0]
     labels0, labels1 = gen.response_ids[first_tok, 0], gen.response_ids[:, 1:][pred[:, :-1]]
     if all(r.fused and r.selected for r in (rows_p, rows_r)):
