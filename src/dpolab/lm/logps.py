@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dpolab.errors import DpolabError
+from dpolab.lm import inplace_grads
 
 # Architectures whose causal-LM forward ends in ``logits = lm_head(last_hidden_state)`` with no
 # scaling or soft-capping afterwards (checked against transformers' modeling files). Others (Gemma 2,
@@ -108,7 +109,10 @@ class _LinearTokenLogps(torch.autograd.Function):
         chunk, temperature = ctx.chunk, ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        # a step's later passes add into weight.grad itself (dpolab.lm.inplace_grads), no (V, H) copy
+        into = inplace_grads.grad_target(weight, lse.dtype) if need_w else None
+        grad_w = into if into is not None else (
+            torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None)
         grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b and bias is not None else None
         grad_out = grad_out.to(lse.dtype)
         for s in range(0, hidden.shape[0], chunk):
@@ -125,7 +129,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 grad_w.addmm_(dz.T, h.to(lse.dtype))
             if grad_b is not None:
                 grad_b += dz.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None and into is None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
     read_training_state,
     untied,
@@ -60,6 +61,8 @@ class Engine:
         optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
         self._raw_optimizer = optimizer
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # later passes of a step add the head's and the embedding's gradients into .grad themselves
+        self._inplace_grads = inplace_grads.allowed(accelerator) and self.unwrapped is self.model
         self.scheduler = None
         self.order = None
         self.steps = 0
@@ -125,7 +128,8 @@ class Engine:
         rows, weights, nonfinite, tokens = [], [], False, 0
         # a model kept in eval mode (the on-policy trainers) is not checkpointed by transformers
         eval_checkpointing = getattr(cfg, "gradient_checkpointing", False) and not model.training
-        with checkpointed_layers(model, enabled=eval_checkpointing):
+        inplace = self._inplace_grads
+        with checkpointed_layers(model, enabled=eval_checkpointing), inplace_grads.embedding_in_place(self.unwrapped, inplace):
             for j, p in enumerate(passes):
                 if total == 0:  # no loss unit on any process: every process skips alike
                     break
@@ -135,7 +139,8 @@ class Engine:
                         nonfinite = True  # every process still runs its backward passes (no hang)
                         if not cfg.skip_nonfinite:
                             raise nonfinite_error("loss", self.step + 1, p.where)
-                    acc.backward(loss_sum * (scale if p.real else 0.0))
+                    with inplace_grads.accumulating(inplace):
+                        acc.backward(loss_sum * (scale if p.real else 0.0))
                 rows.append(stats)
                 weights.append(p.units)
                 tokens += p.tokens
