@@ -190,10 +190,12 @@ def test_shape_errors():
         sequence_logps(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("extras", [True, False])
 @pytest.mark.parametrize("temperature, chunk", [(1.0, 3), (0.7, 100)])
-def test_fused_head_log_probs_equal_the_plain_head_with_their_gradients(temperature, chunk):
+def test_fused_head_log_probs_equal_the_plain_head_with_their_gradients(temperature, chunk, extras):
     """The output head fused into the log-prob (logits one chunk of rows at a time, recomputed in
-    backward) gives the values, entropies, log Σp² and gradients of log_softmax(h Wᵀ + b) in float64."""
+    backward) gives the values, entropies, log Σp² and gradients of log_softmax(h Wᵀ + b) in float64
+    (without the extras, the chunk's logsumexp runs in place)."""
     from dpolab.lm.logps import _LinearTokenLogps
 
     g = torch.Generator().manual_seed(0)
@@ -202,14 +204,25 @@ def test_fused_head_log_probs_equal_the_plain_head_with_their_gradients(temperat
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (7,), generator=g)
     upstream = torch.randn(7, dtype=torch.float64, generator=g)
-    lp, ent, sq = _LinearTokenLogps.apply(h, w, b, labels, chunk, temperature, True, True)
+    lp, ent, sq = _LinearTokenLogps.apply(h, w, b, labels, chunk, temperature, extras, extras)
     grads = torch.autograd.grad((lp * upstream).sum(), (h, w, b))
     z = (h @ w.T + b) / temperature
     ref = torch.log_softmax(z, -1).gather(-1, labels[:, None]).squeeze(-1)
     p = torch.softmax(z, -1)
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ent, -(p * p.log()).sum(-1).detach(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(sq, (p * p).sum(-1).log().detach(), rtol=0, atol=1e-12)
     for got, want in zip(grads, torch.autograd.grad((ref * upstream).sum(), (h, w, b))):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if not extras:
+        assert ent.numel() == 0 and sq.numel() == 0
+        return
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1).detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sq, (p * p).sum(-1).log().detach(), rtol=0, atol=1e-12)
     assert not ent.requires_grad and not sq.requires_grad
+
+
+def test_fused_head_chunks_are_as_few_as_the_budget_allows_and_even():
+    from dpolab.lm.logps import _head_chunk
+
+    v = 1 << 20  # 16 rows of logits within the 16M-element budget
+    assert [_head_chunk(v, m) for m in (0, 5, 16, 17, 32, 40, 48)] == [16, 5, 16, 9, 16, 14, 16]
+    assert _head_chunk(1 << 30, 3) == 1  # a vocabulary past the budget: one row at a time

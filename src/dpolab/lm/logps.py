@@ -89,9 +89,15 @@ class _LinearTokenLogps(torch.autograd.Function):
         sq = torch.empty(n if want_sq else 0, dtype=dtype, device=hidden.device)
         for s in range(0, n, chunk):
             z = _chunk_logits(hidden[s:s + chunk], weight, bias, dtype, temperature)  # (c, V)
-            l = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+            if want_entropy or want_sq:
+                l = torch.logsumexp(z, dim=-1)
+            else:  # logsumexp in place: no second (c, V) temporary
+                m = z.amax(-1, keepdim=True)
+                m.masked_fill_(m.isinf(), 0.0)
+                l = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
             lse[s:s + chunk] = l
-            out[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - l
+            out[s:s + chunk] = picked - l
             if want_entropy:
                 ent[s:s + chunk] = l - (torch.softmax(z, dim=-1) * z).sum(-1)
             if want_sq:
@@ -140,8 +146,11 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.d
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _head_chunk(vocab: int) -> int:
-    return max(1, _TARGET_CHUNK_ELEMENTS // max(vocab, 1))
+def _head_chunk(vocab: int, rows: int) -> int:
+    """Rows per chunk: at most ~16M logits, as few chunks as that allows (each one reads the whole
+    weight), and those of equal size (the largest chunk sets the temporary's size)."""
+    most = max(1, _TARGET_CHUNK_ELEMENTS // max(vocab, 1))
+    return -(-rows // -(-rows // most)) if rows > 0 else most
 
 
 class ResponseRows:
@@ -187,8 +196,8 @@ class ResponseRows:
         the model returned for the selected rows (hidden states when fused, else logits (M, V))."""
         if self.fused and self.selected:
             w, b = self.head.weight, self.head.bias
-            lp, ent, sq = _LinearTokenLogps.apply(output, w, b, labels, _head_chunk(w.shape[0]), float(temperature),
-                                                  with_entropy, with_sq)
+            chunk = _head_chunk(w.shape[0], output.shape[0])
+            lp, ent, sq = _LinearTokenLogps.apply(output, w, b, labels, chunk, float(temperature), with_entropy, with_sq)
             return lp, (ent if with_entropy else None), (sq if with_sq else None)
         logits = output / temperature if temperature != 1.0 else output
         return (gather_token_logps(logits, labels), _entropy_rows(logits.detach()) if with_entropy else None,
