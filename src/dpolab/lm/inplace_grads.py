@@ -71,7 +71,6 @@ class _Embedding(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (ids,) = ctx.saved_tensors
         weight = ctx.weight
-        del ctx.weight
         target = grad_target(weight, weight.dtype)
         if target is None:  # autograd's own embedding backward, a fresh (V, H) gradient
             pad = -1 if ctx.padding_idx is None else ctx.padding_idx
