@@ -132,6 +132,33 @@ def test_several_passes_give_autograds_gradients(arch):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12, msg=name)
 
 
+def test_under_bf16_autocast_the_float32_grads_match():
+    """bf16 autocast over float32 weights (accelerate's mixed precision): the fused head's float32
+    gradient goes into the float32 .grad; three passes give autograd's gradients up to float order."""
+    model = _tiny("llama").float()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(2, 96, (2, 12), generator=g) for _ in range(3)]
+
+    def grads(inplace):
+        model.zero_grad(set_to_none=True)
+        arrivals = Arrivals(model.get_output_embeddings().weight)
+        with inplace_grads.embedding_in_place(model, inplace), torch.autocast("cpu", dtype=torch.bfloat16):
+            for ids in batches:
+                loss_mask = torch.ones_like(ids)
+                logps, _ = model_sequence_logps(model, ids, torch.ones_like(ids), loss_mask)
+                with inplace_grads.accumulating(inplace):
+                    logps.float().sum().backward()
+        arrivals.handle.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, arrivals.seen
+
+    want, _ = grads(False)
+    got, seen = grads(True)
+    assert seen == [True, False, False]
+    for name in want:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_allowed_only_for_one_plain_process():
     from types import SimpleNamespace
 
