@@ -78,6 +78,31 @@ def test_no_float32_vocab_copy_for_the_whole_batch():
     assert naive.largest >= 32 * 64
 
 
+def _temporaries_bytes(fn) -> int:
+    """Bytes allocated by the elementwise ops ``sub`` and ``exp`` while ``fn`` runs (the profiler's
+    memory record sees the temporaries inside composite ops such as ``torch.logsumexp``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages() if e.key in ("aten::sub", "aten::exp"))
+
+
+def test_chunk_logsumexp_allocates_no_second_chunk():
+    """The upcast chunk of bf16 logits, and the fused head's chunk of logits, take their logsumexp in
+    place: no (c, V) float32 temporary besides the chunk itself (torch.logsumexp makes one)."""
+    from dpolab.lm.logps import _LinearTokenLogps
+
+    g = torch.Generator().manual_seed(4)
+    chunk_bytes = 16 * 4096 * 4
+    logits = torch.randn(64, 4096, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 4096, (64,), generator=g)
+    assert _temporaries_bytes(lambda: torch.logsumexp(logits[:16].float(), -1)) >= chunk_bytes  # the probe sees it
+    assert _temporaries_bytes(lambda: gather_token_logps(logits, labels, chunk_size=16)) < chunk_bytes
+    h, w = torch.randn(64, 8, generator=g), torch.randn(4096, 8, generator=g)
+    assert _temporaries_bytes(lambda: _LinearTokenLogps.apply(h, w, None, labels, 16, 1.0, False, False)) < chunk_bytes
+
+
 def _right_padded_batch(tokenizer):
     """Three (prompt, response) pairs of different lengths, right-padded, with response masks."""
     pairs = [("the movie was", " great fun and I loved every minute"),

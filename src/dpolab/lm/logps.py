@@ -50,9 +50,12 @@ class _TokenLogps(torch.autograd.Function):
         out = torch.empty(n, dtype=out_dtype, device=logits.device)
         lse = torch.empty(n, dtype=out_dtype, device=logits.device)
         for s in range(0, n, chunk):
-            x = logits[s:s + chunk].to(out_dtype)                                     # (c, V)
-            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
-            out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            part = logits[s:s + chunk]
+            x = part.to(out_dtype)                                                    # (c, V)
+            picked = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+            # an upcast chunk is a fresh copy, free to overwrite; float32 logits are the caller's
+            lse[s:s + chunk] = _logsumexp_(x) if x is not part else torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = picked - lse[s:s + chunk]
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk = chunk
         return out
@@ -92,10 +95,8 @@ class _LinearTokenLogps(torch.autograd.Function):
             picked = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
             if want_entropy or want_sq:
                 l = torch.logsumexp(z, dim=-1)
-            else:  # logsumexp in place: no second (c, V) temporary
-                m = z.amax(-1, keepdim=True)
-                m.masked_fill_(m.isinf(), 0.0)
-                l = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+            else:
+                l = _logsumexp_(z)
             lse[s:s + chunk] = l
             out[s:s + chunk] = picked - l
             if want_entropy:
@@ -137,6 +138,14 @@ class _LinearTokenLogps(torch.autograd.Function):
                 grad_b += dz.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None and into is None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
+
+
+def _logsumexp_(z: Tensor) -> Tensor:
+    """``logsumexp(z, -1)`` computed in ``z``'s own memory (``z`` is overwritten): no second
+    ``(c, V)`` temporary, which ``torch.logsumexp`` allocates for ``exp(z − max)``."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.isinf(), 0.0)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, temperature: float) -> Tensor:
