@@ -28,8 +28,8 @@ _on = False
 
 def allowed(accelerator) -> bool:
     """True for one process with no DDP, FSDP or DeepSpeed around the model."""
-    kind = str(getattr(accelerator, "distributed_type", "NO"))
-    return getattr(accelerator, "num_processes", 1) == 1 and kind.rsplit(".", 1)[-1] == "NO"
+    # accelerate's DistributedType is a str enum: DistributedType.NO == "NO"
+    return getattr(accelerator, "num_processes", 1) == 1 and getattr(accelerator, "distributed_type", "NO") == "NO"
 
 
 @contextmanager

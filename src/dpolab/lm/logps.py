@@ -118,8 +118,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         # a step's later passes add into weight.grad itself (dpolab.lm.inplace_grads), no (V, H) copy
         into = inplace_grads.grad_target(weight, lse.dtype) if need_w else None
-        grad_w = into if into is not None else (
-            torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None)
+        grad_w = into
+        if need_w and into is None:
+            grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b and bias is not None else None
         grad_out = grad_out.to(lse.dtype)
         for s in range(0, hidden.shape[0], chunk):
@@ -136,7 +137,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 grad_w.addmm_(dz.T, h.to(lse.dtype))
             if grad_b is not None:
                 grad_b += dz.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None and into is None else None,
+        return (grad_h, None if into is not None or grad_w is None else grad_w.to(weight.dtype),
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
 
 
