@@ -24,6 +24,12 @@ from test_train_grpo import PROMPTS, REWARDS  # noqa: E402
 MORE = REWARDS + '''
 def constant(prompts, completions):
     return [1.0] * len(completions)
+
+CALLS = [0]
+
+def ties_on_even_steps(prompts, completions):
+    CALLS[0] += 1
+    return constant(prompts, completions) if CALLS[0] % 2 == 0 else frac_alpha(prompts, completions)
 '''
 
 
@@ -78,6 +84,24 @@ def test_ties_are_skipped_and_counted(tiny_model_dir, prompts_file, reward_file,
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     final = load_file(str(out / "final" / "model.safetensors"))
     assert all(torch.equal(init[k], final[k]) for k in init)  # no pair, no update
+
+
+def test_a_logged_window_with_an_all_ties_step_averages_each_metric_over_the_steps_that_have_it(
+        tiny_model_dir, prompts_file, reward_file, tmp_path):
+    # step 2's pairs all tie: it has no loss; logging every 2 steps must not fail on it, and must log
+    # step 1's loss as the window's (the same run logged every step says what step 1's loss was)
+    common = ("--max-steps", 4, "--prompts-per-step", 5, "--num-samples", 3, "--learning-rate", "5e-3")
+    main(_args(tiny_model_dir, prompts_file, tmp_path / "every", reward_file, *common, "--logging-steps", 1,
+               fn="ties_on_even_steps"))
+    assert main(_args(tiny_model_dir, prompts_file, tmp_path / "pairs", reward_file, *common, "--logging-steps", 2,
+                      fn="ties_on_even_steps")) == 0
+    every, pairs = _rows(tmp_path / "every"), _rows(tmp_path / "pairs")
+    assert ["loss" in r for r in every] == [True, False, True, False]
+    assert [r["step"] for r in pairs] == [2, 4]
+    for window, (odd, even) in zip(pairs, (every[0:2], every[2:4])):
+        assert window["loss"] == pytest.approx(odd["loss"], abs=1e-12)
+        assert window["pairs/ties"] == pytest.approx((odd["pairs/ties"] + even["pairs/ties"]) / 2, abs=1e-12)
+        assert even["pairs/ties"] == 1.0
 
 
 SGD = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-grad-norm", "0", "--max-steps", "3",

@@ -311,8 +311,11 @@ def _split_ratio_stats(rows: list[dict], weights: list[int]) -> tuple[list[dict]
     return plain, sums
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:  # each step of the window weighs the same
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the window's steps that report it, each step weighing the same (a step
+    may lack one: an online DPO step whose pairs all tie has no loss)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(vals) / len(vals) for k in keys for vals in [[r[k] for r in rows if k in r]]}
 
 
 def print_summary(summary: dict, keys: tuple[str, ...] | list[str]) -> None:
