@@ -275,10 +275,7 @@ def main() -> None:
     ap.set_defaults(warmup_runs=0)
     a = ap.parse_args()
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
-        print(json.dumps(SIDES[a.worker](a)))
+        srt.run_worker(a, SIDES)
         return
     os.environ.update({k: v for k, v in srt.worker_env(a.threads).items() if k.startswith(("HF_", "TRANSFORMERS", "TOK"))})
     if a.gpu:

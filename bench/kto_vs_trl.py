@@ -238,10 +238,7 @@ def main() -> None:
     srt.add_common_args(ap)
     a = ap.parse_args()
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
-        print(json.dumps(SIDES[a.worker](a)))
+        srt.run_worker(a, SIDES)
         return
     if a.device != "cpu" or a.precision != "fp32" or a.gpu:
         ap.error("this benchmark runs on the CPU in float32 (--device, --precision and --gpu are for sft_rm_vs_trl.py)")

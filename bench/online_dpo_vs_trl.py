@@ -137,10 +137,7 @@ def main() -> None:
     if a.warmup_steps < 1:
         ap.error("--warmup-steps must be >= 1 (the first step's interval holds the trainer's set-up)")
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
-        print(json.dumps(SIDES[a.worker](a)))
+        grb.srt.run_worker(a, SIDES)
         return
     a.steps = a.steps or (5 if a.quick else 10)
     repeats, warm_runs = (1, 0) if a.quick else (a.repeats, 1)

@@ -444,6 +444,15 @@ SIDES = {"ours-default": lambda a: run_ours(a, False), "ours-best": lambda a: ru
 
 
 # -- driver ---------------------------------------------------------------------------------------
+def run_worker(a: argparse.Namespace, sides: dict) -> None:
+    """In a worker subprocess: run side ``a.worker`` on ``a.threads`` threads and print its result as
+    the one JSON line :func:`spawn` reads."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    print(json.dumps(sides[a.worker](a)))
+
+
 def worker_env(threads: int) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -616,10 +625,7 @@ def main() -> None:
     add_common_args(ap)
     a = ap.parse_args()
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
-        print(json.dumps(SIDES[a.worker](a)))
+        run_worker(a, SIDES)
         return
     os.environ.update({k: v for k, v in worker_env(a.threads).items() if k.startswith(("HF_", "TRANSFORMERS", "TOK"))})
     if a.gpu:
