@@ -314,8 +314,13 @@ def _split_ratio_stats(rows: list[dict], weights: list[int]) -> tuple[list[dict]
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's mean over the window's steps that report it, each step weighing the same (a step
     may lack one: an online DPO step whose pairs all tie has no loss)."""
-    keys = dict.fromkeys(k for r in rows for k in r)
-    return {k: sum(vals) / len(vals) for k in keys for vals in [[r[k] for r in rows if k in r]]}
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
 
 
 def print_summary(summary: dict, keys: tuple[str, ...] | list[str]) -> None:
