@@ -1,20 +1,33 @@
 # One-command entry points. `make test` and `make demo` create or refresh .venv first.
 # Override the torch pin (e.g. a CUDA build) with: make test TORCH_SPEC='torch==2.5.1'
+# The other packages come at the versions in constraints-dev.txt; without them: make setup CONSTRAINTS=
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints-dev.txt
 DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-slow demo lint bench bench-quick bench-ppo bench-grpo clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh constraints-dev.txt with the newest releases pyproject.toml allows (then run `make test`).
+.PHONY: lock
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '/^#/p' constraints-dev.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|sympy|mpmath)=='; } > constraints-dev.txt.new
+	mv constraints-dev.txt.new constraints-dev.txt && rm -rf .venv-lock
 
 setup: $(STAMP)
 
