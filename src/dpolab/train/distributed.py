@@ -33,7 +33,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
-FSDP_ON_CPU = ("FSDP is not available on CPU processes: accelerate (1.15) builds its FSDP plugin only for a "
+FSDP_ON_CPU = ("FSDP is not available on CPU processes: accelerate (1.15, 1.16) builds its FSDP plugin only for a "
                "GPU or other accelerator device. Use DDP on CPU (examples/accelerate/ddp_cpu.yaml), FSDP on GPUs.")
 
 
@@ -68,9 +68,10 @@ def make_accelerator(mixed_precision: str = "no"):
         raise ConfigError(ALONE_BY_MISTAKE)
     cpu = world > 1 and not torch.cuda.is_available()
     if _env_flag("ACCELERATE_USE_FSDP") and cpu:
-        # accelerate 1.15's FullyShardedDataParallelPlugin.__post_init__ raises "There are currently
-        # no available devices found" without a CUDA/XPU/MLU/NPU/MUSA/HPU device, and its state
-        # switches to FSDP only from a multi-device type, never from MULTI_CPU.
+        # Without a CUDA/XPU/MLU/NPU/MUSA/HPU device accelerate 1.15's FullyShardedDataParallelPlugin
+        # raises "There are currently no available devices found" and 1.16's refuses
+        # sync_module_states on CPU; in both the state switches to FSDP only from a multi-device
+        # type, never from MULTI_CPU (checked on 1.16 with sync_module_states off: it stays MULTI_CPU).
         raise ConfigError(FSDP_ON_CPU)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     kind = accelerator.distributed_type
