@@ -120,6 +120,7 @@ def test_conversational_implicit_prompt_is_the_shared_head():
 @pytest.mark.parametrize("row,field,pattern", [
     ({"prompt": "p", "rejected": "r"}, "chosen", "missing"),
     ({"prompt": "p", "chosen": None, "rejected": "r"}, "chosen", "is null"),
+    ({"prompt": None, "chosen": "a b", "rejected": "a c"}, "prompt", "is null"),  # not an implicit prompt
     ({"prompt": "p", "chosen": "c", "rejected": 3}, "rejected", "expected a string or a list"),
     ({"prompt": 1.5, "chosen": "c", "rejected": "r"}, "prompt", "got float"),
     ({"prompt": "p", "chosen": "c", "rejected": [msg("assistant", "r")]}, "rejected", "both be"),

@@ -52,7 +52,8 @@ def test_text_rows_train_on_every_token(tiny_tokenizer):
     ids = enc(tok, "a terrible boring film")
     assert ex.input_ids == ids + [tok.eos_token_id]
     assert ex.loss_mask == [0] + [1] * len(ids)
-    assert tok_row(tok, {"text": ""}) is None  # only EOS: nothing to predict
+    with pytest.raises(DataError, match=r"mem\.jsonl:1.*'text'.*is empty"):  # only EOS: nothing to predict
+        tok_row(tok, {"text": ""})
 
 
 def test_chat_loss_covers_assistant_turns_only(tiny_tokenizer):

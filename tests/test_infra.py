@@ -36,6 +36,19 @@ def test_config_unknown_key_suggests(tmp_path):
         load_yaml(cfg_file, _Cfg)
 
 
+def test_config_names_the_line_and_refuses_a_key_given_twice(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("beta: 0.5\nsteps: 3\nbeta: 0.7\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: 'beta' is given twice \(first on line 1\)"):
+        load_yaml(cfg_file, _Cfg)
+    cfg_file.write_text("beta: 0.5\nsteps: ten\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: 'steps' must be of type int"):
+        load_yaml(cfg_file, _Cfg)
+    cfg_file.write_text("beta: 0.5\n\nbetta: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: unknown option 'betta'"):
+        load_yaml(cfg_file, _Cfg)
+
+
 def test_config_bad_values():
     with pytest.raises(ConfigError, match="--steps"):
         parse_config(_Cfg, ["--steps", "ten"], prog="t")

@@ -166,7 +166,7 @@ def _copy_ckpt(run: Path, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncated_weights", "foreign_weights", "no_state", "bad_json",
-                                    "pickle_payload"])
+                                    "state_not_an_object", "window_not_a_list", "pickle_payload"])
 def test_damaged_checkpoint_is_a_clear_error(tiny_model_dir, finished_run, tmp_path, capsys, monkeypatch, damage):
     from dpolab.cli import main
 
@@ -182,6 +182,11 @@ def test_damaged_checkpoint_is_a_clear_error(tiny_model_dir, finished_run, tmp_p
         (ckpt / "training_state.pt").unlink()
     elif damage == "bad_json":
         (ckpt / "trainer_state.json").write_text('{"step": "three"')
+    elif damage == "state_not_an_object":
+        (ckpt / "trainer_state.json").write_text("[1, 2]")
+    elif damage == "window_not_a_list":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "window": 5}))
     elif damage == "pickle_payload":
         # An object that would run code when unpickled: weights_only loading must refuse it.
         torch.save({"optimizer": _Evil(), "scheduler": {}, "rng": {}}, ckpt / "training_state.pt")
@@ -191,6 +196,51 @@ def test_damaged_checkpoint_is_a_clear_error(tiny_model_dir, finished_run, tmp_p
     assert "Traceback" not in err and str(ckpt) in err, err
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "resumed" / "final").exists()
+    if damage in ("no_state", "bad_json", "state_not_an_object", "window_not_a_list"):
+        # found before the model loads and the reference log-probs are computed: nothing written
+        assert not (tmp_path / "resumed").exists()
+        assert "trainer_state.json" in err or "training_state.pt" in err, err
+
+
+def test_another_trainers_checkpoint_is_refused_before_any_work(tiny_model_dir, finished_run, tmp_path, capsys):
+    from dpolab.cli import main
+
+    data, out = finished_run
+    ckpt = _copy_ckpt(out, tmp_path / "ckpt")
+    rc = main(["kto", *_dpo(tiny_model_dir, data, tmp_path / "kto", "--max-steps", "3", "--resume", ckpt)[1:]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "it is a checkpoint of `dpolab dpo`, not of `dpolab kto`" in err, err
+    assert not (tmp_path / "kto").exists()
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume(tiny_model_dir, finished_run, tmp_path, capsys):
+    """A second run into a finished run's folder would append to its metrics.jsonl and leave its
+    checkpoints beside the new ones; it is refused, and the folder is left as it was."""
+    import shutil
+
+    from dpolab.cli import main
+
+    data, out = finished_run
+    run = Path(shutil.copytree(out, tmp_path / "run"))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra in ((), ("--dry-run",)):
+        assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "1", *extra)) == 2
+        err = capsys.readouterr().err
+        assert "already holds a run (metrics.jsonl, summary.json, checkpoints, final)" in err and \
+            "--resume latest" in err, err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tiny_model_dir, finished_run, tmp_path, capsys):
+    from dpolab.cli import main
+
+    data, _ = finished_run
+    path = tmp_path / "afile"
+    path.write_text("hi\n")
+    for extra in ((), ("--dry-run",)):
+        assert main(_dpo(tiny_model_dir, data, path, "--max-steps", "1", *extra)) == 2
+        assert f"--output-dir {path} is a file, not a folder" in capsys.readouterr().err
+    assert path.read_text() == "hi\n"
 
 
 class _Evil:

@@ -216,6 +216,40 @@ def test_unknown_loss_and_missing_args(tiny_model_dir, rule_data, tmp_path, caps
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (("--learning-rate", "-1"), "--learning-rate must be a finite number >= 0, got -1.0"),
+    (("--weight-decay", "-0.1"), "--weight-decay must be a finite number >= 0"),
+    (("--max-grad-norm", "-1"), "--max-grad-norm must be a finite number >= 0"),
+    (("--warmup-steps", "-1"), "--warmup-steps must be a finite number >= 0"),
+    (("--save-steps", "-5"), "--save-steps must be a finite number >= 0"),
+    (("--epochs", "0"), "--epochs must be > 0 (or give --max-steps N)"),
+    (("--lora", "--lora-r", "0"), "--lora-r must be >= 1"),
+    (("--lora", "--lora-dropout", "1"), "--lora-dropout must be in [0, 1)"),
+])
+def test_out_of_range_numbers_are_refused_by_name(tiny_model_dir, rule_data, tmp_path, capsys, flags, message):
+    """Caught with the option's name before any work (torch and peft would raise mid-start, after
+    the model loaded), in a dry run too."""
+    for extra in ((), ("--dry-run",)):
+        assert main(_args(tiny_model_dir, rule_data, tmp_path / "r", *flags, *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for path, says in ((tmp_path / "absent", "no such folder"), (tmp_path / "empty", "the folder has none of"),
+                       (rule_data, "it is a file, not a folder")):
+        assert main(_args(path, rule_data, tmp_path / "r", "--dry-run")) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load tokenizer '{path}': {says}" in err, err
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer-only")
+    assert main(_args(tmp_path / "tokenizer-only", rule_data, tmp_path / "r", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load model '{tmp_path / 'tokenizer-only'}': the folder has none of config.json" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_dry_run_prints_summary_without_training(tiny_model_dir, rule_data, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(_args(tiny_model_dir, rule_data, out, "--dry-run")) == 0

@@ -117,7 +117,9 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        lines = _key_lines(path, text)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -134,13 +136,29 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
+        where = f"{path}:{lines[k]}" if k in lines else str(path)
         if k not in valid:
-            raise ConfigError(f"{path}: unknown option '{key}'{suggest(k, list(valid))}")
+            raise ConfigError(f"{where}: unknown option '{key}'{suggest(k, list(valid))}")
         try:
             out[k] = _convert(value, valid[k], k)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
     return out
+
+
+def _key_lines(path: Path, text: str) -> dict[str, int]:
+    """The line of each top-level key (``-`` read as ``_``); a key given twice is an error, where
+    YAML itself would keep the last value without a word."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                name, line = str(key.value).replace("-", "_"), key.start_mark.line + 1
+                if name in lines:
+                    raise ConfigError(f"{path}:{line}: '{key.value}' is given twice (first on line {lines[name]})")
+                lines[name] = line
+    return lines
 
 
 class _Parser(argparse.ArgumentParser):

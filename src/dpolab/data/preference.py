@@ -139,7 +139,7 @@ def _value(record: Record, name: str, *, required: bool = True):
     """The field ``name``: a string or a validated message list (``None`` if optional and absent)."""
     value = record.data.get(name)
     if value is None:
-        if required:
+        if required or name in record.data:  # a null optional field is an error too, not "absent"
             raise record_error(record, "missing" if name not in record.data else "is null",
                                field=name)
         return None

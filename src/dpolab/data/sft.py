@@ -106,7 +106,10 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
             return "chat", (prompt + completion, len(prompt))
         return "completion", (_text_field(record, "prompt"), _text_field(record, "completion"))
     if "text" in data:
-        return "text", (_text_field(record, "text"),)
+        text = _text_field(record, "text")
+        if not text:  # it would train on nothing (its only token, EOS, is the first)
+            raise record_error(record, "is empty: a 'text' row needs text to train on", field="text")
+        return "text", (text,)
     raise record_error(record, f"unrecognised SFT row with fields {sorted(data)}; expected 'prompt' and "
                        "'completion', 'messages', or 'text'")
 

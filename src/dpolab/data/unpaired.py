@@ -112,11 +112,11 @@ def parse_unpaired(record: Record, pair: int = -1) -> list[UnpairedExample]:
     if completion is None:
         raise record_error(record, "missing" if "completion" not in data else "is null", field="completion")
     if isinstance(completion, str) and data.get("prompt") is None:
-        raise record_error(record, "missing: an unpaired row needs a prompt (or a whole conversation as "
-                           "'completion')", field="prompt")
+        raise record_error(record, ("is null" if "prompt" in data else "missing") + ": an unpaired row needs a "
+                           "prompt (or a whole conversation as 'completion')", field="prompt")
     # parse_preference validates and splits prompt/completion; errors name 'completion', not 'chosen'
-    as_pair = Record({"prompt": data.get("prompt"), "chosen": completion, "rejected": completion},
-                     record.path, record.line, record.unit)
+    prompt = {"prompt": data["prompt"]} if "prompt" in data else {}
+    as_pair = Record({**prompt, "chosen": completion, "rejected": completion}, record.path, record.line, record.unit)
     try:
         ex = parse_preference(as_pair)
     except DataError as err:

@@ -173,6 +173,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.output_dir)
     if (out / "results.json").exists():
         raise ConfigError(f"{out} already holds a finished demo; choose another --output-dir")
+    if (out / "work").exists():  # an interrupted demo: its trainers' folders would refuse a new run
+        raise ConfigError(f"{out} holds an unfinished demo ({out / 'work'}); remove it or choose another --output-dir")
     reward_fn = load_reward_function(cfg.reward)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

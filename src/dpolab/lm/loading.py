@@ -14,10 +14,30 @@ from dpolab.errors import ConfigError, DpolabError
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> None:
+    """A name that is a local path (it exists, or starts with /, . or ~) must be a folder holding one
+    of ``needs``; said in one line here, where transformers would take it for a hub name or fail on
+    a later file."""
+    path = Path(name_or_path).expanduser()
+    if not (path.exists() or str(name_or_path).startswith(("/", ".", "~"))):
+        return  # a hub name
+    if not path.is_dir():
+        raise DpolabError(f"cannot load {what} '{name_or_path}': " +
+                          ("it is a file, not a folder" if path.exists() else "no such folder"))
+    if not any((path / name).is_file() for name in needs):
+        raise DpolabError(f"cannot load {what} '{name_or_path}': the folder has none of {', '.join(needs)}"
+                          " (not a Hugging Face model folder)")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
+    check_local_folder(name_or_path, "tokenizer", TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -41,6 +61,7 @@ def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_cod
 
     if dtype not in DTYPES:
         raise DpolabError(f"unknown dtype '{dtype}'; choose from {list(DTYPES)}")
+    check_local_folder(name_or_path, "model", ("config.json", "adapter_config.json"))
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = "dtype" if major >= 5 else "torch_dtype"
     if DTYPES[dtype] is not None:

@@ -84,9 +84,7 @@ def report_to(cfg: Any) -> list[str]:
 def start_run(cfg: Any) -> RunDir:
     """Open the output directory; refuse to mix a new run into an existing one unless resuming."""
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
-    if cfg.resume is None and run.metrics_path.exists():
-        raise DpolabError(f"{run.path} already holds a run; pass --resume latest to continue it "
-                          "or choose another --output-dir")
+    run.check_new_run(cfg.resume)
     run.create()
     run.write_config(cfg)
     return run

@@ -25,29 +25,68 @@ def write_training_state(directory: Path, *, optimizer, scheduler, state: dict[s
     (directory / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
 
 
-def read_training_state(directory: Path, *, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG states from a checkpoint; return the JSON trainer state.
+CHECKPOINT_FILES = ("model.safetensors", "training_state.pt", "trainer_state.json")
+
+
+def check_checkpoint_files(directory: Path) -> None:
+    """The files every LM trainer's checkpoint has (a :class:`DpolabError` naming the missing one)."""
+    for name in CHECKPOINT_FILES:
+        if not (Path(directory) / name).is_file():
+            raise DpolabError(f"cannot resume from {directory}: it has no {name} (not a checkpoint of this trainer)")
+
+
+def read_trainer_state(directory: Path, *, command: str | None = None) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, checked: the counters are integers, the logging window a
+    list of metric rows and, when the checkpoint names the command that wrote it, that it is
+    ``command`` (another trainer's optimizer and data position mean nothing here)."""
+    path = Path(directory) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DpolabError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"a JSON object was expected, found {type(state).__name__}"
+    else:
+        for key in ("step", "micro_batch", "skipped_steps", "tokens"):
+            if not isinstance(state.get(key), int) or isinstance(state.get(key), bool):
+                problem = f"'{key}' missing or not an integer"
+                break
+        else:
+            window = state.get("window", [])
+            if not isinstance(window, list) or not all(isinstance(row, dict) for row in window):
+                problem = "'window' is not a list of metric rows"
+            elif not isinstance(state.get("tokens_window", 0), int):
+                problem = "'tokens_window' is not an integer"
+    if problem:
+        raise DpolabError(f"cannot read checkpoint {path}: {problem}")
+    written = state.get("trainer")
+    if command is not None and written is not None and written != command:
+        raise DpolabError(f"cannot resume from {directory}: it is a checkpoint of `dpolab {written}`, not of "
+                          f"`dpolab {command}`")
+    return state
+
+
+def read_training_state(directory: Path, *, optimizer, scheduler, command: str | None = None) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG states from a checkpoint; return the JSON trainer state
+    (:func:`read_trainer_state`).
 
     Only tensors and plain data are unpickled (``weights_only=True``); a damaged or foreign
-    checkpoint is a :class:`DpolabError` naming the folder, never a traceback."""
+    checkpoint is a :class:`DpolabError` naming the file, never a traceback."""
     import pickle
 
     directory = Path(directory)
-    for name in ("training_state.pt", "trainer_state.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise DpolabError(f"cannot resume from {directory}: it has no {name} (not a checkpoint of this trainer)")
+    check_checkpoint_files(directory)
+    state = read_trainer_state(directory, command=command)
+    path = directory / "training_state.pt"
     try:
-        blob = torch.load(directory / "training_state.pt", weights_only=True)
-        state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        blob = torch.load(path, weights_only=True)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
-        for key in ("step", "micro_batch", "skipped_steps", "tokens"):
-            if not isinstance(state.get(key), int):
-                raise ValueError(f"trainer_state.json: '{key}' missing or not an integer")
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError,
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError, AttributeError,
             pickle.UnpicklingError) as err:
-        raise DpolabError(f"cannot read checkpoint {directory}: {_first_line(err)}") from None
+        raise DpolabError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
     return state
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from dpolab.errors import DpolabError
 
 LATEST = "latest"
+EARLIER_RUN = ("metrics.jsonl", "summary.json", "checkpoints", "final")  # what a run leaves
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,6 +67,17 @@ class RunDir:
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    def check_new_run(self, resume: str | None) -> None:
+        """Before any work: the path must be a folder (or not exist yet) and, unless resuming, hold no
+        earlier run, whose metrics and checkpoints a new run would mix with its own."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DpolabError(f"--output-dir {self.path} is a file, not a folder")
+        if resume is None:
+            found = [name for name in EARLIER_RUN if (self.path / name).exists()]
+            if found:
+                raise DpolabError(f"{self.path} already holds a run ({', '.join(found)}); pass --resume latest to "
+                                  "continue it or choose another --output-dir")
 
     def create(self) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)

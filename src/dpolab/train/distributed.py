@@ -190,14 +190,24 @@ def accumulation_context(accelerator, model, sync: bool):
     return NullContext()
 
 
-def start_run(cfg: Any) -> tuple[Any, Any]:
-    """The opening every LM trainer shares: its Accelerator (LoRA refused under FSDP/DeepSpeed, where
-    the final merge would need the whole model on one process), seeded RNGs, and the tokenizer."""
+def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
+    """The opening every LM trainer shares: the output folder and ``--resume`` checkpoint checked
+    (by every process before the process group forms, so before any process writes), its Accelerator
+    (LoRA refused under FSDP/DeepSpeed, where the final merge would need the whole model on one
+    process), seeded RNGs, and the tokenizer. ``command``: the trainer, as its checkpoints name it."""
     from dpolab.lm.loading import load_tokenizer
+    from dpolab.runs.checkpoint import check_checkpoint_files, read_trainer_state
+    from dpolab.runs.rundir import RunDir
     from dpolab.runs.seeding import seed_everything
     from dpolab.runs.trackers import parse_report_to
 
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
+    run = RunDir(cfg.output_dir)
+    run.check_new_run(cfg.resume)
+    if cfg.resume:
+        ckpt = run.resolve_checkpoint(cfg.resume)
+        check_checkpoint_files(ckpt)
+        read_trainer_state(ckpt, command=command)
     accelerator = make_accelerator(cfg.mixed_precision)
     if getattr(cfg, "lora", False) and is_sharded(accelerator):
         raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "

@@ -165,7 +165,7 @@ def train(cfg: DPOConfig) -> dict:
     from dpolab.train.pair_layout import collate_pairs, load_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
-    accelerator, tokenizer = distributed.start_run(cfg)
+    accelerator, tokenizer = distributed.start_run(cfg, DPO.name)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()
     if cfg.dry_run:

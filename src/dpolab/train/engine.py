@@ -32,6 +32,7 @@ import torch
 
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
+    read_trainer_state,
     read_training_state,
     untied,
     warn_config_changes,
@@ -190,7 +191,7 @@ class Engine:
         if not self.is_main:
             return
         files = algo.checkpoint_files(full)
-        state = {"step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
+        state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
                  "algorithm": algo.state_dict(), "config": vars(self.cfg)}
 
@@ -202,8 +203,9 @@ class Engine:
         self.run_dir.save_checkpoint(self.step, write)
 
     def _resume(self, algo: Algorithm) -> None:
+        read_trainer_state(self.ckpt, command=algo.name)  # another trainer's checkpoint: refused before any load
         algo.load_checkpoint(self, self.ckpt)
-        state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
         self.step, self.micro = state["step"], state["micro_batch"]
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
         self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))

@@ -205,7 +205,7 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
-    accelerator, tokenizer = distributed.start_run(cfg)
+    accelerator, tokenizer = distributed.start_run(cfg, KTO.name)
     data = load_unpaired_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                               split=cfg.data_split, eval_split=cfg.eval_split)

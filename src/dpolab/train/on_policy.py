@@ -96,7 +96,7 @@ def open_run(cfg, name: str):
     from dpolab.rewards.functions import compute_rewards
     from dpolab.train import distributed
 
-    accelerator, tokenizer = distributed.start_run(cfg)
+    accelerator, tokenizer = distributed.start_run(cfg, name)
     if distributed.is_sharded(accelerator):
         raise ConfigError(f"dpolab {name} samples with the whole model on each process: use DDP (FSDP/DeepSpeed "
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")

@@ -164,6 +164,30 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
         raise ConfigError("--eval-fraction must be in [0, 1)")
     if (getattr(cfg, "micro_batch_tokens", None) or 0) < 0:
         raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
+    validate_run_numbers(cfg)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_run_numbers(cfg) -> None:
+    """The optimizer, schedule, checkpoint and LoRA numbers every LM trainer has, each in its range
+    (caught here with the option's name rather than by torch or peft mid-start)."""
+    import math
+
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "eval_steps", "save_steps"):
+        value = getattr(cfg, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+    epochs = getattr(cfg, "epochs", None)
+    if epochs is not None and (getattr(cfg, "max_steps", 0) or 0) <= 0 and not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"--epochs must be > 0 (or give --max-steps N), got {epochs}")
+    if getattr(cfg, "lora", False):
+        if cfg.lora_r < 1 or cfg.lora_alpha <= 0:
+            raise ConfigError(f"--lora-r must be >= 1 and --lora-alpha > 0, got {cfg.lora_r} and {cfg.lora_alpha}")
+        if not 0 <= cfg.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
 
 
 # -- on-policy trainers (ppo; grpo, rloo and online dpo share them) ----------------------------------
@@ -239,6 +263,7 @@ def validate_on_policy(cfg, *, several_rewards: bool = True) -> None:
                           "--top-k >= 0")
     if cfg.eval_prompts < 0 or cfg.log_samples < 0:
         raise ConfigError("--eval-prompts and --log-samples must be >= 0")
+    validate_run_numbers(cfg)
 
 
 @dataclass

@@ -149,7 +149,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.train.memory import resolve_micro_batch_tokens
     from dpolab.train.pair_layout import load_pairs, pair_widths, resolve_prefix_sharing
 
-    accelerator, tokenizer = distributed.start_run(cfg)
+    accelerator, tokenizer = distributed.start_run(cfg, RewardModelTraining.name)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()
     if cfg.dry_run:

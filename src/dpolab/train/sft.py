@@ -135,7 +135,7 @@ def train(cfg: SFTConfig) -> dict:
     from dpolab.train.engine import Engine
     from dpolab.train.memory import resolve_micro_batch_tokens
 
-    accelerator, tokenizer = distributed.start_run(cfg)
+    accelerator, tokenizer = distributed.start_run(cfg, SFT.name)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
                          seed=cfg.seed, split=cfg.data_split, eval_split=cfg.eval_split)
