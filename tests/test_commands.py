@@ -157,6 +157,10 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     assert "--temperature >= 0" in err("--prompt", "a", "--temperature", -1)
     assert "--num-samples must be >= 1" in err("--prompt", "a", "--num-samples", 0)
     assert "is a folder" in err("--prompt", "a", "--output", tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert f"{afile} is a file, not a folder" in err("--prompt", "a", "--output", afile / "out.jsonl")
+    assert "no room for the completions" in err("--prompt", "a", "--max-new-tokens", 100_000)  # past the positions
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -244,6 +248,28 @@ def test_eval_passes_row_fields_to_the_reward(work, tiny_model_dir, tmp_path):
     assert [r["reward"] for r in rows] == [float(i) for i in range(8) for _ in range(3)]
 
 
+def test_eval_with_a_reward_model_and_a_python_reward_summed(work, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """--reward-model without --max-prompt-length (prompts uncut), weighted with a Python reward:
+    each sample's reward is 0.5·RM + 2·row_id, the RM scored on its own."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dpolab.rewards.functions import score
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)) \
+        .save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
+    assert main(["eval", "--models", str(tiny_model_dir), "--data", str(work / "prompts.jsonl"), "--reward-model",
+                 str(rm_dir), "--reward", f"{work / 'rewards.py'}:row_id", "--reward-weights", "2,0.5",
+                 "--max-new-tokens", "4", "--no-kl", "--output", str(tmp_path / "r.json"),
+                 "--samples-output", str(tmp_path / "s.jsonl"), "--no-progress"]) == 0
+    rows = _read_jsonl(tmp_path / "s.jsonl")
+    rm = score(str(rm_dir), [r["prompt"] for r in rows], [r["completion"] for r in rows])
+    assert [r["reward"] for r in rows] == pytest.approx([2.0 * i + 0.5 * v for i, v in enumerate(rm)], abs=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["reward"] == f"2*{work / 'rewards.py'}:row_id + 0.5*{rm_dir}"
+
+
 def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, capsys):
     from dpolab.lm.tiny import tiny_llama, train_tokenizer
 
@@ -264,7 +290,11 @@ def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, caps
     tok.save_pretrained(other)
     assert "different vocabulary" in err("--models", tiny_model_dir, other, "--reward", reward)
     assert "--models is required" in err("--reward", reward)
-    assert "exactly one of --reward-model" in err("--models", tiny_model_dir)
+    assert "give --reward module:function and/or --reward-model" in err("--models", tiny_model_dir)
+    assert "no room for the completions" in err("--models", tiny_model_dir, "--reward", reward,
+                                                "--max-new-tokens", 100_000)
+    assert "is a LlamaForCausalLM, not a reward model" in err("--models", tiny_model_dir, "--reward-model",
+                                                              tiny_model_dir)
     assert "2 labels for 1 models" in err("--models", tiny_model_dir, "--reward", reward, "--labels", "a", "b")
     assert "needs the KL" in err("--models", tiny_model_dir, "--reward", reward, "--no-kl",
                                  "--plot", tmp_path / "p.png")

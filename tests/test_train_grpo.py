@@ -34,6 +34,17 @@ def wrong_length(prompts, completions):
 
 def nan(prompts, completions):
     return [float("nan")] * len(completions)
+
+def fails_on_eval(prompts, completions):
+    if any(p.startswith("EVAL") for p in prompts):
+        raise RuntimeError("cannot score these")
+    return [0.5] * len(completions)
+
+def numpy_scalars(prompts, completions):
+    import numpy as np
+    import torch
+    return [np.float32(0.5), np.int64(1), torch.tensor(0.25)] * (len(completions) // 3) + \
+        [np.float64(1.0)] * (len(completions) % 3)
 '''
 
 
@@ -324,9 +335,55 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
     assert "returned 1 values for 4" in err("grpo", "--reward", f"{reward_file}:wrong_length")
     assert "non-finite value (nan)" in err("rloo", "--reward", f"{reward_file}:nan")
     assert "no group std" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
+    for scaling in ("batch", "none"):  # advantage r - mean(group of one) = 0: it would train on nothing
+        assert "every advantage r - mean(group) is 0" in err("grpo", "--reward", f"{reward_file}:frac_alpha",
+                                                             "--num-generations", 1, "--scale-rewards", scaling)
     assert ">= 2" in err("rloo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
     assert "2 weights for 1 rewards" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--reward-weights", "1,2")
     assert "--reward" in err("grpo")
+    # A row without a field the reward takes: found when the data loads, not when the row is first
+    # sampled steps into the run (or, for --eval-data, at the end-of-run evaluation).
+    late = tmp_path / "late.jsonl"
+    late.write_text(prompts_file.read_text() + json.dumps({"prompt": "no topic"}) + "\n")
+    assert f"{late}:6: field 'topic': missing; the reward length takes it" in err(
+        "grpo", "--reward", f"{reward_file}:length", "--data", late)
+    assert f"{late}:6: field 'topic': missing" in err("rloo", "--reward", f"{reward_file}:length", "--eval-data", late,
+                                                      "--eval-prompts", 8)
+    assert "'topic': missing" in err("grpo", "--reward", f"{reward_file}:length", "--data", late, "--dry-run")
+
+
+def test_a_failing_final_evaluation_leaves_the_trained_run_resumable(tiny_model_dir, prompts_file, reward_file,
+                                                                      tmp_path, capsys):
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": "EVAL the movie"}) + "\n")
+    out = tmp_path / "run"
+    common = ("--reward", f"{reward_file}:fails_on_eval", "--num-generations", 2, "--prompts-per-step", 2,
+              "--max-steps", 2)
+    assert main(_args("grpo", tiny_model_dir, prompts_file, out, *common, "--eval-data", evals, "--eval-prompts", 1)) == 2
+    assert "cannot score these" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step-2").is_dir() and not (out / "final").exists()
+    assert main(_args("grpo", tiny_model_dir, prompts_file, out, *common, "--eval-prompts", 0,
+                      "--resume", "latest")) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_reward_may_return_numpy_or_torch_scalars(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args("grpo", tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:numpy_scalars",
+                      "--num-generations", 3, "--prompts-per-step", 2, "--max-steps", 1)) == 0
+    assert _rows(out)[0]["rewards/mean"] == pytest.approx((0.5 + 1 + 0.25) / 3)
+
+
+def test_task_command_bad_input_writes_nothing(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, says in ((["copy", "--output-dir", afile], "is a file; give a folder name"),
+                       (["copy", "--task", "add", "--output-dir", tmp_path / "t"], "the task is given twice"),
+                       (["add", "--train", "3000", "--output-dir", tmp_path / "t"], "fewer than 3000 distinct")):
+        assert main(["task", *map(str, argv)]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_task_command_writes_disjoint_files(tmp_path, capsys):

@@ -179,9 +179,9 @@ def test_lora_with_separate_value_model(tiny_model_dir, prompts_file, reward_fil
     assert (out / "final" / "value_head.safetensors").is_file()
 
 
-def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, tmp_path):
-    """--reward-model with a sequence-classification folder; prompts given as chat messages are
-    rendered with the template and a generation prompt."""
+def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_file, tmp_path):
+    """--reward-model with a sequence-classification folder, summed with a Python reward; prompts
+    given as chat messages are rendered with the template and a generation prompt."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     rm_dir = tmp_path / "rm"
@@ -191,9 +191,9 @@ def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, tmp_path)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS[:4]))
     out = tmp_path / "rmrun"
-    assert main(_args(tiny_model_dir, data, out, "--reward-model", rm_dir, "--max-steps", 1,
-                      "--rollout-batch-size", 4, "--mini-batch-size", 4, "--ppo-epochs", 1, "--eval-prompts", 4,
-                      "--max-new-tokens", 4)) == 0
+    assert main(_args(tiny_model_dir, data, out, "--reward-model", rm_dir, "--reward", f"{reward_file}:frac_alpha",
+                      "--reward-weights", "0.5,2", "--max-steps", 1, "--rollout-batch-size", 4,
+                      "--mini-batch-size", 4, "--ppo-epochs", 1, "--eval-prompts", 4, "--max-new-tokens", 4)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert isinstance(summary["eval/reward"], float)
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
@@ -209,8 +209,9 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, 
         assert msg.count("\n") == 0 and "Traceback" not in msg
         return msg
 
-    assert "exactly one of --reward-model" in err()
-    assert "exactly one of --reward-model" in err("--reward", "a:b", "--reward-model", "x")
+    assert "give --reward module:function and/or --reward-model" in err()
+    assert "1 weights for 2 rewards" in err("--reward", f"{reward_file}:frac_alpha", "--reward-model", "x",
+                                            "--reward-weights", "1")
     assert "expected 'module:function'" in err("--reward", "nocolon")
     assert "returned 1 values for 2" in err("--reward", f"{reward_file}:wrong_length")
     bad = tmp_path / "bad.jsonl"

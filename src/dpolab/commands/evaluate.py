@@ -1,4 +1,5 @@
-"""`dpolab eval`: several models on one prompt set, scored by one reward, against one reference.
+"""`dpolab eval`: several models on one prompt set, scored by one reward (or a weighted sum of several,
+`--reward-weights`), against one reference.
 
 For each model, ``--num-samples`` completions per prompt, completion ``j`` of prompt ``i`` drawn with
 the seed ``row_seed(seed, i, j)`` that every model shares (``dpolab.commands.generate``); then:
@@ -92,7 +93,7 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
             raise ConfigError("--models is required (one or more hub names or local folders)")
         if not self.data:
             raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
-        validate_rewards(self, several=False)
+        validate_rewards(self)
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"--labels: {len(self.labels)} labels for {len(self.models)} models; give one per model")
         check_counts(self)
@@ -194,6 +195,15 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
             "completions": completions, "prompts": texts}
 
 
+def reward_label(cfg: EvalConfig) -> str:
+    """The reward as the results name it: its spec, or the weighted sum of several (``2*a + 0.5*b``)."""
+    specs = [*(cfg.reward or []), *(cfg.reward_model or [])]
+    if len(specs) == 1:
+        return specs[0]
+    weights = cfg.reward_weights or [1.0] * len(specs)
+    return " + ".join(f"{w:g}*{spec}" for w, spec in zip(weights, specs))
+
+
 def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Evaluate every model of ``cfg``. Returns (results, per-completion sample rows)."""
     import torch
@@ -201,7 +211,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     from dpolab.commands.generate import resolve_device
     from dpolab.data.prompts import extra_fields
     from dpolab.lm.loading import load_tokenizer
-    from dpolab.train.on_policy import reward_function
+    from dpolab.train.on_policy import check_room, reward_function
 
     cfg.check()
     records = read_prompt_rows(cfg.data, cfg.split)
@@ -224,6 +234,8 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         for name, _ in entries:
             check_vocabulary(name, tokenizers[name], reference, tokenizers[reference])
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
+    for name, (_, ids) in prompts.items():
+        check_room(cfg, max(map(len, ids)), model=name)
     columns = [extra_fields(rec.data) for rec in records]
 
     ref_model = load_model(reference, cfg, device) if reference is not None else None
@@ -248,7 +260,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         models.append(row)
     n, k = len(records), cfg.num_samples
     results = {"data": cfg.data, "prompts": n, "num_samples": k, "completions": n * k,
-               "reward": (cfg.reward or cfg.reward_model)[0], "baseline": baseline, "reference": reference,
+               "reward": reward_label(cfg), "baseline": baseline, "reference": reference,
                "models": models, "config": asdict(cfg)}
     samples = [{"model": label, "prompt_index": i, "sample": j, "prompt": r["prompts"][i],
                 "completion": r["completions"][i * k + j], "reward": float(r["rewards"][i, j]),

@@ -89,11 +89,11 @@ def check_counts(cfg) -> None:
 
 
 def check_output_file(flag: str, path: str | None) -> None:
-    """Refuse, before any work, an output path that is a folder (found only at the end otherwise)."""
-    from pathlib import Path
+    """Refuse, before any work, an output path that cannot be written (found only at the end otherwise)."""
+    from dpolab.runs.rundir import check_writable
 
-    if path is not None and Path(path).is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    if path is not None:
+        check_writable(flag, path)
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -260,6 +260,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     """The completion rows of ``cfg`` (see the module docstring), prompt-major."""
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.loading import load_tokenizer
+    from dpolab.train.on_policy import check_room
 
     cfg.check()
     records = read_prompt_rows(cfg.data, cfg.split) if cfg.data is not None else None
@@ -272,6 +273,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     else:
         texts = list(cfg.prompt)
         ids, extras = text_prompts(texts, tokenizer, cfg.max_prompt_length), [{} for _ in texts]
+    check_room(cfg, max(map(len, ids)))
     model = load_model(cfg.model, cfg, device)
 
     k = cfg.num_samples

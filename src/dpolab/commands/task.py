@@ -37,10 +37,14 @@ class TaskConfig:
 
 def cli_main(argv: list[str], prog: str) -> int:
     from dpolab.rewards.tasks import write_task
+    from dpolab.runs.rundir import check_writable
 
     if argv and not argv[0].startswith("-"):  # `dpolab task reverse ...`
+        if any(a == "--task" or a.startswith("--task=") for a in argv[1:]):
+            raise ConfigError(f"the task is given twice: '{argv[0]}' and --task; give one")
         argv = ["--task", argv[0], *argv[1:]]
     cfg = parse_config(TaskConfig, argv, prog=prog, description=DESCRIPTION)
+    check_writable("--output-dir", cfg.output_dir, folder=True)
     try:
         files = write_task(cfg.task, cfg.output_dir, train=cfg.train, eval=cfg.eval, sft=cfg.sft, noise=cfg.noise,
                            seed=cfg.seed)

@@ -68,9 +68,12 @@ class RewardModel(nn.Module):
         return self.model.score(ends)[:, 0].float()                                            # (2B,)
 
 
-def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trust_remote_code: bool = False):
+def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trust_remote_code: bool = False,
+                      trained: bool = False):
     """A ``AutoModelForSequenceClassification`` with ``num_labels=1`` and ``pad_token_id`` set, from a
-    causal-LM checkpoint (the head is newly initialised) or a saved reward model."""
+    causal-LM checkpoint (the head is newly initialised) or a saved reward model. ``trained`` (scoring,
+    not training): a folder saved as another architecture (a causal LM) is refused, since its score
+    head would be random."""
     from transformers import AutoModelForSequenceClassification
 
     from dpolab.lm.loading import load_pretrained, pad_token_id_for
@@ -80,6 +83,10 @@ def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trus
                       trust_remote_code=trust_remote_code, num_labels=1)
     except (KeyError, ValueError) as err:  # no sequence-classification class for this architecture
         raise DpolabError(f"cannot build a reward model from '{name_or_path}': {err}") from None
+    saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str)]
+    if trained and saved_as and not any(a.endswith("ForSequenceClassification") for a in saved_as):
+        raise DpolabError(f"'{name_or_path}' is a {saved_as[0]}, not a reward model: its score head would be "
+                          "random; train one from it with `dpolab rm` and pass that run's final/")
     if model.config.num_labels != 1:
         raise DpolabError(f"'{name_or_path}' has a {model.config.num_labels}-label head; a reward model needs 1")
     model.config.pad_token_id = pad_token_id_for(tokenizer)

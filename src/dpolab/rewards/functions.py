@@ -83,6 +83,8 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     name = getattr(fn, "__qualname__", repr(fn))
     try:
         out = fn(list(prompts), list(completions), **_accepted(fn, columns or {}))
+    except DpolabError:  # already says which reward and what (a combination of rewards calls this per reward)
+        raise
     except Exception as err:
         raise DpolabError(f"reward function {name} raised {type(err).__name__}: {err}") from None
     if isinstance(out, torch.Tensor):
@@ -95,6 +97,8 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
         raise DpolabError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
     values = []
     for i, v in enumerate(out):
+        if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # a numpy scalar or 0-d tensor
+            v = v.item()
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DpolabError(f"reward function {name} returned {type(v).__name__} at position {i}; "
                               "expected a float")
@@ -117,9 +121,11 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
     from dpolab.lm.loading import load_tokenizer, pad_token_id_for
     from dpolab.lm.reward_model import RewardModel, load_reward_model
 
+    if len(prompts) != len(completions):  # before any model loads
+        raise DpolabError(f"{len(prompts)} prompts but {len(completions)} completions")
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or load_tokenizer(str(model))
-        model = load_reward_model(str(model), tokenizer)
+        model = load_reward_model(str(model), tokenizer, trained=True)
     if tokenizer is None:
         inner = model.model if isinstance(model, RewardModel) else model
         source = getattr(inner, "name_or_path", "") or getattr(getattr(inner, "config", None), "_name_or_path", "")
@@ -146,6 +152,22 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
         out += rm(ids.to(device), mask.to(device)).tolist()
     rm.train(was_training)
     return out
+
+
+def required_columns(fn) -> dict[str, str]:
+    """``{field: reward name}``: the row fields a reward cannot be called without, its parameters after
+    ``(prompts, completions)`` that have no default (for :class:`WeightedRewards`, its functions')."""
+    import inspect
+
+    if isinstance(fn, WeightedRewards):
+        return {c: n for _, f in fn.named for c, n in required_columns(f).items()}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = [(n, p) for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+    name = getattr(fn, "__qualname__", repr(fn))
+    return {n: name for n, p in named if p.default is inspect.Parameter.empty}
 
 
 def _accepted(fn, columns: dict[str, list]) -> dict[str, list]:

@@ -74,13 +74,13 @@ def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int
     """Write ``train.jsonl``, ``eval.jsonl`` (prompt/answer rows; eval prompts disjoint from the others)
     and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``). Returns the paths."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     evals = make_examples(task, eval, seed + 1)
     held = {p for p, _ in evals}
     trains = make_examples(task, train, seed, exclude=held)
     rng = random.Random(seed + 2)
     sfts = [(p, a if rng.random() >= noise else _corrupt(a, rng))
             for p, a in make_examples(task, sft, seed + 3, exclude=held)] if sft else []
+    out.mkdir(parents=True, exist_ok=True)  # only once every row is made: a bad size leaves no folder
     files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "sft": out / "sft.jsonl"}
     _write(files["train"], [{"prompt": p, "answer": a} for p, a in trains])
     _write(files["eval"], [{"prompt": p, "answer": a} for p, a in evals])

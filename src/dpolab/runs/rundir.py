@@ -13,6 +13,7 @@ never leaves a half-written file or checkpoint that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,14 +30,38 @@ EARLIER_RUN = ("metrics.jsonl", "summary.json", "checkpoints", "final")  # what 
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename; an error (no space, no
+    permission) is one line naming the file, and leaves neither a partial file nor the temporary one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DpolabError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def check_writable(flag: str, path: str | Path, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a folder where a file is
+    meant (or a file where a folder is), a file on its way, or a folder this user may not write in."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DpolabError(f"{flag} {path}: is a {'file' if folder else 'folder'}; give a "
+                          f"{'folder' if folder else 'file'} name")
+    parent = path if folder and path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DpolabError(f"{flag} {path}: {parent} is a file, not a folder")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise DpolabError(f"{flag} {path}: {target} is not writable")
 
 
 def _jsonable(value: Any) -> Any:

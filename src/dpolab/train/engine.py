@@ -284,8 +284,8 @@ class Engine:
                     return {"stopped": True, "steps": step}
         bar.close()
 
+        self.save_checkpoint(algo)  # first: an evaluation that fails leaves the trained run resumable
         last_eval = self.evaluate(algo)
-        self.save_checkpoint(algo)
         summary_metrics = {**last_logged, **last_eval, "skipped_steps": self.skipped, **algo.summary(self)}
         full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
         if not self.is_main:

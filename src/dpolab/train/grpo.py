@@ -61,9 +61,10 @@ class GRPOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
         validate_groups(self)
         if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ConfigError("need --beta >= 0, --epsilon > 0 and --epsilon-high > 0")
-        if self.num_generations < 2 and self.scale_rewards == "group":
-            raise ConfigError("--num-generations 1 has no group std to divide by (every advantage would be 0/0): "
-                              "use --num-generations >= 2, or --scale-rewards none")
+        if self.num_generations < 2:  # r − mean over a group of one is 0: nothing to learn from the rewards
+            raise ConfigError("--num-generations 1: every advantage r - mean(group) is 0, and there is no group std "
+                              "to divide by" + (" (0/0)" if self.scale_rewards == "group" else "") +
+                              "; GRPO needs --num-generations >= 2")
 
 
 class GRPO(CriticFree):

@@ -102,8 +102,9 @@ def open_run(cfg, name: str):
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
     prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.data_split)
     check_room(cfg, max(len(ids) for ids in prompts.ids))
-    eval_set = eval_prompt_set(cfg, prompts, tokenizer)
     rewards = reward_function(cfg, accelerator.device)
+    check_reward_fields(rewards, prompts)
+    eval_set = eval_prompt_set(cfg, prompts, tokenizer, rewards)
     report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
     if cfg.dry_run:
         rows = list(range(min(2, len(prompts))))
@@ -114,22 +115,24 @@ def open_run(cfg, name: str):
     return accelerator, tokenizer, prompts, eval_set, rewards, report
 
 
-def check_room(cfg, longest_prompt: int) -> None:
+def check_room(cfg, longest_prompt: int, model: str | None = None) -> None:
     """Refuse, before loading any weights, prompts that leave no room for ``--max-new-tokens`` in the
-    model's positions (``max_position_embeddings`` of its config, where it has one)."""
+    positions of ``model`` (default ``--model``; ``max_position_embeddings`` of its config, where it
+    has one)."""
     from transformers import AutoConfig
 
     from dpolab.errors import ConfigError
 
+    model = model or cfg.model
     try:
-        limit = getattr(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code),
+        limit = getattr(AutoConfig.from_pretrained(model, trust_remote_code=cfg.trust_remote_code),
                         "max_position_embeddings", None)
     except (OSError, ValueError):
         return  # the model load reports it
     if limit is not None and longest_prompt + cfg.max_new_tokens > limit:
         raise ConfigError(f"prompts of up to {longest_prompt} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed "
-                          f"the model's {limit} positions: no room for the completions; lower --max-prompt-length "
-                          "or --max-new-tokens")
+                          f"the {limit} positions of {model}: no room for the completions; lower (or set) "
+                          "--max-prompt-length, or lower --max-new-tokens")
 
 
 def prompt_order(cfg, prompts, accelerator, batch_size: int):
@@ -162,12 +165,14 @@ def reward_function(cfg, device):
         from dpolab.lm.reward_model import load_reward_model
 
         rm_tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
-        rm = load_reward_model(folder, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        rm = load_reward_model(folder, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                               trained=True)
         rm = rm.requires_grad_(False).eval().to(device)
         # prompts cut as the policy sees them (the reward model's own tokens may differ in count)
         named.append((Path(folder).name or "reward_model", reward_model_function(
             rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
-            max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1)))
+            max_prompt_length=cfg.max_prompt_length,  # unset in `dpolab eval`: prompts are not cut
+            max_length=None if cfg.max_prompt_length is None else cfg.max_prompt_length + cfg.max_new_tokens + 1)))
     if len({n for n, _ in named}) < len(named):  # metric names must be distinct
         named = [(f"{n}_{i}", fn) for i, (n, fn) in enumerate(named)]
     return WeightedRewards(named, cfg.reward_weights)
@@ -184,9 +189,20 @@ def reference_model(cfg, device):
     return ref.requires_grad_(False).eval().to(device)
 
 
-def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]], dict[str, list]] | None:
-    """(texts, ids, other columns) of the evaluation prompts: ``--eval-data``, else a seeded sample of
-    the training prompts; None with ``--eval-prompts 0``."""
+def check_reward_fields(rewards, prompts) -> None:
+    """Every prompt row holds the fields the rewards take as arguments (e.g. ``answer``)."""
+    from dpolab.rewards.functions import required_columns
+
+    needed = required_columns(rewards)
+    for column, name in needed.items():
+        prompts.require_fields([column], f"the reward {name} takes it as an argument")
+
+
+def eval_prompt_set(cfg, prompts, tokenizer,
+                    rewards=None) -> tuple[list[str], list[list[int]], dict[str, list]] | None:
+    """(texts, ids, other columns) of the evaluation prompts: ``--eval-data`` (its rows checked to
+    hold the fields ``rewards`` take), else a seeded sample of the training prompts; None with
+    ``--eval-prompts 0``."""
     import torch
 
     if cfg.eval_prompts == 0:
@@ -196,6 +212,8 @@ def eval_prompt_set(cfg, prompts, tokenizer) -> tuple[list[str], list[list[int]]
 
         data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.eval_split)
         rows = list(range(min(cfg.eval_prompts, len(data))))
+        if rewards is not None:
+            check_reward_fields(rewards, data.subset(rows))
     else:
         data = prompts
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()

@@ -234,27 +234,26 @@ class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions,
                                          "padded tokens " + _TOKEN_BUDGET_HELP)
 
 
-def validate_rewards(cfg, *, several: bool = True) -> None:
-    """``--reward``/``--reward-model`` given (as lists) and ``--reward-weights`` one per reward;
-    ``several=False``: exactly one reward."""
+def validate_rewards(cfg) -> None:
+    """``--reward``/``--reward-model`` given (as lists; several are summed) and ``--reward-weights``
+    one per reward."""
     for name in ("reward", "reward_model"):
         if isinstance(getattr(cfg, name), str):  # a config built in Python with one string
             setattr(cfg, name, [getattr(cfg, name)])
     given = len(cfg.reward or []) + len(cfg.reward_model or [])
-    if given == 0 or (not several and given != 1):
-        raise ConfigError("give exactly one of --reward-model DIR and --reward module:function" if not several else
-                          "give --reward module:function and/or --reward-model DIR (several: comma separated)")
+    if given == 0:
+        raise ConfigError("give --reward module:function and/or --reward-model DIR (several: comma separated)")
     if cfg.reward_weights is not None and len(cfg.reward_weights) != given:
         raise ConfigError(f"--reward-weights: {len(cfg.reward_weights)} weights for {given} rewards")
 
 
-def validate_on_policy(cfg, *, several_rewards: bool = True) -> None:
+def validate_on_policy(cfg) -> None:
     """Checks of the prompt, sampling and reward options (an on-policy trainer's ``validate`` calls it)."""
     if not cfg.model:
         raise ConfigError("--model is required (a Hugging Face name or a local folder)")
     if not cfg.data:
         raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
-    validate_rewards(cfg, several=several_rewards)
+    validate_rewards(cfg)
     for name in ("max_prompt_length", "max_new_tokens", "logging_steps", "save_total_limit"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 DESCRIPTION = """Fine-tune a causal LM with PPO against a reward model or a Python reward function.
 
 Prompts: JSONL/JSON/Parquet/CSV rows with a `prompt` string or chat `messages` (rendered with the
-chat template and a generation prompt). Reward: --reward-model DIR (a trained `dpolab rm` model) or
---reward module:function with f(prompts: list[str], completions: list[str]) -> list[float].
+chat template and a generation prompt). Reward: --reward-model DIR (a trained `dpolab rm` model) and/or
+--reward module:function with f(prompts: list[str], completions: list[str]) -> list[float]; several
+(comma separated) are summed with --reward-weights.
 
 example:
   dpolab ppo --model runs/sft/final --reward-model runs/rm/final --data prompts.jsonl \\
@@ -66,7 +67,7 @@ class PPOConfig(OnPolicyOptions):
     epochs: float = opt(1.0, "passes over the prompts")
 
     def validate(self) -> None:
-        validate_on_policy(self, several_rewards=False)
+        validate_on_policy(self)
         require_positive(self, "rollout_batch_size", "num_samples", "mini_batch_size", "grad_accum", "ppo_epochs")
         checks = {"--mini-batch-size must not exceed --rollout-batch-size × --num-samples":
                   self.mini_batch_size <= self.rollout_batch_size * self.num_samples,
