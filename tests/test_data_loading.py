@@ -253,6 +253,11 @@ def test_json_bad_shapes(tmp_path):
     path.write_text("3")
     with pytest.raises(DataError, match="expected a list of objects"):
         load_records(str(path))
+    path.write_text(json.dumps({"data": ROWS}))  # rows wrapped in an object: said so, not "field missing"
+    with pytest.raises(DataError, match=r"d\.json: an object whose one key 'data' holds the rows"):
+        load_records(str(path))
+    path.write_text(json.dumps({"messages": [[{"role": "user", "content": "hi"}]]}))  # one column of lists: fine
+    assert load_records(str(path))[0].data == {"messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_csv_ragged_row_names_row_and_line(tmp_path):

@@ -204,6 +204,10 @@ def _read_json(path: Path, source: str) -> list[Record]:
     if not text.strip(JSON_WHITESPACE):
         raise DataError("file is empty", path=source)
     value = _parse_json(text, source)
+    if (isinstance(value, dict) and len(value) == 1 and isinstance(rows := next(iter(value.values())), list)
+            and rows and all(isinstance(r, dict) for r in rows)):
+        raise DataError(f"an object whose one key '{next(iter(value))}' holds the rows: give the list of rows "
+                        "itself (or JSONL, a row a line)", path=source)
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
         lengths = {k: len(v) for k, v in value.items()}
         if len(set(lengths.values())) != 1:
