@@ -196,6 +196,9 @@ def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_fi
                       "--mini-batch-size", 4, "--ppo-epochs", 1, "--eval-prompts", 4, "--max-new-tokens", 4)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert isinstance(summary["eval/reward"], float)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])  # each reward's mean, and their sum
+    assert row["objective/scores"] == pytest.approx(0.5 * row["rewards/frac_alpha/mean"] + 2 * row["rewards/rm/mean"],
+                                                    abs=1e-5)
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>\n")
 
