@@ -256,11 +256,21 @@ def test_seeded_eval_split_indices_and_report(tmp_path):
     # tokens per pair: 2*3 (prompt) + 2 ("c"+EOS) + 3 ("rr"+EOS) = 11.
     assert data.report.as_dict() == {"rows": 40, "train_rows": 38, "eval_rows": 2, "skipped": 0,
                                      "truncated": 0, "tokens": 40 * 11, "skipped_examples": [],
-                                     "formats": {"standard": 40}}
+                                     "formats": {"standard": 40}, "identical": 0, "identical_examples": []}
     again = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
     assert [p.prompt_ids for p in again.eval] == [p.prompt_ids for p in data.eval]
     other = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=4)
     assert [p.prompt_ids for p in other.eval] != [p.prompt_ids for p in data.eval]
+
+
+def test_identical_responses_are_kept_and_counted_with_where(tmp_path):
+    rows = [dict(r) for r in ROWS40[:6]]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    rows[5] = {"chosen": "p05 same", "rejected": "p05 same"}  # implicit prompt: identical whole texts
+    src = write_rows(tmp_path / "d.jsonl", rows)
+    rep = load_preference_data(src, CharTokenizer(), eval_fraction=0).report
+    assert (rep.train_rows, rep.identical) == (6, 2)
+    assert rep.identical_examples == [f"{src}:3", f"{src}:6"]
 
 
 @pytest.mark.parametrize("n,fraction,n_eval", [(1, 0.05, 0), (2, 0.05, 1), (3, 0.0, 0), (10, 0.5, 5),

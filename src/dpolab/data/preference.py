@@ -359,6 +359,8 @@ class DataReport:
     tokens: int
     skipped_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
     formats: dict[str, int] = field(default_factory=dict)  # rows per source format: how prompts were found
+    identical: int = 0  # pairs whose chosen and rejected responses are the same (kept: no signal in them)
+    identical_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -408,6 +410,10 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
                         truncated=0, tokens=0)
     for ex in (*train_ex, *eval_ex):
         report.formats[ex.source_format] = report.formats.get(ex.source_format, 0) + 1
+        if ex.chosen == ex.rejected:
+            report.identical += 1
+            if len(report.identical_examples) < MAX_SKIPPED_EXAMPLES:
+                report.identical_examples.append(ex.where)
     train = _tokenize_all(train_ex, tokenizer, sp, report, max_length, max_prompt_length)
     evals = _tokenize_all(eval_ex, tokenizer, sp, report, max_length, max_prompt_length)
     report.train_rows, report.eval_rows = len(train), len(evals)
