@@ -48,17 +48,13 @@ class PromptData:
     def report(self) -> dict:
         return {"source": self.source, "prompts": len(self), "truncated": self.truncated}
 
-    def require_fields(self, names: list[str], why: str) -> None:
-        """Every row has the fields ``names`` (a reward's arguments): checked at load time, where a
-        row without one would otherwise fail only when it is first sampled, steps into the run."""
-        if not names:
-            return
+    def require_field(self, name: str, why: str) -> None:
+        """Every row has the field ``name`` (a reward's argument): checked at load time, where a row
+        without it would otherwise fail only when it is first sampled, steps into the run."""
         for i in range(len(self)):
-            extra = self.extras[i] if self.extras else {}
-            missing = [n for n in names if n not in extra]
-            if missing:
+            if name not in (self.extras[i] if self.extras else {}):
                 raise DataError(f"missing; {why}", path=self.locations[i] if self.locations else self.source,
-                                field=missing[0])
+                                field=name)
 
 
 def extra_fields(row: dict) -> dict:

@@ -154,36 +154,36 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
     return out
 
 
+def _column_params(fn) -> tuple[list, bool]:
+    """``(parameters after (prompts, completions) that a column can fill, takes **kwargs)``; no
+    parameters when the signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return [], False
+    named = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def required_columns(fn) -> dict[str, str]:
     """``{field: reward name}``: the row fields a reward cannot be called without, its parameters after
     ``(prompts, completions)`` that have no default (for :class:`WeightedRewards`, its functions')."""
-    import inspect
-
     if isinstance(fn, WeightedRewards):
         return {c: n for _, f in fn.named for c, n in required_columns(f).items()}
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    named = [(n, p) for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
     name = getattr(fn, "__qualname__", repr(fn))
-    return {n: name for n, p in named if p.default is inspect.Parameter.empty}
+    return {p.name: name for p in _column_params(fn)[0] if p.default is p.empty}
 
 
 def _accepted(fn, columns: dict[str, list]) -> dict[str, list]:
     """The columns ``fn`` takes as keyword arguments: all of them for ``**kwargs``, else those it names."""
-    import inspect
-
     if not columns:
         return {}
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    named, var_keyword = _column_params(fn)
+    if var_keyword:
         return dict(columns)
-    names = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
-    return {n: columns[n] for n in names if n in columns}
+    return {p.name: columns[p.name] for p in named if p.name in columns}
 
 
 class WeightedRewards:

@@ -32,7 +32,6 @@ import torch
 
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
-    read_trainer_state,
     read_training_state,
     untied,
     warn_config_changes,
@@ -203,7 +202,6 @@ class Engine:
         self.run_dir.save_checkpoint(self.step, write)
 
     def _resume(self, algo: Algorithm) -> None:
-        read_trainer_state(self.ckpt, command=algo.name)  # another trainer's checkpoint: refused before any load
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
         self.step, self.micro = state["step"], state["micro_batch"]

@@ -63,8 +63,7 @@ class GRPOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
             raise ConfigError("need --beta >= 0, --epsilon > 0 and --epsilon-high > 0")
         if self.num_generations < 2:  # r − mean over a group of one is 0: nothing to learn from the rewards
             raise ConfigError("--num-generations 1: every advantage r - mean(group) is 0, and there is no group std "
-                              "to divide by" + (" (0/0)" if self.scale_rewards == "group" else "") +
-                              "; GRPO needs --num-generations >= 2")
+                              "to divide by; GRPO needs --num-generations >= 2")
 
 
 class GRPO(CriticFree):

@@ -193,9 +193,8 @@ def check_reward_fields(rewards, prompts) -> None:
     """Every prompt row holds the fields the rewards take as arguments (e.g. ``answer``)."""
     from dpolab.rewards.functions import required_columns
 
-    needed = required_columns(rewards)
-    for column, name in needed.items():
-        prompts.require_fields([column], f"the reward {name} takes it as an argument")
+    for column, name in required_columns(rewards).items():
+        prompts.require_field(column, f"the reward {name} takes it as an argument")
 
 
 def eval_prompt_set(cfg, prompts, tokenizer,

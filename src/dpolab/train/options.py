@@ -167,10 +167,6 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
     validate_run_numbers(cfg)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def validate_run_numbers(cfg) -> None:
     """The optimizer, schedule, checkpoint and LoRA numbers every LM trainer has, each in its range
     (caught here with the option's name rather than by torch or peft mid-start)."""
@@ -179,7 +175,7 @@ def validate_run_numbers(cfg) -> None:
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "eval_steps", "save_steps"):
         value = getattr(cfg, name, None)
         if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     epochs = getattr(cfg, "epochs", None)
     if epochs is not None and (getattr(cfg, "max_steps", 0) or 0) <= 0 and not (math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"--epochs must be > 0 (or give --max-steps N), got {epochs}")

@@ -176,7 +176,7 @@ class PPO(ActorCritic):
     def step(self, engine, group):
         import torch
 
-        from dpolab.train.rollouts import global_explained_variance, global_means
+        from dpolab.train.rollouts import global_explained_variance, global_means, reward_term_metrics
 
         ((k, idx),) = group
         t0 = time.time()
@@ -189,7 +189,7 @@ class PPO(ActorCritic):
         g = global_means(acc, s.real, kl=seq_kl, scores=s.scores, shaped=ro.scores, tokens=mask.sum(1).float(),
                          eos=s.gen.finished.float())
         # several rewards: each one's mean and std too (objective/scores is their weighted sum)
-        terms = global_means(acc, s.real, **{f"rewards/{n}": t for n, t in s.terms.items()}) if len(s.terms) > 1 else {}
+        terms = reward_term_metrics(acc, s, total=False) if len(s.terms) > 1 else {}
         kl_mean = g["kl"][0]
         engine.tokens_window += int(round(g["tokens"][0] * s.n_global))
         self.kl_ctl.update(kl_mean)
@@ -201,7 +201,7 @@ class PPO(ActorCritic):
             "objective/non_score_reward": -beta * kl_mean, "objective/rlhf_reward": g["shaped"][0] - beta * kl_mean,
             **stats, "losses/explained_variance": global_explained_variance(acc, ro.values, ro.returns, mask, s.real),
             "val/response_length": g["tokens"][0], "val/eos_fraction": g["eos"][0], "seconds_per_step": time.time() - t0,
-            **{f"{k}/{stat}": v[i] for k, v in terms.items() for i, stat in enumerate(("mean", "std"))},
+            **terms,
         }
 
     def state_dict(self):

@@ -205,15 +205,25 @@ def global_means(accelerator, real: bool, **values: torch.Tensor) -> dict[str, t
     return {k: global_moments(accelerator, v, real)[1:] for k, v in values.items()}
 
 
+def reward_term_metrics(accelerator, samples: Samples, *, total: bool = True) -> dict[str, float]:
+    """``rewards/<name>/mean`` and ``/std`` of each reward over all processes' completions, and with
+    ``total`` those of the weighted score (``rewards/mean``, ``rewards/std``)."""
+    out = {}
+    keyed = [(f"rewards/{n}", t) for n, t in samples.terms.items()]
+    if total:
+        keyed.insert(0, ("rewards", samples.scores))
+    for key, values in keyed:
+        _, mean, std = global_moments(accelerator, values, samples.real)
+        out[f"{key}/mean"], out[f"{key}/std"] = mean, std
+    return out
+
+
 def reward_metrics(accelerator, samples: Samples) -> dict[str, float]:
     """Mean and std of the weighted score and of each reward over all processes' completions, the
     completion lengths and the share cut at ``--max-new-tokens`` (no EOS)."""
     from dpolab.train import distributed
 
-    out = {}
-    for key, values in [("rewards", samples.scores), *((f"rewards/{n}", t) for n, t in samples.terms.items())]:
-        _, mean, std = global_moments(accelerator, values, samples.real)
-        out[f"{key}/mean"], out[f"{key}/std"] = mean, std
+    out = reward_term_metrics(accelerator, samples)
     gen, w = samples.gen, float(samples.real)
     lengths = gen.response_lengths.double()
     n, total, truncated = distributed.global_sum(accelerator, [w * len(lengths), w * float(lengths.sum()),
