@@ -154,7 +154,9 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     assert "did you mean '--num-samples'" in err("--prompt", "a", "--num-sample", 2)
     assert "exactly one of --data" in err()
     assert "exactly one of --data" in err("--data", work / "prompts.jsonl", "--prompt", "a")
-    assert "--temperature >= 0" in err("--prompt", "a", "--temperature", -1)
+    assert "--temperature must be a finite number >= 0 (0: greedy), got -1.0" in err("--prompt", "a", "--temperature", -1)
+    assert "--top-p must be in (0, 1], got 0.0" in err("--prompt", "a", "--top-p", 0)
+    assert "--top-k must be >= 0 (0: off), got -1" in err("--prompt", "a", "--top-k", -1)
     assert "--num-samples must be >= 1" in err("--prompt", "a", "--num-samples", 0)
     assert "is a folder" in err("--prompt", "a", "--output", tmp_path)
     afile = tmp_path / "afile"
@@ -296,6 +298,10 @@ def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, caps
     assert "is a LlamaForCausalLM, not a reward model" in err("--models", tiny_model_dir, "--reward-model",
                                                               tiny_model_dir)
     assert "2 labels for 1 models" in err("--models", tiny_model_dir, "--reward", reward, "--labels", "a", "b")
+    assert "--labels: 'a' given more than once" in err("--models", tiny_model_dir, tiny_model_dir, "--reward", reward,
+                                                       "--labels", "a", "a")
+    assert "--models (give --labels to tell them apart)" in err("--models", tiny_model_dir, tiny_model_dir,
+                                                                "--reward", reward)
     assert "needs the KL" in err("--models", tiny_model_dir, "--reward", reward, "--no-kl",
                                  "--plot", tmp_path / "p.png")
     assert "did you mean '--baseline'" in err("--models", tiny_model_dir, "--reward", reward, "--baselin", "x")

@@ -139,6 +139,10 @@ def test_conversational_implicit_prompt_is_the_shared_head():
     ({"prompt": [msg("user", "q")], "chosen": [msg("user", "x")], "rejected": [msg("assistant", "y")]},
      "chosen", "must be assistant messages"),
     ({"prompt": "p\ud800", "chosen": "c", "rejected": "r"}, "prompt", "surrogate"),
+    ({"prompt": "p", "chosen": [msg("Assistant", "x")], "rejected": [msg("assistant", "y")]}, "chosen[0].role",
+     "role 'Assistant': did you mean 'assistant'"),
+    ({"prompt": [msg("user ", "q")], "chosen": "x", "rejected": "y"}, "prompt[0].role", "did you mean 'user'"),
+    ({"prompt": [msg("", "q")], "chosen": "x", "rejected": "y"}, "prompt[0].role", "role is empty"),
 ])
 def test_bad_rows_name_the_line_and_field(row, field, pattern):
     with pytest.raises(DataError, match=pattern) as info:

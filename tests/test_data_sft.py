@@ -103,6 +103,11 @@ def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path):
     no_assistant.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="no assistant message"):
         load_sft_data(str(no_assistant), tiny_tokenizer, max_length=32)
+    cased = tmp_path / "cased.jsonl"  # "ASSISTANT" would read as no assistant turn: the role, said by name
+    cased.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "ASSISTANT", "content": "yo"}]}) + "\n")
+    with pytest.raises(DataError, match=r"cased\.jsonl:1: field 'messages\[1\]\.role': role 'ASSISTANT': did you"):
+        load_sft_data(str(cased), tiny_tokenizer, max_length=32)
 
 
 def test_load_splits_skips_and_reports(tiny_tokenizer, tmp_path):

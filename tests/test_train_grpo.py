@@ -40,6 +40,9 @@ def fails_on_eval(prompts, completions):
         raise RuntimeError("cannot score these")
     return [0.5] * len(completions)
 
+def exits(prompts, completions):
+    raise SystemExit(3)
+
 def numpy_scalars(prompts, completions):
     import numpy as np
     import torch
@@ -341,6 +344,11 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
     assert ">= 2" in err("rloo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
     assert "2 weights for 1 rewards" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--reward-weights", "1,2")
     assert "--reward" in err("grpo")
+    assert "reward function exits raised SystemExit: 3" in err("rloo", "--reward", f"{reward_file}:exits")
+    frac = ("--reward", f"{reward_file}:frac_alpha")
+    assert "--temperature must be a finite number > 0 (the trainer samples" in err("grpo", *frac, "--temperature", 0)
+    assert "--top-p must be in (0, 1], got 1.5" in err("rloo", *frac, "--top-p", 1.5)
+    assert "--top-k must be >= 0" in err("grpo", *frac, "--top-k", -2)
     # A row without a field the reward takes: found when the data loads, not when the row is first
     # sampled steps into the run (or, for --eval-data, at the end-of-run evaluation).
     late = tmp_path / "late.jsonl"
@@ -384,6 +392,9 @@ def test_task_command_bad_input_writes_nothing(tmp_path, capsys):
         assert main(["task", *map(str, argv)]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert main(["task", "copy", "--sft", "0", "--output-dir", str(tmp_path / "t")]) == 0  # no empty sft.jsonl
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["eval.jsonl", "train.jsonl"]
+    assert "sft:" not in capsys.readouterr().out
 
 
 def test_task_command_writes_disjoint_files(tmp_path, capsys):

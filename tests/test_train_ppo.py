@@ -280,6 +280,9 @@ def test_prompt_truncation_keeps_the_end_and_the_bos(tiny_tokenizer):
     ({"messages": []}, "field 'messages': expected a non-empty list"),
     ({"messages": [{"role": "user"}]}, "turn 0 must be an object"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "the last turn is"),
+    ({"messages": [{"role": "User", "content": "q"}]},
+     r"field 'messages\[0\].role': role 'User': did you mean 'user'\?"),
+    ({"messages": [{"role": " ", "content": "q"}]}, "role is empty"),
 ])
 def test_bad_prompt_rows_name_file_line_and_field(tiny_tokenizer, tmp_path, row, message):
     from dpolab.data.prompts import load_prompts

@@ -96,6 +96,11 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
         validate_rewards(self)
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"--labels: {len(self.labels)} labels for {len(self.models)} models; give one per model")
+        names = list(self.labels or self.models)  # they key the results' table, JSON and plot
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            flag = "--labels" if self.labels else "--models (give --labels to tell them apart)"
+            raise ConfigError(f"{flag}: {', '.join(map(repr, twice))} given more than once; each model needs its own name")
         check_counts(self)
         if self.bootstrap < 0 or self.max_prompts < 0:
             raise ConfigError("--bootstrap and --max-prompts must be >= 0")

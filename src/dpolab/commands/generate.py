@@ -26,7 +26,7 @@ from typing import Any
 
 from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError, DpolabError
-from dpolab.train.options import SamplingOptions
+from dpolab.train.options import SamplingOptions, validate_sampling
 
 DESCRIPTION = """Sample completions from a causal LM for a prompt file (--data) or texts (--prompt).
 
@@ -84,8 +84,7 @@ def check_counts(cfg) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.max_prompt_length is not None and cfg.max_prompt_length < 1:
         raise ConfigError("--max-prompt-length must be >= 1")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ConfigError("need --temperature >= 0 (0: greedy), 0 < --top-p <= 1, --top-k >= 0")
+    validate_sampling(cfg, greedy=True)
 
 
 def check_output_file(flag: str, path: str | None) -> None:

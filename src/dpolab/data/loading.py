@@ -57,6 +57,22 @@ def record_error(record: Record, message: str, *, field: str | None = None) -> D
     return located_error(record.path, record.line, record.unit, message, field=field)
 
 
+# Roles real chat datasets use; another role is kept as given (a template may know it).
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+
+
+def role_problem(role: str) -> str | None:
+    """What is wrong with a message's role, or None. An empty role, or a known one spelt with other
+    case or spaces (``"Assistant"``, ``"user "``), is refused: roles are compared exactly, by the
+    loss mask (which turns are the assistant's) and by chat templates."""
+    if not role.strip():
+        return "role is empty"
+    fixed = role.strip().lower()
+    if fixed in KNOWN_ROLES and role != fixed:
+        return f"role {role!r}: did you mean {fixed!r}? (roles are compared exactly)"
+    return None
+
+
 def located_error(path: str, line: int | None, unit: str, message: str, *,
                   field: str | None = None) -> DataError:
     """A :class:`DataError` whose text reads ``path:LINE: ...`` or ``path row N: ...``."""

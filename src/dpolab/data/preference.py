@@ -29,7 +29,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import Record, load_records, located_error, record_error
+from dpolab.data.loading import Record, load_records, located_error, record_error, role_problem
 from dpolab.errors import ConfigError, DataError
 
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|assistant|>\n", "<|im_start|>assistant\n",
@@ -160,6 +160,8 @@ def _value(record: Record, name: str, *, required: bool = True):
                     raise record_error(record, f"message '{key}' must be a string, got {got}",
                                        field=where)
                 _check_text(record, f"{where}.{key}", message[key])
+            if problem := role_problem(message["role"]):
+                raise record_error(record, problem, field=f"{where}.role")
             messages.append(message)
         if not messages and name != "prompt":
             raise record_error(record, "is an empty message list", field=name)

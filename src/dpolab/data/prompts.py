@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dpolab.data.loading import role_problem
 from dpolab.errors import DataError
 
 __all__ = ["PromptData", "load_prompts", "render_prompt", "special_prefix", "tokenize_prompts"]
@@ -101,6 +102,8 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise err(f"turn {i} must be an object with string 'role' and 'content'", field="messages")
+            if problem := role_problem(m["role"]):
+                raise err(problem, field=f"messages[{i}].role")
         if getattr(tokenizer, "chat_template", None) is None:
             raise err("conversational prompt, but the tokenizer has no chat template", field="messages")
         if messages[-1]["role"] == "assistant":

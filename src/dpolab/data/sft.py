@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpolab.data.loading import Record, load_records, record_error
+from dpolab.data.loading import Record, load_records, record_error, role_problem
 from dpolab.data.preference import eval_count, special_ids
 from dpolab.errors import ConfigError, DataError
 
@@ -88,6 +88,8 @@ def _messages_field(record: Record, name: str) -> list[dict]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise record_error(record, "each message needs string 'role' and 'content'", field=f"{name}[{i}]")
+        if problem := role_problem(m["role"]):
+            raise record_error(record, problem, field=f"{name}[{i}].role")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

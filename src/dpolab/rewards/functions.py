@@ -47,7 +47,7 @@ def load_reward_function(spec: str) -> RewardFn:
             module = importlib.import_module(module_name)
     except DpolabError:
         raise
-    except Exception as err:  # an import error, or any error raised by the module's own code
+    except (Exception, SystemExit) as err:  # an import error, or any error (or exit) from the module's own code
         raise DpolabError(f"--reward {spec!r}: cannot import '{module_name}': "
                           f"{type(err).__name__}: {err}") from None
     fn = getattr(module, attr, None)
@@ -85,7 +85,7 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
         out = fn(list(prompts), list(completions), **_accepted(fn, columns or {}))
     except DpolabError:  # already says which reward and what (a combination of rewards calls this per reward)
         raise
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # sys.exit() in a reward would end the run with its code
         raise DpolabError(f"reward function {name} raised {type(err).__name__}: {err}") from None
     if isinstance(out, torch.Tensor):
         out = out.detach().cpu().reshape(-1).tolist() if out.dim() <= 1 else out

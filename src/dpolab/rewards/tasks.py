@@ -72,7 +72,8 @@ def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset
 def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int = 128, sft: int = 2048,
                noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
     """Write ``train.jsonl``, ``eval.jsonl`` (prompt/answer rows; eval prompts disjoint from the others)
-    and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``). Returns the paths."""
+    and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``; not written when ``sft`` is
+    0). Returns the paths written."""
     out = Path(output_dir)
     evals = make_examples(task, eval, seed + 1)
     held = {p for p, _ in evals}
@@ -81,10 +82,12 @@ def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int
     sfts = [(p, a if rng.random() >= noise else _corrupt(a, rng))
             for p, a in make_examples(task, sft, seed + 3, exclude=held)] if sft else []
     out.mkdir(parents=True, exist_ok=True)  # only once every row is made: a bad size leaves no folder
-    files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "sft": out / "sft.jsonl"}
+    files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     _write(files["train"], [{"prompt": p, "answer": a} for p, a in trains])
     _write(files["eval"], [{"prompt": p, "answer": a} for p, a in evals])
-    _write(files["sft"], [{"prompt": p, "completion": " " + c} for p, c in sfts])
+    if sfts:  # an empty sft.jsonl would only fail later, in `dpolab sft`, as a file without rows
+        files["sft"] = out / "sft.jsonl"
+        _write(files["sft"], [{"prompt": p, "completion": " " + c} for p, c in sfts])
     return files
 
 

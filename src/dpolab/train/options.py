@@ -186,6 +186,21 @@ def validate_run_numbers(cfg) -> None:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
 
 
+def validate_sampling(cfg, *, greedy: bool) -> None:
+    """--temperature, --top-p and --top-k, each named with its value (NaN included). ``greedy``: a
+    temperature of 0 is allowed (generate and eval); a trainer samples from its policy, so it needs > 0."""
+    import math
+
+    t = cfg.temperature
+    if not math.isfinite(t) or t < 0 or (t == 0 and not greedy):
+        need = ">= 0 (0: greedy)" if greedy else "> 0 (the trainer samples from its policy)"
+        raise ConfigError(f"--temperature must be a finite number {need}, got {t}")
+    if not 0 < cfg.top_p <= 1:  # NaN fails this too
+        raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: off), got {cfg.top_k}")
+
+
 # -- on-policy trainers (ppo; grpo, rloo and online dpo share them) ----------------------------------
 @dataclass
 class PromptOptions(SplitOptions):
@@ -253,9 +268,7 @@ def validate_on_policy(cfg) -> None:
     for name in ("max_prompt_length", "max_new_tokens", "logging_steps", "save_total_limit"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ConfigError("need --temperature > 0 (the trainer samples from its policy), 0 < --top-p <= 1, "
-                          "--top-k >= 0")
+    validate_sampling(cfg, greedy=False)
     if cfg.eval_prompts < 0 or cfg.log_samples < 0:
         raise ConfigError("--eval-prompts and --log-samples must be >= 0")
     validate_run_numbers(cfg)
