@@ -148,7 +148,10 @@ def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
 
 def test_demo_rejects_bad_series_options(capsys):
     for flag, value, msg in (("--grpo-betas", "-0.1", "values >= 0"), ("--best-of-n", "0,4", "values >= 1"),
-                             ("--num-generations", "1", ">= 2")):
+                             ("--num-generations", "1", ">= 2"), ("--layers", "0", "--layers must be >= 1, got 0"),
+                             ("--pretrain-steps", "-1", "--pretrain-steps must be >= 1"),
+                             ("--seed", "-2", "--seed must be >= 0"),
+                             ("--prompts", "missing.jsonl", "--prompts missing.jsonl: file not found")):
         assert main(["demo", "--quick", flag, value]) == 2
         assert msg in capsys.readouterr().err, flag
 

@@ -69,6 +69,8 @@ def test_solve_with_config_file(capsys, tmp_path):
     (["--env", "student-mrp"], "Markov reward process"),
     (["--env", "FrozenLake-v1", "--env-kwargs", "colour=blue"], "bad keyword arguments"),
     (["--mdp", "missing.yaml"], "file not found"),
+    (["--env", "FrozenLake-v1", "--env-kwargs", "map_name=9x9"], "FrozenLake-v1 refused them: KeyError"),
+    (["--env", "FrozenLake-v1", "--env-kwargs", "map_name=["], "cannot read the value of 'map_name'"),
 ])
 def test_solve_errors_are_one_line(capsys, argv, msg):
     code, out, err = run(capsys, "rl", "solve", *argv)
@@ -108,6 +110,23 @@ def test_evaluate_mdp_table(capsys, tmp_path):
     code, out, _ = run(capsys, "rl", "evaluate", "--env", "student-mdp", "--policy", "optimal",
                        "--episodes", "20", "--runs", "1", "--output", str(tmp_path / "s.png"))
     assert code == 0 and "Class3" in out and "learning curves written" in out
+
+
+def test_mdp_file_with_a_misspelt_transition_key_is_refused(capsys, tmp_path):
+    bad = tmp_path / "typo.yaml"  # 'rewrd' would otherwise be solved as reward 0
+    bad.write_text("gamma: 0.9\nstates: [a, b]\nactions: [go]\ntransitions:\n  a: {go: {rewrd: 5, next: b}}\n")
+    code, _, err = run(capsys, "rl", "solve", "--mdp", str(bad))
+    assert code == 2 and "state 'a' action 'go': unknown key(s) ['rewrd']; expected reward and next" in err
+
+
+def test_evaluate_refuses_an_output_that_is_not_a_png_before_running(capsys, tmp_path):
+    for name in ("x.txt", "noext", ".png"):
+        code, _, err = run(capsys, "rl", "evaluate", "--episodes", "2000", "--output", str(tmp_path / name))
+        assert code == 2 and "give a file name ending in .png" in err, name
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(capsys, "rl", "evaluate", "--output", str(afile / "c.png"))
+    assert code == 2 and "is a file, not a folder" in err
 
 
 def test_evaluate_bad_alpha(capsys, tmp_path):

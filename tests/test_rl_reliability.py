@@ -384,6 +384,47 @@ def test_dry_run_validates_and_writes_nothing(algo, tmp_path, capsys):
     assert main(["rl", algo, "--env", "NoSuchEnv-v0", "--dry-run", "--output-dir", str(out)]) == 2
 
 
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+    """A resume refused for its config or for the other algorithm leaves config.yaml as it was (the
+    printed resume command keeps working) and makes no folder; a bad option is named before any work."""
+    from dpolab.cli import main
+
+    tiny = ["--env", "CartPole-v1", "--total-steps", "128", "--n-envs", "2", "--n-steps", "16", "--eval-every", "0",
+            "--eval-episodes", "1", "--no-progress"]
+    ppo, a2c, mb = tmp_path / "ppo", tmp_path / "a2c", ["--batch-size", "32", "--n-epochs", "1"]
+    assert main(["rl", "ppo", *tiny, *mb, "--output-dir", str(ppo)]) == 0
+    assert main(["rl", "a2c", *tiny, "--output-dir", str(a2c)]) == 0
+    capsys.readouterr()
+    config = (ppo / "config.yaml").read_text()
+    for argv, says in (
+            (["rl", "ppo", *tiny, *mb, "--seed", "7", "--output-dir", str(ppo)], "made with different seed=1 (now 7)"),
+            (["rl", "a2c", *tiny, "--output-dir", str(ppo)], "made by `dpolab rl ppo`, not `dpolab rl a2c`"),
+            (["rl", "a2c", *tiny, "--output-dir", str(tmp_path / "new"), "--resume",
+              str(ppo / "checkpoints" / (ppo / "checkpoints" / "latest").read_text().strip())],
+             "made by `dpolab rl ppo`")):
+        assert main([*argv, "--resume", "latest"] if "--resume" not in argv else argv) == 2
+        assert says in capsys.readouterr().err, argv
+        assert (ppo / "config.yaml").read_text() == config
+    assert main(["rl", "ppo", *tiny, *mb, "--output-dir", str(a2c), "--resume", "latest"]) == 2
+    assert "made by `dpolab rl a2c`, not `dpolab rl ppo`" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["rl", "ppo", "--config", str(ppo / "config.yaml"), "--resume", "latest"]) == 0  # still resumable
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra, says in ((["--seed", "-1"], "--seed must be >= 0"), (["--hidden", "0"], "each >= 1, got [0]"),
+                        (["--vf-coef", "-1"], "--vf-coef must be >= 0"),
+                        (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+                        (["--clip-eps", "5"], "--clip-eps must be in (0, 1)"),
+                        (["--target-kl", "-1"], "--target-kl must be > 0"),
+                        (["--output-dir", str(afile / "run")], "is a file, not a folder")):
+        args = ["rl", "ppo", *tiny, *mb, "--output-dir", str(tmp_path / "bad"), *extra]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_save_total_limit_rotates_checkpoints(tmp_path):
     from dpolab.cli import main
 

@@ -392,8 +392,10 @@ def test_task_command_bad_input_writes_nothing(tmp_path, capsys):
         assert main(["task", *map(str, argv)]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
-    assert main(["task", "copy", "--sft", "0", "--output-dir", str(tmp_path / "t")]) == 0  # no empty sft.jsonl
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["eval.jsonl", "train.jsonl"]
+    assert main(["task", "copy", "--sft", "5", "--output-dir", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert main(["task", "copy", "--sft", "0", "--output-dir", str(tmp_path / "t")]) == 0  # no empty sft.jsonl,
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["eval.jsonl", "train.jsonl"]  # nor the old one
     assert "sft:" not in capsys.readouterr().out
 
 

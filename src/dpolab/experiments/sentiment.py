@@ -116,6 +116,21 @@ class DemoConfig:
             vals = getattr(self, name)  # low: the bound values must exceed (None: >= 0 suffices)
             if vals is not None and (not vals or any(v < 0 if low is None else v <= low for v in vals)):
                 raise ConfigError(f"--{name.replace('_', '-')} needs {what}")
+        for name in ("corpus_size", "pretrain_steps", "hidden_size", "layers", "train_prompts", "eval_prompts",
+                     "max_new_tokens", "dpo_steps", "ppo_steps", "rm_steps", "grpo_steps", "rloo_steps",
+                     "prompts_per_step", "eval_every"):
+            value = getattr(self, name)  # checked here: a bad size would otherwise fail stages later
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.prompts is not None:
+            from dpolab.data.loading import FILE_EXTENSIONS
+
+            path = Path(self.prompts).expanduser()
+            local = self.prompts.lower().endswith(FILE_EXTENSIONS) or self.prompts.startswith(("/", ".", "~"))
+            if local and not path.exists():  # else found only after pretraining
+                raise ConfigError(f"--prompts {self.prompts}: file not found")
         if self.samples_per_prompt is not None and self.samples_per_prompt < 2:
             raise ConfigError("--samples-per-prompt must be >= 2 to form pairs")
         if self.num_generations is not None and self.num_generations < 2:
@@ -154,6 +169,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from dpolab.lm.loading import load_causal_lm, load_tokenizer
     from dpolab.rewards.evaluation import evaluate_policy
     from dpolab.rewards.functions import load_reward_function
+    from dpolab.runs.rundir import check_writable
     from dpolab.train.dpo import DPOConfig
     from dpolab.train.dpo import train as dpo_train
     from dpolab.train.grpo import GRPOConfig
@@ -171,6 +187,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         # contend (measured 5x slower per step with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
     out = Path(cfg.output_dir)
+    check_writable("--output-dir", out, folder=True)
     if (out / "results.json").exists():
         raise ConfigError(f"{out} already holds a finished demo; choose another --output-dir")
     if (out / "work").exists():  # an interrupted demo: its trainers' folders would refuse a new run

@@ -72,8 +72,8 @@ def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset
 def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int = 128, sft: int = 2048,
                noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
     """Write ``train.jsonl``, ``eval.jsonl`` (prompt/answer rows; eval prompts disjoint from the others)
-    and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``; not written when ``sft`` is
-    0). Returns the paths written."""
+    and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``; when ``sft`` is 0, none, and
+    an earlier one in ``output_dir`` is removed). Returns the paths written."""
     out = Path(output_dir)
     evals = make_examples(task, eval, seed + 1)
     held = {p for p, _ in evals}
@@ -88,6 +88,8 @@ def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int
     if sfts:  # an empty sft.jsonl would only fail later, in `dpolab sft`, as a file without rows
         files["sft"] = out / "sft.jsonl"
         _write(files["sft"], [{"prompt": p, "completion": " " + c} for p, c in sfts])
+    else:  # an earlier task's file would share prompts with this eval.jsonl
+        (out / "sft.jsonl").unlink(missing_ok=True)
     return files
 
 

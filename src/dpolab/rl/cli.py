@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -65,6 +66,11 @@ class EvaluateConfig:
             raise ConfigError("give exactly one of --env or --mdp")
         if self.episodes < 1 or self.runs < 1 or self.max_steps < 1:
             raise ConfigError("--episodes, --runs and --max-steps must be positive")
+        if not self.output.lower().endswith(".png") or Path(self.output).name.lower() == ".png":  # else after the runs
+            raise ConfigError(f"--output {self.output!r}: give a file name ending in .png")
+        from dpolab.runs.rundir import check_writable
+
+        check_writable("--output", self.output)
         for name, a in (("--mc-alpha", self.mc_alpha), ("--td-alpha", self.td_alpha)):
             if a is not None and not 0 < a <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {a:g}")

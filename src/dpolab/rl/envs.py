@@ -156,6 +156,8 @@ def from_gymnasium(env_id: str, gamma: float, **kwargs) -> MDP:
         raise MDPError(f"unknown environment {env_id!r}: {err}") from None
     except TypeError as err:
         raise MDPError(f"bad keyword arguments for {env_id}: {err}") from None
+    except Exception as err:  # a value the environment rejects (e.g. map_name=9x9: its own KeyError)
+        raise MDPError(f"--env-kwargs {kwargs}: {env_id} refused them: {type(err).__name__}: {err}") from None
     try:
         u = env.unwrapped
         table = getattr(u, "P", None)
@@ -247,6 +249,8 @@ def mdp_from_dict(raw: dict) -> MDP:
             where = f"state '{s}' action '{a}'"
             if not isinstance(spec, dict) or "next" not in spec:
                 raise MDPError(f"{where}: expected {{reward: number, next: state or {{state: prob}}}}")
+            if extra := sorted(map(str, set(spec) - {"reward", "next"})):  # a misspelt reward would read as 0
+                raise MDPError(f"{where}: unknown key(s) {extra}; expected reward and next")
             nxt = spec["next"]
             nxt = {nxt: 1.0} if isinstance(nxt, str) else nxt
             if not isinstance(nxt, dict) or not nxt:
@@ -295,7 +299,11 @@ def parse_env_kwargs(text: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise MDPError(f"--env-kwargs: expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()[0]
+            raise MDPError(f"--env-kwargs: cannot read the value of {key.strip()!r} ({value!r}): {first}") from None
     return out
 
 

@@ -54,8 +54,10 @@ class PPOConfig(GymOptions):
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.batch_size > self.n_envs * self.n_steps:
             raise ConfigError(f"--batch-size {self.batch_size} exceeds N×T = {self.n_envs * self.n_steps}")
-        if self.clip_eps <= 0:
-            raise ConfigError("--clip-eps must be > 0")
+        if not 0 < self.clip_eps < 1:  # ε >= 1 leaves no lower clip: 1 - ε <= 0
+            raise ConfigError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"--target-kl must be > 0 (leave it out for no early stop), got {self.target_kl}")
 
 
 _LOSS_KEYS = ("losses/policy", "losses/value", "losses/entropy", "losses/clipfrac", "losses/approx_kl")

@@ -51,7 +51,7 @@ class GymOptions:
     eval_episodes: int = opt(10, "evaluation episodes (deterministic policy, run in parallel)")
     stop_return: float | None = opt(None, "stop once the evaluation mean return reaches this")
     save_steps: int = opt(50_000, "checkpoint every this many environment steps (0: only at the end of the run)")
-    save_total_limit: int = opt(2, "keep the newest N checkpoints")
+    save_total_limit: int = opt(2, "keep the newest N checkpoints (0: keep all)")
     dry_run: bool = opt(False, "validate the config and environment, print a summary, do not train")
     threads: int = opt(1, "torch CPU threads (tiny networks: 1 is fastest)")
     progress: bool = opt(True, "show a tqdm progress bar")
@@ -67,8 +67,13 @@ class GymOptions:
             raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
         if self.lr <= 0:
             raise ConfigError("--lr must be > 0")
-        if not self.hidden:
-            raise ConfigError("--hidden needs at least one layer size")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"--hidden needs one or more layer sizes, each >= 1, got {self.hidden}")
+        if self.seed < 0:  # NumPy's and Gymnasium's seeds are unsigned
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        for name in ("vf_coef", "ent_coef", "max_grad_norm", "eval_every", "save_steps", "save_total_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 class GymAlgorithm:
@@ -111,9 +116,9 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     from dpolab.rl.tracking import (
         Tracker,
         dry_run_summary,
-        load_checkpoint,
         plot_learning_curve,
         report_to,
+        restore_checkpoint,
         save_checkpoint,
         save_final,
         start_run,
@@ -127,7 +132,7 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     if cfg.dry_run:
         return dry_run_summary(cfg, envs)
     try:
-        run_dir = start_run(cfg)
+        run_dir, state = start_run(cfg, algo.name)
     except BaseException:
         envs.close()
         raise
@@ -141,8 +146,8 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     per_update = cfg.n_envs * cfg.n_steps
     n_updates = math.ceil(cfg.total_steps / per_update)
     start, eval_seconds, best, skipped = 0, 0.0, -math.inf, 0
-    if cfg.resume is not None:
-        state = load_checkpoint(run_dir, cfg.resume, cfg)
+    if state is not None:
+        restore_checkpoint(run_dir, state)
         policy.load_state_dict(state["policy"])
         algo.load_optimizer(optimizer, state["optimizer"])
         collector.load_state_dict(state["collector"], reseed=cfg.seed + state["update"])
@@ -152,7 +157,7 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
 
     def checkpoint(update: int) -> None:
 
-        save_checkpoint(run_dir, update * per_update, cfg, {
+        save_checkpoint(run_dir, update * per_update, cfg, {"algorithm": algo.name,
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
             "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
             "skipped_steps": skipped, **algo.state_dict()})

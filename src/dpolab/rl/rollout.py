@@ -50,8 +50,12 @@ def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
     if mode is None:
         raise DpolabError(f"dpolab's Gymnasium trainers need gymnasium >= 1.1 (same-step autoreset); "
                           f"found {gym.__version__}: pip install -U gymnasium")
-    envs = gym.vector.SyncVectorEnv([functools.partial(gym.make, env_id) for _ in range(n_envs)],
-                                    autoreset_mode=mode.SAME_STEP)
+    try:
+        envs = gym.vector.SyncVectorEnv([functools.partial(gym.make, env_id) for _ in range(n_envs)],
+                                        autoreset_mode=mode.SAME_STEP)
+    except gym.error.Error as err:  # e.g. DependencyNotInstalled (LunarLander without box2d)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DpolabError(f"cannot make {env_id!r}: {first}") from None
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         envs.close()

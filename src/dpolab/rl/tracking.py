@@ -81,13 +81,20 @@ def report_to(cfg: Any) -> list[str]:
     return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
 
 
-def start_run(cfg: Any) -> RunDir:
-    """Open the output directory; refuse to mix a new run into an existing one unless resuming."""
+def start_run(cfg: Any, algorithm: str) -> tuple[RunDir, dict[str, Any] | None]:
+    """Open the output directory; refuse to mix a new run into an existing one unless resuming.
+    With ``--resume`` the checkpoint is read and checked first (:func:`read_checkpoint`), so a refused
+    resume leaves the run's ``config.yaml`` as it was and creates no folder. Returns the run and
+    the checkpoint's state (None for a new run)."""
+    from dpolab.runs.rundir import check_writable
+
+    check_writable("--output-dir", cfg.output_dir, folder=True)
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     run.check_new_run(cfg.resume)
+    state = read_checkpoint(run, cfg.resume, cfg, algorithm) if cfg.resume is not None else None
     run.create()
     run.write_config(cfg)
-    return run
+    return run, state
 
 
 def save_checkpoint(run: RunDir, step: int, cfg: Any, state: dict[str, Any]) -> Path:
@@ -109,9 +116,10 @@ def save_final(run: RunDir, policy: torch.nn.Module, extra: dict[str, Any], step
     save_policy(policy, run.final, extra)
 
 
-def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
-    """Load the checkpoint named by ``spec`` (``latest`` or a path), check it matches ``cfg``, and
-    restore the RNG states. The caller restores the networks, optimizer and collector from it."""
+def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[str, Any]:
+    """Read the checkpoint named by ``spec`` (``latest`` or a path) and check it was made by
+    ``algorithm`` with ``cfg``'s structure; changes nothing. :func:`restore_checkpoint` then applies
+    it, and the caller restores the networks, optimizer and collector from it."""
     import torch
     path = run.resolve_checkpoint(spec)
     if not (path / "state.pt").is_file():
@@ -124,13 +132,23 @@ def load_checkpoint(run: RunDir, spec: str, cfg: Any) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DpolabError(f"cannot read checkpoint {path}: {msg}") from None
+    # Checkpoints from before "algorithm" was saved: PPO's config alone has clip_eps.
+    made_by = state.get("algorithm") or ("ppo" if "clip_eps" in saved else "a2c")
+    if made_by != algorithm:
+        raise DpolabError(f"--resume: checkpoint {path} was made by `dpolab rl {made_by}`, not "
+                          f"`dpolab rl {algorithm}`; resume it with the command that made it")
     diff = [k for k in STRUCTURAL if k in saved and saved[k] != now.get(k)]
     if diff:
         raise DpolabError(f"--resume: checkpoint {path} was made with different "
                           + ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in diff))
+    return state
+
+
+def restore_checkpoint(run: RunDir, state: dict[str, Any]) -> None:
+    """Restore the RNG states of a checkpoint :func:`read_checkpoint` returned, and cut
+    ``metrics.jsonl`` back to its step."""
     set_rng_state(state["rng"])
     run.truncate_metrics(state["step"])
-    return state
 
 
 def plot_learning_curve(run: RunDir, title: str) -> Path | None:

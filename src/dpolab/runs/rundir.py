@@ -105,7 +105,10 @@ class RunDir:
                                   "continue it or choose another --output-dir")
 
     def create(self) -> RunDir:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a path under a file, a read-only or special file system
+            raise DpolabError(f"--output-dir {self.path}: cannot create it: {err.strerror or err}") from None
         return self
 
     # -- files --------------------------------------------------------------------------------
