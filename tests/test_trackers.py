@@ -147,3 +147,20 @@ def test_a_tracker_that_is_not_installed_fails_before_any_work(tiny_model_dir, t
     assert not out.exists()
     assert main(["rl", "ppo", "--output-dir", str(out), "--report-to", "tensorbored"]) == 2
     assert "unknown tracker 'tensorbored'" in capsys.readouterr().err
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
+    """E.g. W&B without an API key: its own error, said in one line naming the tracker."""
+    from accelerate import tracking
+
+    class NoLogin:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("No API key configured.\nUse `wandb login` to log in.")
+
+    monkeypatch.setattr(tracking, "TensorBoardTracker", NoLogin)
+    assert main(["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "64", "--n-envs", "2", "--n-steps", "32",
+                 "--batch-size", "32", "--n-epochs", "1", "--eval-every", "0", "--eval-episodes", "1",
+                 "--no-progress", "--output-dir", str(tmp_path / "ppo"), "--report-to", "tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--report-to tensorboard: cannot start the tracker: RuntimeError: No API key configured.")
+    assert err.count("\n") == 0

@@ -66,7 +66,8 @@ def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset
         if prompt not in seen:
             seen.add(prompt)
             out.append((prompt, answer))
-    raise ValueError(f"task '{task}' has fewer than {n} distinct prompts left")
+    held = f" besides the {len(exclude)} evaluation prompts (--eval), which it never reuses" if exclude else ""
+    raise ValueError(f"task '{task}' has fewer than {n} distinct prompts{held}; ask for fewer")
 
 
 def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int = 128, sft: int = 2048,

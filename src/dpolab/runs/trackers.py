@@ -53,21 +53,31 @@ class Trackers:
         self.trackers = []
         run_dir, run_name = Path(run_dir).resolve(), Path(run_dir).resolve().name
         for name in names:
-            if name == "tensorboard":
-                tracker = tracking.TensorBoardTracker(run_name, run_dir / "tensorboard")
-            elif name == "wandb":
-                tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "dpolab"), name=run_name,
-                                                dir=str(run_dir))
-            else:
-                import mlflow
+            try:
+                self._start(tracking, name, run_dir, run_name, config)
+            except Exception as err:  # e.g. W&B without an API key, an MLflow server that does not answer
+                self.close()
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise ConfigError(f"--report-to {name}: cannot start the tracker: {type(err).__name__}: {first}"
+                                  ) from None
 
-                if "MLFLOW_TRACKING_URI" not in os.environ:  # the local file store, inside the run directory
-                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in
-                    mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
-                tracker = tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dpolab"), run_name=run_name)
-            tracker.start()
-            tracker.store_init_configuration(_hparams(config))
-            self.trackers.append((name, tracker))
+    def _start(self, tracking, name: str, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+        """Start tracker ``name`` and log the run's configuration to it."""
+        if name == "tensorboard":
+            tracker = tracking.TensorBoardTracker(run_name, run_dir / "tensorboard")
+        elif name == "wandb":
+            tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "dpolab"), name=run_name,
+                                            dir=str(run_dir))
+        else:
+            import mlflow
+
+            if "MLFLOW_TRACKING_URI" not in os.environ:  # the local file store, inside the run directory
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in
+                mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+            tracker = tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dpolab"), run_name=run_name)
+        tracker.start()
+        tracker.store_init_configuration(_hparams(config))
+        self.trackers.append((name, tracker))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
