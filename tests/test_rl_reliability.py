@@ -382,6 +382,8 @@ def test_dry_run_validates_and_writes_nothing(algo, tmp_path, capsys):
     assert summary["dry_run"] is True and summary["action_space"] == "Discrete(2)"
     assert not out.exists()
     assert main(["rl", algo, "--env", "NoSuchEnv-v0", "--dry-run", "--output-dir", str(out)]) == 2
+    assert main(["rl", algo, "--env", "CartPole-v1", "--dry-run", "--output-dir", str(out), "--resume", "latest"]) == 2
+    assert "--resume" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_refused_resume_changes_nothing(tmp_path, capsys):

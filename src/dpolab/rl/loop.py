@@ -130,6 +130,11 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     trackers = report_to(cfg)  # a tracker that is not installed fails before any work
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
     if cfg.dry_run:
+        try:
+            start_run(cfg, algo.name, create=False)  # the output folder and --resume, as a real run checks them
+        except BaseException:
+            envs.close()
+            raise
         return dry_run_summary(cfg, envs)
     try:
         run_dir, state = start_run(cfg, algo.name)

@@ -81,19 +81,20 @@ def report_to(cfg: Any) -> list[str]:
     return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
 
 
-def start_run(cfg: Any, algorithm: str) -> tuple[RunDir, dict[str, Any] | None]:
+def start_run(cfg: Any, algorithm: str, *, create: bool = True) -> tuple[RunDir, dict[str, Any] | None]:
     """Open the output directory; refuse to mix a new run into an existing one unless resuming.
     With ``--resume`` the checkpoint is read and checked first (:func:`read_checkpoint`), so a refused
     resume leaves the run's ``config.yaml`` as it was and creates no folder. Returns the run and
-    the checkpoint's state (None for a new run)."""
+    the checkpoint's state (None for a new run). ``create=False`` (``--dry-run``): only the checks."""
     from dpolab.runs.rundir import check_writable
 
     check_writable("--output-dir", cfg.output_dir, folder=True)
     run = RunDir(cfg.output_dir, keep_last=cfg.save_total_limit)
     run.check_new_run(cfg.resume)
     state = read_checkpoint(run, cfg.resume, cfg, algorithm) if cfg.resume is not None else None
-    run.create()
-    run.write_config(cfg)
+    if create:
+        run.create()
+        run.write_config(cfg)
     return run, state
 
 
