@@ -119,6 +119,13 @@ def test_mdp_file_with_a_misspelt_transition_key_is_refused(capsys, tmp_path):
     assert code == 2 and "state 'a' action 'go': unknown key(s) ['rewrd']; expected reward and next" in err
 
 
+def test_mdp_file_states_named_by_numbers(capsys, tmp_path):
+    mdp = tmp_path / "numbers.yaml"
+    mdp.write_text("gamma: 0.5\nstates: [1, 2]\ntransitions:\n  1: {go: {reward: 2, next: 2}}\n")
+    code, out, _ = run(capsys, "rl", "solve", "--mdp", str(mdp), "--json")
+    assert code == 0 and json.loads(out)["values"] == [2.0, 0.0]
+
+
 def test_evaluate_refuses_an_output_that_is_not_a_png_before_running(capsys, tmp_path):
     for name in ("x.txt", "noext", ".png"):
         code, _, err = run(capsys, "rl", "evaluate", "--episodes", "2000", "--output", str(tmp_path / name))

@@ -252,7 +252,8 @@ def mdp_from_dict(raw: dict) -> MDP:
             if extra := sorted(map(str, set(spec) - {"reward", "next"})):  # a misspelt reward would read as 0
                 raise MDPError(f"{where}: unknown key(s) {extra}; expected reward and next")
             nxt = spec["next"]
-            nxt = {nxt: 1.0} if isinstance(nxt, str) else nxt
+            # a name YAML reads as a number (states: [1, 2]) names a state too, as in 'states'
+            nxt = {nxt: 1.0} if isinstance(nxt, (str, int)) and not isinstance(nxt, bool) else nxt
             if not isinstance(nxt, dict) or not nxt:
                 raise MDPError(f"{where}: 'next' must be a state name or a mapping of state -> probability")
             for t, p in nxt.items():
