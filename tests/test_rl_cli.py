@@ -69,6 +69,8 @@ def test_solve_with_config_file(capsys, tmp_path):
     (["--env", "student-mrp"], "Markov reward process"),
     (["--env", "FrozenLake-v1", "--env-kwargs", "colour=blue"], "bad keyword arguments"),
     (["--mdp", "missing.yaml"], "file not found"),
+    (["--mdp", "missing.yaml", "--gamma", "2"], "--gamma must be in [0, 1], got 2"),  # the flag, not the file
+    (["--mdp", "missing.yaml", "--env-kwargs", "a=1"], "--env-kwargs applies to Gymnasium environments"),
     (["--env", "FrozenLake-v1", "--env-kwargs", "map_name=9x9"], "FrozenLake-v1 refused them: KeyError"),
     (["--env", "FrozenLake-v1", "--env-kwargs", "map_name=["], "cannot read the value of 'map_name'"),
 ])
@@ -117,6 +119,13 @@ def test_mdp_file_with_a_misspelt_transition_key_is_refused(capsys, tmp_path):
     bad.write_text("gamma: 0.9\nstates: [a, b]\nactions: [go]\ntransitions:\n  a: {go: {rewrd: 5, next: b}}\n")
     code, _, err = run(capsys, "rl", "solve", "--mdp", str(bad))
     assert code == 2 and "state 'a' action 'go': unknown key(s) ['rewrd']; expected reward and next" in err
+
+
+def test_mdp_file_gamma_true_is_not_a_discount_of_one(capsys, tmp_path):
+    bad = tmp_path / "bool.yaml"
+    bad.write_text("gamma: true\nstates: [a, b]\ntransitions:\n  a: {go: {reward: 1, next: b}}\n")
+    code, _, err = run(capsys, "rl", "solve", "--mdp", str(bad))
+    assert code == 2 and f"{bad}: gamma must be a number, got True" in err
 
 
 def test_mdp_file_states_named_by_numbers(capsys, tmp_path):

@@ -22,6 +22,15 @@ from dpolab.rl.mdp import MDP
 GYM_HELP = "or a Gymnasium toy-text id such as FrozenLake-v1, CliffWalking-v1, Taxi-v4"
 
 
+def _check_model_options(cfg) -> None:
+    """What the model options say on their own, before a file is read (so a bad --gamma is not
+    blamed on the MDP file)."""
+    if cfg.gamma is not None and not 0 <= cfg.gamma <= 1:
+        raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma:g}")
+    if cfg.mdp is not None and cfg.env_kwargs:
+        raise ConfigError("--env-kwargs applies to Gymnasium environments, not to an --mdp file")
+
+
 @dataclass
 class SolveConfig:
     env: str | None = opt(None, f"the MDP: a built-in ({', '.join(BUILTIN_MDPS)}) {GYM_HELP}")
@@ -36,6 +45,7 @@ class SolveConfig:
     def validate(self) -> None:
         if (self.env is None) == (self.mdp is None):
             raise ConfigError("give exactly one of --env or --mdp")
+        _check_model_options(self)
         if not self.tol > 0:
             raise ConfigError(f"--tol must be positive, got {self.tol:g}")
 
@@ -64,6 +74,7 @@ class EvaluateConfig:
             self.env = None  # --mdp replaces the default --env
         if (self.env is None) == (self.mdp is None):
             raise ConfigError("give exactly one of --env or --mdp")
+        _check_model_options(self)
         if self.episodes < 1 or self.runs < 1 or self.max_steps < 1:
             raise ConfigError("--episodes, --runs and --max-steps must be positive")
         if not self.output.lower().endswith(".png") or Path(self.output).name.lower() == ".png":  # else after the runs
@@ -74,7 +85,6 @@ class EvaluateConfig:
         for name, a in (("--mc-alpha", self.mc_alpha), ("--td-alpha", self.td_alpha)):
             if a is not None and not 0 < a <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {a:g}")
-
 
 
 def _fmt(v: float) -> str:

@@ -62,6 +62,8 @@ def check_stochastic(P: np.ndarray, name: str = "P") -> None:
 
 def check_gamma(gamma: float) -> float:
     try:
+        if isinstance(gamma, bool):  # YAML's `gamma: true` is not a discount of 1
+            raise TypeError
         g = float(gamma)
     except (TypeError, ValueError):
         raise MDPError(f"gamma must be a number, got {gamma!r}") from None
