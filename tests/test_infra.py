@@ -49,6 +49,16 @@ def test_config_names_the_line_and_refuses_a_key_given_twice(tmp_path):
         load_yaml(cfg_file, _Cfg)
 
 
+def test_config_booleans_read_alike_in_yaml_and_on_the_command_line(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    for text, want in (("lora: 1", True), ("lora: 0", False), ("lora: yes", True), ("lora: 'off'", False)):
+        cfg_file.write_text(text + "\n")
+        assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").lora is want, text
+    cfg_file.write_text("lora: 2\n")
+    with pytest.raises(ConfigError, match="'lora' must be true or false, got 2"):
+        parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
+
+
 def test_config_bad_values():
     with pytest.raises(ConfigError, match="--steps"):
         parse_config(_Cfg, ["--steps", "ten"], prog="t")

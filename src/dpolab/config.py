@@ -74,6 +74,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
+            if type(value) is int and value in (0, 1):  # YAML `flag: 1`, as the CLI's --flag 1
+                return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
                 return value.lower() in ("true", "yes", "1", "on")
             raise ConfigError(f"'{name}' must be true or false, got {value!r}")
