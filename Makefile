@@ -49,7 +49,7 @@ demo: $(STAMP)
 	touch .venv-bench/.installed
 
 bench: .venv-bench/.installed
-	.venv-bench/bin/python bench/dpo_vs_trl.py
+	.venv-bench/bin/python bench/dpo_vs_trl.py --repeats 3 --json bench/dpo_vs_trl_results.json
 
 bench-quick: .venv-bench/.installed
 	.venv-bench/bin/python bench/dpo_vs_trl.py --quick

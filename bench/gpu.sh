@@ -14,7 +14,7 @@
 #                                # on the meta device, the FSDP config parses and `dpolab dpo --dry-run`
 #                                # accepts the FSDP step's flags on a tiny model; the commands are printed
 #
-# PYTHON: the interpreter (default .venv-bench/bin/python, else python3); it needs torch (with CUDA
+# PYTHON: the interpreter (default .venv-bench/bin/python, else .venv/bin/python, else python3); it needs torch (with CUDA
 # for the real run), transformers, trl, accelerate, datasets and dpolab (the Makefile's .venv-bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,8 @@ case "${1:-}" in
   *) echo "usage: bash bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
 esac
 if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv-bench/bin/python ]]; then PYTHON=.venv-bench/bin/python; else PYTHON=python3; fi
+  if [[ -x .venv-bench/bin/python ]]; then PYTHON=.venv-bench/bin/python
+  elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 RESULTS=${OUT:-bench}
 WORK=$(mktemp -d)

@@ -156,6 +156,23 @@ def test_fsdp_on_cpu_processes(tiny_model_dir, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_fsdp_on_one_cpu_process_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`accelerate launch --num_processes 1` with FSDP (bench/gpu.sh's form) on a machine without a
+    GPU: the same one-line error as with several processes, before anything is written."""
+    from dpolab.train.distributed import FSDP_ON_CPU, _has_accelerator_device
+
+    if _has_accelerator_device():
+        pytest.skip("this machine has an accelerator device: FSDP is set up there")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    data = write_rule_data(tmp_path / "prefs.jsonl", n=8)
+    out = tmp_path / "fsdp1"
+    code = main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and FSDP_ON_CPU in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
     """``torchrun`` on a machine without GPU: accelerate alone would make each process a
     single-process run (they would overwrite one run directory); make_accelerator forms the gloo

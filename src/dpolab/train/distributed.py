@@ -52,6 +52,12 @@ def single_by_mistake() -> bool:
             and "RANK" not in env and not mpi)
 
 
+def _has_accelerator_device() -> bool:
+    """A GPU or another device torch knows as an accelerator (torch >= 2.6), else CUDA alone."""
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc.is_available()) if acc is not None and hasattr(acc, "is_available") else torch.cuda.is_available()
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An :class:`accelerate.Accelerator` for the process group the launcher started.
 
@@ -67,7 +73,7 @@ def make_accelerator(mixed_precision: str = "no"):
     if single_by_mistake():
         raise ConfigError(ALONE_BY_MISTAKE)
     cpu = world > 1 and not torch.cuda.is_available()
-    if _env_flag("ACCELERATE_USE_FSDP") and cpu:
+    if _env_flag("ACCELERATE_USE_FSDP") and not _has_accelerator_device():  # one process too (bench/gpu.sh's form)
         # Without a CUDA/XPU/MLU/NPU/MUSA/HPU device accelerate 1.15's FullyShardedDataParallelPlugin
         # raises "There are currently no available devices found" and 1.16's refuses
         # sync_module_states on CPU; in both the state switches to FSDP only from a multi-device
