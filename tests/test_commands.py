@@ -153,6 +153,10 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     assert f"{bad}:2: field 'prompt'" in err("--data", bad)
     assert "did you mean '--num-samples'" in err("--prompt", "a", "--num-sample", 2)
     assert "exactly one of --data" in err()
+    assert "--prompt 2: not valid UTF-8 text" in err("--prompt", "a", "caf\udce9")  # a byte the locale cannot decode
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "a\\ud800"}\n', encoding="utf-8")
+    assert f"{surrogate}:1: field 'prompt': contains an unpaired UTF-16 surrogate" in err("--data", surrogate)
     assert "exactly one of --data" in err("--data", work / "prompts.jsonl", "--prompt", "a")
     assert "--temperature must be a finite number >= 0 (0: greedy), got -1.0" in err("--prompt", "a", "--temperature", -1)
     assert "--top-p must be in (0, 1], got 0.0" in err("--prompt", "a", "--top-p", 0)

@@ -105,6 +105,54 @@ def test_parquet_keeps_nested_message_lists(tmp_path):
     assert parse_preference(records[0]).conversational
 
 
+class _ChatTokenizer:
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "|".join(m["content"] for m in messages)
+
+
+def test_parquet_nulls_of_mixed_rows_read_as_absent_fields(tmp_path):
+    """Parquet holds null where a row lacks a column: rows of both prompt forms (and of both SFT
+    forms) in one file read as they do from JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpolab.data.prompts import render_prompt
+    from dpolab.data.sft import parse_sft
+
+    turns = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "the movie was", "messages": None},
+                                         {"prompt": None, "messages": turns}]), path)
+    records = load_records(str(path))
+    assert records[0].data == {"prompt": "the movie was", "messages": None}
+    assert [render_prompt(r.data, _ChatTokenizer(), record=r) for r in records] == [("the movie was", False),
+                                                                                    ("hi", True)]
+    path = tmp_path / "sft.parquet"
+    chat = turns + [{"role": "assistant", "content": "hello"}]
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "completion": "b", "messages": None},
+                                         {"prompt": None, "completion": None, "messages": chat}]), path)
+    assert [parse_sft(r) for r in load_records(str(path))] == [("completion", ("a", "b")), ("chat", (chat, 0))]
+
+
+def test_unpaired_surrogates_are_refused_by_every_loader(tmp_path):
+    from dpolab.data.prompts import render_prompt
+    from dpolab.data.sft import parse_sft
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "a\\ud800", "completion": "b"}\n'
+                    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\\udc00"}]}\n')
+    first, second = load_records(str(path))
+    surrogate = "contains an unpaired UTF-16 surrogate"
+    with pytest.raises(DataError, match=rf"s\.jsonl:1: field 'prompt': {surrogate}"):
+        render_prompt(first.data, _ChatTokenizer(), record=first)
+    with pytest.raises(DataError, match=rf"s\.jsonl:1: field 'prompt': {surrogate}"):
+        parse_sft(first)
+    with pytest.raises(DataError, match=rf"s\.jsonl:2: field 'messages\[1\]\.content': {surrogate}"):
+        parse_sft(second)
+
+
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     import datasets
 

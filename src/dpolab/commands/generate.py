@@ -73,6 +73,11 @@ class GenerateConfig(SamplingOptions, RuntimeOptions):
             raise ConfigError("--model is required (a Hugging Face name or a local folder)")
         if (self.data is None) == (not self.prompt):
             raise ConfigError("give exactly one of --data FILE and --prompt TEXT")
+        from dpolab.data.loading import text_problem
+
+        for i, text in enumerate(self.prompt or []):
+            if text_problem(text):  # a byte the locale cannot decode arrives as a lone surrogate
+                raise ConfigError(f"--prompt {i + 1}: not valid UTF-8 text ({text!r})")
         check_counts(self)
         check_output_file("--output", self.output)
 

@@ -73,6 +73,16 @@ def role_problem(role: str) -> str | None:
     return None
 
 
+def text_problem(text: str) -> str | None:
+    """What makes a string unusable as text, or None: an unpaired UTF-16 surrogate (valid JSON,
+    ``"\\ud800"``) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired UTF-16 surrogate (invalid text)"
+    return None
+
+
 def located_error(path: str, line: int | None, unit: str, message: str, *,
                   field: str | None = None) -> DataError:
     """A :class:`DataError` whose text reads ``path:LINE: ...`` or ``path row N: ...``."""

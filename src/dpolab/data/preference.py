@@ -29,7 +29,7 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import Record, load_records, located_error, record_error, role_problem
+from dpolab.data.loading import Record, load_records, located_error, record_error, role_problem, text_problem
 from dpolab.errors import ConfigError, DataError
 
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|assistant|>\n", "<|im_start|>assistant\n",
@@ -171,11 +171,8 @@ def _value(record: Record, name: str, *, required: bool = True):
 
 
 def _check_text(record: Record, name: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise record_error(record, "contains an unpaired UTF-16 surrogate (invalid text)",
-                           field=name) from exc
+    if problem := text_problem(text):
+        raise record_error(record, problem, field=name)
 
 
 def _assistant(text: str) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import role_problem
+from dpolab.data.loading import role_problem, text_problem
 from dpolab.errors import DataError
 
 __all__ = ["PromptData", "load_prompts", "render_prompt", "special_prefix", "tokenize_prompts"]
@@ -87,13 +87,16 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
 
         return record_error(record, message, field=field)
 
-    has_prompt, has_messages = "prompt" in row and row["prompt"] is not None, "messages" in row
+    # a null field is an absent one: a Parquet or Arrow column holds null where a row has no value
+    has_prompt, has_messages = row.get("prompt") is not None, row.get("messages") is not None
     if has_prompt and has_messages:
         raise err("row has both 'prompt' and 'messages'; give one")
     if has_prompt:
         prompt = row["prompt"]
         if not isinstance(prompt, str):
             raise err(f"expected a string, got {type(prompt).__name__}", field="prompt")
+        if problem := text_problem(prompt):
+            raise err(problem, field="prompt")
         return prompt, False
     if has_messages:
         messages = row["messages"]
@@ -104,6 +107,8 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
                 raise err(f"turn {i} must be an object with string 'role' and 'content'", field="messages")
             if problem := role_problem(m["role"]):
                 raise err(problem, field=f"messages[{i}].role")
+            if problem := text_problem(m["content"]):
+                raise err(problem, field=f"messages[{i}].content")
         if getattr(tokenizer, "chat_template", None) is None:
             raise err("conversational prompt, but the tokenizer has no chat template", field="messages")
         if messages[-1]["role"] == "assistant":

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpolab.data.loading import Record, load_records, record_error, role_problem
+from dpolab.data.loading import Record, load_records, record_error, role_problem, text_problem
 from dpolab.data.preference import eval_count, special_ids
 from dpolab.errors import ConfigError, DataError
 
@@ -78,6 +78,8 @@ def _text_field(record: Record, name: str) -> str:
     if not isinstance(value, str):
         got = "missing" if name not in record.data else ("null" if value is None else type(value).__name__)
         raise record_error(record, f"must be a string, got {got}", field=name)
+    if problem := text_problem(value):
+        raise record_error(record, problem, field=name)
     return value
 
 
@@ -90,13 +92,15 @@ def _messages_field(record: Record, name: str) -> list[dict]:
             raise record_error(record, "each message needs string 'role' and 'content'", field=f"{name}[{i}]")
         if problem := role_problem(m["role"]):
             raise record_error(record, problem, field=f"{name}[{i}].role")
+        if problem := text_problem(m["content"]):
+            raise record_error(record, problem, field=f"{name}[{i}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def parse_sft(record: Record) -> tuple[str, tuple]:
     """``("completion", (prompt, completion))``, ``("chat", (messages, loss_from))`` or
     ``("text", (text,))``; :class:`DataError` naming the file, line and field on a bad row."""
-    data = record.data
+    data = {k: v for k, v in record.data.items() if v is not None}  # a Parquet/Arrow column's null: absent
     if "messages" in data:
         messages = _messages_field(record, "messages")
         if not any(m["role"] == "assistant" for m in messages):
