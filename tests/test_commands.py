@@ -254,6 +254,34 @@ def test_eval_passes_row_fields_to_the_reward(work, tiny_model_dir, tmp_path):
     assert [r["reward"] for r in rows] == [float(i) for i in range(8) for _ in range(3)]
 
 
+def test_eval_reward_fields_do_not_depend_on_the_batch(tiny_model_dir, tmp_path, capsys):
+    """A field only some rows hold is passed to no batch (else the result would move with
+    --batch-size); a field a reward requires, missing or null in a row, is refused before sampling."""
+    (tmp_path / "opt_rewards.py").write_text(
+        "def optional(prompts, completions, answer=None):\n"
+        "    return [0.0 if answer is None else 1.0 for _ in completions]\n", encoding="utf-8")
+    data = tmp_path / "partial.jsonl"
+    data.write_text('{"prompt": "a", "answer": "x"}\n{"prompt": "b"}\n', encoding="utf-8")
+    means = []
+    for batch in ("1", "2"):
+        out = tmp_path / f"b{batch}.json"
+        assert main(["eval", "--models", str(tiny_model_dir), "--data", str(data), "--reward",
+                     f"{tmp_path / 'opt_rewards.py'}:optional", "--max-new-tokens", "2", "--no-kl",
+                     "--batch-size", batch, "--output", str(out), "--no-progress"]) == 0
+        means.append(json.loads(out.read_text(encoding="utf-8"))["models"][0]["reward"])
+    assert means == [0.0, 0.0]
+    capsys.readouterr()
+    for text, got in (('{"prompt": "a", "answer": "x"}\n{"prompt": "b"}\n', "missing"),
+                      ('{"prompt": "a", "answer": "x"}\n{"prompt": "b", "answer": null}\n', "null")):
+        data.write_text(text, encoding="utf-8")
+        assert main(["eval", "--models", str(tiny_model_dir), "--data", str(data), "--reward",
+                     "dpolab.rewards.tasks:exact_match", "--max-new-tokens", "2", "--no-kl",
+                     "--output", str(tmp_path / "never.json"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{data}:2: field 'answer': {got}; the reward exact_match takes it as an argument" in err, err
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_eval_with_a_reward_model_and_a_python_reward_summed(work, tiny_model_dir, tiny_tokenizer, tmp_path):
     """--reward-model without --max-prompt-length (prompts uncut), weighted with a Python reward:
     each sample's reward is 0.5·RM + 2·row_id, the RM scored on its own."""

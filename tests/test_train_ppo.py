@@ -271,6 +271,33 @@ def test_prompt_truncation_keeps_the_end_and_the_bos(tiny_tokenizer):
     assert ids == [bos] + plain[-3:] and truncated == 1
     (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=100)
     assert ids == [bos] + plain and truncated == 0
+    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=1)
+    assert ids == [bos] and truncated == 1  # never more than --max-prompt-length tokens
+
+
+def test_chat_prompts_are_sampled_with_the_ids_they_are_trained_on(tiny_tokenizer):
+    """A tokenizer that prepends BOS itself and a chat template that does not write it: the
+    on-policy, generate and eval prompt of a conversation is the prompt SFT and DPO train on."""
+    import copy
+
+    from tokenizers import processors
+
+    from dpolab.data.loading import Record
+    from dpolab.data.preference import parse_preference, tokenize_preference
+    from dpolab.data.prompts import render_prompt, tokenize_prompts
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    turns = [{"role": "user", "content": "the plot was clever"}]
+    text, chat = render_prompt({"messages": turns}, tok)
+    assert chat and not text.startswith("<s>")
+    (ids,), _ = tokenize_prompts([text], tok)
+    pair = tokenize_preference(parse_preference(Record({"prompt": turns, "chosen": "yes", "rejected": "no"}, "x", 1)),
+                               tok, max_length=64, max_prompt_length=32)
+    assert ids[0] == bos and ids == list(pair.prompt_ids)
+    (twice,), _ = tokenize_prompts(["<s>" + text], tok)  # a template that writes BOS itself: still one
+    assert twice == ids
 
 
 @pytest.mark.parametrize("row, message", [

@@ -170,8 +170,7 @@ def render_prompts(records: list, tokenizer, max_prompt_length: int | None) -> t
 
     rendered = [render_prompt(rec.data, tokenizer, record=rec) for rec in records]
     texts = [text for text, _ in rendered]
-    ids, _ = tokenize_prompts(texts, tokenizer, chat=[chat for _, chat in rendered],
-                              max_prompt_length=max_prompt_length)
+    ids, _ = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
     return texts, ids
 
 

@@ -7,7 +7,7 @@ are ignored.
 
 Tokenisation matches the preference pipeline (``dpolab.data.preference``): the text is tokenised
 with ``add_special_tokens=False``; a plain prompt then gets the leading special tokens the tokenizer
-would add itself (e.g. a BOS; a rendered chat prompt already contains its own). An empty prompt
+would add itself (e.g. a BOS), a rendered chat prompt too unless its template wrote them. An empty prompt
 becomes one BOS (or EOS) token, so the first response token has a context. Prompts longer than
 ``max_prompt_length`` keep their *end* (the part next to the response) and their leading special
 tokens, and are counted.
@@ -33,6 +33,7 @@ class PromptData:
     truncated: int = 0
     locations: list[str] = field(default_factory=list)
     extras: list[dict] = field(default_factory=list)  # each row's other fields (e.g. a reference answer)
+    _common: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,8 +44,11 @@ class PromptData:
                           [self.extras[i] for i in rows] if self.extras else [])
 
     def columns(self, rows: list[int]) -> dict[str, list]:
-        """The other fields of ``rows``, one list per field present in every row (reward arguments)."""
-        return row_columns(self.extras, rows)
+        """The other fields of ``rows``, one list per field that every row of the data holds (reward
+        arguments): the same fields in every batch, however the rows are grouped."""
+        if self._common is None:
+            self._common = common_fields(self.extras)
+        return row_columns(self.extras, rows, self._common)
 
     def report(self) -> dict:
         return {"source": self.source, "prompts": len(self), "truncated": self.truncated}
@@ -53,9 +57,10 @@ class PromptData:
         """Every row has the field ``name`` (a reward's argument): checked at load time, where a row
         without it would otherwise fail only when it is first sampled, steps into the run."""
         for i in range(len(self)):
-            if name not in (self.extras[i] if self.extras else {}):
-                raise DataError(f"missing; {why}", path=self.locations[i] if self.locations else self.source,
-                                field=name)
+            row = self.extras[i] if self.extras else {}
+            if row.get(name) is None:  # null as missing: a Parquet column's null, or JSON's
+                raise DataError(f"{'missing' if name not in row else 'null'}; {why}",
+                                path=self.locations[i] if self.locations else self.source, field=name)
 
 
 def extra_fields(row: dict) -> dict:
@@ -63,13 +68,18 @@ def extra_fields(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("prompt", "messages")}
 
 
-def row_columns(extras: list[dict], rows: list[int]) -> dict[str, list]:
-    """The fields present in every one of ``rows`` of ``extras``, one list per field aligned with
-    ``rows``: the keyword arguments a reward function may name."""
+def common_fields(extras: list[dict]) -> list[str]:
+    """The fields every row of ``extras`` holds, sorted."""
+    return sorted(set.intersection(*(set(e) for e in extras))) if extras else []
+
+
+def row_columns(extras: list[dict], rows: list[int], fields: list[str]) -> dict[str, list]:
+    """One list per field of ``fields`` (:func:`common_fields` of the whole data, so that a batch
+    never gets a field another batch lacks) aligned with ``rows``: the keyword arguments a reward
+    function may name."""
     if not extras or not rows:
         return {}
-    keys = set.intersection(*(set(extras[i]) for i in rows))
-    return {k: [extras[i][k] for i in rows] for k in sorted(keys)}
+    return {k: [extras[i][k] for i in rows] for k in fields}
 
 
 def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
@@ -129,21 +139,21 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def tokenize_prompts(texts: list[str], tokenizer, *, chat: list[bool] | None = None,
-                     max_prompt_length: int | None = None) -> tuple[list[list[int]], int]:
+def tokenize_prompts(texts: list[str], tokenizer, *, max_prompt_length: int | None = None) -> tuple[list[list[int]], int]:
     """Token ids of each prompt (see the module docstring) and how many were truncated."""
-    chat = chat or [False] * len(texts)
     prefix = special_prefix(tokenizer)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out, truncated = [], 0
-    for text, is_chat in zip(texts, chat):
-        head = [] if is_chat else list(prefix)
+    for text in texts:
+        head = list(prefix)
         body = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if head and body[:len(head)] == head:  # a chat template that writes BOS itself
+            body = body[len(head):]
         if not head and not body:
             body = [start]
         if max_prompt_length is not None and len(head) + len(body) > max_prompt_length:
-            keep = max(max_prompt_length - len(head), 1)
-            body, truncated = body[-keep:], truncated + 1
+            keep = max(max_prompt_length - len(head), 0 if head else 1)
+            body, truncated = body[len(body) - keep:], truncated + 1
         out.append(head + body)
     return out, truncated
 
@@ -157,14 +167,12 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
     from dpolab.data.loading import load_records, record_error
 
     records = load_records(source, split=split)
-    texts, chat, where, extras = [], [], [], []
+    texts, where, extras = [], [], []
     for rec in records:
         if not isinstance(rec.data, dict):
             raise record_error(rec, "expected a JSON object")
-        text, is_chat = render_prompt(rec.data, tokenizer, record=rec)
-        texts.append(text)
-        chat.append(is_chat)
+        texts.append(render_prompt(rec.data, tokenizer, record=rec)[0])
         where.append(rec)
         extras.append(extra_fields(rec.data))
-    ids, truncated = tokenize_prompts(texts, tokenizer, chat=chat, max_prompt_length=max_prompt_length)
+    ids, truncated = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
     return PromptData(texts, ids, str(source), truncated, [r.where for r in where], extras)
