@@ -154,6 +154,9 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     assert "did you mean '--num-samples'" in err("--prompt", "a", "--num-sample", 2)
     assert "exactly one of --data" in err()
     assert "--prompt 2: not valid UTF-8 text" in err("--prompt", "a", "caf\udce9")  # a byte the locale cannot decode
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text('{"prompt": "a", "completion": "ref", "input_completion": "x"}\n', encoding="utf-8")
+    assert f"{clash}:1: field 'input_completion': is also the name 'completion' is kept under" in err("--data", clash)
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"prompt": "a\\ud800"}\n', encoding="utf-8")
     assert f"{surrogate}:1: field 'prompt': contains an unpaired UTF-16 surrogate" in err("--data", surrogate)

@@ -388,7 +388,8 @@ def test_task_command_bad_input_writes_nothing(tmp_path, capsys):
     afile.write_text("x")
     for argv, says in ((["copy", "--output-dir", afile], "is a file; give a folder name"),
                        (["copy", "--task", "add", "--output-dir", tmp_path / "t"], "the task is given twice"),
-                       (["add", "--train", "3000", "--output-dir", tmp_path / "t"], "fewer than 3000 distinct prompts besides the 128 evaluation prompts")):
+                       (["add", "--train", "3000", "--output-dir", tmp_path / "t"], "fewer than 3000 distinct prompts besides the 128 evaluation prompts"),
+                       (["add", "--sft", "2400", "--output-dir", tmp_path / "t"], "ask for fewer (--sft 2400)")):
         assert main(["task", *map(str, argv)]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

@@ -163,6 +163,21 @@ def read_prompt_rows(source: str, split: str = "train") -> list:
     return records
 
 
+def _pass_through(rec) -> dict:
+    """A prompt row's other fields for the output; one named like an output field is kept as
+    ``input_<name>``, and a row that holds that name as well is refused (one value would be lost)."""
+    from dpolab.data.loading import record_error
+
+    out = {k: v for k, v in rec.data.items() if k != "prompt" and k not in OUTPUT_FIELDS[1:]}
+    for k in OUTPUT_FIELDS[1:]:
+        if k in rec.data:
+            if f"input_{k}" in out:
+                raise record_error(rec, f"is also the name '{k}' is kept under in the output; rename one",
+                                   field=f"input_{k}")
+            out[f"input_{k}"] = rec.data[k]
+    return out
+
+
 def render_prompts(records: list, tokenizer, max_prompt_length: int | None) -> tuple[list[str], list[list[int]]]:
     """(texts, token ids) of prompt rows in the formats of ``dpolab.data.prompts`` (``prompt`` or
     ``messages``); a bad row raises a ``DataError`` naming its file, line and field."""
@@ -271,8 +286,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if records is not None:
         texts, ids = render_prompts(records, tokenizer, cfg.max_prompt_length)
-        extras = [{(f"input_{k}" if k in OUTPUT_FIELDS[1:] else k): v for k, v in rec.data.items() if k != "prompt"}
-                  for rec in records]
+        extras = [_pass_through(rec) for rec in records]
     else:
         texts = list(cfg.prompt)
         ids, extras = text_prompts(texts, tokenizer, cfg.max_prompt_length), [{} for _ in texts]

@@ -24,7 +24,7 @@ class TaskConfig:
     output_dir: str = opt("data/task", "where the files go")
     train: int = opt(512, "training prompts")
     eval: int = opt(128, "held-out evaluation prompts (none of them in train.jsonl or sft.jsonl)")
-    sft: int = opt(2048, "SFT rows (0: no sft.jsonl)")
+    sft: int = opt(2048, "SFT rows (0: no sft.jsonl, and an earlier one in --output-dir is removed)")
     noise: float = opt(0.5, "probability that an SFT completion is wrong (a same-shape corruption)")
     seed: int = opt(0, "random seed")
 

@@ -54,8 +54,10 @@ def _corrupt(answer: str, rng: random.Random) -> str:
             return wrong
 
 
-def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, str]]:
-    """``n`` distinct (prompt, answer) pairs of ``task`` whose prompts are not in ``exclude``."""
+def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset = frozenset(),
+                  flag: str = "") -> list[tuple[str, str]]:
+    """``n`` distinct (prompt, answer) pairs of ``task`` whose prompts are not in ``exclude``; ``flag``
+    names the option that asked for ``n`` in the error when there are fewer."""
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
     rng, seen, out = random.Random(seed), set(exclude), []
@@ -67,7 +69,8 @@ def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset
             seen.add(prompt)
             out.append((prompt, answer))
     held = f" besides the {len(exclude)} evaluation prompts (--eval), which it never reuses" if exclude else ""
-    raise ValueError(f"task '{task}' has fewer than {n} distinct prompts{held}; ask for fewer")
+    raise ValueError(f"task '{task}' has fewer than {n} distinct prompts{held}; ask for fewer"
+                     + (f" ({flag} {n})" if flag else ""))
 
 
 def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int = 128, sft: int = 2048,
@@ -76,12 +79,12 @@ def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int
     and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``; when ``sft`` is 0, none, and
     an earlier one in ``output_dir`` is removed). Returns the paths written."""
     out = Path(output_dir)
-    evals = make_examples(task, eval, seed + 1)
+    evals = make_examples(task, eval, seed + 1, flag="--eval")
     held = {p for p, _ in evals}
-    trains = make_examples(task, train, seed, exclude=held)
+    trains = make_examples(task, train, seed, exclude=held, flag="--train")
     rng = random.Random(seed + 2)
     sfts = [(p, a if rng.random() >= noise else _corrupt(a, rng))
-            for p, a in make_examples(task, sft, seed + 3, exclude=held)] if sft else []
+            for p, a in make_examples(task, sft, seed + 3, exclude=held, flag="--sft")] if sft else []
     out.mkdir(parents=True, exist_ok=True)  # only once every row is made: a bad size leaves no folder
     files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     _write(files["train"], [{"prompt": p, "answer": a} for p, a in trains])
