@@ -75,6 +75,10 @@ def test_chat_loss_covers_assistant_turns_only(tiny_tokenizer):
     pc = tok_row(tok, {"prompt": messages[:3], "completion": messages[3:]})
     assert pc.input_ids == ex.input_ids
     assert [i for i, m in zip(pc.input_ids, pc.loss_mask) if m] == enc(tok, "was great</s>\n")
+    # One side messages, the other a string (as DPO's pairs take it): the string is that side's turn.
+    assert tok_row(tok, {"prompt": messages[:3], "completion": "was great"}).input_ids == ex.input_ids
+    assert tok_row(tok, {"prompt": "the movie", "completion": messages[3:]}).input_ids == \
+        tok_row(tok, {"messages": messages[2:]}).input_ids
 
 
 def test_truncation_keeps_prompt_end_then_completion_start(tiny_tokenizer):

@@ -108,7 +108,11 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
         return "chat", (messages, 0)
     if "prompt" in data or "completion" in data:
         if isinstance(data.get("prompt"), (list, tuple)) or isinstance(data.get("completion"), (list, tuple)):
-            prompt, completion = _messages_field(record, "prompt"), _messages_field(record, "completion")
+            # one side messages, the other a string: the string is that side's one turn (as in DPO's pairs)
+            prompt = ([{"role": "user", "content": _text_field(record, "prompt")}]
+                      if isinstance(data.get("prompt"), str) else _messages_field(record, "prompt"))
+            completion = ([{"role": "assistant", "content": _text_field(record, "completion")}]
+                          if isinstance(data.get("completion"), str) else _messages_field(record, "completion"))
             return "chat", (prompt + completion, len(prompt))
         return "completion", (_text_field(record, "prompt"), _text_field(record, "completion"))
     if "text" in data:
