@@ -167,12 +167,11 @@ def check_vocabulary(name: str, tokenizer, ref_name: str, ref_tokenizer) -> None
 
 
 def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, label: str,
-                      columns: list[dict] | None = None) -> dict:
+                      rows_data) -> dict:
     """Sample every (prompt, sample) row of one model; rewards, KLs, lengths, EOS flags and texts.
-    ``columns``: each prompt row's other fields, passed to a reward function that names them."""
+    ``rows_data``: the prompt rows' :class:`PromptData`, whose other fields a reward may name."""
     import torch
 
-    from dpolab.data.prompts import common_fields, row_columns
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.logps import sequence_kl
     from dpolab.rewards.functions import compute_rewards
@@ -181,13 +180,12 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
     rows_ids = [ids[i] for i in range(n) for _ in range(k)]
     seeds = [row_seed(cfg.seed, i, j) for i in range(n) for j in range(k)]
     rewards, kls, lengths, finished, completions = [], [], [], [], []
-    fields = common_fields(columns or [])
     with progress_bar(n * k, label, cfg.progress) as bar:
         for start, gen in iter_samples(model, tokenizer, rows_ids, seeds, cfg):
             texts_b = decode_responses(tokenizer, gen)
             rows = [(start + b) // k for b in range(len(texts_b))]
             rewards.append(compute_rewards(reward_fn, [texts[i] for i in rows], texts_b,
-                                           row_columns(columns, rows, fields)).double())
+                                           rows_data.columns(rows)).double())
             if ref_model is model:  # the reference itself: log π − log π_ref is 0 token by token
                 kls.append(torch.zeros(len(texts_b), dtype=torch.float64))
             elif ref_model is not None:
@@ -242,20 +240,20 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
     for name, (_, ids) in prompts.items():
         check_room(cfg, max(map(len, ids)), model=name)
-    columns = [extra_fields(rec.data) for rec in records]
-    if reward_fn is not None:  # a field a reward needs, missing from a row, fails before sampling
-        from dpolab.data.prompts import PromptData
-        from dpolab.train.on_policy import check_reward_fields
+    from dpolab.data.prompts import PromptData
+    from dpolab.train.on_policy import check_reward_fields
 
-        check_reward_fields(reward_fn, PromptData([""] * len(records), [], cfg.data, 0,
-                                                  [rec.where for rec in records], columns))
+    rows_data = PromptData(*prompts[entries[0][0]], cfg.data, 0, [rec.where for rec in records],
+                           [extra_fields(rec.data) for rec in records])
+    if reward_fn is not None:  # a field a reward needs, missing from a row, fails before sampling
+        check_reward_fields(reward_fn, rows_data)
 
     ref_model = load_model(reference, cfg, device) if reference is not None else None
     raw = []
     for name, label in entries:
         model = ref_model if name == reference else load_model(name, cfg, device)
         texts, ids = prompts[name]
-        raw.append(_sample_and_score(model, tokenizers[name], texts, ids, ref_model, reward_fn, cfg, label, columns))
+        raw.append(_sample_and_score(model, tokenizers[name], texts, ids, ref_model, reward_fn, cfg, label, rows_data))
         if model is not ref_model:
             del model
             if device.type == "cuda":

@@ -46,9 +46,11 @@ class PromptData:
     def columns(self, rows: list[int]) -> dict[str, list]:
         """The other fields of ``rows``, one list per field that every row of the data holds (reward
         arguments): the same fields in every batch, however the rows are grouped."""
+        if not self.extras or not rows:
+            return {}
         if self._common is None:
-            self._common = common_fields(self.extras)
-        return row_columns(self.extras, rows, self._common)
+            self._common = sorted(set.intersection(*(set(e) for e in self.extras)))
+        return {k: [self.extras[i][k] for i in rows] for k in self._common}
 
     def report(self) -> dict:
         return {"source": self.source, "prompts": len(self), "truncated": self.truncated}
@@ -66,20 +68,6 @@ class PromptData:
 def extra_fields(row: dict) -> dict:
     """A prompt row's fields other than the prompt itself (e.g. a reference ``answer``)."""
     return {k: v for k, v in row.items() if k not in ("prompt", "messages")}
-
-
-def common_fields(extras: list[dict]) -> list[str]:
-    """The fields every row of ``extras`` holds, sorted."""
-    return sorted(set.intersection(*(set(e) for e in extras))) if extras else []
-
-
-def row_columns(extras: list[dict], rows: list[int], fields: list[str]) -> dict[str, list]:
-    """One list per field of ``fields`` (:func:`common_fields` of the whole data, so that a batch
-    never gets a field another batch lacks) aligned with ``rows``: the keyword arguments a reward
-    function may name."""
-    if not extras or not rows:
-        return {}
-    return {k: [extras[i][k] for i in rows] for k in fields}
 
 
 def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from dpolab.config import ConfigError, opt, parse_config
 from dpolab.rl.envs import BUILTIN_MDPS, BUILTIN_MRPS, make_model
-from dpolab.rl.mdp import MDP
+from dpolab.rl.mdp import MDP, MDPError, check_gamma
 
 GYM_HELP = "or a Gymnasium toy-text id such as FrozenLake-v1, CliffWalking-v1, Taxi-v4"
 
@@ -25,8 +25,11 @@ GYM_HELP = "or a Gymnasium toy-text id such as FrozenLake-v1, CliffWalking-v1, T
 def _check_model_options(cfg) -> None:
     """What the model options say on their own, before a file is read (so a bad --gamma is not
     blamed on the MDP file)."""
-    if cfg.gamma is not None and not 0 <= cfg.gamma <= 1:
-        raise ConfigError(f"--gamma must be in [0, 1], got {cfg.gamma:g}")
+    if cfg.gamma is not None:
+        try:
+            check_gamma(cfg.gamma)
+        except MDPError as err:
+            raise ConfigError(f"--{err}") from None
     if cfg.mdp is not None and cfg.env_kwargs:
         raise ConfigError("--env-kwargs applies to Gymnasium environments, not to an --mdp file")
 
