@@ -105,6 +105,24 @@ def test_generate_from_file_passes_fields_through_and_is_seeded(tiny_model_dir, 
     assert [r["completion"] for r in _read_jsonl(other)] != [r["completion"] for r in rows]
 
 
+def test_generate_writes_strict_json_from_parquet_fields(tiny_model_dir, tmp_path):
+    """A Parquet column's NaN or infinity (and one inside a list) is written as null: strict JSON
+    readers accept every line, and the other values pass through unchanged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, out = tmp_path / "p.parquet", tmp_path / "out.jsonl"
+    pq.write_table(pa.table({"prompt": ["a b", "c d"], "score": [float("nan"), 1.5],
+                             "scores": [[float("inf"), 2.0], [3.0]]}), src)
+    assert main(_gen(tiny_model_dir, "--data", src, "--output", out)) == 0
+
+    def strict(text):
+        raise AssertionError(f"non-JSON number {text}")
+
+    rows = [json.loads(line, parse_constant=strict) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["score"], r["scores"]) for r in rows] == [(None, [None, 2.0]), (1.5, [3.0])]
+
+
 def test_generate_from_prompt_flags_and_greedy(tiny_model_dir, tiny_tokenizer, capsys):
     """--prompt takes several values and repeats (commas stay inside a prompt); temperature 0 is
     greedy: the same whatever the seed, and equal to Hugging Face's greedy generate."""

@@ -29,6 +29,7 @@ from dpolab.commands.generate import (
     check_counts,
     check_output_file,
     iter_samples,
+    json_line,
     jsonable,
     load_model,
     parse_command,
@@ -357,7 +358,7 @@ def cli_main(argv: list[str], prog: str) -> int:
     results, samples = run_eval(cfg)
     text = json.dumps(results, indent=2, ensure_ascii=False, default=jsonable) + "\n"
     if cfg.samples_output is not None:
-        atomic_write_text(cfg.samples_output, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        atomic_write_text(cfg.samples_output, "".join(map(json_line, samples)))
     if cfg.plot is not None:
         write_plot(cfg.plot, results)
     if cfg.output is None:

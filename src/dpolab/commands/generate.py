@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -273,6 +274,25 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: JSON has no such numbers, and a
+    Parquet column's NaN written as ``NaN`` would make the line unreadable to strict parsers."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def json_line(row: dict) -> str:
+    """One JSONL line of ``row``: UTF-8 text as is, non-finite numbers as null."""
+    return json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False, default=jsonable) + "\n"
+
+
 # -- the command ---------------------------------------------------------------------------------
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     """The completion rows of ``cfg`` (see the module docstring), prompt-major."""
@@ -315,7 +335,7 @@ def cli_main(argv: list[str], prog: str) -> int:
     cfg = parse_command(GenerateConfig, argv, prog, DESCRIPTION, multi=("prompt",))
     rows = run_generate(cfg)
     try:
-        text = "".join(json.dumps(row, ensure_ascii=False, default=jsonable) + "\n" for row in rows)
+        text = "".join(map(json_line, rows))
     except (TypeError, ValueError) as err:
         raise DpolabError(f"a prompt row's field cannot be written as JSON: {err}") from None
     if cfg.output is None:
