@@ -277,7 +277,8 @@ def test_unsupported_extension_and_missing_file(tmp_path):
     path.write_text("hello")
     with pytest.raises(DataError, match=r"d\.txt: unsupported file extension '\.txt'"):
         load_records(str(path))
-    for missing in (str(tmp_path / "nope.jsonl"), "./nope", "data/nope.parquet"):
+    # a second or trailing slash: not a hub id, so not a hub lookup either
+    for missing in (str(tmp_path / "nope.jsonl"), "./nope", "data/nope.parquet", "data/hh/prefs", "prefs/"):
         with pytest.raises(DataError, match=r"file not found") as info:
             load_records(missing)
         assert info.value.path == missing

@@ -236,10 +236,12 @@ def test_out_of_range_numbers_are_refused_by_name(tiny_model_dir, rule_data, tmp
     assert not (tmp_path / "r").exists()
 
 
-def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_data, tmp_path, capsys):
+def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
+    # a relative path with two slashes cannot be a hub id (namespace/name): no hub lookup
     for path, says in ((tmp_path / "absent", "no such folder"), (tmp_path / "empty", "the folder has none of"),
-                       (rule_data, "it is a file, not a folder")):
+                       (rule_data, "it is a file, not a folder"), ("runs/sft/final", "no such folder")):
         assert main(_args(path, rule_data, tmp_path / "r", "--dry-run")) == 2
         err = capsys.readouterr().err
         assert f"cannot load tokenizer '{path}': {says}" in err, err

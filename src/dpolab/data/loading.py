@@ -93,10 +93,13 @@ def located_error(path: str, line: int | None, unit: str, message: str, *,
     return err
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """True for a name that cannot be a Hub repository id (``name`` or ``namespace/name``): a data
+    file's extension, a leading ``/``, ``.`` or ``~``, a second ``/`` or a trailing one, or the
+    platform's own separator; such a name that does not exist is "not found", never a Hub lookup."""
     lower = source.lower()
     return (lower.endswith(FILE_EXTENSIONS) or source.startswith(("/", ".", "~"))
-            or (os.sep != "/" and os.sep in source))
+            or source.count("/") > 1 or source.endswith("/") or (os.sep != "/" and os.sep in source))
 
 
 def load_records(source: str, *, split: str = "train") -> list[Record]:
@@ -120,7 +123,7 @@ def load_records(source: str, *, split: str = "train") -> list[Record]:
         records = readers[suffix](path, source)
     elif path.is_dir():
         records = _read_folder(path, source, split)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise DataError("file not found", path=source)
     else:
         records = _read_hub(source, split)
@@ -145,7 +148,7 @@ def data_fingerprint(source: str, *, split: str = "train") -> str:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(file.relative_to(path).as_posix().encode() + b"\0")
             _hash_file(h, file)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise DataError("file not found", path=source)
     else:
         h.update(f"hub\0{source}\0split={split}".encode())
@@ -322,7 +325,8 @@ def _read_hub(source: str, split: str) -> list[Record]:
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # noqa: BLE001 -- network, missing repo, bad split: all user-fixable
-        raise DataError(f"cannot load dataset (split '{split}') with datasets.load_dataset: "
+        where = "" if Path(source).expanduser().exists() else "not a local file or folder, and "
+        raise DataError(f"{where}cannot load dataset (split '{split}') with datasets.load_dataset: "
                         f"{type(exc).__name__}: {exc}", path=source) from exc
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"expected a map-style datasets.Dataset for split '{split}', got "
