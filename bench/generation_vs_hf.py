@@ -263,25 +263,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="small model, 16 x 64 tokens, 1 thread, 3 repeats")
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES), help="BATCHxNEW_TOKENS,...")
+    full = {"models": ",".join(MODELS), "shapes": ",".join(f"{b}x{n}" for b, n in SHAPES), "threads": "1,2",
+            "repeats": 6}
+    quick = {"models": "small", "shapes": "16x64", "threads": "1", "repeats": 3}
+    ap.add_argument("--quick", action="store_true",
+                    help="defaults for a short run: small model, 16 x 64 tokens, 1 thread, 3 repeats (options given "
+                         "explicitly still apply)")
+    ap.add_argument("--models", help=f"default: {full['models']}")
+    ap.add_argument("--shapes", help=f"BATCHxNEW_TOKENS,... (default: {full['shapes']})")
     ap.add_argument("--modes", default="greedy,sampled")
-    ap.add_argument("--threads", default="1,2", help="thread counts, one fresh process each")
-    ap.add_argument("--repeats", type=int, default=6, help="timed calls per side (alternating order)")
+    ap.add_argument("--threads", help="thread counts, one fresh process each (default: 1,2)")
+    ap.add_argument("--repeats", type=int, help="timed calls per side, alternating order (default: 6)")
     ap.add_argument("--ablations", action="store_true",
                     help="instead of HF: our loop with each speed-up switched off, and StaticCache, against ours")
     ap.add_argument("--compile", action="store_true", help="with --ablations: also StaticCache + torch.compile")
     ap.add_argument("--json", help="write the results here (full run default: bench/generation_vs_hf_results.json)")
     a = ap.parse_args()
+    for key, value in (quick if a.quick else full).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     a.shapes, a.modes = parse_shapes(a.shapes), a.modes.split(",")
     if a.worker:
         a.threads = int(a.threads)
         print(json.dumps(worker(a)))
         return
-    if a.quick:
-        a.models, a.shapes, a.threads, a.repeats = "small", [(16, 64)], "1", 3
-    elif a.json is None and not a.ablations:
+    if not a.quick and a.json is None and not a.ablations:
         a.json = str(Path(__file__).with_name("generation_vs_hf_results.json"))
     import torch
     import transformers
