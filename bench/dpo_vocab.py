@@ -266,14 +266,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="32k vocabulary only, one round")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: 32k vocabulary only, one round "
+                    "(options given explicitly still apply)")
     ap.add_argument("--vocabs", default="32k,152k")
     ap.add_argument("--hh", type=Path, default=HH, help="the HH-RLHF harmless-base test file (.jsonl.gz)")
     ap.add_argument("--run-steps", type=int, default=6, help="optimizer steps per run")
     srt.add_common_args(ap)
     # the loss check before the rounds loads the same libraries and model files: it is the warm-up run
     ap.set_defaults(warmup_runs=0)
-    a = ap.parse_args()
+    a = srt.parse_args_with_quick(ap, {"vocabs": "32k", "repeats": 1})
     if a.worker:
         srt.run_worker(a, SIDES)
         return
@@ -282,12 +283,12 @@ def main() -> None:
         a.device, a.precision, a.warmup_runs, a.warmup_steps = "cuda", "bf16", 0, 5
         a.repeats, a.run_steps, vocabs = min(a.repeats, 2), 30, ["qwen0.5b"]
     else:
-        vocabs = ["32k"] if a.quick else a.vocabs.split(",")
+        vocabs = a.vocabs.split(",")
         if not a.hh.is_file():
             print(f"skipped: the HH-RLHF file is not at {a.hh} (it lives in the shared data folder next to the "
                   "repository, ../shared/data/; pass --hh PATH)")
             return
-    repeats = 1 if a.quick else a.repeats
+    repeats = a.repeats
     results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(),
                      "source": srt.source_state(), "threads": a.threads,
                      "device": a.device, "precision": a.precision, "batch_size": a.batch_size,

@@ -325,13 +325,25 @@ def summarise(runs: list[dict], peak_gflops: float) -> dict:
             "mfu": statistics.median(r["model_flop_tokens"] / r["seconds"] / 1e9 / peak_gflops for r in runs)}
 
 
+
+def parse_args_with_quick(ap: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
+    """Parse; with ``--quick``, each option of ``quick`` that the command line does not give takes
+    the value there (an explicit ``--repeats 3`` still applies), else its usual default."""
+    unset = object()
+    a = ap.parse_args(namespace=argparse.Namespace(**dict.fromkeys(quick, unset)))  # given ones overwrite
+    for key, value in quick.items():
+        if getattr(a, key) is unset:
+            setattr(a, key, value if a.quick else ap.get_default(key))
+    return a
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="small model only, fewer steps and repeats")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: small model only, 8 steps, one "
+                    "measured run (options given explicitly still apply)")
     ap.add_argument("--models", default="small,medium")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
@@ -341,7 +353,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="measured runs per side (after one warm-up run)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
-    a = ap.parse_args()
+    a = parse_args_with_quick(ap, {"models": "small", "repeats": 1})
     if a.warmup_steps < 1:
         ap.error("--warmup-steps must be >= 1 (the first step's counts include the reference precompute)")
     if a.worker:
@@ -352,9 +364,9 @@ def main() -> None:
         print(json.dumps(SIDES[a.worker](a)))
         return
 
-    models = ["small"] if a.quick else a.models.split(",")
+    models = a.models.split(",")
     a.steps = {"small": a.steps or (8 if a.quick else 14), "medium": a.steps or 8}
-    repeats = 1 if a.quick else a.repeats
+    repeats = a.repeats
     results: dict = {"threads": a.threads, "batch_size": a.batch_size, "max_length": a.max_length}
     with tempfile.TemporaryDirectory() as d:
         workdir = Path(d)

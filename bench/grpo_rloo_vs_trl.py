@@ -384,7 +384,8 @@ def main() -> None:
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="one repeat, no warm-up runs, fewer steps")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: one measured run, no warm-up "
+                    "runs, 5 steps (options given explicitly still apply)")
     ap.add_argument("--model", default="small", choices=sorted(MODELS))
     ap.add_argument("--algos", default="grpo,rloo")
     ap.add_argument("--num-generations", type=int, default=4, help="G: completions per prompt")
@@ -399,7 +400,7 @@ def main() -> None:
                     help="put a fixed instruction of this many words before every prompt (long prompts)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
-    a = ap.parse_args()
+    a = srt.parse_args_with_quick(ap, {"repeats": 1})
     if a.warmup_steps < 1:
         ap.error("--warmup-steps must be >= 1 (the first step's interval holds the trainer's set-up)")
     if a.worker:
@@ -407,7 +408,7 @@ def main() -> None:
         return
 
     a.steps = a.steps or (5 if a.quick else 10)
-    repeats, warm_runs = (1, 0) if a.quick else (a.repeats, 1)
+    repeats, warm_runs = a.repeats, 0 if a.quick else 1
     t_start = time.time()
     results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(), "threads": a.threads,
                      "model": a.model, "model_shape": dict(zip(("hidden", "layers", "heads", "intermediate"),

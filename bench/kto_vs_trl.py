@@ -233,18 +233,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="small model only, one round, no warm-up runs")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: small model only, one round, "
+                    "no warm-up runs (options given explicitly still apply)")
     ap.add_argument("--models", default="small,medium")
     srt.add_common_args(ap)
-    a = ap.parse_args()
+    a = srt.parse_args_with_quick(ap, {"models": "small", "repeats": 1, "warmup_runs": 0})
     if a.worker:
         srt.run_worker(a, SIDES)
         return
     if a.device != "cpu" or a.precision != "fp32" or a.gpu:
         ap.error("this benchmark runs on the CPU in float32 (--device, --precision and --gpu are for sft_rm_vs_trl.py)")
     os.environ.update({k: v for k, v in srt.worker_env(a.threads).items() if k.startswith(("HF_", "TRANSFORMERS", "TOK"))})
-    models = ["small"] if a.quick else a.models.split(",")
-    repeats, warmup_runs = (1, 0) if a.quick else (a.repeats, a.warmup_runs)
+    models = a.models.split(",")
+    repeats, warmup_runs = a.repeats, a.warmup_runs
     sides = ["ours", "trl-default", "trl-best"]
     results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(), "source": srt.source_state(),
                      "threads": a.threads, "batch_size": a.batch_size, "max_length": a.max_length, "beta": BETA,

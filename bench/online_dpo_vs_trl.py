@@ -122,7 +122,8 @@ def main() -> None:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--num-generations", type=int, default=SAMPLES, help=argparse.SUPPRESS)  # from the shared spawn
-    ap.add_argument("--quick", action="store_true", help="one round, no warm-up runs, fewer steps")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: one round, no warm-up runs, 5 "
+                    "steps (options given explicitly still apply)")
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--completion-length", type=int, default=32, help="tokens of every completion (EOS off)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 10, quick 5)")
@@ -132,7 +133,7 @@ def main() -> None:
                     help="put a fixed instruction of this many words before every prompt (long prompts)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
-    a = ap.parse_args()
+    a = grb.srt.parse_args_with_quick(ap, {"repeats": 1})
     a.num_generations, a.model = SAMPLES, "small"  # what grpo_rloo_vs_trl's checks read
     if a.warmup_steps < 1:
         ap.error("--warmup-steps must be >= 1 (the first step's interval holds the trainer's set-up)")
@@ -140,7 +141,7 @@ def main() -> None:
         grb.srt.run_worker(a, SIDES)
         return
     a.steps = a.steps or (5 if a.quick else 10)
-    repeats, warm_runs = (1, 0) if a.quick else (a.repeats, 1)
+    repeats, warm_runs = a.repeats, 0 if a.quick else 1
     results: dict = {"date": datetime.date.today().isoformat(), "versions": grb.srt.versions(), "threads": a.threads,
                      "model_shape": dict(zip(("hidden", "layers", "heads", "intermediate"), grb.MODELS["small"])),
                      "instruction_words": a.instruction_words, "samples_per_prompt": SAMPLES,

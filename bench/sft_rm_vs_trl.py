@@ -90,6 +90,7 @@ dvt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dvt)  # the DPO benchmark's models, data generator, FLOP count and matmul peak
 
 MODELS, VOCAB, LR = dvt.MODELS, dvt.VOCAB, dvt.LR
+parse_args_with_quick = dvt.parse_args_with_quick
 SFT_ROWS, RM_PAIRS = 1536, 256
 STEPS = {  # (task, packed): optimizer steps per run, per model; packed SFT steps hold ~5x the tokens
     ("sft", False): {"small": 24, "medium": 10},
@@ -617,13 +618,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--task", choices=("sft", "rm"), help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="small model only, one repeat")
+    ap.add_argument("--quick", action="store_true", help="defaults for a short run: small model only, one round "
+                    "(options given explicitly still apply)")
     ap.add_argument("--tasks", default="sft,rm")
     ap.add_argument("--models", default="small,medium")
     ap.add_argument("--trl-sft-best", choices=sorted(TRL_SFT_BEST), default="group_by_length",
                     help="which TRL speed option its 'best' SFT side uses (all with gradient checkpointing off)")
     add_common_args(ap)
-    a = ap.parse_args()
+    a = parse_args_with_quick(ap, {"models": "small", "repeats": 1})
     if a.worker:
         run_worker(a, SIDES)
         return
@@ -632,9 +634,9 @@ def main() -> None:
         a.tasks, a.models, a.device, a.precision = "sft", "qwen0.5b", "cuda", "bf16"
         a.repeats, a.warmup_runs, a.warmup_steps = min(a.repeats, 2), 0, 5
         STEPS.update({("sft", False): {"qwen0.5b": 30}, ("sft", True): {"qwen0.5b": 15}})
-    models = ["small"] if a.quick else a.models.split(",")
+    models = a.models.split(",")
     tasks = a.tasks.split(",")
-    repeats = 1 if a.quick else a.repeats
+    repeats = a.repeats
     results: dict = {"date": datetime.date.today().isoformat(), "versions": versions(), "source": source_state(),
                      "threads": a.threads,
                      "device": a.device, "precision": a.precision, "batch_size": a.batch_size,
