@@ -145,6 +145,16 @@ def test_evaluate_refuses_an_output_that_is_not_a_png_before_running(capsys, tmp
     assert code == 2 and "is a file, not a folder" in err
 
 
+def test_evaluate_takes_an_mdp_file_instead_of_the_default_env_but_not_with_an_explicit_one(capsys, tmp_path):
+    mdp = tmp_path / "m.yaml"
+    mdp.write_text("gamma: 0.5\nstates: [a, b]\ntransitions:\n  a: {go: {reward: 2, next: b}}\n")
+    common = ("--episodes", "5", "--runs", "1", "--output", str(tmp_path / "m.png"), "--json")
+    code, out, _ = run(capsys, "rl", "evaluate", "--mdp", str(mdp), *common)
+    assert code == 0 and json.loads(out)
+    code, _, err = run(capsys, "rl", "evaluate", "--env", "random-walk", "--mdp", str(mdp), *common)
+    assert code == 2 and "give exactly one of --env or --mdp" in err
+
+
 def test_evaluate_bad_alpha(capsys, tmp_path):
     code, _, err = run(capsys, "rl", "evaluate", "--td-alpha", "2", "--output", str(tmp_path / "x.png"))
     assert code == 2 and "--td-alpha" in err

@@ -55,8 +55,8 @@ class SolveConfig:
 
 @dataclass
 class EvaluateConfig:
-    env: str | None = opt("random-walk", f"the model: a built-in MRP ({', '.join(BUILTIN_MRPS)}) or MDP "
-                          f"({', '.join(BUILTIN_MDPS)}) {GYM_HELP}")
+    env: str | None = opt(None, f"the model: a built-in MRP ({', '.join(BUILTIN_MRPS)}) or MDP "
+                          f"({', '.join(BUILTIN_MDPS)}) {GYM_HELP}; default: random-walk, unless --mdp is given")
     mdp: str | None = opt(None, "a YAML/JSON MDP file instead of --env")
     env_kwargs: str = opt("", "keyword arguments for gymnasium.make, e.g. is_slippery=false")
     gamma: float | None = opt(None, "discount in [0, 1]; default: the model's own, 0.9 for Gymnasium")
@@ -73,8 +73,8 @@ class EvaluateConfig:
     json: bool = opt(False, "print one JSON object with the exact and estimated values and final errors")
 
     def validate(self) -> None:
-        if self.mdp is not None and self.env == "random-walk":
-            self.env = None  # --mdp replaces the default --env
+        if self.mdp is None and self.env is None:
+            self.env = "random-walk"
         if (self.env is None) == (self.mdp is None):
             raise ConfigError("give exactly one of --env or --mdp")
         _check_model_options(self)
