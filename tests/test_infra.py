@@ -59,6 +59,23 @@ def test_config_booleans_read_alike_in_yaml_and_on_the_command_line(tmp_path):
         parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
 
 
+def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path):
+    """`name: no` would be the text 'False', `name: 0.10` the text '0.1': refused with the advice to
+    quote; an integer keeps its text, and quoted values pass as written."""
+    cfg_file = tmp_path / "c.yaml"
+    for text, kind in (("name: no", "a boolean"), ("name: 0.10", "a number"), ("name: 1e-3", None)):
+        cfg_file.write_text(text + "\n")
+        if kind is None:  # YAML 1.1 reads 1e-3 (no dot) as text
+            assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").name == "1e-3"
+            continue
+        with pytest.raises(ConfigError, match=rf"c\.yaml:1: 'name' is text, but YAML read .* as {kind} .*put it in "
+                                              "quotes"):
+            parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
+    for text, want in (("name: 7", "7"), ("name: '0.10'", "0.10"), ("name: 'no'", "no")):
+        cfg_file.write_text(text + "\n")
+        assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").name == want, text
+
+
 def test_config_bad_values():
     with pytest.raises(ConfigError, match="--steps"):
         parse_config(_Cfg, ["--steps", "ten"], prog="t")

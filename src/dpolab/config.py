@@ -91,7 +91,11 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 raise ConfigError(f"'{name}' must be a finite number, got {value!r}")
             return number
         if base is str:
-            if not isinstance(value, (str, int, float)):
+            if isinstance(value, (bool, float)):  # YAML read `yes`, `off`, `0.10` or `1e-3` so: the text is lost
+                kind = "a boolean" if isinstance(value, bool) else "a number"
+                raise ConfigError(f"'{name}' is text, but YAML read {value!r} as {kind} (the text may differ "
+                                  "from what was written); put it in quotes")
+            if not isinstance(value, (str, int)):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
