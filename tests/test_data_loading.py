@@ -189,7 +189,7 @@ def test_hub_failure_is_a_data_error(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
-    with pytest.raises(DataError, match=r"^someone/prefs: cannot load dataset.*ConnectionError: offline"):
+    with pytest.raises(DataError, match=r"^someone/prefs: not a local file or folder, and cannot load dataset.*ConnectionError: offline"):
         load_records("someone/prefs")
 
 

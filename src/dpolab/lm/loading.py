@@ -19,13 +19,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> None:
-    """A name that is a local path (it exists, or cannot be a hub id: ``looks_like_path``) must be a
-    folder holding one of ``needs``; said in one line here, where transformers would take it for a
-    hub name or fail on a later file."""
-    from dpolab.data.loading import looks_like_path
-
-    path = Path(name_or_path).expanduser()
-    if not (path.exists() or looks_like_path(str(name_or_path))):
+    """A name that is a local path (it exists, or cannot be a hub id) must be a folder holding one
+    of ``needs``; said in one line here, where transformers would take it for a hub name or fail on
+    a later file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    # a hub id is `name` or `namespace/name`: a second or a trailing slash makes a local path
+    if not (path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith("/")):
         return  # a hub name
     if not path.is_dir():
         raise DpolabError(f"cannot load {what} '{name_or_path}': " +
