@@ -193,6 +193,24 @@ def test_hub_failure_is_a_data_error(monkeypatch):
         load_records("someone/prefs")
 
 
+def test_a_hub_lookup_is_announced_unless_offline(monkeypatch, capsys):
+    """Offline, the Hub libraries retry for most of a minute before failing: the user is told at once
+    that the name is not local and is being looked up, and how to skip that (once per name)."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: datasets.Dataset.from_list(ROWS))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        load_records("someone/announced")
+        assert capsys.readouterr().err == ""
+        monkeypatch.delenv(var)
+    load_records("someone/announced")
+    load_records("someone/announced")
+    err = capsys.readouterr().err
+    assert err.count("dataset 'someone/announced' is not a local path: looking it up on the Hugging Face Hub "
+                     "(HF_HUB_OFFLINE=1 uses only the local cache)") == 1, err
+
+
 def test_folder_of_data_files_uses_the_real_load_dataset(tmp_path, monkeypatch):
     """A folder that is not a save_to_disk folder goes through datasets.load_dataset (offline)."""
     import datasets

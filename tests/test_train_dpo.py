@@ -252,6 +252,25 @@ def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_da
     assert not (tmp_path / "r").exists()
 
 
+def test_a_model_name_not_found_locally_or_on_the_hub_says_both(rule_data, tmp_path, capsys, monkeypatch):
+    """A `namespace/name` that is no local folder is looked up on the Hub: said before the lookup
+    (offline it retries for most of a minute), and the error says the name is not local either."""
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    assert main(_args("runs/sft", rule_data, tmp_path / "r", "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpolab: model 'runs/sft' is not a local path: looking it up on the Hugging Face Hub"), err
+    assert ("cannot load tokenizer 'runs/sft': not a local folder, and from the Hub: We couldn't connect to "
+            "'https://huggingface.co'") in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_dry_run_prints_summary_without_training(tiny_model_dir, rule_data, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(_args(tiny_model_dir, rule_data, out, "--dry-run")) == 0

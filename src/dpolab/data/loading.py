@@ -22,12 +22,12 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpolab.errors import DataError
+from dpolab.hub import may_be_hub_id, note_hub_lookup
 
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 JSON_WHITESPACE = " \t\r\n"
@@ -97,9 +97,7 @@ def looks_like_path(source: str) -> bool:
     """True for a name that cannot be a Hub repository id (``name`` or ``namespace/name``): a data
     file's extension, a leading ``/``, ``.`` or ``~``, a second ``/`` or a trailing one, or the
     platform's own separator; such a name that does not exist is "not found", never a Hub lookup."""
-    lower = source.lower()
-    return (lower.endswith(FILE_EXTENSIONS) or source.startswith(("/", ".", "~"))
-            or source.count("/") > 1 or source.endswith("/") or (os.sep != "/" and os.sep in source))
+    return source.lower().endswith(FILE_EXTENSIONS) or not may_be_hub_id(source)
 
 
 def load_records(source: str, *, split: str = "train") -> list[Record]:
@@ -322,6 +320,7 @@ def _read_folder(path: Path, source: str, split: str) -> list[Record]:
 def _read_hub(source: str, split: str) -> list[Record]:
     import datasets
 
+    note_hub_lookup(source, "dataset", "HF_DATASETS_OFFLINE")
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # noqa: BLE001 -- network, missing repo, bad split: all user-fixable

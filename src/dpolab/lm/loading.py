@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dpolab.errors import ConfigError, DpolabError
+from dpolab.hub import may_be_hub_id, note_hub_lookup
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,9 +25,9 @@ def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> 
     a later file."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    # a hub id is `name` or `namespace/name`: a second or a trailing slash makes a local path
-    if not (path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith("/")):
-        return  # a hub name
+    if not path.exists() and may_be_hub_id(text):
+        note_hub_lookup(text, "model")
+        return
     if not path.is_dir():
         raise DpolabError(f"cannot load {what} '{name_or_path}': " +
                           ("it is a file, not a folder" if path.exists() else "no such folder"))
@@ -43,7 +44,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise DpolabError(f"cannot load tokenizer '{name_or_path}': {first_line(err)}") from None
+        raise DpolabError(f"cannot load tokenizer '{name_or_path}': {_not_local(name_or_path)}{first_line(err)}") from None
     if tok.eos_token is None:
         raise DpolabError(f"tokenizer '{name_or_path}' has no EOS token; responses need one")
     if tok.pad_token is None:
@@ -72,7 +73,7 @@ def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_cod
         return auto_cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                         use_safetensors=_has_safetensors(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
-        raise DpolabError(f"cannot load model '{name_or_path}': {first_line(err)}") from None
+        raise DpolabError(f"cannot load model '{name_or_path}': {_not_local(name_or_path)}{first_line(err)}") from None
 
 
 def _has_safetensors(name_or_path: str) -> bool | None:
@@ -85,6 +86,10 @@ def _has_safetensors(name_or_path: str) -> bool | None:
             raise DpolabError(f"{path}: only pickle (.bin) weights found; dpolab loads safetensors only. "
                               "Convert with `model.save_pretrained(dir, safe_serialization=True)`.")
     return None
+
+
+def _not_local(name_or_path: str) -> str:
+    return "" if Path(str(name_or_path)).expanduser().exists() else "not a local folder, and from the Hub: "
 
 
 def first_line(err: BaseException) -> str:

@@ -1,0 +1,34 @@
+"""Names that can be Hugging Face Hub ids rather than local paths, and a note before a Hub lookup.
+
+Shared by the data and the model loaders: a name that cannot be a Hub id and does not exist is
+"not found" at once; one that can is looked up on the Hub, which offline retries for most of a
+minute before it fails, so the user is told first what is happening and how to skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_noted: set[tuple[str, str]] = set()
+
+
+def may_be_hub_id(name: str) -> bool:
+    """A Hub id is ``name`` or ``namespace/name``: a leading ``/``, ``.`` or ``~``, a second or a
+    trailing ``/``, or the platform's own separator make a local path."""
+    return not (name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
+                or (os.sep != "/" and os.sep in name))
+
+
+def offline(*variables: str) -> bool:
+    return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", *variables))
+
+
+def note_hub_lookup(name: str, what: str, *offline_variables: str) -> None:
+    """One line on stderr, once per name and kind, before ``name`` is looked up on the Hub."""
+    if offline(*offline_variables) or (name, what) in _noted:
+        return
+    _noted.add((name, what))
+    print(f"dpolab: {what} '{name}' is not a local path: looking it up on the Hugging Face Hub "
+          "(HF_HUB_OFFLINE=1 uses only the local cache)", file=sys.stderr, flush=True)
