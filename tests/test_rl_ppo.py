@@ -213,40 +213,25 @@ def test_fast_tanh_matches_torch_tanh_and_its_gradient():
     assert torch.equal(fast_tanh(xb), torch.tanh(xb))  # other dtypes: torch.tanh itself
 
 
-@pytest.mark.parametrize("discrete,activation,hidden", [(True, "tanh", [64, 64]), (False, "tanh", [32]),
-                                                        (True, "relu", [16, 8, 4])])
-def test_functional_forward_equals_the_modules(discrete, activation, hidden):
-    torch.manual_seed(0)
-    pol = ActorCritic(5, 3, discrete, hidden, activation, log_std_init=-0.3)
-    obs = torch.randn(40, 5)
-    out, values = pol(obs)
-    torch.testing.assert_close(out, pol.actor(obs))
-    torch.testing.assert_close(values, pol.critic(obs).squeeze(-1))
-    torch.testing.assert_close(pol.value(obs), values)
-    w = torch.randn(40, 3)
-    grads = torch.autograd.grad((out * w).sum() + values.pow(2).sum(), list(pol.parameters()), allow_unused=True)
-    ref = torch.autograd.grad((pol.actor(obs) * w).sum() + pol.critic(obs).pow(2).sum(), list(pol.parameters()),
-                              allow_unused=True)
-    for g, r in zip(grads, ref):
-        assert (g is None) == (r is None)
-        if g is not None:
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
-
-
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("discrete,activation,hidden", [(True, "tanh", [64, 64]), (False, "tanh", [32]),
                                                         (True, "relu", [16, 8, 4]), (False, "relu", [8, 8])])
-def test_backward_from_outputs_equals_autograd(discrete, activation, hidden):
+def test_backward_from_outputs_equals_autograd(discrete, activation, hidden, dtype):
+    """Exact in float64; in float32 within rounding of sums of 40 rows (the kernels' summation order
+    differs by CPU, so the bound is relative to the gradient's scale, not to each element)."""
     torch.manual_seed(0)
-    pol = ActorCritic(5, 3, discrete, hidden, activation, log_std_init=-0.3)
+    pol = ActorCritic(5, 3, discrete, hidden, activation, log_std_init=-0.3).to(dtype)
     for p in pol.parameters():
         p.data += 0.2 * torch.randn_like(p)
-    obs = torch.randn(40, 5)
-    d_out, d_values, d_log_std = torch.randn(40, 3), torch.randn(40), torch.randn(3)
+    obs = torch.randn(40, 5, dtype=dtype)
+    d_out, d_values, d_log_std = (torch.randn(40, 3, dtype=dtype), torch.randn(40, dtype=dtype),
+                                  torch.randn(3, dtype=dtype))
     out, values, cache = pol.forward_with_cache(obs)
-    assert not out.requires_grad and not values.requires_grad  # no graph was built
+    assert out.dtype == dtype and not out.requires_grad and not values.requires_grad  # no graph was built
     ref_out, ref_values = pol.actor(obs), pol.critic(obs).squeeze(-1)
     torch.testing.assert_close(out, ref_out.detach())
     torch.testing.assert_close(values, ref_values.detach())
+    eps = 1e-12 if dtype == torch.float64 else 1e-6
     for with_values in (True, False):
         scalar = (ref_out * d_out).sum() + (ref_values * d_values).sum() * with_values
         if not discrete:
@@ -254,7 +239,7 @@ def test_backward_from_outputs_equals_autograd(discrete, activation, hidden):
         ref = torch.autograd.grad(scalar, list(pol.parameters()), retain_graph=True)
         pol.backward_from_outputs(cache, d_out, d_values if with_values else None, d_log_std)
         for (k, p), r in zip(pol.named_parameters(), ref):
-            torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(p.grad, r, rtol=10 * eps, atol=eps * max(1.0, r.abs().max().item()), msg=k)
 
 
 @pytest.mark.parametrize("discrete,activation", [(True, "tanh"), (False, "relu")])
