@@ -102,10 +102,25 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DpolabError(f"reward function {name} returned {type(v).__name__} at position {i}; "
                               "expected a float")
-        if not math.isfinite(float(v)):
-            raise DpolabError(f"reward function {name} returned a non-finite value ({v}) at position {i}")
-        values.append(float(v))
+        try:
+            number = float(v)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise DpolabError(f"reward function {name} returned a non-finite value ({_short(v)}) at position {i}")
+        if abs(number) > _FLOAT32_MAX:  # would be inf in the float32 rewards
+            raise DpolabError(f"reward function {name} returned {_short(v)} at position {i}, beyond float32's "
+                              f"range (±{_FLOAT32_MAX:.3g}); scale the reward down")
+        values.append(number)
     return torch.tensor(values, dtype=torch.float32)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 @torch.no_grad()
