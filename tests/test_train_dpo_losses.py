@@ -134,7 +134,36 @@ def test_options_no_loss_reads_and_bad_combinations_are_refused(tiny_model_dir, 
     assert "did you mean 'nca_pair'" in err("--loss", "sigmoid,nca_pairr")
     assert "one weight >= 0 per loss" in err("--loss", "sigmoid,ipo", "--loss-weights", "1")
     assert "stale" in err("--ref-update-steps", 2)
+    assert "--beta is not read by --loss orpo" in err("--loss", "orpo", "--beta", 0.5)  # ORPO's weight is λ
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--rpo-alpha", -1), "--loss sigmoid: --rpo-alpha must be >= 0, got -1.0"),
+    (("--loss", "orpo", "--orpo-lambda", -1), "--loss orpo: --orpo-lambda must be > 0"),
+    (("--loss", "cpo", "--cpo-alpha", -1), "--loss cpo: --cpo-alpha must be >= 0"),
+    (("--loss", "discopop", "--discopop-tau", 0), "--loss discopop: --discopop-tau must be > 0"),
+    (("--loss", "exo_pair", "--label-smoothing", 0), "--label-smoothing must be in (0, 0.5] for exo_pair"),
+    (("--loss", "robust", "--label-smoothing", 0.5), "--label-smoothing must be in [0, 0.5) for robust DPO"),
+    (("--loss", "sigmoid,aot", "--label-smoothing", 0.7), "--label-smoothing must be in [0, 0.5] for DPO/cDPO"),
+])
+def test_each_losss_option_ranges_are_checked_before_any_work(tiny_model_dir, rule_data, tmp_path, capsys,
+                                                              flags, message):
+    """The ranges each loss checks when it runs are checked at validation, by the flag's name: before,
+    a real run loaded the model, wrote its run folder and reference cache, then died with a traceback at
+    the first step (and --dry-run accepted the values)."""
+    for extra in (("--dry-run",), ()):
+        assert main(_args(tiny_model_dir, rule_data, tmp_path / "bad", *flags, *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cdpo_takes_label_smoothing_one_half_as_documented(tiny_model_dir, rule_data, tmp_path):
+    """ε = 0.5 makes cDPO's loss constant (log 2) at any margin (docs/dpo.md: ε ∈ [0, 0.5])."""
+    out = tmp_path / "cdpo"
+    assert main(_args(tiny_model_dir, rule_data, out, "--label-smoothing", 0.5, "--max-steps", 2)) == 0
+    assert all(r["loss"] == pytest.approx(math.log(2), abs=1e-6) for r in _rows(out))
 
 
 def test_single_loss_defaults_land_in_the_saved_config(tiny_model_dir, rule_data, tmp_path):

@@ -135,14 +135,36 @@ def check_loss_options(cfg) -> None:
         raise ConfigError(f"--loss-weights needs one weight >= 0 per loss of --loss ({len(names)}), got {weights}")
     reads = {k for n in names for k in LOSS_REGISTRY[n].options}
     for key in LOSS_OPTIONS:
-        if key != "beta" and getattr(cfg, key, None) is not None and key not in reads:
+        if getattr(cfg, key, None) is not None and key not in reads:
             raise ConfigError(f"--{key.replace('_', '-')} is not read by --loss {cfg.loss}")
     if cfg.beta is None and len(names) == 1 and "beta" in reads:  # a combination: each term its own default
         cfg.beta = loss_defaults(names[0])["beta"]
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError("--beta must be > 0")
-    if cfg.label_smoothing is not None and not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError("--label-smoothing must be in [0, 0.5)")
+    _probe_loss(cfg)
+
+
+def _probe_loss(cfg) -> None:
+    """Each loss checks its own options' ranges (EXO's ε in (0, 0.5], robust DPO's in [0, 0.5), λ, τ,
+    α ...) when it runs; run it once here on two made-up pairs so that a bad value is a ConfigError
+    naming the flag before anything loads, not a traceback at the first step."""
+    import re
+
+    import torch
+
+    from dpolab.losses.dpo import LOSS_OPTIONS, PairLogps, combined_preference_loss
+
+    logps = torch.tensor([-2.0, -3.0], dtype=torch.float64)  # two pairs: AOT sorts over the batch
+    lengths = torch.full((2,), 2.0, dtype=torch.float64)
+    probe = PairLogps(logps, logps - 1, lengths, lengths, logps, logps - 1)
+    try:
+        combined_preference_loss(cfg.losses, cfg.loss_weights, probe, rpo_alpha=cfg.rpo_alpha,
+                                 bco_delta=0.0 if "bco_pair" in cfg.losses else None,
+                                 **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+    except ValueError as err:
+        flags = "|".join((*LOSS_OPTIONS, "rpo_alpha"))
+        text = re.sub(rf"\b({flags})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        raise ConfigError(f"--loss {cfg.loss}: {text}") from None
 
 
 def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") -> None:
