@@ -343,6 +343,8 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
                                                              "--num-generations", 1, "--scale-rewards", scaling)
     assert ">= 2" in err("rloo", "--reward", f"{reward_file}:frac_alpha", "--num-generations", 1)
     assert "2 weights for 1 rewards" in err("grpo", "--reward", f"{reward_file}:frac_alpha", "--reward-weights", "1,2")
+    for cmd in ("grpo", "rloo"):  # was taken as 0 (never split), silently (online-dpo: its own test file)
+        assert "--micro-batch-tokens must be >= 0" in err(cmd, "--reward", "a:b", "--micro-batch-tokens", -5)
     assert "--reward" in err("grpo")
     assert "reward function exits raised SystemExit: 3" in err("rloo", "--reward", f"{reward_file}:exits")
     frac = ("--reward", f"{reward_file}:frac_alpha")

@@ -174,3 +174,6 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, 
     assert "non-finite value (nan)" in err(fn="nan")
     assert "no room for the completions" in err("--max-new-tokens", 300)
     assert "use it with `dpolab dpo`" in err("--loss", "bco_pair")
+    assert "--micro-batch-tokens must be >= 0" in err("--micro-batch-tokens", -1)
+    assert "--loss sigmoid: --rpo-alpha must be >= 0" in err("--rpo-alpha", -1)  # was a traceback mid-run
+    assert "--loss cpo: --cpo-alpha must be >= 0" in err("--loss", "cpo", "--cpo-alpha", -1)

@@ -221,6 +221,8 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, 
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert f"{bad}:2" in err("--reward", f"{reward_file}:frac_alpha", data=bad)
     assert "--mini-batch-size must not exceed" in err("--reward", "a:b", "--mini-batch-size", 8)
+    assert "--vf-coef must be >= 0" in err("--reward", "a:b", "--vf-coef", -1)  # would maximise the value error
+    assert "--micro-batch-tokens must be >= 0" in err("--reward", "a:b", "--micro-batch-tokens", -5)
     assert not (tmp_path / "bad").exists() or not (tmp_path / "bad" / "summary.json").exists()
 
 

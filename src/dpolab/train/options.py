@@ -184,15 +184,16 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
         raise ConfigError("--max-prompt-length must be smaller than --max-length")
     if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
         raise ConfigError("--eval-fraction must be in [0, 1)")
-    if (getattr(cfg, "micro_batch_tokens", None) or 0) < 0:
-        raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
     validate_run_numbers(cfg)
 
 
 def validate_run_numbers(cfg) -> None:
-    """The optimizer, schedule, checkpoint and LoRA numbers every LM trainer has, each in its range
-    (caught here with the option's name rather than by torch or peft mid-start)."""
+    """The optimizer, schedule, checkpoint, token-budget and LoRA numbers every LM trainer has, each
+    in its range (caught here with the option's name rather than by torch or peft mid-start)."""
     import math
+
+    if (getattr(cfg, "micro_batch_tokens", None) or 0) < 0:
+        raise ConfigError("--micro-batch-tokens must be >= 0 (0: never split a micro-batch)")
 
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "eval_steps", "save_steps"):
         value = getattr(cfg, name, None)
