@@ -279,3 +279,27 @@ def test_sigkill_leftover_then_resume_through_cli(tiny_model_dir, finished_run, 
     assert time.time() - t0 < 120
     assert not tmp.exists() and RunDir(run).resolve_checkpoint("latest").name == "step-3"
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_after_the_end_of_run_evaluation_logs_it_once(tiny_model_dir, finished_run, tmp_path):
+    """The final checkpoint is written before the end-of-run evaluation (a failing evaluation leaves
+    the run resumable), so that evaluation's row has the checkpoint's step but follows it: a resume
+    from that checkpoint (a crash after the row, before summary.json) drops the row and logs it once,
+    as the uninterrupted run did; the checkpoint records how many rows preceded it."""
+    import shutil
+
+    from dpolab.cli import main
+
+    data, _ = finished_run
+    out = tmp_path / "run"
+    argv = _dpo(tiny_model_dir, data, out, "--max-steps", "2", "--learning-rate", "1e-3", "--eval-fraction", "0.25",
+                "--logging-steps", "1")
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval/loss" in r) for r in rows] == [(1, False), (2, False), (2, True)]
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    assert main([*argv, "--resume", "latest"]) == 0
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval/loss" in r) for r in again] == [(1, False), (2, False), (2, True)]
+    assert again[:2] == rows[:2] and again[2]["eval/loss"] == pytest.approx(rows[2]["eval/loss"], abs=1e-6)

@@ -126,15 +126,24 @@ class RunDir:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint's step, so the log equals an uninterrupted run."""
+    def metrics_rows(self) -> int:
+        """The rows in ``metrics.jsonl`` now (a checkpoint records it, for :meth:`truncate_metrics`)."""
+        if not self.metrics_path.exists():
+            return 0
+        return sum(1 for ln in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                   if ln.strip())
+
+    def truncate_metrics(self, step: int, rows: int | None = None) -> None:
+        """On resume: drop the rows logged after the checkpoint, so the log equals an uninterrupted run:
+        those after its first ``rows`` rows (the count it recorded; a row can follow a checkpoint at
+        the same step, as the end-of-run evaluation does) and those of a later step."""
         if not self.metrics_path.exists():
             return
-        rows = [ln for ln in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if ln.strip()]
+        lines = [ln for ln in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if ln.strip()]
         kept = []
-        for ln in rows:  # a line cut short by a killed process is dropped, not a crash
-            try:
+        for ln in lines[:rows] if rows is not None else lines:
+            try:  # a line cut short by a killed process is dropped, not a crash
                 row = json.loads(ln)
             except ValueError:
                 continue

@@ -192,7 +192,7 @@ class Engine:
         files = algo.checkpoint_files(full)
         state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
-                 "algorithm": algo.state_dict(), "config": vars(self.cfg)}
+                 "algorithm": algo.state_dict(), "config": vars(self.cfg), "metrics_rows": self.run_dir.metrics_rows()}
 
         def write(d: Path) -> None:
             for name, weights in files.items():
@@ -210,7 +210,7 @@ class Engine:
         algo.load_state_dict(state.get("algorithm", {}))
         warn_config_changes(state.get("config", {}), vars(self.cfg))
         if self.is_main:
-            self.run_dir.truncate_metrics(self.step)
+            self.run_dir.truncate_metrics(self.step, state.get("metrics_rows"))
             algo.on_resume(self, self.step)
         print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
 
