@@ -638,3 +638,20 @@ def test_package_exports():
                  "bco_running_delta", "is_batch_level", "LOSS_REGISTRY"):
         assert hasattr(losses_pkg, name), name
     assert losses_pkg.orpo_loss is orpo_loss
+
+
+def test_validate_loss_options_accepts_every_losss_defaults_and_raises_what_the_loss_raises():
+    """The config layer's early check: every registered loss passes with its defaults (BCO without its
+    running δ, AOT on a batch), and a value out of a loss's range raises that loss's own ValueError."""
+    from dpolab.losses.dpo import validate_loss_options
+
+    for name in PREFERENCE_LOSSES:
+        validate_loss_options([name])
+    validate_loss_options(list(PREFERENCE_LOSSES[:3]), rpo_alpha=0.5, beta=0.2)
+    for names, options, message in [(["exo_pair"], {"label_smoothing": 0.0}, r"\(0, 0.5\] for exo_pair"),
+                                     (["robust"], {"label_smoothing": 0.5}, r"\[0, 0.5\) for robust"),
+                                     (["orpo"], {"orpo_lambda": 0.0}, "orpo_lambda must be > 0"),
+                                     (["sigmoid"], {"rpo_alpha": -0.1}, "rpo_alpha must be >= 0"),
+                                     (["ipo", "discopop"], {"discopop_tau": -1.0}, "discopop_tau must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            validate_loss_options(names, **options)

@@ -47,6 +47,7 @@ _EXPORTS = {
     "simpo_loss": "dpolab.losses.dpo",
     "sppo_hard_loss": "dpolab.losses.dpo",
     "unused_options": "dpolab.losses.dpo",
+    "validate_loss_options": "dpolab.losses.dpo",
     "wpo_token_log_normalizer": "dpolab.losses.dpo",
     "wpo_weights": "dpolab.losses.dpo",
 }

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from dpolab.losses._common import LossOutput, token_mean
@@ -67,7 +68,7 @@ __all__ = [
     "bco_pair_loss", "bco_running_delta", "combined_preference_loss", "cpo_loss", "discopop_loss",
     "dpo_loss", "exo_pair_loss", "hinge_loss", "ipo_loss", "is_batch_level", "log_odds", "loss_defaults",
     "nca_pair_loss", "needs_reference", "orpo_loss", "preference_loss", "reference_free_dpo_loss",
-    "robust_dpo_loss", "simpo_loss", "sppo_hard_loss", "unused_options", "wpo_token_log_normalizer",
+    "robust_dpo_loss", "simpo_loss", "sppo_hard_loss", "unused_options", "validate_loss_options", "wpo_token_log_normalizer",
     "wpo_weights",
 ]
 
@@ -299,6 +300,21 @@ def preference_loss(name: str, logps: PairLogps, *, beta: float | None = None,
     if rpo_alpha:
         losses = losses + rpo_alpha * _rpo_nll(logps, rpo_alpha)
     return losses, chosen_rewards, rejected_rewards
+
+
+def validate_loss_options(names: Sequence[str], *, rpo_alpha: float | None = None, **options: Any) -> None:
+    """Raise the ValueError a loss of ``names`` would raise for ``options`` (each loss checks its own
+    ranges when computed), by computing each once on two made-up pairs: a config layer can then
+    refuse a bad value before any model loads. ``bco_delta`` may be left out."""
+    logps = torch.tensor([-2.0, -3.0], dtype=torch.float64)  # two pairs: AOT sorts over the batch
+    lengths = torch.full((2,), 2.0, dtype=torch.float64)
+    probe = PairLogps(logps, logps - 1, lengths, lengths, logps, logps - 1)
+    given = {"bco_delta": 0.0, **{k: v for k, v in options.items() if v is not None}}
+    for name in names:
+        spec = _lookup(name)
+        spec.fn(probe, _resolve(name, spec, given))
+    if rpo_alpha:
+        _rpo_nll(probe, rpo_alpha)
 
 
 def _rpo_nll(logps: PairLogps, rpo_alpha: float) -> Tensor:

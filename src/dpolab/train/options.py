@@ -146,21 +146,14 @@ def check_loss_options(cfg) -> None:
 
 def _probe_loss(cfg) -> None:
     """Each loss checks its own options' ranges (EXO's ε in (0, 0.5], robust DPO's in [0, 0.5), λ, τ,
-    α ...) when it runs; run it once here on two made-up pairs so that a bad value is a ConfigError
-    naming the flag before anything loads, not a traceback at the first step."""
+    α ...) when it runs: checked here, so that a bad value is a ConfigError naming the flag before
+    anything loads, not a traceback at the first step."""
     import re
 
-    import torch
+    from dpolab.losses.dpo import LOSS_OPTIONS, validate_loss_options
 
-    from dpolab.losses.dpo import LOSS_OPTIONS, PairLogps, combined_preference_loss
-
-    logps = torch.tensor([-2.0, -3.0], dtype=torch.float64)  # two pairs: AOT sorts over the batch
-    lengths = torch.full((2,), 2.0, dtype=torch.float64)
-    probe = PairLogps(logps, logps - 1, lengths, lengths, logps, logps - 1)
     try:
-        combined_preference_loss(cfg.losses, cfg.loss_weights, probe, rpo_alpha=cfg.rpo_alpha,
-                                 bco_delta=0.0 if "bco_pair" in cfg.losses else None,
-                                 **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+        validate_loss_options(cfg.losses, rpo_alpha=cfg.rpo_alpha, **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
     except ValueError as err:
         flags = "|".join((*LOSS_OPTIONS, "rpo_alpha"))
         text = re.sub(rf"\b({flags})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
