@@ -362,6 +362,32 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
     assert "'topic': missing" in err("grpo", "--reward", f"{reward_file}:length", "--data", late, "--dry-run")
 
 
+def test_the_evaluated_rows_get_their_reward_fields_when_a_later_row_lacks_one(tiny_model_dir, prompts_file,
+                                                                                reward_file, tmp_path):
+    """Only the --eval-prompts rows evaluated need the reward's fields: before, those rows were checked
+    but the field was passed only when every row of the whole file held it, so the end-of-run
+    evaluation failed after the whole training run."""
+    late = tmp_path / "late.jsonl"  # 5 rows with a topic, then one without
+    late.write_text(prompts_file.read_text() + json.dumps({"prompt": "no topic"}) + "\n")
+    out = tmp_path / "run"
+    assert main(_args("grpo", tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:length",
+                      "--num-generations", 2, "--prompts-per-step", 2, "--max-steps", 1, "--eval-data", late,
+                      "--eval-prompts", 5)) == 0
+    assert math.isfinite(json.loads((out / "summary.json").read_text())["eval/reward"])
+
+
+def test_only_reward_names_that_coincide_get_a_suffix():
+    from dpolab.train.on_policy import distinct_names
+
+    def names(*given):
+        return [n for n, _ in distinct_names([(n, None) for n in given])]
+
+    assert names("exact_match", "rand", "rand") == ["exact_match", "rand_0", "rand_1"]
+    assert names("final", "len", "final") == ["final_0", "len", "final_1"]
+    assert names("a", "b") == ["a", "b"]
+    assert names("a_0", "a", "a") == ["a_0_0", "a_1", "a_2"]  # a suffix meeting a name: every name its position
+
+
 def test_a_failing_final_evaluation_leaves_the_trained_run_resumable(tiny_model_dir, prompts_file, reward_file,
                                                                       tmp_path, capsys):
     evals = tmp_path / "eval.jsonl"

@@ -173,9 +173,21 @@ def reward_function(cfg, device):
             rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
             max_prompt_length=cfg.max_prompt_length,  # unset in `dpolab eval`: prompts are not cut
             max_length=None if cfg.max_prompt_length is None else cfg.max_prompt_length + cfg.max_new_tokens + 1)))
-    if len({n for n, _ in named}) < len(named):  # metric names must be distinct
-        named = [(f"{n}_{i}", fn) for i, (n, fn) in enumerate(named)]
-    return WeightedRewards(named, cfg.reward_weights)
+    return WeightedRewards(distinct_names(named), cfg.reward_weights)
+
+
+def distinct_names(named: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Metric names must be distinct: names that coincide get ``_0``, ``_1``, ... in their order; the
+    others keep theirs (a second reward model folder named ``final`` must not rename the rest)."""
+    from collections import Counter
+
+    counts, seen, out = Counter(n for n, _ in named), Counter(), []
+    for n, fn in named:
+        out.append((f"{n}_{seen[n]}", fn) if counts[n] > 1 else (n, fn))
+        seen[n] += 1
+    if len({n for n, _ in out}) < len(out):  # a suffixed name met another reward's own name
+        out = [(f"{n}_{i}", fn) for i, (n, fn) in enumerate(named)]
+    return out
 
 
 def reference_model(cfg, device):
@@ -210,9 +222,10 @@ def eval_prompt_set(cfg, prompts, tokenizer,
         from dpolab.data.prompts import load_prompts
 
         data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.eval_split)
-        rows = list(range(min(cfg.eval_prompts, len(data))))
+        data = data.subset(list(range(min(cfg.eval_prompts, len(data)))))  # the rows evaluated, and their fields
+        rows = list(range(len(data)))
         if rewards is not None:
-            check_reward_fields(rewards, data.subset(rows))
+            check_reward_fields(rewards, data)
     else:
         data = prompts
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
