@@ -303,3 +303,31 @@ def test_resume_after_the_end_of_run_evaluation_logs_it_once(tiny_model_dir, fin
     again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "eval/loss" in r) for r in again] == [(1, False), (2, False), (2, True)]
     assert again[:2] == rows[:2] and again[2]["eval/loss"] == pytest.approx(rows[2]["eval/loss"], abs=1e-6)
+
+
+def test_a_resumed_finished_run_is_unfinished_until_it_finishes_again(tiny_model_dir, finished_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    """summary.json says a run finished (written last); a resume that extends a finished run removes
+    it, so a continuation that fails or stops is not taken for finished with the earlier summary."""
+    import shutil
+
+    from dpolab.cli import main
+    from dpolab.errors import DpolabError
+    from dpolab.train.engine import Engine
+
+    data, out = finished_run
+    run = Path(shutil.copytree(out, tmp_path / "run"))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+    def failing(self, algo):
+        raise DpolabError("the evaluation failed")
+
+    monkeypatch.setattr(Engine, "evaluate", failing)
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--learning-rate", "1e-3",
+                     "--resume", "latest")) == 2
+    assert "the evaluation failed" in capsys.readouterr().err
+    assert not (run / "summary.json").exists() and RunDir(run).resolve_checkpoint("latest").name == "step-3"
+    monkeypatch.undo()
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--learning-rate", "1e-3",
+                     "--resume", "latest")) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

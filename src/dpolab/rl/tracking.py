@@ -146,10 +146,11 @@ def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[st
 
 
 def restore_checkpoint(run: RunDir, state: dict[str, Any]) -> None:
-    """Restore the RNG states of a checkpoint :func:`read_checkpoint` returned, and cut
-    ``metrics.jsonl`` back to its step."""
+    """Restore the RNG states of a checkpoint :func:`read_checkpoint` returned, cut
+    ``metrics.jsonl`` back to its step and remove an earlier finish's ``summary.json``."""
     set_rng_state(state["rng"])
     run.truncate_metrics(state["step"])
+    run.unfinish()
 
 
 def plot_learning_curve(run: RunDir, title: str) -> Path | None:

@@ -151,6 +151,11 @@ class RunDir:
                 kept.append(ln)
         atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
+    def unfinish(self) -> None:
+        """On resume: remove ``summary.json``, written last by a finished run, so that a continuation
+        that stops or fails is not taken for finished (``final/`` stays until it writes its own)."""
+        (self.path / "summary.json").unlink(missing_ok=True)
+
     def write_summary(self, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
         summary = {k: _jsonable(v) for k, v in metrics.items()}
         summary["steps"] = steps

@@ -211,6 +211,7 @@ class Engine:
         warn_config_changes(state.get("config", {}), vars(self.cfg))
         if self.is_main:
             self.run_dir.truncate_metrics(self.step, state.get("metrics_rows"))
+            self.run_dir.unfinish()
             algo.on_resume(self, self.step)
         print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
 
