@@ -236,6 +236,15 @@ def test_out_of_range_numbers_are_refused_by_name(tiny_model_dir, rule_data, tmp
     assert not (tmp_path / "r").exists()
 
 
+def test_lora_targets_the_model_does_not_have_are_one_line(tiny_model_dir, rule_data, tmp_path, capsys):
+    """peft's NoMatchingPeftModuleError (a traceback) becomes one line naming the layers there are."""
+    assert main(_args(tiny_model_dir, rule_data, tmp_path / "r", "--lora", "--lora-target-modules",
+                      "q_proj,foo_proj", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--lora-target-modules: the model has no module named foo_proj; its linear layers are " in err, err
+    assert "q_proj" in err and "Traceback" not in err and not (tmp_path / "r").exists()
+
+
 def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

@@ -136,12 +136,23 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str
 
     targets: Any = target_modules if target_modules == "all-linear" else [
         t.strip() for t in target_modules.split(",") if t.strip()]
+    if isinstance(targets, list):  # peft matches a name or a dotted suffix of one
+        names = [n for n, _ in model.named_modules() if n]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and n})
+            raise ConfigError(f"--lora-target-modules: the model has no module named {', '.join(missing)}; its "
+                              f"linear layers are {', '.join(linear)} (or give all-linear)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         # peft reads the attribute transformers 5 renamed; the warning is not the user's to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:  # e.g. a target that is no layer LoRA can wrap
+            raise ConfigError(f"--lora-target-modules {target_modules}: {first_line(err)}") from None
 
 
 def pad_token_id_for(tokenizer) -> int:
