@@ -102,6 +102,22 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, rule_data, tmp_
     assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 2
 
 
+def test_a_damaged_reference_cache_is_computed_again(tiny_model_dir, rule_data, tmp_path, capsys):
+    """A cache file cut short (a killed copy, a full disk) or overwritten is said and recomputed, not
+    a safetensors traceback on every later run that hashes to it."""
+    cache = tmp_path / "cache"
+    common = ("--batch-size", "4", "--learning-rate", "1e-3", "--max-steps", "2", "--ref-cache-dir", cache)
+    _run(tiny_model_dir, rule_data, tmp_path / "a", *common)
+    (path,) = cache.glob("ref-logps-*.safetensors")
+    good = load_file(str(path))["train"].clone()  # the file is mapped: a copy before it is damaged
+    for damage in (path.read_bytes()[: path.stat().st_size // 2], b"garbage\n"):
+        path.write_bytes(damage)
+        capsys.readouterr()
+        _run(tiny_model_dir, rule_data, tmp_path / f"b{len(damage)}", *common)
+        assert f"reference log-probs: cannot read the cache {path}" in capsys.readouterr().err
+        torch.testing.assert_close(load_file(str(path))["train"], good, equal_nan=True)
+
+
 def test_short_run_precomputes_only_the_pairs_it_visits(tiny_model_dir, rule_data, tmp_path):
     """3 steps x 4 pairs of 64: 12 rows computed, the rest NaN; a longer run with the same cache
     computes the missing rows only (the 12 stored values are kept bit for bit)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +77,13 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
     # others by a sum all-reduce with zeros elsewhere, so no other process reads the file.
     tables = {split: torch.full((n, 2), math.nan) for split, n in sizes.items()}
     if accelerator.is_main_process and path.is_file():
-        stored = load_file(str(path))
+        try:
+            stored = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 -- a damaged cache (a killed copy, a full disk) is recomputed
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"reference log-probs: cannot read the cache {path} ({text}); computing them again",
+                  file=sys.stderr)
+            stored = {}
         if all(stored.get(s) is not None and stored[s].shape == (n, 2) for s, n in sizes.items()):
             tables = {s: stored[s].float() for s in sizes}
     tables = _share_tables(accelerator, tables, main_only=True)
