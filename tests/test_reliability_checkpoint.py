@@ -303,6 +303,11 @@ def test_resume_after_the_end_of_run_evaluation_logs_it_once(tiny_model_dir, fin
     again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "eval/loss" in r) for r in again] == [(1, False), (2, False), (2, True)]
     assert again[:2] == rows[:2] and again[2]["eval/loss"] == pytest.approx(rows[2]["eval/loss"], abs=1e-6)
+    # the saved configuration repeats the run, it does not resume it (in a new folder: "no checkpoint")
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["resume"] is None
+    assert "resume: latest" not in (out / "final" / "README.md").read_text()
 
 
 def test_a_resumed_finished_run_is_unfinished_until_it_finishes_again(tiny_model_dir, finished_run, tmp_path,

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dpolab.runs.rundir import atomic_write_text
+from dpolab.runs.rundir import atomic_write_text, without_resume
 
 
 def _clean(value: Any) -> Any:
@@ -45,7 +45,8 @@ def write_model_card(folder: str | Path, *, command: str, method: str, config: d
     """Write ``folder/README.md`` (atomically). ``command``: the dpolab command (``dpo``, ``rl ppo``);
     ``method``: a paragraph on what the run optimised; ``metrics``: the summary (eval metrics are
     its ``eval/`` keys)."""
-    config, metrics, report = _clean(dict(config)), _clean(dict(metrics)), _clean(dict(report or {}))
+    config = _clean(without_resume(dict(config)))
+    metrics, report = _clean(dict(metrics)), _clean(dict(report or {}))
     base = base_model if base_model is not None else config.get("model")
     meta = {"library_name": "dpolab", "tags": ["dpolab", command.replace(" ", "-")],
             **({"base_model": base} if base else {}), **({"datasets": _dataset_names(config)}

@@ -72,6 +72,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def without_resume(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its ``resume`` option unset: a saved configuration repeats a run, it does not
+    continue one (with ``resume: latest`` it would fail in a new folder and resume in its own)."""
+    return {**config, "resume": None} if config.get("resume") is not None else config
+
+
 class RunDir:
     """A run's output directory. Created on first write, never before (bad input leaves nothing)."""
 
@@ -113,12 +119,13 @@ class RunDir:
 
     # -- files --------------------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:
-        """``config.yaml``: the resolved configuration (every field of the config dataclass)."""
+        """``config.yaml``: the resolved configuration (every field of the config dataclass), with
+        ``resume`` unset: the file repeats the run (``--config``), and a resume says so itself."""
         import yaml
 
         from dpolab.config import config_to_dict
 
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(without_resume(config_to_dict(cfg)), sort_keys=False))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.create()
