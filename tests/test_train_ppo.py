@@ -179,7 +179,7 @@ def test_lora_with_separate_value_model(tiny_model_dir, prompts_file, reward_fil
     assert (out / "final" / "value_head.safetensors").is_file()
 
 
-def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_file, tmp_path):
+def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_file, tmp_path, capsys):
     """--reward-model with a sequence-classification folder, summed with a Python reward; prompts
     given as chat messages are rendered with the template and a generation prompt."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -201,6 +201,16 @@ def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_fi
                                                     abs=1e-5)
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>\n")
+    # a reward model is no policy or reference (its LM head would be random), but a value network may
+    # start from it (only its hidden states are read)
+    common = ("--reward", f"{reward_file}:frac_alpha", "--max-steps", 1, "--rollout-batch-size", 2,
+              "--mini-batch-size", 2, "--ppo-epochs", 1, "--max-new-tokens", 4)
+    for extra in ((), ("--ref-model", rm_dir)):
+        model = tiny_model_dir if extra else rm_dir
+        assert main(_args(model, data, tmp_path / "bad", *common, *extra)) == 2
+        assert f"'{rm_dir}' is a LlamaForSequenceClassification (a reward model), not a causal LM" in \
+            capsys.readouterr().err
+    assert main(_args(tiny_model_dir, data, tmp_path / "value", *common, "--value-model", rm_dir)) == 0
 
 
 def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):

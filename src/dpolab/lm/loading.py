@@ -52,11 +52,19 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` with safetensors weights only (no pickle)."""
+def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
+                   head: bool = True):
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors weights only (no pickle). A model saved
+    as a sequence classifier (a reward model) is refused, since its language-model head would be
+    random, unless ``head`` is False (a value network reads only the hidden states)."""
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str)]
+    if head and saved_as and all(a.endswith("ForSequenceClassification") for a in saved_as):
+        raise DpolabError(f"'{name_or_path}' is a {saved_as[0]} (a reward model), not a causal LM: its language-model "
+                          "head would be random; give the causal LM it was trained from")
+    return model
 
 
 def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_code: bool, **kwargs):

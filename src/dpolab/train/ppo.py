@@ -225,7 +225,8 @@ def train(cfg: PPOConfig) -> dict:
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     policy = load_trainable_lm(cfg)
     ref_model = on_policy.reference_model(cfg, accelerator.device)
-    value_model = load_causal_lm(cfg.value_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
+    value_model = load_causal_lm(cfg.value_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                 head=False) \
         if cfg.value_model else None
     model = PolicyWithValue(policy, ValueHead(hidden_size_of(value_model or policy)), value_model)
     engine = Engine(cfg, accelerator, model, tokenizer=tokenizer, report=report)
