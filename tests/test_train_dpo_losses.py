@@ -135,6 +135,11 @@ def test_options_no_loss_reads_and_bad_combinations_are_refused(tiny_model_dir, 
     assert "one weight >= 0 per loss" in err("--loss", "sigmoid,ipo", "--loss-weights", "1")
     assert "stale" in err("--ref-update-steps", 2)
     assert "--beta is not read by --loss orpo" in err("--loss", "orpo", "--beta", 0.5)  # ORPO's weight is λ
+    for loss in ("simpo", "orpo,cpo"):  # reference-free: a reference model would be loaded for nothing
+        assert f"--ref-model is not used by --loss {loss}, which needs no reference model" in err(
+            "--loss", loss, "--ref-model", tiny_model_dir)
+    assert "cannot load --ref-model '" + str(tmp_path / "none") + "': no such folder" in err(
+        "--ref-model", tmp_path / "none", "--dry-run")  # the dry run checks it as the real run does
     assert not (tmp_path / "bad").exists()
 
 

@@ -117,7 +117,7 @@ def check_loss_options(cfg) -> None:
     the options the chosen losses read: an unknown name names the closest one; an option no chosen
     loss reads is refused rather than silently ignored; ``beta`` is resolved to the (first) loss's
     own default when one loss is given, so the saved config says what ran."""
-    from dpolab.losses.dpo import LOSS_OPTIONS, LOSS_REGISTRY, loss_defaults
+    from dpolab.losses.dpo import LOSS_OPTIONS, LOSS_REGISTRY, loss_defaults, needs_reference
 
     names = cfg.losses
     if not names:
@@ -141,6 +141,11 @@ def check_loss_options(cfg) -> None:
         cfg.beta = loss_defaults(names[0])["beta"]
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError("--beta must be > 0")
+    if not any(needs_reference(n) for n in names):
+        for flag in ("ref_model", "ref_update_steps"):
+            if getattr(cfg, flag, None):
+                raise ConfigError(f"--{flag.replace('_', '-')} is not used by --loss {cfg.loss}, which needs no "
+                                  "reference model")
     _probe_loss(cfg)
 
 
@@ -178,6 +183,18 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
     if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
         raise ConfigError("--eval-fraction must be in [0, 1)")
     validate_run_numbers(cfg)
+    check_model_folders(cfg)
+
+
+def check_model_folders(cfg) -> None:
+    """The model options other than ``--model`` (whose tokenizer loads first, in a dry run too) that
+    name a local path: an existing model folder, said before any work (also by ``--dry-run``)."""
+    from dpolab.lm.loading import check_local_folder
+
+    for name in ("ref_model", "value_model", "reward_model"):
+        value = getattr(cfg, name, None)
+        for path in ([value] if isinstance(value, str) else value or []):
+            check_local_folder(path, f"--{name.replace('_', '-')}", ("config.json", "adapter_config.json"))
 
 
 def validate_run_numbers(cfg) -> None:
@@ -288,6 +305,7 @@ def validate_on_policy(cfg) -> None:
     if cfg.eval_prompts < 0 or cfg.log_samples < 0:
         raise ConfigError("--eval-prompts and --log-samples must be >= 0")
     validate_run_numbers(cfg)
+    check_model_folders(cfg)
 
 
 @dataclass
