@@ -336,3 +336,23 @@ def test_a_resumed_finished_run_is_unfinished_until_it_finishes_again(tiny_model
     assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--learning-rate", "1e-3",
                      "--resume", "latest")) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tiny_model_dir, finished_run, tmp_path,
+                                                                             capsys):
+    """Its data position (micro-batches of batch_size × W rows) and its global batch hold for W
+    processes: on another count the run would skip or repeat rows and change its batch, silently."""
+    import shutil
+
+    from dpolab.cli import main
+
+    data, out = finished_run
+    run = Path(shutil.copytree(out, tmp_path / "run"))
+    state_file = RunDir(run).resolve_checkpoint("latest") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--learning-rate", "1e-3", "--resume", "latest")) == 2
+    err = capsys.readouterr().err
+    assert "was written by a run of 2 processes, and this one has 1: resume it with 2" in err, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2  # refused before anything changed

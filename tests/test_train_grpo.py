@@ -43,6 +43,15 @@ def fails_on_eval(prompts, completions):
 def exits(prompts, completions):
     raise SystemExit(3)
 
+_calls = []
+
+def fails_on_process_1(prompts, completions):  # at its second step: both processes are in the loop
+    import os
+    _calls.append(1)
+    if os.environ.get("RANK") == "1" and len(_calls) == 2:
+        raise ValueError("cannot score on process 1")
+    return [0.5] * len(completions)
+
 def numpy_scalars(prompts, completions):
     import numpy as np
     import torch
@@ -286,6 +295,21 @@ def test_prefix_sharing_trains_the_same(tiny_model_dir, prompts_file, reward_fil
     assert main(argv(tmp_path / "both", "--gradient-checkpointing", "--prefix-sharing")) == 2
     assert "--prefix-sharing cannot run with --gradient-checkpointing" in capsys.readouterr().err
     assert not (tmp_path / "both" / "checkpoints").exists()
+
+
+def test_a_failure_on_one_process_is_its_line_and_one_line_from_the_other(tiny_model_dir, prompts_file, reward_file,
+                                                                          tmp_path):
+    """Process 1's reward raises: its error is its one line; process 0, waiting in the step's
+    all-reduce, gets a gloo error when process 1 leaves and says so in one line (not a traceback)."""
+    res = launch("ddp_cpu.yaml", _args("grpo", tiny_model_dir, prompts_file, tmp_path / "run", "--reward",
+                                       f"{reward_file}:fails_on_process_1", "--num-generations", 2,
+                                       "--prompts-per-step", 2, "--max-steps", 3))
+    assert res.returncode != 0
+    assert "dpolab grpo: error: reward function fails_on_process_1 raised ValueError: cannot score on process 1" \
+        in res.stderr, res.stderr[-3000:]
+    ours = [ln for ln in res.stderr.splitlines() if "src/dpolab" in ln or "dpolab/" in ln and "File" in ln]
+    assert ours == [], res.stderr[-3000:]  # no traceback through dpolab (the launcher's own report may follow)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # -- exact resume through a real process ---------------------------------------------------------------

@@ -112,6 +112,24 @@ def _run(module, module_name: str, argv: list[str], prog: str, name: str) -> int
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if not _peer_failure(err):
+            raise
+        # another process ended (its own error is above): this one's traceback would bury it
+        print(f"{prog}: error: another process of this run stopped (its error is above), so this one stops "
+              f"too ({type(err).__name__} in a collective)", file=sys.stderr)
+        return 1
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    """An error of a multi-process run's collective because another process exited (gloo: the
+    connection reset or closed; NCCL/the store: a DistBackendError or DistNetworkError)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    text = str(err)
+    return (type(err).__name__ in ("DistBackendError", "DistNetworkError")
+            or any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")))
 
 
 _RAN_IN_GROUP: list[bool] = []

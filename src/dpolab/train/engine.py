@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from dpolab.errors import DpolabError
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
+    read_trainer_state,
     read_training_state,
     untied,
     warn_config_changes,
@@ -192,7 +194,7 @@ class Engine:
         files = algo.checkpoint_files(full)
         state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
-                 "algorithm": algo.state_dict(), "config": vars(self.cfg), "metrics_rows": self.run_dir.metrics_rows()}
+                 "algorithm": algo.state_dict(), "config": vars(self.cfg), "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes}
 
         def write(d: Path) -> None:
             for name, weights in files.items():
@@ -202,6 +204,12 @@ class Engine:
         self.run_dir.save_checkpoint(self.step, write)
 
     def _resume(self, algo: Algorithm) -> None:
+        saved = read_trainer_state(self.ckpt, command=algo.name).get("processes")
+        now = self.accelerator.num_processes
+        if saved is not None and saved != now:  # its data position and batches are counted in W-process units
+            raise DpolabError(f"--resume: checkpoint {self.ckpt} was written by a run of {saved} process"
+                              f"{'es' if saved != 1 else ''}, and this one has {now}: resume it with {saved} (its "
+                              "position in the data and its global batch are counted for that many)")
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
         self.step, self.micro = state["step"], state["micro_batch"]
