@@ -297,6 +297,24 @@ def test_prefix_sharing_trains_the_same(tiny_model_dir, prompts_file, reward_fil
     assert not (tmp_path / "both" / "checkpoints").exists()
 
 
+def test_two_processes_log_the_samples_one_process_logs(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """--log-samples N writes the global step's first N completions, gathered from every process in
+    process order: the rows one process writes for the same global batch (before, only the main
+    process's share: at most N/2 rows, never one of process 1's prompts)."""
+    common = [*_args("grpo", tiny_model_dir, prompts_file, "OUT", "--reward", f"{reward_file}:frac_alpha",
+                     "--num-generations", 2, *SGD, "--log-samples", 8)]
+    argv = lambda out, n: [str(out) if a == "OUT" else a for a in common] + ["--prompts-per-step", str(n)]  # noqa: E731
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(argv(one, 4)) == 0
+    res = launch("ddp_cpu.yaml", argv(two, 2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ra, rb = ([json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()] for run in (one, two))
+    assert len(ra) == len(rb) == 8 * 2 + 2  # steps 1, 2: 8 each; step 3 holds the fifth prompt's 2
+    for a, b in zip(ra, rb):
+        assert (a["step"], a["prompt"], a["completion"]) == (b["step"], b["prompt"], b["completion"])
+        assert b["score"] == pytest.approx(a["score"], abs=1e-6)
+
+
 def test_a_failure_on_one_process_is_its_line_and_one_line_from_the_other(tiny_model_dir, prompts_file, reward_file,
                                                                           tmp_path):
     """Process 1's reward raises: its error is its one line; process 0, waiting in the step's

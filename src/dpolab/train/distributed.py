@@ -129,6 +129,15 @@ def global_sum(accelerator, values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather_rows(accelerator, rows: list) -> list:
+    """Every process's ``rows`` (picklable objects), concatenated in process order, on every process."""
+    if accelerator.num_processes <= 1:
+        return list(rows)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(rows))
+
+
 def global_max(accelerator, value: int) -> int:
     """The largest ``value`` over all processes (one all-reduce; ``value`` itself with one process)."""
     if accelerator.num_processes <= 1:

@@ -43,9 +43,14 @@ class OnPolicy(Algorithm):
                                 self.ref_model, getattr(self.cfg, "micro_batch_size", 16))
 
     def on_log(self, engine, step, logged):
+        from dpolab.train import distributed
+
+        n = self.cfg.log_samples
+        # every process's rows in process order: the order of the same global batch on one process
+        rows = distributed.gather_rows(engine.accelerator, self.samples[:n]) if n > 0 else []
         if engine.is_main:
-            log_samples(engine.run_dir, step, self.samples, self.cfg.log_samples)
-            engine.trackers.log_samples([{"step": step, **r} for r in self.samples[:self.cfg.log_samples]], step)
+            log_samples(engine.run_dir, step, rows, n)
+            engine.trackers.log_samples([{"step": step, **r} for r in rows[:n]], step)
 
     def on_resume(self, engine, step):
         truncate_samples(engine.run_dir, step)
