@@ -356,3 +356,21 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(ti
     err = capsys.readouterr().err
     assert "was written by a run of 2 processes, and this one has 1: resume it with 2" in err, err
     assert json.loads((run / "summary.json").read_text())["steps"] == 2  # refused before anything changed
+
+
+def test_a_run_that_left_no_checkpoint_is_not_sent_to_resume(tiny_model_dir, finished_run, tmp_path, capsys):
+    """A run stopped before its first checkpoint (killed, or a failure on another process) leaves
+    metrics but nothing to resume: the refusal says so instead of advising --resume latest, which
+    fails in its turn."""
+    from dpolab.cli import main
+
+    data, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (metrics.jsonl) that left no checkpoint to resume; remove the folder" in err, err
+    assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "1", "--resume", "latest")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "start it again in a new or emptied --output-dir" in err, err

@@ -106,9 +106,12 @@ class RunDir:
             raise DpolabError(f"--output-dir {self.path} is a file, not a folder")
         if resume is None:
             found = [name for name in EARLIER_RUN if (self.path / name).exists()]
-            if found:
+            if found and self.list_checkpoints():
                 raise DpolabError(f"{self.path} already holds a run ({', '.join(found)}); pass --resume latest to "
                                   "continue it or choose another --output-dir")
+            if found:  # e.g. stopped before its first checkpoint: nothing to resume
+                raise DpolabError(f"{self.path} already holds a run ({', '.join(found)}) that left no checkpoint to "
+                                  "resume; remove the folder or choose another --output-dir")
 
     def create(self) -> RunDir:
         try:
@@ -235,7 +238,8 @@ class RunDir:
             if path is None:
                 found = self.list_checkpoints()
                 if not found:
-                    raise DpolabError(f"--resume latest: no checkpoint in {self.checkpoints}")
+                    raise DpolabError(f"--resume latest: no checkpoint in {self.checkpoints} (the run stopped "
+                                      "before its first one: start it again in a new or emptied --output-dir)")
                 path = found[-1]
         else:
             path = Path(spec)
