@@ -117,6 +117,15 @@ def test_dpo_two_processes_equal_one_process_with_shared_reference(tiny_model_di
         torch.testing.assert_close(tb[split], ta[split], atol=1e-5, rtol=0)
 
 
+def test_a_dry_run_on_two_processes_prints_one_report(tiny_model_dir, tmp_path):
+    """--dry-run's report is one JSON document on stdout (each process printed its own before)."""
+    data = write_rule_data(tmp_path / "prefs.jsonl", n=6, seed=1)
+    res = launch("ddp_cpu.yaml", ["dpo", "--model", tiny_model_dir, "--data", data, "--max-length", 48,
+                                  "--max-prompt-length", 24, "--output-dir", tmp_path / "run", "--dry-run"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["data"]["rows"] == 6 and not (tmp_path / "run").exists()
+
+
 def test_sft_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     """SFT divides by the step's target TOKENS over all processes (an all-reduce per step):
     completions of different lengths make a per-process normaliser visibly wrong."""

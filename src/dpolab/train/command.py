@@ -10,7 +10,10 @@ from pathlib import Path
 def dry_run_report(cfg, report: dict) -> dict:
     """``--dry-run``: print the data report and resolved config; return the summary a run returns
     instead of training (numeric report entries as ``data/...``)."""
-    print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
+    from dpolab.train.distributed import is_main_process
+
+    if is_main_process():  # one JSON document on stdout, however many processes
+        print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
     return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
 
 

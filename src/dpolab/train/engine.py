@@ -216,12 +216,12 @@ class Engine:
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
         self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
         algo.load_state_dict(state.get("algorithm", {}))
-        warn_config_changes(state.get("config", {}), vars(self.cfg))
-        if self.is_main:
+        if self.is_main:  # said once, however many processes
+            warn_config_changes(state.get("config", {}), vars(self.cfg))
             self.run_dir.truncate_metrics(self.step, state.get("metrics_rows"))
             self.run_dir.unfinish()
             algo.on_resume(self, self.step)
-        print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
+            print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
 
     def run(self, algo: Algorithm) -> dict:
         """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or

@@ -114,8 +114,9 @@ def open_run(cfg, name: str):
     if cfg.dry_run:
         rows = list(range(min(2, len(prompts))))
         probe = compute_rewards(rewards, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
-        print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
-                          "config": vars(cfg)}, indent=2))
+        if accelerator.is_main_process:  # one JSON document on stdout, however many processes
+            print(json.dumps({"data": report, "reward_probe_on_empty_completions": probe.tolist(),
+                              "config": vars(cfg)}, indent=2))
         return {"dry_run": True, "data/prompts": len(prompts), "data/truncated_prompts": prompts.truncated}
     return accelerator, tokenizer, prompts, eval_set, rewards, report
 
