@@ -46,6 +46,23 @@ def test_prompt_completion_masks_completion_only_and_full(tiny_tokenizer):
     assert full.loss_mask == [0] + [1] * (len(p) + len(c))  # the first token has no predictor
 
 
+def test_chat_loss_starts_after_the_role_header_when_the_generation_prompt_writes_more(tiny_tokenizer):
+    """A template whose generation prompt adds an empty thinking block that rendered turns do not
+    have (as reasoning models' templates do): the role header the two share is context, the turn's
+    content the target (before, the whole turn, header included, was the target)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = tok.chat_template.replace("{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+                                                  "{% if add_generation_prompt %}<|assistant|>\n<think></think>\n"
+                                                  "{% endif %}")
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]
+    assert tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True).endswith("<think></think>\n")
+    pieces = chat_segments(tok, messages)
+    assert "".join(t for t, _ in pieces) == tok.apply_chat_template(messages, tokenize=False)
+    assert [t for t, target in pieces if target] == ["hi</s>\n"]
+
+
 def test_text_rows_train_on_every_token(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = tok_row(tok, {"text": "a terrible boring film"})

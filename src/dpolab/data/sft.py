@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
                 head = _render(tokenizer, messages[:i], True)
             except Exception:  # noqa: BLE001 -- a template may reject an empty/odd prefix
                 head = prev
+            if head.startswith(prev) and not full.startswith(head):
+                # the generation prompt writes more than a rendered turn's header (e.g. an empty
+                # "<think></think>" block): the header is what the two have in common
+                head = os.path.commonprefix([head, full])
             if not (head.startswith(prev) and full.startswith(head)):
                 head = prev  # no usable generation prompt: the whole turn is the target
             pieces += [(head[len(prev):], False), (full[len(head):], True)]
