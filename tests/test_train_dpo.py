@@ -102,6 +102,23 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, rule_data, tmp_
     assert len(list((tmp_path / "pre" / "cache").glob("*.safetensors"))) == 2
 
 
+def test_the_cache_key_sees_every_tokenizer_file(tiny_model_dir, tmp_path):
+    """Editing a model folder's chat template (or merges, or a SentencePiece model) changes the ids the
+    reference scores, so it changes the model's fingerprint in the cache key (before: only the
+    .safetensors and .json files counted, and a stale cache was reused)."""
+    import os
+    import shutil
+
+    from dpolab.lm.loading import model_fingerprint
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    before = model_fingerprint(str(folder))
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text() if template.exists() else "{{ messages }}")
+    os.utime(template, ns=(1, 1))
+    assert model_fingerprint(str(folder)) != before
+
+
 def test_a_damaged_reference_cache_is_computed_again(tiny_model_dir, rule_data, tmp_path, capsys):
     """A cache file cut short (a killed copy, a full disk) or overwritten is said and recomputed, not
     a safetensors traceback on every later run that hashes to it."""

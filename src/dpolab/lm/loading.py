@@ -105,14 +105,16 @@ def first_line(err: BaseException) -> str:
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """A cheap identity of a model for cache keys: weight-file names, sizes and mtimes, or the name."""
+    """A cheap identity of a model for cache keys: the names, sizes and mtimes of its folder's files
+    (weights, configs and every tokenizer file: a ``chat_template.jinja``, ``merges.txt``, a
+    SentencePiece model), or the name."""
     import hashlib
 
     h = hashlib.sha256(str(name_or_path).encode())
     path = Path(name_or_path)
     if path.is_dir():
         for f in sorted(path.glob("*")):
-            if f.is_file() and f.suffix in (".safetensors", ".json"):
+            if f.is_file() and not f.name.startswith("."):
                 st = f.stat()
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
