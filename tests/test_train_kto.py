@@ -27,7 +27,7 @@ from dpolab.data.unpaired import (
     parse_unpaired,
     tokenize_split,
 )
-from dpolab.errors import DataError
+from dpolab.errors import ConfigError, DataError
 from test_data_preference import CharTokenizer, ids, rec
 from test_train_dpo import WORDS, write_rule_data
 
@@ -141,6 +141,19 @@ def test_each_example_tokenized_as_a_chosen_row_with_a_derangement_partner():
     with pytest.raises(DataError) as err:  # no completion token can survive: a located error
         tokenize_split(examples[:1], tok, max_length=3, max_prompt_length=3, rng=random.Random(0))
     assert err.value.field == "completion" and "d.jsonl:7" in str(err.value)
+
+
+def test_a_split_of_one_example_is_refused(tiny_tokenizer, tmp_path):
+    """z0 pairs each example with another's completion: a split of one would pair it with its own,
+    and eval/kl and eval/loss would say nothing (the default --eval-fraction holds out one of 20)."""
+    data = write_unpaired_data(tmp_path / "rows.jsonl", n=20)
+    with pytest.raises(ConfigError, match=r"--eval-fraction 0.05 holds out one example of .*rows.jsonl; KTO's KL "
+                                          r"estimate z0 .* needs 2 or more \(raise --eval-fraction, or 0"):
+        load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.05)
+    assert len(load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.0).train) == 20
+    one = write_unpaired_data(tmp_path / "one.jsonl", n=1)
+    with pytest.raises(ConfigError, match=r"one.jsonl: one example for the eval split"):
+        load_unpaired_data(str(data), tiny_tokenizer, eval_source=str(one))
 
 
 def test_pairs_stay_together_in_the_seeded_eval_split(tiny_tokenizer, tmp_path):

@@ -180,7 +180,7 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
     held = set(random.Random(seed).sample(range(len(records)), n_held))
     eval_rec = (load_records(eval_source, split=eval_split) if eval_source is not None
                 else [r for i, r in enumerate(records) if i in held])
-    splits, formats = {}, {}
+    splits, formats, parsed_splits = {}, {}, {}
     for name, recs in (("train", [r for i, r in enumerate(records) if i not in held]), ("eval", eval_rec)):
         examples = []
         for i, record in enumerate(recs):
@@ -189,6 +189,15 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
             fmt = ex.source_format if len(parsed) == 2 else "unpaired" + "_conversational" * ex.conversational
             formats[fmt] = formats.get(fmt, 0) + 1
             examples += parsed
+        parsed_splits[name] = examples
+    for name, examples in parsed_splits.items():  # every row checked first: a bad row is said before this
+        if len(examples) == 1:  # its z0 would pair the example with its own completion
+            where = (f"--eval-fraction {eval_fraction} holds out one example of {source}" if name == "eval"
+                     and eval_source is None else f"{eval_source if name == 'eval' else source}: one example "
+                     f"for the {name} split")
+            fix = "raise --eval-fraction, or 0 for no eval split" if name == "eval" else "give more rows"
+            raise ConfigError(f"{where}; KTO's KL estimate z0 pairs every example with another one's completion, "
+                              f"so a split needs 2 or more ({fix})")
         splits[name] = tokenize_split(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                       rng=random.Random(f"kto-mismatched/{name}/{seed}"))
     train, evals = splits["train"], splits["eval"]
