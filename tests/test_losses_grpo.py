@@ -139,6 +139,25 @@ def test_token_weights_by_hand():
     assert token_weights(MASK, "token")[0].dtype == torch.get_default_dtype()
 
 
+def test_a_masked_truncated_completion_stays_one_of_the_completions():
+    """--mask-truncated-completions zeroes the tokens of row 1 (truncated): it has no loss, but it is
+    still one of the G completions of 'sequence' and 'constant' (Dr. GRPO's 1/(G·L)); 'token' counts
+    only the tokens that carry a loss. A filler row (not counted) still counts for nothing."""
+    loss_mask = MASK.clone()
+    loss_mask[1] = False
+    counted = torch.tensor([True, True, True])
+    for mode, units in (("sequence", 3), ("constant", 3), ("token", 5)):
+        w, u = token_weights(loss_mask, mode, max_tokens=4, dtype=D, counted=counted)
+        assert u == units and not w[1].any(), mode
+        assert token_weights(loss_mask, mode, max_tokens=4, dtype=D)[1] == (units if mode == "token" else 2)
+    # constant, L = 4, G = 3: (6/4 + 0 + 11/4)/3 = 17/12 (before: /2, as if G were 2)
+    w, u = token_weights(loss_mask, "constant", max_tokens=4, dtype=D, counted=counted)
+    assert (w * LOSS.masked_fill(~loss_mask, 0.0)).sum().item() / u == pytest.approx(17 / 12)
+    filler = torch.zeros(1, 3, dtype=torch.bool)
+    assert token_weights(torch.cat([loss_mask, filler]), "sequence", dtype=D,
+                         counted=torch.cat([counted, torch.tensor([False])]))[1] == 3
+
+
 def test_aggregate_by_hand():
     # sequence: row means 6/3 = 2, 4/1 = 4, 11/2 = 5.5 -> (2 + 4 + 5.5)/3 = 11.5/3
     assert aggregate(LOSS, MASK, "sequence").item() == pytest.approx(11.5 / 3)

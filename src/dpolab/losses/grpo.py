@@ -144,7 +144,7 @@ def kl_shaped_rewards(scores: Tensor, seq_kl: Tensor, beta: float) -> Tensor:
 
 
 def token_weights(mask: Tensor, mode: str, max_tokens: int | None = None, *,
-                  dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
+                  dtype: torch.dtype | None = None, counted: Tensor | None = None) -> tuple[Tensor, int]:
     """Per-token weights ``w`` (B, T) and a count of units, with loss = Σ_bt w_bt·ℓ_bt / U.
 
     U is the number of units of the whole optimizer step, summed over every micro-batch and process,
@@ -162,6 +162,9 @@ def token_weights(mask: Tensor, mode: str, max_tokens: int | None = None, *,
 
     "Completions" counts rows with at least one real token: a row of padding only (a filler row of an
     uneven split) has no loss and counts for nothing in any mode, so adding one changes nothing.
+    ``counted`` (B,) bool, when given, says which rows are completions instead: a completion whose
+    tokens ``mask`` leaves out (a masked truncated one) is then one of the G, with no loss, as the
+    formulas above have it (it does not shrink G in "sequence" and "constant").
     Example: lengths (2, 1), T = 2, "sequence" -> w = ((½, ½), (1, 0)), units 2; "token" -> w = mask,
     units 3; "constant", L = 4 -> w = ((¼, ¼), (¼, 0)), units 2.
     """
@@ -171,7 +174,7 @@ def token_weights(mask: Tensor, mode: str, max_tokens: int | None = None, *,
         raise ValueError(f"mask must be a 2-D (B, T) bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
     dtype = torch.get_default_dtype() if dtype is None else dtype
     lengths = mask.sum(dim=1)                                  # (B,) |o_i|
-    sequences = int((lengths > 0).sum())
+    sequences = int((lengths > 0).sum()) if counted is None else int((counted | (lengths > 0)).sum())
     m = mask.to(dtype)                                         # (B, T)
     if mode == "sequence":
         return m / lengths.clamp_min(1).to(dtype)[:, None], sequences

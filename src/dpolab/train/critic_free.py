@@ -43,8 +43,10 @@ class CriticFree(OnPolicy):
         """Per-token losses (B, R) and per-token stats, for completions with advantages ``adv`` (B,)."""
         raise NotImplementedError
 
-    def weights(self, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Per-token weights (B, R) and loss units: the loss is Σ w·ℓ over the step's units."""
+    def weights(self, mask: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Per-token weights (B, R) of the loss tokens ``mask`` and loss units: the loss is Σ w·ℓ over the
+        step's units. ``counted`` (B,): the rows that are completions (a masked truncated one counts,
+        with no loss; a filler row of padding does not)."""
         raise NotImplementedError
 
     # -- the shared step ---------------------------------------------------------------------------
@@ -78,15 +80,16 @@ class CriticFree(OnPolicy):
         ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size,
                                     shared=self.shared) if self.uses_reference else None
         adv, metrics = self.advantages(s, s.gen.logps if old is None else old, ref)
+        counted = s.gen.response_mask.any(1)  # completions, truncated or not
         mask = s.gen.response_mask & s.gen.finished[:, None] if cfg.mask_truncated_completions else s.gen.response_mask
         outs = []
         for it in range(cfg.num_iterations):
             for m, rows in enumerate(minibatch_rows(s, cfg.mini_batches, seed + 1 + it)):
                 where = f"iteration {it + 1}, mini-batch {m + 1}"
-                passes = row_passes(engine, rows, cfg.micro_batch_size, lambda r: self.weights(mask[r])[1], where,
+                passes = row_passes(engine, rows, cfg.micro_batch_size, lambda r: self.weights(mask[r], counted[r])[1], where,
                                     width=s.gen.width, budget=self.pass_tokens,
                                     prompt_of=s.rows if self.shared else None, prompt_width=s.gen.prompt_length)
-                out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask), where=where)
+                out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask, counted), where=where)
                 outs.append(out) if out is not None else None
         self.sampler.sync_weights(engine.unwrapped)
         generated = distributed.global_sum(engine.accelerator, [float(s.gen.response_mask.sum()) * s.real])[0]
@@ -96,7 +99,7 @@ class CriticFree(OnPolicy):
         stats = {key: sum(o[key] for o in outs) / len(outs) for key in outs[0]} if outs else {}
         return {**reward_metrics(engine.accelerator, s), **metrics, **stats}
 
-    def loss(self, s, rows, old, ref, adv, mask):
+    def loss(self, s, rows, old, ref, adv, mask, counted):
         from dpolab.train.rollouts import response_logps
 
         g = s.gen.select(rows)
@@ -105,7 +108,7 @@ class CriticFree(OnPolicy):
         per_token, st = self.token_loss(logp, old[rows] if old is not None else logp.detach(),
                                         ref[rows] if ref is not None else None, adv[rows])
         m = mask[rows]
-        w, _ = self.weights(m)
+        w, _ = self.weights(m, counted[rows])
         count = float(m.sum())  # per-token means over the step: (sum, count) pairs for the engine
         stats = {k: (float((v.detach() * m).sum()), count) for k, v in {**st, "entropy": entropy}.items()}
         return (w * per_token).sum(), stats

@@ -97,10 +97,10 @@ class GRPO(CriticFree):
             out["kl"] = st["kl"]
         return loss, out
 
-    def weights(self, mask):
+    def weights(self, mask, counted):
         from dpolab.losses.grpo import token_weights
 
-        return token_weights(mask, self.cfg.loss_aggregation, self.cfg.max_new_tokens)
+        return token_weights(mask, self.cfg.loss_aggregation, self.cfg.max_new_tokens, counted=counted)
 
 
 def train(cfg: GRPOConfig) -> dict:

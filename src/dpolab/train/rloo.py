@@ -89,11 +89,12 @@ class RLOO(CriticFree):
             return loss, {"clip_ratio/region": st["clipfrac"]}
         return -adv[:, None] * logp, {}
 
-    def weights(self, mask):
+    def weights(self, mask, counted):
         # the sequence log-prob is the sum over its tokens; the loss is the mean over completions
+        # (a masked truncated one counts, with no loss)
         import torch
 
-        return mask.to(torch.float32), int(mask.any(1).sum())
+        return mask.to(torch.float32), int((counted | mask.any(1)).sum())
 
 
 def train(cfg: RLOOConfig) -> dict:
