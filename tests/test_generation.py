@@ -88,6 +88,16 @@ def test_decode_drops_eos_and_padding(tiny_tokenizer):
     assert texts[1].startswith("the movie") and len(texts[1]) > len("the movie")
 
 
+def test_decode_drops_a_stop_token_that_is_not_the_tokenizers_eos(tiny_tokenizer):
+    """A model's generation_config may stop on other ids than the tokenizer's EOS (an ordinary
+    token): a finished row ends with the token that stopped it, and its text is not the completion's."""
+    ids = tiny_tokenizer("the movie").input_ids
+    stop = tiny_tokenizer(" was").input_ids[-1]
+    gen = Generation(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                     torch.tensor([ids + [stop]]), torch.tensor([[True] * (len(ids) + 1)]), torch.tensor([True]))
+    assert decode_responses(tiny_tokenizer, gen) == ["the movie"]
+
+
 def test_filter_logits_hand_values():
     """p = (0.5, 0.3, 0.15, 0.05). Mass of strictly more likely tokens: (0, 0.5, 0.8, 0.95).
     top_p = 0.7 keeps tokens whose preceding mass < 0.7: {0, 1}; top_p = 0.81 keeps {0, 1, 2};

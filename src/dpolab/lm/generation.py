@@ -446,12 +446,13 @@ def next_cache_kwargs(out) -> dict:
 
 
 def decode_responses(tokenizer, gen: Generation) -> list[str]:
-    """Response texts: the tokens before EOS (EOS and padding dropped, special tokens skipped)."""
+    """Response texts: the tokens before the stop token (the stop token, the tokenizer's EOS or one
+    of the model's ``generation_config`` stop ids, and padding dropped; special tokens skipped)."""
     out = []
     eos = tokenizer.eos_token_id
-    for ids, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist()):
+    for ids, mask, done in zip(gen.response_ids.tolist(), gen.response_mask.tolist(), gen.finished.tolist()):
         real = [t for t, m in zip(ids, mask) if m]
-        if real and real[-1] == eos:
+        if real and (done or real[-1] == eos):  # a finished row ends with the token that stopped it
             real = real[:-1]
         out.append(tokenizer.decode(real, skip_special_tokens=True))
     return out
