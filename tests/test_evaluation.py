@@ -18,7 +18,7 @@ from dpolab.rewards.evaluation import (
     win_rate,
     win_rate_from_rewards,
 )
-from dpolab.rewards.functions import compute_rewards, load_reward_function
+from dpolab.rewards.functions import WeightedRewards, compute_rewards, load_reward_function
 
 
 def length_reward(prompts, completions):
@@ -61,6 +61,19 @@ def test_bad_reward_specs_are_clear_errors(spec, message):
 def test_reward_return_values_are_checked(fn, message):
     with pytest.raises(DpolabError, match=message):
         compute_rewards(fn, ["p", "q"], ["a", "b"])
+
+
+def test_evaluation_rewards_keep_float64_so_close_rewards_are_no_ties():
+    """1 + 1e-8 and 1 are one float32 (a tie in a win rate): eval asks for float64, and a weighted sum
+    of rewards is summed in float64 before the caller rounds it."""
+    close = lambda p, c: [1.0 + 1e-8 * len(x) for x in c]  # noqa: E731
+    r32 = compute_rewards(close, ["p", "q"], ["a", "bb"])
+    r64 = compute_rewards(close, ["p", "q"], ["a", "bb"], dtype=torch.float64)
+    assert r32[0] == r32[1] and r64.dtype == torch.float64 and r64[1] - r64[0] == pytest.approx(1e-8, rel=1e-6)
+    both = WeightedRewards([("close", close), ("zero", lambda p, c: [0.0] * len(c))])
+    r = compute_rewards(both, ["p", "q"], ["a", "bb"], dtype=torch.float64)
+    assert r[1] - r[0] == pytest.approx(1e-8, rel=1e-6)
+    assert compute_rewards(lambda p, c: [1e39, 0.0], ["p", "q"], ["a", "b"], dtype=torch.float64)[0] == 1e39
 
 
 def test_compute_rewards_accepts_tensors_and_ints():

@@ -186,7 +186,7 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
             texts_b = decode_responses(tokenizer, gen)
             rows = [(start + b) // k for b in range(len(texts_b))]
             rewards.append(compute_rewards(reward_fn, [texts[i] for i in rows], texts_b,
-                                           rows_data.columns(rows)).double())
+                                           rows_data.columns(rows), dtype=torch.float64))
             if ref_model is model:  # the reference itself: log π − log π_ref is 0 token by token
                 kls.append(torch.zeros(len(texts_b), dtype=torch.float64))
             elif ref_model is not None:

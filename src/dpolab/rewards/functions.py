@@ -71,8 +71,10 @@ def reward_model_function(model, tokenizer, *, batch_size: int = 16, max_length:
 
 
 def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
-                    columns: dict[str, list] | None = None) -> torch.Tensor:
-    """Call ``fn`` and check its answer: one finite real number per completion. Returns (B,) float32.
+                    columns: dict[str, list] | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Call ``fn`` and check its answer: one finite real number per completion. Returns (B,) ``dtype``
+    (float32 for training; evaluation compares rewards in float64, where float32 would round
+    close values into ties).
 
     ``columns``: the prompt rows' other fields (e.g. a reference ``answer``), one list per field
     aligned with ``prompts``, passed as keyword arguments to a function that names them (or takes
@@ -108,11 +110,11 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
             number = math.inf
         if not math.isfinite(number):
             raise DpolabError(f"reward function {name} returned a non-finite value ({_short(v)}) at position {i}")
-        if abs(number) > _FLOAT32_MAX:  # would be inf in the float32 rewards
+        if dtype == torch.float32 and abs(number) > _FLOAT32_MAX:  # would be inf in the float32 rewards
             raise DpolabError(f"reward function {name} returned {_short(v)} at position {i}, beyond float32's "
                               f"range (±{_FLOAT32_MAX:.3g}); scale the reward down")
         values.append(number)
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=dtype)
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -215,13 +217,13 @@ class WeightedRewards:
             raise DpolabError(f"{len(weights)} reward weights for {len(named)} reward functions")
         self.named, self.weights = named, weights
 
-    def score(self, prompts: list[str], completions: list[str],
-              columns: dict[str, list] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None, *,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(scores (B,), {name: (B,) rewards})``: the weighted sum and each function's values."""
-        terms = {name: compute_rewards(fn, prompts, completions, columns) for name, fn in self.named}
+        terms = {name: compute_rewards(fn, prompts, completions, columns, dtype=dtype) for name, fn in self.named}
         total = sum(w * terms[name] for (name, _), w in zip(self.named, self.weights))
         return total, terms
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
-        """As a plain reward function: the weighted sum."""
-        return self.score(prompts, completions, columns)[0].tolist()
+        """As a plain reward function: the weighted sum (in float64; the caller rounds)."""
+        return self.score(prompts, completions, columns, dtype=torch.float64)[0].tolist()
