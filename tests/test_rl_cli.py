@@ -135,6 +135,23 @@ def test_mdp_file_states_named_by_numbers(capsys, tmp_path):
     assert code == 0 and json.loads(out)["values"] == [2.0, 0.0]
 
 
+def test_mdp_file_states_named_on_off_or_by_decimals_keep_their_names(capsys, tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans: an MDP file keeps them as the names written (only
+    true/false are booleans there), and a decimal name in 'states' names a 'next' state too."""
+    mdp = tmp_path / "onoff.yaml"
+    mdp.write_text("gamma: 0.9\nstates: [on, off, done]\ntransitions:\n  on:\n    toggle: {reward: 1, next: off}\n"
+                   "    stop: {reward: 0, next: done}\n  off:\n    toggle: {reward: -1, next: on}\n")
+    code, out, err = run(capsys, "rl", "solve", "--mdp", str(mdp), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["states"] == ["on", "off", "done"], result
+    # v(on) = 1 + 0.9 v(off), v(off) = -1 + 0.9 v(on) -> v(on) = 0.1/0.19
+    assert result["values"][0] == pytest.approx(0.1 / 0.19) and result["values"][1] == pytest.approx(-0.1 / 0.19)
+    mdp.write_text("gamma: 0.5\nstates: [1.5, 2]\ntransitions:\n  2: {go: {reward: 1, next: 1.5}}\n")
+    code, out, err = run(capsys, "rl", "solve", "--mdp", str(mdp), "--json")
+    assert code == 0 and json.loads(out)["values"] == [0.0, 1.0], err
+
+
 def test_evaluate_refuses_an_output_that_is_not_a_png_before_running(capsys, tmp_path):
     for name in ("x.txt", "noext", ".png"):
         code, _, err = run(capsys, "rl", "evaluate", "--episodes", "2000", "--output", str(tmp_path / name))

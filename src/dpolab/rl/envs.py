@@ -198,7 +198,7 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
         raise DataError("file not found", path=str(path))
     try:
         text = path.read_text(encoding="utf-8")
-        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_mdp_loader())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"malformed MDP file: {str(err).splitlines()[0]}", path=str(path)) from None
     if not isinstance(raw, dict):
@@ -209,6 +209,23 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
         return mdp_from_dict(raw)
     except MDPError as err:
         raise DataError(str(err), path=str(path)) from None
+
+
+def _mdp_loader():
+    """YAML's safe loader with YAML 1.2's booleans only (true/false): state and action names such as
+    ``on``, ``off``, ``yes``, ``no`` stay the text written, not True/False."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
 
 
 def mdp_from_dict(raw: dict) -> MDP:
@@ -252,8 +269,8 @@ def mdp_from_dict(raw: dict) -> MDP:
             if extra := sorted(map(str, set(spec) - {"reward", "next"})):  # a misspelt reward would read as 0
                 raise MDPError(f"{where}: unknown key(s) {extra}; expected reward and next")
             nxt = spec["next"]
-            # a name YAML reads as a number (states: [1, 2]) names a state too, as in 'states'
-            nxt = {nxt: 1.0} if isinstance(nxt, (str, int)) and not isinstance(nxt, bool) else nxt
+            # a name YAML reads as a number (states: [1, 2.5]) names a state too, as in 'states'
+            nxt = {nxt: 1.0} if isinstance(nxt, (str, int, float)) and not isinstance(nxt, bool) else nxt
             if not isinstance(nxt, dict) or not nxt:
                 raise MDPError(f"{where}: 'next' must be a state name or a mapping of state -> probability")
             for t, p in nxt.items():
