@@ -177,3 +177,12 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, 
     assert "--micro-batch-tokens must be >= 0" in err("--micro-batch-tokens", -1)
     assert "--loss sigmoid: --rpo-alpha must be >= 0" in err("--rpo-alpha", -1)  # was a traceback mid-run
     assert "--loss cpo: --cpo-alpha must be >= 0" in err("--loss", "cpo", "--cpo-alpha", -1)
+
+
+def test_a_reference_free_loss_keeps_its_reference_model_for_eval_kl(tiny_model_dir):
+    """Online DPO measures eval/kl against --ref-model whatever the loss: with a reference-free loss
+    (SimPO) the option is used, not refused as `dpolab dpo` refuses it."""
+    from dpolab.train.online_dpo import OnlineDPOConfig
+
+    OnlineDPOConfig(model=str(tiny_model_dir), data="p.jsonl", reward=["a:b"], loss="simpo",
+                    ref_model=str(tiny_model_dir)).validate()

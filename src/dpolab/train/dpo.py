@@ -17,7 +17,13 @@ from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import PreferenceLossOptions, TrainerOptions, check_loss_options, validate_common
+from dpolab.train.options import (
+    PreferenceLossOptions,
+    TrainerOptions,
+    check_loss_options,
+    check_unused_reference,
+    validate_common,
+)
 
 if TYPE_CHECKING:
     from dpolab.train.engine import Engine
@@ -59,6 +65,7 @@ class DPOConfig(TrainerOptions, PreferenceLossOptions):
     def validate(self) -> None:
         validate_common(self, data_what="a preference data file, folder or hub name")
         check_loss_options(self)
+        check_unused_reference(self)
         if self.ref_update_steps < 0 or not 0 < self.ref_update_alpha <= 1:
             raise ConfigError("--ref-update-steps must be >= 0 and --ref-update-alpha in (0, 1]")
         if self.ref_update_steps and self.precompute_ref:

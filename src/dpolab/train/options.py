@@ -117,7 +117,7 @@ def check_loss_options(cfg) -> None:
     the options the chosen losses read: an unknown name names the closest one; an option no chosen
     loss reads is refused rather than silently ignored; ``beta`` is resolved to the (first) loss's
     own default when one loss is given, so the saved config says what ran."""
-    from dpolab.losses.dpo import LOSS_OPTIONS, LOSS_REGISTRY, loss_defaults, needs_reference
+    from dpolab.losses.dpo import LOSS_OPTIONS, LOSS_REGISTRY, loss_defaults
 
     names = cfg.losses
     if not names:
@@ -141,12 +141,19 @@ def check_loss_options(cfg) -> None:
         cfg.beta = loss_defaults(names[0])["beta"]
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError("--beta must be > 0")
-    if not any(needs_reference(n) for n in names):
+    _probe_loss(cfg)
+
+
+def check_unused_reference(cfg) -> None:
+    """``dpolab dpo``: a reference option with losses that read no reference is refused, not ignored
+    (online DPO keeps its reference for ``eval/kl`` whatever the loss)."""
+    from dpolab.losses.dpo import needs_reference
+
+    if not any(needs_reference(n) for n in cfg.losses):
         for flag in ("ref_model", "ref_update_steps"):
             if getattr(cfg, flag, None):
                 raise ConfigError(f"--{flag.replace('_', '-')} is not used by --loss {cfg.loss}, which needs no "
                                   "reference model")
-    _probe_loss(cfg)
 
 
 def _probe_loss(cfg) -> None:
