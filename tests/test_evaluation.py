@@ -76,6 +76,14 @@ def test_evaluation_rewards_keep_float64_so_close_rewards_are_no_ties():
     assert compute_rewards(lambda p, c: [1e39, 0.0], ["p", "q"], ["a", "b"], dtype=torch.float64)[0] == 1e39
 
 
+def test_a_weighted_sum_of_rewards_beyond_float32_is_the_one_line_error():
+    big = lambda p, c: [3e38] * len(c)  # noqa: E731
+    both = WeightedRewards([("big", big), ("also", big)], [1.0, 2.0])
+    with pytest.raises(DpolabError, match=r"weighted sum of the rewards \(big, also\) is beyond float32's range at "
+                                          r"position 0"):
+        both.score(["p"], ["a"])
+
+
 def test_compute_rewards_accepts_tensors_and_ints():
     out = compute_rewards(lambda p, c: torch.tensor([1, 2]), ["p", "q"], ["a", "b"])
     assert out.tolist() == [1.0, 2.0] and out.dtype == torch.float32

@@ -222,6 +222,11 @@ class WeightedRewards:
         """``(scores (B,), {name: (B,) rewards})``: the weighted sum and each function's values."""
         terms = {name: compute_rewards(fn, prompts, completions, columns, dtype=dtype) for name, fn in self.named}
         total = sum(w * terms[name] for (name, _), w in zip(self.named, self.weights))
+        if not bool(torch.isfinite(total).all()):  # each term is finite: their weighted sum overflowed
+            i = int((~torch.isfinite(total)).nonzero()[0])
+            raise DpolabError(f"the weighted sum of the rewards ({', '.join(n for n, _ in self.named)}) is beyond "
+                              f"{str(dtype).removeprefix('torch.')}'s range at position {i}; scale the rewards or "
+                              "their weights down")
         return total, terms
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
