@@ -53,6 +53,18 @@ def test_determinism_and_exact_resume(tmp_path):
     assert after and _rows(tmp_path / "r") == after
 
 
+def test_resume_from_the_final_checkpoint_logs_the_final_evaluation_once(tmp_path):
+    """The final checkpoint follows the end-of-run evaluation: resuming from it (a crash before
+    summary.json) does not evaluate again, so metrics.jsonl keeps one row of it, as the run had."""
+    out = tmp_path / "a"
+    train(_cfg(tmp_path, "a", seed=2))
+    rows = _rows(out)
+    (out / "summary.json").unlink()
+    summary = train(_cfg(tmp_path, "a", seed=2, resume="latest"))
+    assert _rows(out) == rows and sum("eval/mean_return" in r and r["step"] == 400 for r in rows) == 1
+    assert summary["eval/mean_return"] == rows[-1]["eval/mean_return"]
+
+
 def test_a2c_update_is_one_sgd_step_on_the_masked_a2c_loss():
     """The loop's update, with plain SGD, must move θ by −lr·∇ of the mean A2C loss over all N×T steps,
     recomputed here from scratch (a plain per-column loop for the n-step returns)."""

@@ -165,7 +165,7 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
         save_checkpoint(run_dir, update * per_update, cfg, {"algorithm": algo.name,
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
             "collector": collector.state_dict(), "eval_seconds": eval_seconds, "best": best,
-            "skipped_steps": skipped, **algo.state_dict()})
+            "skipped_steps": skipped, "evaluated_at": evaluated_at, "last_eval": last_eval, **algo.state_dict()})
 
     def run_eval(step: int) -> float:
 
@@ -182,6 +182,8 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
                       dataclasses.asdict(cfg))
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
+    if state is not None:  # the final checkpoint follows the end-of-run evaluation: not evaluated again
+        evaluated_at, last_eval = int(state.get("evaluated_at", -1)), float(state.get("last_eval", math.nan))
     update = start
     signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
     try:
