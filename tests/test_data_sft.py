@@ -61,6 +61,9 @@ def test_chat_loss_starts_after_the_role_header_when_the_generation_prompt_write
     pieces = chat_segments(tok, messages)
     assert "".join(t for t, _ in pieces) == tok.apply_chat_template(messages, tokenize=False)
     assert [t for t, target in pieces if target] == ["hi</s>\n"]
+    for answer in ("<html>ok</html>", "<think>x</think>y"):  # content that starts like the extra block
+        pieces = chat_segments(tok, [messages[0], {"role": "assistant", "content": answer}])
+        assert [t for t, target in pieces if target] == [answer + "</s>\n"], pieces
 
 
 def test_text_rows_train_on_every_token(tiny_tokenizer):

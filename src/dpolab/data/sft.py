@@ -129,6 +129,16 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _turn_header(tokenizer, messages: list[dict], i: int) -> str | None:
+    """The rendering up to where assistant message ``i``'s content starts: the common prefix of the
+    conversation rendered with two different one-letter contents for it (None if a template fails)."""
+    try:
+        a, b = (_render(tokenizer, messages[:i] + [{**messages[i], "content": c}], False) for c in ("a", "b"))
+    except Exception:  # noqa: BLE001 -- a template may reject the stand-in turn
+        return None
+    return os.path.commonprefix([a, b])
+
+
 def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, is_target)`` pieces whose concatenation is the
     chat template's rendering of ``messages``.
@@ -151,8 +161,9 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
                 head = prev
             if head.startswith(prev) and not full.startswith(head):
                 # the generation prompt writes more than a rendered turn's header (e.g. an empty
-                # "<think></think>" block): the header is what the two have in common
-                head = os.path.commonprefix([head, full])
+                # "<think></think>" block): the header ends where two renderings of the turn with
+                # different contents part (a text common prefix with the real content could run into it)
+                head = _turn_header(tokenizer, messages, i) or prev
             if not (head.startswith(prev) and full.startswith(head)):
                 head = prev  # no usable generation prompt: the whole turn is the target
             pieces += [(head[len(prev):], False), (full[len(head):], True)]
