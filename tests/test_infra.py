@@ -74,6 +74,13 @@ def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path
     for text, want in (("name: 7", "7"), ("name: '0.10'", "0.10"), ("name: 'no'", "no")):
         cfg_file.write_text(text + "\n")
         assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").name == want, text
+    for text, number in (("12:30", 750), ("0x1F", 31), ("010", 8), ("1_000", 1000)):  # YAML 1.1 integers
+        cfg_file.write_text(f"name: {text}\n")
+        with pytest.raises(ConfigError, match=rf"c\.yaml:1: 'name' is text, but YAML read '{text}' as the number "
+                                              rf"{number}; put it in quotes"):
+            parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
+    cfg_file.write_text("steps: 0x10\n")  # an integer option takes them as YAML reads them
+    assert type(parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps) is int
 
 
 def test_config_bad_values():

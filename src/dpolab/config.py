@@ -74,7 +74,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
-            if type(value) is int and value in (0, 1):  # YAML `flag: 1`, as the CLI's --flag 1
+            if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # YAML `flag: 1`, as --flag 1
                 return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
                 return value.lower() in ("true", "yes", "1", "on")
@@ -95,6 +95,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 kind = "a boolean" if isinstance(value, bool) else "a number"
                 raise ConfigError(f"'{name}' is text, but YAML read {value!r} as {kind} (the text may differ "
                                   "from what was written); put it in quotes")
+            if isinstance(value, _TextInt) and value.text != str(int(value)):  # 12:30, 0x1F, 010, 1_000
+                raise ConfigError(f"'{name}' is text, but YAML read {value.text!r} as the number {int(value)}; "
+                                  "put it in quotes")
             if not isinstance(value, (str, int)):
                 raise ValueError
             return str(value)
@@ -125,7 +128,7 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         lines = _key_lines(path, text)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -146,10 +149,36 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         if k not in valid:
             raise ConfigError(f"{where}: unknown option '{key}'{suggest(k, list(valid))}")
         try:
-            out[k] = _convert(value, valid[k], k)
+            out[k] = _plain(_convert(value, valid[k], k))
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     return out
+
+
+class _TextInt(int):
+    """An integer YAML read, with the text it was written as (``12:30``, ``0x1F`` and ``010`` are
+    integers in YAML 1.1: as a text option their text would be lost)."""
+
+    text = ""
+
+
+def _construct_int(loader, node):
+    value = _TextInt(yaml.SafeLoader.construct_yaml_int(loader, node))
+    value.text = node.value
+    return value
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    pass
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _TextInt):
+        return int(value)
+    return [_plain(v) for v in value] if isinstance(value, list) else value
 
 
 def _key_lines(path: Path, text: str) -> dict[str, int]:
