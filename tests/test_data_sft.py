@@ -64,6 +64,12 @@ def test_chat_loss_starts_after_the_role_header_when_the_generation_prompt_write
     for answer in ("<html>ok</html>", "<think>x</think>y"):  # content that starts like the extra block
         pieces = chat_segments(tok, [messages[0], {"role": "assistant", "content": answer}])
         assert [t for t, target in pieces if target] == [answer + "</s>\n"], pieces
+    # a template that refuses the stand-in contents the header is found with: the role header is still
+    # context (the common prefix of the generation prompt and the turn)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not m['content'].endswith('.') %}"
+                         "{{ raise_exception('answers end with a period') }}{% endif %}{% endfor %}" + tok.chat_template)
+    pieces = chat_segments(tok, [messages[0], {"role": "assistant", "content": "Hello."}])
+    assert [t for t, target in pieces if target] == ["Hello.</s>\n"], pieces
 
 
 def test_text_rows_train_on_every_token(tiny_tokenizer):

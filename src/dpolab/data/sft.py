@@ -162,8 +162,12 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
             if head.startswith(prev) and not full.startswith(head):
                 # the generation prompt writes more than a rendered turn's header (e.g. an empty
                 # "<think></think>" block): the header ends where two renderings of the turn with
-                # different contents part (a text common prefix with the real content could run into it)
-                head = _turn_header(tokenizer, messages, i) or prev
+                # different contents part (a text common prefix with the real content could run into
+                # it); where the text before the content depends on it (or the template refuses the
+                # stand-ins), the common prefix of the generation prompt and the turn
+                probe = _turn_header(tokenizer, messages, i)
+                head = probe if probe and probe.startswith(prev) and full.startswith(probe) else \
+                    os.path.commonprefix([head, full])
             if not (head.startswith(prev) and full.startswith(head)):
                 head = prev  # no usable generation prompt: the whole turn is the target
             pieces += [(head[len(prev):], False), (full[len(head):], True)]
