@@ -74,7 +74,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # YAML `flag: 1`, as --flag 1
+            if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # `flag: 1`, as --flag 1
                 return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
                 return value.lower() in ("true", "yes", "1", "on")

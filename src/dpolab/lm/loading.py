@@ -44,7 +44,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise DpolabError(f"cannot load tokenizer '{name_or_path}': {_not_local(name_or_path)}{first_line(err)}") from None
+        raise DpolabError(f"cannot load tokenizer '{name_or_path}': "
+                          f"{_not_local(name_or_path)}{first_line(err)}") from None
     if tok.eos_token is None:
         raise DpolabError(f"tokenizer '{name_or_path}' has no EOS token; responses need one")
     if tok.pad_token is None:
@@ -81,7 +82,8 @@ def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_cod
         return auto_cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                         use_safetensors=_has_safetensors(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
-        raise DpolabError(f"cannot load model '{name_or_path}': {_not_local(name_or_path)}{first_line(err)}") from None
+        raise DpolabError(f"cannot load model '{name_or_path}': "
+                          f"{_not_local(name_or_path)}{first_line(err)}") from None
 
 
 def _has_safetensors(name_or_path: str) -> bool | None:

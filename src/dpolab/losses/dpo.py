@@ -68,8 +68,8 @@ __all__ = [
     "bco_pair_loss", "bco_running_delta", "combined_preference_loss", "cpo_loss", "discopop_loss",
     "dpo_loss", "exo_pair_loss", "hinge_loss", "ipo_loss", "is_batch_level", "log_odds", "loss_defaults",
     "nca_pair_loss", "needs_reference", "orpo_loss", "preference_loss", "reference_free_dpo_loss",
-    "robust_dpo_loss", "simpo_loss", "sppo_hard_loss", "unused_options", "validate_loss_options", "wpo_token_log_normalizer",
-    "wpo_weights",
+    "robust_dpo_loss", "simpo_loss", "sppo_hard_loss", "unused_options", "validate_loss_options",
+    "wpo_token_log_normalizer", "wpo_weights",
 ]
 
 

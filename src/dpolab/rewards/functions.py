@@ -70,6 +70,9 @@ def reward_model_function(model, tokenizer, *, batch_size: int = 16, max_length:
     return scorer
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
                     columns: dict[str, list] | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Call ``fn`` and check its answer: one finite real number per completion. Returns (B,) ``dtype``
@@ -115,9 +118,6 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
                               f"range (±{_FLOAT32_MAX:.3g}); scale the reward down")
         values.append(number)
     return torch.tensor(values, dtype=dtype)
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _short(value) -> str:

@@ -128,7 +128,8 @@ class RunDir:
 
         from dpolab.config import config_to_dict
 
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(without_resume(config_to_dict(cfg)), sort_keys=False))
+        text = yaml.safe_dump(without_resume(config_to_dict(cfg)), sort_keys=False)
+        atomic_write_text(self.path / "config.yaml", text)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.create()

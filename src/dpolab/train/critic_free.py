@@ -86,10 +86,11 @@ class CriticFree(OnPolicy):
         for it in range(cfg.num_iterations):
             for m, rows in enumerate(minibatch_rows(s, cfg.mini_batches, seed + 1 + it)):
                 where = f"iteration {it + 1}, mini-batch {m + 1}"
-                passes = row_passes(engine, rows, cfg.micro_batch_size, lambda r: self.weights(mask[r], counted[r])[1], where,
-                                    width=s.gen.width, budget=self.pass_tokens,
+                passes = row_passes(engine, rows, cfg.micro_batch_size,
+                                    lambda r: self.weights(mask[r], counted[r])[1], where, width=s.gen.width, budget=self.pass_tokens,
                                     prompt_of=s.rows if self.shared else None, prompt_width=s.gen.prompt_length)
-                out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask, counted), where=where)
+                out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask, counted),
+                                            where=where)
                 outs.append(out) if out is not None else None
         self.sampler.sync_weights(engine.unwrapped)
         generated = distributed.global_sum(engine.accelerator, [float(s.gen.response_mask.sum()) * s.real])[0]

@@ -194,7 +194,8 @@ class Engine:
         files = algo.checkpoint_files(full)
         state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
-                 "algorithm": algo.state_dict(), "config": vars(self.cfg), "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes}
+                 "algorithm": algo.state_dict(), "config": vars(self.cfg),
+                 "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes}
 
         def write(d: Path) -> None:
             for name, weights in files.items():

@@ -165,7 +165,8 @@ def _probe_loss(cfg) -> None:
     from dpolab.losses.dpo import LOSS_OPTIONS, validate_loss_options
 
     try:
-        validate_loss_options(cfg.losses, rpo_alpha=cfg.rpo_alpha, **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+        validate_loss_options(cfg.losses, rpo_alpha=cfg.rpo_alpha,
+                              **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
     except ValueError as err:
         flags = "|".join((*LOSS_OPTIONS, "rpo_alpha"))
         text = re.sub(rf"\b({flags})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(err))

@@ -80,8 +80,9 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
         try:
             stored = load_file(str(path))
         except Exception as err:  # noqa: BLE001 -- a damaged cache (a killed copy, a full disk) is recomputed
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"reference log-probs: cannot read the cache {path} ({text}); computing them again",
+            from dpolab.lm.loading import first_line
+
+            print(f"reference log-probs: cannot read the cache {path} ({first_line(err)}); computing them again",
                   file=sys.stderr)
             stored = {}
         if all(stored.get(s) is not None and stored[s].shape == (n, 2) for s, n in sizes.items()):
