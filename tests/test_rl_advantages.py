@@ -147,6 +147,21 @@ def test_gae_language_model_masked_rows_equal_unpadded():
         assert torch.all(adv[b, L:] == 0) and torch.all(ret[b, L:] == 0)
 
 
+def test_float64_inputs_keep_gamma_in_float64():
+    # γ = 0.9 is not a float32 number: a float32 γ would be off by 2.4e-8 relative
+    r = torch.tensor([[0.0], [1.0]], dtype=D)
+    v = torch.tensor([[0.0], [1.0]], dtype=D)
+    nv = torch.tensor([[1.0], [0.0]], dtype=D)
+    term = torch.tensor([[False], [True]])
+    exact = dict(rtol=0, atol=1e-15)
+    adv, _ = gae(r, v, nv, term, gamma=0.9, lam=0.8)
+    # δ = (0 + .9·1 − 0, 1 + 0 − 1) = (.9, 0); Â_0 = .9 + .9·.8·0 = .9
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.9, 0.0], dtype=D), **exact)
+    torch.testing.assert_close(discounted_returns(r, None, 0.9)[:, 0], torch.tensor([0.9, 1.0], dtype=D), **exact)
+    g = nstep_returns(r, nv, None, gamma=0.9, n=1)  # r_t + γ·V(s_{t+1})
+    torch.testing.assert_close(g[:, 0], torch.tensor([0.9, 1.0], dtype=D), **exact)
+
+
 def test_gae_rejects_bad_shapes():
     with pytest.raises(ValueError, match="time first"):
         gae(torch.zeros(3), torch.zeros(3), torch.zeros(3), None, gamma=0.9, lam=0.9)

@@ -79,7 +79,7 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor | None = None,
     out = torch.empty_like(rewards)
     running = torch.zeros_like(rewards[0]) if bootstrap is None else bootstrap.to(rewards.dtype).clone()
     for t in range(rewards.shape[0] - 1, -1, -1):
-        running = rewards[t] + gamma * (~dones[t]) * running
+        running = rewards[t] + gamma * (~dones[t]).to(rewards.dtype) * running
         out[t] = running
     return out
 
@@ -110,7 +110,7 @@ def nstep_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated: 
                 break
             g = g + alive * disc * rewards[s]
             last = alive & (end[s] | (k == n - 1) | (s == T - 1))  # the sum stops after step s
-            boot = torch.where(last, disc * gamma * (~term[s]) * next_values[s], boot)
+            boot = torch.where(last, disc * gamma * (~term[s]).to(rewards.dtype) * next_values[s], boot)
             alive = alive & ~last
             disc = disc * gamma
         out[t] = g + boot
@@ -137,7 +137,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
         raise ValueError(f"gae needs gamma and lam in [0, 1], got gamma={gamma}, lam={lam}")
     term, trunc = _flags(terminated, rewards), _flags(truncated, rewards)
     m = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
-    deltas = rewards + gamma * (~term) * next_values - values
+    deltas = rewards + gamma * (~term).to(rewards.dtype) * next_values - values
     carry = gamma * lam * (~(term | trunc)).to(rewards.dtype)
     adv = torch.empty_like(rewards)
     running = torch.zeros_like(rewards[0])
