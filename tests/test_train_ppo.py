@@ -346,3 +346,23 @@ def test_chat_prompts_need_a_chat_template(tiny_tokenizer, tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="no chat template"):
         load_prompts(str(path), tok)
+
+
+@pytest.mark.parametrize(("saved_adaptive", "adaptive", "kl_coef", "expected"), [
+    (False, False, 0.5, 0.5),   # a fixed --kl-coef changed at resume takes effect
+    (True, False, 0.2, 0.2),    # switched to a fixed β
+    (True, True, 0.5, 0.0125),  # the adaptive controller carries its adapted β on
+    (False, True, 0.2, 0.2),    # switched to --adaptive-kl: starts from --kl-coef
+    (None, True, 0.2, 0.0125),  # a checkpoint from before the controller kind was recorded
+])
+def test_resume_keeps_only_an_adaptive_kl_coefficient(saved_adaptive, adaptive, kl_coef, expected):
+    from dpolab.losses.ppo import AdaptiveKLController, FixedKLController
+    from dpolab.train.ppo import PPO, PPOConfig
+
+    algo = object.__new__(PPO)
+    algo.cfg = PPOConfig(model="m", data="d", kl_coef=kl_coef, adaptive_kl=adaptive)
+    algo.kl_ctl = AdaptiveKLController(kl_coef, 6.0) if adaptive else FixedKLController(kl_coef)
+    state = {"kl_coef": 0.0125} if saved_adaptive is None else {"kl_coef": 0.0125, "adaptive_kl": saved_adaptive}
+    algo.load_state_dict(state)
+    assert algo.kl_ctl.beta == expected
+    assert algo.state_dict() == {"kl_coef": expected, "adaptive_kl": adaptive}

@@ -206,10 +206,13 @@ class PPO(ActorCritic):
         }
 
     def state_dict(self):
-        return {"kl_coef": self.kl_ctl.beta}
+        return {"kl_coef": self.kl_ctl.beta, "adaptive_kl": self.cfg.adaptive_kl}
 
     def load_state_dict(self, state):
-        self.kl_ctl.beta = float(state.get("kl_coef", self.cfg.kl_coef))
+        # Only an adaptive controller carries β on; a fixed --kl-coef given at resume takes effect,
+        # and a run switched to --adaptive-kl starts from its --kl-coef.
+        if self.cfg.adaptive_kl and state.get("adaptive_kl", True):
+            self.kl_ctl.beta = float(state.get("kl_coef", self.cfg.kl_coef))
 
 
 def train(cfg: PPOConfig) -> dict:
