@@ -335,6 +335,14 @@ def test_csv_ragged_row_names_row_and_line(tmp_path):
     assert info.value.path == str(path) and info.value.line == 2
 
 
+def test_csv_unclosed_quote_is_an_error_not_one_long_field(tmp_path):
+    # a lenient reader takes everything after the quote as one field: three rows became one
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\na,b,"c\nd,e,f\ng,h,i\n')
+    with pytest.raises(DataError, match=r"d\.csv.*malformed CSV: unexpected end of data"):
+        load_records(str(path))
+
+
 def test_corrupt_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     path.write_bytes(b"PAR1 this is not parquet")

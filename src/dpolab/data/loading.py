@@ -258,7 +258,7 @@ def _read_csv(path: Path, source: str) -> list[Record]:
     text = _decode(_read_bytes(path, source), source)
     if not text.strip(JSON_WHITESPACE):
         raise DataError("file is empty", path=source)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not one long field
     records: list[Record] = []
     try:
         header = next((row for row in reader if row), None)
