@@ -169,6 +169,18 @@ def test_pairs_stay_together_in_the_seeded_eval_split(tiny_tokenizer, tmp_path):
     assert rep["formats"] == {"standard": 20}
 
 
+def test_report_counts_pairs_with_identical_responses(tiny_tokenizer, tmp_path):
+    # such a pair becomes one completion labelled both desirable and undesirable
+    rows = [{"prompt": "the movie was", "completion": " great", "label": True},
+            {"prompt": "the plot", "completion": " dull", "label": False},
+            {"prompt": "x", "chosen": " y", "rejected": " y"},
+            {"prompt": "x", "chosen": " y", "rejected": " z"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = load_unpaired_data(str(path), tiny_tokenizer, eval_fraction=0).report.as_dict()
+    assert (rep["identical"], rep["identical_examples"], rep["from_pairs"]) == (1, [f"{path}:3"], 4)
+
+
 # -- training -----------------------------------------------------------------------------------------
 def test_kto_learns_the_rule_from_pairs_and_final_reloads(tiny_model_dir, tmp_path):
     data = write_rule_data(tmp_path / "prefs.jsonl")

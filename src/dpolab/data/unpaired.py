@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from dpolab.data.loading import Record, load_records, located_error, record_error
 from dpolab.data.preference import (
+    MAX_SKIPPED_EXAMPLES,
     DataReport,
     PreferenceExample,
     TokenizedPair,
@@ -77,7 +78,8 @@ class UnpairedReport(DataReport):
     """:class:`~dpolab.data.preference.DataReport` counting examples (a pair counts two), plus:
     the training split's ``desirable``/``undesirable`` counts, ``from_pairs`` (examples split from pairs,
     both splits), ``eval_pairs`` (implied pairs in the eval split) and ``mismatched_same_prompt``
-    (training rows whose partner happens to share their prompt). ``formats`` counts source rows:
+    (training rows whose partner happens to share their prompt). ``identical`` counts source pairs
+    whose two responses are the same (split into one completion labelled both ways). ``formats`` counts source rows:
     ``unpaired``, ``unpaired_conversational``, or the pair formats of ``load_preference_data``."""
 
     desirable: int = 0
@@ -180,7 +182,7 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
     held = set(random.Random(seed).sample(range(len(records)), n_held))
     eval_rec = (load_records(eval_source, split=eval_split) if eval_source is not None
                 else [r for i, r in enumerate(records) if i in held])
-    splits, formats, parsed_splits = {}, {}, {}
+    splits, formats, parsed_splits, identical = {}, {}, {}, []
     for name, recs in (("train", [r for i, r in enumerate(records) if i not in held]), ("eval", eval_rec)):
         examples = []
         for i, record in enumerate(recs):
@@ -188,6 +190,8 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
             ex = parsed[0].example
             fmt = ex.source_format if len(parsed) == 2 else "unpaired" + "_conversational" * ex.conversational
             formats[fmt] = formats.get(fmt, 0) + 1
+            if len(parsed) == 2 and parsed[0].example.chosen == parsed[1].example.chosen:
+                identical.append(ex.where)  # one completion labelled both desirable and undesirable
             examples += parsed
         parsed_splits[name] = examples
     for name, examples in parsed_splits.items():  # every row checked first: a bad row is said before this
@@ -207,5 +211,6 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
         truncated=sum(r.truncated for r in both), tokens=sum(r.num_tokens for r in both), formats=formats,
         desirable=sum(r.desirable for r in train), undesirable=sum(not r.desirable for r in train),
         from_pairs=sum(r.pair >= 0 for r in both), eval_pairs=len(implied_pairs(evals)),
-        mismatched_same_prompt=sum(r.prompt_ids == train[r.partner].prompt_ids for r in train if r.partner != r.index))
+        mismatched_same_prompt=sum(r.prompt_ids == train[r.partner].prompt_ids for r in train if r.partner != r.index),
+        identical=len(identical), identical_examples=identical[:MAX_SKIPPED_EXAMPLES])
     return UnpairedData(train, evals, report)
