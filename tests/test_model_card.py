@@ -67,3 +67,18 @@ def test_every_trainer_writes_a_model_card(tiny_model_dir, inputs, tmp_path, com
         assert data["base_model"] == str(tiny_model_dir)
         assert any(k.startswith("eval/") for k in metrics), metrics  # every LM trainer evaluated here
     assert f"dpolab {command} --config config.yaml" in card.text and "## Configuration" in card.text
+
+
+@pytest.mark.parametrize("module", ["dpo", "sft", "rm", "ppo", "kto", "grpo", "rloo", "online_dpo"])
+def test_method_section_cites_the_method_paper(module):
+    """The card's Method section is the first paragraph of the trainer module's docstring: it names
+    the paper (authors and year)."""
+    import importlib
+    import re
+
+    from dpolab.runs.model_card import method_text
+
+    mod = importlib.import_module(f"dpolab.train.{module}")
+    algo = next(v for v in vars(mod).values() if isinstance(v, type) and v.__module__ == mod.__name__
+                and isinstance(getattr(v, "name", None), str))
+    assert re.search(r"\w+ (et al\. |& \w+ )?(19|20)\d\d\b", method_text(object.__new__(algo)))

@@ -1,4 +1,5 @@
-"""Direct Preference Optimization and its loss family, on the shared engine (docs/dpo.md).
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) and its loss family, on the
+shared engine (docs/dpo.md).
 
 What is DPO's own: its options, how a batch of pairs becomes per-pair losses (the policy's summed
 response log-probs against the reference's, through a loss of :mod:`dpolab.losses.dpo`), and its

@@ -19,7 +19,7 @@ class OptimizerOptions:
     optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop", "sgd"))
     weight_decay: float = opt(0.0, "weight decay")
     lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = opt(0, "linear warmup steps")
+    warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
     epochs: float = opt(1.0, "passes over the training data")
@@ -279,6 +279,9 @@ class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions,
     """Every option group of an on-policy trainer (PPO, GRPO, RLOO, online DPO), with the defaults they
     share: a constant learning rate, and metrics (with sample completions) at every step."""
 
+    max_steps: int = opt(-1, "steps, each sampling completions then training on them (with one optimizer step or "
+                         "more); overrides --epochs when > 0")
+    epochs: float = opt(1.0, "passes over the prompts")
     lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")

@@ -1,4 +1,5 @@
-"""PPO for language models against a KL-penalised reward (RLHF; docs/rlhf-ppo.md), on the shared engine.
+"""PPO (Schulman et al. 2017, arXiv 1707.06347) for language models against a KL-penalised reward
+(RLHF, Ziegler et al. 2019, arXiv 1909.08593; docs/rlhf-ppo.md), on the shared engine.
 
 Each step: sample one response per prompt (``dpolab.lm.generation``), score it, build per-token
 rewards ``R_t = −β·kl_t`` plus the score on the last real token (Ziegler et al. 2019, arXiv

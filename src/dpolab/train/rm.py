@@ -1,4 +1,5 @@
-"""Bradley-Terry reward-model training (docs/reward-model.md).
+"""Bradley-Terry reward-model training (Bradley & Terry 1952; for language models Ouyang et al. 2022,
+arXiv 2203.02155; docs/reward-model.md).
 
 The model is the LM backbone with a scalar head (:mod:`dpolab.lm.reward_model`); each micro-batch is one
 forward pass, over each pair as one prefix-shared row ``[prompt | chosen | rejected]`` when a check

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of a causal LM (docs/sft.md).
+"""Supervised fine-tuning of a causal LM, the first stage of RLHF (Ouyang et al. 2022, arXiv 2203.02155;
+docs/sft.md).
 
 The loss is the mean negative log-likelihood of the target tokens (completion tokens by default,
 every token with ``--loss-on full``), averaged over all target tokens of an optimizer step's
