@@ -76,6 +76,29 @@ def test_ppo_kl_penalty_hand_values_and_gradient_at_ratio_one():
     torch.testing.assert_close(g, -adv)
 
 
+def test_ppo_kl_penalty_gradient_away_from_ratio_one():
+    """The k3 penalty is differentiated: d/dlogp of −(rA − β((r − 1) − log r)) = −rA + β(r − 1)."""
+    # r = 2, A = 1, β = 0.5: −2·1 + 0.5·(2 − 1) = −1.5 (a detached penalty would give −2);
+    # r = ½, A = −1, β = 2: −½·(−1) + 2·(½ − 1) = 0.5 − 1 = −0.5
+    x = torch.tensor([math.log(2.0)], dtype=D, requires_grad=True)
+    loss, _ = ppo_kl_penalty_loss(x, torch.zeros(1, dtype=D), torch.ones(1, dtype=D), beta=0.5)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([-1.5], dtype=D))
+    x = torch.tensor([-math.log(2.0)], dtype=D, requires_grad=True)
+    loss, _ = ppo_kl_penalty_loss(x, torch.zeros(1, dtype=D), -torch.ones(1, dtype=D), beta=2.0)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([-0.5], dtype=D))
+
+
+def test_ppo_clip_asymmetric_clipfrac_uses_clip_eps_high():
+    # ε = 0.2, ε_high = 0.6: the range is [0.8, 1.6]; r = (0.5, 1.1, 1.5, 1.7):
+    #   0.5 < 0.8 -> 1;  1.1 inside -> 0;  1.5 ≤ 1.6 inside -> 0 (symmetric ε would say 1);  1.7 > 1.6 -> 1
+    ratio = torch.tensor([0.5, 1.1, 1.5, 1.7], dtype=D)
+    _, st = ppo_clip_loss(torch.log(ratio), torch.zeros(4, dtype=D), torch.ones(4, dtype=D), 0.2,
+                          clip_eps_high=0.6)
+    torch.testing.assert_close(st["clipfrac"], torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=D))
+
+
 def test_adaptive_kl_controller_follows_ppo_paper_section_4():
     ctl = AdaptiveKLController(init_beta=1.0, target_kl=0.01)
     assert ctl.update(0.02) == 2.0  # 0.02 > 0.015: double
@@ -85,6 +108,14 @@ def test_adaptive_kl_controller_follows_ppo_paper_section_4():
     assert FixedKLController(0.3).update(10.0) == 0.3
     with pytest.raises(ValueError):
         AdaptiveKLController(1.0, target_kl=0.0)
+
+
+def test_adaptive_kl_controller_lower_boundary_is_inside():
+    """PPO paper section 4 halves β only when d < d_targ/1.5: d = d_targ/1.5 leaves β unchanged."""
+    # d_targ = 0.75, tolerance 1.5: 0.75/1.5 = 0.5, exact in binary floating point
+    ctl = AdaptiveKLController(init_beta=1.0, target_kl=0.75)
+    assert ctl.update(0.5) == 1.0
+    assert ctl.update(0.4999) == 0.5  # just below: 1/2
 
 
 def test_kl_estimators_hand_values_and_unbiasedness():

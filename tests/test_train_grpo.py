@@ -482,3 +482,36 @@ def test_task_command_writes_disjoint_files(tmp_path, capsys):
     from dpolab.rewards.tasks import exact_match
 
     assert exact_match(["p", "q"], [" 19 ", "18"], ["19", "19"]) == [1.0, 0.0]
+
+
+def test_loss_masks_keep_masked_truncations_counted():
+    from dpolab.train.critic_free import loss_masks
+
+    response = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)  # row 3: a stand-in row
+    finished = torch.tensor([True, False, False])  # row 2 was cut at --max-new-tokens
+    mask, counted = loss_masks(response, finished, mask_truncated=False)
+    assert torch.equal(mask, response) and counted.tolist() == [True, True, False]
+    mask, counted = loss_masks(response, finished, mask_truncated=True)
+    assert mask.tolist() == [[True, True, False], [False] * 3, [False] * 3]
+    assert counted.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("cmd", ["grpo", "rloo"])
+def test_missing_eos_penalty_and_masked_truncations_reach_the_step(tiny_model_dir, prompts_file, reward_file,
+                                                                   tmp_path, cmd):
+    """One step each from the same weights and seed, so the same completions: the penalty lowers the
+    logged score by P per truncated completion; masking truncations changes the update."""
+    def run(name, *extra):
+        assert main(_args(cmd, tiny_model_dir, prompts_file, tmp_path / name, "--reward", f"{reward_file}:frac_alpha",
+                          "--num-generations", 4, "--prompts-per-step", 4, "--max-steps", 1,
+                          "--max-new-tokens", 4, *extra)) == 0
+        return _rows(tmp_path / name)[0]
+
+    base, pen, masked = run("base"), run("pen", "--missing-eos-penalty", 0.5), run("masked",
+                                                                                    "--mask-truncated-completions")
+    clipped = base["completions/clipped_ratio"]
+    assert 0 < clipped < 1  # some completions end with EOS, some are cut: both cases are in the step
+    assert pen["completions/clipped_ratio"] == clipped and masked["completions/clipped_ratio"] == clipped
+    assert pen["rewards/mean"] == pytest.approx(base["rewards/mean"] - 0.5 * clipped, abs=1e-6)
+    wb, wm = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("base", "masked"))
+    assert any(not torch.equal(wb[k], wm[k]) for k in wb)

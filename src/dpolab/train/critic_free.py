@@ -51,8 +51,8 @@ class CriticFree(OnPolicy):
 
     # -- the shared step ---------------------------------------------------------------------------
     def step(self, engine, group):
-        import torch
 
+        from dpolab.lm.token_rewards import shape_scores
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
         from dpolab.train.rollouts import (
@@ -73,15 +73,13 @@ class CriticFree(OnPolicy):
         scored_logps = self.needs_old_logps(cfg) and not several
         s = sample_step(engine, cfg, self.prompts, idx, cfg.num_generations, self.rewards, self.sampler, seed=seed,
                         micro=k, with_logps=scored_logps)
-        if cfg.missing_eos_penalty is not None:
-            s.scores = torch.where(s.gen.finished, s.scores, s.scores - cfg.missing_eos_penalty)
+        s.scores = shape_scores(s.scores, s.gen.finished, missing_eos_penalty=cfg.missing_eos_penalty)
         old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size, shared=self.shared)[0] \
             if several or (scored_logps and s.gen.logps is None) else None
         ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size,
                                     shared=self.shared) if self.uses_reference else None
         adv, metrics = self.advantages(s, s.gen.logps if old is None else old, ref)
-        counted = s.gen.response_mask.any(1)  # completions, truncated or not
-        mask = s.gen.response_mask & s.gen.finished[:, None] if cfg.mask_truncated_completions else s.gen.response_mask
+        mask, counted = loss_masks(s.gen.response_mask, s.gen.finished, cfg.mask_truncated_completions)
         outs = []
         for it in range(cfg.num_iterations):
             for m, rows in enumerate(minibatch_rows(s, cfg.mini_batches, seed + 1 + it)):
@@ -121,6 +119,16 @@ class CriticFree(OnPolicy):
 
     def summary(self, engine):
         return {**super().summary(engine), "prefix_sharing": self.shared}
+
+
+def loss_masks(response_mask: torch.Tensor, finished: torch.Tensor,
+               mask_truncated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, counted)``: the (B, T) tokens that enter the loss, and the (B,) completions that count
+    in the number N of a group's completions. ``mask_truncated`` leaves a completion without EOS out
+    of the mask, but it stays counted (its loss is 0, as for Dr. GRPO's constant and the sequence
+    mean: docs/grpo.md)."""
+    counted = response_mask.any(1)
+    return (response_mask & finished[:, None] if mask_truncated else response_mask), counted
 
 
 def resolve_shared_prompts(cfg, engine, prompts) -> bool:
