@@ -51,7 +51,6 @@ class CriticFree(OnPolicy):
 
     # -- the shared step ---------------------------------------------------------------------------
     def step(self, engine, group):
-
         from dpolab.lm.token_rewards import shape_scores
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
