@@ -84,6 +84,18 @@ def test_simpo_hand_value():
     torch.testing.assert_close(rr, t(-6.0), rtol=0, atol=1e-12)   # β·ℓ̄_l
 
 
+def test_simpo_empty_response_length_clamped_to_one():
+    """Docstring: lengths are clamped to ≥ 1, so an empty response (summed log-prob 0) gives ℓ̄ = 0, not 0/0."""
+    # ℓ̄_w = 0/max(0, 1) = 0, ℓ̄_l = −12/4 = −3; β = 2, γ = 1: z = 0 + 6 − 1 = 5 → sp(−5) = ln(1 + e^−5) = 0.0067153485
+    pc = t(0.0).requires_grad_(True)
+    losses, cr, rr = simpo_loss(pc, t(-12.0), t(0.0), torch.tensor([4]), beta=2.0, gamma=1.0)
+    torch.testing.assert_close(losses, t(math.log1p(math.exp(-5.0))), rtol=0, atol=1e-12)
+    torch.testing.assert_close((cr, rr), (t(0.0), t(-6.0)), rtol=0, atol=1e-12)
+    # ∂/∂ log π(y_w) = −β·σ(−z)/1 = −2/(1 + e^5) = −0.0133857018, finite
+    losses.sum().backward()
+    torch.testing.assert_close(pc.grad, t(-2.0 / (1.0 + math.exp(5.0))), rtol=0, atol=1e-12)
+
+
 def test_reference_free_hand_value_and_equals_dpo_with_zero_reference():
     # β(−1 − (−2)) = 0.1 → sp(−0.1)
     losses, cr, rr = reference_free_dpo_loss(t(-1.0), t(-2.0), beta=0.1)

@@ -233,9 +233,11 @@ def test_grpo_token_loss_hand_values_and_clip_fractions():
 
 
 def test_grpo_clip_higher_keeps_the_low_clip_at_eps_low():
-    # DAPO clip-higher, ε_low = 0.2, ε_high = 0.6: the range is [0.8, 1.6]. Row A = −1:
-    #   ρ=0.7 < 0.8, A=−1: −min(−0.7, −0.8) = 0.8, low clip binds -> clipfrac_low 1 (ε_high's 0.4 would say 0)
-    #   ρ=1.5, A=−1: −min(−1.5, −1.5) = 1.5, inside -> 0.   Row A = 1: ρ=1.7 > 1.6 -> clipfrac_high 1, loss −1.6
+    # DAPO clip-higher, ε_low = 0.2, ε_high = 0.6: the range is [0.8, 1.6]. Rows A = (1, −1):
+    #   ρ=1.7, A=1 : −min(1.7, 1.6) = −1.6     high clip binds -> clipfrac_high 1
+    #   ρ=1.5, A=1 : −min(1.5, 1.5) = −1.5     inside          -> 0
+    #   ρ=0.7, A=−1: −min(−0.7, −0.8) = 0.8    low clip binds  -> clipfrac_low 1 (1 − ε_high = 0.4 would say 0)
+    #   ρ=1.5, A=−1: −min(−1.5, −1.5) = 1.5    inside          -> 0
     ratio = t([1.7, 1.5], [0.7, 1.5])
     loss, st = grpo_token_loss(ratio.log(), torch.zeros(2, 2, dtype=D), None, t(1.0, -1.0),
                                eps_low=0.2, eps_high=0.6)

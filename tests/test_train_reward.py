@@ -290,3 +290,15 @@ def test_prefix_sharing_on_and_off_train_the_same(word_model_dir, tmp_path):
     won, woff = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("on", "off"))
     for k in woff:
         torch.testing.assert_close(won[k], woff[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_head_of_another_size_is_one_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from dpolab.errors import DpolabError
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=2)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm2")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(DpolabError, match=r"rm2' has a 2-label head; a reward model needs 1"):
+        load_reward_model(str(tmp_path / "rm2"), tiny_tokenizer, trained=True)

@@ -83,6 +83,13 @@ def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trus
                       trust_remote_code=trust_remote_code, num_labels=1)
     except (KeyError, ValueError) as err:  # no sequence-classification class for this architecture
         raise DpolabError(f"cannot build a reward model from '{name_or_path}': {err}") from None
+    except RuntimeError as err:  # a saved classification head whose size is not num_labels=1
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        from transformers import AutoConfig
+
+        labels = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code).num_labels
+        raise DpolabError(f"'{name_or_path}' has a {labels}-label head; a reward model needs 1") from None
     saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str)]
     if trained and saved_as and not any(a.endswith("ForSequenceClassification") for a in saved_as):
         raise DpolabError(f"'{name_or_path}' is a {saved_as[0]}, not a reward model: its score head would be "
