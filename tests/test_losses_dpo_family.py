@@ -358,6 +358,18 @@ def test_sigmoid_norm_hand_value():
     assert (pc.grad < 0).all() and (pr.grad > 0).all()
 
 
+def test_sigmoid_norm_applies_cdpo_label_smoothing():
+    # docs/dpo.md: sigmoid_norm is cDPO with ε > 0 on the token means. ε = 0.2, β = 0.1, βh̄ = (0.035, −0.125)
+    # as above: 0.8·sp(−z) + 0.2·sp(z) = sp(−z) + 0.2·z (since sp(z) − sp(−z) = z):
+    #   pair 0: sp(−0.035) + 0.007;  pair 1: sp(0.125) − 0.025
+    p = PairLogps(PC, PR, LC, LR, RC, RR)
+    losses, cr, rr = preference_loss("sigmoid_norm", p, beta=0.1, label_smoothing=0.2)
+    close(losses, [0.8 * sp(-0.035) + 0.2 * sp(0.035), 0.8 * sp(0.125) + 0.2 * sp(-0.125)])
+    close(losses, [sp(-0.035) + 0.007, sp(0.125) - 0.025])
+    close(cr, [0.05, -0.1])                                   # rewards do not depend on ε
+    close(rr, [-0.05, 0.1])
+
+
 def test_ipo_token_and_ipo_sum():
     # `ipo` (TRL's) regresses the per-token margin to 1/(2β); `ipo_sum` (the paper's) the summed one.
     # Equal lengths L: ipo's margin is h/L. L = 2, β = 0.1: ((1/2) − 5)² = 20.25, (−1 − 5)² = 36

@@ -231,6 +231,29 @@ def test_a_folder_holding_a_run_is_refused_without_resume(tiny_model_dir, finish
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_checkpoint_of_another_run_does_not_resume_into_a_folder_holding_a_run(tiny_model_dir, finished_run,
+                                                                                    tmp_path, capsys):
+    """(e.g. a copied run folder whose config.yaml still names the original --output-dir) the resumed
+    run would cut that folder's metrics back and overwrite its final/: refused, the folder unchanged."""
+    import shutil
+
+    from dpolab.cli import main
+
+    data, out = finished_run
+    mine, other = (Path(shutil.copytree(out, tmp_path / name)) for name in ("mine", "other"))
+    before = {p.relative_to(mine): p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    ckpt = RunDir(other).resolve_checkpoint("latest")
+    assert main(_dpo(tiny_model_dir, data, mine, "--max-steps", "3", "--resume", str(ckpt))) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {ckpt} is not a checkpoint of --output-dir {mine}, which holds a run of its own" in err, err
+    assert f"--output-dir {other}" in err
+    assert {p.relative_to(mine): p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    # its own checkpoint given as a path, and a branch into a new folder, still resume
+    assert main(_dpo(tiny_model_dir, data, mine, "--max-steps", "3", "--resume",
+                     str(RunDir(mine).resolve_checkpoint("latest")))) == 0
+    assert main(_dpo(tiny_model_dir, data, tmp_path / "branch", "--max-steps", "3", "--resume", str(ckpt))) == 0
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tiny_model_dir, finished_run, tmp_path, capsys):
     from dpolab.cli import main
 

@@ -185,3 +185,18 @@ def test_whiten():
     assert torch.all(out[~m] == 0)
     with pytest.raises(ValueError):
         whiten(xp, torch.zeros_like(m))
+
+
+def test_whiten_default_eps_and_constant_input():
+    # default eps = 1e-8 is inside the root: x = (1, 2, 3, 4) -> (x − 2.5)/√(5/3 + 1e-8); without it the
+    # result moves by ≈ 1.5·½·1e-8/(5/3)^1.5 ≈ 3.5e-9, far above the 1e-14 tolerance
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D)
+    torch.testing.assert_close(whiten(x), (x - 2.5) / (5 / 3 + 1e-8) ** 0.5, rtol=0, atol=1e-14)
+    # all-equal input (a common GRPO/PPO batch): var = 0, so (x − mean)·(0 + eps)^−½ = 0, not 0·∞ = NaN;
+    # shift_mean=False gives back the mean, 3; masked, the same on the selected entries and 0 elsewhere
+    c = torch.full((4,), 3.0, dtype=D)
+    torch.testing.assert_close(whiten(c), torch.zeros(4, dtype=D), rtol=0, atol=0)
+    torch.testing.assert_close(whiten(c, shift_mean=False), c, rtol=0, atol=0)
+    cm = torch.tensor([[3.0, 3.0, 99.0]], dtype=D)
+    m = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    torch.testing.assert_close(whiten(cm, m), torch.zeros(1, 3, dtype=D), rtol=0, atol=0)

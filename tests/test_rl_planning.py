@@ -139,3 +139,20 @@ def test_q_learning_from_start_finds_optimal_start_value():
     Q = q_learning(mdp, 600, np.random.default_rng(1), alpha=0.5, epsilon=0.2)
     start = int(np.argmax(mdp.initial))
     assert Q[start].max() == pytest.approx(v_star[start], abs=1e-3)
+
+
+def test_q_learning_bootstraps_from_available_actions_only():
+    """A masked action never enters the max. s0 -a0-> s1 (r = −1), s0 -a1-> T (r = −5); s1 has only a0,
+    s1 -a0-> T (r = −1); a1 in s1 is unavailable (a zero-reward self-loop row). gamma = 0.5:
+    q*(s1, a0) = −1, q*(s0, a0) = −1 + 0.5·(−1) = −1.5, q*(s0, a1) = −5. Deterministic moves and alpha = 1
+    make each update exact; a max over all of Q(s1) would see the unavailable Q(s1, a1) = 0 and give
+    q(s0, a0) = −1 + 0.5·0 = −1. The unavailable Q(s1, a1) is never explored, so it stays 0."""
+    P = np.zeros((3, 2, 3))
+    P[0, 0, 1] = P[0, 1, 2] = 1.0
+    P[1, 0, 2] = P[1, 1, 1] = 1.0
+    P[2, :, 2] = 1.0
+    mdp = MDP(P, [[-1, -5], [-1, 0], [0, 0]], 0.5, mask=[[1, 1], [1, 0], [1, 1]], initial=0)
+    assert not mdp.mask.all() and mdp.terminal.tolist() == [False, False, True]
+    Q = q_learning(mdp, 50, np.random.default_rng(0), alpha=1.0, epsilon=0.3)
+    np.testing.assert_allclose(Q[:2], [[-1.5, -5.0], [-1.0, 0.0]], rtol=0, atol=1e-12)
+    assert greedy_policy(mdp, q=Q).tolist()[:2] == [0, 0]
