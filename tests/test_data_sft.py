@@ -4,6 +4,7 @@ bad rows, padding, packing and the block-diagonal mask."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -138,6 +139,30 @@ def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path):
                                               {"role": "ASSISTANT", "content": "yo"}]}) + "\n")
     with pytest.raises(DataError, match=r"cased\.jsonl:1: field 'messages\[1\]\.role': role 'ASSISTANT': did you"):
         load_sft_data(str(cased), tiny_tokenizer, max_length=32)
+
+
+@pytest.mark.parametrize("row, forms", [
+    ({"prompt": "a", "completion": "b", "text": "c"}, "'prompt'/'completion' and 'text'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "text": "c"},
+     "'messages' and 'text'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "completion": "c"},
+     "'messages' and 'prompt'/'completion'"),
+])
+def test_a_row_of_two_forms_is_refused_not_half_read(row, forms):
+    with pytest.raises(DataError, match=rf"mem\.jsonl:1: row has both {re.escape(forms)}; give one"):
+        parse_sft(Record(row, "mem.jsonl", 1))
+
+
+def test_csv_rows_of_different_forms_read_each_form(tiny_tokenizer, tmp_path):
+    # a CSV has every column in every row: another form's cells are empty, not absent
+    path = tmp_path / "mixed.csv"
+    path.write_text("text,prompt,completion\nthe whole text,,\n,the movie, was great\n")
+    data = load_sft_data(str(path), tiny_tokenizer, max_length=32, eval_fraction=0)
+    assert data.report.formats == {"text": 1, "completion": 1}
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"text": "the whole text"}\n{"prompt": "the movie", "completion": " was great"}\n')
+    expected = load_sft_data(str(same), tiny_tokenizer, max_length=32, eval_fraction=0)
+    assert [(e.input_ids, e.loss_mask) for e in data.train] == [(e.input_ids, e.loss_mask) for e in expected.train]
 
 
 def test_load_splits_skips_and_reports(tiny_tokenizer, tmp_path):

@@ -98,10 +98,20 @@ def _messages_field(record: Record, name: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+# the row forms and their columns, named as the errors name them
+_FORMS = {"'messages'": ("messages",), "'prompt'/'completion'": ("prompt", "completion"), "'text'": ("text",)}
+
+
 def parse_sft(record: Record) -> tuple[str, tuple]:
     """``("completion", (prompt, completion))``, ``("chat", (messages, loss_from))`` or
     ``("text", (text,))``; :class:`DataError` naming the file, line and field on a bad row."""
     data = {k: v for k, v in record.data.items() if v is not None}  # a Parquet/Arrow column's null: absent
+    given = [form for form, keys in _FORMS.items() if any(data.get(k) not in ("", [], None) for k in keys)]
+    if len(given) > 1:  # one of them would be silently ignored
+        raise record_error(record, f"row has both {given[0]} and {given[1]}; give one of 'prompt' and "
+                           "'completion', 'messages', or 'text'")
+    if given:  # the other forms' columns are empty here (a CSV cell of another row's form)
+        data = {k: v for k, v in data.items() if k in _FORMS[given[0]] or not any(k in f for f in _FORMS.values())}
     if "messages" in data:
         messages = _messages_field(record, "messages")
         if not any(m["role"] == "assistant" for m in messages):
