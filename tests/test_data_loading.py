@@ -151,6 +151,12 @@ def test_unpaired_surrogates_are_refused_by_every_loader(tmp_path):
         parse_sft(first)
     with pytest.raises(DataError, match=rf"s\.jsonl:2: field 'messages\[1\]\.content': {surrogate}"):
         parse_sft(second)
+    role = Record({"messages": [{"role": "us\ud800er", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                  str(path), 3)  # a template renders the role too
+    with pytest.raises(DataError, match=rf"s\.jsonl:3: field 'messages\[0\]\.role': {surrogate}"):
+        parse_sft(role)
+    with pytest.raises(DataError, match=rf"s\.jsonl:3: field 'messages\[0\]\.role': {surrogate}"):
+        render_prompt({"messages": role.data["messages"][:1]}, _ChatTokenizer(), record=role)
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):

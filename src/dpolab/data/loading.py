@@ -65,6 +65,8 @@ def role_problem(role: str) -> str | None:
     """What is wrong with a message's role, or None. An empty role, or a known one spelt with other
     case or spaces (``"Assistant"``, ``"user "``), is refused: roles are compared exactly, by the
     loss mask (which turns are the assistant's) and by chat templates."""
+    if problem := text_problem(role):  # a template renders the role as text
+        return problem
     if not role.strip():
         return "role is empty"
     fixed = role.strip().lower()
