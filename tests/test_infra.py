@@ -20,6 +20,8 @@ class _Cfg:
     steps: int = opt(10, "steps")
     lora: bool = opt(False, "use LoRA")
     name: str | None = opt(None, "optional name")
+    names: list[str] | None = opt(None, "names, comma separated")
+    weights: list[float] | None = opt(None, "weights, comma separated")
 
 
 def test_config_precedence(tmp_path):
@@ -81,6 +83,21 @@ def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path
             parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
     cfg_file.write_text("steps: 0x10\n")  # an integer option takes them as YAML reads them
     assert type(parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps) is int
+
+
+def test_config_list_option_given_one_yaml_scalar(tmp_path):
+    """A list option given one value in YAML is a list of one, checked as a list's items are: text
+    that YAML reads as a boolean, a float or an integer written otherwise asks for quotes."""
+    cfg_file = tmp_path / "c.yaml"
+    for text in ("names: no", "names: 0.10", "names: 12:30", "names: [no]"):
+        cfg_file.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=r"c\.yaml:1: 'names' is text, but YAML read .*put it in quotes"):
+            parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
+    for text, field, want in (("names: a,b", "names", ["a", "b"]), ("names: 7", "names", ["7"]),
+                              ("weights: 0.5", "weights", [0.5]), ("weights: 2", "weights", [2.0]),
+                              ("weights: [1, 0.5]", "weights", [1.0, 0.5])):
+        cfg_file.write_text(text + "\n")
+        assert getattr(parse_config(_Cfg, ["--config", str(cfg_file)], prog="t"), field) == want, text
 
 
 def test_config_bad_values():

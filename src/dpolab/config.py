@@ -68,6 +68,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             (inner, *_) = get_args(base) or (str,)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
+            elif isinstance(value, (bool, int, float)):  # one YAML scalar is a list of one, checked as its item
+                value = [value]
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"'{name}' must be a list, got {value!r}")
             return [_convert(v, inner, name) for v in value]
@@ -219,7 +221,9 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         base, _ = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        help_ = (f.metadata.get("help") or "") + f" (default: {default!r})"
+        help_ = f.metadata.get("help") or ""
+        if "(default" not in help_ and "(required)" not in help_:  # a help text may say it in words
+            help_ += f" (default: {default!r})"
         help_ = help_.replace("%", "%%")
         kwargs: dict[str, Any] = {"help": help_, "dest": f.name}
         if base is bool:
