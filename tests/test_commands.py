@@ -178,6 +178,10 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"prompt": "a\\ud800"}\n', encoding="utf-8")
     assert f"{surrogate}:1: field 'prompt': contains an unpaired UTF-16 surrogate" in err("--data", surrogate)
+    passed = tmp_path / "passed.jsonl"  # a field only copied to the output: said before any sampling
+    passed.write_text('{"prompt": "a"}\n{"prompt": "b", "answer": "x\\ud800"}\n', encoding="utf-8")
+    assert f"{passed}:2: field 'answer': cannot be written to the output as JSON" in err("--data", passed)
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
     assert "exactly one of --data" in err("--data", work / "prompts.jsonl", "--prompt", "a")
     assert "--temperature must be a finite number >= 0 (0: greedy), got -1.0" in err("--prompt", "a", "--temperature", -1)
     assert "--top-p must be in (0, 1], got 0.0" in err("--prompt", "a", "--top-p", 0)

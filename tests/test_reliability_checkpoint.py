@@ -397,3 +397,11 @@ def test_a_run_that_left_no_checkpoint_is_not_sent_to_resume(tiny_model_dir, fin
     assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "1", "--resume", "latest")) == 2
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and "start it again in a new or emptied --output-dir" in err, err
+
+
+def test_atomic_write_leaves_no_file_when_the_text_cannot_be_encoded(tmp_path):
+    from dpolab.runs.rundir import atomic_write_text
+
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(tmp_path / "out.jsonl", "a\ud800")
+    assert list(tmp_path.iterdir()) == []

@@ -176,6 +176,11 @@ def _pass_through(rec) -> dict:
                 raise record_error(rec, f"is also the name '{k}' is kept under in the output; rename one",
                                    field=f"input_{k}")
             out[f"input_{k}"] = rec.data[k]
+    for k, v in out.items():  # checked before any model loads: the output is written after all sampling
+        try:
+            json_line({k: v}).encode("utf-8")
+        except (TypeError, ValueError) as err:  # UnicodeEncodeError: an unpaired surrogate
+            raise record_error(rec, f"cannot be written to the output as JSON: {err}", field=k) from None
     return out
 
 

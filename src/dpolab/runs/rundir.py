@@ -41,10 +41,12 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # also text that cannot be encoded, or Ctrl-C: no temporary file left
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise DpolabError(f"cannot write {path}: {err.strerror or err}") from None
+        if isinstance(err, OSError):
+            raise DpolabError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
 
 
 def check_writable(flag: str, path: str | Path, *, folder: bool = False) -> None:
