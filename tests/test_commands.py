@@ -55,6 +55,23 @@ def _run_gen(capsys, model_dir, *extra) -> list[dict]:
 
 
 # -- generate ------------------------------------------------------------------------------------
+def test_generate_and_eval_say_how_many_prompts_were_cut(tiny_model_dir, work, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "the movie was great fun and the music " * 3}) + "\n"
+                    + json.dumps({"prompt": "a"}) + "\n", encoding="utf-8")
+    out = tmp_path / "g.jsonl"
+    assert main(_gen(tiny_model_dir, "--data", data, "--max-prompt-length", 6, "--output", out)) == 0
+    assert "1 of 2 prompts are longer than --max-prompt-length 6 tokens" in capsys.readouterr().err
+    assert _read_jsonl(out)[0]["prompt"] == "the movie was great fun and the music " * 3  # the whole text
+    reward = tmp_path / "r.py"
+    reward.write_text("def f(prompts, completions):\n    return [0.0] * len(completions)\n")
+    assert main(["eval", "--models", str(tiny_model_dir), "--data", str(data), "--reward", f"{reward}:f",
+                 "--max-prompt-length", "6", "--max-new-tokens", "2", "--no-progress", "--bootstrap", "0",
+                 "--output", str(tmp_path / "e.json")]) == 0
+    assert "1 of 2 prompts are longer than --max-prompt-length 6 tokens" in capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["models"][0]["truncated_prompts"] == 1
+
+
 def test_generate_from_file_passes_fields_through_and_is_seeded(tiny_model_dir, work, tmp_path, monkeypatch):
     out = tmp_path / "a.jsonl"
     assert main(_gen(tiny_model_dir, "--data", work / "prompts.jsonl", "--num-samples", 3, "--seed", 1,
@@ -257,9 +274,9 @@ def test_eval_json_has_every_field_and_the_plot_is_a_png(evaluation):
     assert (res["prompts"], res["num_samples"], res["completions"]) == (8, 4, 32)
     keys = {"model", "label", "reward", "reward_std", "reward_sem", "reward_ci90", "kl", "kl_std", "kl_sem",
             "kl_ci90", "response_length", "eos_fraction", "win_rate", "win_rate_sem", "win_rate_ci90", "wins",
-            "ties", "losses"}
+            "ties", "losses", "truncated_prompts"}
     for m in res["models"]:
-        assert set(m) == keys
+        assert set(m) == keys and m["truncated_prompts"] == 0
         assert m["reward_ci90"][0] <= m["reward"] <= m["reward_ci90"][1]
         assert 1 <= m["response_length"] <= 8 and 0 <= m["eos_fraction"] <= 1
         assert m["wins"] + m["ties"] + m["losses"] == 32

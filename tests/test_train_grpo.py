@@ -515,3 +515,13 @@ def test_missing_eos_penalty_and_masked_truncations_reach_the_step(tiny_model_di
     assert pen["rewards/mean"] == pytest.approx(base["rewards/mean"] - 0.5 * clipped, abs=1e-6)
     wb, wm = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("base", "masked"))
     assert any(not torch.equal(wb[k], wm[k]) for k in wb)
+
+
+def test_dry_run_reports_truncated_evaluation_prompts(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "the movie was great fun and the music " * (i + 1)}) + "\n"
+                            for i in range(3)) + json.dumps({"prompt": "a"}) + "\n")
+    assert main(_args("grpo", tiny_model_dir, prompts_file, tmp_path / "run", "--reward", f"{reward_file}:frac_alpha",
+                      "--eval-data", long, "--eval-prompts", 4, "--max-prompt-length", 6, "--dry-run")) == 0
+    report = json.loads(capsys.readouterr().out)["data"]
+    assert (report["eval_prompts"], report["eval_truncated"]) == (4, 3)

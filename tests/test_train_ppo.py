@@ -279,12 +279,12 @@ def test_prompt_truncation_keeps_the_end_and_the_bos(tiny_tokenizer):
     text = "the plot was clever and the music was wonderful"
     plain = tok(text, add_special_tokens=False).input_ids
     assert len(plain) > 4
-    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=4)
-    assert ids == [bos] + plain[-3:] and truncated == 1
-    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=100)
-    assert ids == [bos] + plain and truncated == 0
-    (ids,), truncated = tokenize_prompts([text], tok, max_prompt_length=1)
-    assert ids == [bos] and truncated == 1  # never more than --max-prompt-length tokens
+    (ids,), cut = tokenize_prompts([text], tok, max_prompt_length=4)
+    assert ids == [bos] + plain[-3:] and cut == [True]
+    (ids,), cut = tokenize_prompts([text], tok, max_prompt_length=100)
+    assert ids == [bos] + plain and cut == [False]
+    (ids,), cut = tokenize_prompts([text], tok, max_prompt_length=1)
+    assert ids == [bos] and cut == [True]  # never more than --max-prompt-length tokens
 
 
 def test_chat_prompts_are_sampled_with_the_ids_they_are_trained_on(tiny_tokenizer):

@@ -32,6 +32,7 @@ from dpolab.commands.generate import (
     json_line,
     jsonable,
     load_model,
+    note_truncated,
     parse_command,
     progress_bar,
     read_prompt_rows,
@@ -239,12 +240,13 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         for name, _ in entries:
             check_vocabulary(name, tokenizers[name], reference, tokenizers[reference])
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
-    for name, (_, ids) in prompts.items():
+    for name, (_, ids, cut) in prompts.items():
         check_room(cfg, max(map(len, ids)), model=name)
+        note_truncated(cut, len(ids), cfg.max_prompt_length, model=name if len(prompts) > 1 else "")
     from dpolab.data.prompts import PromptData
     from dpolab.train.on_policy import check_reward_fields
 
-    rows_data = PromptData(*prompts[entries[0][0]], cfg.data, 0, [rec.where for rec in records],
+    rows_data = PromptData(*prompts[entries[0][0]][:2], cfg.data, 0, [rec.where for rec in records],
                            [extra_fields(rec.data) for rec in records])
     if reward_fn is not None:  # a field a reward needs, missing from a row, fails before sampling
         check_reward_fields(reward_fn, rows_data)
@@ -253,7 +255,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     raw = []
     for name, label in entries:
         model = ref_model if name == reference else load_model(name, cfg, device)
-        texts, ids = prompts[name]
+        texts, ids, _ = prompts[name]
         raw.append(_sample_and_score(model, tokenizers[name], texts, ids, ref_model, reward_fn, cfg, label, rows_data))
         if model is not ref_model:
             del model
@@ -266,7 +268,8 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         row = {"model": name, "label": label, **describe(r["rewards"], "reward", cfg)}
         row.update(describe(r["kl"], "kl", cfg) if r["kl"] is not None else
                    {"kl": None, "kl_std": None, "kl_sem": None, "kl_ci90": None})
-        row.update(response_length=float(r["lengths"].mean()), eos_fraction=float(r["finished"].mean()))
+        row.update(response_length=float(r["lengths"].mean()), eos_fraction=float(r["finished"].mean()),
+                   truncated_prompts=prompts[name][2])
         row.update(win_stats(r["rewards"], base["rewards"], cfg))
         models.append(row)
     n, k = len(records), cfg.num_samples

@@ -184,21 +184,25 @@ def _pass_through(rec) -> dict:
     return out
 
 
-def render_prompts(records: list, tokenizer, max_prompt_length: int | None) -> tuple[list[str], list[list[int]]]:
-    """(texts, token ids) of prompt rows in the formats of ``dpolab.data.prompts`` (``prompt`` or
-    ``messages``); a bad row raises a ``DataError`` naming its file, line and field."""
+def render_prompts(records: list, tokenizer,
+                   max_prompt_length: int | None) -> tuple[list[str], list[list[int]], int]:
+    """(texts, token ids, how many were cut to ``max_prompt_length``) of prompt rows in the formats
+    of ``dpolab.data.prompts`` (``prompt`` or ``messages``); a bad row raises a ``DataError`` naming
+    its file, line and field."""
     from dpolab.data.prompts import render_prompt, tokenize_prompts
 
     rendered = [render_prompt(rec.data, tokenizer, record=rec) for rec in records]
     texts = [text for text, _ in rendered]
-    ids, _ = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
-    return texts, ids
+    ids, cut = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
+    return texts, ids, sum(cut)
 
 
-def text_prompts(texts: list[str], tokenizer, max_prompt_length: int | None) -> list[list[int]]:
-    from dpolab.data.prompts import tokenize_prompts
-
-    return tokenize_prompts(list(texts), tokenizer, max_prompt_length=max_prompt_length)[0]
+def note_truncated(cut: int, total: int, max_prompt_length: int | None, model: str = "") -> None:
+    """Say on stderr how many prompts the model saw only the end of (the outputs keep the whole text)."""
+    if cut:
+        print(f"dpolab: {cut} of {total} prompts are longer than --max-prompt-length {max_prompt_length} tokens"
+              f"{' for ' + model if model else ''}: the model is given their last {max_prompt_length} "
+              "(the outputs' prompt is the whole text)", file=sys.stderr)
 
 
 # -- seeded sampling -----------------------------------------------------------------------------
@@ -301,6 +305,7 @@ def json_line(row: dict) -> str:
 # -- the command ---------------------------------------------------------------------------------
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     """The completion rows of ``cfg`` (see the module docstring), prompt-major."""
+    from dpolab.data.prompts import tokenize_prompts
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.loading import load_tokenizer
     from dpolab.train.on_policy import check_room
@@ -310,11 +315,13 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if records is not None:
-        texts, ids = render_prompts(records, tokenizer, cfg.max_prompt_length)
+        texts, ids, cut = render_prompts(records, tokenizer, cfg.max_prompt_length)
         extras = [_pass_through(rec) for rec in records]
     else:
         texts = list(cfg.prompt)
-        ids, extras = text_prompts(texts, tokenizer, cfg.max_prompt_length), [{} for _ in texts]
+        ids, cut_rows = tokenize_prompts(texts, tokenizer, max_prompt_length=cfg.max_prompt_length)
+        extras, cut = [{} for _ in texts], sum(cut_rows)
+    note_truncated(cut, len(texts), cfg.max_prompt_length)
     check_room(cfg, max(map(len, ids)))
     model = load_model(cfg.model, cfg, device)
 

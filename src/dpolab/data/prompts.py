@@ -33,15 +33,17 @@ class PromptData:
     truncated: int = 0
     locations: list[str] = field(default_factory=list)
     extras: list[dict] = field(default_factory=list)  # each row's other fields (e.g. a reference answer)
+    cut: list[bool] = field(default_factory=list)  # which rows lost their start to max_prompt_length
     _common: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, rows: list[int]) -> PromptData:
+        cut = [self.cut[i] for i in rows] if self.cut else []
         return PromptData([self.texts[i] for i in rows], [self.ids[i] for i in rows], self.source,
-                          0, [self.locations[i] for i in rows] if self.locations else [],
-                          [self.extras[i] for i in rows] if self.extras else [])
+                          sum(cut), [self.locations[i] for i in rows] if self.locations else [],
+                          [self.extras[i] for i in rows] if self.extras else [], cut)
 
     def columns(self, rows: list[int]) -> dict[str, list]:
         """The other fields of ``rows``, one list per field that every row of the data holds (reward
@@ -127,11 +129,12 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def tokenize_prompts(texts: list[str], tokenizer, *, max_prompt_length: int | None = None) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (see the module docstring) and how many were truncated."""
+def tokenize_prompts(texts: list[str], tokenizer, *,
+                     max_prompt_length: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each prompt (see the module docstring) and whether each was truncated."""
     prefix = special_prefix(tokenizer)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    out, truncated = [], 0
+    out, cut = [], []
     for text in texts:
         head = list(prefix)
         body = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -139,11 +142,13 @@ def tokenize_prompts(texts: list[str], tokenizer, *, max_prompt_length: int | No
             body = body[len(head):]
         if not head and not body:
             body = [start]
-        if max_prompt_length is not None and len(head) + len(body) > max_prompt_length:
+        too_long = max_prompt_length is not None and len(head) + len(body) > max_prompt_length
+        if too_long:
             keep = max(max_prompt_length - len(head), 0 if head else 1)
-            body, truncated = body[len(body) - keep:], truncated + 1
+            body = body[len(body) - keep:]
+        cut.append(too_long)
         out.append(head + body)
-    return out, truncated
+    return out, cut
 
 
 def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None,
@@ -162,5 +167,5 @@ def load_prompts(source: str, tokenizer, *, max_prompt_length: int | None = None
         texts.append(render_prompt(rec.data, tokenizer, record=rec)[0])
         where.append(rec)
         extras.append(extra_fields(rec.data))
-    ids, truncated = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
-    return PromptData(texts, ids, str(source), truncated, [r.where for r in where], extras)
+    ids, cut = tokenize_prompts(texts, tokenizer, max_prompt_length=max_prompt_length)
+    return PromptData(texts, ids, str(source), sum(cut), [r.where for r in where], extras, cut)

@@ -110,7 +110,8 @@ def open_run(cfg, name: str):
     rewards = reward_function(cfg, accelerator.device)
     check_reward_fields(rewards, prompts)
     eval_set = eval_prompt_set(cfg, prompts, tokenizer, rewards)
-    report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0}
+    report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0,
+              "eval_truncated": eval_set[3] if eval_set is not None else 0}
     if cfg.dry_run:
         rows = list(range(min(2, len(prompts))))
         probe = compute_rewards(rewards, [prompts.texts[i] for i in rows], [""] * len(rows), prompts.columns(rows))
@@ -216,10 +217,10 @@ def check_reward_fields(rewards, prompts) -> None:
 
 
 def eval_prompt_set(cfg, prompts, tokenizer,
-                    rewards=None) -> tuple[list[str], list[list[int]], dict[str, list]] | None:
-    """(texts, ids, other columns) of the evaluation prompts: ``--eval-data`` (its rows checked to
-    hold the fields ``rewards`` take), else a seeded sample of the training prompts; None with
-    ``--eval-prompts 0``."""
+                    rewards=None) -> tuple[list[str], list[list[int]], dict[str, list], int] | None:
+    """(texts, ids, other columns, how many were cut to ``--max-prompt-length``) of the evaluation
+    prompts: ``--eval-data`` (its rows checked to hold the fields ``rewards`` take), else a seeded
+    sample of the training prompts; None with ``--eval-prompts 0``."""
     import torch
 
     if cfg.eval_prompts == 0:
@@ -236,7 +237,8 @@ def eval_prompt_set(cfg, prompts, tokenizer,
         data = prompts
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
         rows = perm[:cfg.eval_prompts]
-    return [data.texts[i] for i in rows], [data.ids[i] for i in rows], data.columns(rows)
+    return ([data.texts[i] for i in rows], [data.ids[i] for i in rows], data.columns(rows),
+            sum(data.cut[i] for i in rows) if data.cut else 0)
 
 
 def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, batch_size: int) -> dict[str, float]:
@@ -246,7 +248,7 @@ def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, bat
 
     if eval_set is None:
         return {}
-    texts, ids, columns = eval_set
+    texts, ids, columns, _ = eval_set
     return evaluate_policy(policy, tokenizer, texts, ids, reward_fn, ref_model=ref_model,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, seed=cfg.seed + 7919, batch_size=batch_size, columns=columns,
