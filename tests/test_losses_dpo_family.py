@@ -227,6 +227,21 @@ def test_bco_running_delta_is_the_mean_of_all_rewards_seen():
         bco_running_delta(0.0, -1, t(1.0), t(1.0))
 
 
+def test_bco_running_delta_empty_batch_leaves_delta_and_count():
+    # no rewards this step: (count·δ + 0)/(count + 0) = δ, count unchanged
+    empty = torch.zeros(0, dtype=D)
+    delta, count = bco_running_delta(1.25, 8, empty, empty)
+    assert count == 8 and not delta.requires_grad
+    close(delta, 1.25)
+    delta, count = bco_running_delta(0.0, 0, empty, empty)  # before any step: still 0.0, 0
+    assert count == 0
+    close(delta, 0.0)
+    # and the next non-empty step averages as if the empty one never happened: (8·1.25 + 2)/10 = 1.2
+    delta, count = bco_running_delta(*bco_running_delta(1.25, 8, empty, empty), t(1.0), t(1.0))
+    assert count == 10
+    close(delta, 1.2)
+
+
 def test_bco_pair_needs_delta_through_the_registry():
     p = PairLogps(PC, PR, LC, LR, RC, RR)
     with pytest.raises(ValueError, match="bco_delta"):

@@ -150,6 +150,30 @@ def test_clipped_value_loss_hand_values():
     torch.testing.assert_close(loss, value_loss(v, torch.ones(3, dtype=D)))
 
 
+def test_reinforce_weights_and_value_returns_are_detached():
+    """Ψ_t and G_t may come with a graph (an advantage from the critic): the losses cut it, so
+    ∂/∂logp (−logp·Ψ) = −Ψ and ∂/∂V (V − G)² = 2(V − G) only, and Ψ, G get no gradient."""
+    logp = torch.tensor([-0.5, -2.0], dtype=D, requires_grad=True)
+    psi = torch.tensor([2.0, -1.0], dtype=D, requires_grad=True)
+    reinforce_loss(logp, psi).sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([-2.0, 1.0], dtype=D))  # −Ψ
+    assert psi.grad is None
+    v = torch.tensor([1.0, 0.5], dtype=D, requires_grad=True)
+    g = torch.tensor([3.0, 0.0], dtype=D, requires_grad=True)
+    value_loss(v, g).sum().backward()
+    torch.testing.assert_close(v.grad, torch.tensor([-4.0, 1.0], dtype=D))  # 2(1 − 3), 2(0.5 − 0)
+    assert g.grad is None
+    # through A2C too: Â and G built from the same critic value get no gradient from L
+    logp2 = torch.tensor([-0.5], dtype=D, requires_grad=True)
+    v2 = torch.tensor([1.0], dtype=D, requires_grad=True)
+    returns = 3.0 + 0 * v2            # G = 3, but on v2's graph
+    adv = returns - v2                # Â = 2, on v2's graph
+    loss, _ = a2c_loss(logp2, adv, v2, returns, torch.zeros(1, dtype=D), vf_coef=0.5)
+    loss.sum().backward()
+    torch.testing.assert_close(logp2.grad, torch.tensor([-2.0], dtype=D))  # −Â
+    torch.testing.assert_close(v2.grad, torch.tensor([-2.0], dtype=D))     # 0.5·2(1 − 3)
+
+
 def test_entropy_and_pg_losses_hand_values():
     # uniform over 4: H = log 4; logits (0, log 3) -> p = (1/4, 3/4): H = −(.25 log .25 + .75 log .75) = 0.562335
     assert entropy_from_logits(torch.zeros(4, dtype=D)).item() == pytest.approx(math.log(4))

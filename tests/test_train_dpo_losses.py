@@ -63,6 +63,37 @@ def test_wpo_weights_scale_each_pair_loss(tiny_model_dir, rule_data, tmp_path):
     assert first["loss"] == pytest.approx(math.log(2) * first["wpo/weight"], rel=1e-5)
 
 
+def test_wpo_pair_losses_weight_recomputed_from_the_logits(tiny_model):
+    """The trainer's WPO weight (:func:`pair_losses` with ``wpo``) against one recomputed here from
+    each unpadded row's own logits z_t: a_t = log softmax(z_t)[y_t] − log Σ_v softmax(z_t)_v²
+    (docs/dpo.md, WPO eq. 2), w = exp(mean_t a_t(chosen) + mean_t a_t(rejected)). The reference is
+    the policy itself, so each DPO pair loss is ln 2 · w."""
+    from dpolab.data.collate import collate_preference
+    from dpolab.data.preference import TokenizedPair
+    from dpolab.train.dpo import DPOConfig
+    from dpolab.train.pair_layout import pair_losses
+
+    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12], 0, False), TokenizedPair([5, 13], [14], [15, 16], 1, False)]
+
+    def direct(prompt, response):  # (Σ_t log π(y_t), Σ_t a_t, |y|) of one row, unpadded
+        ids = torch.tensor([prompt + response])
+        z = tiny_model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()  # the positions predicting y
+        logp = torch.log_softmax(z, -1)[torch.arange(len(response)), torch.tensor(response)]
+        log_sq = torch.log((torch.softmax(z, -1) ** 2).sum(-1))
+        return logp.sum(), (logp - log_sq).sum(), len(response)
+
+    with torch.no_grad():
+        chosen = [direct(p.prompt_ids, p.chosen_ids) for p in pairs]
+        rejected = [direct(p.prompt_ids, p.rejected_ids) for p in pairs]
+        ref = (torch.stack([c[0] for c in chosen]).float(), torch.stack([r[0] for r in rejected]).float())
+        cfg = DPOConfig(model="m", data="d", wpo=True)
+        losses, stats = pair_losses(cfg, tiny_model, collate_preference(pairs, 0), ref)
+    w = torch.stack([torch.exp(c[1] / c[2] + r[1] / r[2]) for c, r in zip(chosen, rejected)])
+    assert ((w - 1).abs() > 1e-3).all()  # not the trivial weight
+    torch.testing.assert_close(losses.double(), math.log(2) * w, rtol=1e-5, atol=0)
+    assert stats["wpo/weight"] == pytest.approx(w.mean().item(), rel=1e-5)
+
+
 def test_token_log_sq_norms_and_their_sums_in_both_layouts(tiny_model, tiny_tokenizer):
     from dpolab.data.collate import collate_preference, collate_prefix_shared
     from dpolab.data.preference import TokenizedPair
