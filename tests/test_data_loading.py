@@ -341,6 +341,19 @@ def test_csv_ragged_row_names_row_and_line(tmp_path):
     assert info.value.path == str(path) and info.value.line == 2
 
 
+def test_a_key_given_twice_in_a_row_is_an_error(tmp_path):
+    # JSON parsers keep the last value: the first would be lost without a word
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "x", "chosen": " y", "rejected": " z"}\n'
+                    '{"prompt": "x", "chosen": " y", "rejected": " z", "chosen": " w"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: key 'chosen' given twice in one object"):
+        load_records(str(path))
+    whole = tmp_path / "d.json"
+    whole.write_text('[{"prompt": "x", "meta": {"a": 1, "a": 2}}]')
+    with pytest.raises(DataError, match=r"d\.json: key 'a' given twice"):
+        load_records(str(whole))
+
+
 def test_csv_unclosed_quote_is_an_error_not_one_long_field(tmp_path):
     # a lenient reader takes everything after the quote as one field: three rows became one
     path = tmp_path / "d.csv"

@@ -190,11 +190,26 @@ def _decode(data: bytes, source: str) -> str:
         raise DataError(f"not valid UTF-8 (byte {exc.start})", path=source, line=line) from exc
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def _parse_json(text: str, source: str, *, line: int | None = None) -> Any:
     """``json.loads`` with errors located: at ``line`` for one JSONL line, else at the error's
     own line in the file."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise DataError(f"key '{exc.args[0]}' given twice in one object (one value would be lost)", path=source,
+                        line=line) from None
     except json.JSONDecodeError as exc:
         hint = ""
         if exc.msg == "Extra data" and line is None:
