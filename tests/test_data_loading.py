@@ -226,6 +226,13 @@ def test_folder_of_data_files_uses_the_real_load_dataset(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
     records = load_records(str(tmp_path / "data"))
     assert datas(records) == ROWS and [r.line for r in records] == [1, 2, 3]
+    # a bad line in one of its files: the reason datasets wraps in its own error is in the message
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": x\n')
+    with pytest.raises(DataError, match=r"bad: cannot load dataset .*; ArrowInvalid: JSON parse error.*\(give the "
+                                        r"data file itself") as info:
+        load_records(str(tmp_path / "bad"))
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,9 +341,15 @@ def _read_hub(source: str, split: str) -> list[Record]:
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # noqa: BLE001 -- network, missing repo, bad split: all user-fixable
-        where = "" if Path(source).expanduser().exists() else "not a local file or folder, and "
-        raise DataError(f"{where}cannot load dataset (split '{split}') with datasets.load_dataset: "
-                        f"{type(exc).__name__}: {exc}", path=source) from exc
+        local = Path(source).expanduser().exists()
+        where = "" if local else "not a local file or folder, and "
+        cause, seen = exc, [exc]  # datasets wraps the reason (e.g. a bad line of one file) in its own error
+        while (cause := cause.__cause__ or cause.__context__) is not None and cause not in seen:
+            seen.append(cause)
+        detail = "; ".join(f"{type(c).__name__}: {' '.join(str(c).split())}" for c in seen[:3] if str(c).strip())
+        hint = " (give the data file itself for an error located to its line)" if local and len(seen) > 1 else ""
+        raise DataError(f"{where}cannot load dataset (split '{split}') with datasets.load_dataset: {detail}{hint}",
+                        path=source) from exc
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"expected a map-style datasets.Dataset for split '{split}', got "
                         f"{type(ds).__name__}", path=source)
