@@ -361,6 +361,17 @@ def test_a_key_given_twice_in_a_row_is_an_error(tmp_path):
         load_records(str(whole))
 
 
+def test_a_missing_field_names_the_fields_the_row_has():
+    from dpolab.data.sft import parse_sft
+
+    with pytest.raises(DataError, match=r"d\.csv row 1: field 'chosen': missing \(did you mean ' chosen'\?\)"):
+        parse_preference(Record({"prompt": "a", " chosen": "b", " rejected": "c"}, "d.csv", 1, "row"))
+    with pytest.raises(DataError, match=r"d\.jsonl:4: field 'rejected': missing \(the row has 'prompt', 'chosen'\)"):
+        parse_preference(Record({"prompt": "a", "chosen": "b"}, "d.jsonl", 4))
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'text': is null"):  # not "unrecognised row"
+        parse_sft(Record({"text": None}, "s.jsonl", 2))
+
+
 def test_csv_unclosed_quote_is_an_error_not_one_long_field(tmp_path):
     # a lenient reader takes everything after the quote as one field: three rows became one
     path = tmp_path / "d.csv"

@@ -57,6 +57,16 @@ def record_error(record: Record, message: str, *, field: str | None = None) -> D
     return located_error(record.path, record.line, record.unit, message, field=field)
 
 
+def missing(record: Record, name: str) -> str:
+    """"missing", with the fields the row has (a close one named: a CSV header's ``' chosen'``)."""
+    import difflib
+
+    have = [k for k in record.data if isinstance(k, str)]
+    close = difflib.get_close_matches(name, have, n=1, cutoff=0.7)
+    shown = ", ".join(map(repr, have[:12])) + (", ..." if len(have) > 12 else "")
+    return f"missing (did you mean {close[0]!r}?)" if close else f"missing (the row has {shown or 'no field'})"
+
+
 # Roles real chat datasets use; another role is kept as given (a template may know it).
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
 

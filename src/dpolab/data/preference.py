@@ -29,7 +29,15 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import Record, load_records, located_error, record_error, role_problem, text_problem
+from dpolab.data.loading import (
+    Record,
+    load_records,
+    located_error,
+    missing,
+    record_error,
+    role_problem,
+    text_problem,
+)
 from dpolab.errors import ConfigError, DataError
 
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|assistant|>\n", "<|im_start|>assistant\n",
@@ -140,7 +148,7 @@ def _value(record: Record, name: str, *, required: bool = True):
     value = record.data.get(name)
     if value is None:
         if required or name in record.data:  # a null optional field is an error too, not "absent"
-            raise record_error(record, "missing" if name not in record.data else "is null",
+            raise record_error(record, missing(record, name) if name not in record.data else "is null",
                                field=name)
         return None
     if isinstance(value, str):

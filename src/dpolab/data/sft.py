@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpolab.data.loading import Record, load_records, record_error, role_problem, text_problem
+from dpolab.data.loading import Record, load_records, missing, record_error, role_problem, text_problem
 from dpolab.data.preference import eval_count, special_ids
 from dpolab.errors import ConfigError, DataError
 
@@ -77,8 +77,10 @@ class PackedRow:
 def _text_field(record: Record, name: str) -> str:
     value = record.data.get(name)
     if not isinstance(value, str):
-        got = "missing" if name not in record.data else ("null" if value is None else type(value).__name__)
-        raise record_error(record, f"must be a string, got {got}", field=name)
+        if name not in record.data:
+            raise record_error(record, missing(record, name), field=name)
+        raise record_error(record, f"must be a string, got {'null' if value is None else type(value).__name__}",
+                           field=name)
     if problem := text_problem(value):
         raise record_error(record, problem, field=name)
     return value
@@ -131,6 +133,9 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
         if not text:  # it would train on nothing (its only token, EOS, is the first)
             raise record_error(record, "is empty: a 'text' row needs text to train on", field="text")
         return "text", (text,)
+    nulls = [k for k in ("messages", "prompt", "completion", "text") if k in record.data]
+    if nulls:  # only null fields of a known form
+        raise record_error(record, "is null", field=nulls[0])
     raise record_error(record, f"unrecognised SFT row with fields {sorted(data)}; expected 'prompt' and "
                        "'completion', 'messages', or 'text'")
 

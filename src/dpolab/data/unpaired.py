@@ -29,7 +29,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from dpolab.data.loading import Record, load_records, located_error, record_error
+from dpolab.data.loading import Record, load_records, located_error, missing, record_error
 from dpolab.data.preference import (
     MAX_SKIPPED_EXAMPLES,
     DataReport,
@@ -108,11 +108,12 @@ def parse_unpaired(record: Record, pair: int = -1) -> list[UnpairedExample]:
     if isinstance(label, str) and record.path.lower().endswith((".csv", ".csv.gz")) and label.lower() in ("true", "false"):
         label = label.lower() == "true"  # CSV cells are strings
     if not isinstance(label, bool):
-        got = "missing" if "label" not in data else f"got {label!r} ({type(label).__name__})"
+        got = missing(record, "label") if "label" not in data else f"got {label!r} ({type(label).__name__})"
         raise record_error(record, f"must be true (desirable) or false (undesirable): {got}", field="label")
     completion = data.get("completion")
     if completion is None:
-        raise record_error(record, "missing" if "completion" not in data else "is null", field="completion")
+        raise record_error(record, missing(record, "completion") if "completion" not in data else "is null",
+                           field="completion")
     if isinstance(completion, str) and data.get("prompt") is None:
         raise record_error(record, ("is null" if "prompt" in data else "missing") + ": an unpaired row needs a "
                            "prompt (or a whole conversation as 'completion')", field="prompt")
