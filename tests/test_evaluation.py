@@ -51,12 +51,12 @@ def test_bad_reward_specs_are_clear_errors(spec, message):
 @pytest.mark.parametrize("fn, message", [
     (lambda p, c: 1.0, "must return a list"),
     (lambda p, c: [1.0], "returned 1 values for 2"),
-    (lambda p, c: [1.0, "x"], "str at position 1"),
-    (lambda p, c: [1.0, float("nan")], "non-finite"),
+    (lambda p, c: [1.0, "x"], r"str at position 1 \(prompt 'q', completion 'b'\); expected a float"),
+    (lambda p, c: [1.0, float("nan")], r"non-finite value \(nan\) at position 1 \(prompt 'q', completion 'b'\)"),
     (lambda p, c: [True, 1.0], "bool at position 0"),
     (lambda p, c: 1 / 0, "ZeroDivisionError"),
-    (lambda p, c: [1.0, 10**400], r"non-finite value \(1000000000.*\(401 characters\)\) at position 1"),
-    (lambda p, c: [-1e39, 1.0], r"returned -1e\+39 at position 0, beyond float32's range"),
+    (lambda p, c: [1.0, 10**400], r"non-finite value \(1000000000.*\(401 characters\)\) at position 1 \(prompt"),
+    (lambda p, c: [-1e39, 1.0], r"returned -1e\+39 at position 0 \(prompt 'p', completion 'a'\), beyond float32's"),
 ])
 def test_reward_return_values_are_checked(fn, message):
     with pytest.raises(DpolabError, match=message):

@@ -101,20 +101,23 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     if len(out) != len(completions):
         raise DpolabError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
     values = []
+
+    def at(i: int) -> str:  # which completion: a bad value is usually about its text
+        return f"at position {i} (prompt {_short(prompts[i])}, completion {_short(completions[i])})"
+
     for i, v in enumerate(out):
         if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # a numpy scalar or 0-d tensor
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DpolabError(f"reward function {name} returned {type(v).__name__} at position {i}; "
-                              "expected a float")
+            raise DpolabError(f"reward function {name} returned {type(v).__name__} {at(i)}; expected a float")
         try:
             number = float(v)
         except OverflowError:  # an int beyond any float
             number = math.inf
         if not math.isfinite(number):
-            raise DpolabError(f"reward function {name} returned a non-finite value ({_short(v)}) at position {i}")
+            raise DpolabError(f"reward function {name} returned a non-finite value ({_short(v)}) {at(i)}")
         if dtype == torch.float32 and abs(number) > _FLOAT32_MAX:  # would be inf in the float32 rewards
-            raise DpolabError(f"reward function {name} returned {_short(v)} at position {i}, beyond float32's "
+            raise DpolabError(f"reward function {name} returned {_short(v)} {at(i)}, beyond float32's "
                               f"range (±{_FLOAT32_MAX:.3g}); scale the reward down")
         values.append(number)
     return torch.tensor(values, dtype=dtype)
