@@ -235,3 +235,13 @@ def test_accelerate_cpu_launch_that_starts_one_process_is_refused(tiny_model_dir
     # a plain single-process launch is left alone
     assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "ok"),
                  "--max-steps", "1", "--max-length", "48", "--max-prompt-length", "24", "--no-progress"]) == 0
+
+
+def test_a_second_accelerator_in_one_process_may_change_the_precision():
+    """A sweep or notebook that runs a float32 then a bf16 trainer in one process: accelerate keeps
+    its state process-wide and refused the second precision ("restart your runtime")."""
+    from dpolab.train.distributed import make_accelerator
+
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

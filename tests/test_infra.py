@@ -150,3 +150,32 @@ def test_abbreviated_flags_are_rejected():
     """A prefix of a flag is not accepted: it would silently change meaning when options are added."""
     with pytest.raises(ConfigError, match="--ste"):
         parse_config(_Cfg, ["--ste", "3"], prog="t")
+
+
+def test_a_config_built_in_python_is_converted_and_checked_as_the_command_line_does(tmp_path):
+    from dpolab.config import check_config
+    from dpolab.train.dpo import DPOConfig
+
+    cfg = check_config(DPOConfig(model=tmp_path / "m", data=tmp_path / "d.jsonl", batch_size="2", beta="0.5",
+                                 loss="sigmoid,ipo", loss_weights="1,0.5"))
+    assert (cfg.model, cfg.data) == (str(tmp_path / "m"), str(tmp_path / "d.jsonl"))  # text, as config.yaml needs
+    assert (cfg.batch_size, cfg.beta, cfg.loss_weights) == (2, 0.5, [1.0, 0.5])
+    assert check_config(cfg) is cfg
+    for bad, message in (({"beta": -1.0}, "beta"), ({"loss": "bogus"}, "unknown loss 'bogus'"),
+                         ({"max_steps": 1.5}, "'max_steps' must be of type int"),
+                         ({"learning_rate": float("nan")}, "learning_rate")):
+        with pytest.raises(ConfigError, match=message):
+            check_config(DPOConfig(model="m", data="d", **bad))
+    changed = check_config(DPOConfig(model="m", data="d"))
+    changed.beta = -1.0  # a sweep that edits a checked config: checked again
+    with pytest.raises(ConfigError, match="beta"):
+        check_config(changed)
+
+
+def test_train_from_python_refuses_a_bad_config_before_any_work(tiny_model_dir, tmp_path):
+    from dpolab.train.dpo import DPOConfig, train
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="unknown loss 'bogus'"):
+        train(DPOConfig(model=tiny_model_dir, data=tmp_path / "missing.jsonl", loss="bogus", output_dir=out))
+    assert not out.exists()

@@ -372,3 +372,24 @@ def test_flat_parameters_are_views_and_the_update_equals_separate_tensors(tmp_pa
     assert flat_optimizer_state(opt_c.state_dict()) == opt_c.state_dict()  # already flat: unchanged
     next(a.parameters()).grad = None
     assert a.flat_grad() is None  # detached from the buffer: ppo_update falls back to the separate tensors
+
+
+def test_python_api_checks_the_config_and_restores_torch_threads(tmp_path):
+    import torch
+
+    from dpolab.errors import ConfigError
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = _cfg(tmp_path, "a", seed=3)
+        cfg.output_dir = tmp_path / "a"  # a Path, as a notebook passes it
+        train(cfg)
+        assert torch.get_num_threads() == 2  # --threads 1 was for the run only
+        bad = _cfg(tmp_path, "b", seed=3)
+        bad.batch_size = 10**6
+        with pytest.raises(ConfigError, match="exceeds"):
+            train(bad)
+        assert not (tmp_path / "b").exists()
+    finally:
+        torch.set_num_threads(before)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -259,15 +260,39 @@ def make_config(cls: type[T], values: dict[str, Any]) -> T:
     for key in values:
         if key not in valid:
             raise ConfigError(f"unknown option '{key}'{suggest(key, list(valid))}")
-    cfg = cls(**values)
-    for name, f in valid.items():
+    return _finish(cls(**values))
+
+
+def check_config(cfg: T) -> T:
+    """What the command line gives a config, for one built in Python (``train(DPOConfig(...))``):
+    each value converted to its declared type (a ``Path`` becomes its text, ``"2"`` an int, ``"a,b"``
+    a list) with the same errors, then ``choices`` and ``validate()``. A config already checked
+    (every one the command line builds), and not changed since, is returned as it is."""
+    if getattr(cfg, "_checked", None) == dataclasses.asdict(cfg):
+        return cfg
+    for f, tp in _fields(type(cfg)):
+        setattr(cfg, f.name, _convert(_plain(getattr(cfg, f.name)), tp, f.name))
+    return _finish(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _finish(cfg: T) -> T:
+    for f, _ in _fields(type(cfg)):
         choices = f.metadata.get("choices")
-        value = getattr(cfg, name)
+        value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"--{name.replace('_', '-')}: unknown value {value!r}"
+            raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {value!r}"
                               f"{suggest(str(value), [str(c) for c in choices])}; choose from {list(choices)}")
     if hasattr(cfg, "validate"):
         cfg.validate()
+    object.__setattr__(cfg, "_checked", dataclasses.asdict(cfg))  # not a field: config.yaml does not see it
     return cfg
 
 

@@ -107,7 +107,22 @@ class GymAlgorithm:
 
 
 def run(cfg: Any, algo: GymAlgorithm) -> dict:
-    """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json)."""
+    """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json). A config
+    built in Python is checked as the command line's are; torch's thread count (``--threads``) is
+    restored afterwards, for the rest of a notebook or sweep."""
+    import torch
+
+    from dpolab.config import check_config
+
+    check_config(cfg)
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, algo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Any, algo: GymAlgorithm) -> dict:
     import numpy as np
     import torch
 

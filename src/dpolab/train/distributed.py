@@ -79,6 +79,12 @@ def make_accelerator(mixed_precision: str = "no"):
         # sync_module_states on CPU; in both the state switches to FSDP only from a multi-device
         # type, never from MULTI_CPU (checked on 1.16 with sync_module_states off: it stays MULTI_CPU).
         raise ConfigError(FSDP_ON_CPU)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        # a second run in one process (a sweep, a notebook) with another precision: accelerate keeps
+        # its state process-wide and would refuse; the process group (PartialState) is kept
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     kind = accelerator.distributed_type
     if world > 1 and accelerator.num_processes != world:
@@ -210,12 +216,14 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     (by every process before the process group forms, so before any process writes), its Accelerator
     (LoRA refused under FSDP/DeepSpeed, where the final merge would need the whole model on one
     process), seeded RNGs, and the tokenizer. ``command``: the trainer, as its checkpoints name it."""
+    from dpolab.config import check_config
     from dpolab.lm.loading import load_tokenizer
     from dpolab.runs.checkpoint import check_checkpoint_files, read_trainer_state
     from dpolab.runs.rundir import RunDir
     from dpolab.runs.seeding import seed_everything
     from dpolab.runs.trackers import parse_report_to
 
+    check_config(cfg)  # a config built in Python gets the command line's conversions and checks
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
     run = RunDir(cfg.output_dir)
     run.check_new_run(cfg.resume)
