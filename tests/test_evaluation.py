@@ -173,3 +173,14 @@ def test_evaluate_policy_with_lora_reference_is_zero_kl_at_init(tiny_model, tiny
     assert 1 <= out["response_length"] <= 4
     with pytest.raises(DpolabError, match="no reference"):
         evaluate_policy(tiny_model, tiny_tokenizer, prompts, ids, length_reward, max_new_tokens=2)
+
+
+def test_misaligned_inputs_are_refused_and_helpers_compare_in_float64():
+    with pytest.raises(DpolabError, match=r"one prompt \(and column value\) per completion, got 1 prompts, "
+                                          r"2 completions"):
+        compute_rewards(lambda p, c: [0.0] * len(c), ["p"], ["a", "b"])
+    with pytest.raises(DpolabError, match=r"2 prompts, 2 completions, 1 column 'answer'"):
+        compute_rewards(lambda p, c, answer: [0.0] * len(c), ["p", "q"], ["a", "b"], {"answer": ["x"]})
+    close = lambda p, c: [1.0 + 1e-9 * len(x) for x in c]  # noqa: E731 -- one float32, two float64s
+    assert win_rate(close, ["p"], ["aa"], ["a"]) == 1.0
+    assert mean_reward(close, ["p", "q"], ["a", "aaa"]) == pytest.approx(1.0 + 2e-9, rel=0, abs=1e-15)

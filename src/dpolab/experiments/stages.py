@@ -116,7 +116,8 @@ def best_of_n(cfg: DemoConfig, base, tokenizer, prompts: list[str], reward_fn) -
     draws = [sample_completions(base, tokenizer, ids, max_new_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed + EVAL_SEED + 1000 * j, batch_size=64) for j in range(k)]
     texts = [draws[j][0][i] for i in range(len(prompts)) for j in range(k)]  # prompt-major: (P·k,)
-    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts).double().view(-1, k)
+    rewards = compute_rewards(reward_fn, [p for p in prompts for _ in range(k)], texts,
+                              dtype=torch.float64).view(-1, k)
     lengths = torch.stack([torch.cat([g.response_lengths for g in gens]) for _, gens in draws], 1).double()
     finished = torch.stack([torch.cat([g.finished for g in gens]) for _, gens in draws], 1).double()
     rows = []

@@ -25,7 +25,7 @@ __all__ = ["evaluate_policy", "mean_reward", "model_win_rate", "win_rate", "win_
 
 def mean_reward(fn: RewardFn, prompts: list[str], completions: list[str]) -> float:
     """Mean of ``fn`` over the (prompt, completion) pairs."""
-    return float(compute_rewards(fn, prompts, completions).double().mean())
+    return float(compute_rewards(fn, prompts, completions, dtype=torch.float64).mean())
 
 
 def win_rate_from_rewards(rewards_a: torch.Tensor, rewards_b: torch.Tensor) -> float:
@@ -38,8 +38,9 @@ def win_rate_from_rewards(rewards_a: torch.Tensor, rewards_b: torch.Tensor) -> f
 
 def win_rate(fn: RewardFn, prompts: list[str], completions_a: list[str], completions_b: list[str]) -> float:
     """How often completion A beats completion B for the same prompt under ``fn`` (ties count half)."""
-    return win_rate_from_rewards(compute_rewards(fn, prompts, completions_a),
-                                 compute_rewards(fn, prompts, completions_b))
+    # float64: float32 would round rewards that differ by little into ties
+    return win_rate_from_rewards(compute_rewards(fn, prompts, completions_a, dtype=torch.float64),
+                                 compute_rewards(fn, prompts, completions_b, dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def evaluate_policy(policy, tokenizer, prompt_texts: list[str], prompts_ids: Seq
         texts, gens = sample_completions(policy, tokenizer, prompts_ids, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                          batch_size=batch_size, fast=fast)
-        rewards = compute_rewards(reward_fn, list(prompt_texts), texts, columns).double()
+        rewards = compute_rewards(reward_fn, list(prompt_texts), texts, columns, dtype=torch.float64)
         out = {"reward": float(rewards.mean()),
                "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
                "response_length": float(torch.cat([g.response_lengths for g in gens]).double().mean()),

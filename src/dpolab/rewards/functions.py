@@ -86,6 +86,11 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     Raises :class:`DpolabError` naming the function for an exception inside it, a non-sequence, a
     wrong length, a non-number or a NaN/inf."""
     name = getattr(fn, "__qualname__", repr(fn))
+    sizes = {"prompts": len(prompts), "completions": len(completions),
+             **{f"column '{k}'": len(v) for k, v in (columns or {}).items()}}
+    if len(set(sizes.values())) > 1:  # a caller's bug: the reward would score misaligned rows
+        raise DpolabError("compute_rewards needs one prompt (and column value) per completion, got "
+                          + ", ".join(f"{n} {k}" for k, n in sizes.items()))
     try:
         out = fn(list(prompts), list(completions), **_accepted(fn, columns or {}))
     except DpolabError:  # already says which reward and what (a combination of rewards calls this per reward)
