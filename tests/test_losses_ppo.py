@@ -187,3 +187,24 @@ def test_entropy_and_pg_losses_hand_values():
     loss, st = a2c_loss(-0.5 * one, 2 * one, one, 3 * one, 0.7 * one, vf_coef=0.5, ent_coef=0.1)
     assert loss.item() == pytest.approx(2.93)
     assert (st["policy"].item(), st["value"].item()) == pytest.approx((1.0, 4.0))
+
+
+def test_ppo_losses_refuse_unequal_shapes_and_out_of_range_coefficients():
+    """A (B,) advantage against (B, T) log-probs would broadcast silently (rows mixed with positions
+    when T == B)."""
+    from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss, ppo_kl_penalty_loss
+
+    logp, adv_rows = torch.zeros(3, 3, dtype=D), torch.ones(3, dtype=D)
+    with pytest.raises(ValueError, match=r"shapes must be equal, got logp \(3, 3\), old_logp \(3, 3\), "
+                                         r"advantages \(3,\)"):
+        ppo_clip_loss(logp, logp, adv_rows)
+    with pytest.raises(ValueError, match="shapes must be equal"):
+        ppo_kl_penalty_loss(logp, logp, adv_rows, beta=0.1)
+    with pytest.raises(ValueError, match="shapes must be equal"):
+        clipped_value_loss(logp, logp, adv_rows, clip_eps=0.2)
+    with pytest.raises(ValueError, match="clip_eps_high must be > 0"):
+        ppo_clip_loss(logp, logp, logp, clip_eps=0.2, clip_eps_high=-0.1)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        ppo_kl_penalty_loss(logp, logp, logp, beta=-0.5)
+    with pytest.raises(ValueError, match="clip_eps must be > 0"):
+        clipped_value_loss(logp, logp, logp, clip_eps=0.0)

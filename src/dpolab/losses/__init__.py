@@ -2,7 +2,8 @@
 
 Modules: ``ppo`` and ``pg`` (policy gradient, A2C, PPO, value, KL estimators), ``dpo`` (the
 preference-loss registry, dispatch and combinations; re-exports the losses of ``margin``,
-``anchored``, ``aot``, ``reference_free`` and ``weighting``), ``kto``, ``reward``.
+``anchored``, ``aot``, ``reference_free`` and ``weighting``), ``kto``, ``grpo`` (GRPO and RLOO
+group advantages and the token loss), ``bradley_terry`` (the reward model's loss), ``constants``.
 """
 
 import importlib
