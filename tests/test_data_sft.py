@@ -223,3 +223,29 @@ def test_block_causal_mask_by_hand():
     assert m[0, 0, 0, 1].item() == torch.finfo(torch.float32).min
     row = PackedRow([1, 2, 3], [0, 1, 0], [0, 1, 0], [1, 1, 2], [0, 1])
     assert collate_sft([row], 0).model_attention_mask(torch.float32, "flash_attention_2") is None
+
+
+def test_a_template_that_refuses_the_roles_is_one_located_line_everywhere(tiny_tokenizer, tmp_path):
+    """A template that raises (e.g. no system role) names the row, the field and its own message,
+    for SFT rows and for prompt rows (generate, eval and the on-policy trainers)."""
+    import copy
+
+    from dpolab.data.prompts import load_prompts
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text(json.dumps({"messages": [*system, {"role": "assistant", "content": "yo"}]}) + "\n")
+    with pytest.raises(DataError, match=r"sft\.jsonl:1: field 'messages': cannot use the tokenizer's chat template "
+                                        r"for this conversation: System role not supported$"):
+        load_sft_data(str(rows), tok, max_length=64)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "ok"}]}) + "\n"
+                       + json.dumps({"messages": system}) + "\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'messages': cannot render the conversation with "
+                                        r"the tokenizer's chat template: TemplateError: System role not supported"):
+        load_prompts(str(prompts), tok)

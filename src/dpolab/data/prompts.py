@@ -113,7 +113,11 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
             raise err("conversational prompt, but the tokenizer has no chat template", field="messages")
         if messages[-1]["role"] == "assistant":
             raise err("the last turn is the assistant's; a prompt ends with a user (or system) turn", field="messages")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 -- a template that rejects the roles (raise_exception)
+            raise err(f"cannot render the conversation with the tokenizer's chat template: "
+                      f"{type(exc).__name__}: {exc}", field="messages") from None
         return text, True
     raise err("row needs a 'prompt' string or a 'messages' list")
 

@@ -228,8 +228,8 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
             try:
                 pieces = chat_segments(tokenizer, messages, loss_from)
             except Exception as exc:  # noqa: BLE001 -- no template, roles it rejects, instability
-                raise DataError(f"cannot render the conversation with the tokenizer's chat template: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"cannot use the tokenizer's chat template for this conversation: {reason}",
                                 path=where or None, field="messages") from exc
         encoded = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
         ids, target = [], []
