@@ -68,6 +68,21 @@ def test_stops_each_row_at_eos_and_masks_what_follows():
     assert gen.position_ids[0].tolist() == [0, 0, 1, 2, 3, 3, 3, 3]
 
 
+def test_the_models_generation_config_stop_ids_stop_a_row_by_default():
+    """A chat model's end-of-turn token (Llama 3's <|eot_id|>) is in its generation_config, not the
+    tokenizer's EOS: every sampler (generate, eval, the on-policy trainers) stops there too."""
+    from types import SimpleNamespace
+
+    lm = ScriptedLM([[5, 7, 6, 6], [4, 4, EOS, 6]])
+    lm.generation_config = SimpleNamespace(eos_token_id=[EOS, 7])
+    gen = generate(lm, TOK, [[1], [1]], max_new_tokens=4, temperature=0)
+    assert gen.response_ids.tolist() == [[5, 7, PAD], [4, 4, EOS]] and gen.finished.tolist() == [True, True]
+    lm = ScriptedLM([[5, 7, 6, 6], [4, 4, EOS, 6]])
+    lm.generation_config = SimpleNamespace(eos_token_id=[EOS, 7])
+    assert generate(lm, TOK, [[1], [1]], max_new_tokens=4, temperature=0, eos_token_id=EOS).response_ids[0].tolist() \
+        == [5, 7, 6, 6]  # an explicit stop list is used as given
+
+
 def test_loop_ends_when_every_row_has_finished():
     lm = ScriptedLM([[5, EOS, 5], [EOS, 5, 5]])
     gen = generate(lm, TOK, [[1], [1]], max_new_tokens=10, temperature=0)

@@ -144,15 +144,6 @@ def load_model(name: str, cfg, device):
     return model.requires_grad_(False).eval().to(device)
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS and the model's generation-config EOS ids: chat models often end a turn
-    with a token (``<|eot_id|>``) other than the tokenizer's EOS."""
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([extra] if isinstance(extra, int) else list(extra or []))
-    return sorted(int(i) for i in ids if i is not None)
-
-
 def read_prompt_rows(source: str, split: str = "train") -> list:
     """The raw rows (``dpolab.data.loading.Record``) of a prompt source; errors name file and line."""
     from dpolab.data.loading import load_records, record_error
@@ -230,7 +221,7 @@ def iter_samples(model, tokenizer, prompts_ids: Sequence[Sequence[int]], seeds: 
     Greedy decoding (temperature 0) draws nothing and always runs batched."""
     import torch
 
-    from dpolab.lm.generation import generate
+    from dpolab.lm.generation import generate, stop_ids
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
               eos_token_id=stop_ids(model, tokenizer), fast=cfg.direct_decoder)

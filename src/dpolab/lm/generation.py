@@ -207,6 +207,15 @@ def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids: chat models often end a turn
+    with a token (``<|eot_id|>``) other than the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([extra] if isinstance(extra, int) else list(extra or []))
+    return sorted(int(i) for i in ids if i is not None)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -227,7 +236,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
         prompts_ids: B lists of prompt token ids (each non-empty).
         max_new_tokens: at most this many response tokens per row (EOS included).
         generator: one generator for the whole batch (B uniforms per step).
-        eos_token_id: stop token(s); default ``tokenizer.eos_token_id``; ``[]`` never stops early.
+        eos_token_id: stop token(s); default :func:`stop_ids` (the tokenizer's EOS and the model's
+            ``generation_config`` EOS ids, e.g. a chat model's end-of-turn); ``[]`` never stops early.
         seeds: one int per prompt; row i's draws then come only from a generator seeded with
             ``seeds[i]`` (its t-th token uses its t-th uniform), so its tokens do not depend on the
             other rows of the batch, its position or the padding width (up to floating-point
@@ -244,8 +254,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
     """
     if max_new_tokens < 1:
         raise DpolabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    if eos is None:
+    eos = stop_ids(model, tokenizer) if eos_token_id is None else eos_token_id
+    if eos_token_id is None and not eos:
         raise DpolabError("generate: the tokenizer has no EOS token")
     eos_ids = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
