@@ -402,8 +402,13 @@ def test_reference_cache_names_the_trainer(tiny_model_dir, tmp_path):
     data_file = write_rule_data(tmp_path / "pairs.jsonl", n=8)
     fields = dict(model=str(tiny_model_dir), data=str(data_file), output_dir=str(tmp_path / "out"),
                   ref_cache_dir=str(tmp_path / "cache"))
-    data = SimpleNamespace(train=[0] * 6, eval=[0] * 2)
+    row = SimpleNamespace(prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4])
+    data = SimpleNamespace(train=[row] * 6, eval=[row] * 2)
     run = SimpleNamespace(path=tmp_path / "out")
     paths = {cls.__name__: cache_path(make_config(cls, fields), data, run) for cls in (DPOConfig, KTOConfig)}
     assert paths["DPOConfig"] != paths["KTOConfig"]
     assert paths["DPOConfig"].parent == paths["KTOConfig"].parent == tmp_path / "cache"
+    # the same files tokenized otherwise (a template edit, another dpolab version): another key
+    moved = SimpleNamespace(prompt_ids=[1], chosen_ids=[2, 3], rejected_ids=[4])
+    other = SimpleNamespace(train=[row] * 5 + [moved], eval=[row] * 2)
+    assert cache_path(make_config(DPOConfig, fields), other, run) != paths["DPOConfig"]

@@ -9,8 +9,9 @@ are then not needed during training (memory), and a second epoch, a resumed run 
 the same data and reference (a β sweep) costs nothing more.
 
 The cache file is keyed by the trainer (its tables' columns), the data (content hashes), the
-reference model, the tokenizer, the truncation settings, the dtype and the mixed precision, so a
-changed dataset or model never reuses stale values. Rows not computed yet are NaN in the stored
+token ids of every row as tokenized (so a change in how rows become tokens, such as a chat template
+edit or a new dpolab version, is a new key), the reference model, the tokenizer, the truncation
+settings, the dtype and the mixed precision, so a changed dataset or model never reuses stale values. Rows not computed yet are NaN in the stored
 tables; a later run with a wider plan computes only what is missing.
 """
 
@@ -39,6 +40,18 @@ def planned_rows(order, n_micro: int) -> list[int]:
     return sorted({i for k in range(n_micro) for i in order.global_rows(k)})
 
 
+def _ids_digest(rows) -> str:
+    """sha256 of every row's prompt, chosen and rejected ids (a KTO row's: its completion and its
+    partner's), in order."""
+    from array import array
+
+    h = hashlib.sha256()
+    for row in rows:
+        for ids in (row.prompt_ids, row.chosen_ids, row.rejected_ids):
+            h.update(array("q", ids).tobytes() + b"|")
+    return h.hexdigest()
+
+
 def cache_path(cfg, data, run: RunDir) -> Path:
     from dpolab.data import data_fingerprint
     from dpolab.lm.loading import model_fingerprint
@@ -51,7 +64,7 @@ def cache_path(cfg, data, run: RunDir) -> Path:
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": model_fingerprint(cfg.ref_model or cfg.model),
         "tokenizer": model_fingerprint(cfg.model), "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision,
-        "n": [len(data.train), len(data.eval)],
+        "n": [len(data.train), len(data.eval)], "ids": _ids_digest([*data.train, *data.eval]),
     }, sort_keys=True).encode()).hexdigest()[:20]
     cache_dir = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else run.path / "cache"
     return cache_dir / f"ref-logps-{key}.safetensors"
