@@ -341,3 +341,35 @@ def test_conversational_jsonl_end_to_end(tmp_path, tiny_tokenizer):
     for pair in data.train + data.eval:
         assert tiny_tokenizer.decode(pair.prompt_ids).endswith("<|assistant|>\n")
         assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_a_template_that_refuses_a_response_turn_is_a_located_error(tiny_tokenizer):
+    """The response turns are rendered with the prompt once, so that a template's own role checks
+    (user/assistant must alternate) see them, as they do for SFT rows."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    ok = example([msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "no")])
+    assert tokenize_preference(ok, tok, max_length=64, max_prompt_length=32) is not None
+    twice = example([msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "a"), msg("assistant", "b")])
+    with pytest.raises(DataError, match=r"^d\.jsonl:1: field 'rejected': the tokenizer's chat template refuses the "
+                                        r"conversation with this response: roles must alternate"):
+        tokenize_preference(twice, tok, max_length=64, max_prompt_length=32)
+
+
+def test_a_bos_only_the_template_writes_is_kept_when_the_prompt_is_cut(tiny_tokenizer):
+    from dpolab.data.prompts import special_prefix, tokenize_prompts
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    assert special_prefix(tok) == [] and tok.bos_token_id is not None  # the tokenizer adds no BOS itself
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    ex = example([msg("user", "the movie was great fun and the music was wonderful")], [msg("assistant", "yo")],
+                 [msg("assistant", "no")])
+    pair = tokenize_preference(ex, tok, max_length=12, max_prompt_length=6)
+    assert pair.truncated and len(pair.prompt_ids) == 6 and pair.prompt_ids[0] == tok.bos_token_id
+    text = tok.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
+    (ids,), cut = tokenize_prompts([text], tok, max_prompt_length=6)
+    assert cut == [True] and ids == pair.prompt_ids  # the on-policy prompt is the DPO prompt

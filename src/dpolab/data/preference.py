@@ -244,6 +244,7 @@ class SpecialIds:
     prefix: tuple[int, ...]  # what add_special_tokens=True puts before the text (e.g. BOS)
     start_id: int            # the token standing for an empty prompt
     eos_id: int
+    bos_id: int | None = None
 
 
 def special_ids(tokenizer) -> SpecialIds:
@@ -262,7 +263,7 @@ def special_ids(tokenizer) -> SpecialIds:
             prefix = with_specials[:k]
             break
     bos_id = tokenizer.bos_token_id
-    return SpecialIds(tuple(prefix), eos_id if bos_id is None else bos_id, eos_id)
+    return SpecialIds(tuple(prefix), eos_id if bos_id is None else bos_id, eos_id, bos_id)
 
 
 def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
@@ -274,6 +275,13 @@ def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
     except Exception as exc:  # noqa: BLE001 -- no template, or a template that rejects the roles
         raise located_error(ex.path, ex.line, ex.unit, "cannot render the conversation with the "
                             f"tokenizer's chat template: {exc}", field="prompt") from exc
+    for name, response in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        try:  # rendered only so that a template's own checks (roles that must alternate) see the whole turn
+            tokenizer.apply_chat_template([*ex.prompt, *response], tokenize=False,  # type: ignore[misc]
+                                          add_generation_prompt=False)
+        except Exception as exc:  # noqa: BLE001
+            raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template refuses the "
+                                f"conversation with this response: {exc}", field=name) from exc
     return (prompt, "\n".join(m["content"] for m in ex.chosen),  # type: ignore[union-attr]
             "\n".join(m["content"] for m in ex.rejected))  # type: ignore[union-attr]
 
@@ -290,6 +298,8 @@ def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: Spe
     prefix = list(sp.prefix)
     if prefix and prompt[:len(prefix)] == prefix:  # the chat template already wrote BOS
         prompt = prompt[len(prefix):]
+    elif not prefix and sp.bos_id is not None and prompt[:1] == [sp.bos_id]:
+        prefix, prompt = [sp.bos_id], prompt[1:]  # a BOS the template wrote is kept on truncation too
     if not prefix and not prompt:
         prefix = [sp.start_id]
     chosen, rejected = chosen + [sp.eos_id], rejected + [sp.eos_id]

@@ -144,6 +144,8 @@ def tokenize_prompts(texts: list[str], tokenizer, *,
         body = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if head and body[:len(head)] == head:  # a chat template that writes BOS itself
             body = body[len(head):]
+        elif not head and tokenizer.bos_token_id is not None and body[:1] == [tokenizer.bos_token_id]:
+            head, body = body[:1], body[1:]  # a BOS only the template writes: kept on truncation too
         if not head and not body:
             body = [start]
         too_long = max_prompt_length is not None and len(head) + len(body) > max_prompt_length
