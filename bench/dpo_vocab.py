@@ -279,6 +279,8 @@ def main() -> None:
         srt.run_worker(a, SIDES)
         return
     os.environ.update({k: v for k, v in srt.worker_env(a.threads).items() if k.startswith(("HF_", "TRANSFORMERS", "TOK"))})
+    if a.dry_run and not a.gpu:  # the CPU run's models and data are built by the run itself
+        ap.error("--dry-run checks the GPU preset (bench/gpu.sh): give --gpu with it")
     if a.gpu:
         a.device, a.precision, a.warmup_runs, a.warmup_steps = "cuda", "bf16", 0, 5
         a.repeats, a.run_steps, vocabs = min(a.repeats, 2), 30, ["qwen0.5b"]

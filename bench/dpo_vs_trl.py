@@ -7,8 +7,8 @@ learning rate and clipping, and the same thread count. TRL lives in its own envi
 (``.venv-bench``), which also holds dpolab (editable), so one interpreter runs everything::
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \\
-        && .venv-bench/bin/pip install -e . trl transformers==5.24.0
-    .venv-bench/bin/python bench/dpo_vs_trl.py            # full run (~10 min on 2 cores)
+        && .venv-bench/bin/pip install -e . trl==1.16.0 transformers==5.24.0   # or: make .venv-bench/.installed
+    .venv-bench/bin/python bench/dpo_vs_trl.py            # 2 rounds (~13 min on 2 cores; make bench: 3, ~19 min)
     .venv-bench/bin/python bench/dpo_vs_trl.py --quick    # small model only
 
 Sides (each run in a FRESH subprocess, alternating ours/TRL after one warm-up run of each):
@@ -28,12 +28,16 @@ Measures, per run: the wall time of every optimizer step (a global optimizer ste
 instrument for both), the pair tokens of every step (``2·|prompt| + |chosen| + |rejected|`` of its
 pairs: the same work unit for both, whatever layout a side uses), and the peak resident memory
 (the kernel's peak-RSS mark is reset after imports and tokenizer load, before the data and any
-model; peak = ``ru_maxrss`` at the last optimizer step minus the resident memory at that reset; the
-end-of-run model save is not counted). The first ``--warmup-steps`` steps of each run are not timed;
+model; peak = the process's high-water mark ``VmHWM`` at the last optimizer step minus the resident
+memory at that reset, the baseline; the end-of-run model save is not counted; ``ru_maxrss`` is not
+used, as it also carries the parent's peak over the spawn). The baseline is recorded too, and
+baseline + peak is the whole process's peak. The first ``--warmup-steps`` steps of each run are not timed;
 the reference precompute of both sides runs before the first step. Against TRL's defaults, which run
 a live reference inside every step, ours is charged its precompute: the timed steps' share of the
 precompute time is added to them (and its 2N FLOPs per token to the MFU). Reported: median over
-runs of tokens/s and of the median step time, the median peak memory, the ratios, and model-FLOP
+runs of tokens/s and of the median step time, the median peak memory (over the baseline, and of the
+whole process), the ratios with the min–max of the per-round ratios (the runs of a round are
+alternated, ours then TRL's), and model-FLOP
 utilisation (MFU) against a float32 matmul peak measured in the same run with the same threads. MFU
 counts ``6N`` FLOPs per token the policy processes and ``2N`` per token a reference processes
 (live, or precomputed and charged), ``N`` = non-embedding parameters (transformer blocks only;
@@ -48,6 +52,7 @@ prefix-shared) must agree to 1e-4, and both tokenisations must give identical to
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -123,7 +128,7 @@ class StepClock:
 
         def hook(opt, args, kwargs) -> None:
             self.times.append(time.perf_counter())
-            self.maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.maxrss_kb = peak_rss_kb()
             if on_step is not None:
                 on_step()
 
@@ -135,13 +140,24 @@ class StepClock:
         dts = [b - a for a, b in zip(self.times, self.times[1:])][warmup:]
         return {"steps": steps, "step_times": dts, "pair_tokens": sum(pair_tokens[warmup:steps]),
                 "model_flop_tokens": sum(model_tokens[warmup:steps]), "seconds": sum(dts),
-                "peak_mb": (self.maxrss_kb - baseline_kb) / 1024}
+                "peak_mb": (self.maxrss_kb - baseline_kb) / 1024, "baseline_mb": baseline_kb / 1024}
+
+
+def peak_rss_kb() -> int:
+    """The process's resident high-water mark (``VmHWM``, reset by :func:`baseline_kb`). Not
+    ``ru_maxrss``: that also carries the parent's peak over a fork + exec, so a worker spawned by a
+    driver that has built models would read at least the driver's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def baseline_kb() -> int:
     """Resident memory now, taken after the side's imports and tokenizer load, before its data and
     models; the kernel's peak-RSS mark is reset to it (``/proc/self/clear_refs``), so the
-    ``ru_maxrss`` read at each step is the peak since this point, not an import-time peak."""
+    :func:`peak_rss_kb` read at each step is the peak since this point, not an import-time peak."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -322,8 +338,24 @@ def summarise(runs: list[dict], peak_gflops: float) -> dict:
     return {"tokens_per_s": statistics.median(r["pair_tokens"] / r["seconds"] for r in runs),
             "median_step_s": statistics.median(statistics.median(r["step_times"]) for r in runs),
             "peak_mb": statistics.median(r["peak_mb"] for r in runs),
+            "process_peak_mb": statistics.median(r["peak_mb"] + r["baseline_mb"] for r in runs),
             "mfu": statistics.median(r["model_flop_tokens"] / r["seconds"] / 1e9 / peak_gflops for r in runs)}
 
+
+def paired_spread(ours: list[dict], trl: list[dict], value) -> list[float]:
+    """Min and max over rounds of value(ours run) / value(TRL run), the two runs of a round paired."""
+    ratios = [value(o) / value(t) for o, t in zip(ours, trl)]
+    return [min(ratios), max(ratios)]
+
+
+
+def _sibling(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_args_with_quick(ap: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
@@ -367,7 +399,10 @@ def main() -> None:
     models = a.models.split(",")
     a.steps = {"small": a.steps or (8 if a.quick else 14), "medium": a.steps or 8}
     repeats = a.repeats
-    results: dict = {"threads": a.threads, "batch_size": a.batch_size, "max_length": a.max_length}
+    srt = _sibling("sft_rm_vs_trl")  # versions and the measured commit, as the other benchmarks record them
+    results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(),
+                     "source": srt.source_state(), "threads": a.threads, "batch_size": a.batch_size,
+                     "max_length": a.max_length, "repeats": repeats}
     with tempfile.TemporaryDirectory() as d:
         workdir = Path(d)
         setup(workdir, a.pairs, models)
@@ -396,14 +431,19 @@ def main() -> None:
                 peak = max(peak, matmul_peak(a.threads))
                 results["matmul_peak_gflops"] = peak
                 o, t = summarise(runs[ours], peak), summarise(runs[theirs], peak)
+                tok_s = lambda r: r["pair_tokens"] / r["seconds"]  # noqa: E731
                 row = {"ours": o, "trl": t, "speedup": o["tokens_per_s"] / t["tokens_per_s"],
-                       "memory_ratio": o["peak_mb"] / t["peak_mb"], "ours_side": ours, "trl_side": theirs,
-                       "runs": runs}
+                       "speedup_range": paired_spread(runs[ours], runs[theirs], tok_s),
+                       "memory_ratio": o["peak_mb"] / t["peak_mb"],
+                       "memory_ratio_range": paired_spread(runs[ours], runs[theirs], lambda r: r["peak_mb"]),
+                       "process_memory_ratio": o["process_peak_mb"] / t["process_peak_mb"],
+                       "ours_side": ours, "trl_side": theirs, "runs": runs}
                 results[f"{model}/{label}"] = row
                 print(f"{model:6s} {label:8s} ours {o['tokens_per_s']:8.0f} tok/s {o['median_step_s']:6.2f} s/step "
                       f"{o['peak_mb']:7.0f} MB MFU {o['mfu']:5.1%} | TRL {t['tokens_per_s']:8.0f} tok/s "
                       f"{t['median_step_s']:6.2f} s/step {t['peak_mb']:7.0f} MB MFU {t['mfu']:5.1%} | "
-                      f"speed x{row['speedup']:.2f} memory x{row['memory_ratio']:.2f}", flush=True)
+                      f"speed x{row['speedup']:.2f} memory x{row['memory_ratio']:.2f} (whole process "
+                      f"x{row['process_memory_ratio']:.2f})", flush=True)
     for key, row in results.items():  # MFU of every row against the best peak seen in the whole run
         if "/" in key:
             row["ours"]["mfu"] = summarise(row["runs"][row["ours_side"]], peak)["mfu"]
@@ -415,17 +455,28 @@ def main() -> None:
 
 
 def markdown_table(results: dict) -> str:
+    """The results as a table: medians over runs, in brackets the min–max of the per-round ratios;
+    s/step is the median step time without the share of the reference precompute that tok/s is
+    charged (so the two ratios differ for ``defaults``)."""
     lines = ["| model | comparison | ours tok/s | TRL tok/s | speed ratio | ours s/step | TRL s/step | "
-             "ours peak MB | TRL peak MB | memory ratio | ours MFU | TRL MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours peak MB | TRL peak MB | memory ratio | whole process MB, ours / TRL (ratio) | ours MFU | TRL MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ranged(value: float, span) -> str:
+        return f"{value:.2f}× ({span[0]:.2f}–{span[1]:.2f})" if span else f"{value:.2f}×"
+
     for key, r in results.items():
         if "/" not in key:
             continue
         model, label = key.split("/")
         o, t = r["ours"], r["trl"]
-        lines.append(f"| {model} | {label} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {r['speedup']:.2f}× | "
+        whole = (f"{o['process_peak_mb']:.0f} / {t['process_peak_mb']:.0f} ({r['process_memory_ratio']:.2f}×)"
+                 if "process_peak_mb" in o else "—")
+        lines.append(f"| {model} | {label} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                     f"{ranged(r['speedup'], r.get('speedup_range'))} | "
                      f"{o['median_step_s']:.2f} | {t['median_step_s']:.2f} | {o['peak_mb']:.0f} | {t['peak_mb']:.0f} | "
-                     f"{r['memory_ratio']:.2f}× | {o['mfu']:.1%} | {t['mfu']:.1%} |")
+                     f"{ranged(r['memory_ratio'], r.get('memory_ratio_range'))} | {whole} | {o['mfu']:.1%} | "
+                     f"{t['mfu']:.1%} |")
     return "\n".join(lines)
 
 

@@ -93,22 +93,24 @@ mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_log.txt"
 : > "$LOG"
 failed=()
-step() {  # step NAME CMD...: run, log, remember a failure and go on (each part is reported on its own)
-  local name=$1; shift
-  echo "== $name: $(date -u +%H:%M:%S)" | tee -a "$LOG"
-  if ! "$@" 2>&1 | tee -a "$LOG"; then failed+=("$name"); fi
+# step NAME SECONDS CMD...: run with a time limit, log, remember a failure and go on (each part is
+# reported on its own); the limits add up to under 9 minutes, so a hung part cannot take the machine
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $(date -u +%H:%M:%S) (limit ${limit} s)" | tee -a "$LOG"
+  if ! timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then failed+=("$name"); fi
 }
-step environment "$PYTHON" -c "
+step environment 60 "$PYTHON" -c "
 import torch, transformers, trl, accelerate, dpolab
 assert torch.cuda.is_available(), 'no CUDA device visible to torch'
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers',
       transformers.__version__, 'trl', trl.__version__, 'accelerate', accelerate.__version__)"
 if [[ " ${failed[*]} " == *" environment "* ]]; then echo "gpu.sh: the environment is not usable" >&2; exit 1; fi
-step sft "${SFT_CMD[@]}"
-step dpo "${DPO_CMD[@]}"
+step sft 200 "${SFT_CMD[@]}"
+step dpo 200 "${DPO_CMD[@]}"
 if [[ -d "$WORK/dpo/qwen0.5b" ]]; then
-  step fsdp "${FSDP_CMD[@]}"
-  step reload "$PYTHON" - "$WORK/fsdp/final" <<'EOF'
+  step fsdp 90 "${FSDP_CMD[@]}"
+  step reload 40 "$PYTHON" - "$WORK/fsdp/final" <<'EOF'
 import sys
 
 import torch
