@@ -156,3 +156,17 @@ def test_q_learning_bootstraps_from_available_actions_only():
     Q = q_learning(mdp, 50, np.random.default_rng(0), alpha=1.0, epsilon=0.3)
     np.testing.assert_allclose(Q[:2], [[-1.5, -5.0], [-1.0, 0.0]], rtol=0, atol=1e-12)
     assert greedy_policy(mdp, q=Q).tolist()[:2] == [0, 0]
+
+
+def test_planning_arguments_are_checked():
+    from dpolab.rl.envs import student_mdp
+    from dpolab.rl.mdp import MDPError
+    from dpolab.rl.planning import q_learning, value_iteration
+
+    mdp = student_mdp()
+    with pytest.raises(MDPError, match="tol must be positive"):
+        value_iteration(mdp, tol=float("nan"))  # NaN compares false: one sweep would have "converged"
+    for bad in ({"alpha": 0.0}, {"alpha": 1.5}, {"epsilon": -0.1}, {"max_steps": 0}):
+        with pytest.raises(MDPError, match="q_learning needs"):
+            q_learning(mdp, 1, np.random.default_rng(0), **bad)
+    np.testing.assert_array_equal(q_learning(mdp, 20, 3), q_learning(mdp, 20, np.random.default_rng(3)))

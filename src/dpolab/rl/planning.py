@@ -115,7 +115,7 @@ def value_iteration(mdp: MDP, tol: float = 1e-8, v0=None, max_iter: int = 1_000_
     ``v_pi`` ~ 0), ``v_pi`` solves the Bellman optimality equation, whose solution is unique under the
     stochastic-shortest-path conditions, so ``v_pi = v*`` is returned. Otherwise keep iterating at tol/10.
     """
-    if tol <= 0:
+    if not tol > 0:  # also NaN, which every comparison would take as converged at once
         raise MDPError(f"tol must be positive, got {tol:g}")
     g = mdp.gamma
     v = np.zeros(mdp.n_states) if v0 is None else np.asarray(v0, dtype=np.float64).copy()
@@ -151,7 +151,7 @@ def solve(mdp: MDP, method: str = "policy-iteration", tol: float = 1e-8) -> Plan
     raise MDPError(f"unknown method {method!r}; choose policy-iteration or value-iteration")
 
 
-def q_learning(mdp: MDP, n_episodes: int, rng: np.random.Generator, alpha: float = 0.5,
+def q_learning(mdp: MDP, n_episodes: int, rng: np.random.Generator | int, alpha: float = 0.5,
                epsilon: float = 0.2, max_steps: int = 1000, exploring_starts: bool = False) -> np.ndarray:
     """Tabular Q-learning with epsilon-greedy exploration over available actions; returns Q (S, A).
 
@@ -160,6 +160,11 @@ def q_learning(mdp: MDP, n_episodes: int, rng: np.random.Generator, alpha: float
     ``exploring_starts`` uniformly among non-terminal states (so that states off the good paths, which
     epsilon-greedy rarely reaches, are learned too). Greedy ties are broken uniformly at random.
     """
+    if not 0 < alpha <= 1 or not 0 <= epsilon <= 1 or n_episodes < 0 or max_steps < 1:
+        raise MDPError(f"q_learning needs 0 < alpha <= 1, 0 <= epsilon <= 1, n_episodes >= 0 and max_steps >= 1; "
+                       f"got alpha={alpha}, epsilon={epsilon}, n_episodes={n_episodes}, max_steps={max_steps}")
+    if not isinstance(rng, np.random.Generator):  # an int seed, as the rest of the library takes
+        rng = np.random.default_rng(rng)
     S, A = mdp.n_states, mdp.n_actions
     Q = np.zeros((S, A))
     avail = [np.flatnonzero(mdp.mask[s]) for s in range(S)]
