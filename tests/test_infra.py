@@ -161,6 +161,9 @@ def test_a_config_built_in_python_is_converted_and_checked_as_the_command_line_d
     assert (cfg.model, cfg.data) == (str(tmp_path / "m"), str(tmp_path / "d.jsonl"))  # text, as config.yaml needs
     assert (cfg.batch_size, cfg.beta, cfg.loss_weights) == (2, 0.5, [1.0, 0.5])
     assert check_config(cfg) is cfg
+    import dataclasses
+
+    assert set(vars(cfg)) == {f.name for f in dataclasses.fields(cfg)}  # vars(cfg) is printed and saved
     for bad, message in (({"beta": -1.0}, "beta"), ({"loss": "bogus"}, "unknown loss 'bogus'"),
                          ({"max_steps": 1.5}, "'max_steps' must be of type int"),
                          ({"learning_rate": float("nan")}, "learning_rate")):

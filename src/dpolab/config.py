@@ -23,6 +23,7 @@ import math
 import os
 import types
 import typing
+import weakref
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -268,7 +269,7 @@ def check_config(cfg: T) -> T:
     each value converted to its declared type (a ``Path`` becomes its text, ``"2"`` an int, ``"a,b"``
     a list) with the same errors, then ``choices`` and ``validate()``. A config already checked
     (every one the command line builds), and not changed since, is returned as it is."""
-    if getattr(cfg, "_checked", None) == dataclasses.asdict(cfg):
+    if _CHECKED.get(id(cfg)) == dataclasses.asdict(cfg):
         return cfg
     for f, tp in _fields(type(cfg)):
         setattr(cfg, f.name, _convert(_plain(getattr(cfg, f.name)), tp, f.name))
@@ -292,8 +293,15 @@ def _finish(cfg: T) -> T:
                               f"{suggest(str(value), [str(c) for c in choices])}; choose from {list(choices)}")
     if hasattr(cfg, "validate"):
         cfg.validate()
-    object.__setattr__(cfg, "_checked", dataclasses.asdict(cfg))  # not a field: config.yaml does not see it
+    if id(cfg) not in _CHECKED:
+        weakref.finalize(cfg, _CHECKED.pop, id(cfg), None)
+    _CHECKED[id(cfg)] = dataclasses.asdict(cfg)
     return cfg
+
+
+# the values each live config had when it was checked, by id (kept off the object: vars(cfg) is
+# printed by --dry-run and written to model cards)
+_CHECKED: dict[int, dict] = {}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
