@@ -405,3 +405,77 @@ def test_atomic_write_leaves_no_file_when_the_text_cannot_be_encoded(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         atomic_write_text(tmp_path / "out.jsonl", "a\ud800")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("moment", ["evaluate", "save_checkpoint"])
+def test_a_signal_during_the_end_of_run_work_is_a_clean_stop_and_resumes_to_the_same_summary(
+        tiny_model_dir, finished_run, tmp_path, capsys, monkeypatch, moment):
+    """SIGTERM while the final checkpoint is written or the end-of-run evaluation runs: the run stops
+    as between steps (the resume hint, exit 0, no summary.json), and the resume finishes it with the
+    summary an uninterrupted run writes (its training metrics come from the checkpoint)."""
+    from dpolab.cli import main
+    from dpolab.train.engine import Engine
+
+    data, _ = finished_run
+    argv = lambda out: _dpo(tiny_model_dir, data, out, "--max-steps", "2", "--eval-fraction", "0.25",  # noqa: E731
+                            "--logging-steps", "1", "--save-steps", "0")
+    assert main(argv(tmp_path / "ref")) == 0
+    original = getattr(Engine, moment)
+    calls = []
+
+    def signalled(self, *args, **kwargs):
+        if self.step == 2 and not calls:
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, moment, signalled)
+    out = tmp_path / "run"
+    assert main(argv(out)) == 0
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 2/2; checkpoint saved. Resume with" in err, err
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+    monkeypatch.setattr(Engine, moment, original)
+    assert main([*argv(out), "--resume", "latest"]) == 0
+    ref, got = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", out))
+    ref.pop("wall_seconds"), got.pop("wall_seconds")
+    assert got.keys() == ref.keys() and "loss" in got
+    for k in ref:  # but the clock's
+        assert got[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9) or "second" in k, k
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(r["step"], "eval/loss" in r) for r in rows(out)] == [(r["step"], "eval/loss" in r) for r in rows(tmp_path / "ref")]
+
+
+def test_an_interrupted_final_save_leaves_no_temporary_folder_and_keeps_the_old_one(tmp_path):
+    from dpolab.runs.checkpoint import save_pretrained_atomic
+
+    class Model:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save_pretrained(self, path, **kw):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "model.safetensors").write_text("new")
+            if self.fail:
+                raise KeyboardInterrupt
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    (tmp_path / ".final.tmp-1").mkdir()  # left by a killed earlier save
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained_atomic(Model(fail=True), None, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "model.safetensors").read_text() == "old"
+    save_pretrained_atomic(Model(), None, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "model.safetensors").read_text() == "new"
+
+
+def test_resume_drops_a_samples_line_cut_short_by_a_kill(tmp_path):
+    """As metrics.jsonl's: the resume used to fail on it with a JSON traceback, every time."""
+    from dpolab.train.on_policy import truncate_samples
+
+    run = RunDir(tmp_path)
+    (tmp_path / "samples.jsonl").write_text('{"step": 1, "prompt": "a"}\n{"step": 2, "prompt": "b"}\n'
+                                            '{"step": 3, "prompt": "c"}\n{"step": 4, "prompt": "the mo')
+    truncate_samples(run, 2)
+    assert (tmp_path / "samples.jsonl").read_text() == '{"step": 1, "prompt": "a"}\n{"step": 2, "prompt": "b"}\n'

@@ -240,11 +240,11 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
 
     save_final(run_dir, policy, {"env": cfg.env, "algo": algo.name}, step)
     plot_learning_curve(run_dir, f"{algo.title} on {cfg.env} (seed {cfg.seed})")
-    summary = run_dir.write_summary({"eval/mean_return": last_eval, "eval/best_mean_return": best,
-                                     "eval_seconds": round(eval_seconds, 3), "skipped_steps": skipped}, steps=step)
-    write_model_card(run_dir.final, command=f"rl {algo.name}", method=method_text(algo), config=dataclasses.asdict(cfg),
-                     metrics=summary, base_model="")
-    return summary
+    return run_dir.write_summary(
+        {"eval/mean_return": last_eval, "eval/best_mean_return": best, "eval_seconds": round(eval_seconds, 3),
+         "skipped_steps": skipped}, steps=step,
+        before=lambda s: write_model_card(run_dir.final, command=f"rl {algo.name}", method=method_text(algo),
+                                          config=dataclasses.asdict(cfg), metrics=s, base_model=""))
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -142,22 +142,31 @@ def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
 def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
     """Write a Hugging Face model folder under a temporary name, then rename it into place.
 
-    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP/DeepSpeed, gathered by
-    :func:`dpolab.train.distributed.model_state_dict`)."""
+    An earlier ``target`` is moved aside before the rename and removed after it, so a stop at any
+    point leaves either it or the new folder whole (a temporary folder a stop leaves is removed by
+    the next save). ``state_dict``: the full weights when ``model``'s own are sharded (FSDP/DeepSpeed,
+    gathered by :func:`dpolab.train.distributed.model_state_dict`)."""
     import shutil
 
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a stopped or killed save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if state_dict is not None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    try:
+        if state_dict is not None:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
-        shutil.rmtree(target)
+        os.replace(target, old)
     os.replace(tmp, target)
+    for done in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(done, ignore_errors=True)
 
 
 def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -169,10 +169,15 @@ class RunDir:
         that stops or fails is not taken for finished (``final/`` stays until it writes its own)."""
         (self.path / "summary.json").unlink(missing_ok=True)
 
-    def write_summary(self, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
+    def write_summary(self, metrics: dict[str, Any], *, steps: int,
+                      before: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Write ``summary.json``, the last file of a finished run; ``before(summary)`` runs first
+        (the model card, which shows it), so a run with a summary has everything else."""
         summary = {k: _jsonable(v) for k, v in metrics.items()}
         summary["steps"] = steps
         summary["wall_seconds"] = round(time.time() - self.start, 3)
+        if before is not None:
+            before(summary)
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 

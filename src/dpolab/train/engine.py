@@ -71,6 +71,7 @@ class Engine:
         # state a checkpoint restores
         self.step = self.micro = self.skipped = self.tokens_seen = self.tokens_window = 0
         self.window: list[dict[str, float]] = []
+        self.last_logged: dict[str, float] = {}  # the last training row: the summary's training metrics
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -194,7 +195,7 @@ class Engine:
         files = algo.checkpoint_files(full)
         state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
-                 "algorithm": algo.state_dict(), "config": vars(self.cfg),
+                 "last_logged": self.last_logged, "algorithm": algo.state_dict(), "config": vars(self.cfg),
                  "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes}
 
         def write(d: Path) -> None:
@@ -216,6 +217,7 @@ class Engine:
         self.step, self.micro = state["step"], state["micro_batch"]
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
         self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
+        self.last_logged = dict(state.get("last_logged", {}))
         algo.load_state_dict(state.get("algorithm", {}))
         if self.is_main:  # said once, however many processes
             warn_config_changes(state.get("config", {}), vars(self.cfg))
@@ -256,7 +258,6 @@ class Engine:
                    disable=not (cfg.progress and self.is_main))
         t0 = time.time()
         last_eval: dict[str, float] = {}
-        last_logged: dict[str, float] = {}
         with StopSignal() as stop:
             while self.step < self.steps:
                 group = [next(batches) for _ in range(algo.micro_batches)]
@@ -274,7 +275,7 @@ class Engine:
                                    "epoch": self.micro / self.order.per_epoch,
                                    "tokens_per_second": self.tokens_window / elapsed, "skipped_steps": self.skipped})
                     self.tokens_seen += self.tokens_window
-                    self.window, t0, self.tokens_window, last_logged = [], time.time(), 0, logged
+                    self.window, t0, self.tokens_window, self.last_logged = [], time.time(), 0, logged
                     self.log(step, logged)
                     algo.on_log(self, step, logged)
                     bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.4g}" for k in algo.bar_keys if k in logged})
@@ -291,18 +292,25 @@ class Engine:
                         print(resume_hint(algo.name, run, signame, step, self.steps), file=sys.stderr)
                     return {"stopped": True, "steps": step}
         bar.close()
-
-        self.save_checkpoint(algo)  # first: an evaluation that fails leaves the trained run resumable
-        last_eval = self.evaluate(algo)
-        summary_metrics = {**last_logged, **last_eval, "skipped_steps": self.skipped, **algo.summary(self)}
-        full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
-        if not self.is_main:
-            return summary_metrics
-        self.log(self.step, last_eval)
-        algo.save_final(self, run.final, full)
-        summary = run.write_summary(summary_metrics, steps=self.step)
-        write_model_card(run.final, command=algo.name, method=method_text(algo), config=vars(cfg), metrics=summary,
-                         report=self.report)
+        with StopSignal() as stop:  # a signal during the end-of-run work: a clean stop, resumable
+            self.save_checkpoint(algo)  # first: an evaluation that fails leaves the trained run resumable
+            signame = stop.agreed(acc)
+            if not signame:
+                last_eval = self.evaluate(algo)
+                signame = stop.agreed(acc)
+            if signame:  # the resume evaluates and saves final/ (the evaluation's row is not logged yet)
+                if self.is_main:
+                    print(resume_hint(algo.name, run, signame, self.step, self.steps), file=sys.stderr)
+                return {"stopped": True, "steps": self.step}
+            summary_metrics = {**self.last_logged, **last_eval, "skipped_steps": self.skipped, **algo.summary(self)}
+            full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
+            if not self.is_main:
+                return summary_metrics
+            self.log(self.step, last_eval)
+            algo.save_final(self, run.final, full)  # a signal from here on: the run finishes first
+            summary = run.write_summary(summary_metrics, steps=self.step, before=lambda s: write_model_card(
+                run.final, command=algo.name, method=method_text(algo), config=vars(cfg), metrics=s,
+                report=self.report))
         print_summary(summary, algo.summary_keys)
         return summary
 

@@ -273,5 +273,12 @@ def truncate_samples(run: RunDir, step: int) -> None:
     """On resume: drop the sample rows logged after ``step``."""
     path = Path(run.path) / "samples.jsonl"
     if path.is_file():
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines if json.loads(ln).get("step", 0) <= step))
+        kept = []
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:  # a line cut short by a killed process is dropped, as metrics.jsonl's are
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+                kept.append(ln)
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
