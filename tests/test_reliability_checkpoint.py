@@ -122,7 +122,9 @@ def test_failed_writer_leaves_no_temporary_folder(tmp_path):
         (d / "partial").write_text("x")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    from dpolab.errors import DpolabError
+
+    with pytest.raises(DpolabError, match="cannot write checkpoint .*step-2: disk full"):  # one line, not a traceback
         run.save_checkpoint(2, boom)
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step-1"]
 
@@ -479,3 +481,48 @@ def test_resume_drops_a_samples_line_cut_short_by_a_kill(tmp_path):
                                             '{"step": 3, "prompt": "c"}\n{"step": 4, "prompt": "the mo')
     truncate_samples(run, 2)
     assert (tmp_path / "samples.jsonl").read_text() == '{"step": 1, "prompt": "a"}\n{"step": 2, "prompt": "b"}\n'
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, failure):
+    from dpolab.errors import DpolabError
+
+    run = RunDir(tmp_path / "run").create()
+    run.save_checkpoint(1, lambda d: (d / "model.safetensors").write_text("one"))
+
+    def full(d: Path) -> None:
+        (d / "model.safetensors").write_text("half")
+        raise failure
+
+    with pytest.raises(DpolabError, match=r"cannot write checkpoint .*step-2: .*MiB free on its disk\); the previous "
+                                          r"checkpoint is intact") as info:
+        run.save_checkpoint(2, full)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step-1"]
+    assert run.resolve_checkpoint("latest").name == "step-1"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Two runs started at once into one --output-dir mixed their metrics, and one removed the
+    other's checkpoint in progress: the folder is claimed by its run until the run ends."""
+    import socket
+
+    from dpolab.errors import DpolabError
+    from dpolab.runs.rundir import LOCK_FILE
+
+    run = RunDir(tmp_path / "run").create()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run.path / LOCK_FILE).write_text(f"{socket.gethostname()} {other.pid}\n")
+        with pytest.raises(DpolabError, match=rf"--output-dir {run.path} is in use by another run \(process "
+                                              rf"{other.pid} on"):
+            run.lock()
+    finally:
+        other.kill()
+        other.wait()
+    run.lock()  # its process has ended: the claim is taken over
+    assert (run.path / LOCK_FILE).read_text().split()[1] == str(os.getpid())
+    run.lock()  # this process again (a second run from one Python process)
+    run.unlock()
+    assert not (run.path / LOCK_FILE).exists()

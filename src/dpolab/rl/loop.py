@@ -113,6 +113,7 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
     import torch
 
     from dpolab.config import check_config
+    from dpolab.runs.rundir import RunDir
 
     check_config(cfg)
     threads = torch.get_num_threads()
@@ -120,6 +121,7 @@ def run(cfg: Any, algo: GymAlgorithm) -> dict:
         return _run(cfg, algo)
     finally:
         torch.set_num_threads(threads)
+        RunDir(cfg.output_dir).unlock()  # the folder's claim, if this run made one
 
 
 def _run(cfg: Any, algo: GymAlgorithm) -> dict:

@@ -93,7 +93,7 @@ def start_run(cfg: Any, algorithm: str, *, create: bool = True) -> tuple[RunDir,
     run.check_new_run(cfg.resume)
     state = read_checkpoint(run, cfg.resume, cfg, algorithm) if cfg.resume is not None else None
     if create:
-        run.create()
+        run.create().lock()
         run.write_config(cfg)
     return run, state
 

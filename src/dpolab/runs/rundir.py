@@ -27,6 +27,7 @@ from dpolab.errors import DpolabError
 
 LATEST = "latest"
 EARLIER_RUN = ("metrics.jsonl", "summary.json", "checkpoints", "final")  # what a run leaves
+LOCK_FILE = ".dpolab-run.lock"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -122,6 +123,44 @@ class RunDir:
             raise DpolabError(f"--output-dir {self.path}: cannot create it: {err.strerror or err}") from None
         return self
 
+    def lock(self) -> None:
+        """Claim the folder for this process until it exits (``.dpolab-run.lock``: host and PID), so
+        that a second run started into the same ``--output-dir`` is refused instead of mixing its
+        metrics and checkpoints with the first's. A lock whose process has ended (same host) is taken
+        over; this process may claim its own folder again (a second run in one Python process)."""
+        import atexit
+        import socket
+
+        path, me = self.path / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    host, pid = path.read_text(encoding="utf-8").split()
+                except (OSError, ValueError):
+                    host, pid = "", "0"
+                if f"{host} {pid}" == me:
+                    return
+                if host == socket.gethostname() and not _alive(int(pid)):
+                    path.unlink(missing_ok=True)  # left by a run that ended without removing it
+                    continue
+                raise DpolabError(f"--output-dir {self.path} is in use by another run (process {pid} on {host}, "
+                                  f"{path}); wait for it, or remove that file if no run is writing there") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(me + "\n")
+            atexit.register(self.unlock)  # also at an exit that skips the run's own unlock
+            return
+
+    def unlock(self) -> None:
+        """Release :meth:`lock` (at the end of a run, stopped or failed too)."""
+        import socket
+
+        path = self.path / LOCK_FILE
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8").strip() == f"{socket.gethostname()} {os.getpid()}":
+                path.unlink()
+
     # -- files --------------------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:
         """``config.yaml``: the resolved configuration (every field of the config dataclass), with
@@ -136,8 +175,11 @@ class RunDir:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.create()
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as err:  # a full disk, a folder made read-only mid-run
+            raise DpolabError(f"cannot write {self.metrics_path}: {err.strerror or err}") from None
 
     def metrics_rows(self) -> int:
         """The rows in ``metrics.jsonl`` now (a checkpoint records it, for :meth:`truncate_metrics`)."""
@@ -188,16 +230,23 @@ class RunDir:
         intact: the new folder only gets its ``step-N`` name once every file in it is written and
         fsynced, and ``latest`` is replaced atomically after that. Temporary folders left behind
         by a killed process are removed here (and never listed or resolved)."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
         final = self.checkpoints / f"step-{step}"
         tmp = self.checkpoints / f"{_TMP_PREFIX}{step}-{os.getpid()}"
-        tmp.mkdir()
         try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
+            tmp.mkdir()
             write(tmp)
             _fsync_tree(tmp)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            # a full disk or an unwritable folder: one line (torch's writer says "unexpected pos")
+            if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "unexpected pos" in str(err)):
+                free = shutil.disk_usage(self.path).free if self.path.exists() else None
+                why = (err.strerror or str(err)) if isinstance(err, OSError) else "the write failed (disk full?)"
+                raise DpolabError(f"cannot write checkpoint {final}: {why}"
+                                  + (f" ({free / 2**20:.0f} MiB free on its disk)" if free is not None else "")
+                                  + f"; the previous checkpoint is intact ({self.checkpoints / LATEST})") from None
             raise
         if final.exists():  # the same step again (a resumed run): move the old one aside first
             old = self.checkpoints / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
@@ -263,6 +312,16 @@ class RunDir:
 
 
 _TMP_PREFIX = ".tmp-step-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid > 0
 
 
 def _step_of(path: Path) -> int:

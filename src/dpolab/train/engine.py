@@ -233,7 +233,7 @@ class Engine:
         if self.ckpt is not None:
             self._resume(algo)
         if self.is_main:
-            run.create()
+            run.create().lock()
             run.write_config(cfg)
             (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
         self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path, vars(cfg))
@@ -241,6 +241,8 @@ class Engine:
             return self._loop(algo)
         finally:
             self.trackers.close()
+            if self.is_main:
+                run.unlock()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """A row of ``metrics.jsonl`` and of the trackers (main process)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -137,9 +138,13 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
             tables[split][rows] = computed[split][rows]
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({s: t.contiguous() for s, t in tables.items()}, str(tmp))
-        tmp.replace(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # runs sharing --ref-cache-dir: one each
+        try:
+            save_file({s: t.contiguous() for s, t in tables.items()}, str(tmp))
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return tables
 
 
