@@ -182,3 +182,19 @@ def test_train_from_python_refuses_a_bad_config_before_any_work(tiny_model_dir, 
     with pytest.raises(ConfigError, match="unknown loss 'bogus'"):
         train(DPOConfig(model=tiny_model_dir, data=tmp_path / "missing.jsonl", loss="bogus", output_dir=out))
     assert not out.exists()
+
+
+def test_check_config_leaves_the_callers_object_as_it_was():
+    """validate() resolves a loss's β: a sweep copying the object (dataclasses.replace) must not
+    inherit the first loss's β, and an edit to an equal value of another type is converted again."""
+    import dataclasses
+
+    from dpolab.config import check_config
+    from dpolab.train.dpo import DPOConfig
+
+    base = DPOConfig(model="m", data="d")
+    checked = check_config(base)
+    assert base.beta is None and checked.beta == 0.1 and checked is not base
+    assert check_config(dataclasses.replace(base, loss="simpo")).beta == 2.0  # SimPO's own default
+    checked.batch_size = 2.0  # equal to 2, another type: checked again
+    assert type(check_config(checked).batch_size) is int

@@ -526,3 +526,28 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     run.lock()  # this process again (a second run from one Python process)
     run.unlock()
     assert not (run.path / LOCK_FILE).exists()
+
+
+def test_a_resume_into_a_folder_in_use_is_refused_before_it_touches_the_run(tiny_model_dir, finished_run, tmp_path,
+                                                                           capsys):
+    import shutil
+    import socket
+
+    from dpolab.cli import main
+    from dpolab.runs.rundir import LOCK_FILE
+
+    data, out = finished_run
+    run = Path(shutil.copytree(out, tmp_path / "run"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_FILE).write_text(f"{socket.gethostname()} {other.pid}\n")
+        # (the reference cache may gain the rows the refused run computed before it was refused)
+        files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*")  # noqa: E731
+                         if p.is_file() and p.parent.name != "cache"}
+        before = files()
+        assert main(_dpo(tiny_model_dir, data, run, "--max-steps", "3", "--resume", "latest")) == 2
+        assert "is in use by another run" in capsys.readouterr().err
+        assert files() == before  # metrics not cut back, summary.json kept
+    finally:
+        other.kill()
+        other.wait()

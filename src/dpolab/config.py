@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import math
@@ -265,22 +266,29 @@ def make_config(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def check_config(cfg: T) -> T:
-    """What the command line gives a config, for one built in Python (``train(DPOConfig(...))``):
-    each value converted to its declared type (a ``Path`` becomes its text, ``"2"`` an int, ``"a,b"``
-    a list) with the same errors, then ``choices`` and ``validate()``. A config already checked
-    (every one the command line builds), and not changed since, is returned as it is."""
-    if _CHECKED.get(id(cfg)) == dataclasses.asdict(cfg):
+    """What the command line gives a config, for one built in Python (``train(DPOConfig(...))``): a
+    checked copy, each value converted to its declared type (a ``Path`` becomes its text, ``"2"`` an
+    int, ``"a,b"`` a list) with the same errors, then ``choices`` and ``validate()``. The caller's
+    object is left as it was (``validate()`` resolves defaults such as a loss's β, which a sweep
+    copying the object must not inherit). A config already checked (every one the command line
+    builds), and not changed since, is returned as it is."""
+    if _CHECKED.get(id(cfg)) == _snapshot(cfg):
         return cfg
-    for f, tp in _fields(type(cfg)):
-        setattr(cfg, f.name, _convert(_plain(getattr(cfg, f.name)), tp, f.name))
-    return _finish(cfg)
+    checked = copy.deepcopy(cfg)
+    for f, tp in _fields(type(checked)):
+        setattr(checked, f.name, _convert(_fspath_values(getattr(checked, f.name)), tp, f.name))
+    return _finish(checked)
 
 
-def _plain(value: Any) -> Any:
+def _snapshot(cfg: Any) -> str:
+    return repr(dataclasses.asdict(cfg))  # repr: 2 and 2.0, 0 and False differ
+
+
+def _fspath_values(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_fspath_values(v) for v in value]
     return value
 
 
@@ -295,13 +303,13 @@ def _finish(cfg: T) -> T:
         cfg.validate()
     if id(cfg) not in _CHECKED:
         weakref.finalize(cfg, _CHECKED.pop, id(cfg), None)
-    _CHECKED[id(cfg)] = dataclasses.asdict(cfg)
+    _CHECKED[id(cfg)] = _snapshot(cfg)
     return cfg
 
 
 # the values each live config had when it was checked, by id (kept off the object: vars(cfg) is
 # printed by --dry-run and written to model cards)
-_CHECKED: dict[int, dict] = {}
+_CHECKED: dict[int, str] = {}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

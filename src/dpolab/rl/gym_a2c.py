@@ -143,6 +143,9 @@ class A2C(GymAlgorithm):
 
 def train(cfg: A2CConfig) -> dict:
     """Train A2C as configured; returns the summary (also written to summary.json)."""
+    from dpolab.config import check_config
+
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     return run(cfg, A2C(cfg))
 
 

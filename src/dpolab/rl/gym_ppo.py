@@ -196,6 +196,9 @@ class PPO(GymAlgorithm):
 
 def train(cfg: PPOConfig) -> dict:
     """Train PPO as configured; returns the summary (also written to summary.json)."""
+    from dpolab.config import check_config
+
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     return run(cfg, PPO(cfg))
 
 

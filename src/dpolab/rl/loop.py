@@ -107,15 +107,13 @@ class GymAlgorithm:
 
 
 def run(cfg: Any, algo: GymAlgorithm) -> dict:
-    """Train ``algo`` as ``cfg`` says; returns the summary (also written to summary.json). A config
-    built in Python is checked as the command line's are; torch's thread count (``--threads``) is
-    restored afterwards, for the rest of a notebook or sweep."""
+    """Train ``algo`` as ``cfg`` (checked: :func:`dpolab.config.check_config`) says; returns the
+    summary (also written to summary.json). torch's thread count (``--threads``) is restored
+    afterwards, for the rest of a notebook or sweep."""
     import torch
 
-    from dpolab.config import check_config
     from dpolab.runs.rundir import RunDir
 
-    check_config(cfg)
     threads = torch.get_num_threads()
     try:
         return _run(cfg, algo)

@@ -155,10 +155,12 @@ def resolve_shared_prompts(cfg, engine, prompts) -> bool:
 def train_critic_free(cfg, algo_cls) -> dict:
     """The opening GRPO and RLOO share (:func:`dpolab.train.on_policy.open_run`), the policy (LoRA as
     configured), the reference where needed, the engine and its plan; then the run."""
+    from dpolab.config import check_config
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.train import on_policy
     from dpolab.train.engine import Engine
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     opened = on_policy.open_run(cfg, algo_cls.name)
     if isinstance(opened, dict):
         return opened

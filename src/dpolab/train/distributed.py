@@ -216,14 +216,12 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     (by every process before the process group forms, so before any process writes), its Accelerator
     (LoRA refused under FSDP/DeepSpeed, where the final merge would need the whole model on one
     process), seeded RNGs, and the tokenizer. ``command``: the trainer, as its checkpoints name it."""
-    from dpolab.config import check_config
     from dpolab.lm.loading import load_tokenizer
     from dpolab.runs.checkpoint import check_checkpoint_files, read_trainer_state
     from dpolab.runs.rundir import RunDir
     from dpolab.runs.seeding import seed_everything
     from dpolab.runs.trackers import parse_report_to
 
-    check_config(cfg)  # a config built in Python gets the command line's conversions and checks
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
     run = RunDir(cfg.output_dir)
     run.check_new_run(cfg.resume)

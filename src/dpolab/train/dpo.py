@@ -164,6 +164,7 @@ class DPO(Algorithm):
 
 def train(cfg: DPOConfig) -> dict:
     """Run DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.data.batching import batch_order
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.losses.dpo import is_batch_level, needs_reference
@@ -173,6 +174,7 @@ def train(cfg: DPOConfig) -> dict:
     from dpolab.train.pair_layout import collate_pairs, load_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     accelerator, tokenizer = distributed.start_run(cfg, DPO.name)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()

@@ -230,17 +230,21 @@ class Engine:
         """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or
         ``{"stopped": True, "steps": N}`` after a signal."""
         cfg, run = self.cfg, self.run_dir
-        if self.ckpt is not None:
-            self._resume(algo)
-        if self.is_main:
+        if self.is_main:  # claimed before a resume cuts the folder's metrics back
             run.create().lock()
-            run.write_config(cfg)
-            (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
-        self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path, vars(cfg))
         try:
-            return self._loop(algo)
+            if self.ckpt is not None:
+                self._resume(algo)
+            if self.is_main:
+                run.write_config(cfg)
+                (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
+            self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path,
+                                          vars(cfg))
+            try:
+                return self._loop(algo)
+            finally:
+                self.trackers.close()
         finally:
-            self.trackers.close()
             if self.is_main:
                 run.unlock()
 

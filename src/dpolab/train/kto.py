@@ -194,6 +194,7 @@ class KTO(Algorithm):
 
 def train(cfg: KTOConfig) -> dict:
     """Run KTO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.data import pad_token_id_for
     from dpolab.data.batching import batch_order
     from dpolab.data.unpaired import load_unpaired_data
@@ -205,6 +206,7 @@ def train(cfg: KTOConfig) -> dict:
     from dpolab.train.pair_layout import collate_pairs, pair_widths, resolve_prefix_sharing
     from dpolab.train.reference import make_reference
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     accelerator, tokenizer = distributed.start_run(cfg, KTO.name)
     data = load_unpaired_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,

@@ -155,10 +155,12 @@ class OnlineDPO(OnPolicy):
 
 def train(cfg: OnlineDPOConfig) -> dict:
     """Run online DPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.lm.loading import load_trainable_lm
     from dpolab.train import on_policy
     from dpolab.train.engine import Engine
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     opened = on_policy.open_run(cfg, "online-dpo")
     if isinstance(opened, dict):
         return opened

@@ -218,11 +218,13 @@ class PPO(ActorCritic):
 
 def train(cfg: PPOConfig) -> dict:
     """Run PPO as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.lm.loading import load_causal_lm, load_trainable_lm
     from dpolab.lm.value_head import PolicyWithValue, ValueHead, hidden_size_of
     from dpolab.train import on_policy
     from dpolab.train.engine import Engine
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     opened = on_policy.open_run(cfg, "ppo")
     if isinstance(opened, dict):
         return opened

@@ -141,6 +141,7 @@ def reward_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(cfg: RewardConfig) -> dict:
     """Train a reward model as configured; returns the summary (also OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.data import pad_token_id_for
     from dpolab.data.batching import batch_order, pair_lengths
     from dpolab.lm.loading import enable_checkpointing
@@ -150,6 +151,7 @@ def train(cfg: RewardConfig) -> dict:
     from dpolab.train.memory import resolve_micro_batch_tokens
     from dpolab.train.pair_layout import load_pairs, pair_widths, resolve_prefix_sharing
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     accelerator, tokenizer = distributed.start_run(cfg, RewardModelTraining.name)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()

@@ -128,6 +128,7 @@ class SFT(Algorithm):
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    from dpolab.config import check_config
     from dpolab.data.batching import batch_order
     from dpolab.data.collate import pad_token_id_for
     from dpolab.data.sft import load_sft_data, pack_examples
@@ -136,6 +137,7 @@ def train(cfg: SFTConfig) -> dict:
     from dpolab.train.engine import Engine
     from dpolab.train.memory import resolve_micro_batch_tokens
 
+    cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     accelerator, tokenizer = distributed.start_run(cfg, SFT.name)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
