@@ -409,7 +409,7 @@ def test_atomic_write_leaves_no_file_when_the_text_cannot_be_encoded(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("moment", ["evaluate", "save_checkpoint"])
+@pytest.mark.parametrize("moment", ["evaluate", "save_checkpoint", "optimizer_step"])
 def test_a_signal_during_the_end_of_run_work_is_a_clean_stop_and_resumes_to_the_same_summary(
         tiny_model_dir, finished_run, tmp_path, capsys, monkeypatch, moment):
     """SIGTERM while the final checkpoint is written or the end-of-run evaluation runs: the run stops
@@ -426,7 +426,7 @@ def test_a_signal_during_the_end_of_run_work_is_a_clean_stop_and_resumes_to_the_
     calls = []
 
     def signalled(self, *args, **kwargs):
-        if self.step == 2 and not calls:
+        if self.step == (1 if moment == "optimizer_step" else 2) and not calls:  # optimizer_step: the last step
             calls.append(1)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args, **kwargs)
@@ -484,7 +484,9 @@ def test_resume_drops_a_samples_line_cut_short_by_a_kill(tmp_path):
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")])
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64"),
+                                     Exception("Error while serializing: I/O error: No space left on device "
+                                               "(os error 28)")])  # safetensors' SafetensorError
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, failure):
     from dpolab.errors import DpolabError
 
@@ -503,44 +505,54 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert run.resolve_checkpoint("latest").name == "step-1"
 
 
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process that claims ``folder`` (RunDir.lock) and sleeps; returned once it holds it."""
+    from dpolab.runs.rundir import LOCK_FILE
+
+    code = (f"import time; from dpolab.runs.rundir import RunDir; RunDir({str(folder)!r}).create().lock(); "
+            "print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held" and (folder / LOCK_FILE).exists()
+    return proc
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     """Two runs started at once into one --output-dir mixed their metrics, and one removed the
-    other's checkpoint in progress: the folder is claimed by its run until the run ends."""
-    import socket
-
+    other's checkpoint in progress: the folder is claimed by its run until the run ends (an flock:
+    a process that dies, however it dies, leaves a claim the next run takes)."""
     from dpolab.errors import DpolabError
     from dpolab.runs.rundir import LOCK_FILE
 
     run = RunDir(tmp_path / "run").create()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = _holder(run.path)
     try:
-        (run.path / LOCK_FILE).write_text(f"{socket.gethostname()} {other.pid}\n")
         with pytest.raises(DpolabError, match=rf"--output-dir {run.path} is in use by another run \(process "
                                               rf"{other.pid} on"):
             run.lock()
     finally:
-        other.kill()
+        other.kill()  # SIGKILL: no cleanup ran, the file stays
         other.wait()
+    assert (run.path / LOCK_FILE).exists()
     run.lock()  # its process has ended: the claim is taken over
     assert (run.path / LOCK_FILE).read_text().split()[1] == str(os.getpid())
     run.lock()  # this process again (a second run from one Python process)
     run.unlock()
     assert not (run.path / LOCK_FILE).exists()
+    (run.path / LOCK_FILE).write_text("")  # empty, as a crash right after creating it leaves it
+    run.lock()
+    run.unlock()
 
 
 def test_a_resume_into_a_folder_in_use_is_refused_before_it_touches_the_run(tiny_model_dir, finished_run, tmp_path,
                                                                            capsys):
     import shutil
-    import socket
 
     from dpolab.cli import main
-    from dpolab.runs.rundir import LOCK_FILE
 
     data, out = finished_run
     run = Path(shutil.copytree(out, tmp_path / "run"))
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = _holder(run)
     try:
-        (run / LOCK_FILE).write_text(f"{socket.gethostname()} {other.pid}\n")
         # (the reference cache may gain the rows the refused run computed before it was refused)
         files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*")  # noqa: E731
                          if p.is_file() and p.parent.name != "cache"}

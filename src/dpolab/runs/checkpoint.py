@@ -159,8 +159,12 @@ def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | No
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        from dpolab.runs.rundir import free_space, write_failure
+
+        if write_failure(err):
+            raise DpolabError(f"cannot write {target}: {write_failure(err)}{free_space(target.parent)}") from err
         raise
     if target.exists():
         os.replace(target, old)

@@ -28,6 +28,7 @@ from dpolab.errors import DpolabError
 LATEST = "latest"
 EARLIER_RUN = ("metrics.jsonl", "summary.json", "checkpoints", "final")  # what a run leaves
 LOCK_FILE = ".dpolab-run.lock"
+_HELD: dict[str, int] = {}  # the lock files this process holds, and their descriptors
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,42 +125,38 @@ class RunDir:
         return self
 
     def lock(self) -> None:
-        """Claim the folder for this process until it exits (``.dpolab-run.lock``: host and PID), so
-        that a second run started into the same ``--output-dir`` is refused instead of mixing its
-        metrics and checkpoints with the first's. A lock whose process has ended (same host) is taken
-        over; this process may claim its own folder again (a second run in one Python process)."""
-        import atexit
-        import socket
-
-        path, me = self.path / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    host, pid = path.read_text(encoding="utf-8").split()
-                except (OSError, ValueError):
-                    host, pid = "", "0"
-                if f"{host} {pid}" == me:
-                    return
-                if host == socket.gethostname() and not _alive(int(pid)):
-                    path.unlink(missing_ok=True)  # left by a run that ended without removing it
-                    continue
-                raise DpolabError(f"--output-dir {self.path} is in use by another run (process {pid} on {host}, "
-                                  f"{path}); wait for it, or remove that file if no run is writing there") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(me + "\n")
-            atexit.register(self.unlock)  # also at an exit that skips the run's own unlock
-            return
-
-    def unlock(self) -> None:
-        """Release :meth:`lock` (at the end of a run, stopped or failed too)."""
+        """Claim the folder for this process until the run ends (an exclusive ``flock`` on
+        ``.dpolab-run.lock``, which names the host and process), so that a second run started into
+        the same ``--output-dir`` is refused instead of mixing its metrics and checkpoints with the
+        first's. The kernel drops the claim when its process dies, however it dies, so a stale file
+        is simply claimed again; this process may claim its own folder again (a second run in one
+        Python process)."""
+        import fcntl
         import socket
 
         path = self.path / LOCK_FILE
-        with contextlib.suppress(OSError):
-            if path.read_text(encoding="utf-8").strip() == f"{socket.gethostname()} {os.getpid()}":
+        if str(path) in _HELD:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live process
+            holder = os.read(fd, 200).decode("utf-8", "replace").split() or ["?", "?"]
+            os.close(fd)
+            raise DpolabError(f"--output-dir {self.path} is in use by another run (process {holder[-1]} on "
+                              f"{holder[0]}); wait for it to end, or give another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        _HELD[str(path)] = fd
+
+    def unlock(self) -> None:
+        """Release :meth:`lock` (at the end of a run, stopped or failed too)."""
+        path = self.path / LOCK_FILE
+        fd = _HELD.pop(str(path), None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
                 path.unlink()
+            os.close(fd)  # closing drops the flock
 
     # -- files --------------------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:
@@ -240,13 +237,9 @@ class RunDir:
             _fsync_tree(tmp)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            # a full disk or an unwritable folder: one line (torch's writer says "unexpected pos")
-            if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "unexpected pos" in str(err)):
-                free = shutil.disk_usage(self.path).free if self.path.exists() else None
-                why = (err.strerror or str(err)) if isinstance(err, OSError) else "the write failed (disk full?)"
-                raise DpolabError(f"cannot write checkpoint {final}: {why}"
-                                  + (f" ({free / 2**20:.0f} MiB free on its disk)" if free is not None else "")
-                                  + f"; the previous checkpoint is intact ({self.checkpoints / LATEST})") from None
+            if write_failure(err):
+                raise DpolabError(f"cannot write checkpoint {final}: {write_failure(err)}{free_space(self.path)}; "
+                                  f"the previous checkpoint is intact ({self.checkpoints / LATEST})") from err
             raise
         if final.exists():  # the same step again (a resumed run): move the old one aside first
             old = self.checkpoints / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
@@ -314,14 +307,24 @@ class RunDir:
 _TMP_PREFIX = ".tmp-step-"
 
 
-def _alive(pid: int) -> bool:
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed, if ``err`` is the file system's refusal (a full disk, no permission) as
+    the OS, torch's writer or safetensors says it; None for any other error."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    text = str(err)
+    if isinstance(err, Exception) and any(m in text for m in ("No space left", "os error 28", "unexpected pos",
+                                                                 "file write failed", "Permission denied")):
+        return "no space left on the device" if "os error 28" in text or "No space" in text or \
+            "unexpected pos" in text else text.strip().splitlines()[-1]
+    return None
+
+
+def free_space(path: Path) -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return pid > 0
+        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free on its disk)"
+    except OSError:
+        return ""
 
 
 def _step_of(path: Path) -> int:

@@ -298,7 +298,9 @@ class Engine:
                         print(resume_hint(algo.name, run, signame, step, self.steps), file=sys.stderr)
                     return {"stopped": True, "steps": step}
         bar.close()
+        pending = stop.received  # a signal during the last step stops after its checkpoint
         with StopSignal() as stop:  # a signal during the end-of-run work: a clean stop, resumable
+            stop.received = pending
             self.save_checkpoint(algo)  # first: an evaluation that fails leaves the trained run resumable
             signame = stop.agreed(acc)
             if not signame:
