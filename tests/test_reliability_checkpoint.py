@@ -563,3 +563,19 @@ def test_a_resume_into_a_folder_in_use_is_refused_before_it_touches_the_run(tiny
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_file_system_without_flock_runs_unclaimed_with_a_note(tmp_path, monkeypatch, capsys):
+    """ENOSYS/ENOLCK (Lustre without -o flock, some FUSE/NFS set-ups) is no other run: a note, not a
+    refusal of every run."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run = RunDir(tmp_path / "run").create()
+    run.lock()
+    assert "cannot lock" in capsys.readouterr().err
+    run.unlock()

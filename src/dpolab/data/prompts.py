@@ -116,8 +116,9 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 -- a template that rejects the roles (raise_exception)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise err(f"cannot render the conversation with the tokenizer's chat template: "
-                      f"{type(exc).__name__}: {exc}", field="messages") from None
+                      f"{type(exc).__name__}: {reason}", field="messages") from None
         return text, True
     raise err("row needs a 'prompt' string or a 'messages' list")
 

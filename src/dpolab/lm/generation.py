@@ -258,7 +258,8 @@ def generate(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_
     if eos_token_id is None and not eos:
         raise DpolabError("generate: the tokenizer has no EOS token")
     eos_ids = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else int(eos_ids[0])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts_ids, pad))
     eos_ids = eos_ids.to(device)

@@ -48,7 +48,8 @@ class LocalSampler:
         model: the policy (a causal LM); the sampler shares its parameters, so an optimizer
             update is seen at once and :meth:`sync_weights` copies nothing.
         tokenizer: supplies the pad and EOS ids.
-        eos_token_id: stop token(s), default the tokenizer's EOS (``[]``: never stop early).
+        eos_token_id: stop token(s), default :func:`dpolab.lm.generation.stop_ids` (the tokenizer's EOS and
+            the model's generation-config EOS ids; ``[]``: never stop early).
         fast: ``generate``'s ``fast`` (the direct decoder where it applies; False: the model's forward).
     """
 

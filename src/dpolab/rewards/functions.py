@@ -86,6 +86,7 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     Raises :class:`DpolabError` naming the function for an exception inside it, a non-sequence, a
     wrong length, a non-number or a NaN/inf."""
     name = getattr(fn, "__qualname__", repr(fn))
+    prompts, completions = list(prompts), list(completions)  # any iterables, as before
     sizes = {"prompts": len(prompts), "completions": len(completions),
              **{f"column '{k}'": len(v) for k, v in (columns or {}).items()}}
     if len(set(sizes.values())) > 1:  # a caller's bug: the reward would score misaligned rows

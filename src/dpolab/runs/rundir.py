@@ -131,20 +131,37 @@ class RunDir:
         first's. The kernel drops the claim when its process dies, however it dies, so a stale file
         is simply claimed again; this process may claim its own folder again (a second run in one
         Python process)."""
+        import errno
         import fcntl
         import socket
+        import sys
 
         path = self.path / LOCK_FILE
         if str(path) in _HELD:
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live process
-            holder = os.read(fd, 200).decode("utf-8", "replace").split() or ["?", "?"]
-            os.close(fd)
-            raise DpolabError(f"--output-dir {self.path} is in use by another run (process {holder[-1]} on "
-                              f"{holder[0]}); wait for it to end, or give another --output-dir") from None
+        for _ in range(3):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without flock
+                    os.close(fd)
+                    print(f"dpolab: cannot lock {path} ({err.strerror}): this run does not keep others out of "
+                          "its --output-dir", file=sys.stderr)
+                    return
+                holder = os.read(fd, 200).decode("utf-8", "replace").split() or ["?", "?"]
+                os.close(fd)
+                raise DpolabError(f"--output-dir {self.path} is in use by another run (process {holder[-1]} on "
+                                  f"{holder[0]}); wait for it to end, or give another --output-dir") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed by the run that held it, after we opened it: again
+        else:
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
         _HELD[str(path)] = fd
