@@ -4,7 +4,6 @@ bad rows, padding, packing and the block-diagonal mask."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -141,16 +140,17 @@ def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path):
         load_sft_data(str(cased), tiny_tokenizer, max_length=32)
 
 
-@pytest.mark.parametrize("row, forms", [
-    ({"prompt": "a", "completion": "b", "text": "c"}, "'prompt'/'completion' and 'text'"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "text": "c"},
-     "'messages' and 'text'"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "completion": "c"},
-     "'messages' and 'prompt'/'completion'"),
+@pytest.mark.parametrize("row, kind", [
+    ({"prompt": "Hi", "prompt_id": "x", "messages": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Hello"}]}, "chat"),
+    ({"prompt": "a", "completion": "b", "text": "a b"}, "completion"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "text": ""}, "chat"),
+    ({"prompt": "", "completion": "", "text": "c"}, "text"),
 ])
-def test_a_row_of_two_forms_is_refused_not_half_read(row, forms):
-    with pytest.raises(DataError, match=rf"mem\.jsonl:1: row has both {re.escape(forms)}; give one"):
-        parse_sft(Record(row, "mem.jsonl", 1))
+def test_a_row_is_read_as_the_first_form_it_fills(row, kind):
+    """messages, then prompt/completion (with a completion), then text: UltraChat-style rows keep the
+    first user turn in a `prompt` column beside `messages`, and a CSV row has every form's columns."""
+    assert parse_sft(Record(row, "mem.jsonl", 1))[0] == kind
 
 
 def test_csv_rows_of_different_forms_read_each_form(tiny_tokenizer, tmp_path):

@@ -579,3 +579,16 @@ def test_a_file_system_without_flock_runs_unclaimed_with_a_note(tmp_path, monkey
     run.lock()
     assert "cannot lock" in capsys.readouterr().err
     run.unlock()
+
+
+def test_a_symlinked_checkpoint_folder_of_this_run_resumes(tmp_path):
+    """A checkpoint moved to other storage and linked back is still this run's."""
+    run = RunDir(tmp_path / "run").create()
+    run.save_checkpoint(1, lambda d: (d / "model.safetensors").write_text("one"))
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n')
+    elsewhere = tmp_path / "scratch" / "step-1"
+    elsewhere.parent.mkdir()
+    (run.checkpoints / "step-1").rename(elsewhere)
+    (run.checkpoints / "step-1").symlink_to(elsewhere, target_is_directory=True)
+    assert run.resolve_checkpoint("latest").name == "step-1"
+    assert run.resolve_checkpoint(str(run.checkpoints / "step-1")).name == "step-1"

@@ -108,11 +108,14 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
     """``("completion", (prompt, completion))``, ``("chat", (messages, loss_from))`` or
     ``("text", (text,))``; :class:`DataError` naming the file, line and field on a bad row."""
     data = {k: v for k, v in record.data.items() if v is not None}  # a Parquet/Arrow column's null: absent
-    given = [form for form, keys in _FORMS.items() if any(data.get(k) not in ("", [], None) for k in keys)]
-    if len(given) > 1:  # one of them would be silently ignored
-        raise record_error(record, f"row has both {given[0]} and {given[1]}; give one of 'prompt' and "
-                           "'completion', 'messages', or 'text'")
-    if given:  # the other forms' columns are empty here (a CSV cell of another row's form)
+    # the first form the row fills, in this order; an empty cell of another form's column (a CSV with
+    # every form's columns) is no value, and a prompt/completion form needs its completion (chat sets
+    # such as UltraChat keep the first user turn as a `prompt` column beside `messages`)
+    filled = {"'messages'": data.get("messages") not in ("", [], None),
+              "'prompt'/'completion'": data.get("completion") not in ("", [], None),
+              "'text'": data.get("text") not in ("", None)}
+    given = [form for form, yes in filled.items() if yes]
+    if given:
         data = {k: v for k, v in data.items() if k in _FORMS[given[0]] or not any(k in f for f in _FORMS.values())}
     if "messages" in data:
         messages = _messages_field(record, "messages")

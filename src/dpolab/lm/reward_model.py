@@ -89,6 +89,8 @@ def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trus
         from transformers import AutoConfig
 
         labels = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code).num_labels
+        if labels == 1:  # another weight's size differs from the config: transformers' own error says which
+            raise
         raise DpolabError(f"'{name_or_path}' has a {labels}-label head; a reward model needs 1") from None
     saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str)]
     if trained and saved_as and not any(a.endswith("ForSequenceClassification") for a in saved_as):

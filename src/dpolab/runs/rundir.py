@@ -313,7 +313,8 @@ class RunDir:
         if not path.is_dir():
             raise DpolabError(f"--resume: checkpoint not found: {path}")
         found = [name for name in EARLIER_RUN if (self.path / name).exists()]
-        if found and path.resolve().parent != self.checkpoints.resolve():
+        # the folder the checkpoint sits in, not where a symlinked step folder points
+        if spec != LATEST and found and path.absolute().parent.resolve() != self.checkpoints.resolve():
             # the resumed run would cut this folder's metrics back and overwrite its final/
             raise DpolabError(f"--resume {path} is not a checkpoint of --output-dir {self.path}, which holds a run "
                               f"of its own ({', '.join(found)}); continue the checkpoint's run with --output-dir "
