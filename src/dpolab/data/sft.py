@@ -100,8 +100,8 @@ def _messages_field(record: Record, name: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-# the row forms and their columns, named as the errors name them
-_FORMS = {"'messages'": ("messages",), "'prompt'/'completion'": ("prompt", "completion"), "'text'": ("text",)}
+# the row forms, in the order a row is read as the first it fills: the column that decides, and its columns
+_FORMS = {"messages": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
 
 
 def parse_sft(record: Record) -> tuple[str, tuple]:
@@ -111,12 +111,9 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
     # the first form the row fills, in this order; an empty cell of another form's column (a CSV with
     # every form's columns) is no value, and a prompt/completion form needs its completion (chat sets
     # such as UltraChat keep the first user turn as a `prompt` column beside `messages`)
-    filled = {"'messages'": data.get("messages") not in ("", [], None),
-              "'prompt'/'completion'": data.get("completion") not in ("", [], None),
-              "'text'": data.get("text") not in ("", None)}
-    given = [form for form, yes in filled.items() if yes]
-    if given:
-        data = {k: v for k, v in data.items() if k in _FORMS[given[0]] or not any(k in f for f in _FORMS.values())}
+    form = next((f for f in _FORMS if data.get(f) not in ("", [], None)), None)
+    if form is not None:
+        data = {k: v for k, v in data.items() if k in _FORMS[form] or not any(k in f for f in _FORMS.values())}
     if "messages" in data:
         messages = _messages_field(record, "messages")
         if not any(m["role"] == "assistant" for m in messages):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dpolab.errors import DpolabError
+from dpolab.runs.rundir import free_space, write_failure
 from dpolab.runs.seeding import rng_state, set_rng_state
 
 
@@ -161,10 +162,8 @@ def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | No
             tokenizer.save_pretrained(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        from dpolab.runs.rundir import free_space, write_failure
-
-        if write_failure(err):
-            raise DpolabError(f"cannot write {target}: {write_failure(err)}{free_space(target.parent)}") from err
+        if why := write_failure(err):
+            raise DpolabError(f"cannot write {target}: {why}{free_space(target.parent)}") from err
         raise
     if target.exists():
         os.replace(target, old)

@@ -103,13 +103,17 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    def earlier_run(self) -> list[str]:
+        """What a run left in the folder (the names of :data:`EARLIER_RUN` that exist)."""
+        return [name for name in EARLIER_RUN if (self.path / name).exists()]
+
     def check_new_run(self, resume: str | None) -> None:
         """Before any work: the path must be a folder (or not exist yet) and, unless resuming, hold no
         earlier run, whose metrics and checkpoints a new run would mix with its own."""
         if self.path.exists() and not self.path.is_dir():
             raise DpolabError(f"--output-dir {self.path} is a file, not a folder")
         if resume is None:
-            found = [name for name in EARLIER_RUN if (self.path / name).exists()]
+            found = self.earlier_run()
             if found and self.list_checkpoints():
                 raise DpolabError(f"{self.path} already holds a run ({', '.join(found)}); pass --resume latest to "
                                   "continue it or choose another --output-dir")
@@ -254,8 +258,8 @@ class RunDir:
             _fsync_tree(tmp)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if write_failure(err):
-                raise DpolabError(f"cannot write checkpoint {final}: {write_failure(err)}{free_space(self.path)}; "
+            if why := write_failure(err):
+                raise DpolabError(f"cannot write checkpoint {final}: {why}{free_space(self.path)}; "
                                   f"the previous checkpoint is intact ({self.checkpoints / LATEST})") from err
             raise
         if final.exists():  # the same step again (a resumed run): move the old one aside first
@@ -312,7 +316,7 @@ class RunDir:
             path = Path(spec)
         if not path.is_dir():
             raise DpolabError(f"--resume: checkpoint not found: {path}")
-        found = [name for name in EARLIER_RUN if (self.path / name).exists()]
+        found = self.earlier_run()
         # the folder the checkpoint sits in, not where a symlinked step folder points
         if spec != LATEST and found and path.absolute().parent.resolve() != self.checkpoints.resolve():
             # the resumed run would cut this folder's metrics back and overwrite its final/
@@ -330,11 +334,13 @@ def write_failure(err: BaseException) -> str | None:
     the OS, torch's writer or safetensors says it; None for any other error."""
     if isinstance(err, OSError):
         return err.strerror or str(err)
+    if not isinstance(err, Exception):  # Ctrl-C, SystemExit
+        return None
     text = str(err)
-    if isinstance(err, Exception) and any(m in text for m in ("No space left", "os error 28", "unexpected pos",
-                                                                 "file write failed", "Permission denied")):
-        return "no space left on the device" if "os error 28" in text or "No space" in text or \
-            "unexpected pos" in text else text.strip().splitlines()[-1]
+    if any(m in text for m in ("No space left", "os error 28", "unexpected pos")):
+        return "no space left on the device"
+    if any(m in text for m in ("file write failed", "Permission denied")):
+        return text.strip().splitlines()[-1]
     return None
 
 
