@@ -356,8 +356,11 @@ def test_a_key_given_twice_in_a_row_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:2: key 'chosen' given twice in one object"):
         load_records(str(path))
     whole = tmp_path / "d.json"
-    whole.write_text('[{"prompt": "x", "meta": {"a": 1, "a": 2}}]')
-    with pytest.raises(DataError, match=r"d\.json: key 'a' given twice"):
+    whole.write_text('[{"prompt": "x"}, {"prompt": "x", "meta": {"a": 1, "a": 2}}]')
+    with pytest.raises(DataError, match=r"d\.json row 2: key 'a' given twice"):  # the row, as JSONL's line
+        load_records(str(whole))
+    whole.write_text('{"prompt": ["x"], "prompt": ["y"]}')  # columns: no row to name
+    with pytest.raises(DataError, match=r"d\.json: key 'prompt' given twice"):
         load_records(str(whole))
 
 
@@ -376,7 +379,11 @@ def test_csv_unclosed_quote_is_an_error_not_one_long_field(tmp_path):
     # a lenient reader takes everything after the quote as one field: three rows became one
     path = tmp_path / "d.csv"
     path.write_text('prompt,chosen,rejected\na,b,"c\nd,e,f\ng,h,i\n')
-    with pytest.raises(DataError, match=r"d\.csv.*malformed CSV: unexpected end of data"):
+    with pytest.raises(DataError, match=r"d\.csv:2: malformed CSV: a quoted field opened on this line is "
+                       r"never closed"):  # the line the quote opened on, not the file's end
+        load_records(str(path))
+    path.write_text('\nprompt,chosen,rejected\n\n"a\nb",b,c\n\nd,"e,f\ng,h,i\n')  # blank and multi-line rows
+    with pytest.raises(DataError, match=r"d\.csv:7: malformed CSV"):
         load_records(str(path))
 
 

@@ -166,6 +166,14 @@ def _changed_value(field, hint):
     return "some text"
 
 
+# What an option needs beside it to be read (its loss, or no precomputed reference): with it, every
+# option is set once (a refusal is a failure, not a skip).
+_CONTEXT = {"loss": {"loss": "ipo"}, "loss_weights": {"loss": "sigmoid,ipo"},
+            "simpo_gamma": {"loss": "simpo"}, "discopop_tau": {"loss": "discopop"},
+            "orpo_lambda": {"loss": "orpo"}, "cpo_alpha": {"loss": "cpo"},
+            "ref_update_steps": {"precompute_ref": False}, "bco_delta": {"loss": "bco_pair"}}
+
+
 def test_yaml_values_of_every_option_arrive_as_given():
     """Each option alone, set in YAML to a value of its type other than its default: accepted values
     arrive unchanged and typed as declared (the fuzz above rarely draws an accepted scalar)."""
@@ -176,15 +184,14 @@ def test_yaml_values_of_every_option_arrive_as_given():
     for field in dataclasses.fields(DPOConfig):
         if field.name in ("model", "data", "config") or not field.metadata.get("cli", True):
             continue
-        value = _changed_value(field, hints[field.name])
-        try:
-            cfg = _parse(yaml.safe_dump({field.name: value}))
-        except ConfigError:
-            continue  # a value the option's own checks refuse
+        context = _CONTEXT.get(field.name, {})
+        value = context.get(field.name, _changed_value(field, hints[field.name]))
+        cfg = _parse(yaml.safe_dump({**context, field.name: value}))
         got = getattr(cfg, field.name)
         assert got == value and _conforms(got, hints[field.name]), (field.name, value, got)
         accepted += 1
-    assert accepted >= 0.7 * len(FIELDS), accepted
+    assert accepted >= len(FIELDS) - 4, accepted  # all but model, data, config and non-CLI fields
+    assert type(_parse("beta: 1\n").beta) is float  # an integer written for a float option arrives as one
 
 
 def _scalar_types(hint) -> set:
@@ -200,8 +207,8 @@ def _conforms(value, hint) -> bool:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_conforms(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # an integer given for a float option arrives converted
+        return isinstance(value, float)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

@@ -118,6 +118,11 @@ def test_bad_rows_name_line_and_field(row, field):
     assert err.value.line == 5 and err.value.field == field and "d.jsonl:5" in str(err.value)
 
 
+def test_a_missing_prompt_names_a_close_field():
+    with pytest.raises(DataError, match=r"field 'prompt': missing \(did you mean 'Prompt'\?\): an unpaired row"):
+        parse_unpaired(rec({"Prompt": "p", "completion": "c", "label": True}))
+
+
 def test_each_example_tokenized_as_a_chosen_row_with_a_derangement_partner():
     from dpolab.data.preference import encode_prompt_completions
 

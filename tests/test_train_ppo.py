@@ -313,7 +313,8 @@ def test_chat_prompts_are_sampled_with_the_ids_they_are_trained_on(tiny_tokenize
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"text": "x"}, "needs a 'prompt' string or a 'messages' list"),
+    ({"text": "x"}, r"needs a 'prompt' string or a 'messages' list \(the row has 'text'\)"),
+    ({"Prompt": "x"}, r"needs a 'prompt' string or a 'messages' list \(did you mean 'Prompt'\?\)"),
     ({"prompt": 3}, "field 'prompt': expected a string, got int"),
     ({"prompt": "a", "messages": []}, "both 'prompt' and 'messages'"),
     ({"messages": []}, "field 'messages': expected a non-empty list"),

@@ -59,12 +59,17 @@ def record_error(record: Record, message: str, *, field: str | None = None) -> D
 
 def missing(record: Record, name: str) -> str:
     """"missing", with the fields the row has (a close one named: a CSV header's ``' chosen'``)."""
+    return "missing " + fields_hint(record.data, name)
+
+
+def fields_hint(data: dict, *names: str) -> str:
+    """``(did you mean 'x'?)`` for a field close to one of ``names``, else the fields ``data`` has."""
     import difflib
 
-    have = [k for k in record.data if isinstance(k, str)]
-    close = difflib.get_close_matches(name, have, n=1, cutoff=0.7)
+    have = [k for k in data if isinstance(k, str)]
+    close = next((c for n in names for c in difflib.get_close_matches(n, have, n=1, cutoff=0.7)), None)
     shown = ", ".join(map(repr, have[:12])) + (", ..." if len(have) > 12 else "")
-    return f"missing (did you mean {close[0]!r}?)" if close else f"missing (the row has {shown or 'no field'})"
+    return f"(did you mean {close!r}?)" if close else f"(the row has {shown or 'no field'})"
 
 
 # Roles real chat datasets use; another role is kept as given (a template may know it).
@@ -212,6 +217,31 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+class _Marked(dict):
+    """An object that gave a key twice (found again only to name its row)."""
+
+
+def _duplicate_key_row(text: str) -> int | None:
+    """The 1-based row of a JSON list of rows holding an object with a key given twice, or None."""
+
+    def mark(pairs: list[tuple[str, Any]]) -> dict:
+        out = dict(pairs)
+        return _Marked(out) if len(out) != len(pairs) else out
+
+    def marked(value: Any) -> bool:
+        if isinstance(value, dict):
+            return isinstance(value, _Marked) or any(marked(v) for v in value.values())
+        return isinstance(value, list) and any(marked(v) for v in value)
+
+    try:
+        value = json.loads(text, object_pairs_hook=mark)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, list):
+        return next((i for i, row in enumerate(value, start=1) if marked(row)), None)
+    return None
+
+
 def _parse_json(text: str, source: str, *, line: int | None = None) -> Any:
     """``json.loads`` with errors located: at ``line`` for one JSONL line, else at the error's
     own line in the file."""
@@ -257,7 +287,12 @@ def _read_json(path: Path, source: str) -> list[Record]:
     text = _decode(_read_bytes(path, source), source)
     if not text.strip(JSON_WHITESPACE):
         raise DataError("file is empty", path=source)
-    value = _parse_json(text, source)
+    try:
+        value = _parse_json(text, source)
+    except DataError as err:
+        if (row := _duplicate_key_row(text)) is not None:  # name the row, as a JSONL line is named
+            raise located_error(source, row, "row", err.reason) from None
+        raise
     if (isinstance(value, dict) and len(value) == 1 and isinstance(rows := next(iter(value.values())), list)
             and rows and all(isinstance(r, dict) for r in rows)):
         raise DataError(f"an object whose one key '{next(iter(value))}' holds the rows: give the list of rows "
@@ -287,23 +322,30 @@ def _read_csv(path: Path, source: str) -> list[Record]:
         raise DataError("file is empty", path=source)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not one long field
     records: list[Record] = []
+    header: list[str] | None = None
+    start = 1  # the line the row being read starts on: where an unclosed quote opened
     try:
-        header = next((row for row in reader if row), None)
-        if header is None:
-            raise DataError("file is empty", path=source)
-        if len(set(header)) != len(header):
-            raise DataError(f"duplicate column names in the header: {header}", path=source,
-                            line=reader.line_num)
         for row in reader:
             if not row:  # a blank line
-                continue
-            i = len(records) + 1
-            if len(row) != len(header):
-                raise located_error(source, i, "row", f"has {len(row)} fields but the header has "
-                                    f"{len(header)} (line {reader.line_num})")
-            records.append(Record(dict(zip(header, row)), source, i, "row"))
+                pass
+            elif header is None:
+                header = row
+                if len(set(header)) != len(header):
+                    raise DataError(f"duplicate column names in the header: {header}", path=source,
+                                    line=reader.line_num)
+            elif len(row) != len(header):
+                raise located_error(source, len(records) + 1, "row", f"has {len(row)} fields but the header "
+                                    f"has {len(header)} (line {reader.line_num})")
+            else:
+                records.append(Record(dict(zip(header, row)), source, len(records) + 1, "row"))
+            start = reader.line_num + 1
     except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise DataError("malformed CSV: a quoted field opened on this line is never closed (unexpected "
+                            "end of data)", path=source, line=start) from None
         raise DataError(f"malformed CSV: {exc}", path=source, line=reader.line_num or None) from exc
+    if header is None:
+        raise DataError("file is empty", path=source)
     return records
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import role_problem, text_problem
+from dpolab.data.loading import fields_hint, role_problem, text_problem
 from dpolab.errors import DataError
 
 __all__ = ["PromptData", "load_prompts", "render_prompt", "special_prefix", "tokenize_prompts"]
@@ -120,7 +120,7 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
             raise err(f"cannot render the conversation with the tokenizer's chat template: "
                       f"{type(exc).__name__}: {reason}", field="messages") from None
         return text, True
-    raise err("row needs a 'prompt' string or a 'messages' list")
+    raise err("row needs a 'prompt' string or a 'messages' list " + fields_hint(row, "prompt", "messages"))
 
 
 def special_prefix(tokenizer) -> list[int]:

@@ -115,7 +115,7 @@ def parse_unpaired(record: Record, pair: int = -1) -> list[UnpairedExample]:
         raise record_error(record, missing(record, "completion") if "completion" not in data else "is null",
                            field="completion")
     if isinstance(completion, str) and data.get("prompt") is None:
-        raise record_error(record, ("is null" if "prompt" in data else "missing") + ": an unpaired row needs a "
+        raise record_error(record, ("is null" if "prompt" in data else missing(record, "prompt")) + ": an unpaired row needs a "
                            "prompt (or a whole conversation as 'completion')", field="prompt")
     # parse_preference validates and splits prompt/completion; errors name 'completion', not 'chosen'
     prompt = {"prompt": data["prompt"]} if "prompt" in data else {}
