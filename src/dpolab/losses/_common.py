@@ -17,7 +17,14 @@ def check_beta(beta: float, name: str = "beta") -> None:
         raise ValueError(f"{name} must be > 0, got {beta}")
 
 
-def check_shapes(*tensors: Tensor) -> None:
+def check_shapes(*tensors: Tensor, **named: Tensor) -> None:
+    """Equal shapes: broadcasting a (B,) tensor against a (B, T) one would silently mix rows and
+    positions. Named tensors are named in the error."""
+    if named:
+        shapes = {name: tuple(t.shape) for name, t in named.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError("shapes must be equal, got " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+        return
     shape = tensors[0].shape
     for t in tensors[1:]:
         if t.shape != shape:

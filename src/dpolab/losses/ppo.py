@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from dpolab.losses._common import check_shapes
 from dpolab.losses.pg import entropy_from_logits
 
 __all__ = [
@@ -38,13 +39,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
-def _same_shape(**tensors: torch.Tensor) -> None:
-    # broadcasting a (B,) advantage against (B, T) log-probs would silently mix rows and positions
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError("shapes must be equal, got " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
-
-
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   clip_eps: float = 0.2,
                   clip_eps_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -64,7 +58,7 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     high = clip_eps if clip_eps_high is None else clip_eps_high
     if not high > 0:
         raise ValueError(f"clip_eps_high must be > 0, got {clip_eps_high}")
-    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
+    check_shapes(logp=logp, old_logp=old_logp, advantages=advantages)
     log_ratio = logp - old_logp.detach()
     ratio = torch.exp(log_ratio)
     adv = advantages.detach()
@@ -93,7 +87,7 @@ def ppo_kl_penalty_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     """
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages, **({} if kl is None else {"kl": kl}))
+    check_shapes(logp=logp, old_logp=old_logp, advantages=advantages, **({} if kl is None else {"kl": kl}))
     log_ratio = logp - old_logp.detach()
     ratio = torch.exp(log_ratio)
     if kl is None:
@@ -113,7 +107,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     """
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    _same_shape(values=values, old_values=old_values, returns=returns)
+    check_shapes(values=values, old_values=old_values, returns=returns)
     returns, old_values = returns.detach(), old_values.detach()
     unclipped = (values - returns) ** 2
     v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
