@@ -47,6 +47,17 @@ def test_tabular_features_recover_exact_values():
     np.testing.assert_allclose(td_fixed_point(w, phi), v, atol=1e-12)
 
 
+def test_td_fixed_point_takes_terminal_values_as_zero_whatever_their_features():
+    """A bias feature is 1 on the terminal states too; TD(0) bootstraps a terminal state as 0, so its
+    fixed point is the exact linear fit here (v = position / 6: w = [0, 1]) and the learner gets there."""
+    m = random_walk()  # A..E, then the two terminal states
+    position = np.array([1, 2, 3, 4, 5, 0, 6], float) / 6
+    phi = np.stack([np.ones(7), position], axis=1)
+    np.testing.assert_allclose(td_fixed_point(m, phi), [0.0, 1.0], atol=1e-12)
+    w = semi_gradient_td0(m, phi, 3000, lambda k: 0.05 / (1 + k / 200), np.random.default_rng(0))
+    np.testing.assert_allclose(w, [0.0, 1.0], atol=0.1)
+
+
 def test_on_policy_distribution_random_walk():
     """Example 6.2 from C: expected visits to A..E are 1/3, 2/3, 1, 2/3, 1/3 (total 3 steps), so
     mu = [1, 2, 3, 2, 1] / 9."""

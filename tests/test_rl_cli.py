@@ -97,7 +97,7 @@ def test_solve_help_documents_every_option(capsys):
 
 
 def test_evaluate_writes_png_and_json(capsys, tmp_path):
-    png = tmp_path / "curves.png"
+    png = tmp_path / "new" / "curves.png"  # its folder is made, as a run's output folder is
     code, out, _ = run(capsys, "rl", "evaluate", "--env", "random-walk", "--episodes", "50", "--runs", "2",
                        "--output", str(png), "--json")
     assert code == 0

@@ -119,8 +119,12 @@ def mc_fixed_point(mrp: MRP, phi: np.ndarray) -> np.ndarray:
 
 
 def td_fixed_point(mrp: MRP, phi: np.ndarray) -> np.ndarray:
-    """w_TD (d,) solving ``Phi^T D (Phi w - R - gamma P Phi w) = 0`` (S&B eq. 9.12)."""
+    """w_TD (d,) solving ``Phi^T D (Phi w - R - gamma P Phi' w) = 0`` (S&B eq. 9.12), where ``Phi'``
+    is ``Phi`` with the terminal states' rows zero: a terminal state's value is 0 whatever its
+    features, as in :func:`semi_gradient_td0`'s target (a bias feature made the equations
+    singular with γ = 1, and least squares returned a meaningless w)."""
     phi = _check_phi(mrp, phi)
     D = np.diag(on_policy_distribution(mrp))
-    A = phi.T @ D @ (phi - mrp.gamma * mrp.P @ phi)
+    bootstrap = np.where(mrp.terminal[:, None], 0.0, phi)
+    A = phi.T @ D @ (phi - mrp.gamma * mrp.P @ bootstrap)
     return np.linalg.lstsq(A, phi.T @ D @ mrp.R, rcond=None)[0]

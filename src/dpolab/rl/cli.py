@@ -174,6 +174,7 @@ def _plot(curves: dict[str, np.ndarray], cfg: EvaluateConfig) -> None:
     ax.legend()
     fig.tight_layout()
     try:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)  # as run folders are made (checked before the runs)
         fig.savefig(cfg.output)
     except OSError as err:
         raise ConfigError(f"cannot write {cfg.output}: {err.strerror or err}") from None
