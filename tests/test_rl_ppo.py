@@ -393,3 +393,93 @@ def test_python_api_checks_the_config_and_restores_torch_threads(tmp_path):
         assert not (tmp_path / "b").exists()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_exact_kl_between_policies_equals_torch_distributions(discrete):
+    torch.manual_seed(0)
+    old, new = ActorCritic(3, 2, discrete, log_std_init=-0.3).double(), ActorCritic(3, 2, discrete).double()
+    for p in new.parameters():
+        p.data += 0.3 * torch.randn_like(p)
+    obs = torch.randn(6, 3, dtype=torch.float64)
+    if discrete:
+        want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=old.actor(obs)),
+                                                 torch.distributions.Categorical(logits=new.actor(obs)))
+        got = new.kl(old.actor(obs), new.actor(obs))
+    else:
+        want = torch.distributions.kl_divergence(
+            torch.distributions.Normal(old.actor(obs), torch.exp(old.log_std)),
+            torch.distributions.Normal(new.actor(obs), torch.exp(new.log_std))).sum(-1)
+        got = new.kl(old.actor(obs), new.actor(obs), old.log_std.detach())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(new.kl(new.actor(obs), new.actor(obs), None if discrete else new.log_std.detach()),
+                          torch.zeros(6, dtype=torch.float64), atol=1e-14)  # KL(π‖π) = 0
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_kl_penalty_update_step_is_sgd_on_the_penalised_loss(discrete):
+    """--objective kl-penalty: one minibatch step with plain SGD moves θ by −lr·∇L with
+    L = −(r·Â − β·KL[π_old ‖ π_θ]) + c₁ L^VF (PPO paper eq. 8), the exact KL from torch.distributions."""
+    torch.manual_seed(1)
+    n, a_dim, beta = 64, 2, 3.0
+    pol = ActorCritic(4, a_dim, discrete, log_std_init=-0.2)
+    for p in pol.parameters():
+        p.data += 0.3 * torch.randn_like(p)
+    ref = ActorCritic(4, a_dim, discrete)
+    ref.load_state_dict(pol.state_dict())
+    obs = torch.randn(n, 4)
+    act = torch.randint(0, a_dim, (n,)) if discrete else torch.randn(n, a_dim)
+    old_out = pol.actor(obs).detach() + 0.2 * torch.randn(n, a_dim)  # π_old away from π_θ: the KL term matters
+    old_log_std = None if discrete else pol.log_std.detach() - 0.1
+    old_logp, old_v, adv, ret = torch.randn(n) * 0.1 - 0.7, torch.randn(n), torch.randn(n), torch.randn(n)
+    cfg = make_config(PPOConfig, dict(n_epochs=1, batch_size=n, vf_coef=0.5, max_grad_norm=0.0, norm_adv=False,
+                                      objective="kl-penalty", kl_coef=beta))
+    metrics, _, _ = ppo_update(pol, torch.optim.SGD(pol.parameters(), lr=0.1),
+                               (obs, act, old_logp, old_v, adv, ret), cfg, 0.2, penalty=(old_out, old_log_std, beta))
+
+    if discrete:
+        dist, old_dist = (torch.distributions.Categorical(logits=ref.actor(obs)),
+                          torch.distributions.Categorical(logits=old_out))
+        logp, kl = dist.log_prob(act), torch.distributions.kl_divergence(old_dist, dist)
+    else:
+        dist = torch.distributions.Normal(ref.actor(obs), torch.exp(ref.log_std))
+        old_dist = torch.distributions.Normal(old_out, torch.exp(old_log_std))
+        logp, kl = dist.log_prob(act).sum(-1), torch.distributions.kl_divergence(old_dist, dist).sum(-1)
+    pg = -(torch.exp(logp - old_logp) * adv - beta * kl).mean()
+    loss = pg + 0.5 * ((ref.critic(obs).squeeze(-1) - ret) ** 2).mean()
+    loss.backward()
+    for (k, p), q in zip(pol.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach() - 0.1 * q.grad, rtol=1e-5, atol=1e-6, msg=k)
+    assert metrics["losses/kl"] == pytest.approx(float(kl.mean().detach()), rel=1e-5)
+
+
+def test_kl_penalty_run_adapts_beta_and_resumes_exactly(tmp_path):
+    """β follows the PPO paper's rule from each update's measured KL (logged), is carried by the
+    checkpoint, and a resumed run equals the uninterrupted one."""
+    kw = dict(seed=5, total_steps=384, objective="kl-penalty", kl_coef=1.0, kl_target=0.001)
+    train(_cfg(tmp_path, "full", **kw))
+    rows = [r for r in _rows(tmp_path / "full") if "charts/kl_coef" in r]
+    assert len(rows) == 6
+    for before, after in zip(rows, rows[1:]):  # β of the next update from this update's rollout KL
+        d, beta = before["losses/rollout_kl"], before["charts/kl_coef"]
+        assert after["charts/kl_coef"] == (beta / 2 if d < 0.001 / 1.5 else 2 * beta if d > 0.0015 else beta)
+    assert len({r["charts/kl_coef"] for r in rows}) > 1
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-256", resumed_dir / "ckpt")
+    train(_cfg(tmp_path, "resumed", **kw, resume=str(resumed_dir / "ckpt")))
+    after = [r for r in _rows(tmp_path / "full") if r["step"] > 256]
+    assert after and _rows(resumed_dir) == after
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--kl-coef", "0.5"], "--kl-coef is read only by --objective kl-penalty"),
+    (["--kl-target", "0.01"], "--kl-target is read only by --objective kl-penalty"),
+    (["--objective", "kl-penalty", "--kl-target", "0"], "--kl-target must be > 0"),
+    (["--objective", "kl-penalty", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    (["--objective", "kl-penalty", "--kl-coef", "0", "--kl-target", "0.01"], "give a --kl-coef > 0"),
+])
+def test_kl_penalty_options_are_checked(tmp_path, capsys, extra, message):
+    assert main(["rl", "ppo", "--output-dir", str(tmp_path / "x"), *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

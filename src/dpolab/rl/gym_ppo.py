@@ -4,6 +4,8 @@
         run π_θold in N environments for T steps                       (Collector.collect)
         compute advantage estimates Â_1..Â_T with GAE(γ, λ)            (dpolab.rl.advantages.gae)
         optimise L = L^CLIP − c₁ L^VF + c₂ H for K epochs, minibatches of M ≤ NT   (the loop below)
+          (or L^KLPEN = r_t Â_t − β KL[π_θold(·|s_t) ‖ π_θ(·|s_t)], eq. 8, with --objective kl-penalty;
+          β adapted after each update with --kl-target, section 4)
         θold ← θ
 
 Defaults are the RL-Zoo CartPole-v1 settings (8 envs × 32 steps, 20 epochs, minibatch 256,
@@ -46,6 +48,11 @@ class PPOConfig(GymOptions):
     skip_nonfinite: bool = opt(False, "skip a minibatch step whose loss or gradient is NaN/inf (counted in "
                                "skipped_steps) instead of stopping the run")
     target_kl: float | None = opt(None, "stop the epochs of an update once a minibatch's approx KL exceeds this")
+    objective: str = opt("clip", "the surrogate: clip (L^CLIP) or kl-penalty (L^KLPEN: r·Â − β·KL[π_old ‖ π], "
+                         "the exact KL per state)", choices=("clip", "kl-penalty"))
+    kl_coef: float = opt(1.0, "β of --objective kl-penalty (the first β with --kl-target)")
+    kl_target: float | None = opt(None, "d_targ of --objective kl-penalty: after each update β is halved if the "
+                                  "KL over the rollout < d_targ/1.5, doubled if > 1.5·d_targ (leave out: fixed β)")
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +65,16 @@ class PPOConfig(GymOptions):
             raise ConfigError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"--target-kl must be > 0 (leave it out for no early stop), got {self.target_kl}")
+        if self.objective != "kl-penalty":
+            for name, default in (("kl_coef", 1.0), ("kl_target", None)):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"--{name.replace('_', '-')} is read only by --objective kl-penalty")
+        if not self.kl_coef >= 0:
+            raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        if self.kl_coef == 0 and self.kl_target is not None:
+            raise ConfigError("--kl-target adapts β by halving and doubling it: give a --kl-coef > 0")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ConfigError(f"--kl-target must be > 0 (leave it out for a fixed β), got {self.kl_target}")
 
 
 _LOSS_KEYS = ("losses/policy", "losses/value", "losses/entropy", "losses/clipfrac", "losses/approx_kl")
@@ -92,8 +109,12 @@ def flat_optimizer_state(saved: dict) -> dict:
 
 
 def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-               cfg: PPOConfig, clip_eps: float, *, where: str = "", step: int = 0) -> tuple[dict[str, float], int, int]:
-    """K epochs of minibatch steps on L^CLIP + c₁ L^VF − c₂ H over one rollout's samples.
+               cfg: PPOConfig, clip_eps: float, *, where: str = "", step: int = 0,
+               penalty: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
+               ) -> tuple[dict[str, float], int, int]:
+    """K epochs of minibatch steps on L^CLIP + c₁ L^VF − c₂ H over one rollout's samples; with
+    ``penalty = (old actor outputs (B, A), old log_std or None, β)``, on L^KLPEN instead of L^CLIP
+    (``losses/clipfrac`` is then only measured, and ``losses/kl`` is the exact KL's mean).
 
     ``batch`` = (obs (B, obs_dim), actions (B[, A]), old log-probs (B,), old values (B,), advantages (B,),
     returns (B,)). A minibatch whose loss or gradient norm is NaN/inf raises a :class:`NonFiniteError`
@@ -106,14 +127,15 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
     import torch
 
     from dpolab.losses.pg import value_loss
-    from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss
+    from dpolab.losses.ppo import clipped_value_loss, ppo_clip_loss, ppo_kl_penalty_loss
     from dpolab.rl.advantages import whiten
     from dpolab.runs.guards import nonfinite_error
     b_obs, b_act, b_logp, b_val, b_adv, b_ret = batch
     n = b_obs.shape[0]
     grads = None  # after flatten_parameters: one flat tensor, so clipping is one norm
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # the norm is needed either way
-    sums = [0.0] * len(_LOSS_KEYS)
+    keys = _LOSS_KEYS + (("losses/kl",) if penalty is not None else ())
+    sums = [0.0] * len(keys)
     n_mb = skipped = epoch = 0
     for epoch in range(1, cfg.n_epochs + 1):
         perm = torch.randperm(n)
@@ -121,7 +143,12 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
             idx = perm[lo:lo + cfg.batch_size]
             out, values = policy.training_forward(b_obs[idx])
             adv = whiten(b_adv[idx]) if cfg.norm_adv and idx.numel() > 1 else b_adv[idx]
-            pg_loss, st = ppo_clip_loss(policy.log_prob(out, b_act[idx]), b_logp[idx], adv, clip_eps)
+            logp = policy.log_prob(out, b_act[idx])
+            pg_loss, st = ppo_clip_loss(logp, b_logp[idx], adv, clip_eps)
+            if penalty is not None:
+                old_out, old_log_std, beta = penalty
+                kl = policy.kl(old_out[idx], out, old_log_std)
+                pg_loss, _ = ppo_kl_penalty_loss(logp, b_logp[idx], adv, beta, kl=kl)
             if cfg.clip_vloss:
                 v_loss, _ = clipped_value_loss(values, b_val[idx], b_ret[idx], clip_eps)
             else:
@@ -145,17 +172,24 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: tup
                 skipped += 1
                 continue
             optimizer.step()
-            values_now = torch.stack([pg_mean, v_mean, entropy_mean, st["clipfrac"].mean(),
-                                      st["approx_kl"].mean()]).detach().tolist()  # one conversion, not five
+            values_now = torch.stack([pg_mean, v_mean, entropy_mean, st["clipfrac"].mean(), st["approx_kl"].mean(),
+                                      *((kl.mean(),) if penalty is not None else ())]).detach().tolist()
             sums = [a + b for a, b in zip(sums, values_now)]
             n_mb += 1
-            if cfg.target_kl is not None and values_now[-1] > cfg.target_kl:
-                return {k: v / n_mb for k, v in zip(_LOSS_KEYS, sums)}, epoch, skipped
-    return {k: v / n_mb for k, v in zip(_LOSS_KEYS, sums)} if n_mb else {}, epoch, skipped
+            if cfg.target_kl is not None and values_now[4] > cfg.target_kl:
+                return {k: v / n_mb for k, v in zip(keys, sums)}, epoch, skipped
+    return {k: v / n_mb for k, v in zip(keys, sums)} if n_mb else {}, epoch, skipped
 
 
 class PPO(GymAlgorithm):
     name, title = "ppo", "PPO"
+
+    def __init__(self, cfg):
+        from dpolab.losses.ppo import AdaptiveKLController, FixedKLController
+
+        super().__init__(cfg)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target) if cfg.kl_target is not None
+                       else FixedKLController(cfg.kl_coef))
 
     def make_optimizer(self, policy):
         # fused: one kernel for all parameters instead of ~10 small ops per tensor (the bulk of a step
@@ -182,16 +216,37 @@ class PPO(GymAlgorithm):
         b_obs = ro.obs.reshape(-1, ro.obs.shape[-1])
         b_act = ro.actions.reshape(b_obs.shape[0], *ro.actions.shape[2:])
         b_val, b_ret = ro.values.reshape(-1), ret.reshape(-1)
-        # K epochs of minibatch SGD on the clipped surrogate.
+        penalty = None
+        if cfg.objective == "kl-penalty":  # π_θold's outputs: the policy that collected the rollout
+            old_out = policy.forward_with_cache(b_obs)[0]
+            old_log_std = None if policy.discrete else policy.log_std.detach().clone()
+            penalty = (old_out, old_log_std, self.kl_ctl.beta)
+        # K epochs of minibatch SGD on the surrogate.
         metrics, epochs, skipped = ppo_update(policy, optimizer, (b_obs, b_act, ro.logp.reshape(-1), b_val,
                                                                   adv.reshape(-1), b_ret), cfg, clip_now,
-                                              where=f"update {update}/{n_updates}", step=step)
+                                              where=f"update {update}/{n_updates}", step=step, penalty=penalty)
         metrics.update({"losses/explained_variance": explained_variance(b_val, b_ret),
                         "charts/learning_rate": lr_now, "charts/clip_eps": clip_now, "charts/epochs": epochs})
+        if penalty is not None:
+            metrics["charts/kl_coef"] = penalty[2]  # the β of this update
+            if cfg.kl_target is not None:  # d = the KL over the whole rollout after the update
+                import torch
+                with torch.no_grad():
+                    d = float(policy.kl(old_out, policy.forward_with_cache(b_obs)[0], old_log_std).mean())
+                metrics["losses/rollout_kl"] = d
+                self.kl_ctl.update(d)
         if episodes:
             metrics["charts/episodic_return"] = float(np.mean([e[0] for e in episodes]))
             metrics["charts/episodic_length"] = float(np.mean([e[1] for e in episodes]))
         return metrics, skipped
+
+
+    def state_dict(self):
+        return {"kl_coef": self.kl_ctl.beta} if self.cfg.kl_target is not None else {}
+
+    def load_state_dict(self, state):
+        if self.cfg.kl_target is not None and "kl_coef" in state:  # an adapted β; a fixed one is the config's
+            self.kl_ctl.beta = float(state["kl_coef"])
 
 
 def train(cfg: PPOConfig) -> dict:

@@ -215,7 +215,7 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
                 raise nonfinite_error("weights", step, f"after update {update}/{n_updates}")
             if metrics is not None:
                 metrics["skipped_steps"] = skipped
-                metrics["charts/sps"] = step / max(time.perf_counter() - t_start, 1e-9)  # of this process
+                metrics["charts/sps"] = (step - start * per_update) / max(time.perf_counter() - t_start, 1e-9)  # this process's steps
                 tracker.log(step, metrics)
             tracker.advance(per_update)
             if cfg.eval_every and step // cfg.eval_every > (step - per_update) // cfg.eval_every:

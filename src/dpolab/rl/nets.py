@@ -142,6 +142,18 @@ class ActorCritic(nn.Module):
             return entropy_from_logits(out)
         return (0.5 + 0.5 * _LOG_2PI + self.log_std).sum(-1).expand(out.shape[:-1])
 
+    def kl(self, old_out: torch.Tensor, out: torch.Tensor, old_log_std: torch.Tensor | None = None) -> torch.Tensor:
+        """KL[π_old(·|s) ‖ π(·|s)] (B,), exact, from both actor outputs (and, for Gaussian policies,
+        the old ``log_std``; the current one is ``self.log_std``)."""
+        if self.discrete:
+            old_logp = F.log_softmax(old_out, dim=-1)
+            return (old_logp.exp() * (old_logp - F.log_softmax(out, dim=-1))).sum(-1)
+        log_std = self.log_std.expand_as(out)
+        old_log_std = old_log_std.expand_as(out)
+        var_ratio = torch.exp(2 * (old_log_std - log_std))
+        return (log_std - old_log_std + 0.5 * (var_ratio + (old_out - out).pow(2) * torch.exp(-2 * log_std))
+                - 0.5).sum(-1)
+
     # -- a training step: forward, loss, backward ------------------------------------------------------
     def training_forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, values)`` as :meth:`forward`, for a loss to differentiate with :meth:`backward`.
