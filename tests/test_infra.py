@@ -121,6 +121,19 @@ def test_cli_help_and_unknown(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+    """`dpolab rl solve ... | head`: the reader is gone before the table is printed; a quiet exit
+    (141, as a tool stopped by SIGPIPE) instead of a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dpolab", "rl", "solve", "--env", "qtable-gridworld"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # before anything is written: the first print fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
 def test_rundir_checkpoints_atomic_and_rotated(tmp_path):
     run = RunDir(tmp_path / "run", keep_last=2)
     for step in (1, 2, 3):

@@ -149,7 +149,7 @@ def test_a_tracker_that_is_not_installed_fails_before_any_work(tiny_model_dir, t
     assert "unknown tracker 'tensorbored'" in capsys.readouterr().err
 
 
-def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """E.g. W&B without an API key: its own error, said in one line naming the tracker."""
     from accelerate import tracking
 
@@ -164,3 +164,12 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.endswith("--report-to tensorboard: cannot start the tracker: RuntimeError: No API key configured.")
     assert err.count("\n") == 0
+    assert not (tmp_path / "ppo").exists()  # the new run's folder (config.yaml) is not left behind
+    sft_data = write_sft_data(tmp_path / "sft.jsonl", n=8)
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("the user's")
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(sft_data), "--max-steps", "1",
+                 "--batch-size", "2", "--output-dir", str(existing), "--report-to", "tensorboard"]) == 2
+    assert "cannot start the tracker" in capsys.readouterr().err
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # a folder it did not make: only its files go

@@ -112,6 +112,10 @@ def _run(module, module_name: str, argv: list[str], prog: str, name: str) -> int
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush would raise it again
+        return 141
     except RuntimeError as err:
         if not _peer_failure(err):
             raise

@@ -115,7 +115,8 @@ def _solve(cfg: SolveConfig) -> int:
         return 0
     rows = [[name, _fmt(v), "-" if a is None else model.actions[a]]
             for name, v, a in zip(model.states, res.values, policy)]
-    print(f"{cfg.method} (gamma = {model.gamma:g}, {res.iterations} iterations); terminal states show '-'")
+    gamma = f"{model.gamma:g}" if float(f"{model.gamma:g}") == model.gamma else repr(model.gamma)  # never rounded
+    print(f"{cfg.method} (gamma = {gamma}, {res.iterations} iterations); terminal states show '-'")
     print(_table(["state", "value", "action"], rows))
     return 0
 

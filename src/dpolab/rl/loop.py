@@ -194,8 +194,14 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
         tracker.log(step, {"eval/mean_return": mean, "eval/std_return": float(np.std(returns))})
         return mean
 
-    tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
-                      dataclasses.asdict(cfg))
+    try:
+        tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
+                          dataclasses.asdict(cfg))
+    except BaseException:
+        envs.close()
+        if state is None:  # nothing of the new run is left half-made
+            run_dir.abandon()
+        raise
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
     if state is not None:  # the final checkpoint follows the end-of-run evaluation: not evaluated again
         evaluated_at, last_eval = int(state.get("evaluated_at", -1)), float(state.get("last_eval", math.nan))

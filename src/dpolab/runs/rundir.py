@@ -89,6 +89,7 @@ class RunDir:
         self.path = Path(path)
         self.keep_last = keep_last
         self.start = time.time()
+        self.made = False  # this run created the folder (abandon() may then remove it whole)
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -123,7 +124,9 @@ class RunDir:
 
     def create(self) -> RunDir:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.made = True
         except OSError as err:  # a path under a file, a read-only or special file system
             raise DpolabError(f"--output-dir {self.path}: cannot create it: {err.strerror or err}") from None
         return self
@@ -178,6 +181,17 @@ class RunDir:
             with contextlib.suppress(OSError):
                 path.unlink()
             os.close(fd)  # closing drops the flock
+
+    def abandon(self) -> None:
+        """Undo a new run that failed before its first step (a tracker that cannot start): remove the
+        folder if this run made it, else the files it wrote there; a resumed run is never abandoned."""
+        self.unlock()
+        if self.made:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for name in ("config.yaml", "data_report.json"):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
 
     # -- files --------------------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dpolab.errors import DpolabError
+from dpolab.errors import ConfigError, DpolabError
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
     read_trainer_state,
@@ -238,8 +238,13 @@ class Engine:
             if self.is_main:
                 run.write_config(cfg)
                 (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
-            self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path,
-                                          vars(cfg))
+            try:
+                self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path,
+                                              vars(cfg))
+            except ConfigError:
+                if self.is_main and self.ckpt is None:  # nothing of the new run is left half-made
+                    run.abandon()
+                raise
             try:
                 return self._loop(algo)
             finally:
