@@ -145,3 +145,21 @@ def test_gym_ppo_sigterm_then_resume_latest_is_bitwise_exact(tmp_path):
     a, _ = load_policy(ref / "final")
     b, _ = load_policy(run / "final")
     assert_same_weights(a.state_dict(), b.state_dict())
+
+
+def test_one_request_delivered_twice_is_one_stop_and_a_later_second_stops_at_once():
+    """A launcher forwards the SIGTERM a scheduler also sent to its processes: each gets it twice,
+    milliseconds apart, and must still finish its step and checkpoint; a second request later
+    (a user's second Ctrl-C) stops at once."""
+    from dpolab.runs.signals import StopSignal
+
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy
+        os.kill(os.getpid(), signal.SIGINT)   # a scheduler's or a terminal's, within the same moment
+        assert stop.received == "SIGTERM"
+        stop._at -= StopSignal.SAME_REQUEST_SECONDS  # as if the first came that long ago
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes, at the latest here
+                time.sleep(0.01)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly. A second
+    signal stops at once, unless it comes within ``SAME_REQUEST_SECONDS`` of the first: a launcher
+    (torchrun, accelerate launch) forwards the signal it gets to every process, and a scheduler
+    (SLURM, systemd) or Ctrl-C signals the launcher and its processes alike, so a process of a
+    multi-process run gets one request twice, milliseconds apart."""
+
+    SAME_REQUEST_SECONDS = 2.0
 
     def __init__(self):
         self.received: str | None = None
+        self._at = 0.0
         self._old: dict = {}
 
     def __enter__(self) -> StopSignal:
@@ -22,9 +30,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        if self.received is not None:
+            if time.monotonic() - self._at < self.SAME_REQUEST_SECONDS:  # the same request, delivered twice
+                return
+            raise KeyboardInterrupt  # a second request: stop now
+        self.received, self._at = signal.Signals(signum).name, time.monotonic()
         print(f"\n{self.received} received: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
     def agreed(self, accelerator=None) -> str | None:
