@@ -184,3 +184,11 @@ def test_subprocess_json():
     obj = json.loads(proc.stdout)
     assert obj["values"] == pytest.approx([6, 6, 8, 10, 0], abs=1e-9)
     assert obj["policy"][:4] == [1, 2, 2, 2] and obj["policy"][4] is None
+
+
+def test_solve_prints_gamma_unrounded(capsys):
+    code, out, _ = run(capsys, "rl", "solve", "--env", "FrozenLake-v1", "--gamma", "0.9999999",
+                       "--method", "value-iteration")
+    assert code == 0 and out.startswith("value-iteration (gamma = 0.9999999,")  # :g showed 1, refused here
+    code, out, _ = run(capsys, "rl", "solve", "--env", "student-mdp")
+    assert out.startswith("policy-iteration (gamma = 1,")

@@ -4,6 +4,7 @@ Gymnasium construction."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -211,3 +212,80 @@ def test_parse_env_kwargs():
 def test_sample_path_stops_in_absorbing_state():
     chain = MarkovChain([[0, 1, 0], [0, 0, 1], [0, 0, 1]])
     assert chain.sample(0, 10, np.random.default_rng(0)) == [0, 1, 2]
+
+
+# A key given twice in an MDP file: YAML alone would keep the last without a word.
+@pytest.mark.parametrize("text, msg", [
+    ("gamma: 0.9\nstates: [a, b]\ntransitions:\n  a: {go: {reward: 1, next: b}}\n  a: {go: {reward: 5, next: b}}\n",
+     "bad.yaml:5: transitions: state 'a' is given twice (first on line 4)"),
+    ("gamma: 0.9\nstates: [a, b]\ntransitions:\n  a:\n    go:\n      reward: 1\n      next: b\n      next: a\n",
+     "bad.yaml:8: state 'a' action 'go': 'next' is given twice (first on line 7)"),
+    ("gamma: 0.9\nstates: [a, b]\ntransitions:\n  a:\n    go: {reward: 1, next: b}\n    go: {reward: 2, next: a}\n",
+     "bad.yaml:6: state 'a': action 'go' is given twice (first on line 5)"),
+    ("gamma: 0.9\nstates: [a, b]\ntransitions:\n  a: {go: {reward: 1, next: {b: 0.5, b: 0.5}}}\n",
+     "bad.yaml:4: state 'a' action 'go': next state 'b' is given twice (first on line 4)"),
+    ("gamma: 0.9\nstates: [a, b]\ngamma: 0.5\ntransitions: {a: {go: {reward: 1, next: b}}}\n",
+     "bad.yaml:3: 'gamma' is given twice (first on line 1)"),
+])
+def test_mdp_file_key_given_twice(tmp_path, text, msg):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DpolabError, match="^" + re.escape(str(path.parent) + "/") + re.escape(msg) + "$"):
+        load_mdp_file(path)
+
+
+def test_mdp_json_file_key_given_twice(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"gamma": 0.9, "states": ["a", "b"],\n "transitions": {"a": {"go": {"reward": 1, "next": "b",\n'
+                    ' "next": "a"}}}}')
+    with pytest.raises(DpolabError, match=re.escape("bad.json:3: state 'a' action 'go': 'next' is given twice "
+                                                    "(first on line 2)")):
+        load_mdp_file(path)
+    path.write_text('{\t"gamma": 0.9,\n\t"gamma": 0.5, "states": ["a"], "transitions": {}}')  # YAML can't: no line
+    with pytest.raises(DpolabError, match="^" + re.escape(f"{path}: 'gamma' is given twice") + "$"):
+        load_mdp_file(path)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("{reward: true, next: b}", "state 'a' action 'go': reward must be a number, got True"),
+    ("{reward: 1, next: {b: true}}", "state 'a' action 'go': probability of 'b' must be a number, got True"),
+    ("{next: b}", "state 'a' action 'go': reward missing"),
+    ("{reward: .nan, next: b}", "state 'a' action 'go': reward must be a finite number, got nan"),
+    ("{reward: -.inf, next: b}", "state 'a' action 'go': reward must be a finite number, got -inf"),
+    ("{reward: 1, next: {a: .nan, b: 0.5}}", "state 'a' action 'go': probability of 'a' must be a finite number"),
+    ("{reward: 1, next: {b: .inf}}", "state 'a' action 'go': probability of 'b' must be a finite number"),
+])
+def test_mdp_file_rewards_and_probabilities_must_be_finite_numbers(tmp_path, spec, msg):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"gamma: 0.9\nstates: [a, b]\ntransitions:\n  a: {{go: {spec}}}\n")
+    with pytest.raises(DpolabError, match=re.escape(msg)):
+        load_mdp_file(path)
+
+
+def test_mdp_json_file_nan_names_state_and_action(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"gamma": 0.9, "states": ["a", "b"], "transitions": {"a": {"go": {"reward": NaN, "next": "b"}}}}')
+    with pytest.raises(DpolabError, match="state 'a' action 'go': reward must be a finite number"):
+        load_mdp_file(path)
+
+
+def test_non_numeric_rewards_are_an_mdp_error():
+    with pytest.raises(MDPError, match="R must be numeric"):
+        MRP(np.eye(2), ["x", "y"], 0.9)
+    with pytest.raises(MDPError, match="R must be numeric"):
+        MDP(np.ones((2, 1, 2)) / 2, [["x"], ["y"]], 0.9)
+    with pytest.raises(MDPError, match="R must be numeric"):
+        MDP(np.ones((2, 1, 2)) / 2, [[1.0], [1.0, 2.0]], 0.9)  # ragged
+
+
+def test_env_kwargs_take_lists_and_check_is_slippery():
+    assert parse_env_kwargs('desc=["SF","FG"], is_slippery=false') == {"desc": ["SF", "FG"], "is_slippery": False}
+    assert parse_env_kwargs("desc=[SFF, FHF, FFG],map_name='a,b'") == {"desc": ["SFF", "FHF", "FFG"],
+                                                                       "map_name": "a,b"}
+    assert parse_env_kwargs("a='x'',y',b=\"p,\\\"q\",c=it's") == {"a": "x',y", "b": 'p,"q', "c": "it's"}
+    mdp = make_model("FrozenLake-v1", env_kwargs='desc=["SF","FG"],is_slippery=false', gamma=0.9)
+    assert mdp.n_states == 4 and mdp.P[2, 2, 3] == 1.0  # from 1,0 'right' reaches the goal
+    with pytest.raises(DpolabError, match="^--env-kwargs: is_slippery must be true or false, got 'maybe'$"):
+        parse_env_kwargs("is_slippery=maybe")
+    with pytest.raises(DpolabError, match="'map_name' is given twice"):
+        parse_env_kwargs("map_name=4x4,map_name=8x8")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +191,8 @@ def from_gymnasium(env_id: str, gamma: float, **kwargs) -> MDP:
 
 
 def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
-    """An MDP from YAML or JSON (format: examples/student_mdp.yaml); ``gamma`` overrides the file's."""
+    """An MDP from YAML or JSON (format: examples/student_mdp.yaml); ``gamma`` overrides the file's.
+    A key given twice in one mapping is an error naming its line (both readers would keep the last)."""
     import yaml
 
     path = Path(path)
@@ -198,8 +200,20 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
         raise DataError("file not found", path=str(path))
     try:
         text = path.read_text(encoding="utf-8")
-        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_mdp_loader())
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        if path.suffix.lower() == ".json":
+            try:
+                raw = json.loads(text, object_pairs_hook=_json_pairs_once)
+            except _GivenTwice as dup:
+                try:
+                    _yaml_load_once(text)  # JSON is YAML: its nodes locate the key (raising _GivenTwice)
+                except (yaml.YAMLError, RecursionError):  # JSON YAML cannot read (tabs): no line then
+                    pass
+                raise DataError(str(dup), path=str(path)) from None
+        else:
+            raw = _yaml_load_once(text)
+    except _GivenTwice as dup:
+        raise DataError(str(dup), path=str(path), line=dup.line) from None
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(f"malformed MDP file: {str(err).splitlines()[0]}", path=str(path)) from None
     if not isinstance(raw, dict):
         raise DataError("expected a mapping with 'states' and 'transitions'", path=str(path))
@@ -209,6 +223,74 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
         return mdp_from_dict(raw)
     except MDPError as err:
         raise DataError(str(err), path=str(path)) from None
+
+
+class _GivenTwice(Exception):
+    """A key given twice in one mapping of an MDP file; ``line`` is 1-based, None where unknown."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+def _json_pairs_once(pairs: list) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _GivenTwice(f"'{key}' is given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _yaml_load_once(text: str):
+    """``yaml.load`` with the MDP loader, after checking that no mapping gives a key twice (the
+    approach of dpolab.config's ``_key_lines``, on every mapping rather than the top level only)."""
+    loader = _mdp_loader()(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_keys_once(node, loader, (), set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_keys_once(node, loader, path: tuple, seen: set) -> None:
+    import yaml
+
+    if id(node) in seen:  # an alias: checked where it was anchored (and a recursive one would not end)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_keys_once(item, loader, (*path, str(i)), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key, value in node.value:
+        # merge keys (<<) are resolved later, and may rightly be overridden; complex keys are no names
+        if not isinstance(key, yaml.ScalarNode) or key.tag.endswith((":merge", ":value")):
+            continue
+        name, line = str(loader.construct_object(key)), key.start_mark.line + 1  # str: as mdp_from_dict
+        if name in first:
+            raise _GivenTwice(f"{_twice(path, name)} (first on line {first[name]})", line)
+        first[name] = line
+        _check_keys_once(value, loader, (*path, name), seen)
+
+
+def _twice(path: tuple, key: str) -> str:
+    """'... is given twice', worded by where the mapping sits in the MDP file."""
+    if path[:1] == ("transitions",):
+        if len(path) == 1:
+            return f"transitions: state '{key}' is given twice"
+        if len(path) == 2:
+            return f"state '{path[1]}': action '{key}' is given twice"
+        if len(path) == 3:
+            return f"state '{path[1]}' action '{path[2]}': '{key}' is given twice"
+        if len(path) == 4 and path[3] == "next":
+            return f"state '{path[1]}' action '{path[2]}': next state '{key}' is given twice"
+    return (f"{'.'.join(path)}: " if path else "") + f"'{key}' is given twice"
 
 
 def _mdp_loader():
@@ -276,19 +358,15 @@ def mdp_from_dict(raw: dict) -> MDP:
             for t, p in nxt.items():
                 if str(t) not in ix:
                     raise MDPError(f"{where}: unknown next state '{t}'")
-                try:
-                    P[i, j, ix[str(t)]] += float(p)
-                except (TypeError, ValueError):
-                    raise MDPError(f"{where}: probability of '{t}' must be a number, got {p!r}") from None
+                P[i, j, ix[str(t)]] += _number(p, f"{where}: probability of '{t}'")
             total = P[i, j].sum()
             if P[i, j].min() < 0:
                 raise MDPError(f"{where}: negative probability")
             if abs(total - 1.0) > ATOL:
                 raise MDPError(f"{where}: probabilities sum to {total:.6g}, not 1")
-            try:
-                R[i, j] = float(spec.get("reward", 0.0))
-            except (TypeError, ValueError):
-                raise MDPError(f"{where}: reward must be a number, got {spec.get('reward')!r}") from None
+            if "reward" not in spec:  # as with a misspelt 'rewrd': an omitted reward is no reward of 0
+                raise MDPError(f"{where}: reward missing")
+            R[i, j] = _number(spec["reward"], f"{where}: reward")
             mask[i, j] = True
     for i in range(S):
         if not mask[i].any():  # terminal: absorbing, zero reward, every action allowed
@@ -303,26 +381,74 @@ def mdp_from_dict(raw: dict) -> MDP:
     return MDP(P, R, raw["gamma"], states, actions, mask, initial)
 
 
+def _number(value, what: str) -> float:
+    """A finite float from a file's value (numbers, or text such as YAML 1.1's unquoted ``1e3``)."""
+    try:
+        if isinstance(value, bool):  # float(True) is 1.0: `reward: true` is a slip, not a reward of 1
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MDPError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(x):  # NaN would also pass the sum-to-1 check (NaN comparisons are False)
+        raise MDPError(f"{what} must be a finite number, got {value!r}")
+    return x
+
+
 BUILTIN_MDPS = {"student-mdp": student_mdp, "gridworld-4x4": gridworld_4x4, "qtable-gridworld": qtable_gridworld}
 BUILTIN_MRPS = {"student-mrp": student_mrp, "random-walk": random_walk,
                 "random-walk-100": lambda gamma=1.0: jump_random_walk(100, 10, gamma=gamma)}
 
 
+BOOL_ENV_KWARGS = ("is_slippery",)  # the documented boolean kwargs (a truthy text would pass as true)
+
+
 def parse_env_kwargs(text: str) -> dict:
-    """``"is_slippery=false,map_name=8x8"`` -> ``{"is_slippery": False, "map_name": "8x8"}`` (YAML scalars)."""
+    """``"is_slippery=false,map_name=8x8"`` -> ``{"is_slippery": False, "map_name": "8x8"}`` (YAML values;
+    commas inside brackets or quotes belong to the value: ``desc=[SFF,FHF,FFG]``)."""
     import yaml
 
     out = {}
-    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+    for item in filter(None, (x.strip() for x in _split_commas(text or ""))):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise MDPError(f"--env-kwargs: expected key=value, got {item!r}")
+        if key in out:
+            raise MDPError(f"--env-kwargs: {key!r} is given twice")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            out[key] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError as err:
             first = str(err).strip().splitlines()[0]
-            raise MDPError(f"--env-kwargs: cannot read the value of {key.strip()!r} ({value!r}): {first}") from None
+            raise MDPError(f"--env-kwargs: cannot read the value of {key!r} ({value!r}): {first}") from None
+        if key in BOOL_ENV_KWARGS and not isinstance(out[key], bool):
+            raise MDPError(f"--env-kwargs: {key} must be true or false, got {out[key]!r}")
     return out
+
+
+def _split_commas(text: str) -> list[str]:
+    """``text`` split on the commas outside brackets and quotes. A quote opens only where a YAML
+    quoted scalar can start (after ``=``, ``[``, ``{``, ``,``, ``:``), so ``it's`` stays plain text."""
+    items, depth, quote, start, prev, i = [], 0, "", 0, "=", 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if (ch == "\\" and quote == '"') or (ch == quote == "'" and text[i + 1:i + 2] == "'"):
+                i += 1  # an escaped character (\" or ''), perhaps the quote
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"" and prev in "=[{,:":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+        if not ch.isspace():
+            prev = ch
+        i += 1
+    return [*items, text[start:]]
 
 
 def make_model(env: str | None = None, mdp_file: str | None = None, gamma: float | None = None,

@@ -34,11 +34,15 @@ class MDPError(DpolabError):
     """An invalid Markov chain, MRP, MDP or policy."""
 
 
-def _array(x, name: str, ndim: int) -> np.ndarray:
+def _numeric(x, name: str) -> np.ndarray:
     try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):  # text, or ragged nesting
         raise MDPError(f"{name} must be numeric, got {type(x).__name__}") from None
+
+
+def _array(x, name: str, ndim: int) -> np.ndarray:
+    arr = _numeric(x, name)
     if arr.ndim != ndim:
         raise MDPError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -131,12 +135,12 @@ class MRP(MarkovChain):
 
     def __init__(self, P, R, gamma: float, states: Sequence[str] | None = None, initial=None):
         super().__init__(P, states)
-        R = np.asarray(R, dtype=np.float64)
+        R = _numeric(R, "R")
         S = self.n_states
         if R.shape == (S,):
             self.R_next = np.repeat(R[:, None], S, axis=1)
         elif R.shape == (S, S):
-            self.R_next = _array(R, "R", 2)
+            self.R_next = R.copy()
         else:
             raise MDPError(f"R must have shape ({S},) or ({S}, {S}), got {R.shape}")
         if not np.all(np.isfinite(self.R_next)):
@@ -204,7 +208,7 @@ class MDP:
         if S != S2:
             raise MDPError(f"P must have shape (S, A, S), got {self.P.shape}")
         check_stochastic(self.P, "P")
-        R = np.asarray(R, dtype=np.float64)
+        R = _numeric(R, "R")
         if R.shape == (S, A):
             self.R_next = np.repeat(R[:, :, None], S, axis=2)
         elif R.shape == (S, A, S):
