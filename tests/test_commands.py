@@ -395,3 +395,55 @@ def test_help_documents_every_option(command, cls, capsys):
     for f in fields(config):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "--config" in text and "examples:" in text
+
+
+def test_eval_outputs_naming_one_file_are_refused_before_any_work(work, tmp_path, capsys):
+    """Outputs are written in turn at the end, so two flags naming one file (also spelled differently,
+    or through a symlink) would keep only the last: refused by check(), before a model is looked at
+    (the model here does not exist)."""
+    same = tmp_path / "same.json"
+    (tmp_path / "link").symlink_to(tmp_path)
+    cases = [(["--samples-output", same, "--output", same], "--output and --samples-output both name"),
+             (["--plot", tmp_path / "x.png", "--output", tmp_path / "sub" / ".." / "x.png"],
+              "--output and --plot both name"),
+             (["--plot", tmp_path / "link" / "p.png", "--samples-output", tmp_path / "p.png"],
+              "--plot and --samples-output both name")]
+    for extra, message in cases:
+        assert main(["eval", "--models", str(tmp_path / "no-such-model"), "--data", str(work / "prompts.jsonl"),
+                     "--reward", f"{work / 'rewards.py'}:lower_space", "--no-progress",
+                     *map(str, extra)]) == 2
+        msg = capsys.readouterr().err.strip()
+        assert message in msg and "give each output its own file" in msg and msg.count("\n") == 0, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+def test_eval_names_a_single_weighted_reward_with_its_weight(work, tiny_model_dir, tmp_path, capsys):
+    """One reward under --reward-weights 2 scores twice its values: the results and the table say `2*spec`
+    (as a weighted sum of several names each weight); weight 1 keeps the bare spec."""
+    from types import SimpleNamespace
+
+    from dpolab.commands.evaluate import reward_label
+
+    spec = f"{work / 'rewards.py'}:row_id"
+    out = tmp_path / "r.json"
+    assert main(["eval", "--models", str(tiny_model_dir), "--data", str(work / "prompts.jsonl"), "--reward", spec,
+                 "--reward-weights", "2", "--max-new-tokens", "2", "--no-kl", "--output", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["reward"] == f"2*{spec}" and res["models"][0]["reward"] == pytest.approx(7.0)  # 2 * mean id 3.5
+    assert f"; reward 2*{spec}; " in capsys.readouterr().err
+    label = lambda *w: reward_label(SimpleNamespace(reward=["a"], reward_model=None,  # noqa: E731
+                                                    reward_weights=list(w) or None))
+    assert (label(), label(1.0), label(0.5), label(-1.0)) == ("a", "a", "0.5*a", "-1*a")
+
+
+def test_eval_baseline_outside_models_may_not_take_a_models_label(work, tiny_model_dir, tmp_path, capsys):
+    """A --baseline not among --models is evaluated under its own name: a --labels name equal to it
+    would give two rows one label, so it is refused like repeated labels, before any work."""
+    out = tmp_path / "never.json"
+    assert main(["eval", "--models", str(tiny_model_dir), "--labels", "m1", "--baseline", "m1",
+                 "--data", str(work / "prompts.jsonl"), "--reward", f"{work / 'rewards.py'}:lower_space",
+                 "--output", str(out), "--no-progress"]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert "--baseline m1: not among --models" in msg and "--labels gives to another model" in msg, msg
+    assert msg.count("\n") == 0 and not out.exists()

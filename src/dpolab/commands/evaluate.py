@@ -103,6 +103,11 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
         if twice:
             flag = "--labels" if self.labels else "--models (give --labels to tell them apart)"
             raise ConfigError(f"{flag}: {', '.join(map(repr, twice))} given more than once; each model needs its own name")
+        if self.baseline is not None and self.baseline not in self.models and self.baseline in names:
+            # run_eval adds it under its own name, which would then key two rows
+            raise ConfigError(f"--baseline {self.baseline}: not among --models, so it is evaluated under its own "
+                              f"name, which --labels gives to another model; rename that model or add the "
+                              f"baseline to --models with a label of its own")
         check_counts(self)
         if self.bootstrap < 0 or self.max_prompts < 0:
             raise ConfigError("--bootstrap and --max-prompts must be >= 0")
@@ -111,8 +116,16 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
                 raise ConfigError(f"--plot {self.plot}: give a file name ending in {', '.join(PLOT_FORMATS)}")
             if not self.kl:
                 raise ConfigError("--plot draws reward against KL; it needs the KL (drop --no-kl)")
-        for flag, path in (("--output", self.output), ("--plot", self.plot), ("--samples-output", self.samples_output)):
+        outputs = [("--output", self.output), ("--plot", self.plot), ("--samples-output", self.samples_output)]
+        seen: dict[str, str] = {}
+        for flag, path in outputs:
             check_output_file(flag, path)
+            if path is None:
+                continue
+            resolved = os.path.realpath(path)  # written in turn at the end: a shared file keeps only the last
+            if resolved in seen:
+                raise ConfigError(f"{seen[resolved]} and {flag} both name {path}; give each output its own file")
+            seen[resolved] = flag
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -202,11 +215,12 @@ def _sample_and_score(model, tokenizer, texts, ids, ref_model, reward_fn, cfg, l
 
 
 def reward_label(cfg: EvalConfig) -> str:
-    """The reward as the results name it: its spec, or the weighted sum of several (``2*a + 0.5*b``)."""
+    """The reward as the results name it: its spec, or the weighted sum of several (``2*a + 0.5*b``);
+    one reward weighted other than 1 keeps its weight (``2*a``), as its values carry it."""
     specs = [*(cfg.reward or []), *(cfg.reward_model or [])]
-    if len(specs) == 1:
-        return specs[0]
     weights = cfg.reward_weights or [1.0] * len(specs)
+    if len(specs) == 1 and weights[0] == 1:
+        return specs[0]
     return " + ".join(f"{w:g}*{spec}" for w, spec in zip(weights, specs))
 
 
