@@ -136,15 +136,16 @@ def test_a_damaged_reference_cache_is_computed_again(tiny_model_dir, rule_data, 
 
 
 def test_short_run_precomputes_only_the_pairs_it_visits(tiny_model_dir, rule_data, tmp_path):
-    """3 steps x 4 pairs of 64: 12 rows computed, the rest NaN; a longer run with the same cache
-    computes the missing rows only (the 12 stored values are kept bit for bit)."""
+    """3 steps x 4 pairs of 64: 12 rows computed, and row 0 (the stand-in for an empty micro-batch),
+    the rest NaN; a longer run with the same cache computes the missing rows only (the stored values
+    are kept bit for bit)."""
     cache = tmp_path / "cache"
     common = ("--batch-size", "4", "--learning-rate", "1e-3", "--ref-cache-dir", cache)
     _run(tiny_model_dir, rule_data, tmp_path / "short", "--max-steps", "3", *common)
     (path,) = cache.glob("ref-logps-*.safetensors")
     short = load_file(str(path))["train"]
     done = ~short[:, 0].isnan()
-    assert int(done.sum()) == 12 and not short[done].isnan().any()
+    assert done[0] and int(done.sum()) == 13 and not short[done].isnan().any()  # row 0 not among the 12 here
     _run(tiny_model_dir, rule_data, tmp_path / "long", "--max-steps", "20", *common)
     full = load_file(str(path))["train"]
     assert not full.isnan().any() and torch.equal(full[done], short[done])
@@ -153,6 +154,19 @@ def test_short_run_precomputes_only_the_pairs_it_visits(tiny_model_dir, rule_dat
          "--learning-rate", "1e-3", "--ref-cache-dir", tmp_path / "cache2")
     (fresh,) = (tmp_path / "cache2").glob("ref-logps-*.safetensors")
     torch.testing.assert_close(load_file(str(fresh))["train"], full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_run_whose_step_has_an_empty_micro_batch(tiny_model_dir, tmp_path):
+    """25 training pairs in steps of 2 micro-batches of 4: one step of the epoch holds one real
+    micro-batch and an empty one, run as row 0 with weight 0; here that step is the one planned step
+    and row 0 is not in it. Row 0's reference must be computed anyway: 0 · its NaN made every
+    gradient NaN ("non-finite gradient norm at step 1")."""
+    data = write_rule_data(tmp_path / "p.jsonl", n=31)
+    data.write_text("\n".join(data.read_text().splitlines()[::-1]) + "\n")
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, data, out, "--max-steps", "1", "--batch-size", "4", "--grad-accum", "2",
+                      "--eval-fraction", "0.2", "--seed", "0")) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
 
 
 def test_any_split_into_forward_passes_gives_the_same_step(tiny_model_dir, rule_data, tmp_path):

@@ -35,10 +35,12 @@ Scorer = Callable[[object], torch.Tensor]  # a batch -> (2B,) summed response lo
 
 
 def planned_rows(order, n_micro: int) -> list[int]:
-    """Training rows (over all processes) in micro-batches ``0 .. n_micro-1`` of ``order``."""
+    """Training rows (over all processes) in micro-batches ``0 .. n_micro-1`` of ``order``, and row 0:
+    it stands in for an empty micro-batch (``Engine.micro_batch_passes``), whose loss is
+    back-propagated with weight 0, and 0 · a NaN reference would still poison the gradients."""
     if n_micro >= order.per_epoch:
         return list(range(order.n))
-    return sorted({i for k in range(n_micro) for i in order.global_rows(k)})
+    return sorted({0, *(i for k in range(n_micro) for i in order.global_rows(k))})
 
 
 def _ids_digest(rows) -> str:
