@@ -186,3 +186,70 @@ def test_a_reference_free_loss_keeps_its_reference_model_for_eval_kl(tiny_model_
 
     OnlineDPOConfig(model=str(tiny_model_dir), data="p.jsonl", reward=["a:b"], loss="simpo",
                     ref_model=str(tiny_model_dir)).validate()
+
+
+# -- evaluation: a function of the model and the seed; prompt room checked up front --------------------
+def test_evaluation_draws_each_prompt_from_its_own_seed(tiny_model, tiny_tokenizer):
+    """evaluate_samples (every on-policy trainer's eval/*) gives the same numbers at every batch size,
+    and prompt i's completion is the one its own seed draws (was: one generator across batches)."""
+    from types import SimpleNamespace
+
+    from dpolab.lm.generation import decode_responses, generate, sample_completions
+    from dpolab.lm.sampling import row_seeds
+    from dpolab.lm.tiny import tiny_llama
+    from dpolab.train.on_policy import evaluate_samples
+
+    ref = tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tiny_tokenizer)
+    ids = [tiny_tokenizer(p).input_ids for p in PROMPTS]
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, seed=3, direct_decoder=True)
+    reward = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    runs = [evaluate_samples(cfg, tiny_model, tiny_tokenizer, (PROMPTS, ids, {}, 0), reward, ref, bs)
+            for bs in (1, 2, 5)]
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for k in runs[0]:
+            assert other[k] == pytest.approx(runs[0][k], abs=1e-5), (k, runs)
+    texts, _ = sample_completions(tiny_model, tiny_tokenizer, ids, max_new_tokens=6, seed=3 + 7919, batch_size=2)
+    for i, p in enumerate(ids):
+        alone = generate(tiny_model, tiny_tokenizer, [p], max_new_tokens=6, seeds=row_seeds(3 + 7919, [i]))
+        assert texts[i] == decode_responses(tiny_tokenizer, alone)[0], i
+
+
+def test_eval_metrics_do_not_depend_on_the_micro_batch_size(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """--micro-batch-size is a memory setting: eval/* must not change with it (it changed them all)."""
+    summaries = []
+    for mbs in (1, 2):
+        out = tmp_path / f"mbs{mbs}"
+        assert main(_args(tiny_model_dir, prompts_file, out, reward_file, "--max-steps", 1, "--prompts-per-step", 2,
+                          "--num-samples", 3, "--learning-rate", "1e-2", "--eval-prompts", 4,
+                          "--micro-batch-size", mbs)) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    evals = [{k: v for k, v in s.items() if k.startswith("eval/")} for s in summaries]
+    assert {"eval/reward", "eval/reward_std", "eval/kl", "eval/response_length"} <= set(evals[0])
+    assert evals[1].keys() == evals[0].keys()
+    for k in evals[0]:
+        assert evals[1][k] == pytest.approx(evals[0][k], abs=1e-5), (k, evals)
+
+
+def test_a_prompt_without_room_is_refused_up_front_naming_its_row(tiny_model_dir, prompts_file, reward_file,
+                                                                   tmp_path, capsys):
+    """A prompt past the model's positions minus --max-new-tokens: one line naming the file and line of
+    the longest, before training; --eval-data rows included (they crashed the final evaluation)."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "the movie"}) + "\n" + json.dumps({"prompt": "the movie was great " * 40})
+                    + "\n" + json.dumps({"prompt": "a film " * 60}) + "\n")
+
+    def run(data, *extra):
+        return main(_args(tiny_model_dir, data, tmp_path / "run", reward_file, "--max-steps", 1,
+                          "--max-prompt-length", 1000, *extra))
+
+    def err(data, *extra) -> str:
+        assert run(data, *extra) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, msg
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return msg
+
+    for msg in (err(long), err(prompts_file, "--eval-data", long, "--eval-prompts", 3)):
+        assert f"{long}:2: the longest prompt" in msg and "no room for the completions" in msg, msg
+    assert run(prompts_file, "--eval-data", long, "--eval-prompts", 1) == 0  # only the rows evaluated count

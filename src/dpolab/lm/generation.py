@@ -32,7 +32,7 @@ from dpolab.errors import DpolabError
 from dpolab.lm.decode import fast_decoder
 
 __all__ = ["Generation", "decode_responses", "filter_logits", "generate", "inverse_cdf_draw", "left_pad",
-           "position_ids_from_mask", "sample_completions", "sample_next"]
+           "position_ids_from_mask", "row_seeds", "sample_completions", "sample_next"]
 
 
 @dataclass
@@ -469,18 +469,39 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
     return out
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def row_seeds(seed: int, rows: Sequence[int]) -> list[int]:
+    """Per-row seeds for ``generate(seeds=...)`` from one step seed and each row's global index
+    (e.g. the prompt's index in the dataset, or its rank-independent position in the step), so the
+    same row gets the same draws whichever process or batch samples it. Each is the splitmix64 mix
+    (Steele, Lea and Flood 2014, "Fast splittable pseudorandom number generators") of
+    ``seed`` and the row, in [0, 2^63)."""
+    out = []
+    for r in rows:
+        z = (int(seed) * 0x9E3779B97F4A7C15 + (int(r) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        out.append((z ^ (z >> 31)) >> 1)
+    return out
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                        batch_size: int = 32, fast: bool = True) -> tuple[list[str], list[Generation]]:
-    """Sample one completion per prompt (seeded), in batches (``fast``: as for :func:`generate`).
-    Returns (texts, per-batch Generations)."""
-    device = next(model.parameters()).device
-    gen_rng = torch.Generator(device=device).manual_seed(seed)
+    """Sample one completion per prompt, in batches of ``batch_size`` (``fast``: as for :func:`generate`).
+    Prompt ``i`` (its index in ``prompts_ids``) draws from its own seed, ``row_seeds(seed, [i])``
+    (:func:`row_seeds`), so its completion does not depend on the batch size or
+    the device (up to floating-point effects of the batched forward). Returns (texts, per-batch
+    Generations)."""
+    seeds = row_seeds(seed, range(len(prompts_ids)))
     texts, gens = [], []
     for i in range(0, len(prompts_ids), batch_size):
         gen = generate(model, tokenizer, prompts_ids[i:i + batch_size], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=gen_rng, fast=fast)
+                       temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds[i:i + batch_size],
+                       fast=fast)
         texts.extend(decode_responses(tokenizer, gen))
         gens.append(gen)
     return texts, gens

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from dpolab.lm.generation import Generation, generate
+from dpolab.lm.generation import Generation, generate, row_seeds
 
 __all__ = ["LocalSampler", "Sampler", "row_seeds"]
 
-_MASK64 = (1 << 64) - 1
 
 
 @runtime_checkable
@@ -69,16 +68,3 @@ class LocalSampler:
             self.model = model
 
 
-def row_seeds(seed: int, rows: Sequence[int]) -> list[int]:
-    """Per-row seeds for ``generate(seeds=...)`` from one step seed and each row's global index
-    (e.g. the prompt's index in the dataset, or its rank-independent position in the step), so the
-    same row gets the same draws whichever process or batch samples it. Each is the splitmix64 mix
-    (Steele, Lea and Flood 2014, "Fast splittable pseudorandom number generators") of
-    ``seed`` and the row, in [0, 2^63)."""
-    out = []
-    for r in rows:
-        z = (int(seed) * 0x9E3779B97F4A7C15 + (int(r) + 1) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        out.append((z ^ (z >> 31)) >> 1)
-    return out

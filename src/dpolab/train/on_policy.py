@@ -106,7 +106,7 @@ def open_run(cfg, name: str):
         raise ConfigError(f"dpolab {name} samples with the whole model on each process: use DDP (FSDP/DeepSpeed "
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
     prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.data_split)
-    check_room(cfg, max(len(ids) for ids in prompts.ids))
+    check_prompt_room(cfg, prompts)
     rewards = reward_function(cfg, accelerator.device)
     check_reward_fields(rewards, prompts)
     eval_set = eval_prompt_set(cfg, prompts, tokenizer, rewards)
@@ -122,10 +122,10 @@ def open_run(cfg, name: str):
     return accelerator, tokenizer, prompts, eval_set, rewards, report
 
 
-def check_room(cfg, longest_prompt: int, model: str | None = None) -> None:
+def check_room(cfg, longest_prompt: int, model: str | None = None, where: str | None = None) -> None:
     """Refuse, before loading any weights, prompts that leave no room for ``--max-new-tokens`` in the
     positions of ``model`` (default ``--model``; ``max_position_embeddings`` of its config, where it
-    has one)."""
+    has one). ``where``: the file and line (or row) of the longest prompt, named by the error."""
     from transformers import AutoConfig
 
     from dpolab.errors import ConfigError
@@ -137,9 +137,19 @@ def check_room(cfg, longest_prompt: int, model: str | None = None) -> None:
     except (OSError, ValueError):
         return  # the model load reports it
     if limit is not None and longest_prompt + cfg.max_new_tokens > limit:
-        raise ConfigError(f"prompts of up to {longest_prompt} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed "
-                          f"the {limit} positions of {model}: no room for the completions; lower (or set) "
+        what = (f"{where}: the longest prompt, {longest_prompt} tokens, plus --max-new-tokens {cfg.max_new_tokens} "
+                "exceeds" if where else
+                f"prompts of up to {longest_prompt} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed")
+        raise ConfigError(f"{what} the {limit} positions of {model}: no room for the completions; lower (or set) "
                           "--max-prompt-length, or lower --max-new-tokens")
+
+
+def check_prompt_room(cfg, data) -> None:
+    """:func:`check_room` for the longest prompt of ``data`` (a :class:`dpolab.data.prompts.PromptData`,
+    as cut to ``--max-prompt-length``), the error naming its file and line (or row)."""
+    if len(data):
+        i = max(range(len(data)), key=lambda r: len(data.ids[r]))  # the first of the longest
+        check_room(cfg, len(data.ids[i]), where=data.locations[i] if data.locations else data.source)
 
 
 def prompt_order(cfg, prompts, accelerator, batch_size: int):
@@ -219,8 +229,9 @@ def check_reward_fields(rewards, prompts) -> None:
 def eval_prompt_set(cfg, prompts, tokenizer,
                     rewards=None) -> tuple[list[str], list[list[int]], dict[str, list], int] | None:
     """(texts, ids, other columns, how many were cut to ``--max-prompt-length``) of the evaluation
-    prompts: ``--eval-data`` (its rows checked to hold the fields ``rewards`` take), else a seeded
-    sample of the training prompts; None with ``--eval-prompts 0``."""
+    prompts: ``--eval-data`` (its rows checked to leave room for the completions and to hold the
+    fields ``rewards`` take), else a seeded sample of the training prompts (checked as training
+    prompts); None with ``--eval-prompts 0``."""
     import torch
 
     if cfg.eval_prompts == 0:
@@ -231,6 +242,8 @@ def eval_prompt_set(cfg, prompts, tokenizer,
         data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.eval_split)
         data = data.subset(list(range(min(cfg.eval_prompts, len(data)))))  # the rows evaluated, and their fields
         rows = list(range(len(data)))
+        # here, not at the final evaluation: a prompt past the positions would fail after all training
+        check_prompt_room(cfg, data)
         if rewards is not None:
             check_reward_fields(rewards, data)
     else:
@@ -243,7 +256,10 @@ def eval_prompt_set(cfg, prompts, tokenizer,
 
 def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, batch_size: int) -> dict[str, float]:
     """Mean reward, its spread, sequence KL to the reference, response length and EOS fraction of one
-    seeded sample per evaluation prompt (the same draws at every evaluation of a run)."""
+    seeded sample per evaluation prompt (the same draws at every evaluation of a run). Prompt ``i`` of
+    the set draws from its own seed (of ``--seed`` and ``i``: ``sample_completions``), so the result
+    depends on the model and the seed, not on ``batch_size`` (a memory setting) or the processes
+    (each evaluates the whole set)."""
     from dpolab.rewards.evaluation import evaluate_policy
 
     if eval_set is None:
