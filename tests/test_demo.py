@@ -131,7 +131,7 @@ def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
     reward.write_text("def score(prompts, completions):\n    return [len(c) / 40.0 for c in completions]\n")
     out = tmp_path / "mine"
     args = ["demo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward", f"{reward}:score",
-            "--output-dir", str(out), "--no-progress", "--train-prompts", "16", "--eval-prompts", "4",
+            "--output-dir", str(out), "--no-progress", "--train-prompts", "32", "--eval-prompts", "10",
             "--samples-per-prompt", "4", "--max-new-tokens", "8", "--dpo-betas", "0.5", "--ppo-kl-coefs", "0.1",
             "--dpo-steps", "4", "--ppo-steps", "2", "--rm-steps", "4", "--eval-every", "4", "--quick",
             "--grpo-betas", "0", "--rloo-betas", "0.1", "--grpo-steps", "2", "--rloo-steps", "2",
@@ -144,6 +144,13 @@ def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert f"--model {tiny_model_dir}" in report and f"--reward {reward}:score" in report and "--dpo-steps 4" in report
     assert "--grpo-betas 0 " in report and "--best-of-n 1,4" in report
+    # 24 prompts: a fifth (4, not the 10 asked) held out, the other 20 (not 32) trained on; the
+    # report, results.json and the reproduce command give the counts used
+    assert len((out / "work" / "prompts.jsonl").read_text().splitlines()) == 20
+    assert len((out / "work" / "eval_prompts.jsonl").read_text().splitlines()) == 4
+    assert (results["config"]["train_prompts"], results["config"]["eval_prompts"]) == (20, 4)
+    assert "samples per prefix, 20 prefixes;" in report and "Evaluation: 4 held-out prefixes" in report
+    assert "--train-prompts 20 --eval-prompts 4" in report
 
 
 def test_demo_rejects_bad_series_options(capsys):
@@ -170,3 +177,58 @@ def test_report_to_logs_the_demo_and_every_stage(demo_dir, results):
     assert {"text:frontier", "text:samples"} <= {k.split("/")[0] for k in tb}, sorted(tb)
     for stage in ("pretrain", "rm", "dpo-beta0.1", "ppo-kl0.05", "grpo-beta0", "rloo-beta0.01"):
         assert any((demo_dir / "work" / stage / "tensorboard").rglob("events.out.tfevents.*")), stage
+
+
+def test_demo_rejects_repeated_sweep_values(tmp_path, capsys):
+    """Two runs of one value (or of values whose run folders, named with {value:g}, are the same)
+    would meet at the second run's folder: refused before anything is written."""
+    out = tmp_path / "run"
+    for flag, value, msg in (("--dpo-betas", "0.1,0.1", "--dpo-betas gives the value 0.1 twice"),
+                             ("--dpo-betas", "0.1,0.5,0.1000001", "--dpo-betas: 0.1 and 0.1000001 would share the "
+                              "run folder work/dpo-beta0.1"),
+                             ("--ppo-kl-coefs", "0.05,0.0500000001", "work/ppo-kl0.05"),
+                             ("--grpo-betas", "0,0", "--grpo-betas gives the value 0 twice"),
+                             ("--rloo-betas", "0.01,0.0100000002", "work/rloo-beta0.01"),
+                             ("--best-of-n", "1,4,4", "--best-of-n gives the value 4 twice")):
+        assert main(["demo", "--quick", flag, value, "--output-dir", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (flag, value, err)
+        assert not out.exists()
+
+
+def test_demo_prompts_are_split_before_any_stage(tmp_path):
+    """read_prompts gives the split run_demo trains and evaluates on: a fifth held out (at most
+    --eval-prompts), at most --train-prompts of the rest; `messages` rows rendered as the built-in
+    tokenizer's chat template does, before that tokenizer is trained."""
+    from dpolab.experiments.sentiment import DemoConfig
+    from dpolab.experiments.stages import read_prompts
+    from dpolab.lm.tiny import train_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"Review {i}: the movie"} for i in range(39)] + [{"messages": [{"role": "user", "content": "hi"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = read_prompts(DemoConfig(quick=True, prompts=str(path)).resolved())
+    assert (len(train), len(held)) == (32, 8) and not set(train) & set(held)
+    chat = train_tokenizer(["the movie was great"] * 4).apply_chat_template(
+        rows[-1]["messages"], tokenize=False, add_generation_prompt=True)
+    assert sorted(train + held) == sorted([r["prompt"] for r in rows[:-1]] + [chat])
+    train, held = read_prompts(DemoConfig(quick=True, prompts=str(path), train_prompts=5, eval_prompts=3).resolved())
+    assert (len(train), len(held)) == (5, 3)
+
+
+def test_demo_checks_the_prompts_file_before_any_stage(tmp_path, capsys):
+    """A bad --prompts file fails before pretraining and leaves no work/ folder, so the same command
+    runs once the file is fixed (small sizes: should the check come late again, it fails fast)."""
+    good = json.dumps({"prompt": "the movie"})
+    cases = {"broken.jsonl": (good + "\n{oops\n", "broken.jsonl:2"),
+             "few.jsonl": (good + "\n" + good + "\n", "need at least 4 prompts, found 2"),
+             "nofield.jsonl": (good + "\n" + json.dumps({"text": "the movie"}) + "\n", "nofield.jsonl:2")}
+    for name, (text, msg) in cases.items():
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f"out-{name}"
+        args = ["demo", "--quick", "--prompts", str(tmp_path / name), "--output-dir", str(out), "--no-progress",
+                "--corpus-size", "50", "--pretrain-steps", "1"]
+        assert main(args) == 2, name
+        err = capsys.readouterr().err
+        assert msg in err and "pretraining" not in err, (name, err)
+        assert not (out / "work").exists(), name

@@ -77,6 +77,20 @@ def test_frontier_verdict_with_dpo_and_ppo_keeps_the_paper_sentence_first():
     assert v["ppo_points_dominated_by_dpo"] == 1.0 and v["dpo_points_dominated_by_ppo"] == 0.0
 
 
+def test_frontier_verdict_states_the_share_it_checks():
+    """Dominance allows 1% of exceptions: the sentence gives the counts, not "every PPO point"."""
+    rows = _rows("DPO", [(1.0, 0.9)]) + _rows("PPO", [(2.0, 0.5)] * 99 + [(0.5, 0.1)])
+    v = frontier_verdict(rows)
+    assert v["dominates"] == [["DPO", "PPO"]] and v["ppo_points_dominated_by_dpo"] == 0.99
+    assert v["text"].startswith("DPO's frontier dominates PPO's at this scale: 99 of the 100 PPO points are "
+                                "matched or beaten by a DPO point (dominance asks for at least 99%)")
+    assert "0 of the 1 DPO points by a PPO point" in v["text"] and "every" not in v["text"]
+    flipped = frontier_verdict(_rows("PPO", [(1.0, 0.9)]) + _rows("DPO", [(2.0, 0.5)] * 3))
+    assert flipped["text"] == ("PPO's frontier dominates DPO's at this scale (the paper found the opposite): 3 of "
+                               "the 3 DPO points are matched or beaten by a PPO point (dominance asks for at least "
+                               "99%) and 0 of the 1 PPO points by a DPO point.")
+
+
 def test_best_of_n_kl_bound():
     # log N − (N−1)/N: 0 for N = 1 (the reference itself); log 2 − 1/2 = 0.19315 for N = 2
     assert best_of_n_kl_bound(1) == 0.0

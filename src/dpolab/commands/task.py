@@ -8,7 +8,7 @@ from dpolab.config import opt, parse_config
 from dpolab.errors import ConfigError
 
 DESCRIPTION = """Write a built-in task with a checkable answer: OUTPUT_DIR/train.jsonl and eval.jsonl (prompt/answer
-rows, disjoint prompts) and sft.jsonl (prompt/completion rows, wrong with probability --noise), for
+rows, disjoint prompts for one --seed) and sft.jsonl (prompt/completion rows, wrong with probability --noise), for
 `dpolab sft` (a partly competent start) then `dpolab grpo|rloo --reward dpolab.rewards.tasks:exact_match`.
 
 tasks: reverse ("reverse: 3 1 4 =" -> "4 1 3"), copy ("copy: 3 1 4 =" -> "3 1 4"), add ("12+7=" -> "19")
@@ -23,10 +23,11 @@ class TaskConfig:
     task: str = opt("reverse", "which task", choices=("reverse", "copy", "add"))
     output_dir: str = opt("data/task", "where the files go")
     train: int = opt(512, "training prompts")
-    eval: int = opt(128, "held-out evaluation prompts (none of them in train.jsonl or sft.jsonl)")
+    eval: int = opt(128, "held-out evaluation prompts (none of them in train.jsonl or sft.jsonl of the same --seed)")
     sft: int = opt(2048, "SFT rows (0: no sft.jsonl, and an earlier one in --output-dir is removed)")
     noise: float = opt(0.5, "probability that an SFT completion is wrong (a same-shape corruption)")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed; the files of different seeds share prompts (seed s+1's train.jsonl repeats "
+                    "seed s's eval prompts): use one seed's files together")
 
     def validate(self) -> None:
         if self.train < 1 or self.eval < 1 or self.sft < 0:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dpolab.config import opt, parse_config
@@ -39,6 +39,7 @@ from dpolab.experiments.stages import (
     build_preferences,
     evaluate_run,
     make_prompts,
+    read_prompts,
     sweep,
     write_jsonl,
 )
@@ -66,35 +67,57 @@ PRESETS = {
                  rloo_steps=40, num_generations=8, prompts_per_step=8, best_of_n=[1, 2, 4, 8, 16]),
 }
 
+
+def _preset(name: str, help: str) -> str:
+    """A size's help text with both presets' values: the field's own default, None, only means "the
+    preset's", which the generic "(default: None)" would hide."""
+    def text(value) -> str:
+        return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+
+    return f"{help} (default: {text(PRESETS['full'][name])}; --quick: {text(PRESETS['quick'][name])})"
+
+
+# The sweep options and the series whose run folders (work/<prefix><value:g>) their values name.
+SWEEPS = {"dpo_betas": "DPO", "ppo_kl_coefs": "PPO", "grpo_betas": "GRPO", "rloo_betas": "RLOO"}
+
+
 @dataclass
 class DemoConfig:
     output_dir: str | None = opt(None, "where results go (default: runs/demo-<timestamp>)")
     quick: bool = opt(False, "the small preset: under 4 minutes on 2 CPU cores")
     seed: int = opt(0, "random seed for every stage")
-    model: str | None = opt(None, "base model (HF name or folder); default: pretrain a tiny Llama on our review grammar")
-    prompts: str | None = opt(None, "prompt file (JSONL with 'prompt' or 'messages'); default: review prefixes")
+    model: str | None = opt(None, "base model (HF name or folder) (default: pretrain a tiny Llama on our review grammar)")
+    prompts: str | None = opt(None, "prompt file (JSONL with 'prompt' or 'messages') (default: review prefixes)")
     reward: str = opt("dpolab.experiments.sentiment_reward:vader_sentiment", "ground-truth reward 'module:function'")
-    dpo_betas: list[float] | None = opt(None, "DPO β values (comma-separated)")
-    ppo_kl_coefs: list[float] | None = opt(None, "PPO KL coefficients (comma-separated)")
-    grpo_betas: list[float] | None = opt(None, "GRPO β values of its KL term (comma-separated; 0: no KL term)")
-    rloo_betas: list[float] | None = opt(None, "RLOO β values of its KL-shaped reward r − β·KL (comma-separated)")
-    best_of_n: list[int] | None = opt(None, "N values of the best-of-N baseline (comma-separated)")
-    corpus_size: int | None = opt(None, "reviews generated for pretraining")
-    pretrain_steps: int | None = opt(None, "pretraining steps of the tiny base model")
-    hidden_size: int | None = opt(None, "hidden size of the tiny base model")
-    layers: int | None = opt(None, "layers of the tiny base model")
-    train_prompts: int | None = opt(None, "prefixes used for preference pairs and PPO/GRPO/RLOO rollouts")
-    samples_per_prompt: int | None = opt(None, "completions sampled per prefix to build pairs")
-    eval_prompts: int | None = opt(None, "held-out prefixes for evaluation")
-    max_new_tokens: int | None = opt(None, "completion length cap")
-    dpo_steps: int | None = opt(None, "DPO optimizer steps per β")
-    ppo_steps: int | None = opt(None, "PPO steps (rollout + update) per KL coefficient")
-    rm_steps: int | None = opt(None, "reward-model training steps")
-    grpo_steps: int | None = opt(None, "GRPO steps (sample + update) per β")
-    rloo_steps: int | None = opt(None, "RLOO steps (sample + update) per β")
-    num_generations: int | None = opt(None, "GRPO/RLOO: completions sampled per prefix in a step (the group)")
-    prompts_per_step: int | None = opt(None, "GRPO/RLOO: prefixes per step")
-    eval_every: int | None = opt(None, "evaluate a checkpoint every N DPO steps (PPO, GRPO, RLOO: every N/4 steps)")
+    dpo_betas: list[float] | None = opt(None, _preset("dpo_betas", "DPO β values (comma-separated)"))
+    ppo_kl_coefs: list[float] | None = opt(None, _preset("ppo_kl_coefs", "PPO KL coefficients (comma-separated)"))
+    grpo_betas: list[float] | None = opt(None, _preset("grpo_betas", "GRPO β values of its KL term (comma-separated; "
+                                                         "0: no KL term)"))
+    rloo_betas: list[float] | None = opt(None, _preset("rloo_betas", "RLOO β values of its KL-shaped reward r − β·KL "
+                                                         "(comma-separated)"))
+    best_of_n: list[int] | None = opt(None, _preset("best_of_n", "N values of the best-of-N baseline (comma-separated)"))
+    corpus_size: int | None = opt(None, _preset("corpus_size", "reviews generated for pretraining"))
+    pretrain_steps: int | None = opt(None, _preset("pretrain_steps", "pretraining steps of the tiny base model"))
+    hidden_size: int | None = opt(None, _preset("hidden_size", "hidden size of the tiny base model"))
+    layers: int | None = opt(None, _preset("layers", "layers of the tiny base model"))
+    train_prompts: int | None = opt(None, _preset("train_prompts", "prefixes used for preference pairs and "
+                                                  "PPO/GRPO/RLOO rollouts (with --prompts: at most this many, from "
+                                                  "what the held-out ones leave)"))
+    samples_per_prompt: int | None = opt(None, _preset("samples_per_prompt", "completions sampled per prefix to build "
+                                                       "pairs"))
+    eval_prompts: int | None = opt(None, _preset("eval_prompts", "held-out prefixes for evaluation (with --prompts: "
+                                                 "at most a fifth of the file)"))
+    max_new_tokens: int | None = opt(None, _preset("max_new_tokens", "completion length cap"))
+    dpo_steps: int | None = opt(None, _preset("dpo_steps", "DPO optimizer steps per β"))
+    ppo_steps: int | None = opt(None, _preset("ppo_steps", "PPO steps (rollout + update) per KL coefficient"))
+    rm_steps: int | None = opt(None, _preset("rm_steps", "reward-model training steps"))
+    grpo_steps: int | None = opt(None, _preset("grpo_steps", "GRPO steps (sample + update) per β"))
+    rloo_steps: int | None = opt(None, _preset("rloo_steps", "RLOO steps (sample + update) per β"))
+    num_generations: int | None = opt(None, _preset("num_generations", "GRPO/RLOO: completions sampled per prefix in "
+                                                    "a step (the group)"))
+    prompts_per_step: int | None = opt(None, _preset("prompts_per_step", "GRPO/RLOO: prefixes per step"))
+    eval_every: int | None = opt(None, _preset("eval_every", "evaluate a checkpoint every N DPO steps (PPO, GRPO, "
+                                               "RLOO: every N/4 steps)"))
     progress: bool = opt(True, "show progress bars")
     report_to: str = opt("none", "also log every stage's run, and the demo's frontier and samples as tables, to "
                          "experiment trackers: tensorboard, wandb, mlflow, a comma-separated list, or none")
@@ -116,6 +139,8 @@ class DemoConfig:
             vals = getattr(self, name)  # low: the bound values must exceed (None: >= 0 suffices)
             if vals is not None and (not vals or any(v < 0 if low is None else v <= low for v in vals)):
                 raise ConfigError(f"--{name.replace('_', '-')} needs {what}")
+        for name in (*SWEEPS, "best_of_n"):
+            _check_distinct(name, getattr(self, name))
         for name in ("corpus_size", "pretrain_steps", "hidden_size", "layers", "train_prompts", "eval_prompts",
                      "max_new_tokens", "dpo_steps", "ppo_steps", "rm_steps", "grpo_steps", "rloo_steps",
                      "prompts_per_step", "eval_every"):
@@ -129,7 +154,7 @@ class DemoConfig:
 
             path = Path(self.prompts).expanduser()
             local = self.prompts.lower().endswith(FILE_EXTENSIONS) or self.prompts.startswith(("/", ".", "~"))
-            if local and not path.exists():  # else found only after pretraining
+            if local and not path.exists():  # its rows: read_prompts, before any stage
                 raise ConfigError(f"--prompts {self.prompts}: file not found")
         if self.samples_per_prompt is not None and self.samples_per_prompt < 2:
             raise ConfigError("--samples-per-prompt must be >= 2 to form pairs")
@@ -138,6 +163,20 @@ class DemoConfig:
         from dpolab.runs.trackers import parse_report_to
 
         parse_report_to(self.report_to)  # a tracker that is not installed fails before any stage runs
+
+
+def _check_distinct(name: str, values: list | None) -> None:
+    """Each value of a sweep once: two runs of one value (or of values written alike in their run
+    folder's name, ``{value:g}``) would meet at the second run's folder, after the first has trained."""
+    flag = "--" + name.replace("_", "-")
+    for i, v in enumerate(values or []):
+        for u in values[:i]:
+            if u == v:
+                raise ConfigError(f"{flag} gives the value {u:g} twice; give each value once")
+            if name in SWEEPS and f"{u:g}" == f"{v:g}":
+                prefix = SERIES[SWEEPS[name]][1]
+                raise ConfigError(f"{flag}: {u!r} and {v!r} would share the run folder work/{prefix}{v:g} (named "
+                                  "with 6 significant digits); give values that differ there")
 
 
 class Stages:
@@ -193,6 +232,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     if (out / "work").exists():  # an interrupted demo: its trainers' folders would refuse a new run
         raise ConfigError(f"{out} holds an unfinished demo ({out / 'work'}); remove it or choose another --output-dir")
     reward_fn = load_reward_function(cfg.reward)
+    given = read_prompts(cfg)
+    if given is not None:  # a small file gives fewer than asked: record (and report) the counts used
+        cfg = replace(cfg, train_prompts=len(given[0]), eval_prompts=len(given[1]))
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -203,7 +245,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tokenizer = load_tokenizer(base_path)
     base = load_causal_lm(base_path).eval()
     base.requires_grad_(False)
-    train_prompts, eval_prompts = make_prompts(cfg, held_out, tokenizer)
+    train_prompts, eval_prompts = make_prompts(cfg, held_out, given)
 
     with say.timed("preferences", f"sampling {cfg.samples_per_prompt} completions for each of {len(train_prompts)} "
                    "prefixes; labelling pairs with the ground-truth reward"):

@@ -53,18 +53,49 @@ def build_base_model(cfg: DemoConfig, work: Path, say) -> tuple[str, list[str]]:
     return str(work / "pretrain" / "final"), held_out
 
 
-def make_prompts(cfg: DemoConfig, held_out: list[str], tokenizer) -> tuple[list[str], list[str]]:
-    """(train prompts, eval prompts): review prefixes, or the user's --prompts split 80/20."""
-    if cfg.prompts:
-        from dpolab.data.prompts import load_prompts
+def read_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]] | None:
+    """--prompts read, checked and split 80/20 into (train prompts, eval prompts); None without it.
+    Called before any stage: a bad file would otherwise be found after pretraining, and the work/
+    folder left behind would refuse the rerun."""
+    if not cfg.prompts:
+        return None
+    from dpolab.data.loading import load_records, record_error
+    from dpolab.data.prompts import render_prompt
 
-        texts = load_prompts(cfg.prompts, tokenizer).texts
-        if len(texts) < 4:
-            raise ConfigError(f"{cfg.prompts}: need at least 4 prompts, found {len(texts)}")
-        rng = random.Random(cfg.seed)
-        rng.shuffle(texts)
-        n_eval = max(1, min(cfg.eval_prompts, len(texts) // 5))
-        return texts[n_eval:][:cfg.train_prompts], texts[:n_eval]
+    tokenizer, texts = None, []
+    for rec in load_records(cfg.prompts):  # load_prompts' checks, without tokenising (done later)
+        if not isinstance(rec.data, dict):
+            raise record_error(rec, "expected a JSON object")
+        if tokenizer is None and rec.data.get("messages") is not None:  # only a chat template needs one
+            tokenizer = _chat_tokenizer(cfg)
+        texts.append(render_prompt(rec.data, tokenizer, record=rec)[0])
+    if len(texts) < 4:
+        raise ConfigError(f"--prompts {cfg.prompts}: need at least 4 prompts, found {len(texts)}")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(texts)
+    n_eval = max(1, min(cfg.eval_prompts, len(texts) // 5))
+    return texts[n_eval:][:cfg.train_prompts], texts[:n_eval]
+
+
+def _chat_tokenizer(cfg: DemoConfig):
+    """A tokenizer that renders `messages` rows as the base model's will, before that model exists."""
+    if cfg.model:
+        from dpolab.lm.loading import load_tokenizer
+
+        return load_tokenizer(cfg.model)
+    # The built-in tokenizer is trained in stage 1, but a rendered prompt depends only on its chat
+    # template and special tokens, which train_tokenizer sets alike for any corpus.
+    from dpolab.lm.tiny import train_tokenizer
+
+    return train_tokenizer([""])
+
+
+def make_prompts(cfg: DemoConfig, held_out: list[str],
+                 given: tuple[list[str], list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """(train prompts, eval prompts): ``given`` (the --prompts split by ``read_prompts``), else review
+    prefixes of the held-out reviews."""
+    if given is not None:
+        return given
     from dpolab.experiments.grammar import review_prefix
 
     rng = random.Random(cfg.seed + 1)
@@ -73,8 +104,9 @@ def make_prompts(cfg: DemoConfig, held_out: list[str], tokenizer) -> tuple[list[
 
 
 def build_preferences(cfg: DemoConfig, model, tokenizer, prompts: list[str], reward_fn, path: Path) -> dict:
-    """Sample ``samples_per_prompt`` completions per prompt from the base model; pair the best with
-    the worst (and the 2nd best with the 2nd worst when there are 4 or more) by ground-truth reward."""
+    """Sample k = ``samples_per_prompt`` completions per prompt from the base model; rank them by
+    ground-truth reward and pair the i-th best with the i-th worst, i = 1..k//2. A pair with tied
+    rewards or an empty completion is skipped, and counted in ``ties_skipped``."""
     from dpolab.lm.generation import sample_completions
     from dpolab.rewards.functions import compute_rewards
 

@@ -77,7 +77,12 @@ def write_task(task: str, output_dir: str | Path, *, train: int = 512, eval: int
                noise: float = 0.5, seed: int = 0) -> dict[str, Path]:
     """Write ``train.jsonl``, ``eval.jsonl`` (prompt/answer rows; eval prompts disjoint from the others)
     and ``sft.jsonl`` (prompt/completion, wrong with probability ``noise``; when ``sft`` is 0, none, and
-    an earlier one in ``output_dir`` is removed). Returns the paths written."""
+    an earlier one in ``output_dir`` is removed). Returns the paths written.
+
+    The eval prompts are held out only from the files of the same ``seed``: eval, train, the SFT
+    corruptions and the SFT prompts are drawn with generators seeded ``seed + 1``, ``seed``,
+    ``seed + 2`` and ``seed + 3``, so another seed's files share draws (``seed + 1``'s train.jsonl
+    repeats this eval.jsonl's prompts). Use one seed's files together."""
     out = Path(output_dir)
     evals = make_examples(task, eval, seed + 1, flag="--eval")
     held = {p for p, _ in evals}
