@@ -245,3 +245,26 @@ def test_a_second_accelerator_in_one_process_may_change_the_precision():
     assert make_accelerator("no").mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
+
+
+def test_unset_mixed_precision_takes_the_launchers(tiny_model_dir, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (or an accelerate config file saying so) sets
+    ACCELERATE_MIXED_PRECISION; dpolab's own default overrode it with "no", so the examples' bf16
+    configs trained in float32. Unset, the launcher's is used (and written to config.yaml); given,
+    dpolab's option wins."""
+    import yaml
+
+    from dpolab.cli import main
+    from dpolab.train.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_accelerator(None).mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "completion": " a{i}"}}\n' for i in range(8)))
+    out = tmp_path / "run"
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert make_accelerator(None).mixed_precision == "no"

@@ -58,14 +58,16 @@ def _has_accelerator_device() -> bool:
     return bool(acc.is_available()) if acc is not None and hasattr(acc, "is_available") else torch.cuda.is_available()
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str | None = "no"):
     """An :class:`accelerate.Accelerator` for the process group the launcher started.
 
     ``torchrun``/``accelerate launch`` on a machine without a GPU set ``WORLD_SIZE`` > 1, but
     accelerate 1.x only forms a CPU (gloo) group when told to use the CPU; without it every process
     would train alone and they would overwrite each other's run directory. So with several
     processes and no CUDA device the CPU is selected here. Raises :class:`ConfigError` when the
-    launcher asked for several processes, FSDP or DeepSpeed and accelerate did not set it up."""
+    launcher asked for several processes, FSDP or DeepSpeed and accelerate did not set it up.
+    ``mixed_precision=None``: the launcher's (``accelerate launch --mixed_precision`` or its config
+    file set ``ACCELERATE_MIXED_PRECISION``), else "no"."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -81,6 +83,8 @@ def make_accelerator(mixed_precision: str = "no"):
         raise ConfigError(FSDP_ON_CPU)
     from accelerate.state import AcceleratorState
 
+    if mixed_precision is None:
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() or "no"
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         # a second run in one process (a sweep, a notebook) with another precision: accelerate keeps
         # its state process-wide and would refuse; the process group (PartialState) is kept
@@ -230,6 +234,7 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
         check_checkpoint_files(ckpt)
         read_trainer_state(ckpt, command=command)
     accelerator = make_accelerator(cfg.mixed_precision)
+    cfg.mixed_precision = accelerator.mixed_precision  # resolved: config.yaml, the reference cache key
     if getattr(cfg, "lora", False) and is_sharded(accelerator):
         raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "
                           "one process); use DDP for LoRA runs (docs/scaling.md)")

@@ -54,7 +54,8 @@ class LoraOptions:
 @dataclass
 class ModelOptions:
     dtype: str = opt("auto", "weight dtype when loading", choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = opt("no", "accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    mixed_precision: str | None = opt(None, "accelerate mixed precision (unset: what accelerate launch was given, "
+                                      "by --mixed_precision or its config file, else no)", choices=("no", "bf16", "fp16"))
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
 
 
