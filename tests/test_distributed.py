@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpolab.cli import main
+from dpolab.errors import DpolabError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_dpo import write_rule_data  # noqa: E402
@@ -214,6 +215,19 @@ def test_torchrun_without_gpu_forms_a_cpu_group(tmp_path):
         assert r["means"] == {"x": 2.0} and r["total"] == 2.0 and r["sums"] == {"tokens": 30.0}
     # 5 rows, blocks of ceil(5/2) = 3: [0,1,2] and [3,4]; batches of 2, the same count on both
     assert rows[0]["shards"] == [[0, 1], [2]] and rows[1]["shards"] == [[3, 4], []]
+    assert res.stderr.count("note: no GPU found: the 2 processes run on the CPU (gloo)") == 1  # said once
+
+
+def test_deepspeed_requested_without_the_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    from dpolab.train.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(DpolabError, match="the `deepspeed` package is not installed"):
+        make_accelerator()
 
 
 def test_accelerate_cpu_launch_that_starts_one_process_is_refused(tiny_model_dir, tmp_path):

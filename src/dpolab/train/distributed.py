@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -75,6 +76,15 @@ def make_accelerator(mixed_precision: str | None = "no"):
     if single_by_mistake():
         raise ConfigError(ALONE_BY_MISTAKE)
     cpu = world > 1 and not torch.cuda.is_available()
+    if cpu and not _env_flag("ACCELERATE_USE_CPU") and os.environ.get("RANK", "0") == "0":
+        # e.g. a GPU config (examples/accelerate/ddp_gpu.yaml) on a machine without one: said, not silent
+        print(f"note: no GPU found: the {world} processes run on the CPU (gloo)", file=sys.stderr)
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:  # accelerate's ImportError would be a traceback
+            raise ConfigError("DeepSpeed was requested (ACCELERATE_USE_DEEPSPEED) but the `deepspeed` package is "
+                              "not installed (it needs GPUs too); pip install deepspeed, or launch without it")
     if _env_flag("ACCELERATE_USE_FSDP") and not _has_accelerator_device():  # one process too (bench/gpu.sh's form)
         # Without a CUDA/XPU/MLU/NPU/MUSA/HPU device accelerate 1.15's FullyShardedDataParallelPlugin
         # raises "There are currently no available devices found" and 1.16's refuses
