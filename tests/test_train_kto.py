@@ -157,8 +157,30 @@ def test_a_split_of_one_example_is_refused(tiny_tokenizer, tmp_path):
         load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.05)
     assert len(load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.0).train) == 20
     one = write_unpaired_data(tmp_path / "one.jsonl", n=1)
-    with pytest.raises(ConfigError, match=r"one.jsonl: one example for the eval split"):
+    with pytest.raises(ConfigError, match=r"one.jsonl: one example for the eval split.*\(give 2 or more rows in "
+                                          r"--eval-data, or leave it out\)"):  # --eval-fraction is not read then
         load_unpaired_data(str(data), tiny_tokenizer, eval_source=str(one))
+    with pytest.raises(ConfigError, match=r"rows.jsonl: one example for the train split.*\(lower --eval-fraction\)"):
+        load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.95)
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_unpaired_rows_and_pairs_mix_in_a_columnar_file(tiny_tokenizer, tmp_path, ext):
+    """A columnar file holds every column in every row: null (CSV: empty) where a row has no value.
+    A pair row's null label and completion are no unpaired row (it was refused: "label: got None")."""
+    import pandas as pd
+
+    rows = [{"prompt": f"Q{i}:", "completion": " good" if i % 2 else " bad", "label": bool(i % 2),
+             "chosen": None, "rejected": None} for i in range(4)]
+    rows += [{"prompt": f"P{i}:", "completion": None, "label": None, "chosen": " yes", "rejected": " no"}
+             for i in range(3)]
+    path = tmp_path / f"mixed.{ext}"
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(path) if ext == "parquet" else frame.to_csv(path, index=False)
+    data = load_unpaired_data(str(path), tiny_tokenizer, eval_fraction=0)
+    rep = data.report.as_dict()
+    assert rep["formats"] == {"unpaired": 4, "standard": 3} and rep["from_pairs"] == 6
+    assert (rep["desirable"], rep["undesirable"]) == (5, 5)
 
 
 def test_pairs_stay_together_in_the_seeded_eval_split(tiny_tokenizer, tmp_path):

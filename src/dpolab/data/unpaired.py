@@ -100,12 +100,14 @@ def parse_unpaired(record: Record, pair: int = -1) -> list[UnpairedExample]:
     """The examples of one row: one for an unpaired row, two (desirable, undesirable) for a preference
     pair, which gets the id ``pair``. :class:`DataError` naming the row and field on bad input."""
     data = record.data
-    if "label" not in data and "completion" not in data:
+    csv = record.path.lower().endswith((".csv", ".csv.gz"))
+    # a columnar file (Parquet, CSV, datasets) mixing the forms holds null (CSV: empty) where a row has no value
+    if all(data.get(k) is None or (csv and data.get(k) == "") for k in ("label", "completion")):
         ex = parse_preference(record)
         return [UnpairedExample(dataclasses.replace(ex, rejected=ex.chosen), True, "chosen", pair),
                 UnpairedExample(dataclasses.replace(ex, chosen=ex.rejected), False, "rejected", pair)]
     label = data.get("label")
-    if isinstance(label, str) and record.path.lower().endswith((".csv", ".csv.gz")) and label.lower() in ("true", "false"):
+    if isinstance(label, str) and csv and label.lower() in ("true", "false"):
         label = label.lower() == "true"  # CSV cells are strings
     if not isinstance(label, bool):
         got = missing(record, "label") if "label" not in data else f"got {label!r} ({type(label).__name__})"
@@ -200,7 +202,11 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
             where = (f"--eval-fraction {eval_fraction} holds out one example of {source}" if name == "eval"
                      and eval_source is None else f"{eval_source if name == 'eval' else source}: one example "
                      f"for the {name} split")
-            fix = "raise --eval-fraction, or 0 for no eval split" if name == "eval" else "give more rows"
+            if name == "eval":
+                fix = ("give 2 or more rows in --eval-data, or leave it out" if eval_source is not None
+                       else "raise --eval-fraction, or 0 for no eval split")
+            else:
+                fix = "give more rows" if eval_source is not None or not eval_fraction else "lower --eval-fraction"
             raise ConfigError(f"{where}; KTO's KL estimate z0 pairs every example with another one's completion, "
                               f"so a split needs 2 or more ({fix})")
         splits[name] = tokenize_split(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
