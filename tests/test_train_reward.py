@@ -302,3 +302,38 @@ def test_a_saved_head_of_another_size_is_one_clear_error(tiny_model_dir, tiny_to
     tiny_tokenizer.save_pretrained(tmp_path / "rm2")
     with pytest.raises(DpolabError, match=r"rm2' has a 2-label head; a reward model needs 1"):
         load_reward_model(str(tmp_path / "rm2"), tiny_tokenizer, trained=True)
+
+
+def test_final_scores_alike_with_transformers_when_the_tokenizer_pads_with_eos(word_model_dir, tmp_path, capsys):
+    """A tokenizer without a pad token (Llama 3, Mistral, GPT-2 style) pads with EOS; transformers'
+    forward reads the reward at the last token that is not the pad id, which was the token before
+    the EOS every response ends with. final/ pads with BOS instead, so a right-padded batch through
+    AutoModelForSequenceClassification gives the rewards dpolab's score() gives."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpolab.data.preference import encode_prompt_completions
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(word_model_dir, nopad)
+    tok = AutoTokenizer.from_pretrained(nopad)
+    tok.pad_token = None
+    tok.save_pretrained(nopad)
+    data = tmp_path / "p.jsonl"
+    write_bt_pairs(data, 16, seed=1)
+    assert main(_args(nopad, data, tmp_path / "rm", "--max-steps", "2", "--batch-size", "4", "--learning-rate",
+                      "3e-3", "--eval-fraction", "0")) == 0
+    assert "final/ pads with '<s>' instead" in capsys.readouterr().err
+    final = tmp_path / "rm" / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.pad_token == "<s>" and tok.pad_token_id != tok.eos_token_id
+    texts = [" alpha", " hotel golf echo delta", " bravo charlie"]
+    ids = encode_prompt_completions(tok, [PROMPT] * 3, texts)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
+    hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=input_ids, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(theirs, torch.tensor(score(str(final), [PROMPT] * 3, texts)), atol=1e-5, rtol=1e-5)

@@ -68,6 +68,24 @@ class RewardModel(nn.Module):
         return self.model.score(ends)[:, 0].float()                                            # (2B,)
 
 
+def pad_apart_from_eos(tokenizer) -> str | None:
+    """Give a tokenizer that pads with EOS (it had no pad token) a pad token that no response ends
+    with: its BOS, else its UNK, where that differs from EOS; returns the token, or None where there
+    is none. Hugging Face's sequence-classification forward reads the reward at the last token that
+    is not the pad id: with EOS as the pad that is the token before the EOS every response ends
+    with, one token before where ``RewardModel`` reads it. Padded positions are masked, so which
+    token pads changes nothing else."""
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id != eos:
+        return None
+    for name in ("bos_token", "unk_token"):
+        token, token_id = getattr(tokenizer, name, None), getattr(tokenizer, name + "_id", None)
+        if token is not None and token_id is not None and token_id != eos:
+            tokenizer.pad_token = token
+            return token
+    return None
+
+
 def load_reward_model(name_or_path: str, tokenizer, *, dtype: str = "auto", trust_remote_code: bool = False,
                       trained: bool = False):
     """A ``AutoModelForSequenceClassification`` with ``num_labels=1`` and ``pad_token_id`` set, from a

@@ -12,6 +12,7 @@ is saved to ``final/`` in Hugging Face format (``AutoModelForSequenceClassificat
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,6 +154,16 @@ def train(cfg: RewardConfig) -> dict:
 
     cfg = check_config(cfg)  # a config built in Python: converted and checked as the command line's
     accelerator, tokenizer = distributed.start_run(cfg, RewardModelTraining.name)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        from dpolab.lm.reward_model import pad_apart_from_eos
+
+        token = pad_apart_from_eos(tokenizer)
+        if distributed.is_main_process():
+            print(f"note: the tokenizer pads with its EOS; final/ pads with {token!r} instead, so that transformers' "
+                  "AutoModelForSequenceClassification reads the reward at the EOS, where it is trained" if token else
+                  "note: the tokenizer pads with its EOS and has no other special token to pad with: transformers' "
+                  "AutoModelForSequenceClassification forward of final/ reads the reward one token before the EOS, "
+                  "where it is not trained; score with dpolab.rewards.functions.score", file=sys.stderr)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()
     if cfg.dry_run:
