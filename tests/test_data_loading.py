@@ -435,3 +435,35 @@ def test_fuzz_loader_raises_only_data_error(payload, ext):
                 parse_preference(record)
             except DataError as err:
                 assert err.path == str(path) and err.line == record.line
+
+
+def test_a_cut_off_json_line_says_where_the_string_starts_once(tmp_path):
+    """json's message "Unterminated string starting at" was followed by our "at column": "at at"."""
+    for name, text, line in (("d.jsonl", '{"prompt": "the movie"}\n{"prompt": "a fi\n', 2),
+                             ("d.json", '[{"prompt": "the movie"},\n {"prompt": "a fi', 2)):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError) as info:
+            load_records(str(path))
+        msg = str(info.value)
+        assert msg.startswith(f"{path}:{line}: invalid JSON: Unterminated string starting at column "), msg
+        assert " at at " not in msg, msg
+
+
+def test_a_null_prompt_is_said_to_be_null(tmp_path, tiny_tokenizer):
+    """{"prompt": null} got "did you mean 'prompt'?" although the field is there: it is null."""
+    from dpolab.data.prompts import load_prompts
+
+    for row, field in (({"prompt": None}, "prompt"), ({"messages": None}, "messages"),
+                       ({"prompt": None, "messages": None}, "prompt")):
+        path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie"}, row])
+        with pytest.raises(DataError) as info:
+            load_prompts(str(path), tiny_tokenizer)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}:2: field '{field}': is null"), msg
+        assert "did you mean" not in msg, msg
+    path = write_jsonl(tmp_path / "p.jsonl", [{"promt": "the movie"}])  # a misspelt field keeps its hint
+    with pytest.raises(DataError, match=r"did you mean 'promt'\?"):
+        load_prompts(str(path), tiny_tokenizer)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": None, "messages": [{"role": "user", "content": "hi"}]}])
+    assert len(load_prompts(str(path), tiny_tokenizer)) == 1  # a null beside the other field: as absent

@@ -253,3 +253,79 @@ def test_a_prompt_without_room_is_refused_up_front_naming_its_row(tiny_model_dir
     for msg in (err(long), err(prompts_file, "--eval-data", long, "--eval-prompts", 3)):
         assert f"{long}:2: the longest prompt" in msg and "no room for the completions" in msg, msg
     assert run(prompts_file, "--eval-data", long, "--eval-prompts", 1) == 0  # only the rows evaluated count
+
+
+# -- the options say what online DPO does --------------------------------------------------------------
+def test_the_loss_help_lists_exactly_the_losses_online_dpo_accepts():
+    """--help listed bco_pair and aot (the shared DPO help), which online DPO refuses: its own help
+    lists the pair-only losses of the registry, and every other registered loss is refused."""
+    import dataclasses
+    import re
+
+    from dpolab.errors import ConfigError
+    from dpolab.losses.dpo import LOSS_REGISTRY
+    from dpolab.train.online_dpo import ONLINE_LOSSES, OnlineDPOConfig
+
+    pair_only = {n for n, spec in LOSS_REGISTRY.items() if not spec.required and not spec.batch_level}
+    assert sorted(ONLINE_LOSSES) == sorted(pair_only)
+    text = next(f for f in dataclasses.fields(OnlineDPOConfig) if f.name == "loss").metadata["help"]
+    words = set(re.findall(r"[a-z_]+", text))
+    assert pair_only <= words and not (set(LOSS_REGISTRY) - pair_only) & words, text
+    refused = sorted(set(LOSS_REGISTRY) - pair_only)
+    assert refused == ["aot", "aot_unpaired", "bco_pair"]
+    for name in (*refused, f"sigmoid,{refused[0]}"):
+        with pytest.raises(ConfigError, match="use it with `dpolab dpo`"):
+            OnlineDPOConfig(model="m", data="p.jsonl", reward=["a:b"], loss=name).validate()
+    for name in ONLINE_LOSSES:  # each accepted alone
+        OnlineDPOConfig(model="m", data="p.jsonl", reward=["a:b"], loss=name).validate()
+
+
+# -- a --ref-model of another vocabulary: one line when it loads, in every trainer that takes one -------
+@pytest.fixture()
+def small_vocab_ref(tmp_path, tiny_tokenizer) -> Path:
+    from dpolab.lm.tiny import tiny_llama
+
+    path = tmp_path / "ref290"
+    tiny_llama(290, hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+def test_a_reference_of_another_vocabulary_is_refused_in_one_line(tiny_model_dir, tiny_tokenizer, prompts_file,
+                                                                  reward_file, small_vocab_ref, tmp_path, capsys):
+    """A --ref-model with fewer embedding rows than the policy's vocabulary failed with an IndexError
+    at step 1 of online DPO: each trainer refuses it when it loads (on_policy.reference_model for
+    online-dpo, grpo, rloo and ppo; reference.make_reference for dpo and kto, cached or live)."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": " great fun", "rejected": " awful mess"}) + "\n"
+                             for p in PROMPTS))
+    on_policy = ["--data", str(prompts_file), "--reward", f"{reward_file}:frac_alpha", "--max-new-tokens", "6",
+                 "--log-samples", "0", "--eval-prompts", "0"]
+    runs = {"online-dpo": ["online-dpo", *on_policy], "grpo": ["grpo", *on_policy, "--beta", "0.1"],
+            "dpo": ["dpo", "--data", str(prefs)], "dpo live": ["dpo", "--data", str(prefs), "--no-precompute-ref"],
+            "kto": ["kto", "--data", str(prefs)]}
+    for what, argv in runs.items():
+        out = tmp_path / what.replace(" ", "-")
+        assert main([*argv, "--model", str(tiny_model_dir), "--ref-model", str(small_vocab_ref), "--output-dir",
+                     str(out), "--no-progress", "--max-steps", "1"]) == 2, what
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg, (what, msg)
+        assert f"--ref-model {small_vocab_ref} has a vocabulary of 290 tokens" in msg, (what, msg)
+        assert f"fewer than the policy {tiny_model_dir}'s {len(tiny_tokenizer)}" in msg, (what, msg)
+        assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists(), what
+
+
+def test_the_reference_vocabulary_check_reads_a_model_or_a_policy_folder(tiny_model, tiny_model_dir,
+                                                                         small_vocab_ref):
+    from dpolab.errors import ConfigError
+    from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm, vocabulary_size
+
+    assert vocabulary_size(tiny_model_dir) == vocabulary_size(tiny_model) == vocabulary_size(str(tiny_model_dir))
+    check_reference_vocabulary(tiny_model, tiny_model_dir, ref_name="r", policy_name="p")  # the same: accepted
+    small = load_causal_lm(str(small_vocab_ref))
+    for policy in (tiny_model, tiny_model_dir):
+        with pytest.raises(ConfigError, match="--ref-model r has a vocabulary of 290 tokens"):
+            check_reference_vocabulary(small, policy, ref_name="r", policy_name="p")
+    # a policy whose config cannot be read here: left to the model load, not refused
+    check_reference_vocabulary(small, small_vocab_ref / "missing", ref_name="r", policy_name="p")
+    # a larger reference holds every id of the policy's (one family's sizes pad their embeddings differently)
+    check_reference_vocabulary(tiny_model, small, ref_name="r", policy_name="p")

@@ -254,7 +254,9 @@ def _parse_json(text: str, source: str, *, line: int | None = None) -> Any:
         hint = ""
         if exc.msg == "Extra data" and line is None:
             hint = " (several JSON values: if this is JSON Lines, name the file .jsonl)"
-        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}{hint}", path=source,
+        # json's own messages may end in "at" ("Unterminated string starting at"): not said twice
+        msg = exc.msg.removesuffix(" at")
+        raise DataError(f"invalid JSON: {msg} at column {exc.colno}{hint}", path=source,
                         line=line if line is not None else exc.lineno) from exc
     except ValueError as exc:  # e.g. an integer longer than Python's digit limit
         raise DataError(f"invalid JSON: {exc}", path=source, line=line) from exc

@@ -120,6 +120,9 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
             raise err(f"cannot render the conversation with the tokenizer's chat template: "
                       f"{type(exc).__name__}: {reason}", field="messages") from None
         return text, True
+    null = next((k for k in ("prompt", "messages") if k in row), None)  # there, but null: no "did you mean"
+    if null is not None:
+        raise err("is null; a row needs a 'prompt' string or a 'messages' list", field=null)
     raise err("row needs a 'prompt' string or a 'messages' list " + fields_hint(row, "prompt", "messages"))
 
 

@@ -68,6 +68,37 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code:
     return model
 
 
+def vocabulary_size(model_or_name, *, trust_remote_code: bool = False) -> int | None:
+    """The rows of a loaded model's input embeddings, or the ``vocab_size`` of a named model's config
+    (what ``from_pretrained`` would build); None when the config cannot be read (the load reports it)."""
+    if not isinstance(model_or_name, (str, Path)):
+        return int(model_or_name.get_input_embeddings().num_embeddings)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_or_name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    size = getattr(config, "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str,
+                               trust_remote_code: bool = False) -> None:
+    """A reference scores the policy's token ids, so its vocabulary must hold every id of the policy's:
+    a smaller one failed with an IndexError at the first step. (A larger one is allowed: the sizes of
+    one family may pad their embeddings differently, e.g. Qwen2.5-0.5B's 151,936 rows and 7B's
+    152,064, for one tokenizer.) ``ref``: the loaded reference; ``policy``: the loaded policy, or its
+    name (its config's ``vocab_size``; not checked where that cannot be read)."""
+    have, want = vocabulary_size(ref), vocabulary_size(policy, trust_remote_code=trust_remote_code)
+    if want is not None and have < want:
+        raise ConfigError(f"--ref-model {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
+                          f"than the policy {policy_name}'s {want}: a reference must share the policy's tokenizer; "
+                          "give one that does, or leave --ref-model unset (a frozen copy of --model)")
+
+
 def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_code: bool, **kwargs):
     import transformers
 

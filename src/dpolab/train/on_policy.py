@@ -209,12 +209,16 @@ def distinct_names(named: list[tuple[str, object]]) -> list[tuple[str, object]]:
 
 def reference_model(cfg, device):
     """A frozen copy of ``--ref-model`` (default ``--model``) on ``device``; None with ``--lora`` and no
-    ``--ref-model``, where the reference is the policy's base with its adapters disabled."""
-    from dpolab.lm.loading import load_causal_lm
+    ``--ref-model``, where the reference is the policy's base with its adapters disabled. A
+    ``--ref-model`` must have the policy's vocabulary (checked here, before the policy loads)."""
+    from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm
 
     if cfg.lora and not cfg.ref_model:
         return None
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.ref_model:
+        check_reference_vocabulary(ref, cfg.model, ref_name=cfg.ref_model, policy_name=cfg.model,
+                                   trust_remote_code=cfg.trust_remote_code)
     return ref.requires_grad_(False).eval().to(device)
 
 

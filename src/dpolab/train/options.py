@@ -256,7 +256,9 @@ class PromptOptions(SplitOptions):
 @dataclass
 class SamplingOptions:
     max_new_tokens: int = opt(32, "maximum response tokens (a response without EOS is truncated)")
-    temperature: float = opt(1.0, "sampling temperature (log-probs use the same tempered logits)")
+    # online DPO redeclares it: its loss reads untempered log-probs
+    temperature: float = opt(1.0, "sampling temperature (the log-probs of the update, of the KL to the reference "
+                             "and of eval/kl use the same tempered logits)")
     top_k: int = opt(0, "sample from the k most likely tokens only (0: off)")
     top_p: float = opt(1.0, "nucleus sampling mass (1: off)")
     direct_decoder: bool = opt(True, "sample through dpolab's KV-cache decoder where it computes the model exactly "
@@ -286,6 +288,11 @@ class OnPolicyOptions(RunOptions, PromptOptions, SamplingOptions, RewardOptions,
     lr_scheduler: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     logging_steps: int = opt(1, "log metrics (and sample completions) every N steps")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    # the policy stays in eval mode (OnPolicy.train_mode): no dropout runs, whatever the options say
+    lora_dropout: float = opt(0.0, "LoRA dropout: no effect here, the on-policy trainers keep the policy in eval mode "
+                              "(dropout off throughout)")
+    seed: int = opt(0, "random seed (prompt order, sampling and a step's other draws, the evaluation prompts and "
+                    "their draws, new heads)")
     micro_batch_tokens: int | None = opt(None, "split each training pass further into passes of at most this many "
                                          "padded tokens " + _TOKEN_BUDGET_HELP)
 

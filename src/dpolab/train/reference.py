@@ -194,7 +194,7 @@ def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Refere
     ``--lora`` and no ``--ref-model`` the policy's base."""
     import time
 
-    from dpolab.lm.loading import load_causal_lm
+    from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm
     from dpolab.train import distributed
     from dpolab.train.pair_layout import batch_logps, reference_logps
 
@@ -202,6 +202,8 @@ def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Refere
 
     def load_ref():
         ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        if cfg.ref_model:  # before any reference pass: another vocabulary fails, or scores other tokens
+            check_reference_vocabulary(ref, engine.unwrapped, ref_name=cfg.ref_model, policy_name=cfg.model)
         return distributed.prepare_reference(acc, ref)
 
     if not cfg.precompute_ref:
