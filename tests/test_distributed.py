@@ -282,3 +282,12 @@ def test_unset_mixed_precision_takes_the_launchers(tiny_model_dir, tmp_path, mon
     assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "bf16"
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert make_accelerator(None).mixed_precision == "no"
+
+
+def test_fp16_on_the_cpu_is_refused():
+    """accelerate's fp16 autocast runs only on accelerators: on the CPU the flag changed nothing, silently."""
+    from dpolab.train.distributed import make_accelerator
+
+    with pytest.raises(DpolabError, match="--mixed-precision fp16 needs a GPU"):
+        make_accelerator("fp16")
+    assert make_accelerator("no").mixed_precision == "no"

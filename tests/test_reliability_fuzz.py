@@ -171,7 +171,8 @@ def _changed_value(field, hint):
 _CONTEXT = {"loss": {"loss": "ipo"}, "loss_weights": {"loss": "sigmoid,ipo"},
             "simpo_gamma": {"loss": "simpo"}, "discopop_tau": {"loss": "discopop"},
             "orpo_lambda": {"loss": "orpo"}, "cpo_alpha": {"loss": "cpo"},
-            "ref_update_steps": {"precompute_ref": False}, "bco_delta": {"loss": "bco_pair"}}
+            "ref_update_steps": {"precompute_ref": False}, "bco_delta": {"loss": "bco_pair"},
+            "ref_update_alpha": {"ref_update_steps": 4, "precompute_ref": False}}
 
 
 def test_yaml_values_of_every_option_arrive_as_given():

@@ -374,3 +374,16 @@ def test_length_bucketed_run_resumes_exactly(tiny_model_dir, rule_data, tmp_path
     plain = tmp_path / "plain"
     _run(tiny_model_dir, rule_data, plain, "--no-group-by-length", *[c for c in common if c != "--group-by-length"])
     assert any(not torch.equal(wa[k], _weights(plain)[k]) for k in wa)  # the batches really differ
+
+
+def test_max_prompt_length_defaults_to_half_of_max_length(tiny_model_dir, rule_data, tmp_path, capsys):
+    """--max-length 128 alone: the prompt limit is 64 (a fixed default of 256 refused every
+    --max-length <= 256 given without --max-prompt-length)."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(rule_data), "--output-dir", str(out),
+                 "--max-length", "128", "--max-steps", "1", "--no-progress"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_prompt_length"] == 64
+    assert main(_args(tiny_model_dir, rule_data, tmp_path / "x", "--ref-update-alpha", "0.5", "--no-precompute-ref")) == 2
+    assert "--ref-update-alpha is read only with --ref-update-steps" in capsys.readouterr().err

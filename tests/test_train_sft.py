@@ -233,3 +233,12 @@ def test_length_grouped_batches_pad_less(tiny_model_dir, sft_data, tmp_path, mon
                           "--eval-fraction", "0")) == 0
         padding[flag] = 1 - sum(r for r, _ in seen) / sum(n for _, n in seen)
     assert padding["--group-by-length"] < 0.5 * padding["--no-group-by-length"], padding
+
+
+def test_perplexity_of_a_nan_loss_is_nan():
+    import math
+
+    from dpolab.train.sft import perplexity
+
+    assert perplexity(math.log(5.0)) == pytest.approx(5.0) and perplexity(800.0) == math.inf
+    assert math.isnan(perplexity(math.nan))  # was reported as inf

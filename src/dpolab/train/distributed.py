@@ -100,6 +100,9 @@ def make_accelerator(mixed_precision: str | None = "no"):
         # its state process-wide and would refuse; the process group (PartialState) is kept
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate runs fp16 autocast only on accelerators: on the CPU the flag silently changed nothing
+        raise ConfigError("--mixed-precision fp16 needs a GPU (on the CPU it would do nothing); use bf16 or no")
     kind = accelerator.distributed_type
     if world > 1 and accelerator.num_processes != world:
         raise ConfigError(f"the launcher started {world} processes but accelerate set up {accelerator.num_processes} "

@@ -54,7 +54,8 @@ class DPOConfig(TrainerOptions, PreferenceLossOptions):
     ref_update_alpha: float = opt(1.0, "TR-DPO: π_ref ← α·π_θ + (1−α)·π_ref at each update (1: hard copy)")
     learning_rate: float = opt(1e-6, "peak learning rate")
     max_length: int = opt(512, "maximum prompt+response tokens")
-    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    max_prompt_length: int | None = opt(None, "maximum prompt tokens (prompts are truncated first, keeping their "
+                                        "end) (default: --max-length // 2)")
     precompute_ref: bool = opt(True, "compute reference log-probs once before training, for the pairs the run visits "
                                "and the eval split, cached on disk; --no-precompute-ref runs a live reference model")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")
@@ -69,6 +70,8 @@ class DPOConfig(TrainerOptions, PreferenceLossOptions):
         check_unused_reference(self)
         if self.ref_update_steps < 0 or not 0 < self.ref_update_alpha <= 1:
             raise ConfigError("--ref-update-steps must be >= 0 and --ref-update-alpha in (0, 1]")
+        if self.ref_update_alpha != 1.0 and not self.ref_update_steps:
+            raise ConfigError("--ref-update-alpha is read only with --ref-update-steps N (TR-DPO's updates)")
         if self.ref_update_steps and self.precompute_ref:
             raise ConfigError("--ref-update-steps (TR-DPO) changes the reference during training, which would make "
                               "precomputed reference log-probs stale: add --no-precompute-ref")

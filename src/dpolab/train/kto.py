@@ -61,7 +61,8 @@ class KTOConfig(TrainerOptions):
                                     "warning says when λ_D·n_D/(λ_U·n_U) leaves the paper's [1, 4/3])")
     learning_rate: float = opt(1e-6, "peak learning rate")
     max_length: int = opt(512, "maximum prompt+completion tokens")
-    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    max_prompt_length: int | None = opt(None, "maximum prompt tokens (prompts are truncated first, keeping their "
+                                        "end) (default: --max-length // 2)")
     precompute_ref: bool = opt(True, "compute reference log-probs (of each row's completion and its mismatched one) "
                                "once before training, cached on disk; --no-precompute-ref runs a live reference")
     ref_cache_dir: str | None = opt(None, "where precomputed reference log-probs are cached (default: OUTPUT_DIR/cache)")

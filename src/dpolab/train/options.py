@@ -151,7 +151,7 @@ def check_unused_reference(cfg) -> None:
     from dpolab.losses.dpo import needs_reference
 
     if not any(needs_reference(n) for n in cfg.losses):
-        for flag in ("ref_model", "ref_update_steps"):
+        for flag in ("ref_model", "ref_update_steps"):  # (--ref-update-alpha: refused without steps, in DPOConfig)
             if getattr(cfg, flag, None):
                 raise ConfigError(f"--{flag.replace('_', '-')} is not used by --loss {cfg.loss}, which needs no "
                                   "reference model")
@@ -186,6 +186,8 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
         value = getattr(cfg, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(cfg, "max_length", None) and hasattr(cfg, "max_prompt_length") and cfg.max_prompt_length is None:
+        cfg.max_prompt_length = max(cfg.max_length // 2, 1)  # resolved here: config.yaml and cache keys see it
     max_prompt, max_len = getattr(cfg, "max_prompt_length", None), getattr(cfg, "max_length", None)
     if max_prompt is not None and max_len is not None and max_prompt >= max_len:
         raise ConfigError("--max-prompt-length must be smaller than --max-length")

@@ -55,7 +55,8 @@ class RewardConfig(RunOptions, ModelOptions, BatchOptions, OptimizerOptions, Spl
     output_dir: str = opt("runs/rm", "run directory")
     margin: float | None = opt(None, "margin m in −log σ(r_w − r_l − m) (off when unset)")
     max_length: int = opt(512, "maximum prompt+response tokens")
-    max_prompt_length: int = opt(256, "maximum prompt tokens (prompts are truncated first, keeping their end)")
+    max_prompt_length: int | None = opt(None, "maximum prompt tokens (prompts are truncated first, keeping their "
+                                        "end) (default: --max-length // 2)")
     prefix_sharing: bool | None = opt(None, "run each pair as one row [prompt|chosen|rejected] with a 4D mask, so the "
                                       "prompt is computed once; unset: on when a check on the first pairs shows "
                                       "the model gives the same rewards that way")

@@ -38,6 +38,12 @@ example:
 """
 
 
+def perplexity(mean_nll: float) -> float:
+    """exp(mean token NLL); inf where exp would overflow (past ~709), NaN for a NaN loss (it fails
+    both comparisons: it was reported as inf)."""
+    return math.exp(mean_nll) if mean_nll < 700 else float("inf") if mean_nll >= 700 else float("nan")
+
+
 @dataclass
 class SFTConfig(TrainerOptions):
     model: str = opt("", "model to fine-tune: a Hugging Face name or local folder (required)")
@@ -121,7 +127,7 @@ class SFT(Algorithm):
         total, count = distributed.global_sum(acc, [total, count])
         count = int(count)
         mean = total / max(count, 1)
-        return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": count}
+        return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}
 
 
 
