@@ -525,3 +525,22 @@ def test_dry_run_reports_truncated_evaluation_prompts(tiny_model_dir, prompts_fi
                       "--eval-data", long, "--eval-prompts", 4, "--max-prompt-length", 6, "--dry-run")) == 0
     report = json.loads(capsys.readouterr().out)["data"]
     assert (report["eval_prompts"], report["eval_truncated"]) == (4, 3)
+
+
+def test_per_token_metrics_are_means_over_the_step_however_it_is_split(tiny_model_dir, prompts_file, reward_file,
+                                                                        tmp_path):
+    """entropy, kl and the clip ratios are per-token means over the generation step: split into 8
+    mini-batches (several of them with every completion truncated and masked, no loss token) they
+    equal the one mini-batch's values (learning rate 0: the same weights throughout). They were the
+    plain mean of the optimizer steps' means, zeros of the empty ones included (half the entropy)."""
+    def run(name, *extra):
+        assert main(_args("grpo", tiny_model_dir, prompts_file, tmp_path / name, "--reward", f"{reward_file}:frac_alpha",
+                          "--num-generations", 4, "--prompts-per-step", 4, "--max-steps", 1, "--max-new-tokens", 4,
+                          "--mask-truncated-completions", "--learning-rate", 0, "--beta", 0.1, *extra)) == 0
+        return _rows(tmp_path / name)[0]
+
+    one, split = run("one"), run("split", "--mini-batches", 8, "--num-iterations", 2)
+    assert 0 < one["completions/clipped_ratio"] < 1
+    for key in ("entropy", "kl"):
+        assert split[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["entropy"] > 0

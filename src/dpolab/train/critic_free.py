@@ -88,14 +88,13 @@ class CriticFree(OnPolicy):
                                     prompt_of=s.rows if self.shared else None, prompt_width=s.gen.prompt_length)
                 out = engine.optimizer_step(passes, lambda r: self.loss(s, r, old, ref, adv, mask, counted),
                                             where=where)
-                outs.append(out) if out is not None else None
+                outs.append((out, dict(engine.stat_counts))) if out is not None else None
         self.sampler.sync_weights(engine.unwrapped)
         generated = distributed.global_sum(engine.accelerator, [float(s.gen.response_mask.sum()) * s.real])[0]
         engine.tokens_window += int(generated)
         self.samples = [{"prompt": p, "completion": c, "score": float(v)}
                         for p, c, v in zip(s.prompts, s.completions, s.scores)] if s.real else []
-        stats = {key: sum(o[key] for o in outs) / len(outs) for key in outs[0]} if outs else {}
-        return {**reward_metrics(engine.accelerator, s), **metrics, **stats}
+        return {**reward_metrics(engine.accelerator, s), **metrics, **combine_steps(outs)}
 
     def loss(self, s, rows, old, ref, adv, mask, counted):
         from dpolab.train.rollouts import response_logps
@@ -118,6 +117,20 @@ class CriticFree(OnPolicy):
 
     def summary(self, engine):
         return {**super().summary(engine), "prefix_sharing": self.shared}
+
+
+def combine_steps(outs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """One generation step's metrics from its optimizer steps' ``(metrics, counts)``: a per-token
+    mean (a stat with a count) over all their tokens, as if one step, so an optimizer step with few
+    (or, all masked, no) loss tokens weighs that much; the others (``grad_norm``) a plain mean."""
+    out = {}
+    for key in dict.fromkeys(k for metrics, _ in outs for k in metrics):
+        have = [(metrics[key], counts.get(key)) for metrics, counts in outs if key in metrics]
+        if all(c is not None for _, c in have):
+            out[key] = sum(v * c for v, c in have) / sum(c for _, c in have)
+        else:
+            out[key] = sum(v for v, _ in have) / len(have)
+    return out
 
 
 def loss_masks(response_mask: torch.Tensor, finished: torch.Tensor,

@@ -70,6 +70,7 @@ class Engine:
         self.steps = 0
         # state a checkpoint restores
         self.step = self.micro = self.skipped = self.tokens_seen = self.tokens_window = 0
+        self.stat_counts: dict[str, float] = {}  # the last optimizer step's counts of its (sum, count) stats
         self.window: list[dict[str, float]] = []
         self.last_logged: dict[str, float] = {}  # the last training row: the summary's training metrics
 
@@ -126,6 +127,7 @@ class Engine:
         from dpolab.lm.checkpointing import checkpointed_layers
 
         cfg, acc, model = self.cfg, self.accelerator, self.model
+        self.stat_counts = {}
         total = distributed.global_sum(acc, [sum(p.units for p in passes if p.real)])[0]
         scale = acc.num_processes / total if total > 0 else 0.0
         rows, weights, nonfinite, tokens = [], [], False, 0
@@ -156,7 +158,9 @@ class Engine:
                                                            {"tokens": tokens, "nonfinite": float(nonfinite), **ratios})
             for key in [k for k in extra if k.startswith("/")]:  # (Σ value, Σ count) pairs: their ratio
                 if key.endswith("/sum"):
-                    merged[key[1:-4]] = extra[key] / max(extra[key[:-4] + "/count"], 1e-12)
+                    count = self.stat_counts[key[1:-4]] = extra[key[:-4] + "/count"]
+                    if count > 0:  # no counted element (every token masked): no value, not a 0 to average in
+                        merged[key[1:-4]] = extra[key] / count
             self.tokens_window += int(extra["tokens"])
             nonfinite = extra["nonfinite"] > 0
             if not nonfinite and not torch.isfinite(grad_norm).all():
