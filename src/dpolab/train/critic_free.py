@@ -53,6 +53,7 @@ class CriticFree(OnPolicy):
     def step(self, engine, group):
         from dpolab.lm.token_rewards import shape_scores
         from dpolab.train import distributed
+        from dpolab.train.engine import combine_steps
         from dpolab.train.on_policy import step_seed
         from dpolab.train.rollouts import (
             minibatch_rows,
@@ -117,20 +118,6 @@ class CriticFree(OnPolicy):
 
     def summary(self, engine):
         return {**super().summary(engine), "prefix_sharing": self.shared}
-
-
-def combine_steps(outs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
-    """One generation step's metrics from its optimizer steps' ``(metrics, counts)``: a per-token
-    mean (a stat with a count) over all their tokens, as if one step, so an optimizer step with few
-    (or, all masked, no) loss tokens weighs that much; the others (``grad_norm``) a plain mean."""
-    out = {}
-    for key in dict.fromkeys(k for metrics, _ in outs for k in metrics):
-        have = [(metrics[key], counts.get(key)) for metrics, counts in outs if key in metrics]
-        if all(c is not None for _, c in have):
-            out[key] = sum(v * c for v, c in have) / sum(c for _, c in have)
-        else:
-            out[key] = sum(v for v, _ in have) / len(have)
-    return out
 
 
 def loss_masks(response_mask: torch.Tensor, finished: torch.Tensor,

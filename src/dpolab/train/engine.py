@@ -332,6 +332,20 @@ class Engine:
         return summary
 
 
+def combine_steps(outs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """One generation step's metrics from its optimizer steps' ``(metrics, counts)``: a per-token
+    mean (a stat with a count) over all their tokens, as if one step, so an optimizer step with few
+    (or, all masked, no) loss tokens weighs that much; the others (``grad_norm``) a plain mean."""
+    out = {}
+    for key in dict.fromkeys(k for metrics, _ in outs for k in metrics):
+        have = [(metrics[key], counts.get(key)) for metrics, counts in outs if key in metrics]
+        if all(c is not None for _, c in have):
+            out[key] = sum(v * c for v, c in have) / sum(c for _, c in have)
+        else:
+            out[key] = sum(v for v, _ in have) / len(have)
+    return out
+
+
 def _split_ratio_stats(rows: list[dict], weights: list[int]) -> tuple[list[dict], dict[str, float]]:
     """Stats given as ``(sum, count)`` pairs (per-token means whose count is not the pass's units)
     become two plain sums over the passes of real data (``"/name/sum"``, ``"/name/count"``); the

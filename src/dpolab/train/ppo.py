@@ -157,6 +157,7 @@ class PPO(ActorCritic):
 
     def update(self, engine: Engine, ro: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of a shared permutation of the global batch."""
+        from dpolab.train.engine import combine_steps
         from dpolab.train.on_policy import step_seed
         from dpolab.train.rollouts import minibatch_rows, row_passes
 
@@ -172,8 +173,8 @@ class PPO(ActorCritic):
                                     width=s.gen.width, budget=self.pass_tokens)
                 out = engine.optimizer_step(passes, lambda r: self.minibatch_loss(ro, r), where=where)
                 if out is not None:
-                    outs.append(out)
-        return {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]} if outs else {}
+                    outs.append((out, dict(engine.stat_counts)))
+        return combine_steps(outs)
 
     def step(self, engine, group):
         import torch
