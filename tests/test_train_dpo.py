@@ -4,6 +4,7 @@ resume) and bad input. Tiny Llama models built in-process; data generated here w
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -387,3 +388,15 @@ def test_max_prompt_length_defaults_to_half_of_max_length(tiny_model_dir, rule_d
     assert yaml.safe_load((out / "config.yaml").read_text())["max_prompt_length"] == 64
     assert main(_args(tiny_model_dir, rule_data, tmp_path / "x", "--ref-update-alpha", "0.5", "--no-precompute-ref")) == 2
     assert "--ref-update-alpha is read only with --ref-update-steps" in capsys.readouterr().err
+
+
+def test_bf16_weights_under_bf16_autocast(tiny_model_dir, rule_data, tmp_path):
+    """--dtype bfloat16 --mixed-precision bf16 (TRL's torch_dtype + bf16=True): accelerate's forward
+    returns float32 hidden states, which met the bf16 head weight in dpolab's fused head
+    ("expected m1 and m2 to have the same dtype") in every trainer that reads log-probs."""
+    out = tmp_path / "bf16"
+    assert main(_args(tiny_model_dir, rule_data, out, "--dtype", "bfloat16", "--mixed-precision", "bf16",
+                      "--max-steps", "2", "--batch-size", "4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prefix_sharing"] and math.isfinite(summary["eval/loss"])
+    assert next(iter(_weights(out).values())).dtype == torch.bfloat16

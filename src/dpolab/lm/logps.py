@@ -150,7 +150,11 @@ def _logsumexp_(z: Tensor) -> Tensor:
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, temperature: float) -> Tensor:
-    """``(h Wᵀ + b) / T`` in ``dtype``, a fresh tensor the caller may change in place."""
+    """``(h Wᵀ + b) / T`` in ``dtype``, a fresh tensor the caller may change in place. ``h`` is taken
+    in the weight's dtype: bf16 weights under accelerate's bf16 autocast give float32 hidden states
+    (its forward converts the outputs), and the model's own head would run in bf16 there."""
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
     z = torch.nn.functional.linear(h, weight, bias)
     z = z.to(dtype) if z.dtype != dtype else z
     return z.div_(temperature) if temperature != 1.0 else z
