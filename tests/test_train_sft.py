@@ -242,3 +242,35 @@ def test_perplexity_of_a_nan_loss_is_nan():
 
     assert perplexity(math.log(5.0)) == pytest.approx(5.0) and perplexity(800.0) == math.inf
     assert math.isnan(perplexity(math.nan))  # was reported as inf
+
+
+def test_a_peft_adapter_folder_as_model_is_merged_into_its_base(tiny_model_dir, tmp_path):
+    """--model a LoRA adapter folder (a LoRA SFT run saved as an adapter elsewhere): trained as its
+    base with the adapter merged (transformers' own loading kept every weight frozen: "optimizer got an
+    empty parameter list"), and final/ is a whole model."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.lm.loading import load_causal_lm
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a non-zero adapter: merging it moves the weights
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    merged = load_causal_lm(str(adapter))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[key], plain.state_dict()[key])  # the adapter is in the weights
+    assert not any("lora" in k for k in merged.state_dict())
+    out = tmp_path / "run"
+    data = write_sft_data(tmp_path / "sft.jsonl", n=16)
+    assert main(["sft", "--model", str(adapter), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    assert key in saved and not any("lora" in k for k in saved)

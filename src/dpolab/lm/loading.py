@@ -60,6 +60,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", trust_remote_code:
     random, unless ``head`` is False (a value network reads only the hidden states)."""
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_folder(name_or_path):
+        return merged_adapter(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     model = load_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str)]
     if head and saved_as and all(a.endswith("ForSequenceClassification") for a in saved_as):
@@ -97,6 +99,34 @@ def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str,
         raise ConfigError(f"--ref-model {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
                           f"than the policy {policy_name}'s {want}: a reference must share the policy's tokenizer; "
                           "give one that does, or leave --ref-model unset (a frozen copy of --model)")
+
+
+def is_adapter_folder(name_or_path) -> bool:
+    """A local PEFT adapter folder (``adapter_config.json``, no ``config.json`` of a whole model)."""
+    path = Path(name_or_path)
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def merged_adapter(folder, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """The causal LM of a PEFT adapter folder: its base (``base_model_name_or_path``) with the adapter
+    merged into the weights, a plain model to train, score with or save whole. (transformers' own
+    loading of such a folder keeps the adapter apart and every weight frozen: training found no
+    parameter, and saving wrote the adapter alone.)"""
+    import json
+
+    try:
+        base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DpolabError(f"{folder}: a PEFT adapter folder whose adapter_config.json names no base model "
+                          f"(base_model_name_or_path): {first_line(err) or type(err).__name__}") from None
+    from peft import PeftModel
+
+    model = load_causal_lm(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise DpolabError(f"cannot apply the adapter {folder} to its base {base}: {first_line(err)}") from None
+    return merged.requires_grad_(True)  # peft loads for inference (every weight frozen); trainable as any model
 
 
 def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_code: bool, **kwargs):
