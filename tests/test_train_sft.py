@@ -212,6 +212,38 @@ def test_lora_run_saves_merged_model(tiny_model_dir, sft_data, tmp_path):
     assert ckpt and all("lora_" in k for k in ckpt)  # checkpoints hold only the adapters
 
 
+def test_resume_with_another_lora_rank_names_the_mismatch(tiny_model_dir, sft_data, tmp_path, capsys):
+    out = tmp_path / "lora"
+    common = ("--lora", "--batch-size", "4", "--eval-fraction", "0")
+    assert main(_args(tiny_model_dir, sft_data, out, *common, "--lora-r", "4", "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, sft_data, out, *common, "--lora-r", "8", "--max-steps", "2",
+                      "--resume", "latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the message ended at "... for PeftModelForCausalLM:"
+    assert "does not fit this model (size mismatch for " in err and "other --lora settings?" in err, err
+
+
+def test_custom_code_without_trust_remote_code_names_the_flag(tiny_model_dir, tmp_path):
+    import shutil
+
+    from dpolab.errors import DpolabError
+    from dpolab.lm.loading import load_causal_lm
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    (custom / "modeling_custom.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((custom / "config.json").read_text())
+    config["model_type"] = "custom_llama"  # not a type transformers has: its own code would be needed
+    config["auto_map"] = {"AutoConfig": "modeling_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DpolabError, match="Pass --trust-remote-code to run it"):
+        load_causal_lm(str(custom))
+
+
 def test_length_grouped_batches_pad_less(tiny_model_dir, sft_data, tmp_path, monkeypatch):
     """The default length-bucketed order pads the training batches less than uniformly random
     batches (--no-group-by-length); measured on the batches the trainer really collates."""

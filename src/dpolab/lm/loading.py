@@ -45,7 +45,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise DpolabError(f"cannot load tokenizer '{name_or_path}': "
-                          f"{_not_local(name_or_path)}{first_line(err)}") from None
+                          f"{_not_local(name_or_path)}{first_line(err)}{_remote_code_hint(err)}") from None
     if tok.eos_token is None:
         raise DpolabError(f"tokenizer '{name_or_path}' has no EOS token; responses need one")
     if tok.pad_token is None:
@@ -144,7 +144,13 @@ def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_cod
                                         use_safetensors=_has_safetensors(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
         raise DpolabError(f"cannot load model '{name_or_path}': "
-                          f"{_not_local(name_or_path)}{first_line(err)}") from None
+                          f"{_not_local(name_or_path)}{first_line(err)}{_remote_code_hint(err)}") from None
+
+
+def _remote_code_hint(err: BaseException) -> str:
+    """transformers asks for ``trust_remote_code=True`` on a line after the first, which is all an
+    error here shows: the flag that does it, named."""
+    return " Pass --trust-remote-code to run it (only if you trust it)." if "trust_remote_code" in str(err) else ""
 
 
 def _has_safetensors(name_or_path: str) -> bool | None:

@@ -108,8 +108,10 @@ def load_checkpoint_weights(module: torch.nn.Module, directory: Path, *, partial
         raise DpolabError(f"cannot read {path}: {_first_line(err)}") from None
     try:
         result = module.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise DpolabError(f"{path} does not fit this model: {_first_line(err)}") from None
+    except RuntimeError as err:  # shape mismatches: the first one named (torch lists them below its header)
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), _first_line(err))
+        raise DpolabError(f"{path} does not fit this model ({detail}); was it written by a run of another model "
+                          "or with other --lora settings?") from None
     missing = [] if partial else _untied(module, result.missing_keys)
     if result.unexpected_keys or missing:
         bad = (result.unexpected_keys or missing)[:3]
