@@ -128,12 +128,22 @@ def test_a_damaged_reference_cache_is_computed_again(tiny_model_dir, rule_data, 
     _run(tiny_model_dir, rule_data, tmp_path / "a", *common)
     (path,) = cache.glob("ref-logps-*.safetensors")
     good = load_file(str(path))["train"].clone()  # the file is mapped: a copy before it is damaged
-    for damage in (path.read_bytes()[: path.stat().st_size // 2], b"garbage\n"):
+    whole = path.read_bytes()
+    overwritten = whole[:-64] + bytes(64)  # values zeroed under an intact header: read as log-probs of 0
+    for damage in (whole[: path.stat().st_size // 2], b"garbage\n", overwritten):
         path.write_bytes(damage)
         capsys.readouterr()
         _run(tiny_model_dir, rule_data, tmp_path / f"b{len(damage)}", *common)
         assert f"reference log-probs: cannot read the cache {path}" in capsys.readouterr().err
         torch.testing.assert_close(load_file(str(path))["train"], good, equal_nan=True)
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_run_goes_on(tiny_model_dir, rule_data, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    summary = _run(tiny_model_dir, rule_data, tmp_path / "run", "--batch-size", "4", "--max-steps", "1",
+                   "--ref-cache-dir", blocker)
+    assert summary["steps"] == 1 and "cannot write the cache" in capsys.readouterr().err
 
 
 def test_short_run_precomputes_only_the_pairs_it_visits(tiny_model_dir, rule_data, tmp_path):
@@ -400,3 +410,17 @@ def test_bf16_weights_under_bf16_autocast(tiny_model_dir, rule_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prefix_sharing"] and math.isfinite(summary["eval/loss"])
     assert next(iter(_weights(out).values())).dtype == torch.bfloat16
+
+
+def test_bf16_resume_into_a_new_folder_is_exact(tiny_model_dir, rule_data, tmp_path):
+    """Under --mixed-precision bf16 a fresh run scores the reference with the policy (accelerate's
+    autocast forward); a resume elsewhere loads the reference apart, which scored in float32 under
+    the same cache key: 2e-5 off the uninterrupted run. It gets the same autocast forward now."""
+    common = ("--learning-rate", "1e-3", "--max-steps", "4", "--batch-size", "4", "--save-steps", "2",
+              "--mixed-precision", "bf16")
+    full = tmp_path / "full"
+    _run(tiny_model_dir, rule_data, full, *common)
+    resumed = tmp_path / "resumed"
+    _run(tiny_model_dir, rule_data, resumed, "--resume", full / "checkpoints" / "step-2", *common)
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

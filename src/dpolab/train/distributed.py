@@ -137,7 +137,10 @@ def prepare_reference(accelerator, ref_model: torch.nn.Module) -> torch.nn.Modul
     gradients, so there is nothing to all-reduce). FSDP/DeepSpeed: ``prepare_model(...,
     evaluation_mode=True)`` shards it like the policy, so it does not need a full copy per device."""
     ref_model.requires_grad_(False).eval()
-    if is_sharded(accelerator):
+    # under mixed precision too: prepare_model gives it the policy's autocast forward (float32 outputs),
+    # so a reference loaded apart scores as the policy-as-reference does (a resume that recomputed the
+    # cache, or --ref-model, scored in float32 under one "bf16" cache key)
+    if is_sharded(accelerator) or accelerator.mixed_precision != "no":
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
         ref_model.eval()
         return ref_model

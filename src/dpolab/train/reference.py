@@ -17,6 +17,7 @@ tables; a later run with a wider plan computes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -95,6 +96,9 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
     if accelerator.is_main_process and path.is_file():
         try:
             stored = load_file(str(path))
+            digest = _stored_digest(path)  # None: written before checksums were
+            if digest is not None and digest != _tables_digest(stored):  # bytes overwritten, header intact
+                raise ValueError("its values do not match their checksum")
         except Exception as err:  # noqa: BLE001 -- a damaged cache (a killed copy, a full disk) is recomputed
             from dpolab.lm.loading import first_line
 
@@ -139,15 +143,37 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
         if rows:
             tables[split][rows] = computed[split][rows]
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # runs sharing --ref-cache-dir: one each
         try:
-            save_file({s: t.contiguous() for s, t in tables.items()}, str(tmp))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = {s: t.contiguous() for s, t in tables.items()}
+            save_file(out, str(tmp), metadata={"sha256": _tables_digest(out)})
             tmp.replace(path)
+        except OSError as err:  # the values are in memory: the run goes on, only the reuse is lost
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            print(f"reference log-probs: cannot write the cache {path} ({err.strerror or err}); going on without it",
+                  file=sys.stderr)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
     return tables
+
+
+def _tables_digest(tables: dict) -> str:
+    """sha256 of the tables' values, split by split (stored in the file's metadata)."""
+    h = hashlib.sha256()
+    for name in sorted(tables):
+        h.update(name.encode() + b"|" + tables[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stored_digest(path: Path) -> str | None:
+    """The checksum a cache file was written with (None: a file of a version that wrote none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("sha256")
 
 
 def _share_tables(accelerator, tables: dict[str, torch.Tensor], main_only: bool = False) -> dict[str, torch.Tensor]:
