@@ -329,3 +329,16 @@ def test_the_reference_vocabulary_check_reads_a_model_or_a_policy_folder(tiny_mo
     check_reference_vocabulary(small, small_vocab_ref / "missing", ref_name="r", policy_name="p")
     # a larger reference holds every id of the policy's (one family's sizes pad their embeddings differently)
     check_reference_vocabulary(tiny_model, small, ref_name="r", policy_name="p")
+
+
+def test_eval_refuses_a_reference_of_fewer_vocabulary_rows_before_sampling(tiny_model_dir, tiny_tokenizer,
+                                                                           prompts_file, reward_file,
+                                                                           small_vocab_ref, tmp_path, capsys):
+    tiny_tokenizer.save_pretrained(small_vocab_ref)  # the same tokenizer, a smaller embedding
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--models", str(tiny_model_dir), "--ref-model", str(small_vocab_ref), "--data",
+                 str(prompts_file), "--reward", f"{reward_file}:frac_alpha", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--ref-model {small_vocab_ref} has a vocabulary of 290 tokens" in err, err
+    assert not out.exists()

@@ -266,6 +266,14 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         check_reward_fields(reward_fn, rows_data)
 
     ref_model = load_model(reference, cfg, device) if reference is not None else None
+    if ref_model is not None:  # before any sampling: a model with ids beyond the reference's rows fails late
+        from dpolab.lm.loading import check_reference_vocabulary
+
+        for name, _ in entries:
+            if name != reference:
+                check_reference_vocabulary(ref_model, name, ref_name=reference, policy_name=name,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           flag="--ref-model" if cfg.ref_model else "--baseline (the KL's reference)")
     raw = []
     for name, label in entries:
         model = ref_model if name == reference else load_model(name, cfg, device)

@@ -88,7 +88,7 @@ def vocabulary_size(model_or_name, *, trust_remote_code: bool = False) -> int | 
 
 
 def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str,
-                               trust_remote_code: bool = False) -> None:
+                               trust_remote_code: bool = False, flag: str = "--ref-model") -> None:
     """A reference scores the policy's token ids, so its vocabulary must hold every id of the policy's:
     a smaller one failed with an IndexError at the first step. (A larger one is allowed: the sizes of
     one family may pad their embeddings differently, e.g. Qwen2.5-0.5B's 151,936 rows and 7B's
@@ -96,7 +96,7 @@ def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str,
     name (its config's ``vocab_size``; not checked where that cannot be read)."""
     have, want = vocabulary_size(ref), vocabulary_size(policy, trust_remote_code=trust_remote_code)
     if want is not None and have < want:
-        raise ConfigError(f"--ref-model {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
+        raise ConfigError(f"{flag} {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
                           f"than the policy {policy_name}'s {want}: a reference must share the policy's tokenizer; "
                           "give one that does, or leave --ref-model unset (a frozen copy of --model)")
 
