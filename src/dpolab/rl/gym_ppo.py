@@ -240,7 +240,6 @@ class PPO(GymAlgorithm):
             metrics["charts/episodic_length"] = float(np.mean([e[1] for e in episodes]))
         return metrics, skipped
 
-
     def state_dict(self):
         return {"kl_coef": self.kl_ctl.beta} if self.cfg.kl_target is not None else {}
 

@@ -133,13 +133,13 @@ def is_sharded(accelerator) -> bool:
 def prepare_reference(accelerator, ref_model: torch.nn.Module) -> torch.nn.Module:
     """A frozen reference model ready for inference in the current mode.
 
-    Plain and DDP runs: a full copy on this process's device (no wrapper: it receives no
+    Plain and DDP runs: a full copy on this process's device (no DDP wrapper: it receives no
     gradients, so there is nothing to all-reduce). FSDP/DeepSpeed: ``prepare_model(...,
-    evaluation_mode=True)`` shards it like the policy, so it does not need a full copy per device."""
+    evaluation_mode=True)`` shards it like the policy, so it does not need a full copy per device.
+    Under mixed precision ``prepare_model(..., evaluation_mode=True)`` too, for the policy's autocast
+    forward (float32 outputs): a reference loaded apart then scores as the policy-as-reference does
+    (a resume that recomputed the cache, or --ref-model, scored in float32 under one "bf16" cache key)."""
     ref_model.requires_grad_(False).eval()
-    # under mixed precision too: prepare_model gives it the policy's autocast forward (float32 outputs),
-    # so a reference loaded apart scores as the policy-as-reference does (a resume that recomputed the
-    # cache, or --ref-model, scored in float32 under one "bf16" cache key)
     if is_sharded(accelerator) or accelerator.mixed_precision != "no":
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
         ref_model.eval()

@@ -83,7 +83,7 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
     ``{"train": (N, 2), "eval": (M, 2)}`` float32 tables, columns (chosen, rejected), indexed by
     ``TokenizedPair.index``; rows outside ``train_rows`` may be NaN. Every process gets the same tables.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from dpolab.train import distributed
@@ -95,8 +95,7 @@ def precompute_reference(cfg, data, train_rows: list[int], *, accelerator, run: 
     tables = {split: torch.full((n, 2), math.nan) for split, n in sizes.items()}
     if accelerator.is_main_process and path.is_file():
         try:
-            stored = load_file(str(path))
-            digest = _stored_digest(path)  # None: written before checksums were
+            stored, digest = _read_cache(path)  # digest None: written before checksums were
             if digest is not None and digest != _tables_digest(stored):  # bytes overwritten, header intact
                 raise ValueError("its values do not match their checksum")
         except Exception as err:  # noqa: BLE001 -- a damaged cache (a killed copy, a full disk) is recomputed
@@ -168,12 +167,13 @@ def _tables_digest(tables: dict) -> str:
     return h.hexdigest()
 
 
-def _stored_digest(path: Path) -> str | None:
-    """The checksum a cache file was written with (None: a file of a version that wrote none)."""
+def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A cache file's tables and the checksum it was written with (None: a file of a version that
+    wrote none), in one read."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("sha256")
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("sha256")
 
 
 def _share_tables(accelerator, tables: dict[str, torch.Tensor], main_only: bool = False) -> dict[str, torch.Tensor]:
