@@ -342,3 +342,53 @@ def test_eval_refuses_a_reference_of_fewer_vocabulary_rows_before_sampling(tiny_
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--ref-model {small_vocab_ref} has a vocabulary of 290 tokens" in err, err
     assert not out.exists()
+
+
+def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(tiny_model_dir, tiny_tokenizer,
+                                                                        prompts_file, reward_file, tmp_path,
+                                                                        capsys):
+    """A --ref-model with as many rows as the policy's but its own, other tokenizer scored other tokens
+    silently (the size check passes); a folder with the run's tokenizer plus added tokens is accepted."""
+    from dpolab.errors import ConfigError
+    from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm
+    from dpolab.lm.tiny import tiny_llama, train_tokenizer
+
+    other = train_tokenizer(OTHER_CORPUS, vocab_size=320)
+    ref_dir = tmp_path / "other-tok"
+    tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=other).save_pretrained(ref_dir)
+    other.save_pretrained(ref_dir)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": " great fun", "rejected": " awful mess"}) + "\n"
+                             for p in PROMPTS))
+    runs = {"grpo": ["grpo", "--data", str(prompts_file), "--reward", f"{reward_file}:frac_alpha", "--beta", "0.1",
+                     "--max-new-tokens", "4", "--log-samples", "0", "--eval-prompts", "0"],
+            "dpo": ["dpo", "--data", str(prefs)]}
+    for what, argv in runs.items():
+        out = tmp_path / what
+        assert main([*argv, "--model", str(tiny_model_dir), "--ref-model", str(ref_dir), "--output-dir", str(out),
+                     "--no-progress", "--max-steps", "1"]) == 2, what
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and f"--ref-model {ref_dir} has another tokenizer than the run's" in msg, msg
+        assert not (out / "metrics.jsonl").exists(), what
+    ref = load_causal_lm(str(ref_dir))
+    with pytest.raises(ConfigError, match="tokens have other ids"):
+        check_reference_vocabulary(ref, tiny_model_dir, ref_name=str(ref_dir), policy_name="p",
+                                   tokenizer=tiny_tokenizer)
+    # the run's tokenizer with an added token (a chat marker, say): every shared token keeps its id
+    added = tmp_path / "added-tok"
+    tiny_tokenizer.save_pretrained(added)
+    from transformers import AutoTokenizer
+
+    grown = AutoTokenizer.from_pretrained(added)
+    grown.add_tokens(["<|turn|>"])
+    grown.save_pretrained(added)
+    check_reference_vocabulary(ref, tiny_model_dir, ref_name=str(added), policy_name="p", tokenizer=tiny_tokenizer)
+    # no tokenizer in the folder (weights only), or no run tokenizer given: not compared
+    check_reference_vocabulary(ref, tiny_model_dir, ref_name=str(tmp_path), policy_name="p", tokenizer=tiny_tokenizer)
+    check_reference_vocabulary(ref, tiny_model_dir, ref_name=str(ref_dir), policy_name="p")
+
+
+OTHER_CORPUS = [
+    "an entirely different corpus of words, so the merges and their ids differ",
+    "zebras quickly jump over lazy foxes while pianos hum in xylophone keys",
+] * 30

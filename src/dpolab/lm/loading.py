@@ -87,18 +87,48 @@ def vocabulary_size(model_or_name, *, trust_remote_code: bool = False) -> int | 
     return int(size) if isinstance(size, int) else None
 
 
-def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str,
+def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str, tokenizer=None,
                                trust_remote_code: bool = False, flag: str = "--ref-model") -> None:
     """A reference scores the policy's token ids, so its vocabulary must hold every id of the policy's:
     a smaller one failed with an IndexError at the first step. (A larger one is allowed: the sizes of
     one family may pad their embeddings differently, e.g. Qwen2.5-0.5B's 151,936 rows and 7B's
     152,064, for one tokenizer.) ``ref``: the loaded reference; ``policy``: the loaded policy, or its
-    name (its config's ``vocab_size``; not checked where that cannot be read)."""
+    name (its config's ``vocab_size``; not checked where that cannot be read). ``tokenizer``: the
+    run's; where given and ``ref_name`` is a local folder with a tokenizer of its own, a token both
+    tokenizers hold must have one id in both (another tokenizer of the same size scored other
+    tokens silently; tokens added to one of them, such as chat markers, are allowed)."""
     have, want = vocabulary_size(ref), vocabulary_size(policy, trust_remote_code=trust_remote_code)
     if want is not None and have < want:
         raise ConfigError(f"{flag} {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
                           f"than the policy {policy_name}'s {want}: a reference must share the policy's tokenizer; "
                           "give one that does, or leave --ref-model unset (a frozen copy of --model)")
+    if tokenizer is None:
+        return
+    ref_tokenizer = _own_tokenizer(ref_name, trust_remote_code=trust_remote_code)
+    if ref_tokenizer is None:
+        return
+    ours, theirs = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    clash = sorted((ours[t], t) for t in ours.keys() & theirs.keys() if ours[t] != theirs[t])
+    if clash:
+        token_id, token = clash[0]
+        raise ConfigError(f"{flag} {ref_name} has another tokenizer than the run's: {len(clash)} tokens have other "
+                          f"ids (e.g. {token!r} is {token_id} here, {theirs[token]} there), so its log-probs would "
+                          "score other tokens; give a reference with the policy's tokenizer, or leave --ref-model "
+                          "unset (a frozen copy of --model)")
+
+
+def _own_tokenizer(folder: str, *, trust_remote_code: bool):
+    """The tokenizer saved in a local model folder, or None (no folder, no tokenizer files in it, or
+    one that does not load: the reference's tokenizer is then not compared)."""
+    path = Path(folder)
+    if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a tokenizer that will not load is only not compared
+        return None
 
 
 def is_adapter_folder(name_or_path) -> bool:

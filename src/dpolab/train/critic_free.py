@@ -166,7 +166,7 @@ def train_critic_free(cfg, algo_cls) -> dict:
         return opened
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     needs_ref = algo_cls.uses_reference_for(cfg) or eval_set is not None
-    ref_model = on_policy.reference_model(cfg, accelerator.device) if needs_ref else None
+    ref_model = on_policy.reference_model(cfg, accelerator.device, tokenizer) if needs_ref else None
     engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
     engine.plan(on_policy.prompt_order(cfg, prompts, accelerator, cfg.prompts_per_step),
                 optimizer_steps_per_step=cfg.num_iterations * cfg.mini_batches)

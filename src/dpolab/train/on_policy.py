@@ -207,10 +207,11 @@ def distinct_names(named: list[tuple[str, object]]) -> list[tuple[str, object]]:
     return out
 
 
-def reference_model(cfg, device):
+def reference_model(cfg, device, tokenizer=None):
     """A frozen copy of ``--ref-model`` (default ``--model``) on ``device``; None with ``--lora`` and no
     ``--ref-model``, where the reference is the policy's base with its adapters disabled. A
-    ``--ref-model`` must have the policy's vocabulary (checked here, before the policy loads)."""
+    ``--ref-model`` must have the policy's vocabulary and agree with the run's ``tokenizer`` (checked
+    here, before the policy loads)."""
     from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm
 
     if cfg.lora and not cfg.ref_model:
@@ -218,7 +219,7 @@ def reference_model(cfg, device):
     ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.ref_model:
         check_reference_vocabulary(ref, cfg.model, ref_name=cfg.ref_model, policy_name=cfg.model,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code)
     return ref.requires_grad_(False).eval().to(device)
 
 

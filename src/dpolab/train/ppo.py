@@ -231,7 +231,7 @@ def train(cfg: PPOConfig) -> dict:
         return opened
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     policy = load_trainable_lm(cfg)
-    ref_model = on_policy.reference_model(cfg, accelerator.device)
+    ref_model = on_policy.reference_model(cfg, accelerator.device, tokenizer)
     value_model = load_causal_lm(cfg.value_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                  head=False) \
         if cfg.value_model else None

@@ -229,7 +229,8 @@ def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Refere
     def load_ref():
         ref = load_causal_lm(cfg.ref_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         if cfg.ref_model:  # before any reference pass: another vocabulary fails, or scores other tokens
-            check_reference_vocabulary(ref, engine.unwrapped, ref_name=cfg.ref_model, policy_name=cfg.model)
+            check_reference_vocabulary(ref, engine.unwrapped, ref_name=cfg.ref_model, policy_name=cfg.model,
+                                       tokenizer=engine.tokenizer, trust_remote_code=cfg.trust_remote_code)
         return distributed.prepare_reference(acc, ref)
 
     if not cfg.precompute_ref:
