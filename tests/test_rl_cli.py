@@ -87,6 +87,41 @@ def test_malformed_yaml_is_one_line(capsys, tmp_path):
     assert code == 2 and "malformed MDP file" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name, text, where, problem", [
+    ("flow.yaml", "gamma: 0.9\nstates: [a, b]\ntransitions:\n  a:\n    go: {reward: 1, next: b\n  b: {}\n",
+     ":6: ", "expected ',' or '}'"),
+    ("tab.yaml", "gamma: 0.9\nstates: [a, b]\ntransitions:\n\ta: 1\n", ":4: ", "found character '\\t'"),
+    ("bad.json", '{"gamma": 0.9,\n "states": [}\n', ":2: ", "Expecting value (column 13)"),
+])
+def test_a_syntax_error_in_an_mdp_file_names_its_line_and_problem(capsys, tmp_path, name, text, where, problem):
+    """YAML's error kept only its first line ("while parsing a flow mapping"), without the line where the
+    problem is or what it is."""
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err = run(capsys, "rl", "solve", "--mdp", str(path))
+    assert code == 2 and f"{path}{where}malformed MDP file" in err and problem in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_mdp_path_that_is_a_folder_is_named_as_one(capsys, tmp_path):
+    code, _, err = run(capsys, "rl", "solve", "--mdp", str(tmp_path))
+    assert code == 2 and f"{tmp_path}: is a folder, not an MDP file" in err, err
+
+
+def test_solve_json_gives_terminal_states_exactly_zero(capsys):
+    """Policy evaluation solved the linear system over every state with gamma < 1, so FrozenLake 8x8's
+    holes came out as +-1e-17 in --json; they are fixed at 0 as with gamma = 1."""
+    code, out, _ = run(capsys, "rl", "solve", "--env", "FrozenLake-v1", "--env-kwargs", "map_name=8x8", "--json")
+    obj = json.loads(out)
+    holes = [s for s, a in enumerate(obj["policy"]) if a is None]
+    assert code == 0 and len(holes) == 11 and all(obj["values"][s] == 0.0 for s in holes), holes
+
+
+def test_evaluate_refuses_a_negative_seed_in_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "rl", "evaluate", "--seed", "-1", "--output", str(tmp_path / "o.png"))
+    assert code == 2 and "--seed must be >= 0, got -1" in err and "Traceback" not in err, err
+
+
 def test_solve_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["rl", "solve", "--help"])

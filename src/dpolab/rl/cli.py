@@ -80,6 +80,8 @@ class EvaluateConfig:
         _check_model_options(self)
         if self.episodes < 1 or self.runs < 1 or self.max_steps < 1:
             raise ConfigError("--episodes, --runs and --max-steps must be positive")
+        if self.seed < 0:  # NumPy's seeds are unsigned
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not self.output.lower().endswith(".png") or Path(self.output).name.lower() == ".png":  # else after the runs
             raise ConfigError(f"--output {self.output!r}: give a file name ending in .png")
         from dpolab.runs.rundir import check_writable

@@ -159,11 +159,13 @@ class MRP(MarkovChain):
     def values(self) -> np.ndarray:
         """Exact ``v = (I - gamma P)^-1 R`` (S,) (Bellman expectation equation as a linear system).
 
-        With gamma = 1 the terminal states are fixed at 0 and the system is solved on the others,
-        where ``I - P_NN`` is invertible because absorption is certain (checked in ``__init__``).
+        The terminal states are fixed at exactly 0 (solved with the others they came out as round-off,
+        +-1e-17, whose sign a test could read) and the system is solved on the others, where
+        ``I - gamma P_NN`` is invertible: for gamma < 1 always, for gamma = 1 because absorption is
+        certain (checked in ``__init__``).
         """
         S, g = self.n_states, self.gamma
-        keep = ~self.terminal if g == 1.0 else np.ones(S, dtype=bool)
+        keep = ~self.terminal
         v = np.zeros(S)
         A = np.eye(int(keep.sum())) - g * self.P[np.ix_(keep, keep)]
         v[keep] = np.linalg.solve(A, self.R[keep])

@@ -19,6 +19,8 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError("is a folder, not an MDP file", path=str(path))
     if not path.is_file():
         raise DataError("file not found", path=str(path))
     try:
@@ -36,7 +38,15 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
             raw = _yaml_load_once(text)
     except _GivenTwice as dup:
         raise DataError(str(dup), path=str(path), line=dup.line) from None
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except yaml.MarkedYAMLError as err:  # the line, column and problem, not only what was being parsed
+        mark = err.problem_mark or err.context_mark
+        what = "; ".join(x for x in (err.context, err.problem) if x) or str(err).splitlines()[0]
+        raise DataError(f"malformed MDP file: {what}" + (f" (column {mark.column + 1})" if mark else ""),
+                        path=str(path), line=mark.line + 1 if mark else None) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed MDP file: {err.msg} (column {err.colno})", path=str(path),
+                        line=err.lineno) from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(f"malformed MDP file: {str(err).splitlines()[0]}", path=str(path)) from None
     if not isinstance(raw, dict):
         raise DataError("expected a mapping with 'states' and 'transitions'", path=str(path))
