@@ -249,3 +249,79 @@ def test_a_template_that_refuses_the_roles_is_one_located_line_everywhere(tiny_t
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: field 'messages': cannot render the conversation with "
                                         r"the tokenizer's chat template: TemplateError: System role not supported"):
         load_prompts(str(prompts), tok)
+
+
+def test_message_rows_reach_the_template_whole(tiny_tokenizer):
+    """SFT kept only 'role' and 'content' of each message: an assistant turn of tool calls became an
+    empty answer and a tool result lost its name (the preference and prompt loaders passed them)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.name %} name={{ m.name }}{% endif %}\n"
+                         "{{ m['content'] }}{% if m.tool_calls %}<call>{{ m.tool_calls[0].name }}</call>{% endif %}"
+                         "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup"}]},
+                {"role": "tool", "name": "lookup", "content": "42", "tool_call_id": None},
+                {"role": "assistant", "content": "it is 42"}]
+    ex = tok_row(tok, {"messages": messages})
+    text = tok.decode(ex.input_ids)
+    assert "<call>lookup</call>" in text and "name=lookup" in text, text
+    trained = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert "<call>lookup</call>" in trained and "it is 42" in trained, trained
+
+
+def test_a_message_prompt_loses_its_start_to_max_prompt_length(tiny_tokenizer):
+    """--max-prompt-length did nothing for prompt/completion rows of message lists: they were cut at
+    the end, so a long prompt left no target and the row was skipped; now the prompt (every token
+    before the first target) keeps its end, down to max_prompt_length, as string prompts do."""
+    tok = tiny_tokenizer
+    prompt = [{"role": "user", "content": "the movie was great fun and I loved every minute " * 3}]
+    completion = [{"role": "assistant", "content": "a delightful story"}]
+    whole = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=512)
+    lead = whole.loss_mask.index(1)  # the first target token
+    answer = len(whole) - lead
+    ex = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=answer + 5, max_prompt_length=5)
+    assert ex.truncated and ex.input_ids == whole.input_ids[lead - 5:]
+    assert sum(ex.loss_mask) == sum(whole.loss_mask)  # the whole answer is still trained
+    # the end is cut only once the prompt is down to max_prompt_length
+    ex = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=answer + 2, max_prompt_length=5)
+    assert ex.input_ids == whole.input_ids[lead - 5:lead - 5 + answer + 2]
+
+
+def test_a_bos_only_the_template_writes_is_kept_when_a_message_prompt_is_cut(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    prompt = [{"role": "user", "content": "the movie was great fun and I loved every minute " * 3}]
+    completion = [{"role": "assistant", "content": "a delightful story"}]
+    whole = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=512)
+    assert whole.input_ids[0] == tok.bos_token_id
+    lead = whole.loss_mask.index(1)
+    ex = tok_row(tok, {"prompt": prompt, "completion": completion}, max_length=len(whole) - lead + 5,
+                 max_prompt_length=5)
+    assert ex.input_ids == [tok.bos_token_id] + whole.input_ids[lead - 4:]
+
+
+def test_a_message_completion_without_an_answer_is_refused_not_skipped(tiny_tokenizer, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                               "completion": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:1: field 'completion': no assistant message to train on"):
+        load_sft_data(str(bad), tiny_tokenizer, eval_fraction=0)
+
+
+def test_a_template_refusing_a_prompt_completion_conversation_names_its_fields(tiny_tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                         "{% endif %}" + tok.chat_template)
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                               "completion": [{"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_sft_data(str(bad), tok, eval_fraction=0)
+    assert "of 'prompt' and 'completion': no system turns" in str(err.value)
+    assert "'messages'" not in str(err.value), str(err.value)

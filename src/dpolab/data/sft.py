@@ -97,7 +97,8 @@ def _messages_field(record: Record, name: str) -> list[dict]:
             raise record_error(record, problem, field=f"{name}[{i}].role")
         if problem := text_problem(m["content"]):
             raise record_error(record, problem, field=f"{name}[{i}].content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # whole messages, as the template expects them (tool calls, a tool's name); a null key is absent
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
 
 
 # the row forms, in the order a row is read as the first it fills: the column that decides, and its columns
@@ -126,6 +127,8 @@ def parse_sft(record: Record) -> tuple[str, tuple]:
                       if isinstance(data.get("prompt"), str) else _messages_field(record, "prompt"))
             completion = ([{"role": "assistant", "content": _text_field(record, "completion")}]
                           if isinstance(data.get("completion"), str) else _messages_field(record, "completion"))
+            if not any(m["role"] == "assistant" for m in completion):
+                raise record_error(record, "no assistant message to train on", field="completion")
             return "chat", (prompt + completion, len(prompt))
         return "completion", (_text_field(record, "prompt"), _text_field(record, "completion"))
     if "text" in data:
@@ -197,8 +200,10 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
     """Tokenize one parsed row (:func:`parse_sft`) into an :class:`SFTExample`.
 
     Truncation: a prompt/completion row longer than ``max_length`` first loses the start of its
-    prompt (down to ``max_prompt_length`` tokens, leading BOS kept), then the end of its completion;
-    text and conversation rows lose their end. ``None`` when no target token is left."""
+    prompt (down to ``max_prompt_length`` tokens, leading BOS kept), then the end of its completion
+    (for message lists, the prompt is every token before the first target: the prompt's turns and
+    the first answer's header); text and ``messages`` rows lose their end. ``None`` when no target
+    token is left."""
     if loss_on not in LOSS_ON:
         raise ConfigError(f"loss_on must be one of {list(LOSS_ON)}, got {loss_on!r}")
     sp = special_ids(tokenizer)
@@ -229,19 +234,32 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
                 pieces = chat_segments(tokenizer, messages, loss_from)
             except Exception as exc:  # noqa: BLE001 -- no template, roles it rejects, instability
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(f"cannot use the tokenizer's chat template for this conversation: {reason}",
-                                path=where or None, field="messages") from exc
+                what = "this conversation" if loss_from == 0 else "the conversation of 'prompt' and 'completion'"
+                raise DataError(f"cannot use the tokenizer's chat template for {what}: {reason}",
+                                path=where or None, field="messages" if loss_from == 0 else None) from exc
         encoded = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
-        ids, target = [], []
+        ids, own = [], []
         for (_, is_target), piece in zip(pieces, encoded):
             ids += piece
-            target += [is_target or loss_on == "full"] * len(piece)
+            own += [is_target] * len(piece)
         if kind == "text":
-            ids, target = ids + [sp.eos_id], target + [True]
+            ids, own = ids + [sp.eos_id], own + [True]
+        head = 0
         if prefix and ids[:len(prefix)] != prefix:  # a chat template may already write BOS
-            ids, target = prefix + ids, [loss_on == "full"] * len(prefix) + target
+            ids, own = prefix + ids, [False] * len(prefix) + own
+        if prefix:
+            head = len(prefix)
+        elif tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]:
+            head = 1  # a BOS only the template writes: kept when the prompt is cut
+        if kind == "chat" and payload[1] > 0 and len(ids) > max_length:
+            lead = next((i for i, t in enumerate(own) if t), len(own))  # the prompt: before the first target
+            keep = max(max_prompt_length - head, 0)
+            if lead - head > keep:
+                cut = lead - head - keep
+                ids, own, truncated = ids[:head] + ids[head + cut:], own[:head] + own[head + cut:], True
         if len(ids) > max_length:
-            ids, target, truncated = ids[:max_length], target[:max_length], True
+            ids, own, truncated = ids[:max_length], own[:max_length], True
+        target = [t or loss_on == "full" for t in own]
     mask = [int(t) for t in target]
     if mask:
         mask[0] = 0
@@ -320,7 +338,8 @@ def _tokenize_all(records: list[Record], tokenizer, report: SFTReport, kw: dict)
             report.skipped += 1
             if len(report.skipped_examples) < MAX_SKIPPED_EXAMPLES:
                 report.skipped_examples.append(f"{record.where}: no target token left after truncation "
-                                               f"(max_length={kw['max_length']})")
+                                               f"(max_length={kw['max_length']}, max_prompt_length="
+                                               f"{kw['max_prompt_length']})")
             continue
         report.truncated += ex.truncated
         report.tokens += len(ex)
