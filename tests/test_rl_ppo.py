@@ -483,3 +483,53 @@ def test_kl_penalty_options_are_checked(tmp_path, capsys, extra, message):
     assert main(["rl", "ppo", "--output-dir", str(tmp_path / "x"), *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+START_ENV = '''
+import gymnasium as gym, numpy as np
+
+class StartDiscrete(gym.Env):
+    """Discrete(2, start=1): action 2 earns 1, action 1 earns 0; 10-step episodes."""
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2, start=1)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, a):
+        if not self.action_space.contains(a):
+            raise ValueError(f"invalid action {a!r}")
+        self.t += 1
+        return np.zeros(2, np.float32), float(a == 2), False, self.t >= 10, {}
+
+gym.register("{env_id}", entry_point=StartDiscrete)
+'''
+
+
+@pytest.fixture
+def start_env_module(tmp_path, monkeypatch):
+    """A module registering a custom env with a Discrete(2, start=1) action space, not yet imported."""
+    import sys
+    name, env_id = f"dpolab_test_startenv_{tmp_path.name}", "DpolabStartDiscrete-v0"
+    (tmp_path / f"{name}.py").write_text(START_ENV.replace("{env_id}", env_id))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, env_id
+    sys.modules.pop(name, None)
+    gym.registry.pop(env_id, None)
+
+
+def test_custom_env_as_module_colon_id_with_a_discrete_space_starting_at_1(start_env_module, tmp_path, capsys):
+    module, env_id = start_env_module
+    # module:EnvId imports the module (which registers the env) as gym.make does; was "doesn't exist"
+    assert main(["rl", "ppo", "--env", f"{module}:{env_id}", "--total-steps", "64", "--eval-every", "0",
+                 "--output-dir", str(tmp_path / "run"), *TINY]) == 0, capsys.readouterr().err
+    # the policy's index 1 is the env's action 2 (was sent as 1, or 0 as the action 1)
+    policy = ActorCritic(2, 2, True, [4])
+    with torch.no_grad():
+        policy.actor[-1].bias.copy_(torch.tensor([0.0, 5.0]))
+    assert evaluate(policy, env_id, 3, seed=0) == [10.0, 10.0, 10.0]
+    assert main(["rl", "ppo", "--env", "dpolab_no_such_module:X-v0", "--output-dir", str(tmp_path / "b"),
+                 *TINY]) == 2
+    assert "cannot import module 'dpolab_no_such_module'" in capsys.readouterr().err

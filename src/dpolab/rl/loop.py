@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 class GymOptions:
     """Options every Gymnasium trainer has (each redeclares the ones whose defaults differ)."""
 
-    env: str = opt("CartPole-v1", "Gymnasium environment id (flat Box observations; Discrete or Box actions)")
+    env: str = opt("CartPole-v1", "Gymnasium environment id, or module:EnvId to import the module that registers "
+                   "it first (flat Box observations; Discrete or Box actions)")
     total_steps: int = opt(100_000, "environment steps to train for (rounded up to whole rollouts of N×T)")
     seed: int = opt(1, "seed for torch, NumPy, Python and the environments")
     output_dir: str = opt("runs/rl", "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")

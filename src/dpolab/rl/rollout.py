@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import importlib
 import types
 import warnings
 from dataclasses import dataclass
@@ -42,8 +43,14 @@ def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
     """
     if n_envs < 1:
         raise DpolabError(f"need at least one environment, got n_envs={n_envs}")
+    module, _, name = env_id.rpartition(":")
+    if module:  # "module:EnvId", as gym.make takes it: importing the module registers the env
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise DpolabError(f"--env {env_id}: cannot import module {module!r} ({err})") from None
     try:
-        gym.spec(env_id)
+        gym.spec(name)
     except gym.error.Error as err:
         raise DpolabError(f"unknown Gymnasium environment {env_id!r}: {err}") from None
     mode = getattr(gym.vector, "AutoresetMode", None)
@@ -76,11 +83,12 @@ def space_dims(envs: gym.vector.VectorEnv) -> tuple[int, int, bool]:
 
 
 def to_env_actions(actions: torch.Tensor, space: gym.Space) -> np.ndarray:
-    """Policy actions -> what ``env.step`` takes; Gaussian actions are clipped to the Box bounds."""
+    """Policy actions -> what ``env.step`` takes: categorical indices offset by ``Discrete.start``,
+    Gaussian actions clipped to the Box bounds."""
     a = actions.numpy()
     if isinstance(space, gym.spaces.Box):
         return np.clip(a, space.low, space.high)
-    return a
+    return a + space.start if space.start else a  # the policy's index 0..n-1; Discrete(n, start) acts from start
 
 
 @dataclass
