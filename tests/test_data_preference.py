@@ -373,3 +373,39 @@ def test_a_bos_only_the_template_writes_is_kept_when_the_prompt_is_cut(tiny_toke
     text = tok.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
     (ids,), cut = tokenize_prompts([text], tok, max_prompt_length=6)
     assert cut == [True] and ids == pair.prompt_ids  # the on-policy prompt is the DPO prompt
+
+
+def test_a_template_without_a_generation_prompt_is_refused_for_pairs(tiny_tokenizer):
+    """A template with no add_generation_prompt branch renders the prompt without the assistant header
+    it writes before every answer: pairs trained on prompt + answer with no header at all (SFT trains
+    the header, sampling starts after the prompt). Refused; a template that writes the answer trimmed
+    (it has a generation prompt) and one that writes no header at all are accepted."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    turns = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    tok.chat_template = turns
+    pair = example([msg("user", "hi")], [msg("assistant", "yo")], [msg("assistant", "no")])
+    with pytest.raises(DataError, match=r"^d\.jsonl:1: the tokenizer's chat template has no generation prompt "
+                                        r"\(add_generation_prompt=True adds nothing\) but writes '<\|assistant\|>\\n' "
+                                        r"before an answer"):
+        tokenize_preference(pair, tok, max_length=64, max_prompt_length=32)
+    tok.chat_template = turns.replace("{{ m['content'] }}", "{{ m['content'] | trim }}") + \
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    spaced = example([msg("user", "hi")], [msg("assistant", " yo")], [msg("assistant", "no")])
+    assert tokenize_preference(spaced, tok, max_length=64, max_prompt_length=32) is not None
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # no headers: nothing skipped
+    assert tokenize_preference(pair, tok, max_length=64, max_prompt_length=32) is not None
+
+
+def test_a_template_error_on_a_prompt_read_from_the_conversations_names_chosen(tiny_tokenizer):
+    """A conversational row without 'prompt' (the prompt is what precedes the final answer in
+    'chosen' and 'rejected'): the template's refusal of the prompt named a 'prompt' field it lacks."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" \
+        + tok.chat_template
+    row = {"chosen": [msg("system", "be brief"), msg("user", "hi"), msg("assistant", "yo")],
+           "rejected": [msg("system", "be brief"), msg("user", "hi"), msg("assistant", "no")]}
+    with pytest.raises(DataError, match=r"^d\.jsonl:7: field 'chosen': cannot render the conversation .*no system"):
+        tokenize_preference(parse_preference(rec(row)), tok, max_length=64, max_prompt_length=32)
+    with pytest.raises(DataError, match=r"^d\.jsonl:7: field 'prompt': cannot render"):
+        tokenize_preference(parse_preference(rec({"prompt": row["chosen"][:2], "chosen": "yo", "rejected": "no"})),
+                            tok, max_length=64, max_prompt_length=32)

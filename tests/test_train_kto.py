@@ -183,6 +183,25 @@ def test_unpaired_rows_and_pairs_mix_in_a_columnar_file(tiny_tokenizer, tmp_path
     assert (rep["desirable"], rep["undesirable"]) == (5, 5)
 
 
+def test_a_template_refusing_a_completion_names_the_completion_field(tiny_tokenizer, tmp_path):
+    """KTO tokenizes each completion as a pair's chosen side: a chat template's refusal named 'chosen'
+    for an unpaired row (it has 'completion') and for a pair's bad 'rejected'."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{% endfor %}" + tok.chat_template)
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    good = {"prompt": [user], "completion": [answer], "label": True}
+    for bad, field in (({"prompt": [user], "completion": [answer, answer], "label": False}, "completion"),
+                       ({"prompt": [user], "chosen": [answer], "rejected": [answer, answer]}, "rejected")):
+        path = tmp_path / f"{field}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=rf"{field}\.jsonl:2: field '{field}': the tokenizer's chat template "
+                                            "refuses the conversation with this response: roles must alternate"):
+            load_unpaired_data(str(path), tok, eval_fraction=0)
+
+
 def test_pairs_stay_together_in_the_seeded_eval_split(tiny_tokenizer, tmp_path):
     data = write_rule_data(tmp_path / "prefs.jsonl", n=20)
     a = load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.25, seed=3)

@@ -310,12 +310,14 @@ def test_chat_prompts_are_sampled_with_the_ids_they_are_trained_on(tiny_tokenize
     assert ids[0] == bos and ids == list(pair.prompt_ids)
     (twice,), _ = tokenize_prompts(["<s>" + text], tok)  # a template that writes BOS itself: still one
     assert twice == ids
+    # the conversational prompt-only form (turns in 'prompt', as a pair gives them) renders as 'messages'
+    assert render_prompt({"prompt": turns}, tok) == (text, True)
 
 
 @pytest.mark.parametrize("row, message", [
     ({"text": "x"}, r"needs a 'prompt' string or a 'messages' list \(the row has 'text'\)"),
     ({"Prompt": "x"}, r"needs a 'prompt' string or a 'messages' list \(did you mean 'Prompt'\?\)"),
-    ({"prompt": 3}, "field 'prompt': expected a string, got int"),
+    ({"prompt": 3}, "field 'prompt': expected a string or a list of {role, content} turns, got int"),
     ({"prompt": "a", "messages": []}, "both 'prompt' and 'messages'"),
     ({"messages": []}, "field 'messages': expected a non-empty list"),
     ({"messages": [{"role": "user"}]}, "turn 0 must be an object"),
@@ -323,6 +325,9 @@ def test_chat_prompts_are_sampled_with_the_ids_they_are_trained_on(tiny_tokenize
     ({"messages": [{"role": "User", "content": "q"}]},
      r"field 'messages\[0\].role': role 'User': did you mean 'user'\?"),
     ({"messages": [{"role": " ", "content": "q"}]}, "role is empty"),
+    ({"prompt": []}, "field 'prompt': expected a non-empty list"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "field 'prompt': the last turn is"),
 ])
 def test_bad_prompt_rows_name_file_line_and_field(tiny_tokenizer, tmp_path, row, message):
     from dpolab.data.prompts import load_prompts

@@ -62,6 +62,7 @@ class PreferenceExample:
     line: int
     unit: str = "line"  # "line" (JSONL) or "row" (other sources), as in Record
     source_format: str = "standard"  # how the prompt was found: standard, implicit or conversational
+    prompt_field: str = "prompt"  # the field the prompt was read from (errors name it)
 
     @property
     def conversational(self) -> bool:
@@ -82,9 +83,9 @@ def parse_preference(record: Record) -> PreferenceExample:
     chosen, rejected = _value(record, "chosen"), _value(record, "rejected")
     prompt = _value(record, "prompt", required=False)
 
-    def make(p, c, r, fmt: str = "") -> PreferenceExample:
+    def make(p, c, r, fmt: str = "", prompt_field: str = "prompt") -> PreferenceExample:
         fmt = fmt or ("conversational" if isinstance(c, list) else "standard")
-        return PreferenceExample(p, c, r, record.path, record.line, record.unit, fmt)
+        return PreferenceExample(p, c, r, record.path, record.line, record.unit, fmt, prompt_field)
 
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise record_error(record, "'chosen' and 'rejected' must both be strings or both be "
@@ -96,7 +97,7 @@ def parse_preference(record: Record) -> PreferenceExample:
                 raise record_error(record, "no 'prompt' field, and 'chosen' and 'rejected' share no "
                                    "prefix ending at a turn marker or whitespace; add a 'prompt' "
                                    "field", field="prompt")
-            return make(*split, "implicit")
+            return make(*split, "implicit", prompt_field="chosen")
         if isinstance(prompt, str):
             return make(prompt, chosen, rejected)
         # Messages as prompt, plain strings as responses.
@@ -117,7 +118,7 @@ def parse_preference(record: Record) -> PreferenceExample:
     if _key(p_chosen) != _key(p_rejected):
         raise record_error(record, "'chosen' and 'rejected' conversations differ before their final "
                            "assistant message(s); they must share the prompt", field="rejected")
-    return make(p_chosen, r_chosen, r_rejected)
+    return make(p_chosen, r_chosen, r_rejected, prompt_field="chosen")
 
 
 def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -274,16 +275,34 @@ def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
         prompt = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 -- no template, or a template that rejects the roles
         raise located_error(ex.path, ex.line, ex.unit, "cannot render the conversation with the "
-                            f"tokenizer's chat template: {exc}", field="prompt") from exc
+                            f"tokenizer's chat template: {exc}", field=ex.prompt_field) from exc
     for name, response in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-        try:  # rendered only so that a template's own checks (roles that must alternate) see the whole turn
-            tokenizer.apply_chat_template([*ex.prompt, *response], tokenize=False,  # type: ignore[misc]
-                                          add_generation_prompt=False)
+        try:  # rendered so that a template's own checks (roles that must alternate) see the whole turn
+            full = tokenizer.apply_chat_template([*ex.prompt, *response], tokenize=False,  # type: ignore[misc]
+                                                 add_generation_prompt=False)
         except Exception as exc:  # noqa: BLE001
             raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template refuses the "
                                 f"conversation with this response: {exc}", field=name) from exc
+        _check_generation_prompt(ex, tokenizer, prompt, full, response[0]["content"])  # type: ignore[index]
     return (prompt, "\n".join(m["content"] for m in ex.chosen),  # type: ignore[union-attr]
             "\n".join(m["content"] for m in ex.rejected))  # type: ignore[union-attr]
+
+
+def _check_generation_prompt(ex: PreferenceExample, tokenizer, prompt: str, full: str, answer: str) -> None:
+    """A template without an ``add_generation_prompt`` branch renders the prompt with no assistant
+    header, so prompt + answer would skip the header the template writes before every answer (SFT
+    trains it and sampling starts after the prompt): refused. A template that only writes the answer
+    differently (``| trim``) has a generation prompt and is not refused."""
+    if not full.startswith(prompt) or full[len(prompt):].startswith(answer):
+        return
+    if tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=False) != prompt:
+        return
+    between = full[len(prompt):]
+    between = between[:between.find(answer)] if answer and answer in between else between[:40]
+    raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template has no generation prompt "
+                        f"(add_generation_prompt=True adds nothing) but writes {between!r} before an answer: "
+                        "pairs would train on answers without it; give the tokenizer a template that "
+                        "supports add_generation_prompt")
 
 
 def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:

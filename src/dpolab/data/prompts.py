@@ -1,9 +1,9 @@
 """Prompt data for on-policy training and evaluation (``dpolab ppo``, the demo's evaluation).
 
-Each row holds either ``prompt`` (a string, used as is) or ``messages`` (a list of
-``{"role", "content"}`` turns ending with a user or system turn, rendered with the tokenizer's chat
-template and ``add_generation_prompt=True`` so the model continues as the assistant). Other fields
-are ignored.
+Each row holds either ``prompt`` (a string, used as is) or a list of ``{"role", "content"}`` turns
+ending with a user or system turn, in ``messages`` or in ``prompt`` itself, rendered with the
+tokenizer's chat template and ``add_generation_prompt=True`` so the model continues as the
+assistant. Other fields go to the reward functions that name them.
 
 Tokenisation matches the preference pipeline (``dpolab.data.preference``): the text is tokenised
 with ``add_special_tokens=False``; a plain prompt then gets the leading special tokens the tokenizer
@@ -91,34 +91,36 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
     has_prompt, has_messages = row.get("prompt") is not None, row.get("messages") is not None
     if has_prompt and has_messages:
         raise err("row has both 'prompt' and 'messages'; give one")
-    if has_prompt:
+    if has_prompt and not isinstance(row["prompt"], (list, tuple)):
         prompt = row["prompt"]
         if not isinstance(prompt, str):
-            raise err(f"expected a string, got {type(prompt).__name__}", field="prompt")
+            raise err(f"expected a string or a list of {{role, content}} turns, got {type(prompt).__name__}",
+                      field="prompt")
         if problem := text_problem(prompt):
             raise err(problem, field="prompt")
         return prompt, False
-    if has_messages:
-        messages = row["messages"]
+    if has_prompt or has_messages:  # a 'prompt' list of turns is a conversation too (as in DPO's pairs)
+        key = "prompt" if has_prompt else "messages"
+        messages = list(row[key]) if isinstance(row[key], (list, tuple)) else row[key]
         if not isinstance(messages, list) or not messages:
-            raise err("expected a non-empty list of {role, content} turns", field="messages")
+            raise err("expected a non-empty list of {role, content} turns", field=key)
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise err(f"turn {i} must be an object with string 'role' and 'content'", field="messages")
+                raise err(f"turn {i} must be an object with string 'role' and 'content'", field=key)
             if problem := role_problem(m["role"]):
-                raise err(problem, field=f"messages[{i}].role")
+                raise err(problem, field=f"{key}[{i}].role")
             if problem := text_problem(m["content"]):
-                raise err(problem, field=f"messages[{i}].content")
+                raise err(problem, field=f"{key}[{i}].content")
         if getattr(tokenizer, "chat_template", None) is None:
-            raise err("conversational prompt, but the tokenizer has no chat template", field="messages")
+            raise err("conversational prompt, but the tokenizer has no chat template", field=key)
         if messages[-1]["role"] == "assistant":
-            raise err("the last turn is the assistant's; a prompt ends with a user (or system) turn", field="messages")
+            raise err("the last turn is the assistant's; a prompt ends with a user (or system) turn", field=key)
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 -- a template that rejects the roles (raise_exception)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise err(f"cannot render the conversation with the tokenizer's chat template: "
-                      f"{type(exc).__name__}: {reason}", field="messages") from None
+                      f"{type(exc).__name__}: {reason}", field=key) from None
         return text, True
     null = next((k for k in ("prompt", "messages") if k in row), None)  # there, but null: no "did you mean"
     if null is not None:

@@ -156,8 +156,14 @@ def tokenize_split(examples: list[UnpairedExample], tokenizer, *, max_length: in
     A completion with no token left after truncation is a :class:`DataError` at its row and field."""
     rows = []
     for ex in examples:
-        pair = tokenize_preference(ex.example, tokenizer, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, index=len(rows))
+        try:
+            pair = tokenize_preference(ex.example, tokenizer, max_length=max_length,
+                                       max_prompt_length=max_prompt_length, index=len(rows))
+        except DataError as err:  # the completion is the example's chosen (= rejected): name its own field
+            if err.field not in ("chosen", "rejected"):
+                raise
+            e = ex.example
+            raise located_error(e.path, e.line, e.unit, err.reason, field=ex.field) from err
         if pair is None:
             e = ex.example
             raise located_error(e.path, e.line, e.unit, f"no completion token left after truncation "
