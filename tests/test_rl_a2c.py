@@ -112,3 +112,18 @@ def test_a2c_solves_cartpole():
         summary = train(make_config(A2CConfig, dict(total_steps=200_000, seed=1, eval_every=10_000,
                                                     stop_return=475.0, progress=False, output_dir=d + "/r")))
     assert summary["eval/best_mean_return"] >= 475.0
+
+
+def test_stop_return_logs_the_partly_filled_window(tmp_path):
+    """--stop-return at update 3 of a --log-every 5 window: the 3 updates are logged (were dropped)."""
+    kw = dict(seed=3, eval_every=60, stop_return=0.0, save_steps=0)
+    train(_cfg(tmp_path, "w5", log_every=5, **kw))
+    train(_cfg(tmp_path, "w1", log_every=1, **kw))
+    rows, each = _rows(tmp_path / "w5"), _rows(tmp_path / "w1")
+    train_rows = [r for r in rows if "losses/policy" in r]
+    assert [r["step"] for r in train_rows] == [60] and [r["step"] for r in rows if "eval/mean_return" in r] == [60]
+    per_update = [r for r in each if "losses/policy" in r]
+    assert [r["step"] for r in per_update] == [20, 40, 60]
+    for key in ("losses/policy", "losses/value", "losses/entropy", "losses/explained_variance"):
+        assert train_rows[0][key] == pytest.approx(sum(r[key] for r in per_update) / 3, rel=1e-6), key
+    assert train_rows[0]["charts/learning_rate"] == 7e-4 and train_rows[0]["skipped_steps"] == 0

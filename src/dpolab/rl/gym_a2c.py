@@ -99,6 +99,7 @@ class A2C(GymAlgorithm):
         self.sums: dict[str, float] = {}
         self.episodes: list[tuple[float, int]] = []
         self.n_logged = self.n_stepped = 0  # updates in the logging window, of them not skipped
+        self.lr_now = cfg.lr
 
     def make_optimizer(self, policy):
         import torch
@@ -107,12 +108,10 @@ class A2C(GymAlgorithm):
         return torch.optim.Adam(policy.parameters(), lr=self.cfg.lr, eps=1e-5)
 
     def update(self, policy, optimizer, ro, episodes, *, frac, update, n_updates, step):
-        import numpy as np
-
         cfg = self.cfg
-        lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
+        self.lr_now = cfg.lr * frac if cfg.anneal_lr else cfg.lr
         for group in optimizer.param_groups:
-            group["lr"] = lr_now
+            group["lr"] = self.lr_now
         self.episodes += episodes
         st, b_val, b_ret = a2c_update(policy, optimizer, ro, cfg, where=f"update {update}/{n_updates}", step=step)
         if st is not None:
@@ -124,14 +123,22 @@ class A2C(GymAlgorithm):
         self.n_logged += 1
         if update % cfg.log_every and update != n_updates:
             return None, int(st is None)
+        return self.flush(), int(st is None)
+
+    def flush(self):
+        """The logging window's means (None if empty), and a new window."""
+        import numpy as np
+
+        if not self.n_logged:
+            return None
         metrics = {k: v / (self.n_logged if k == "losses/explained_variance" else self.n_stepped)
                    for k, v in self.sums.items()}
-        metrics["charts/learning_rate"] = lr_now
+        metrics["charts/learning_rate"] = self.lr_now
         if self.episodes:
             metrics["charts/episodic_return"] = float(np.mean([e[0] for e in self.episodes]))
             metrics["charts/episodic_length"] = float(np.mean([e[1] for e in self.episodes]))
         self.sums, self.episodes, self.n_logged, self.n_stepped = {}, [], 0, 0
-        return metrics, int(st is None)
+        return metrics
 
     def state_dict(self):
         return {"log_window": (dict(self.sums), list(self.episodes), self.n_logged, self.n_stepped)}

@@ -99,6 +99,11 @@ class GymAlgorithm:
         annealing). Returns (metrics to log at this update or None, optimizer steps skipped)."""
         raise NotImplementedError
 
+    def flush(self) -> dict[str, float] | None:
+        """Metrics still held back (e.g. A2C's partly filled logging window) when the run ends before
+        its last update (``--stop-return``); None if there are none."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-data algorithm state a checkpoint carries (e.g. a partly filled logging window)."""
         return {}
@@ -195,6 +200,12 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
         tracker.log(step, {"eval/mean_return": mean, "eval/std_return": float(np.std(returns))})
         return mean
 
+    def log_training(metrics: dict[str, float] | None, step: int) -> None:
+        if metrics is not None:
+            metrics["skipped_steps"] = skipped
+            metrics["charts/sps"] = (step - start * per_update) / max(time.perf_counter() - t_start, 1e-9)  # this process's steps
+            tracker.log(step, metrics)
+
     try:
         tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
                           dataclasses.asdict(cfg))
@@ -220,14 +231,12 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
             skipped += skipped_now
             if not weights_finite(policy):  # e.g. an overflowing optimizer step: stop before acting on NaN
                 raise nonfinite_error("weights", step, f"after update {update}/{n_updates}")
-            if metrics is not None:
-                metrics["skipped_steps"] = skipped
-                metrics["charts/sps"] = (step - start * per_update) / max(time.perf_counter() - t_start, 1e-9)  # this process's steps
-                tracker.log(step, metrics)
+            log_training(metrics, step)
             tracker.advance(per_update)
             if cfg.eval_every and step // cfg.eval_every > (step - per_update) // cfg.eval_every:
                 last_eval = run_eval(step)
                 if cfg.stop_return is not None and last_eval >= cfg.stop_return:
+                    log_training(algo.flush(), step)  # the updates since the last row are logged too
                     break
             if update < n_updates and cfg.save_steps and step // cfg.save_steps > (step - per_update) // cfg.save_steps:
                 checkpoint(update)
