@@ -163,3 +163,17 @@ def test_one_request_delivered_twice_is_one_stop_and_a_later_second_stops_at_onc
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(100):  # the handler runs between bytecodes, at the latest here
                 time.sleep(0.01)
+
+
+def test_a_signal_arriving_as_the_process_ends_keeps_its_exit_status():
+    """A SIGTERM just after a finished run (its outputs complete) ended the process with 143, so a
+    scheduler saw a failed job: once the command has returned, the executable ignores SIGINT/SIGTERM."""
+    script = ("import os, signal, time\n"
+              "from dpolab import cli\n"
+              "cli.main = lambda: 0\n"
+              "code = cli.entry()\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(0.2)\n"
+              "raise SystemExit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -143,9 +143,19 @@ def entry() -> int:
     """The ``dpolab`` executable and ``python -m dpolab``: :func:`main`, then, for a rank of a
     multi-process run, an exit without the interpreter's finalisation (:func:`_exit_process`)."""
     code = main()
+    _ignore_late_signals()
     if _RAN_IN_GROUP:
         _exit_process(code)
     return code
+
+
+def _ignore_late_signals() -> None:
+    """The command has ended and written everything: a SIGTERM/SIGINT now (a scheduler's time limit,
+    a launcher's forward, arriving as the process exits) would only turn its status into 143/130."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _close_process_group() -> bool:

@@ -328,7 +328,7 @@ class Engine:
             summary = run.write_summary(summary_metrics, steps=self.step, before=lambda s: write_model_card(
                 run.final, command=algo.name, method=method_text(algo), config=vars(cfg), metrics=s,
                 report=self.report))
-        print_summary(summary, algo.summary_keys)
+            print_summary(summary, algo.summary_keys)  # still under the handler: the run is complete
         return summary
 
 
