@@ -427,6 +427,39 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_resume_keeps_the_training_settings(tmp_path, capsys):
+    """Changed hyperparameters are refused, naming each with both values (they were taken silently
+    and config.yaml rewritten as if the whole run had used them); run options may change, said on
+    stderr; --stop-return and --skip-nonfinite only where the run so far fits the new value."""
+    out = tmp_path / "ppo"
+    tiny = ["--env", "CartPole-v1", "--total-steps", "128", "--n-envs", "2", "--n-steps", "16", "--eval-every", "64",
+            "--eval-episodes", "1", "--batch-size", "32", "--n-epochs", "1", "--no-progress", "--output-dir", str(out)]
+    assert main(["rl", "ppo", *tiny, "--save-steps", "64"]) == 0
+    config = (out / "config.yaml").read_text()
+    resume = ["rl", "ppo", "--config", str(out / "config.yaml"), "--resume", str(out / "checkpoints" / "step-64")]
+    capsys.readouterr()
+    for extra, says in ((["--lr", "0.01", "--objective", "kl-penalty"],
+                         "made with different lr=0.001 (now 0.01), objective='clip' (now 'kl-penalty')"),
+                        (["--gamma", "0.5"], "gamma=0.98 (now 0.5)"), (["--eval-episodes", "3"], "eval_episodes=1 (now 3)"),
+                        (["--stop-return", "1"], "--stop-return 1.0 (was None): an evaluation before checkpoint")):
+        assert main([*resume, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (extra, err)
+        assert (out / "config.yaml").read_text() == config
+    best = torch.load(out / "checkpoints" / "step-64" / "state.pt", weights_only=True)["best"]
+    assert main([*resume, "--save-total-limit", "3", "--stop-return", str(best + 1), "--skip-nonfinite"]) == 0
+    assert ("--resume: run options changed (they change no update): save_total_limit=2 (now 3), stop_return=None "
+            f"(now {best + 1!r}), skip_nonfinite=False (now True)") in capsys.readouterr().err
+    # a run that skipped steps with --skip-nonfinite cannot claim it never skipped
+    state_file = out / "checkpoints" / "step-128" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["config"]["skip_nonfinite"] is True
+    torch.save({**state, "skipped_steps": 3}, state_file)
+    assert main(["rl", "ppo", *tiny, "--save-total-limit", "3", "--stop-return", str(best + 1), "--resume",
+                 str(state_file.parent)]) == 2
+    assert "--no-skip-nonfinite: the run skipped 3 non-finite step(s)" in capsys.readouterr().err
+
+
 def test_save_total_limit_rotates_checkpoints(tmp_path):
     from dpolab.cli import main
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +33,14 @@ from dpolab.runs.seeding import rng_state, set_rng_state
 if TYPE_CHECKING:
     import torch
 
-# Config fields that must agree between a checkpoint and the run resuming it.
-STRUCTURAL = ("env", "n_envs", "n_steps", "hidden", "activation", "total_steps", "seed")
+# A resume keeps every option of the checkpoint's run except these, so that config.yaml (rewritten
+# by the resumed run) states the settings of the whole run. They change how the run is run (where
+# and how often it writes, what it shows, how many threads), never what an update computes; a change
+# is said on stderr. The first three differ by nature and are not mentioned.
+RUN_OPTIONS = ("output_dir", "resume", "dry_run", "progress", "threads", "tensorboard", "report_to",
+               "save_steps", "save_total_limit")
+# These may change where the run so far is what it would have been with the new value (checked).
+CONDITIONAL = ("stop_return", "skip_nonfinite")
 
 
 class Tracker:
@@ -119,7 +127,8 @@ def save_final(run: RunDir, policy: torch.nn.Module, extra: dict[str, Any], step
 
 def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[str, Any]:
     """Read the checkpoint named by ``spec`` (``latest`` or a path) and check it was made by
-    ``algorithm`` with ``cfg``'s structure; changes nothing. :func:`restore_checkpoint` then applies
+    ``algorithm`` with ``cfg``'s training settings (only :data:`RUN_OPTIONS` may differ, and
+    :data:`CONDITIONAL` where the run so far fits them; changes are printed); changes nothing. :func:`restore_checkpoint` then applies
     it, and the caller restores the networks, optimizer and collector from it."""
     import torch
     path = run.resolve_checkpoint(spec)
@@ -138,10 +147,22 @@ def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[st
     if made_by != algorithm:
         raise DpolabError(f"--resume: checkpoint {path} was made by `dpolab rl {made_by}`, not "
                           f"`dpolab rl {algorithm}`; resume it with the command that made it")
-    diff = [k for k in STRUCTURAL if k in saved and saved[k] != now.get(k)]
+    diff = [k for k in now if k in saved and saved[k] != now[k] and k not in RUN_OPTIONS + CONDITIONAL]
     if diff:
         raise DpolabError(f"--resume: checkpoint {path} was made with different "
-                          + ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in diff))
+                          + ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in diff)
+                          + "; a resumed run keeps its training settings (start a new run in another --output-dir)")
+    stop = now.get("stop_return")
+    if "stop_return" in saved and stop != saved["stop_return"] and stop is not None and state.get("best", -math.inf) >= stop:
+        raise DpolabError(f"--resume: --stop-return {stop} (was {saved['stop_return']}): an evaluation before "
+                          f"checkpoint {path} reached {state['best']:g}, so the run would have stopped there")
+    if saved.get("skip_nonfinite") and not now.get("skip_nonfinite") and state.get("skipped_steps", 0):
+        raise DpolabError(f"--resume: --no-skip-nonfinite: the run skipped {state['skipped_steps']} non-finite "
+                          f"step(s) before checkpoint {path} with --skip-nonfinite")
+    changed = [k for k in RUN_OPTIONS[3:] + CONDITIONAL if k in saved and saved[k] != now.get(k)]
+    if changed:
+        print("--resume: run options changed (they change no update): "
+              + ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in changed), file=sys.stderr)
     return state
 
 
