@@ -227,3 +227,16 @@ def test_solve_prints_gamma_unrounded(capsys):
     assert code == 0 and out.startswith("value-iteration (gamma = 0.9999999,")  # :g showed 1, refused here
     code, out, _ = run(capsys, "rl", "solve", "--env", "student-mdp")
     assert out.startswith("policy-iteration (gamma = 1,")
+
+
+def test_evaluate_says_how_many_episodes_were_cut(capsys, tmp_path):
+    """student-mrp cut at 2 steps: most episodes are cut; Monte Carlo leaves them out, and says so."""
+    code, out, err = run(capsys, "rl", "evaluate", "--env", "student-mrp", "--max-steps", "2", "--episodes", "50",
+                         "--runs", "2", "--output", str(tmp_path / "c.png"), "--json")
+    assert code == 0
+    cut = json.loads(out)["cut_episodes"]
+    assert set(cut) == {"MC first-visit", "MC every-visit", "TD(0)"} and all(0 < n <= 100 for n in cut.values())
+    assert "episodes cut at --max-steps 2, of 100: MC first-visit " in err and "raise --max-steps" in err
+    code, out, err = run(capsys, "rl", "evaluate", "--env", "random-walk", "--episodes", "5", "--runs", "1",
+                         "--output", str(tmp_path / "d.png"), "--json")
+    assert code == 0 and err == "" and set(json.loads(out)["cut_episodes"].values()) == {0}

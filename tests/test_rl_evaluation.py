@@ -132,3 +132,31 @@ def test_seeded_runs_are_reproducible():
     a = td0_evaluation(w, 20, np.random.default_rng(7))
     b = td0_evaluation(w, 20, np.random.default_rng(7))
     np.testing.assert_array_equal(a.V, b.V)
+
+
+def _chain3():
+    """s0 -1-> s1 -1-> s2 -1-> end, deterministic, gamma = 1: v = 3, 2, 1, 0; episodes start in s0."""
+    from dpolab.rl.mdp import MRP
+
+    P = np.zeros((4, 4))
+    P[0, 1] = P[1, 2] = P[2, 3] = P[3, 3] = 1.0
+    return MRP(P, np.array([1.0, 1.0, 1.0, 0.0]), 1.0, initial=[1, 0, 0, 0])
+
+
+def test_monte_carlo_leaves_out_episodes_cut_at_max_steps():
+    """max_steps 2 cuts every episode after s0, s1: the partial sums 2, 1 are not returns (MC took
+    them: V = 2, 1, where v = 3, 2). MC leaves them out; TD(0) (alpha 1) learns from their steps:
+    episode 1 gives V(s0) = 1 + V(s1) = 1, V(s1) = 1 + V(s2) = 1; episode 2 V(s0) = 1 + 1 = 2;
+    s2 is never left, so V(s2) stays 0."""
+    m = _chain3()
+    mc = mc_evaluation(m, 3, np.random.default_rng(0), max_steps=2)
+    np.testing.assert_array_equal(mc.V, [0, 0, 0, 0])
+    assert mc.cut == 3
+    td = td0_evaluation(m, 3, np.random.default_rng(0), alpha=1.0, max_steps=2)
+    np.testing.assert_array_equal(td.V, [2, 1, 0, 0])
+    assert td.cut == 3
+    full = mc_evaluation(m, 3, np.random.default_rng(0), max_steps=3)
+    np.testing.assert_array_equal(full.V, [3, 2, 1, 0])
+    assert full.cut == 0
+    with pytest.raises(MDPError, match="complete episodes"):
+        mc_update(np.zeros(4), sample_episode(m, np.random.default_rng(0), max_steps=2), 1.0, 0.5)

@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class EvaluateConfig:
     mc_alpha: float | None = opt(None, "Monte Carlo step size; none = sample mean (1/N(s))")
     td_alpha: float = opt(0.1, "TD(0) step size")
     v0: float = opt(0.0, "initial estimate for non-terminal states (Sutton & Barto's Figure 6.2 uses 0.5)")
-    max_steps: int = opt(1000, "longest episode (longer ones are cut)")
+    max_steps: int = opt(1000, "longest episode: longer ones are cut, left out of Monte Carlo (no complete "
+                         "return) and learnt from by TD(0)")
     seed: int = opt(0, "random seed")
     output: str = opt("rl-evaluate.png", "PNG file for the learning curves")
     json: bool = opt(False, "print one JSON object with the exact and estimated values and final errors")
@@ -134,9 +136,10 @@ def _evaluate(cfg: EvaluateConfig) -> int:
     v_true = exact_values(model, policy)
     rng = np.random.default_rng(cfg.seed)
     methods = {"MC first-visit": dict(first_visit=True), "MC every-visit": dict(first_visit=False), "TD(0)": {}}
-    curves, estimates = {}, {}
+    curves, estimates, cut = {}, {}, {}
     for name, kw in methods.items():
         total = np.zeros(cfg.episodes)
+        cut[name] = 0
         for _ in range(cfg.runs):
             if name == "TD(0)":
                 res = td0_evaluation(model, cfg.episodes, rng, policy, alpha=cfg.td_alpha, v_true=v_true,
@@ -145,12 +148,19 @@ def _evaluate(cfg: EvaluateConfig) -> int:
                 res = mc_evaluation(model, cfg.episodes, rng, policy, alpha=cfg.mc_alpha, v_true=v_true,
                                     v0=cfg.v0, max_steps=cfg.max_steps, **kw)
             total += res.rms
+            cut[name] += res.cut
         curves[name], estimates[name] = total / cfg.runs, res.V
     _plot(curves, cfg)
+    if any(cut.values()):  # else MC's estimates could be taken for ones from complete episodes
+        print(f"episodes cut at --max-steps {cfg.max_steps}, of {cfg.episodes * cfg.runs}: "
+              + ", ".join(f"{k} {n}" for k, n in cut.items())
+              + "; Monte Carlo leaves them out (no complete return), so its estimates favour short episodes: "
+              "raise --max-steps (TD(0) learns from their steps)", file=sys.stderr)
     if cfg.json:
         print(json.dumps({"states": list(model.states), "exact": v_true.tolist(),
                           "estimates": {k: v.tolist() for k, v in estimates.items()},
-                          "final_rms": {k: float(c[-1]) for k, c in curves.items()}, "plot": cfg.output}))
+                          "final_rms": {k: float(c[-1]) for k, c in curves.items()}, "cut_episodes": cut,
+                          "plot": cfg.output}))
         return 0
     rows = [[s, _fmt(v), *(_fmt(estimates[k][i]) for k in methods)] for i, (s, v) in
             enumerate(zip(model.states, v_true))]

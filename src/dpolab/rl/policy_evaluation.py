@@ -9,6 +9,8 @@ Formulas (the seed deck, "policy evaluation"; Sutton & Barto 2018, sections 5.1,
 
 A *model* is an :class:`~dpolab.rl.mdp.MRP`, or an :class:`~dpolab.rl.mdp.MDP` together with a policy;
 episodes start from ``model.initial`` and end in a terminal state (or are cut at ``max_steps``).
+A cut episode has no complete return: Monte Carlo leaves it out, TD(0) learns from its steps (each
+bootstraps from V(s_{t+1}), complete or not).
 """
 
 from __future__ import annotations
@@ -139,8 +141,11 @@ def mc_update(V: np.ndarray, episode: Episode, gamma: float, alpha: float | None
 
     ``alpha`` None: sample-mean step ``1/N(s)`` using ``counts`` (S,) (updated in place); else the deck's
     constant step ``V(s_t) += alpha (G_t - V(s_t))``. First-visit uses only the first occurrence of each
-    state in the episode; every-visit uses all of them, in time order.
+    state in the episode; every-visit uses all of them, in time order. A cut episode
+    (``truncated``) is refused: its partial sums are not returns.
     """
+    if episode.truncated:
+        raise MDPError("Monte Carlo needs complete episodes: this one was cut before a terminal state")
     G = episode.returns(gamma)
     states = episode.states[:-1]
     seen: set[int] = set()
@@ -176,36 +181,45 @@ def rms_error(V: np.ndarray, v_true: np.ndarray, terminal: np.ndarray) -> float:
 
 @dataclass
 class EvalResult:
-    """Estimated values ``V`` (S,) and, when exact values were given, ``rms`` (episodes,) per episode."""
+    """Estimated values ``V`` (S,), when exact values were given ``rms`` (episodes,) per episode, and
+    ``cut``: the episodes cut at ``max_steps`` (left out of Monte Carlo)."""
 
     V: np.ndarray
     rms: np.ndarray | None
+    cut: int = 0
 
 
 def mc_evaluation(model: MRP | MDP, n_episodes: int, rng: np.random.Generator, policy=None,
                   alpha: float | None = None, first_visit: bool = True, v_true=None, v0: float = 0.0,
                   max_steps: int = 10_000) -> EvalResult:
-    """Monte Carlo policy evaluation over ``n_episodes`` sampled episodes (see :func:`mc_update`)."""
+    """Monte Carlo policy evaluation over ``n_episodes`` sampled episodes (see :func:`mc_update`);
+    episodes cut at ``max_steps`` are left out (counted in ``cut``; the curve stays flat there)."""
     sampler = Sampler(model, policy)
     V = np.full(model.n_states, float(v0))
     V[model.terminal] = 0.0
     counts = np.zeros(model.n_states)
     curve = np.zeros(n_episodes) if v_true is not None else None
+    cut = 0
     for i in range(n_episodes):
         ep = sampler.episode(rng, max_steps=max_steps)
-        mc_update(V, ep, model.gamma, alpha, counts, first_visit)
+        if ep.truncated:
+            cut += 1
+        else:
+            mc_update(V, ep, model.gamma, alpha, counts, first_visit)
         if curve is not None:
             curve[i] = rms_error(V, np.asarray(v_true), model.terminal)
-    return EvalResult(V, curve)
+    return EvalResult(V, curve, cut)
 
 
 def td0_evaluation(model: MRP | MDP, n_episodes: int, rng: np.random.Generator, policy=None,
                    alpha: float = 0.1, v_true=None, v0: float = 0.0, max_steps: int = 10_000) -> EvalResult:
-    """TD(0) policy evaluation, updating after every step of ``n_episodes`` sampled episodes."""
+    """TD(0) policy evaluation, updating after every step of ``n_episodes`` sampled episodes (also
+    of those cut at ``max_steps``, counted in ``cut``)."""
     sampler = Sampler(model, policy)
     V = np.full(model.n_states, float(v0))
     V[model.terminal] = 0.0
     curve = np.zeros(n_episodes) if v_true is not None else None
+    cut = 0
     for i in range(n_episodes):
         s = sampler.start(rng)
         for _ in range(max_steps):
@@ -214,6 +228,7 @@ def td0_evaluation(model: MRP | MDP, n_episodes: int, rng: np.random.Generator, 
             _, r, s2 = sampler.step(s, rng)
             td0_update(V, s, r, s2, bool(model.terminal[s2]), alpha, model.gamma)
             s = s2
+        cut += int(not model.terminal[s])
         if curve is not None:
             curve[i] = rms_error(V, np.asarray(v_true), model.terminal)
-    return EvalResult(V, curve)
+    return EvalResult(V, curve, cut)
