@@ -23,7 +23,7 @@ all there: weights, gradients and AdamW moments of every row). The sizes reached
 stored in the JSON.
 
 Models: Llama-style, hidden 256, 4 layers, 4 heads, MLP 1024, untied embeddings, random weights:
-4.2M block parameters plus 2·V·256 in the embedding and head (12.4M at 32k, 77.8M at 152k).
+4.2M block parameters plus 2·V·256 in the embedding and head (20.6M in all at 32k, 82.0M at 152k).
 
 Sides (fresh subprocess per run; ``--repeats`` rounds alternating ours/TRL after the loss check, whose
 process loads the same libraries and model files and serves as the warm-up: a TRL run at 152k takes
@@ -268,13 +268,17 @@ def main() -> None:
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="defaults for a short run: 32k vocabulary only, one round "
                     "(options given explicitly still apply)")
-    ap.add_argument("--vocabs", default="32k,152k")
+    ap.add_argument("--vocabs", default="32k,152k", type=dvt.name_list(VOCABS),
+                    help=f"comma-separated, of {', '.join(VOCABS)} (default: 32k,152k)")
     ap.add_argument("--hh", type=Path, default=HH, help="the HH-RLHF harmless-base test file (.jsonl.gz)")
     ap.add_argument("--run-steps", type=int, default=6, help="optimizer steps per run")
-    srt.add_common_args(ap)
+    srt.add_common_args(ap, dry_run_help="with --gpu only: write a few pairs, build every side's config and the "
+                        "model config on the meta device, print the worker commands, run nothing")
     # the loss check before the rounds loads the same libraries and model files: it is the warm-up run
     ap.set_defaults(warmup_runs=0)
     a = srt.parse_args_with_quick(ap, {"vocabs": "32k", "repeats": 1})
+    if a.warmup_steps < 1:
+        ap.error("--warmup-steps must be >= 1 (the first step's counts include the reference precompute)")
     if a.worker:
         srt.run_worker(a, SIDES)
         return
@@ -284,7 +288,8 @@ def main() -> None:
     if a.gpu:
         a.device, a.precision, a.warmup_runs, a.warmup_steps = "cuda", "bf16", 0, 5
         a.repeats, a.run_steps, vocabs = min(a.repeats, 2), 30, ["qwen0.5b"]
-    else:
+    dvt.check_timed_steps(ap, a.warmup_steps, {"a run (--run-steps)": a.run_steps})
+    if not a.gpu:
         vocabs = a.vocabs.split(",")
         if not a.hh.is_file():
             print(f"skipped: the HH-RLHF file is not at {a.hh} (it lives in the shared data folder next to the "

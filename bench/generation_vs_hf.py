@@ -3,7 +3,9 @@
 
 One command (``.venv`` also works: only transformers is needed)::
 
-    .venv-bench/bin/python bench/generation_vs_hf.py            # 3 models x 2 shapes x 1, 2 threads
+    .venv-bench/bin/python bench/generation_vs_hf.py --threads 1 --json bench/generation_vs_hf_results.json
+                                                                # make bench-generation: 3 models x 2 shapes
+    .venv-bench/bin/python bench/generation_vs_hf.py            # 3 models x 2 shapes x 1, 2 threads, no file
     .venv-bench/bin/python bench/generation_vs_hf.py --quick    # small model, one shape, 1 thread
 
 Models: Llama-style, random weights from ``dpolab.lm.tiny.tiny_llama`` (seed 0, so every process
@@ -30,7 +32,8 @@ Protocol: one fresh subprocess per (model, threads), with ``torch.set_num_thread
 then ``--repeats`` pairs alternating the order (ours first, then HF first). Reported per row:
 median tokens/s (B x N / wall time of one ``generate`` call, prefill included) of each side and
 the speed ratio ours/HF of each adjacent pair: its median, interquartile range and min-max.
-Results go to a JSON file (``--json``; the full run writes ``bench/generation_vs_hf_results.json``).
+Results go to a JSON file where ``--json PATH`` is given, as in the other benchmarks (``make
+bench-generation`` writes ``bench/generation_vs_hf_results.json``); no run writes it otherwise.
 """
 
 from __future__ import annotations
@@ -259,6 +262,28 @@ def parse_shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in part.split("x")) for part in s.split(",")]  # type: ignore[misc]
 
 
+def shapes_arg(s: str) -> str:
+    """``--shapes``, checked as it is parsed: BATCHxNEW_TOKENS,... with positive integers."""
+    try:
+        shapes = parse_shapes(s)
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(x) != 2 or min(x) < 1 for x in shapes):
+        raise argparse.ArgumentTypeError(f"expected BATCHxNEW_TOKENS,... (e.g. 16x128,64x32), got {s!r}")
+    return s
+
+
+def _name_list(choices):
+    """``dpo_vs_trl.name_list``: a comma-separated list of names out of ``choices``, an argument error
+    naming them otherwise."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpo_vs_trl", Path(__file__).with_name("dpo_vs_trl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.name_list(choices)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -269,15 +294,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="defaults for a short run: small model, 16 x 64 tokens, 1 thread, 3 repeats (options given "
                          "explicitly still apply)")
-    ap.add_argument("--models", help=f"default: {full['models']}")
-    ap.add_argument("--shapes", help=f"BATCHxNEW_TOKENS,... (default: {full['shapes']})")
-    ap.add_argument("--modes", default="greedy,sampled")
+    ap.add_argument("--models", type=_name_list(MODELS), help=f"comma-separated, of {', '.join(MODELS)} "
+                    f"(default: {full['models']})")
+    ap.add_argument("--shapes", type=shapes_arg, help=f"BATCHxNEW_TOKENS,... (default: {full['shapes']})")
+    ap.add_argument("--modes", default="greedy,sampled", type=_name_list(("greedy", "sampled")))
     ap.add_argument("--threads", help="thread counts, one fresh process each (default: 1,2)")
     ap.add_argument("--repeats", type=int, help="timed calls per side, alternating order (default: 6)")
     ap.add_argument("--ablations", action="store_true",
                     help="instead of HF: our loop with each speed-up switched off, and StaticCache, against ours")
     ap.add_argument("--compile", action="store_true", help="with --ablations: also StaticCache + torch.compile")
-    ap.add_argument("--json", help="write the results here (full run default: bench/generation_vs_hf_results.json)")
+    ap.add_argument("--json", help="write the results here (nothing is written without it; the committed "
+                    "bench/generation_vs_hf_results.json is `make bench-generation`'s)")
     a = ap.parse_args()
     for key, value in (quick if a.quick else full).items():
         if getattr(a, key) is None:
@@ -287,8 +314,6 @@ def main() -> None:
         a.threads = int(a.threads)
         print(json.dumps(worker(a)))
         return
-    if not a.quick and a.json is None and not a.ablations:
-        a.json = str(Path(__file__).with_name("generation_vs_hf_results.json"))
     import torch
     import transformers
 

@@ -1,9 +1,10 @@
 """Benchmark: dpolab's GRPO and RLOO trainers against TRL's GRPOTrainer and RLOOTrainer (CPU, fp32, no vLLM).
 
 The protocol of ``bench/dpo_vs_trl.py`` for the two critic-free on-policy trainers. Both sides get the
-same Llama-style model (``small`` ≈ 3M parameters by default, random weights from
+same Llama-style model (the DPO benchmark's ``small`` by default, random weights from
 ``dpolab.lm.tiny``, saved once to a temporary folder and loaded by both with ``from_pretrained``),
-the same locally trained tokenizer (vocab 4096), the same prompts (the built-in ``reverse`` task,
+the same locally trained tokenizer (asked for 4096 entries, it reaches 1,438 on its text: BPE runs
+out of merges; so ``small`` has 2.32M parameters, 1.77M of them in the transformer blocks), the same prompts (the built-in ``reverse`` task,
 ``dpolab.rewards.tasks``, e.g. ``"reverse: 3 1 4 ="``), the same reward (:func:`reward`, a cheap
 Python function of the completions: the share of digit characters plus exact match with the
 answer, so that groups have a spread and advantages are not all zero), the same group size G, the
@@ -25,9 +26,11 @@ rounds running every side once, in turn, so noise hits all sides alike):
 
 * ``ours-grpo``: ``dpolab.train.grpo.train`` (its Python API) with its defaults except what must
   match: β = 0 (both defaults), ``loss_aggregation="token"`` (TRL's default ``loss_type="dapo"``;
-  with equal-length completions it equals our default ``sequence``), one pass per step
-  (``micro_batch_size`` = the step's completions, as TRL's ``per_device_train_batch_size``), no
-  evaluation, no logged samples;
+  with equal-length completions it equals our default ``sequence``), one micro-batch per step
+  (``micro_batch_size`` = the step's completions, as TRL's ``per_device_train_batch_size``), which
+  our default token budget (``micro_batch_tokens``, sized by the model, not set here) may split into
+  several forward/backward passes (its size on ``small`` and the passes it gave in a run:
+  docs/performance.md, "GRPO and RLOO against TRL"); no evaluation, no logged samples;
 * ``trl-grpo``: ``trl.GRPOTrainer`` defaults (gradient checkpointing on, ``loss_type="dapo"``,
   β = 0: no reference model) with ``per_device_train_batch_size`` = prompts per step × G;
 * ``ours-rloo``: ``dpolab.train.rloo.train`` defaults (β = 0.05 folded into the reward with a frozen
@@ -54,9 +57,10 @@ tokens of every step (prompt tokens without padding plus completion tokens of ea
 sequence: each sequence is generated once and trained on once, so this one count is the unit of
 "generated plus trained" tokens, the same on both sides), the time inside generation and inside
 no-grad log-prob passes (wrappers around each side's own functions: the profile), and memory: the
-**peak over the baseline** (``ru_maxrss`` at the last optimizer step after the kernel's peak mark
-was reset to the resident memory once the side imported its trainer and loaded the tokenizer,
-before any model), the **baseline** itself and the **whole-process peak** (their sum). The parent also times each whole subprocess
+**peak over the baseline** (the process's resident high-water mark ``VmHWM``, read at the last
+optimizer step by ``dpo_vs_trl.StepClock``, after the kernel's peak mark was reset to the resident
+memory once the side imported its trainer and loaded the tokenizer, before any model; not
+``ru_maxrss``, which carries the parent's peak over the spawn), the **baseline** itself and the **whole-process peak** (their sum). The parent also times each whole subprocess
 (interpreter start, imports, model load, training, dpolab's end-of-run checkpoint and ``final/``
 folder): the "whole process" column. The first ``--warmup-steps`` steps of each run are not timed.
 Each step's CPU time (``time.process_time``, all of the process's threads) is recorded too: on a
@@ -127,7 +131,8 @@ def setup(workdir: Path, models: list[str], instruction_words: int = 0) -> None:
     head = instruction(instruction_words)
     rows = [{"prompt": head + p, "answer": a} for p, a in make_examples("reverse", N_PROMPTS, seed=0)]
     (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # the vocabulary: the lexicon text of the DPO benchmark (to reach 4096 entries) and the prompts
+    # the vocabulary: the lexicon text of the DPO benchmark and the prompts (asked for 4096 entries, BPE
+    # runs out of merges at 1,438 on this text)
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in dvt.make_data(256, seed=0)]
     texts += [r["prompt"] + " " + r["answer"] for r in rows]
     tok = train_tokenizer(texts, vocab_size=VOCAB)
@@ -387,7 +392,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="defaults for a short run: one measured run, no warm-up "
                     "runs, 5 steps (options given explicitly still apply)")
     ap.add_argument("--model", default="small", choices=sorted(MODELS))
-    ap.add_argument("--algos", default="grpo,rloo")
+    ap.add_argument("--algos", default="grpo,rloo", type=dvt.name_list(("grpo", "rloo")),
+                    help="comma-separated, of grpo, rloo (default: grpo,rloo)")
     ap.add_argument("--num-generations", type=int, default=4, help="G: completions per prompt")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--completion-length", type=int, default=32, help="tokens of every completion (EOS off)")
@@ -408,6 +414,8 @@ def main() -> None:
         return
 
     a.steps = a.steps or (5 if a.quick else 10)
+    dvt.check_timed_steps(ap, a.warmup_steps, {"a run (--steps)": a.steps})
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the driver saves the model too
     repeats, warm_runs = a.repeats, 0 if a.quick else 1
     t_start = time.time()
     results: dict = {"date": datetime.date.today().isoformat(), "versions": srt.versions(), "threads": a.threads,

@@ -12,8 +12,9 @@ desirable example (prompt, chosen, ``label: true``) and an undesirable one (prom
 prompt on a word and starts its completion with a space, so the two tokenisations agree and no row
 is truncated (checked first).
 
-Models: the DPO benchmark's Llama-style ``small`` (≈ 3M parameters) and ``medium`` (≈ 26M), random
-weights, vocab 4096; the same files for both sides.
+Models: the DPO benchmark's Llama-style ``small`` and ``medium``, random weights, and its tokenizer
+(asked for 4096 entries, it reaches 1,421 on these pairs: BPE runs out of merges), so 2.32M and
+23.6M parameters (1.77M and 22.1M in the transformer blocks); the same files for both sides.
 
 Sides (each run in a FRESH subprocess; per model one warm-up run of each side, then ``--repeats``
 rounds running every side once, in turn):
@@ -235,14 +236,18 @@ def main() -> None:
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="defaults for a short run: small model only, one round, "
                     "no warm-up runs (options given explicitly still apply)")
-    ap.add_argument("--models", default="small,medium")
-    srt.add_common_args(ap)
+    ap.add_argument("--models", default="small,medium", type=dvt.name_list(STEPS),
+                    help=f"comma-separated, of {', '.join(STEPS)} (default: small,medium)")
+    # CPU and float32 only: no --gpu, and --device / --precision hidden (cpu / fp32, for the workers)
+    srt.add_common_args(ap, gpu_preset=False, dry_run_help="generate the data, build and save the models (as "
+                        "the run does), print the worker commands, run nothing")
     a = srt.parse_args_with_quick(ap, {"models": "small", "repeats": 1, "warmup_runs": 0})
+    if a.warmup_steps < 1:
+        ap.error("--warmup-steps must be >= 1 (the first step's counts include the reference precompute)")
     if a.worker:
         srt.run_worker(a, SIDES)
         return
-    if a.device != "cpu" or a.precision != "fp32" or a.gpu:
-        ap.error("this benchmark runs on the CPU in float32 (--device, --precision and --gpu are for sft_rm_vs_trl.py)")
+    dvt.check_timed_steps(ap, a.warmup_steps, {m: STEPS[m] for m in a.models.split(",")})
     os.environ.update({k: v for k, v in srt.worker_env(a.threads).items() if k.startswith(("HF_", "TRANSFORMERS", "TOK"))})
     models = a.models.split(",")
     repeats, warmup_runs = a.repeats, a.warmup_runs

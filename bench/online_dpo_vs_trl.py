@@ -1,6 +1,6 @@
 """Benchmark: dpolab's online DPO against TRL's experimental OnlineDPOTrainer (CPU, fp32), whole processes.
 
-The protocol of ``bench/grpo_rloo_vs_trl.py`` (same ~3M model, tokenizer, built-in ``reverse`` prompts,
+The protocol of ``bench/grpo_rloo_vs_trl.py`` (same 2.32M-parameter model, tokenizer, built-in ``reverse`` prompts,
 reward, instrumentation and driver pieces) for online DPO (Guo et al. 2024, arXiv 2402.04792): each
 step samples 2 completions of each of 8 prompts from the current policy, scores them, and takes one
 DPO step (sigmoid loss, β 0.1) on the (best, worst) pair against the reference. One command::
@@ -30,6 +30,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -141,6 +142,8 @@ def main() -> None:
         grb.srt.run_worker(a, SIDES)
         return
     a.steps = a.steps or (5 if a.quick else 10)
+    grb.dvt.check_timed_steps(ap, a.warmup_steps, {"a run (--steps)": a.steps})
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the driver saves the model too
     repeats, warm_runs = a.repeats, 0 if a.quick else 1
     results: dict = {"date": datetime.date.today().isoformat(), "versions": grb.srt.versions(), "threads": a.threads,
                      "model_shape": dict(zip(("hidden", "layers", "heads", "intermediate"), grb.MODELS["small"])),
@@ -162,7 +165,7 @@ def main() -> None:
                 runs[side].append(grb.spawn(side, a, "small", workdir, script=__file__))
     for side, rs in runs.items():
         print(grb.setup_line(side, rs[0]))
-    if not grb.check_setup(a, {s: rs[0] for s, rs in runs.items()}):
+    if not grb.check_setup(a, {f"{s}#{i}": r for s, rs in runs.items() for i, r in enumerate(rs)}):  # every run
         raise SystemExit("the sides did not run the same shapes (see the lines above): no comparison")
     for theirs in ("trl", "trl-nogc"):
         row = grb.compare(runs["ours"], runs[theirs])

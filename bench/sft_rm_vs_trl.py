@@ -1,9 +1,11 @@
 """Benchmark: dpolab's SFT and reward-model trainers against TRL's SFTTrainer and RewardTrainer (CPU, fp32).
 
 The protocol of ``bench/dpo_vs_trl.py``, for the two other offline trainers. Both sides get the same
-Llama-style models (``small`` ≈ 3M and ``medium`` ≈ 26M parameters, random weights from
+Llama-style models (the DPO benchmark's ``small`` and ``medium`` shapes, random weights from
 ``dpolab.lm.tiny``; the reward model is the same backbone with a seeded scalar head, saved once and
-loaded by both), the same locally trained tokenizer (vocab 4096), the same generated data, the same
+loaded by both), the same locally trained tokenizer (asked for 4096 entries, it reaches 2,119 on this
+data: BPE runs out of merges; so ``small`` has 2.58M parameters and ``medium`` 24.3M, of which 1.77M
+and 22.1M in the transformer blocks), the same generated data, the same
 batch (8 examples or pairs), steps, AdamW learning rate, clipping (1.0), max length (512, never
 reached, so neither side truncates) and threads. One command::
 
@@ -573,23 +575,33 @@ def matmul_peak(threads: int, device: str = "cpu", precision: str = "fp32") -> f
     return 2 * n ** 3 / best / 1e9
 
 
-def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """Options the driver and its workers share (also used by dpo_vocab.py)."""
+def add_common_args(ap: argparse.ArgumentParser, gpu_preset: bool = True,
+                    dry_run_help: str | None = None) -> None:
+    """Options the driver and its workers share (also used by dpo_vocab.py and kto_vs_trl.py).
+    ``gpu_preset=False``: a CPU-only benchmark; ``--gpu`` is not offered and ``--device`` /
+    ``--precision`` are hidden and take only ``cpu`` / ``fp32`` (its workers still receive them)."""
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps of every run")
+    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps of every run (fewer than "
+                    "its steps)")
     ap.add_argument("--repeats", type=int, default=3, help="measured rounds (after the warm-up runs)")
     ap.add_argument("--warmup-runs", type=int, default=1, help="discarded runs of each side before the rounds")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--gpu", action="store_true", help="the GPU preset (bench/gpu.sh): a Qwen2-0.5B-shaped model, "
-                    "bf16, CUDA, 2 rounds, no warm-up runs")
-    ap.add_argument("--dry-run", action="store_true", help="build the data, tokenizer, configs and (on the meta "
-                    "device) the model, print the worker commands, run nothing")
+    if gpu_preset:
+        ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+        ap.add_argument("--gpu", action="store_true", help="the GPU preset (bench/gpu.sh): a Qwen2-0.5B-shaped "
+                        "model, bf16, CUDA, 2 rounds, no warm-up runs")
+    else:
+        ap.add_argument("--device", choices=("cpu",), default="cpu", help=argparse.SUPPRESS)
+        ap.add_argument("--precision", choices=("fp32",), default="fp32", help=argparse.SUPPRESS)
+        ap.set_defaults(gpu=False)
+    ap.add_argument("--dry-run", action="store_true", help=dry_run_help or "build the data, the tokenizer and "
+                    "every side's config (with --gpu also the model config, on the meta device), print the "
+                    "worker commands, run nothing")
     ap.add_argument("--workdir", help="keep the generated data and models here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the results here")
 
@@ -621,8 +633,10 @@ def main() -> None:
     ap.add_argument("--task", choices=("sft", "rm"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="defaults for a short run: small model only, one round "
                     "(options given explicitly still apply)")
-    ap.add_argument("--tasks", default="sft,rm")
-    ap.add_argument("--models", default="small,medium")
+    ap.add_argument("--tasks", default="sft,rm", type=dvt.name_list(("sft", "rm")), help="comma-separated, of "
+                    "sft, rm (default: sft,rm)")
+    ap.add_argument("--models", default="small,medium", type=dvt.name_list(MODELS),
+                    help=f"comma-separated, of {', '.join(MODELS)} (default: small,medium; --gpu: its own model)")
     ap.add_argument("--trl-sft-best", choices=sorted(TRL_SFT_BEST), default="group_by_length",
                     help="which TRL speed option its 'best' SFT side uses (all with gradient checkpointing off)")
     add_common_args(ap)
@@ -637,6 +651,9 @@ def main() -> None:
         STEPS.update({("sft", False): {"qwen0.5b": 30}, ("sft", True): {"qwen0.5b": 15}})
     models = a.models.split(",")
     tasks = a.tasks.split(",")
+    dvt.check_timed_steps(ap, a.warmup_steps, {f"{task}{' packed' if packed else ''} {m}": n
+                                               for (task, packed), per_model in STEPS.items() if task in tasks
+                                               for m, n in per_model.items() if m in models})
     repeats = a.repeats
     results: dict = {"date": datetime.date.today().isoformat(), "versions": versions(), "source": source_state(),
                      "threads": a.threads,
