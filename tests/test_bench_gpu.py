@@ -1,5 +1,6 @@
 """bench/gpu.sh starts: its --dry-run (CPU only) imports every Python piece, parses their arguments,
-builds every side's config and the 0.5B model config on the meta device, and exits 0.
+builds every side's config and the 0.5B model config on the meta device, and exits 0; the parts'
+time limits it prints add up to under 8 minutes.
 
 The dry run needs TRL, which lives in the benchmark environment (.venv-bench), not in the test one:
 the test runs it with the first interpreter that has TRL ($PYTHON, .venv-bench, this one) and skips,
@@ -9,6 +10,7 @@ saying why, when none has.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,3 +50,7 @@ def test_gpu_script_dry_run_exits_zero():
     for side in ("sft ours-default", "sft trl-default", "sft ours-best", "sft trl-best", "dpo ours", "dpo trl"):
         assert f"dry run: {side} config builds" in out, side
     assert "accelerate.commands.launch --config_file examples/accelerate/fsdp.yaml" in out
+    # every part's limit plus its kill delay: the whole script ends inside the 8 minutes it promises
+    # (and so inside one 600 s device call) even when every part runs into its limit
+    total = re.search(r"each plus \d+ s to kill: at most (\d+) s in all", out)
+    assert total and int(total.group(1)) < 480, out[:2000]
