@@ -289,3 +289,31 @@ def test_env_kwargs_take_lists_and_check_is_slippery():
         parse_env_kwargs("is_slippery=maybe")
     with pytest.raises(DpolabError, match="'map_name' is given twice"):
         parse_env_kwargs("map_name=4x4,map_name=8x8")
+
+
+def test_mdp_file_names_are_kept_as_written(tmp_path):
+    """Names that YAML or JSON would read as numbers stay the text written (010, 0x1F, 2.50 and 12:30
+    were the states 8, 31, 2.5 and 750); then 2.5 is not 2.50. A chain of rewards 1, gamma 0.5:
+    v = 1 + 0.5 (1 + 0.5 (1 + 0.5 (1 + 0.5 * 1))) = 1.9375, 1.875, 1.75, 1.5, 1, 0."""
+    path = tmp_path / "m.yaml"
+    text = ("gamma: 0.5\nstates: [010, 0x1F, 12:30, 2.50, true, s]\ninitial: 0x1F\nactions: [1.0]\ntransitions:\n"
+            "  010: {1.0: {reward: 1, next: 0x1F}}\n  0x1F: {1.0: {reward: 1, next: {12:30: 1}}}\n"
+            "  12:30: {1.0: {reward: 1, next: 2.50}}\n  2.50: {1.0: {reward: 1, next: true}}\n"
+            "  true: {1.0: {reward: 1, next: s}}\n")
+    path.write_text(text)
+    m = load_mdp_file(path)
+    assert list(m.states) == ["010", "0x1F", "12:30", "2.50", "true", "s"] and list(m.actions) == ["1.0"]
+    assert m.initial.tolist() == [0, 1, 0, 0, 0, 0]
+    np.testing.assert_allclose(m.induced_mrp(m.uniform_policy()).values(), [1.9375, 1.875, 1.75, 1.5, 1, 0])
+    path.write_text(text.replace("next: 2.50", "next: 2.5"))
+    with pytest.raises(DpolabError, match="state '12:30' action '1.0': unknown next state '2.5'"):
+        load_mdp_file(path)
+    path.write_text(text.replace("  010: {1.0", "  8: {1.0"))  # 8 was 010's name
+    with pytest.raises(DpolabError, match="transitions: unknown state '8'"):
+        load_mdp_file(path)
+    js = tmp_path / "m.json"
+    js.write_text('{"gamma": 0.5, "states": [2.50, 1e2, "s"], "initial": 1e2, '
+                  '"transitions": {"2.50": {"go": {"reward": 1, "next": 1e2}}, "1e2": {"go": {"reward": 1, "next": "s"}}}}')
+    m = load_mdp_file(js)
+    assert list(m.states) == ["2.50", "1e2", "s"] and m.initial.tolist() == [0, 1, 0] and m.gamma == 0.5
+    np.testing.assert_allclose(m.induced_mrp(m.uniform_policy()).values(), [1.5, 1, 0])

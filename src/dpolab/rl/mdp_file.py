@@ -27,7 +27,8 @@ def load_mdp_file(path: str | Path, gamma: float | None = None) -> MDP:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
             try:
-                raw = json.loads(text, object_pairs_hook=_json_pairs_once)
+                raw = json.loads(text, object_pairs_hook=_json_pairs_once, parse_int=_WrittenInt.parse,
+                                 parse_float=_WrittenFloat.parse)
             except _GivenTwice as dup:
                 try:
                     _yaml_load_once(text)  # JSON is YAML: its nodes locate the key (raising _GivenTwice)
@@ -83,6 +84,7 @@ def _yaml_load_once(text: str):
         node = loader.get_single_node()
         if node is None:
             return None
+        _names_as_written(node, (), set())  # first: the key check compares the names a run will use
         _check_keys_once(node, loader, (), set())
         return loader.construct_document(node)
     finally:
@@ -105,11 +107,70 @@ def _check_keys_once(node, loader, path: tuple, seen: set) -> None:
         # merge keys (<<) are resolved later, and may rightly be overridden; complex keys are no names
         if not isinstance(key, yaml.ScalarNode) or key.tag.endswith((":merge", ":value")):
             continue
-        name, line = str(loader.construct_object(key)), key.start_mark.line + 1  # str: as mdp_from_dict
+        name, line = _name(loader.construct_object(key)), key.start_mark.line + 1
         if name in first:
             raise _GivenTwice(f"{_twice(path, name)} (first on line {first[name]})", line)
         first[name] = line
         _check_keys_once(value, loader, (*path, name), seen)
+
+
+_STR = "tag:yaml.org,2002:str"
+
+
+def _names_as_written(node, path: tuple, seen: set) -> None:
+    """Read every name as the text written: mapping keys (states, actions, next states), the items of
+    ``states`` and ``actions``, a single ``next`` state and ``initial``. YAML would read a plain
+    ``010``, ``12:30`` or ``2.50`` as the numbers 8, 750 (YAML 1.1) and 2.5."""
+    import yaml
+
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            if path in (("states",), ("actions",)) and isinstance(item, yaml.ScalarNode):
+                item.tag = _STR
+            _names_as_written(item, (*path, "-"), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag.endswith((":merge", ":value")):
+            continue
+        key.tag = _STR
+        sub = (*path, key.value)
+        if isinstance(value, yaml.ScalarNode) and (sub == ("initial",) or (len(sub) == 4 and sub[0] == "transitions"
+                                                                          and sub[3] == "next")):
+            value.tag = _STR
+        _names_as_written(value, sub, seen)
+
+
+class _WrittenInt(int):
+    """A JSON number that remembers its text (``2.50``, ``1e2``), so that it names the state written."""
+
+    written: str
+
+    @classmethod
+    def parse(cls, text: str) -> int:
+        x = cls(text)
+        x.written = text
+        return x
+
+
+class _WrittenFloat(float):
+    written: str
+
+    @classmethod
+    def parse(cls, text: str) -> float:
+        x = cls(text)
+        x.written = text
+        return x
+
+
+def _name(value) -> str:
+    """A state or action name from a file's value: the text written where it was a number."""
+    if isinstance(value, bool):  # a JSON true/false (YAML names are text already)
+        return "true" if value else "false"
+    return getattr(value, "written", None) or str(value)
 
 
 def _twice(path: tuple, key: str) -> str:
@@ -155,29 +216,29 @@ def mdp_from_dict(raw: dict) -> MDP:
     states, trans = raw["states"], raw["transitions"]
     if not isinstance(states, list) or not states:
         raise MDPError("'states' must be a non-empty list of names")
-    states = [str(s) for s in states]
+    states = [_name(s) for s in states]
     if not isinstance(trans, dict):
         raise MDPError("'transitions' must map states to {action: {reward, next}}")
     ix = {s: i for i, s in enumerate(states)}
-    actions = [str(a) for a in raw.get("actions") or []]
+    actions = [_name(a) for a in raw.get("actions") or []]
     for s, acts in trans.items():
-        if str(s) not in ix:
+        if _name(s) not in ix:
             raise MDPError(f"transitions: unknown state '{s}'")
         if not isinstance(acts, dict):
             raise MDPError(f"transitions of '{s}' must map actions to {{reward, next}}")
         for a in acts:
-            if str(a) not in actions:
+            if _name(a) not in actions:
                 if raw.get("actions"):
                     raise MDPError(f"state '{s}': action '{a}' is not in 'actions'")
-                actions.append(str(a))
+                actions.append(_name(a))
     if not actions:
         raise MDPError("no actions: every state is terminal")
     S, A = len(states), len(actions)
     P, R, mask = np.zeros((S, A, S)), np.zeros((S, A)), np.zeros((S, A), dtype=bool)
     for s, acts in trans.items():
-        i = ix[str(s)]
+        i = ix[_name(s)]
         for a, spec in acts.items():
-            j = actions.index(str(a))
+            j = actions.index(_name(a))
             where = f"state '{s}' action '{a}'"
             if not isinstance(spec, dict) or "next" not in spec:
                 raise MDPError(f"{where}: expected {{reward: number, next: state or {{state: prob}}}}")
@@ -189,9 +250,9 @@ def mdp_from_dict(raw: dict) -> MDP:
             if not isinstance(nxt, dict) or not nxt:
                 raise MDPError(f"{where}: 'next' must be a state name or a mapping of state -> probability")
             for t, p in nxt.items():
-                if str(t) not in ix:
+                if _name(t) not in ix:
                     raise MDPError(f"{where}: unknown next state '{t}'")
-                P[i, j, ix[str(t)]] += _number(p, f"{where}: probability of '{t}'")
+                P[i, j, ix[_name(t)]] += _number(p, f"{where}: probability of '{t}'")
             total = P[i, j].sum()
             if P[i, j].min() < 0:
                 raise MDPError(f"{where}: negative probability")
@@ -208,9 +269,9 @@ def mdp_from_dict(raw: dict) -> MDP:
             P[i, ~mask[i], i] = 1.0  # placeholder rows for unavailable actions (never chosen)
     initial = raw.get("initial")
     if initial is not None:
-        if str(initial) not in ix:
+        if _name(initial) not in ix:
             raise MDPError(f"initial: unknown state '{initial}'")
-        initial = ix[str(initial)]
+        initial = ix[_name(initial)]
     return MDP(P, R, raw["gamma"], states, actions, mask, initial)
 
 
