@@ -469,3 +469,51 @@ def test_save_total_limit_rotates_checkpoints(tmp_path):
                  "--output-dir", str(out)]) == 0
     steps = [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()]
     assert len(steps) == 1 and (out / "checkpoints" / "latest").read_text().strip() == steps[0]
+
+
+def test_discard_checkpoints_after_a_step(tmp_path):
+    """Steps 1..8 with latest at 8, resumed from step 3: 4..8 go and latest names step-3; a pointer
+    at a step that stays is left as it is."""
+    run = RunDir(tmp_path / "run", keep_last=0)
+    for step in range(1, 9):
+        run.save_checkpoint(step, lambda d: (d / "x").write_text("x"))
+    run.discard_checkpoints_after(3)
+    assert [p.name for p in run.list_checkpoints()] == ["step-1", "step-2", "step-3"]
+    assert (run.checkpoints / "latest").read_text().strip() == "step-3"
+    (run.checkpoints / "latest").write_text("step-2\n")
+    run.discard_checkpoints_after(2)
+    assert [p.name for p in run.list_checkpoints()] == ["step-1", "step-2"]
+    assert (run.checkpoints / "latest").read_text().strip() == "step-2"
+    run.discard_checkpoints_after(1)
+    assert [p.name for p in run.list_checkpoints()] == ["step-1"]
+    assert (run.checkpoints / "latest").read_text().strip() == "step-1"
+    run.discard_checkpoints_after(5)  # nothing later: nothing changes
+    assert [p.name for p in run.list_checkpoints()] == ["step-1"]
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_ones(tmp_path, monkeypatch, capsys):
+    """Resumed from step-128 of 64..512 with --save-total-limit 2 and stopped after one update: the
+    later checkpoints were left (step-512 outranked the new step-192 and was latest's fallback),
+    the good ones pruned. Now 192..512 go when the resume starts, as their metrics rows do."""
+    out = tmp_path / "run"
+    args = ["rl", "ppo", "--env", "CartPole-v1", "--total-steps", "512", "--n-envs", "2", "--n-steps", "32",
+            "--batch-size", "32", "--n-epochs", "1", "--eval-every", "0", "--eval-episodes", "1", "--no-progress",
+            "--output-dir", str(out)]
+    assert main([*args, "--save-steps", "64", "--save-total-limit", "0"]) == 0
+    assert len(list((out / "checkpoints").glob("step-*"))) == 8
+    at_start = []
+    real = Collector.collect
+
+    def collect(self, policy, n_steps):
+        if not at_start:
+            at_start.extend(sorted(p.name for p in (out / "checkpoints").glob("step-*")))
+            at_start.append(latest_step(out))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, policy, n_steps)
+
+    monkeypatch.setattr(Collector, "collect", collect)
+    assert main(["rl", "ppo", "--config", str(out / "config.yaml"), "--save-total-limit", "2", "--resume",
+                 str(out / "checkpoints" / "step-128")]) == 0
+    assert at_start == ["step-128", "step-64", 128]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-128", "step-192"]
+    assert latest_step(out) == 192 and max(r["step"] for r in rows(out)) == 192
+    assert RunDir(out).list_checkpoints()[-1].name == "step-192"  # latest's fallback: this run's newest

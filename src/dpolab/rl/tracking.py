@@ -168,9 +168,11 @@ def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[st
 
 def restore_checkpoint(run: RunDir, state: dict[str, Any]) -> None:
     """Restore the RNG states of a checkpoint :func:`read_checkpoint` returned, cut
-    ``metrics.jsonl`` back to its step and remove an earlier finish's ``summary.json``."""
+    ``metrics.jsonl`` back to its step, remove later checkpoints (as their metrics are cut) and an
+    earlier finish's ``summary.json``."""
     set_rng_state(state["rng"])
     run.truncate_metrics(state["step"])
+    run.discard_checkpoints_after(state["step"])
     run.unfinish()
 
 

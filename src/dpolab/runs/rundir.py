@@ -301,6 +301,22 @@ class RunDir:
         for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def discard_checkpoints_after(self, step: int) -> None:
+        """Remove the checkpoints of a step after ``step`` (a resume from checkpoint ``step``; used by
+        ``rl ppo``/``rl a2c``): they belong to the abandoned continuation, whose metrics rows are cut,
+        and kept they would outrank the resumed run's in the rotation and in ``latest``'s fallback to
+        the highest step. ``latest`` is pointed at the newest one left if it named a removed one."""
+        later = [p for p in self.list_checkpoints() if _step_of(p) > step]
+        if not later:
+            return
+        pointer = self.checkpoints / LATEST
+        named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+        left = [p for p in self.list_checkpoints() if _step_of(p) <= step]
+        if left and named in {p.name for p in later}:  # first, so a stop in between leaves a valid latest
+            atomic_write_text(pointer, left[-1].name + "\n")
+        for p in later:
+            shutil.rmtree(p, ignore_errors=True)
+
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints (``step-N`` folders), sorted by step."""
         if not self.checkpoints.is_dir():
