@@ -544,3 +544,31 @@ def test_per_token_metrics_are_means_over_the_step_however_it_is_split(tiny_mode
     for key in ("entropy", "kl"):
         assert split[key] == pytest.approx(one[key], rel=1e-5), key
     assert one["entropy"] > 0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_under_bf16_mixed_precision_the_start_policy_has_zero_kl_to_itself(tiny_model_dir, prompts_file,
+                                                                          reward_file, tmp_path, lora):
+    """Under --mixed-precision bf16 the reference scored in float32 (a separate model) or outside the
+    autocast (LoRA's base), RLOO's old log-probs came from the float32 sampler and PPO's fused head ran
+    in bf16 inside its policy-with-value forward: at step 1, the policy being its reference, the KL
+    read 1e-4 (entering RLOO's and PPO's rewards). Every pass now scores one model alike: exactly 0."""
+    from dpolab.cli import main
+
+    runs = {"grpo": ["grpo", "--beta", "0.1"], "rloo": ["rloo"], "ppo": ["ppo", "--rollout-batch-size", "4",
+                                                                          "--mini-batch-size", "4"]}
+    for name, (cmd, *extra) in runs.items():
+        out = tmp_path / name
+        args = _args(cmd, tiny_model_dir, prompts_file, out, "--reward", f"{reward_file}:frac_alpha", "--max-steps",
+                     1, "--learning-rate", 0, "--mixed-precision", "bf16", "--eval-prompts", 4, *extra,
+                     *(["--lora"] if lora else []))
+        if cmd != "ppo":
+            args += ["--prompts-per-step", "4", "--num-generations", "2"]
+        assert main(args) == 0, name
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        kl = rows[0]["objective/kl" if cmd == "ppo" else "kl"]
+        assert kl == 0.0, (name, kl)
+        if cmd == "ppo":
+            assert rows[0]["policy/ratio"] == 1.0
+        else:
+            assert rows[-1]["eval/kl"] == 0.0, (name, rows[-1])

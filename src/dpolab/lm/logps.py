@@ -152,10 +152,14 @@ def _logsumexp_(z: Tensor) -> Tensor:
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, temperature: float) -> Tensor:
     """``(h Wᵀ + b) / T`` in ``dtype``, a fresh tensor the caller may change in place. ``h`` is taken
     in the weight's dtype: bf16 weights under accelerate's bf16 autocast give float32 hidden states
-    (its forward converts the outputs), and the model's own head would run in bf16 there."""
+    (its forward converts the outputs), and the model's own head would run in bf16 there. Autocast
+    is off here: the head runs in the weight's dtype whether the caller is inside an autocast forward
+    (PPO's policy-with-value) or after one (the other trainers, the reference), so the log-probs of
+    one model agree in every pass."""
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
-    z = torch.nn.functional.linear(h, weight, bias)
+    with torch.autocast(h.device.type, enabled=False):
+        z = torch.nn.functional.linear(h, weight, bias)
     z = z.to(dtype) if z.dtype != dtype else z
     return z.div_(temperature) if temperature != 1.0 else z
 

@@ -70,14 +70,16 @@ class CriticFree(OnPolicy):
         several = cfg.num_iterations > 1 or cfg.mini_batches > 1
         # with one optimizer step the sampling forward's log-probs are the old policy's (the ratio
         # is 1 by construction), so a reward that needs them takes them from the sampler if it has them
-        scored_logps = self.needs_old_logps(cfg) and not several
+        # (not under mixed precision: the sampler decodes in float32, the training forward autocasts)
+        needs_old = self.needs_old_logps(cfg)
+        scored_logps = needs_old and not several and engine.accelerator.mixed_precision == "no"
         s = sample_step(engine, cfg, self.prompts, idx, cfg.num_generations, self.rewards, self.sampler, seed=seed,
                         micro=k, with_logps=scored_logps)
         s.scores = shape_scores(s.scores, s.gen.finished, missing_eos_penalty=cfg.missing_eos_penalty)
         old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size, shared=self.shared)[0] \
-            if several or (scored_logps and s.gen.logps is None) else None
+            if several or (needs_old and (not scored_logps or s.gen.logps is None)) else None
         ref = reference_token_logps(engine.unwrapped, self.ref_model, s.gen, cfg.temperature, cfg.micro_batch_size,
-                                    shared=self.shared) if self.uses_reference else None
+                                    shared=self.shared, accelerator=engine.accelerator) if self.uses_reference else None
         adv, metrics = self.advantages(s, s.gen.logps if old is None else old, ref)
         mask, counted = loss_masks(s.gen.response_mask, s.gen.finished, cfg.mask_truncated_completions)
         outs = []
@@ -166,7 +168,7 @@ def train_critic_free(cfg, algo_cls) -> dict:
         return opened
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     needs_ref = algo_cls.uses_reference_for(cfg) or eval_set is not None
-    ref_model = on_policy.reference_model(cfg, accelerator.device, tokenizer) if needs_ref else None
+    ref_model = on_policy.reference_model(cfg, accelerator, tokenizer) if needs_ref else None
     engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
     engine.plan(on_policy.prompt_order(cfg, prompts, accelerator, cfg.prompts_per_step),
                 optimizer_steps_per_step=cfg.num_iterations * cfg.mini_batches)

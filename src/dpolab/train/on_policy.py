@@ -207,12 +207,14 @@ def distinct_names(named: list[tuple[str, object]]) -> list[tuple[str, object]]:
     return out
 
 
-def reference_model(cfg, device, tokenizer=None):
-    """A frozen copy of ``--ref-model`` (default ``--model``) on ``device``; None with ``--lora`` and no
-    ``--ref-model``, where the reference is the policy's base with its adapters disabled. A
-    ``--ref-model`` must have the policy's vocabulary and agree with the run's ``tokenizer`` (checked
-    here, before the policy loads)."""
+def reference_model(cfg, accelerator, tokenizer=None):
+    """A frozen copy of ``--ref-model`` (default ``--model``) prepared as the policy is for its forward
+    (under mixed precision the same autocast: a float32 reference against a bf16 policy made the KL
+    of the policy to itself non-zero); None with ``--lora`` and no ``--ref-model``, where the
+    reference is the policy's base with its adapters disabled. A ``--ref-model`` must have the
+    policy's vocabulary and agree with the run's ``tokenizer`` (checked here, before the policy loads)."""
     from dpolab.lm.loading import check_reference_vocabulary, load_causal_lm
+    from dpolab.train.distributed import prepare_reference
 
     if cfg.lora and not cfg.ref_model:
         return None
@@ -220,7 +222,7 @@ def reference_model(cfg, device, tokenizer=None):
     if cfg.ref_model:
         check_reference_vocabulary(ref, cfg.model, ref_name=cfg.ref_model, policy_name=cfg.model,
                                    tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code)
-    return ref.requires_grad_(False).eval().to(device)
+    return prepare_reference(accelerator, ref)
 
 
 def check_reward_fields(rewards, prompts) -> None:

@@ -174,7 +174,7 @@ def train(cfg: OnlineDPOConfig) -> dict:
     if isinstance(opened, dict):
         return opened
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
-    ref_model = on_policy.reference_model(cfg, accelerator.device, tokenizer)
+    ref_model = on_policy.reference_model(cfg, accelerator, tokenizer)
     engine = Engine(cfg, accelerator, load_trainable_lm(cfg), tokenizer=tokenizer, report=report)
     engine.plan(on_policy.prompt_order(cfg, prompts, accelerator, cfg.prompts_per_step))
     return engine.run(OnlineDPO(cfg, engine, prompts, eval_set, rewards, ref_model))

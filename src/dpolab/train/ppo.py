@@ -125,7 +125,8 @@ class PPO(ActorCritic):
         scores = shape_scores(s.scores, gen.finished, missing_eos_penalty=cfg.missing_eos_penalty,
                               reward_clip=cfg.reward_clip)
         logps, values, ent = rollout_values(self.engine.model, gen, cfg.temperature, cfg.mini_batch_size)
-        ref_logps = reference_token_logps(core.policy, self.ref_model, gen, cfg.temperature, cfg.mini_batch_size)
+        ref_logps = reference_token_logps(core.policy, self.ref_model, gen, cfg.temperature, cfg.mini_batch_size,
+                                          accelerator=acc)
         rewards, kl = per_token_rewards(scores, logps, ref_logps, mask, kl_coef=self.kl_ctl.beta,
                                         kl_estimator=cfg.kl_estimator)
         if cfg.whiten_rewards:
@@ -231,7 +232,7 @@ def train(cfg: PPOConfig) -> dict:
         return opened
     accelerator, tokenizer, prompts, eval_set, rewards, report = opened
     policy = load_trainable_lm(cfg)
-    ref_model = on_policy.reference_model(cfg, accelerator.device, tokenizer)
+    ref_model = on_policy.reference_model(cfg, accelerator, tokenizer)
     value_model = load_causal_lm(cfg.value_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                  head=False) \
         if cfg.value_model else None

@@ -17,6 +17,7 @@ keep it in step with the others and carry no weight.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +91,16 @@ def rollout_token_logps(model, gen, temperature: float, batch: int, *, with_entr
 
 
 @torch.no_grad()
-def reference_token_logps(policy, ref_model, gen, temperature: float, batch: int, *, shared: bool = False) -> torch.Tensor:
-    """The reference's per-token log-probs of a Generation's responses, ``(n, R)``: ``ref_model``, or
-    with ``None`` the PEFT ``policy`` with its adapters disabled; ``shared``: as :func:`response_logps`."""
+def reference_token_logps(policy, ref_model, gen, temperature: float, batch: int, *, shared: bool = False,
+                          accelerator=None) -> torch.Tensor:
+    """The reference's per-token log-probs of a Generation's responses, ``(n, R)``: ``ref_model`` (made
+    by :func:`dpolab.train.on_policy.reference_model`), or with ``None`` the PEFT ``policy`` with its
+    adapters disabled, under ``accelerator``'s autocast as the prepared policy's forward runs (so at
+    the start, the reference being the policy, the two agree exactly); ``shared``: as
+    :func:`response_logps`."""
     if ref_model is not None:
         return rollout_token_logps(ref_model, gen, temperature, batch, shared=shared)[0]
-    with policy.disable_adapter():
+    with policy.disable_adapter(), (accelerator.autocast() if accelerator is not None else nullcontext()):
         return rollout_token_logps(policy, gen, temperature, batch, shared=shared)[0]
 
 
