@@ -317,3 +317,24 @@ def test_mdp_file_names_are_kept_as_written(tmp_path):
     m = load_mdp_file(js)
     assert list(m.states) == ["2.50", "1e2", "s"] and m.initial.tolist() == [0, 1, 0] and m.gamma == 0.5
     np.testing.assert_allclose(m.induced_mrp(m.uniform_policy()).values(), [1.5, 1, 0])
+
+
+def test_frozenlake_map_without_a_start_tile():
+    """No 'S': gymnasium's start distribution is 0/0 (was 'initial has non-finite entries' after a
+    NumPy RuntimeWarning). Sampling needs a start: refused, naming it; solving does not: map 'FG'
+    not slippery, right from 0 enters the goal: v = 1, 0; policy right."""
+    import warnings
+
+    kw = dict(desc=["FG"], is_slippery=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(MDPError, match="no start distribution .*the map has no 'S' start tile"):
+            from_gymnasium("FrozenLake-v1", 0.9, **kw)
+        m = from_gymnasium("FrozenLake-v1", 0.9, need_start=False, **kw)
+    from dpolab.rl.planning import policy_iteration
+
+    res = policy_iteration(m)
+    np.testing.assert_allclose(res.values, [1.0, 0.0])
+    assert m.actions[int(res.policy[0])] == "right"
+    with pytest.raises(MDPError, match="no 'S' start tile"):
+        make_model("FrozenLake-v1", env_kwargs="desc=[FG],is_slippery=false")

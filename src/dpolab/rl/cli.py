@@ -108,7 +108,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _solve(cfg: SolveConfig) -> int:
     from dpolab.rl.planning import solve
 
-    model = make_model(cfg.env, cfg.mdp, cfg.gamma, cfg.env_kwargs)
+    model = make_model(cfg.env, cfg.mdp, cfg.gamma, cfg.env_kwargs, need_start=False)  # solving samples nothing
     if not isinstance(model, MDP):
         raise ConfigError(f"'{cfg.env}' is a Markov reward process (no actions); try `dpolab rl evaluate`")
     res = solve(model, cfg.method, cfg.tol)

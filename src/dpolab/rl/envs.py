@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpolab.rl.mdp import MDP, MRP, MDPError
+from dpolab.rl.mdp import ATOL, MDP, MRP, MDPError
 from dpolab.rl.mdp_file import load_mdp_file, mdp_from_dict  # noqa: F401 -- part of this module's API
 
 
@@ -136,20 +136,25 @@ ACTION_NAMES = {"FrozenLake": ["left", "down", "right", "up"], "CliffWalking": [
                 "Taxi": ["south", "north", "east", "west", "pickup", "dropoff"]}
 
 
-def from_gymnasium(env_id: str, gamma: float, **kwargs) -> MDP:
+def from_gymnasium(env_id: str, gamma: float, *, need_start: bool = True, **kwargs) -> MDP:
     """The MDP of a Gymnasium toy-text environment, from its table ``env.unwrapped.P[s][a]`` of
     ``(prob, next_state, reward, terminated)`` entries.
 
     Episodes end on ``terminated``: the states entered that way become absorbing with no further reward.
     If such a state is also entered without termination (e.g. Taxi), an extra absorbing state
     ``terminal`` (last index) receives the terminating transitions instead.
+
+    The start distribution is the environment's ``initial_state_distrib``. One that is none (a
+    FrozenLake map without an 'S' tile: 0/0) is an error naming that, unless ``need_start`` is False
+    (solving, which never samples): then the MDP gets the default start distribution.
     """
     try:
         import gymnasium as gym
     except ImportError:  # pragma: no cover - gymnasium is a dependency
         raise MDPError("gymnasium is not installed") from None
     try:
-        env = gym.make(env_id, **kwargs)
+        with np.errstate(invalid="ignore", divide="ignore"):  # FrozenLake without 'S' divides 0 by 0
+            env = gym.make(env_id, **kwargs)
     except gym.error.Error as err:
         raise MDPError(f"unknown environment {env_id!r}: {err}") from None
     except TypeError as err:
@@ -179,12 +184,25 @@ def from_gymnasium(env_id: str, gamma: float, **kwargs) -> MDP:
     for t in ({S} if extra else ends):
         P[t], R[t] = 0.0, 0.0
         P[t, :, t] = 1.0
+    if initial is not None:
+        initial = np.asarray(initial, dtype=np.float64)
+        if not (np.isfinite(initial).all() and (initial >= 0).all() and abs(initial.sum() - 1.0) <= ATOL):
+            if need_start:
+                raise MDPError(f"{env_id}: the environment has no start distribution (initial_state_distrib "
+                               "is not one" + (": the map has no 'S' start tile)" if base_id(env_id) == "FrozenLake"
+                                               else ")"))
+            initial = None
     if initial is not None and extra:
-        initial = np.append(np.asarray(initial, dtype=np.float64), 0.0)
+        initial = np.append(initial, 0.0)
     names = [str(i) for i in range(S)] + (["terminal"] if extra else [])
-    base = env_id.split("-")[0]
+    base = base_id(env_id)
     actions = ACTION_NAMES.get(base) if len(ACTION_NAMES.get(base, [])) == A else None
     return MDP(P, R, gamma, names, actions, initial=initial)
+
+
+def base_id(env_id: str) -> str:
+    """``FrozenLake`` of ``FrozenLake-v1`` (and of ``module:FrozenLake-v1``)."""
+    return env_id.rpartition(":")[2].split("-")[0]
 
 
 BUILTIN_MDPS = {"student-mdp": student_mdp, "gridworld-4x4": gridworld_4x4, "qtable-gridworld": qtable_gridworld}
@@ -245,8 +263,9 @@ def _split_commas(text: str) -> list[str]:
 
 
 def make_model(env: str | None = None, mdp_file: str | None = None, gamma: float | None = None,
-               env_kwargs: str = "", default_gym_gamma: float = 0.9) -> MRP | MDP:
-    """A built-in MRP/MDP by name, an MDP file, or a Gymnasium toy-text environment id."""
+               env_kwargs: str = "", default_gym_gamma: float = 0.9, need_start: bool = True) -> MRP | MDP:
+    """A built-in MRP/MDP by name, an MDP file, or a Gymnasium toy-text environment id
+    (``need_start``: see :func:`from_gymnasium`)."""
     if (env is None) == (mdp_file is None):
         raise MDPError("give exactly one of --env or --mdp")
     if mdp_file is not None:
@@ -261,4 +280,4 @@ def make_model(env: str | None = None, mdp_file: str | None = None, gamma: float
         names = ", ".join([*BUILTIN_MDPS, *BUILTIN_MRPS])
         raise MDPError(f"unknown environment {env!r}: built-ins are {names}, or a Gymnasium toy-text id "
                        "such as FrozenLake-v1")
-    return from_gymnasium(env, default_gym_gamma if gamma is None else gamma, **kwargs)
+    return from_gymnasium(env, default_gym_gamma if gamma is None else gamma, need_start=need_start, **kwargs)
