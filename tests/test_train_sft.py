@@ -306,3 +306,72 @@ def test_a_peft_adapter_folder_as_model_is_merged_into_its_base(tiny_model_dir, 
                  "--batch-size", "4", "--no-progress"]) == 0
     saved = load_file(str(out / "final" / "model.safetensors"))
     assert key in saved and not any("lora" in k for k in saved)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_new_learning_rate_or_weight_decay_on_resume_applies_from_there(tiny_model_dir, sft_data, tmp_path):
+    """The optimizer's saved state carried the checkpoint's rate and decay, so a --learning-rate given on
+    --resume was warned about, written to config.yaml and not used (the weights equal the old rate's)."""
+    common = ("--max-steps", "4", "--batch-size", "4", "--logging-steps", "1", "--save-steps", "2",
+              "--save-total-limit", "5", "--eval-fraction", "0", "--warmup-steps", "1")
+    full = tmp_path / "full"
+    assert main(_args(tiny_model_dir, sft_data, full, "--learning-rate", "1e-3", *common)) == 0
+    faster = tmp_path / "faster"
+    assert main(_args(tiny_model_dir, sft_data, faster, "--resume", full / "checkpoints" / "step-2",
+                      "--learning-rate", "2e-3", *common)) == 0
+    old, new = [r["learning_rate"] for r in _rows(full)], [r["learning_rate"] for r in _rows(faster)]
+    assert new == pytest.approx([2 * x for x in old[2:]], rel=1e-12), (old, new)  # steps 3 and 4
+    assert old[2] > 0 and not torch.equal(_weights(full)["model.embed_tokens.weight"],
+                                          _weights(faster)["model.embed_tokens.weight"])
+    decayed = tmp_path / "decayed"
+    assert main(_args(tiny_model_dir, sft_data, decayed, "--resume", full / "checkpoints" / "step-2",
+                      "--learning-rate", "1e-3", "--weight-decay", "0.5", *common)) == 0
+    same = tmp_path / "same"
+    assert main(_args(tiny_model_dir, sft_data, same, "--resume", full / "checkpoints" / "step-2",
+                      "--learning-rate", "1e-3", *common)) == 0
+    wf, ws, wd = _weights(full), _weights(same), _weights(decayed)
+    assert all(torch.equal(wf[k], ws[k]) for k in wf)  # unchanged options: still bitwise exact
+    assert not all(torch.equal(wf[k], wd[k]) for k in wf)
+
+
+def test_a_resume_that_cannot_continue_is_refused_before_the_folder_changes(tiny_model_dir, sft_data, tmp_path,
+                                                                             capsys):
+    """Another --optimizer crashed with a KeyError after the metrics were cut back and summary.json
+    removed; a --max-steps below the checkpoint's step 'finished' behind it, overwriting final/."""
+    common = ("--max-steps", "4", "--batch-size", "4", "--save-steps", "2", "--save-total-limit", "5",
+              "--eval-fraction", "0")
+    run = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sft_data, run, *common)) == 0
+    before = {p: p.read_bytes() for p in (run / "metrics.jsonl", run / "summary.json", run / "config.yaml")}
+    capsys.readouterr()
+    for extra, message in ((("--optimizer", "sgd"), "was trained with --optimizer adamw, whose state cannot "
+                                                    "continue sgd: resume with --optimizer adamw"),
+                           (("--max-steps", "1"), "is at step 2, past the 1 steps of this run")):
+        args = _args(tiny_model_dir, sft_data, run, *common, "--resume", run / "checkpoints" / "step-2", *extra)
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.count("\n") == 0 and "Traceback" not in err, err
+        assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_folder_filled_by_a_run_that_ended_while_this_one_loaded_is_refused(tiny_model_dir, sft_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The 'already holds a run' check ran before the model loaded and not again once the lock was
+    taken: a run that held the folder and finished in between left its rows, and this one appended."""
+    from dpolab.runs.rundir import RunDir
+
+    out = tmp_path / "r"
+    claim = RunDir.lock
+
+    def other_run_finished_first(self):
+        (self.path / "metrics.jsonl").write_text('{"step": 1}\n')
+        (self.path / "checkpoints" / "step-1").mkdir(parents=True)
+        return claim(self)
+
+    monkeypatch.setattr(RunDir, "lock", other_run_finished_first)
+    assert main(_args(tiny_model_dir, sft_data, out, "--max-steps", "1", "--eval-fraction", "0")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "summary.json").exists()

@@ -210,14 +210,26 @@ class Engine:
         self.run_dir.save_checkpoint(self.step, write)
 
     def _resume(self, algo: Algorithm) -> None:
-        saved = read_trainer_state(self.ckpt, command=algo.name).get("processes")
-        now = self.accelerator.num_processes
+        trainer_state = read_trainer_state(self.ckpt, command=algo.name)
+        saved, now = trainer_state.get("processes"), self.accelerator.num_processes
         if saved is not None and saved != now:  # its data position and batches are counted in W-process units
             raise DpolabError(f"--resume: checkpoint {self.ckpt} was written by a run of {saved} process"
                               f"{'es' if saved != 1 else ''}, and this one has {now}: resume it with {saved} (its "
                               "position in the data and its global batch are counted for that many)")
+        config = trainer_state.get("config") if isinstance(trainer_state.get("config"), dict) else {}
+        # refused before the folder changes: another optimizer's state cannot be loaded (a KeyError
+        # after the metrics were cut back), and a run shorter than the checkpoint would end behind it
+        if config.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
+            raise ConfigError(f"--resume: checkpoint {self.ckpt} was trained with --optimizer {config['optimizer']}, "
+                              f"whose state cannot continue {self.cfg.optimizer}: resume with --optimizer "
+                              f"{config['optimizer']}")
+        if trainer_state["step"] > self.steps:
+            raise ConfigError(f"--resume: checkpoint {self.ckpt} is at step {trainer_state['step']}, past the "
+                              f"{self.steps} steps of this run: give a --max-steps (or --epochs) beyond it, or "
+                              "resume an earlier checkpoint")
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
+        self._apply_changed_rates(config)
         self.step, self.micro = state["step"], state["micro_batch"]
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
         self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
@@ -230,12 +242,32 @@ class Engine:
             algo.on_resume(self, self.step)
             print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
 
+    def _apply_changed_rates(self, saved: dict) -> None:
+        """The optimizer's saved state carries the checkpoint's learning rate and weight decay: a
+        --learning-rate or --weight-decay given anew on a resume applies from here on (it was warned
+        about and written to config.yaml, and silently not used). The schedule's shape is kept."""
+        lr, wd = saved.get("learning_rate"), saved.get("weight_decay")
+        if isinstance(lr, (int, float)) and lr > 0 and lr != self.cfg.learning_rate:
+            ratio = self.cfg.learning_rate / lr
+            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [x * ratio for x in self.scheduler._last_lr]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+        if isinstance(wd, (int, float)) and wd != self.cfg.weight_decay:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
+
     def run(self, algo: Algorithm) -> dict:
         """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or
         ``{"stopped": True, "steps": N}`` after a signal."""
         cfg, run = self.cfg, self.run_dir
         if self.is_main:  # claimed before a resume cuts the folder's metrics back
             run.create().lock()
+            if self.ckpt is None:  # checked again now that it is ours: a run that held it may have ended since
+                run.check_new_run(None)
         try:
             if self.ckpt is not None:
                 self._resume(algo)
