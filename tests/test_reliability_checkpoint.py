@@ -505,6 +505,27 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert run.resolve_checkpoint("latest").name == "step-1"
 
 
+def test_a_first_checkpoint_that_does_not_fit_claims_no_previous_one(tmp_path, monkeypatch):
+    """The message said "the previous checkpoint is intact" where there was none, and rounded the free
+    space of a nearly full disk to "0 MiB"."""
+    import collections
+    import shutil
+
+    from dpolab.errors import DpolabError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 3 * 2**10, 3 * 2**10))
+    run = RunDir(tmp_path / "run").create()
+
+    def full(d: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DpolabError, match=r"step-1: .*\(3 KiB free on its disk\); nothing of it is left \(the run "
+                                          r"had no earlier checkpoint\)$"):
+        run.save_checkpoint(1, full)
+    assert not run.list_checkpoints()
+
+
 def _holder(folder: Path) -> subprocess.Popen:
     """Another process that claims ``folder`` (RunDir.lock) and sleeps; returned once it holds it."""
     from dpolab.runs.rundir import LOCK_FILE

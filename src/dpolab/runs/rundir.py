@@ -273,8 +273,10 @@ class RunDir:
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if why := write_failure(err):
-                raise DpolabError(f"cannot write checkpoint {final}: {why}{free_space(self.path)}; "
-                                  f"the previous checkpoint is intact ({self.checkpoints / LATEST})") from err
+                earlier = [p for p in self.list_checkpoints() if p != final]
+                left = (f"the previous checkpoint is intact ({self.checkpoints / LATEST})" if earlier
+                        else "nothing of it is left (the run had no earlier checkpoint)")
+                raise DpolabError(f"cannot write checkpoint {final}: {why}{free_space(self.path)}; {left}") from err
             raise
         if final.exists():  # the same step again (a resumed run): move the old one aside first
             old = self.checkpoints / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
@@ -376,7 +378,9 @@ def write_failure(err: BaseException) -> str | None:
 
 def free_space(path: Path) -> str:
     try:
-        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free on its disk)"
+        free = shutil.disk_usage(path).free
+        amount = f"{free / 2**20:.0f} MiB" if free >= 10 * 2**20 else f"{free / 2**10:.0f} KiB"
+        return f" ({amount} free on its disk)"
     except OSError:
         return ""
 
