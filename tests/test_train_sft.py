@@ -375,3 +375,22 @@ def test_a_folder_filled_by_a_run_that_ended_while_this_one_loaded_is_refused(ti
     assert main(_args(tiny_model_dir, sft_data, out, "--max-steps", "1", "--eval-fraction", "0")) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "summary.json").exists()
+
+
+def test_resuming_a_finished_run_does_not_rewrite_its_last_checkpoint(tiny_model_dir, sft_data, tmp_path):
+    """A resume of a finished run (its final/ could not be written: a full disk) re-saved the checkpoint
+    it resumed from first, which needed that checkpoint's room twice; it evaluates and writes final/."""
+    import shutil
+
+    common = ("--max-steps", "2", "--batch-size", "4", "--eval-fraction", "0")
+    run = tmp_path / "run"
+    assert main(_args(tiny_model_dir, sft_data, run, *common)) == 0
+    state = run / "checkpoints" / "step-2" / "training_state.pt"
+    stamp = state.stat().st_mtime_ns
+    shutil.rmtree(run / "final")
+    assert main(_args(tiny_model_dir, sft_data, run, *common, "--resume", "latest")) == 0
+    assert state.stat().st_mtime_ns == stamp and (run / "final" / "model.safetensors").exists()
+    # a branch into another folder still writes its own checkpoint there
+    branch = tmp_path / "branch"
+    assert main(_args(tiny_model_dir, sft_data, branch, *common, "--resume", run / "checkpoints" / "step-2")) == 0
+    assert (branch / "checkpoints" / "step-2" / "training_state.pt").exists()

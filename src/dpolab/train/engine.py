@@ -68,6 +68,7 @@ class Engine:
         self.scheduler = None
         self.order = None
         self.steps = 0
+        self.resumed_step: int | None = None
         # state a checkpoint restores
         self.step = self.micro = self.skipped = self.tokens_seen = self.tokens_window = 0
         self.stat_counts: dict[str, float] = {}  # the last optimizer step's counts of its (sum, count) stats
@@ -231,6 +232,7 @@ class Engine:
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
         self._apply_changed_rates(config)
         self.step, self.micro = state["step"], state["micro_batch"]
+        self.resumed_step = self.step
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
         self.window, self.tokens_window = list(state.get("window", [])), int(state.get("tokens_window", 0))
         self.last_logged = dict(state.get("last_logged", {}))
@@ -241,6 +243,12 @@ class Engine:
             self.run_dir.unfinish()
             algo.on_resume(self, self.step)
             print(f"resumed from {self.ckpt} at step {self.step}", file=sys.stderr)
+
+    def _resumed_here_at(self, step: int) -> bool:
+        """Whether this run resumed, at ``step``, from this folder's own checkpoint of that step."""
+        if self.ckpt is None or self.resumed_step != step:
+            return False
+        return Path(self.ckpt).resolve() == (self.run_dir.checkpoints / f"step-{step}").resolve()
 
     def _apply_changed_rates(self, saved: dict) -> None:
         """The optimizer's saved state carries the checkpoint's learning rate and weight decay: a
@@ -342,7 +350,10 @@ class Engine:
         pending = stop.received  # a signal during the last step stops after its checkpoint
         with StopSignal() as stop:  # a signal during the end-of-run work: a clean stop, resumable
             stop.received = pending
-            self.save_checkpoint(algo)  # first: an evaluation that fails leaves the trained run resumable
+            # first: an evaluation that fails leaves the trained run resumable (a resume of this folder's
+            # final checkpoint that trained nothing has it already: rewriting it needed its room twice)
+            if not self._resumed_here_at(self.step):
+                self.save_checkpoint(algo)
             signame = stop.agreed(acc)
             if not signame:
                 last_eval = self.evaluate(algo)
