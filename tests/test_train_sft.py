@@ -394,3 +394,25 @@ def test_resuming_a_finished_run_does_not_rewrite_its_last_checkpoint(tiny_model
     branch = tmp_path / "branch"
     assert main(_args(tiny_model_dir, sft_data, branch, *common, "--resume", run / "checkpoints" / "step-2")) == 0
     assert (branch / "checkpoints" / "step-2" / "training_state.pt").exists()
+
+
+def test_a_resume_from_another_directory_with_relative_paths_is_refused(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """config.yaml keeps the paths as typed, and the printed resume command names it absolutely: run
+    from another directory holding another sft.jsonl, the resume trained on that file silently."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    write_sft_data(here / "sft.jsonl")
+    write_sft_data(elsewhere / "sft.jsonl", seed=1)
+    run = tmp_path / "run"
+    common = ("--max-steps", "2", "--batch-size", "4", "--eval-fraction", "0")
+    monkeypatch.chdir(here)
+    assert main(_args(tiny_model_dir, "sft.jsonl", run, *common)) == 0
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, "sft.jsonl", run, *common, "--max-steps", "3", "--resume", "latest")) == 2
+    err = capsys.readouterr().err
+    assert f"was written by a run started in {here}" in err and "(--data sft.jsonl)" in err, err
+    assert "max_steps: 2\n" in (run / "config.yaml").read_text()  # the folder as it was
+    monkeypatch.chdir(here)  # from where it was started: resumed
+    assert main(_args(tiny_model_dir, "sft.jsonl", run, *common, "--max-steps", "3", "--resume", "latest")) == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -201,7 +202,8 @@ class Engine:
         state = {"trainer": algo.name, "step": self.step, "micro_batch": self.micro, "skipped_steps": self.skipped,
                  "tokens": self.tokens_seen, "window": self.window, "tokens_window": self.tokens_window,
                  "last_logged": self.last_logged, "algorithm": algo.state_dict(), "config": vars(self.cfg),
-                 "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes}
+                 "metrics_rows": self.run_dir.metrics_rows(), "processes": self.accelerator.num_processes,
+                 "cwd": os.getcwd()}
 
         def write(d: Path) -> None:
             for name, weights in files.items():
@@ -218,6 +220,7 @@ class Engine:
                               f"{'es' if saved != 1 else ''}, and this one has {now}: resume it with {saved} (its "
                               "position in the data and its global batch are counted for that many)")
         config = trainer_state.get("config") if isinstance(trainer_state.get("config"), dict) else {}
+        check_relative_paths(vars(self.cfg), trainer_state.get("cwd"), self.ckpt)
         # refused before the folder changes: another optimizer's state cannot be loaded (a KeyError
         # after the metrics were cut back), and a run shorter than the checkpoint would end behind it
         if config.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
@@ -373,6 +376,34 @@ class Engine:
                 report=self.report))
             print_summary(summary, algo.summary_keys)  # still under the handler: the run is complete
         return summary
+
+
+# options naming local files or folders (others may be Hub ids, which exist nowhere on disk)
+PATH_OPTIONS = ("model", "ref_model", "tokenizer", "value_model", "reward_model", "reward", "data", "eval_data",
+                "ref_cache_dir")
+
+
+def check_relative_paths(options: dict, saved_cwd, ckpt) -> None:
+    """A resume from another working directory: a relative path of the run (as typed, and so in
+    config.yaml, the command a stopped run prints) names a file of the folder the run was started in;
+    resolved here it may be another file, silently (another data set) or not found. Refused then."""
+    if not isinstance(saved_cwd, str) or os.path.realpath(saved_cwd) == os.path.realpath(os.getcwd()):
+        return
+    moved = []
+    for name in PATH_OPTIONS:
+        values = options.get(name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, str) or not value:
+                continue
+            path = value.rsplit(":", 1)[0] if name == "reward" else value  # 'file.py:function'
+            if os.path.isabs(path) or not os.path.exists(os.path.join(saved_cwd, path)):
+                continue
+            if os.path.realpath(os.path.join(saved_cwd, path)) != os.path.realpath(path):
+                moved.append(f"--{name.replace('_', '-')} {value}")
+    if moved:
+        raise ConfigError(f"--resume: checkpoint {ckpt} was written by a run started in {saved_cwd}, and its relative "
+                          f"path{'s' if len(moved) > 1 else ''} ({', '.join(moved)}) name files there, not here: resume "
+                          f"from {saved_cwd}, or give {'them' if len(moved) > 1 else 'it'} as absolute paths")
 
 
 def combine_steps(outs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
