@@ -372,3 +372,36 @@ def test_resume_keeps_only_an_adaptive_kl_coefficient(saved_adaptive, adaptive, 
     algo.load_state_dict(state)
     assert algo.kl_ctl.beta == expected
     assert algo.state_dict() == {"kl_coef": expected, "adaptive_kl": adaptive}
+
+
+def test_a_side_model_that_cannot_read_the_policys_tokens_is_refused_before_loading(
+        tiny_model_dir, tiny_tokenizer, prompts_file, reward_file, tmp_path, capsys):
+    """A --value-model with fewer vocabulary rows, or a --ref-model/--value-model with fewer positions
+    than prompt + completion, failed with an IndexError traceback at step 1 (a --dry-run passed); the
+    configs are checked with the data, the error naming the flag."""
+    from dpolab.lm.tiny import tiny_llama
+
+    small_vocab, short = tmp_path / "v290", tmp_path / "short"
+    tiny_llama(290, hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer).save_pretrained(small_vocab)
+    tiny_llama(len(tiny_tokenizer), hidden_size=32, layers=2, heads=4, tokenizer=tiny_tokenizer,
+               max_positions=8).save_pretrained(short)
+    reward = ["--reward", f"{reward_file}:frac_alpha"]
+    cases = [(["--value-model", small_vocab], f"--value-model {small_vocab} has a vocabulary of 290 tokens"),
+             (["--value-model", short], f"the 8 positions of {short}"),
+             (["--ref-model", short], f"the 8 positions of {short}"),
+             (["--ref-model", tmp_path / "missing", "--dry-run"], "cannot load --ref-model"),
+             (["--value-model", small_vocab, "--dry-run"], "has a vocabulary of 290 tokens")]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        assert main(_args(tiny_model_dir, prompts_file, out, *reward, *extra, "--max-steps", 1)) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.count("\n") == 0 and "Traceback" not in err, (extra, err)
+        assert not out.exists(), extra
+
+
+def test_adaptive_kl_refuses_a_zero_starting_coefficient(tiny_model_dir, prompts_file, tmp_path, capsys):
+    """Halving or doubling β = 0 leaves it 0: --adaptive-kl --kl-coef 0 never adapted (the KL grew to
+    500x its target with β 0 throughout)."""
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, prompts_file, out, "--reward", "x:y", "--adaptive-kl", "--kl-coef", 0)) == 2
+    assert "--adaptive-kl needs --kl-coef > 0" in capsys.readouterr().err

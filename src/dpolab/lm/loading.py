@@ -93,15 +93,18 @@ def check_reference_vocabulary(ref, policy, *, ref_name: str, policy_name: str, 
     a smaller one failed with an IndexError at the first step. (A larger one is allowed: the sizes of
     one family may pad their embeddings differently, e.g. Qwen2.5-0.5B's 151,936 rows and 7B's
     152,064, for one tokenizer.) ``ref``: the loaded reference; ``policy``: the loaded policy, or its
-    name (its config's ``vocab_size``; not checked where that cannot be read). ``tokenizer``: the
+    name (its config's ``vocab_size``; not checked where that cannot be read; ``ref`` may be a name
+    too). ``tokenizer``: the
     run's; where given and ``ref_name`` is a local folder with a tokenizer of its own, a token both
     tokenizers hold must have one id in both (another tokenizer of the same size scored other
     tokens silently; tokens added to one of them, such as chat markers, are allowed)."""
-    have, want = vocabulary_size(ref), vocabulary_size(policy, trust_remote_code=trust_remote_code)
-    if want is not None and have < want:
+    have = vocabulary_size(ref, trust_remote_code=trust_remote_code)
+    want = vocabulary_size(policy, trust_remote_code=trust_remote_code)
+    if want is not None and have is not None and have < want:
+        unset = "leave --ref-model unset (a frozen copy of --model)" if flag == "--ref-model" else f"leave {flag} unset"
         raise ConfigError(f"{flag} {ref_name} has a vocabulary of {have} tokens (input embedding rows), fewer "
-                          f"than the policy {policy_name}'s {want}: a reference must share the policy's tokenizer; "
-                          "give one that does, or leave --ref-model unset (a frozen copy of --model)")
+                          f"than the policy {policy_name}'s {want}: it must share the policy's tokenizer; "
+                          f"give one that does, or {unset}")
     if tokenizer is None:
         return
     ref_tokenizer = _own_tokenizer(ref_name, trust_remote_code=trust_remote_code)

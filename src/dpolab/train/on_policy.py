@@ -107,6 +107,7 @@ def open_run(cfg, name: str):
                           "sharding is not supported for on-policy trainers yet; docs/scaling.md)")
     prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.data_split)
     check_prompt_room(cfg, prompts)
+    check_side_models(cfg, prompts)
     rewards = reward_function(cfg, accelerator.device)
     check_reward_fields(rewards, prompts)
     eval_set = eval_prompt_set(cfg, prompts, tokenizer, rewards)
@@ -150,6 +151,24 @@ def check_prompt_room(cfg, data) -> None:
     if len(data):
         i = max(range(len(data)), key=lambda r: len(data.ids[r]))  # the first of the longest
         check_room(cfg, len(data.ids[i]), where=data.locations[i] if data.locations else data.source)
+
+
+def check_side_models(cfg, data) -> None:
+    """``--ref-model`` and ``--value-model`` read the policy's token ids at the policy's positions: a
+    smaller vocabulary or fewer positions failed with an IndexError traceback at step 1. Checked from
+    their configs before any weights load (a ``--dry-run`` too; a missing folder is refused with the
+    options)."""
+    from dpolab.lm.loading import check_reference_vocabulary
+
+    for flag, name in (("--ref-model", getattr(cfg, "ref_model", None)),
+                       ("--value-model", getattr(cfg, "value_model", None))):
+        if not name:
+            continue
+        check_reference_vocabulary(name, cfg.model, ref_name=name, policy_name=cfg.model, flag=flag,
+                                   trust_remote_code=cfg.trust_remote_code)
+        if len(data):
+            i = max(range(len(data)), key=lambda r: len(data.ids[r]))
+            check_room(cfg, len(data.ids[i]), model=name, where=data.locations[i] if data.locations else data.source)
 
 
 def prompt_order(cfg, prompts, accelerator, batch_size: int):

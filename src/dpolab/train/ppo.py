@@ -46,8 +46,9 @@ class PPOConfig(OnPolicyOptions):
     output_dir: str = opt("runs/ppo", "run directory")
     rollout_batch_size: int = opt(16, "prompts per PPO step, per process")
     num_samples: int = opt(1, "responses sampled per prompt (each is one episode)")
-    mini_batch_size: int = opt(4, "responses per gradient step, per process")
-    grad_accum: int = opt(1, "micro-batches each mini-batch is split into (same gradient, less memory)")
+    mini_batch_size: int = opt(4, "responses per gradient step, per process, at most (the step's responses are "
+                               "cut into equal mini-batches)")
+    grad_accum: int = opt(1, "micro-batches each mini-batch is split into, at most (same gradient, less memory)")
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     kl_coef: float = opt(0.05, "β: KL penalty coefficient (initial value with --adaptive-kl)")
     adaptive_kl: bool = opt(False, "adapt β toward --target-kl (PPO paper §4: halve/double)")
@@ -76,7 +77,9 @@ class PPOConfig(OnPolicyOptions):
                   "--gamma and --lam must be in [0, 1]": 0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
                   "--cliprange and --cliprange-value must be > 0": self.cliprange > 0 and self.cliprange_value > 0,
                   "--reward-clip must be >= 0": self.reward_clip >= 0,
-                  "--vf-coef must be >= 0": self.vf_coef >= 0}
+                  "--vf-coef must be >= 0": self.vf_coef >= 0,
+                  # halving or doubling a zero β leaves it zero: the adaptation would never start
+                  "--adaptive-kl needs --kl-coef > 0 (its starting β)": not self.adaptive_kl or self.kl_coef > 0}
         for message, ok in checks.items():
             if not ok:
                 raise ConfigError(message)
