@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dpolab.errors import DpolabError
+from dpolab.errors import ConfigError, DpolabError
 from dpolab.runs.rundir import free_space, write_failure
 from dpolab.runs.seeding import rng_state, set_rng_state
 
@@ -133,6 +133,34 @@ def compare_resume_config(saved: dict[str, Any], now: dict[str, Any], ignore: tu
                 "save_total_limit", "ref_cache_dir", *ignore}
     return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
             if k not in harmless and k in now and saved[k] != now[k]]
+
+
+# options naming local files or folders (others may be Hub ids, which exist nowhere on disk)
+PATH_OPTIONS = ("model", "ref_model", "tokenizer", "value_model", "reward_model", "reward", "data", "eval_data",
+                "ref_cache_dir")
+
+
+def check_relative_paths(options: dict, saved_cwd, ckpt) -> None:
+    """A resume from another working directory: a relative path of the run (as typed, and so in
+    config.yaml, the command a stopped run prints) names a file of the folder the run was started in;
+    resolved here it may be another file, silently (another data set) or not found. Refused then."""
+    if not isinstance(saved_cwd, str) or os.path.realpath(saved_cwd) == os.path.realpath(os.getcwd()):
+        return
+    moved = []
+    for name in PATH_OPTIONS:
+        values = options.get(name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, str) or not value:
+                continue
+            path = value.rsplit(":", 1)[0] if name == "reward" else value  # 'file.py:function'
+            if os.path.isabs(path) or not os.path.exists(os.path.join(saved_cwd, path)):
+                continue
+            if os.path.realpath(os.path.join(saved_cwd, path)) != os.path.realpath(path):
+                moved.append(f"--{name.replace('_', '-')} {value}")
+    if moved:
+        raise ConfigError(f"--resume: checkpoint {ckpt} was written by a run started in {saved_cwd}, and its relative "
+                          f"path{'s' if len(moved) > 1 else ''} ({', '.join(moved)}) name files there, not here: resume "
+                          f"from {saved_cwd}, or give {'them' if len(moved) > 1 else 'it'} as absolute paths")
 
 
 def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:

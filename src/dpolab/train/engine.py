@@ -34,6 +34,7 @@ import torch
 from dpolab.errors import ConfigError, DpolabError
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
+    check_relative_paths,
     read_trainer_state,
     read_training_state,
     untied,
@@ -47,7 +48,7 @@ from dpolab.runs.signals import StopSignal, resume_hint
 from dpolab.runs.trackers import open_trackers
 from dpolab.train import distributed
 from dpolab.train.algorithm import Algorithm, Pass
-from dpolab.train.optim import grad_norm_, make_optimizer, make_scheduler
+from dpolab.train.optim import apply_new_rates, grad_norm_, make_optimizer, make_scheduler
 
 
 class Engine:
@@ -233,7 +234,7 @@ class Engine:
                               "resume an earlier checkpoint")
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
-        self._apply_changed_rates(config)
+        apply_new_rates(self.optimizer, self.scheduler, config, self.cfg.learning_rate, self.cfg.weight_decay)
         self.step, self.micro = state["step"], state["micro_batch"]
         self.resumed_step = self.step
         self.skipped, self.tokens_seen = state["skipped_steps"], state["tokens"]
@@ -252,24 +253,6 @@ class Engine:
         if self.ckpt is None or self.resumed_step != step:
             return False
         return Path(self.ckpt).resolve() == (self.run_dir.checkpoints / f"step-{step}").resolve()
-
-    def _apply_changed_rates(self, saved: dict) -> None:
-        """The optimizer's saved state carries the checkpoint's learning rate and weight decay: a
-        --learning-rate or --weight-decay given anew on a resume applies from here on (it was warned
-        about and written to config.yaml, and silently not used). The schedule's shape is kept."""
-        lr, wd = saved.get("learning_rate"), saved.get("weight_decay")
-        if isinstance(lr, (int, float)) and lr > 0 and lr != self.cfg.learning_rate:
-            ratio = self.cfg.learning_rate / lr
-            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
-            if hasattr(self.scheduler, "_last_lr"):
-                self.scheduler._last_lr = [x * ratio for x in self.scheduler._last_lr]
-            for group in self.optimizer.param_groups:
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] *= ratio
-        if isinstance(wd, (int, float)) and wd != self.cfg.weight_decay:
-            for group in self.optimizer.param_groups:
-                group["weight_decay"] = self.cfg.weight_decay
 
     def run(self, algo: Algorithm) -> dict:
         """Train ``algo`` for the planned steps; returns the summary (also ``summary.json``), or
@@ -376,34 +359,6 @@ class Engine:
                 report=self.report))
             print_summary(summary, algo.summary_keys)  # still under the handler: the run is complete
         return summary
-
-
-# options naming local files or folders (others may be Hub ids, which exist nowhere on disk)
-PATH_OPTIONS = ("model", "ref_model", "tokenizer", "value_model", "reward_model", "reward", "data", "eval_data",
-                "ref_cache_dir")
-
-
-def check_relative_paths(options: dict, saved_cwd, ckpt) -> None:
-    """A resume from another working directory: a relative path of the run (as typed, and so in
-    config.yaml, the command a stopped run prints) names a file of the folder the run was started in;
-    resolved here it may be another file, silently (another data set) or not found. Refused then."""
-    if not isinstance(saved_cwd, str) or os.path.realpath(saved_cwd) == os.path.realpath(os.getcwd()):
-        return
-    moved = []
-    for name in PATH_OPTIONS:
-        values = options.get(name)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not isinstance(value, str) or not value:
-                continue
-            path = value.rsplit(":", 1)[0] if name == "reward" else value  # 'file.py:function'
-            if os.path.isabs(path) or not os.path.exists(os.path.join(saved_cwd, path)):
-                continue
-            if os.path.realpath(os.path.join(saved_cwd, path)) != os.path.realpath(path):
-                moved.append(f"--{name.replace('_', '-')} {value}")
-    if moved:
-        raise ConfigError(f"--resume: checkpoint {ckpt} was written by a run started in {saved_cwd}, and its relative "
-                          f"path{'s' if len(moved) > 1 else ''} ({', '.join(moved)}) name files there, not here: resume "
-                          f"from {saved_cwd}, or give {'them' if len(moved) > 1 else 'it'} as absolute paths")
 
 
 def combine_steps(outs: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:

@@ -25,6 +25,26 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.o
     raise DpolabError(f"unknown optimizer '{name}'; choose from adamw, rmsprop, sgd")
 
 
+def apply_new_rates(optimizer, scheduler, saved: dict, lr: float, weight_decay: float) -> None:
+    """After a resume loaded the optimizer's and scheduler's saved state, which carry the checkpoint's
+    learning rate and weight decay (``saved``: its options): ``lr`` and ``weight_decay`` given anew
+    apply from here on, the schedule keeping its shape, scaled to the new peak (they were warned
+    about, written to config.yaml, and silently not used). Nothing changes for equal values."""
+    old_lr, old_wd = saved.get("learning_rate"), saved.get("weight_decay")
+    if isinstance(old_lr, (int, float)) and old_lr > 0 and old_lr != lr:
+        ratio = lr / old_lr
+        scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [x * ratio for x in scheduler._last_lr]
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+    if isinstance(old_wd, (int, float)) and old_wd != weight_decay:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = weight_decay
+
+
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     """Linear warmup to the base rate, then constant, linear decay to 0, or cosine decay to 0."""
 
