@@ -158,6 +158,8 @@ def test_demo_rejects_bad_series_options(capsys):
                              ("--num-generations", "1", ">= 2"), ("--layers", "0", "--layers must be >= 1, got 0"),
                              ("--pretrain-steps", "-1", "--pretrain-steps must be >= 1"),
                              ("--seed", "-2", "--seed must be >= 0"),
+                             ("--hidden-size", "6", "--hidden-size must be a multiple of 4"),
+                             ("--output-dir", "", "--output-dir is empty"),
                              ("--prompts", "missing.jsonl", "--prompts missing.jsonl: file not found")):
         assert main(["demo", "--quick", flag, value]) == 2
         assert msg in capsys.readouterr().err, flag

@@ -416,3 +416,14 @@ def test_a_resume_from_another_directory_with_relative_paths_is_refused(tiny_mod
     assert "max_steps: 2\n" in (run / "config.yaml").read_text()  # the folder as it was
     monkeypatch.chdir(here)  # from where it was started: resumed
     assert main(_args(tiny_model_dir, "sft.jsonl", run, *common, "--max-steps", "3", "--resume", "latest")) == 0
+
+
+def test_an_empty_output_dir_is_refused_not_taken_for_the_working_directory(tiny_model_dir, sft_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """--output-dir "$UNSET" wrote a whole run into the working directory (over a config.yaml there)."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (_args(tiny_model_dir, sft_data, ""), ["rl", "ppo", "--output-dir", " "],
+                 ["eval", "--models", "m", "--data", "d.jsonl", "--reward", "a:b", "--output", ""]):
+        assert main(argv) == 2, argv
+        assert "is empty (an unset variable?)" in capsys.readouterr().err, argv
+    assert [p.name for p in tmp_path.iterdir()] == ["sft.jsonl"]  # the data, nothing written

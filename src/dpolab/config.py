@@ -296,6 +296,9 @@ def _finish(cfg: T) -> T:
     for f, _ in _fields(type(cfg)):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
+        if f.name in ("output_dir", "output") and isinstance(value, str) and not value.strip():
+            # Path("") is the working directory: an unset shell variable wrote a whole run there
+            raise ConfigError(f"--{f.name.replace('_', '-')} is empty (an unset variable?): give a path")
         if choices and value is not None and value not in choices:
             raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {value!r}"
                               f"{suggest(str(value), [str(c) for c in choices])}; choose from {list(choices)}")

@@ -98,7 +98,7 @@ class DemoConfig:
     best_of_n: list[int] | None = opt(None, _preset("best_of_n", "N values of the best-of-N baseline (comma-separated)"))
     corpus_size: int | None = opt(None, _preset("corpus_size", "reviews generated for pretraining"))
     pretrain_steps: int | None = opt(None, _preset("pretrain_steps", "pretraining steps of the tiny base model"))
-    hidden_size: int | None = opt(None, _preset("hidden_size", "hidden size of the tiny base model"))
+    hidden_size: int | None = opt(None, _preset("hidden_size", "hidden size of the tiny base model (a multiple of 4)"))
     layers: int | None = opt(None, _preset("layers", "layers of the tiny base model"))
     train_prompts: int | None = opt(None, _preset("train_prompts", "prefixes used for preference pairs and "
                                                   "PPO/GRPO/RLOO rollouts (with --prompts: at most this many, from "
@@ -147,6 +147,9 @@ class DemoConfig:
             value = getattr(self, name)  # checked here: a bad size would otherwise fail stages later
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.hidden_size is not None and self.hidden_size % 4:  # the tiny base model has 4 heads
+            raise ConfigError(f"--hidden-size must be a multiple of 4 (the base model's attention heads), "
+                              f"got {self.hidden_size}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.prompts is not None:
