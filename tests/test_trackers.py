@@ -173,3 +173,54 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run(tiny_model_di
                  "--batch-size", "2", "--output-dir", str(existing), "--report-to", "tensorboard"]) == 2
     assert "cannot start the tracker" in capsys.readouterr().err
     assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # a folder it did not make: only its files go
+
+
+def test_two_mlflow_runs_in_one_process_log_to_their_own_folders(tiny_model_dir, tmp_path, monkeypatch):
+    """MLflow 3 exports the tracking URI the first run set to os.environ: the second run of a process
+    (a sweep, a notebook, the demo's stages) took it for the user's and logged into the first folder."""
+    import os
+
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    data = write_sft_data(tmp_path / "sft.jsonl", n=24)
+    for name in ("a", "b"):
+        assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / name),
+                     "--max-length", "48", "--max-steps", "1", "--batch-size", "4", "--no-progress",
+                     "--report-to", "mlflow"]) == 0
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name in ("a", "b"):
+        client = MlflowClient(tracking_uri=(tmp_path / name / "mlruns").as_uri())
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert [r.info.run_name for r in runs] == [name], (name, [r.info.run_name for r in runs])
+
+
+def test_a_resume_replaces_the_tensorboard_steps_it_logs_again(tiny_model_dir, tmp_path):
+    """A run that crashed after logging steps 3 and 4 and resumed from step 2 logged 3 and 4 again: two
+    values per step in TensorBoard, one in metrics.jsonl (which the resume cuts back)."""
+    data = write_sft_data(tmp_path / "sft.jsonl", n=24)
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-length", "48",
+            "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1", "--save-steps", "2", "--eval-steps", "0",
+            "--no-progress", "--report-to", "tensorboard"]
+    assert main(args) == 0
+    assert main([*args, "--resume", str(out / "checkpoints" / "step-2"), "--learning-rate", "5e-3"]) == 0
+    rows = {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
+    tb = _tensorboard_scalars(out)["loss"]
+    assert [s for s, _ in tb] == [1, 2, 3, 4], tb
+    assert all(v == pytest.approx(rows[s], rel=1e-6) for s, v in tb)
+
+
+def test_rl_tensorboard_flag_without_the_package_is_the_install_hint(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = tmp_path / "never"
+    assert main(["rl", "ppo", "--output-dir", str(out), "--tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--report-to tensorboard needs the tensorboard package" in err and err.count("\n") == 0, err
+    assert not out.exists()

@@ -208,7 +208,7 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
 
     try:
         tracker = Tracker(run_dir, n_updates * per_update, start * per_update, cfg.progress, trackers, algo.name,
-                          dataclasses.asdict(cfg))
+                          dataclasses.asdict(cfg), resumed_at=start * per_update if state is not None else None)
     except BaseException:
         envs.close()
         if state is None:  # nothing of the new run is left half-made

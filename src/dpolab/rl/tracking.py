@@ -48,7 +48,7 @@ class Tracker:
     (:mod:`dpolab.runs.trackers`; ``--tensorboard`` is ``--report-to tensorboard``)."""
 
     def __init__(self, run: RunDir, total: int, initial: int, progress: bool, report_to: list[str], desc: str,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, *, resumed_at: int | None = None):
         from dpolab.runs.trackers import Trackers
 
         self.run = run
@@ -57,7 +57,7 @@ class Tracker:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-        self.trackers = Trackers(report_to, run.path, config or {})
+        self.trackers = Trackers(report_to, run.path, config or {}, resumed_at=resumed_at)
 
     def log(self, step: int, metrics: dict[str, Any], advance: int = 0) -> None:
         self.run.log(step, metrics)
@@ -85,8 +85,9 @@ def report_to(cfg: Any) -> list[str]:
     """The trackers a Gymnasium run logs to: ``--report-to`` plus ``--tensorboard``, checked installed."""
     from dpolab.runs.trackers import parse_report_to
 
-    names = parse_report_to(getattr(cfg, "report_to", None))
-    return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
+    value = getattr(cfg, "report_to", None)
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    return parse_report_to([*names, "tensorboard"] if cfg.tensorboard else names)  # checked installed alike
 
 
 def start_run(cfg: Any, algorithm: str, *, create: bool = True) -> tuple[RunDir, dict[str, Any] | None]:

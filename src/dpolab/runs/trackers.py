@@ -47,24 +47,30 @@ class Trackers:
     """The trackers of one run: ``log`` numeric metrics at a step, ``log_samples`` rows of sampled
     completions as a table, ``close`` at the end. With no tracker every call is a no-op."""
 
-    def __init__(self, names: list[str], run_dir: str | Path, config: dict[str, Any]):
+    def __init__(self, names: list[str], run_dir: str | Path, config: dict[str, Any], *,
+                 resumed_at: int | None = None):
         from accelerate import tracking
 
         self.trackers = []
+        self._set_env: dict[str, str] = {}  # what this run put in os.environ, taken out again at close
         run_dir, run_name = Path(run_dir).resolve(), Path(run_dir).resolve().name
         for name in names:
             try:
-                self._start(tracking, name, run_dir, run_name, config)
+                self._start(tracking, name, run_dir, run_name, config, resumed_at)
             except Exception as err:  # e.g. W&B without an API key, an MLflow server that does not answer
                 self.close()
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 raise ConfigError(f"--report-to {name}: cannot start the tracker: {type(err).__name__}: {first}"
                                   ) from None
 
-    def _start(self, tracking, name: str, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
-        """Start tracker ``name`` and log the run's configuration to it."""
+    def _start(self, tracking, name: str, run_dir: Path, run_name: str, config: dict[str, Any],
+               resumed_at: int | None) -> None:
+        """Start tracker ``name`` and log the run's configuration to it. A run resumed at step ``N``
+        purges the TensorBoard events of steps after ``N`` (logged before a crash, then cut from
+        metrics.jsonl and logged again), so each step holds one value as in metrics.jsonl."""
         if name == "tensorboard":
-            tracker = tracking.TensorBoardTracker(run_name, run_dir / "tensorboard")
+            kwargs = {} if resumed_at is None else {"purge_step": resumed_at + 1}
+            tracker = tracking.TensorBoardTracker(run_name, run_dir / "tensorboard", **kwargs)
         elif name == "wandb":
             tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "dpolab"), name=run_name,
                                             dir=str(run_dir))
@@ -72,8 +78,13 @@ class Trackers:
             import mlflow
 
             if "MLFLOW_TRACKING_URI" not in os.environ:  # the local file store, inside the run directory
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in
+                if "MLFLOW_ALLOW_FILE_STORE" not in os.environ:  # MLflow 3 asks to opt in
+                    self._set_env["MLFLOW_ALLOW_FILE_STORE"] = os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+                # MLflow 3 exports the URI to os.environ: the next run of this process (a sweep, the
+                # demo's stages) took it for the user's and logged into this run's folder
                 mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+                if "MLFLOW_TRACKING_URI" in os.environ:
+                    self._set_env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
             tracker = tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dpolab"), run_name=run_name)
         tracker.start()
         tracker.store_init_configuration(_hparams(config))
@@ -108,7 +119,16 @@ class Trackers:
         for _, tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+        if "MLFLOW_TRACKING_URI" in self._set_env:
+            import mlflow
+
+            mlflow.set_tracking_uri(None)  # MLflow's own default again (and its variable unset)
+        for key, value in self._set_env.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+        self._set_env = {}
 
 
-def open_trackers(report_to, run_dir: str | Path, config: dict[str, Any]) -> Trackers:
-    return Trackers(parse_report_to(report_to), run_dir, config)
+def open_trackers(report_to, run_dir: str | Path, config: dict[str, Any], *,
+                  resumed_at: int | None = None) -> Trackers:
+    return Trackers(parse_report_to(report_to), run_dir, config, resumed_at=resumed_at)

@@ -270,7 +270,7 @@ class Engine:
                 (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
             try:
                 self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path,
-                                              vars(cfg))
+                                              vars(cfg), resumed_at=self.step if self.ckpt is not None else None)
             except ConfigError:
                 if self.is_main and self.ckpt is None:  # nothing of the new run is left half-made
                     run.abandon()
