@@ -373,6 +373,18 @@ def test_prefix_sharing_trains_like_the_plain_batch(tiny_model_dir, rule_data, t
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_prefix_sharing_forms_the_same_steps_under_length_bucketing(tiny_model_dir, rule_data, tmp_path):
+    """The bucketed order was built from each layout's own widths, so turning prefix sharing on or off
+    (it turns itself on where the model allows it) trained other pairs together: weights 4e-3 apart."""
+    common = ("--optimizer", "sgd", "--learning-rate", "0.5", "--max-steps", "4", "--batch-size", "4",
+              "--group-by-length")
+    _run(tiny_model_dir, rule_data, tmp_path / "plain", "--no-prefix-sharing", *common)
+    _run(tiny_model_dir, rule_data, tmp_path / "shared", "--prefix-sharing", *common)
+    wa, wb = _weights(tmp_path / "plain"), _weights(tmp_path / "shared")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_length_bucketed_run_resumes_exactly(tiny_model_dir, rule_data, tmp_path):
     common = ("--group-by-length", "--learning-rate", "1e-3", "--max-steps", "6", "--batch-size", "4",
               "--save-steps", "3", "--save-total-limit", "5")

@@ -155,6 +155,22 @@ def test_bco_shift_is_a_running_mean_carried_by_checkpoints(tiny_model_dir, rule
     assert rows[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)
 
 
+def test_bco_shift_in_a_combination_follows_bcos_own_rewards(tiny_model_dir, rule_data, tmp_path):
+    """In a combination δ was the running mean of the FIRST term's rewards (orpo,bco_pair: ORPO's
+    λ·mean log-prob, -0.58; bco_pair,orpo: BCO's βρ, 0.01): a sum whose order of names mattered."""
+    deltas = []
+    for losses in ("orpo,bco_pair", "bco_pair,orpo"):
+        out = tmp_path / losses.replace(",", "-")
+        assert main(_args(tiny_model_dir, rule_data, out, "--loss", losses, "--max-steps", 2,
+                          "--learning-rate", "1e-2")) == 0
+        rows = _rows(out)
+        state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())["algorithm"]
+        assert state["bco_delta"] == pytest.approx(sum(r["bco/rewards"] for r in rows) / 2, rel=1e-6, abs=1e-9)
+        deltas.append(state["bco_delta"])
+    assert deltas[0] == pytest.approx(deltas[1], rel=1e-5, abs=1e-7), deltas
+    assert abs(deltas[0]) < 0.1  # βρ near the start, not ORPO's log-probs
+
+
 def test_options_no_loss_reads_and_bad_combinations_are_refused(tiny_model_dir, rule_data, tmp_path, capsys):
     def err(*extra) -> str:
         assert main(_args(tiny_model_dir, rule_data, tmp_path / "bad", *extra)) == 2

@@ -112,7 +112,8 @@ class DPO(Algorithm):
         if out is not None and "bco_pair" in self.cfg.losses:
             # δ: the running mean of the implicit rewards of the steps so far (used from the next step on)
             n = 2 * sum(engine.order.global_size(k) for k, _ in group)
-            step_sum = (out["rewards/chosen"] + out["rewards/rejected"]) * n / 2
+            mean = out["bco/rewards"] if "bco/rewards" in out else (out["rewards/chosen"] + out["rewards/rejected"]) / 2
+            step_sum = mean * n
             self.bco_count += n
             self.bco_delta += (step_sum - n * self.bco_delta) / self.bco_count
         tau = self.cfg.ref_update_steps
@@ -187,8 +188,10 @@ def train(cfg: DPOConfig) -> dict:
     engine = Engine(cfg, accelerator, load_trainable_lm(cfg), report=report, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
     prefix = resolve_prefix_sharing(cfg, engine.model, data.train, pad_id, accelerator)
-    widths = pair_widths(data.train, prefix)
-    steps = engine.plan(batch_order(widths, cfg, accelerator), micro_batches=cfg.grad_accum)
+    widths = pair_widths(data.train, prefix)  # what a pass costs in this layout: the token budget's unit
+    # the order buckets by one layout's widths whichever runs, so that prefix sharing (on where the model
+    # allows it) changes how a step is computed, not which pairs form it
+    steps = engine.plan(batch_order(pair_widths(data.train, True), cfg, accelerator), micro_batches=cfg.grad_accum)
 
     def collate(pairs):
         return collate_pairs(prefix, pairs, pad_id).to(accelerator.device)
