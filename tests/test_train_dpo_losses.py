@@ -155,6 +155,23 @@ def test_bco_shift_is_a_running_mean_carried_by_checkpoints(tiny_model_dir, rule
     assert rows[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)
 
 
+def test_tr_dpo_refuses_a_reference_of_another_shape_before_training(tiny_model_dir, tiny_tokenizer, rule_data,
+                                                                      tmp_path, capsys):
+    """A --ref-model of another size trained --ref-update-steps steps, then failed in the update with a
+    bare RuntimeError and nothing saved."""
+    from dpolab.lm.tiny import tiny_llama
+
+    other = tmp_path / "wider"
+    tiny_llama(len(tiny_tokenizer), hidden_size=48, layers=2, heads=4, tokenizer=tiny_tokenizer).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, rule_data, out, "--no-precompute-ref", "--ref-update-steps", 2, "--ref-model",
+                      other, "--max-steps", 4)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ref-update-steps blends the policy into --ref-model" in err and err.count("\n") == 0, err
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_bco_shift_in_a_combination_follows_bcos_own_rewards(tiny_model_dir, rule_data, tmp_path):
     """In a combination δ was the running mean of the FIRST term's rewards (orpo,bco_pair: ORPO's
     λ·mean log-prob, -0.58; bco_pair,orpo: BCO's βρ, 0.01): a sum whose order of names mattered."""

@@ -198,6 +198,10 @@ def train(cfg: DPOConfig) -> dict:
 
     use_ref = any(needs_reference(n) for n in cfg.losses)
     reference = make_reference(cfg, engine, data, collate, steps * cfg.grad_accum) if use_ref else None
+    if cfg.ref_update_steps and cfg.ref_model and reference is not None and reference.model is not None:
+        from dpolab.train.reference import check_reference_updatable
+
+        check_reference_updatable(reference.model, engine.unwrapped, cfg.ref_model)
     budget = resolve_micro_batch_tokens(cfg, engine.unwrapped)
     if any(is_batch_level(n) for n in cfg.losses):  # AOT sorts across its batch: never split the micro-batch
         budget = 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dpolab.errors import ConfigError
 from dpolab.runs.rundir import RunDir
 
 __all__ = ["Reference", "make_reference", "planned_rows", "precompute_reference"]
@@ -249,6 +250,19 @@ def make_reference(cfg, engine, data, collate: Callable, n_micro: int) -> Refere
     tables = precompute_reference(cfg, data, planned_rows(engine.order, n_micro), accelerator=acc,
                                   run=engine.run_dir, collate=collate, make_scorer=make_scorer)
     return Reference(tables=tables, seconds=time.time() - t0)
+
+
+def check_reference_updatable(ref_model: torch.nn.Module, policy: torch.nn.Module, ref_name: str) -> None:
+    """TR-DPO blends the policy into the reference weight by weight: a --ref-model of another shape
+    trained ``--ref-update-steps`` steps and then failed in the update with nothing saved. Checked
+    before the first step."""
+    ref_params = {n: p.shape for n, p in ref_model.named_parameters()}
+    for name, p in policy.named_parameters():
+        if ref_params.get(name) != p.shape:
+            got = "has no such weight" if name not in ref_params else f"has {tuple(ref_params[name])}"
+            raise ConfigError(f"--ref-update-steps blends the policy into --ref-model {ref_name} weight by weight, "
+                              f"but its {name} {got}, the policy's is {tuple(p.shape)}: give a reference of the "
+                              "policy's architecture and size, or leave --ref-model unset")
 
 
 @torch.no_grad()
