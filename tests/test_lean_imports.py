@@ -53,6 +53,16 @@ def test_a_bad_argument_is_answered_without_heavy_libraries(argv):
     assert out["code"] == 2 and out["heavy"] == [], out
 
 
+@pytest.mark.parametrize("argv", [["sft", "--model", "m", "--data", "d.jsonl", "--learning-rate", "-1"],
+                                  ["dpo", "--model", "m", "--data", "d.jsonl", "--ref-model", "/no/such/folder"],
+                                  ["grpo", "--model", "m", "--data", "d.jsonl", "--reward", "a:b",
+                                   "--num-generations", "1"]], ids=lambda a: " ".join(a[:1] + a[-2:]))
+def test_a_bad_option_value_is_answered_without_heavy_libraries(argv):
+    """The folder check of --ref-model and friends imported the model loader (torch, 1.6 s) first."""
+    out = _probe(argv)
+    assert out["code"] == 2 and out["heavy"] == [], out
+
+
 TRAIN_PROBE = """
 import json, sys
 from dpolab.cli import main

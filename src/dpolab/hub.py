@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+from dpolab.errors import DpolabError
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _noted: set[tuple[str, str]] = set()
@@ -32,3 +35,20 @@ def note_hub_lookup(name: str, what: str, *offline_variables: str) -> None:
     _noted.add((name, what))
     print(f"dpolab: {what} '{name}' is not a local path: looking it up on the Hugging Face Hub "
           "(HF_HUB_OFFLINE=1 uses only the local cache)", file=sys.stderr, flush=True)
+
+
+def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> None:
+    """A name that is a local path (it exists, or cannot be a hub id) must be a folder holding one
+    of ``needs``; said in one line here, where transformers would take it for a hub name or fail on
+    a later file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists() and may_be_hub_id(text):
+        note_hub_lookup(text, "model")
+        return
+    if not path.is_dir():
+        raise DpolabError(f"cannot load {what} '{name_or_path}': " +
+                          ("it is a file, not a folder" if path.exists() else "no such folder"))
+    if not any((path / name).is_file() for name in needs):
+        raise DpolabError(f"cannot load {what} '{name_or_path}': the folder has none of {', '.join(needs)}"
+                          " (not a Hugging Face model folder)")

@@ -10,30 +10,13 @@ from typing import Any
 import torch
 
 from dpolab.errors import ConfigError, DpolabError
-from dpolab.hub import may_be_hub_id, note_hub_lookup
+from dpolab.hub import check_local_folder
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
-
-
-def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> None:
-    """A name that is a local path (it exists, or cannot be a hub id) must be a folder holding one
-    of ``needs``; said in one line here, where transformers would take it for a hub name or fail on
-    a later file."""
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if not path.exists() and may_be_hub_id(text):
-        note_hub_lookup(text, "model")
-        return
-    if not path.is_dir():
-        raise DpolabError(f"cannot load {what} '{name_or_path}': " +
-                          ("it is a file, not a folder" if path.exists() else "no such folder"))
-    if not any((path / name).is_file() for name in needs):
-        raise DpolabError(f"cannot load {what} '{name_or_path}': the folder has none of {', '.join(needs)}"
-                          " (not a Hugging Face model folder)")
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):

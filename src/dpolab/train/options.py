@@ -199,8 +199,9 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
 
 def check_model_folders(cfg) -> None:
     """The model options other than ``--model`` (whose tokenizer loads first, in a dry run too) that
-    name a local path: an existing model folder, said before any work (also by ``--dry-run``)."""
-    from dpolab.lm.loading import check_local_folder
+    name a local path: an existing model folder, said before any work (also by ``--dry-run``; torch is
+    not imported for it, so a bad option value is answered as fast as --help)."""
+    from dpolab.hub import check_local_folder
 
     for name in ("ref_model", "value_model", "reward_model"):
         value = getattr(cfg, name, None)
