@@ -177,3 +177,16 @@ def test_a_signal_arriving_as_the_process_ends_keeps_its_exit_status():
               "raise SystemExit(code)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_the_stop_message_of_a_multi_process_run_resumes_with_as_many(tmp_path):
+    """It printed the one-process command, which a checkpoint of 2 processes refuses."""
+    from dpolab.runs.rundir import RunDir
+    from dpolab.runs.signals import resume_hint
+
+    run = RunDir(tmp_path / "run")
+    one = resume_hint("grpo", run, "SIGTERM", 9, 40)
+    assert one.endswith(f"Resume with:\n  dpolab grpo --config {run.path / 'config.yaml'} --resume latest")
+    two = resume_hint("grpo", run, "SIGTERM", 9, 40, processes=2)
+    assert "Resume with 2 processes" in two
+    assert two.endswith(f"torchrun --nproc_per_node 2 -m dpolab grpo --config {run.path / 'config.yaml'} --resume latest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -35,7 +36,8 @@ class StopSignal:
                 return
             raise KeyboardInterrupt  # a second request: stop now
         self.received, self._at = signal.Signals(signum).name, time.monotonic()
-        print(f"\n{self.received} received: finishing this step, then saving a checkpoint...", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # said once for a multi-process run, as its stop line is
+            print(f"\n{self.received} received: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
     def agreed(self, accelerator=None) -> str | None:
         """The signal name if any process received one (all processes must stop at the same step,
@@ -55,6 +57,11 @@ class StopSignal:
         return False
 
 
-def resume_hint(command: str, run, signame: str, step: int, steps: int) -> str:
-    return (f"stopped by {signame} at step {step}/{steps}; checkpoint saved. Resume with:\n"
-            f"  dpolab {command} --config {run.path / 'config.yaml'} --resume latest")
+def resume_hint(command: str, run, signame: str, step: int, steps: int, processes: int = 1) -> str:
+    """The stop message; a run of several processes resumes with as many (one is refused), under
+    its launcher, which the process does not know: ``torchrun`` is named as the example."""
+    args = f"{command} --config {run.path / 'config.yaml'} --resume latest"
+    if processes > 1:
+        return (f"stopped by {signame} at step {step}/{steps}; checkpoint saved. Resume with {processes} processes, "
+                f"under the launcher this run had, e.g.:\n  torchrun --nproc_per_node {processes} -m dpolab {args}")
+    return f"stopped by {signame} at step {step}/{steps}; checkpoint saved. Resume with:\n  dpolab {args}"

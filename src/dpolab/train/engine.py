@@ -330,7 +330,7 @@ class Engine:
                     self.save_checkpoint(algo)
                     bar.close()
                     if self.is_main:
-                        print(resume_hint(algo.name, run, signame, step, self.steps), file=sys.stderr)
+                        print(resume_hint(algo.name, run, signame, step, self.steps, acc.num_processes), file=sys.stderr)
                     return {"stopped": True, "steps": step}
         bar.close()
         pending = stop.received  # a signal during the last step stops after its checkpoint
@@ -346,7 +346,8 @@ class Engine:
                 signame = stop.agreed(acc)
             if signame:  # the resume evaluates and saves final/ (the evaluation's row is not logged yet)
                 if self.is_main:
-                    print(resume_hint(algo.name, run, signame, self.step, self.steps), file=sys.stderr)
+                    print(resume_hint(algo.name, run, signame, self.step, self.steps, acc.num_processes),
+                          file=sys.stderr)
                 return {"stopped": True, "steps": self.step}
             summary_metrics = {**self.last_logged, **last_eval, "skipped_steps": self.skipped, **algo.summary(self)}
             full = distributed.model_state_dict(acc, self.model) if distributed.is_sharded(acc) else None
