@@ -61,6 +61,16 @@ def test_config_booleans_read_alike_in_yaml_and_on_the_command_line(tmp_path):
         parse_config(_Cfg, ["--config", str(cfg_file)], prog="t")
 
 
+def test_a_yaml_integer_with_a_leading_zero_reads_as_on_the_command_line(tmp_path):
+    """YAML 1.1 reads 0123 as octal (83): `steps: 0100` gave 64 steps, `--steps 0100` 100."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 0100\n")
+    assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps == 100
+    assert parse_config(_Cfg, ["--steps", "0100"], prog="t").steps == 100
+    cfg_file.write_text("steps: 0x10\n")  # an explicit base is still that base
+    assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps == 16
+
+
 def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path):
     """`name: no` would be the text 'False', `name: 0.10` the text '0.1': refused with the advice to
     quote; an integer keeps its text, and quoted values pass as written."""
@@ -76,7 +86,7 @@ def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path
     for text, want in (("name: 7", "7"), ("name: '0.10'", "0.10"), ("name: 'no'", "no")):
         cfg_file.write_text(text + "\n")
         assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").name == want, text
-    for text, number in (("12:30", 750), ("0x1F", 31), ("010", 8), ("1_000", 1000)):  # YAML 1.1 integers
+    for text, number in (("12:30", 750), ("0x1F", 31), ("010", 10), ("1_000", 1000)):  # YAML 1.1 integers
         cfg_file.write_text(f"name: {text}\n")
         with pytest.raises(ConfigError, match=rf"c\.yaml:1: 'name' is text, but YAML read '{text}' as the number "
                                               rf"{number}; put it in quotes"):

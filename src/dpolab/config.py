@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 import weakref
@@ -168,8 +169,12 @@ class _TextInt(int):
 
 
 def _construct_int(loader, node):
-    value = _TextInt(yaml.SafeLoader.construct_yaml_int(loader, node))
-    value.text = node.value
+    text = node.value
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):  # YAML 1.1 reads 0123 as octal 83; the command line as 123
+        value = _TextInt(int(text.replace("_", "")))
+    else:
+        value = _TextInt(yaml.SafeLoader.construct_yaml_int(loader, node))
+    value.text = text
     return value
 
 
