@@ -153,6 +153,19 @@ def test_demo_with_user_model_prompts_and_reward(tiny_model_dir, tmp_path):
     assert "--train-prompts 20 --eval-prompts 4" in report
 
 
+def test_a_stage_stopped_by_a_signal_stops_the_demo(tmp_path, monkeypatch, capsys):
+    """A stage's trainer stopped by SIGTERM returns {"stopped": True}: the demo went on to the next
+    stage, which failed on the model the stopped one never wrote."""
+    import dpolab.train.sft
+
+    monkeypatch.setattr(dpolab.train.sft, "train", lambda cfg: {"stopped": True, "steps": 3})
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", "--corpus-size", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped by a signal during the pretraining stage (at its step 3)" in err, err
+    assert f"remove {out}" in err and "Traceback" not in err
+
+
 def test_demo_rejects_bad_series_options(capsys):
     for flag, value, msg in (("--grpo-betas", "-0.1", "values >= 0"), ("--best-of-n", "0,4", "values >= 1"),
                              ("--num-generations", "1", ">= 2"), ("--layers", "0", "--layers must be >= 1, got 0"),

@@ -38,6 +38,7 @@ from dpolab.experiments.stages import (
     build_base_model,
     build_preferences,
     evaluate_run,
+    finished,
     make_prompts,
     read_prompts,
     sweep,
@@ -278,9 +279,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     online_every = max(1, cfg.eval_every // 4)
     with say.timed("rm_ppo", f"reward model on the same {pref_stats['pairs']} pairs, then PPO for KL coefficients "
                    f"{cfg.ppo_kl_coefs}"):
-        rm_summary = rm_train(RewardConfig(model=base_path, data=str(prefs), output_dir=str(work / "rm"),
-                                           learning_rate=1e-3, batch_size=16, max_steps=cfg.rm_steps,
-                                           eval_fraction=0.1, logging_steps=10, **common))
+        rm_summary = finished(rm_train(RewardConfig(model=base_path, data=str(prefs), output_dir=str(work / "rm"),
+                                                    learning_rate=1e-3, batch_size=16, max_steps=cfg.rm_steps,
+                                                    eval_fraction=0.1, logging_steps=10, **common)), "reward model", work)
         rows += sweep("PPO", cfg.ppo_kl_coefs, lambda coef, run: ppo_train(PPOConfig(
             model=base_path, reward_model=str(work / "rm" / "final"), data=str(work / "prompts.jsonl"),
             output_dir=str(run), kl_coef=coef, learning_rate=3e-4, rollout_batch_size=32, mini_batch_size=8,

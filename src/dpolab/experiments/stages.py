@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, DpolabError
 from dpolab.experiments.report import best_of_n_kl_bound
 
 if TYPE_CHECKING:
@@ -46,10 +46,11 @@ def build_base_model(cfg: DemoConfig, work: Path, say) -> tuple[str, list[str]]:
     model.save_pretrained(init)
     tokenizer.save_pretrained(init)
     write_jsonl(work / "corpus.jsonl", [{"text": r} for r in corpus])
-    sft_train(SFTConfig(model=str(init), data=str(work / "corpus.jsonl"), output_dir=str(work / "pretrain"),
-                        loss_on="full", max_length=96, learning_rate=3e-3, warmup_steps=20, lr_scheduler="cosine",
-                        batch_size=32, max_steps=cfg.pretrain_steps, eval_fraction=0.02, logging_steps=25,
-                        seed=cfg.seed, progress=cfg.progress, report_to=cfg.report_to))
+    finished(sft_train(SFTConfig(model=str(init), data=str(work / "corpus.jsonl"), output_dir=str(work / "pretrain"),
+                                 loss_on="full", max_length=96, learning_rate=3e-3, warmup_steps=20,
+                                 lr_scheduler="cosine", batch_size=32, max_steps=cfg.pretrain_steps,
+                                 eval_fraction=0.02, logging_steps=25, seed=cfg.seed, progress=cfg.progress,
+                                 report_to=cfg.report_to)), "pretraining", work)
     return str(work / "pretrain" / "final"), held_out
 
 
@@ -163,6 +164,16 @@ def best_of_n(cfg: DemoConfig, base, tokenizer, prompts: list[str], reward_fn) -
     return rows, [(texts[i * k + j], float(rewards[i, j])) for i, j in enumerate(top)]
 
 
+def finished(summary: dict, stage: str, work: Path) -> dict:
+    """A stage's summary; a stage stopped by SIGINT/SIGTERM (its trainer checkpointed and returned
+    ``{"stopped": True}``) stops the demo too, where it went on to the next stage, which failed on
+    the missing model."""
+    if summary.get("stopped"):
+        raise DpolabError(f"stopped by a signal during the {stage} stage (at its step {summary.get('steps')}); the "
+                          f"demo does not resume: remove {work.parent} (or choose another --output-dir) and run it again")
+    return summary
+
+
 def sweep(method: str, values: list[float], train_one, evaluate, work: Path) -> list[dict]:
     """Train one run per value of the method's knob (``train_one(value, run_dir)``) and evaluate
     every checkpoint of each (``evaluate(run_dir)``): the rows of one series."""
@@ -170,7 +181,7 @@ def sweep(method: str, values: list[float], train_one, evaluate, work: Path) -> 
     rows = []
     for value in values:
         run = work / f"{prefix}{value:g}"
-        train_one(value, run)
+        finished(train_one(value, run), f"{method} {param} = {value:g}", work)
         rows += [{"method": method, "param": param, "value": value, **r, "kl_kind": "sampled"} for r in evaluate(run)]
     return rows
 
