@@ -215,6 +215,23 @@ def test_inverse_cdf_draw_hand_values():
     assert inverse_cdf_draw(big, u).tolist() == [70, 70, 70, 4990, 4990, 4990]
 
 
+def test_sampling_from_non_finite_logits_is_one_clear_error():
+    """NaN logits (diverged weights) made softmax NaN and the block search ran off the end: an index
+    RuntimeError traceback in generate, eval and a trainer's final evaluation; greedy decoding took
+    the NaN's index silently."""
+    from dpolab.errors import DpolabError
+
+    logits = torch.zeros(2, 20)
+    logits[1, 3] = float("nan")
+    for temperature in (1.0, 0.7, 0.0):
+        with pytest.raises(DpolabError, match="the model's next-token logits are not finite"):
+            sample_next(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert sample_next(torch.zeros(2, 20), temperature=0.0).tolist() == [0, 0]
+    logits[1, 3] = float("inf")  # an overflow: inf - inf in the softmax is NaN too
+    with pytest.raises(DpolabError, match="not finite"):
+        sample_next(logits, generator=torch.Generator().manual_seed(0))
+
+
 def test_inverse_cdf_draw_equals_one_level_search():
     """The two-level search (blocks of ≈ √V, vocabularies not a multiple of the block, zero runs)
     picks the same index as one float64 cumulative sum over the whole row."""

@@ -165,7 +165,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
     if temperature < 0:
         raise DpolabError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        best = logits.argmax(dim=-1)
+        if not torch.isfinite(logits.gather(-1, best[:, None])).all():  # argmax picks a NaN where there is one
+            raise _not_finite()
+        return best
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
     if uniforms is None:
@@ -192,6 +195,9 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     blocks = weights.view(B, nb, bs)
     block_mass = blocks.sum(-1).double()                              # (B, nb)
     cum = block_mass.cumsum(-1)                                       # (B, nb)
+    total = cum[:, -1]
+    if not (torch.isfinite(total) & (total > 0)).all():  # NaN logits: the search would run off the blocks
+        raise _not_finite()
     target = _below(uniforms.unsqueeze(1) * cum[:, -1:], cum[:, -1:])  # (B, 1) in [0, total)
     j = torch.searchsorted(cum, target, right=True)                   # (B, 1) block index
     mass_j = block_mass.gather(1, j)
@@ -200,6 +206,11 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     inner = blocks.gather(1, j.unsqueeze(-1).expand(B, 1, bs)).squeeze(1).cumsum(-1, dtype=torch.float64)
     k = torch.searchsorted(inner, _below(frac * inner[:, -1:], inner[:, -1:]), right=True)
     return (j * bs + k).squeeze(1)
+
+
+def _not_finite() -> DpolabError:
+    return DpolabError("cannot sample: the model's next-token logits are not finite (NaN or inf): its weights "
+                       "diverged (a learning rate too high?) or overflowed (fp16); nothing to sample from")
 
 
 def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
