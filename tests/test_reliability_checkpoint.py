@@ -586,6 +586,26 @@ def test_a_resume_into_a_folder_in_use_is_refused_before_it_touches_the_run(tiny
         other.wait()
 
 
+def test_the_folder_of_a_live_run_without_a_checkpoint_is_said_to_be_in_use(tmp_path):
+    """A second run into the folder of a live run that had not checkpointed yet was told the folder's
+    run left no checkpoint and to remove the folder (or, resuming, that it stopped)."""
+    from dpolab.errors import DpolabError
+
+    run = RunDir(tmp_path / "run").create()
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n')
+    other = _holder(run.path)
+    try:
+        for resume in (None, "latest"):
+            with pytest.raises(DpolabError, match=rf"--output-dir {run.path} is in use by another run \(process "
+                                                  rf"{other.pid} on"):
+                run.check_new_run(resume)
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.raises(DpolabError, match="left no checkpoint to resume"):  # its process ended: as before
+        run.check_new_run(None)
+
+
 def test_a_file_system_without_flock_runs_unclaimed_with_a_note(tmp_path, monkeypatch, capsys):
     """ENOSYS/ENOLCK (Lustre without -o flock, some FUSE/NFS set-ups) is no other run: a note, not a
     refusal of every run."""

@@ -113,6 +113,7 @@ class RunDir:
         earlier run, whose metrics and checkpoints a new run would mix with its own."""
         if self.path.exists() and not self.path.is_dir():
             raise DpolabError(f"--output-dir {self.path} is a file, not a folder")
+        self.check_not_in_use()  # first: a live run's folder is not one to remove or resume
         if resume is None:
             found = self.earlier_run()
             if found and self.list_checkpoints():
@@ -130,6 +131,31 @@ class RunDir:
         except OSError as err:  # a path under a file, a read-only or special file system
             raise DpolabError(f"--output-dir {self.path}: cannot create it: {err.strerror or err}") from None
         return self
+
+    def check_not_in_use(self) -> None:
+        """Refuse a folder whose lock another live process holds (:meth:`lock`), before anything
+        else is said of it: a run that had not checkpointed yet was taken for one that stopped, and
+        the user told to remove its folder."""
+        import errno
+        import fcntl
+
+        path = self.path / LOCK_FILE
+        if str(path) in _HELD or not path.is_file():
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                holder = os.read(fd, 200).decode("utf-8", "replace").split() or ["?", "?"]
+                raise DpolabError(f"--output-dir {self.path} is in use by another run (process {holder[-1]} on "
+                                  f"{holder[0]}); wait for it to end, or give another --output-dir") from None
+        finally:
+            os.close(fd)
 
     def lock(self) -> None:
         """Claim the folder for this process until the run ends (an exclusive ``flock`` on
