@@ -459,7 +459,12 @@ def test_task_command_bad_input_writes_nothing(tmp_path, capsys):
     for argv, says in ((["copy", "--output-dir", afile], "is a file; give a folder name"),
                        (["copy", "--task", "add", "--output-dir", tmp_path / "t"], "the task is given twice"),
                        (["add", "--train", "3000", "--output-dir", tmp_path / "t"], "fewer than 3000 distinct prompts besides the 128 evaluation prompts"),
-                       (["add", "--sft", "2400", "--output-dir", tmp_path / "t"], "ask for fewer (--sft 2400)")):
+                       (["add", "--sft", "2400", "--output-dir", tmp_path / "t"], "ask for fewer (--sft 2400)"),
+                       # said at once (it drew 100 x N prompts first: minutes, or forever)
+                       (["copy", "--train", "1000000000000", "--output-dir", tmp_path / "t"],
+                        "fewer than 1000000000000 distinct prompts"),
+                       (["add", "--eval", "1000000000000", "--output-dir", tmp_path / "t"],
+                        "fewer than 1000000000000 distinct prompts")):
         assert main(["task", *map(str, argv)]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

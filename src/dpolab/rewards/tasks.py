@@ -44,6 +44,8 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"reverse": _reverse, "copy": _copy, "add": _add}
+# distinct prompts each can draw: 3 to 5 digits; two numbers below 50
+SIZES = {"reverse": 10**3 + 10**4 + 10**5, "copy": 10**3 + 10**4 + 10**5, "add": 50 * 50}
 
 
 def _corrupt(answer: str, rng: random.Random) -> str:
@@ -61,14 +63,15 @@ def make_examples(task: str, n: int, seed: int, *, exclude: set[str] | frozenset
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
     rng, seen, out = random.Random(seed), set(exclude), []
-    for _ in range(100 * n + 1000):
+    held = f" besides the {len(exclude)} evaluation prompts (--eval), which it never reuses" if exclude else ""
+    # more than the task holds is said at once (drawing 100·n times first took minutes, or forever)
+    for _ in range(100 * n + 1000 if n <= SIZES[task] - len(exclude) else 0):
         if len(out) == n:
             return out
         prompt, answer = TASKS[task](rng)
         if prompt not in seen:
             seen.add(prompt)
             out.append((prompt, answer))
-    held = f" besides the {len(exclude)} evaluation prompts (--eval), which it never reuses" if exclude else ""
     raise ValueError(f"task '{task}' has fewer than {n} distinct prompts{held}; ask for fewer"
                      + (f" ({flag} {n})" if flag else ""))
 
