@@ -71,6 +71,15 @@ def test_a_yaml_integer_with_a_leading_zero_reads_as_on_the_command_line(tmp_pat
     assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps == 16
 
 
+def test_negative_numbers_in_exponent_notation_are_values_not_options():
+    """argparse took -1e-3 for an option ("--beta: expected one argument"); -1 and -.5 it read."""
+    for text, want in (("-1e-3", -1e-3), ("-2.5E2", -250.0), ("-.5", -0.5), ("-3", -3.0)):
+        assert parse_config(_Cfg, ["--beta", text], prog="t").beta == want, text
+    assert parse_config(_Cfg, ["--weights", "-1e-2"], prog="t").weights == [-1e-2]
+    with pytest.raises(ConfigError, match="unrecognized option '--nope'"):
+        parse_config(_Cfg, ["--nope", "-1e-3"], prog="t")
+
+
 def test_config_text_that_yaml_reads_as_a_boolean_or_a_float_is_refused(tmp_path):
     """`name: no` would be the text 'False', `name: 0.10` the text '0.1': refused with the advice to
     quote; an integer keeps its text, and quoted values pass as written."""

@@ -207,6 +207,12 @@ def _key_lines(path: Path, text: str) -> dict[str, int]:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes -1e-3 and -inf for options (its pattern knows -1 and -.5 only): values here
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message: str):  # argparse errors become ConfigError: one line, exit 2
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
