@@ -240,3 +240,8 @@ def test_evaluate_says_how_many_episodes_were_cut(capsys, tmp_path):
     code, out, err = run(capsys, "rl", "evaluate", "--env", "random-walk", "--episodes", "5", "--runs", "1",
                          "--output", str(tmp_path / "d.png"), "--json")
     assert code == 0 and err == "" and set(json.loads(out)["cut_episodes"].values()) == {0}
+
+
+def test_rl_refuses_a_thread_count_torch_cannot_take(capsys, tmp_path):
+    code, _, err = run(capsys, "rl", "ppo", "--threads", "1000000000000", "--output-dir", str(tmp_path / "r"))
+    assert code == 2 and "--threads must be at most 4096" in err and not (tmp_path / "r").exists(), err

@@ -64,6 +64,8 @@ class GymOptions:
         for name in ("total_steps", "n_envs", "n_steps", "eval_episodes", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads > 4096:  # torch.set_num_threads overflowed (a traceback after config.yaml was written)
+            raise ConfigError(f"--threads must be at most 4096, got {self.threads}")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
             raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
         if self.lr <= 0:
