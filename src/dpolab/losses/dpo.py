@@ -326,12 +326,14 @@ def _rpo_nll(logps: PairLogps, rpo_alpha: float) -> Tensor:
 class CombinedLoss(NamedTuple):
     """A weighted sum of preference losses: ``losses`` = Σ_k w_k·``terms[k]`` (+ α·NLL with RPO),
     ``(B,)``; rewards from the first term; ``terms``: name → that term's unweighted ``(B,)`` losses
-    (plus ``"rpo_nll"`` → the chosen mean-token NLL when ``rpo_alpha`` is on)."""
+    (plus ``"rpo_nll"`` → the chosen mean-token NLL when ``rpo_alpha`` is on); ``term_rewards``:
+    name → that term's ``(chosen, rejected)`` rewards."""
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     terms: dict[str, Tensor]
+    term_rewards: dict[str, tuple[Tensor, Tensor]]
 
 
 def combined_preference_loss(names: Sequence[str], weights: Sequence[float] | None, logps: PairLogps, *,
@@ -360,14 +362,13 @@ def combined_preference_loss(names: Sequence[str], weights: Sequence[float] | No
     for name in names:
         _lookup(name)  # every name checked before any is computed
     terms: dict[str, Tensor] = {}
+    term_rewards: dict[str, tuple[Tensor, Tensor]] = {}
     total = None
-    rewards = None
     for name, weight in zip(names, weights):
         losses, chosen_rewards, rejected_rewards = preference_loss(name, logps, **options)
-        terms[name] = losses
+        terms[name], term_rewards[name] = losses, (chosen_rewards, rejected_rewards)
         total = weight * losses if total is None else total + weight * losses
-        rewards = (chosen_rewards, rejected_rewards) if rewards is None else rewards
     if rpo_alpha:
         terms["rpo_nll"] = _rpo_nll(logps, rpo_alpha)
         total = total + rpo_alpha * terms["rpo_nll"]
-    return CombinedLoss(total, rewards[0], rewards[1], terms)
+    return CombinedLoss(total, *term_rewards[names[0]], terms, term_rewards)

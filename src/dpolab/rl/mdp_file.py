@@ -144,26 +144,24 @@ def _names_as_written(node, path: tuple, seen: set) -> None:
         _names_as_written(value, sub, seen)
 
 
-class _WrittenInt(int):
+class _Written:
     """A JSON number that remembers its text (``2.50``, ``1e2``), so that it names the state written."""
 
     written: str
 
     @classmethod
-    def parse(cls, text: str) -> int:
+    def parse(cls, text: str):
         x = cls(text)
         x.written = text
         return x
 
 
-class _WrittenFloat(float):
-    written: str
+class _WrittenInt(_Written, int):
+    pass
 
-    @classmethod
-    def parse(cls, text: str) -> float:
-        x = cls(text)
-        x.written = text
-        return x
+
+class _WrittenFloat(_Written, float):
+    pass
 
 
 def _name(value) -> str:

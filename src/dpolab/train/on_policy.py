@@ -145,12 +145,13 @@ def check_room(cfg, longest_prompt: int, model: str | None = None, where: str | 
                           "--max-prompt-length, or lower --max-new-tokens")
 
 
-def check_prompt_room(cfg, data) -> None:
+def check_prompt_room(cfg, data, model: str | None = None) -> None:
     """:func:`check_room` for the longest prompt of ``data`` (a :class:`dpolab.data.prompts.PromptData`,
-    as cut to ``--max-prompt-length``), the error naming its file and line (or row)."""
+    as cut to ``--max-prompt-length``) in ``model``'s positions, the error naming its file and line
+    (or row)."""
     if len(data):
         i = max(range(len(data)), key=lambda r: len(data.ids[r]))  # the first of the longest
-        check_room(cfg, len(data.ids[i]), where=data.locations[i] if data.locations else data.source)
+        check_room(cfg, len(data.ids[i]), model=model, where=data.locations[i] if data.locations else data.source)
 
 
 def check_side_models(cfg, data) -> None:
@@ -166,9 +167,7 @@ def check_side_models(cfg, data) -> None:
             continue
         check_reference_vocabulary(name, cfg.model, ref_name=name, policy_name=cfg.model, flag=flag,
                                    trust_remote_code=cfg.trust_remote_code)
-        if len(data):
-            i = max(range(len(data)), key=lambda r: len(data.ids[r]))
-            check_room(cfg, len(data.ids[i]), model=name, where=data.locations[i] if data.locations else data.source)
+        check_prompt_room(cfg, data, model=name)
 
 
 def prompt_order(cfg, prompts, accelerator, batch_size: int):

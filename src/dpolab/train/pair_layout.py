@@ -94,10 +94,7 @@ def pair_losses(cfg, model, batch, ref: tuple, *, bco_delta: float | None = None
         losses = losses * weights
         terms["wpo/weight"] = weights.mean().item()
     if "bco_pair" in cfg.losses and len(cfg.losses) > 1:  # δ follows BCO's own rewards (its β), not the first term's
-        from dpolab.losses.dpo import preference_loss
-
-        _, bco_c, bco_r = preference_loss("bco_pair", lp, bco_delta=bco_delta,
-                                          **{k: getattr(cfg, k) for k in LOSS_OPTIONS if k != "bco_delta"})
+        bco_c, bco_r = out.term_rewards["bco_pair"]
         terms["bco/rewards"] = ((bco_c.mean() + bco_r.mean()) / 2).item()
     return losses, {**terms, "loss": losses.detach().mean().item(), "rewards/chosen": chosen_r.mean().item(),
                     "rewards/rejected": rejected_r.mean().item(), "rewards/margins": (chosen_r - rejected_r).mean().item(),
