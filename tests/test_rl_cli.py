@@ -245,3 +245,25 @@ def test_evaluate_says_how_many_episodes_were_cut(capsys, tmp_path):
 def test_rl_refuses_a_thread_count_torch_cannot_take(capsys, tmp_path):
     code, _, err = run(capsys, "rl", "ppo", "--threads", "1000000000000", "--output-dir", str(tmp_path / "r"))
     assert code == 2 and "--threads must be at most 4096" in err and not (tmp_path / "r").exists(), err
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    """A notebook's or script's pyplot backend is not switched to Agg by a plot dpolab writes (it was:
+    `matplotlib.use("Agg")` in every plotting path), and pyplot is not imported for it."""
+    code = f"""
+import sys, matplotlib
+matplotlib.use("svg")
+from dpolab.cli import main
+from dpolab.commands.evaluate import write_plot
+assert main(["rl", "evaluate", "--env", "random-walk", "--episodes", "5", "--runs", "1",
+             "--output", {str(tmp_path / 'c.png')!r}]) == 0
+m = dict(label="a", kl=0.5, reward=1.0, kl_ci90=[0.4, 0.6], kl_sem=None, reward_ci90=None, reward_sem=0.1)
+write_plot({str(tmp_path / 'f.png')!r}, dict(models=[m, dict(m, label="b", kl=1.0)], reference="ref",
+                                             prompts=2, num_samples=1))
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["svg", "False"]
+    for name in ("c.png", "f.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -341,15 +341,14 @@ def _errorbar(value: float, ci, sem):
 def write_plot(path: str, results: dict) -> None:
     """Reward against KL, one labelled point per model with its 90% intervals on both axes, and the
     upper-left frontier of the points (``dpolab.experiments.report.pareto``); written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own: pyplot's global backend (a notebook's) is left as the user set it
+    from matplotlib.figure import Figure
 
     from dpolab.experiments.report import pareto
 
     models = results["models"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for i, m in enumerate(models):
         ax.errorbar([m["kl"]], [m["reward"]], xerr=_errorbar(m["kl"], m["kl_ci90"], m["kl_sem"]),
                     yerr=_errorbar(m["reward"], m["reward_ci90"], m["reward_sem"]), fmt="o", capsize=3,
@@ -372,7 +371,6 @@ def write_plot(path: str, results: dict) -> None:
         fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=130)
         os.replace(tmp, out)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
 
 

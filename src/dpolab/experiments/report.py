@@ -109,10 +109,8 @@ def _trained(rows: list[dict]) -> list[str]:
 
 
 def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own: pyplot's global backend (a notebook's) is left as the user set it
+    from matplotlib.figure import Figure
 
     rows = results["rows"]
     # results.csv
@@ -127,7 +125,8 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
 
     # frontier.png: reward vs KL, one series per method (paper Fig. 2 left)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in rows):
         color = COLORS.get(method)
         pts = [(r["kl"], r["reward"]) for r in rows if r["method"] == method]
@@ -151,12 +150,11 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=130)
-    plt.close(fig)
 
     # curves.png: reward and KL against training step, one line per run, a column per trained method
     methods = _trained(rows)
-    fig, axes = plt.subplots(2, max(1, len(methods)), figsize=(4.5 * max(1, len(methods)), 6.5), sharex="col",
-                             squeeze=False)
+    fig = Figure(figsize=(4.5 * max(1, len(methods)), 6.5))
+    axes = fig.subplots(2, max(1, len(methods)), sharex="col", squeeze=False)
     for col, method in enumerate(methods):
         for value in sorted({r["value"] for r in rows if r["method"] == method}):
             run = sorted((r for r in rows if r["method"] == method and r["value"] == value), key=lambda r: r["step"])
@@ -172,7 +170,6 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
 
     # samples.md
     lines = ["# Sample completions", "", "Held-out prefixes; each completion with its ground-truth reward.", ""]

@@ -172,12 +172,11 @@ def _evaluate(cfg: EvaluateConfig) -> int:
 
 
 def _plot(curves: dict[str, np.ndarray], cfg: EvaluateConfig) -> None:
-    import matplotlib
+    # a Figure of its own: pyplot's global backend (a notebook's) is left as the user set it
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     x = np.arange(1, cfg.episodes + 1)
     for name, c in curves.items():
         ax.plot(x, c, label=name)
@@ -191,8 +190,6 @@ def _plot(curves: dict[str, np.ndarray], cfg: EvaluateConfig) -> None:
         fig.savefig(cfg.output)
     except OSError as err:
         raise ConfigError(f"cannot write {cfg.output}: {err.strerror or err}") from None
-    finally:
-        plt.close(fig)
 
 
 def cli_main(argv: list[str], prog: str = "dpolab rl", command: str = "solve") -> int:

@@ -181,15 +181,14 @@ def plot_learning_curve(run: RunDir, title: str) -> Path | None:
     """Plot training episodic returns and evaluation means against steps into ``learning_curve.png``."""
     if not run.metrics_path.exists():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own: pyplot's global backend (a notebook's) is left as the user set it
+    from matplotlib.figure import Figure
 
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines() if x.strip()]
     train = [(r["step"], r["charts/episodic_return"]) for r in rows if "charts/episodic_return" in r]
     evals = [(r["step"], r["eval/mean_return"]) for r in rows if "eval/mean_return" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.7, label="training episodes (mean per rollout)")
     if evals:
@@ -202,7 +201,6 @@ def plot_learning_curve(run: RunDir, title: str) -> Path | None:
     out = run.path / "learning_curve.png"
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
