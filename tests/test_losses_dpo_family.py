@@ -521,6 +521,7 @@ def test_registry_defaults_and_options():
     assert LOSS_REGISTRY["bco_pair"].options == ("beta", "bco_delta")
     assert unused_options("ipo", beta=0.1, label_smoothing=0.1, simpo_gamma=None) == ["label_smoothing"]
     assert unused_options("orpo", beta=0.1, orpo_lambda=0.2) == ["beta"]
+    assert unused_options("sigmoid", rpo_alpha=0.5, cpo_alpha=1.0) == ["cpo_alpha"]  # RPO applies to every loss
     # label_smoothing=None takes the loss's default: 0 for DPO (cDPO off), 1e-3 for EXO
     p = PairLogps(PC, PR, LC, LR, RC, RR)
     close(preference_loss("sigmoid", p)[0], dpo_loss(PC, PR, RC, RR)[0])

@@ -253,7 +253,7 @@ def loss_defaults(name: str) -> dict[str, float]:
 def unused_options(name: str, **given: Any) -> list[str]:
     """The options in ``given`` set (not ``None``) that loss ``name`` does not read, so that a config
     layer can warn or refuse; :func:`preference_loss` itself ignores them."""
-    reads = set(_lookup(name).options)
+    reads = set(_lookup(name).options) | {"rpo_alpha"}  # RPO's term is added to every loss
     return [k for k, v in given.items() if v is not None and k not in reads]
 
 
