@@ -202,6 +202,9 @@ def test_options_no_loss_reads_and_bad_combinations_are_refused(tiny_model_dir, 
     for loss in ("simpo", "orpo,cpo"):  # reference-free: a reference model would be loaded for nothing
         assert f"--ref-model is not used by --loss {loss}, which needs no reference model" in err(
             "--loss", loss, "--ref-model", tiny_model_dir)
+    assert "--ref-cache-dir is not used by --loss simpo" in err("--loss", "simpo", "--ref-cache-dir", tmp_path / "c")
+    assert "--ref-cache-dir is read only when reference log-probs are precomputed" in err(
+        "--no-precompute-ref", "--ref-cache-dir", tmp_path / "c")  # it was ignored: nothing cached there
     assert "cannot load --ref-model '" + str(tmp_path / "none") + "': no such folder" in err(
         "--ref-model", tmp_path / "none", "--dry-run")  # the dry run checks it as the real run does
     assert not (tmp_path / "bad").exists()

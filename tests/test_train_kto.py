@@ -408,6 +408,10 @@ def test_bad_input_is_one_located_line_and_nothing_written(tiny_model_dir, tmp_p
         err = capsys.readouterr().err
         assert f"bad{i}.jsonl:2" in err and "field 'label'" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1 and not out.exists()
+    out = tmp_path / "live"
+    assert kto(tiny_model_dir, bad, out, "--no-precompute-ref", "--ref-cache-dir", tmp_path / "c") == 2
+    assert "--ref-cache-dir is read only when reference log-probs are precomputed" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_imbalance_warning_dry_run_and_help(tiny_model_dir, tmp_path, capsys):

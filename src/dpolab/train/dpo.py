@@ -22,6 +22,7 @@ from dpolab.train.options import (
     PreferenceLossOptions,
     TrainerOptions,
     check_loss_options,
+    check_ref_cache_dir,
     check_unused_reference,
     validate_common,
 )
@@ -68,6 +69,7 @@ class DPOConfig(TrainerOptions, PreferenceLossOptions):
         validate_common(self, data_what="a preference data file, folder or hub name")
         check_loss_options(self)
         check_unused_reference(self)
+        check_ref_cache_dir(self)
         if self.ref_update_steps < 0 or not 0 < self.ref_update_alpha <= 1:
             raise ConfigError("--ref-update-steps must be >= 0 and --ref-update-alpha in (0, 1]")
         if self.ref_update_alpha != 1.0 and not self.ref_update_steps:

@@ -26,7 +26,7 @@ from dpolab.errors import ConfigError
 from dpolab.losses.constants import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import TrainerOptions, validate_common
+from dpolab.train.options import TrainerOptions, check_ref_cache_dir, validate_common
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +75,7 @@ class KTOConfig(TrainerOptions):
 
     def validate(self) -> None:
         validate_common(self, data_what="an unpaired or preference data file, folder or hub name")
+        check_ref_cache_dir(self)
         if not self.beta > 0:
             raise ConfigError("--beta must be > 0")
         if not (self.desirable_weight > 0 and self.undesirable_weight > 0):

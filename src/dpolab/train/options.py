@@ -151,10 +151,17 @@ def check_unused_reference(cfg) -> None:
     from dpolab.losses.dpo import needs_reference
 
     if not any(needs_reference(n) for n in cfg.losses):
-        for flag in ("ref_model", "ref_update_steps"):  # (--ref-update-alpha: refused without steps, in DPOConfig)
+        for flag in ("ref_model", "ref_update_steps", "ref_cache_dir"):  # (--ref-update-alpha: in DPOConfig)
             if getattr(cfg, flag, None):
                 raise ConfigError(f"--{flag.replace('_', '-')} is not used by --loss {cfg.loss}, which needs no "
                                   "reference model")
+
+
+def check_ref_cache_dir(cfg) -> None:
+    """``--ref-cache-dir`` is read by the precompute only: refused, not ignored, with a live reference."""
+    if cfg.ref_cache_dir and not cfg.precompute_ref:
+        raise ConfigError("--ref-cache-dir is read only when reference log-probs are precomputed; "
+                          "--no-precompute-ref runs a live reference and caches nothing: drop one of them")
 
 
 def _probe_loss(cfg) -> None:
