@@ -224,3 +224,45 @@ def test_rl_tensorboard_flag_without_the_package_is_the_install_hint(tmp_path, m
     err = capsys.readouterr().err.strip()
     assert "--report-to tensorboard needs the tensorboard package" in err and err.count("\n") == 0, err
     assert not out.exists()
+
+
+def test_mlflow_records_a_stopped_run_as_killed_and_a_failed_one_as_failed(tiny_model_dir, tmp_path, monkeypatch):
+    """Every run was FINISHED in MLflow (and exit code 0 in W&B), also one stopped by a signal (resumable)
+    or ended by an error, so a dashboard could not tell them from complete runs."""
+    import os
+    import signal
+
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from dpolab.train.engine import Engine
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = write_sft_data(tmp_path / "sft.jsonl", n=24)
+    original = Engine.optimizer_step
+
+    def stopped(self, *args, **kwargs):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    def failing(self, *args, **kwargs):
+        if self.step == 1:
+            raise RuntimeError("a failure inside the step")
+        return original(self, *args, **kwargs)
+
+    for name, patch in (("done", None), ("stopped", stopped), ("failed", failing)):
+        if patch:
+            monkeypatch.setattr(Engine, "optimizer_step", patch)
+        argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / name),
+                "--max-length", "48", "--max-steps", "3", "--batch-size", "4", "--no-progress", "--report-to", "mlflow"]
+        if name == "failed":
+            with pytest.raises(RuntimeError, match="a failure inside the step"):
+                main(argv)
+        else:
+            assert main(argv) == 0
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, status in (("done", "FINISHED"), ("stopped", "KILLED"), ("failed", "FAILED")):
+        client = MlflowClient(tracking_uri=(tmp_path / name / "mlruns").as_uri())
+        (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert run.info.status == status, name

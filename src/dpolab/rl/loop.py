@@ -221,6 +221,7 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
         evaluated_at, last_eval = int(state.get("evaluated_at", -1)), float(state.get("last_eval", math.nan))
     update = start
     signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
+    status = "failed"  # what the trackers record when the loop does not end
     try:
         while update < n_updates:
             update += 1
@@ -246,14 +247,16 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
                 checkpoint(update)
                 print(resume_hint(f"rl {algo.name}", run_dir, signals.received, step, n_updates * per_update),
                       file=sys.stderr)
+                status = "stopped"
                 return {"stopped": True, "steps": step}
         step = update * per_update
         if evaluated_at != step:
             last_eval = run_eval(step)
         checkpoint(update)
+        status = "finished"
     finally:
         signals.__exit__(None, None, None)
-        tracker.close()
+        tracker.close(status)
         collector.envs.close()
 
     save_final(run_dir, policy, {"env": cfg.env, "algo": algo.name}, step)

@@ -75,10 +75,10 @@ class Tracker:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         if self.bar is not None:
             self.bar.close()
-        self.trackers.close()
+        self.trackers.close(status)
 
 
 def report_to(cfg: Any) -> list[str]:

@@ -115,9 +115,19 @@ class Trackers:
 
                 mlflow.log_dict({"columns": columns, "data": data}, f"{name}/step-{step}.json")
 
-    def close(self) -> None:
-        for _, tracker in self.trackers:
-            tracker.finish()
+    def close(self, status: str = "finished") -> None:
+        """End every tracker's run; ``status`` ``"failed"`` (an exception) or ``"stopped"`` (a signal,
+        the run resumable) is what MLflow records and W&B's exit code says (both called every run
+        finished and successful)."""
+        for kind, tracker in self.trackers:
+            if kind == "mlflow" and status != "finished":
+                import mlflow
+
+                mlflow.end_run(status="FAILED" if status == "failed" else "KILLED")
+            elif kind == "wandb" and status != "finished":
+                tracker.run.finish(exit_code=1 if status == "failed" else 143)
+            else:
+                tracker.finish()
         self.trackers = []
         if "MLFLOW_TRACKING_URI" in self._set_env:
             import mlflow

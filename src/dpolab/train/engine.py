@@ -275,10 +275,13 @@ class Engine:
                 if self.is_main and self.ckpt is None:  # nothing of the new run is left half-made
                     run.abandon()
                 raise
+            status = "failed"
             try:
-                return self._loop(algo)
+                summary = self._loop(algo)
+                status = "stopped" if summary.get("stopped") else "finished"
+                return summary
             finally:
-                self.trackers.close()
+                self.trackers.close(status)
         finally:
             if self.is_main:
                 run.unlock()
