@@ -267,3 +267,17 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
     assert out.stdout.split()[-2:] == ["svg", "False"]
     for name in ("c.png", "f.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_buffers_beyond_the_machines_memory_are_refused_before_any_work(capsys, tmp_path):
+    """--episodes 1e12 or --n-steps 1e12 ended in numpy's or torch's allocation traceback (rl ppo after
+    its run folder and config.yaml were written)."""
+    code, _, err = run(capsys, "rl", "evaluate", "--env", "random-walk", "--episodes", "1000000000000",
+                       "--output", str(tmp_path / "c.png"))
+    assert code == 2 and "the learning curves of --episodes 1000000000000 would take 44,703.5 GiB" in err
+    for algo in ("ppo", "a2c"):
+        out = tmp_path / algo
+        code, _, err = run(capsys, "rl", algo, "--env", "CartPole-v1", "--n-envs", "2", "--n-steps", "1000000000000",
+                           "--output-dir", str(out))
+        assert code == 2 and "a rollout of --n-steps 1000000000000 x --n-envs 2 steps would take" in err, err
+        assert "Traceback" not in err and not out.exists()

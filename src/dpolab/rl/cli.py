@@ -128,7 +128,9 @@ def _solve(cfg: SolveConfig) -> int:
 def _evaluate(cfg: EvaluateConfig) -> int:
     from dpolab.rl.planning import policy_iteration
     from dpolab.rl.policy_evaluation import exact_values, mc_evaluation, td0_evaluation
+    from dpolab.runs.memory_check import check_fits_memory
 
+    check_fits_memory(6 * 8 * cfg.episodes, f"the learning curves of --episodes {cfg.episodes}")  # 3 methods' sums + a run's
     model = make_model(cfg.env, cfg.mdp, cfg.gamma, cfg.env_kwargs)
     policy = None
     if isinstance(model, MDP):

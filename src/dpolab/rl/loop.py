@@ -147,11 +147,19 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
         start_run,
     )
     from dpolab.runs.guards import nonfinite_error, weights_finite
+    from dpolab.runs.memory_check import check_fits_memory
     from dpolab.runs.model_card import method_text, write_model_card
     from dpolab.runs.seeding import seed_everything
     from dpolab.runs.signals import StopSignal, resume_hint
     trackers = report_to(cfg)  # a tracker that is not installed fails before any work
     envs = make_vec_env(cfg.env, cfg.n_envs)  # a bad env id fails before the run directory exists
+    try:  # a rollout's buffers (observations, actions, log-probs, values, rewards, advantages, flags)
+        obs_dim, action_dim, _ = space_dims(envs)
+        check_fits_memory(cfg.n_steps * cfg.n_envs * (4 * obs_dim + 8 * action_dim + 34),
+                          f"a rollout of --n-steps {cfg.n_steps} x --n-envs {cfg.n_envs} steps")
+    except BaseException:
+        envs.close()
+        raise
     if cfg.dry_run:
         try:
             start_run(cfg, algo.name, create=False)  # the output folder and --resume, as a real run checks them
