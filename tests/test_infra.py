@@ -31,6 +31,17 @@ def test_config_precedence(tmp_path):
     assert (cfg.beta, cfg.steps, cfg.lora, cfg.loss, cfg.name) == (0.5, 7, True, "sigmoid", None)
 
 
+def test_a_repeated_list_option_adds_to_the_list(tmp_path):
+    """`--reward a --reward b` kept only b (argparse's last value) while the run said nothing; now it is
+    `--reward a,b`; given on the command line the list replaces the YAML file's."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("names: [x]\nweights: [9]\n")
+    cfg = parse_config(_Cfg, ["--config", str(cfg_file), "--names", "a", "--names", "b,c", "--weights", "1",
+                              "--weights", "2"], prog="t")
+    assert (cfg.names, cfg.weights) == (["a", "b", "c"], [1.0, 2.0])
+    assert parse_config(_Cfg, ["--config", str(cfg_file), "--steps", "1"], prog="t").names == ["x"]
+
+
 def test_config_unknown_key_suggests(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("betta: 0.5\n")

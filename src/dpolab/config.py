@@ -245,6 +245,8 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         else:
             kwargs["metavar"] = f.name.upper()
             kwargs["type"] = str  # converted in parse_config, for uniform error messages
+            if get_origin(base) in (list, tuple):  # `--reward a --reward b` is `--reward a,b` (the last one won)
+                kwargs["action"] = "append"
             choices = f.metadata.get("choices") or (get_args(base) if get_origin(base) is Literal else None)
             if choices:
                 kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
@@ -263,6 +265,8 @@ def parse_config(cls: type[T], argv: list[str], prog: str, description: str = ""
     ns.pop("config", None)
     types_ = {f.name: tp for f, tp in _fields(cls)}
     for key, value in ns.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):  # a repeated list option
+            value = ",".join(value)
         values[key] = _convert(value, types_[key], "--" + key.replace("_", "-"))
     return make_config(cls, values)
 

@@ -278,10 +278,11 @@ class SamplingOptions:
 
 @dataclass
 class RewardOptions:
-    reward_model: list[str] | None = opt(None, "reward model folder(s) (dpolab rm output) scoring (prompt, completion)")
-    reward: list[str] | None = opt(None, "Python reward(s) 'module:function' or 'file.py:function', comma separated: "
-                                   "f(prompts, completions, [column, ...]) -> list[float]; a parameter named like "
-                                   "a field of the prompt rows (e.g. answer) receives that field")
+    reward_model: list[str] | None = opt(None, "reward model folder(s) (dpolab rm output) scoring (prompt, completion), "
+                                         "comma separated or the option repeated")
+    reward: list[str] | None = opt(None, "Python reward(s) 'module:function' or 'file.py:function', comma separated or "
+                                   "the option repeated: f(prompts, completions, [column, ...]) -> list[float]; a "
+                                   "parameter named like a field of the prompt rows (e.g. answer) receives that field")
     reward_weights: list[float] | None = opt(None, "weights of the rewards, --reward ones first, then --reward-model "
                                              "(default: all 1); the score is their weighted sum")
 
