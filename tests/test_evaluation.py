@@ -53,7 +53,7 @@ def test_bad_reward_specs_are_clear_errors(spec, message):
     (lambda p, c: [1.0], "returned 1 values for 2"),
     (lambda p, c: [1.0, "x"], r"str at position 1 \(prompt 'q', completion 'b'\); expected a float"),
     (lambda p, c: [1.0, float("nan")], r"non-finite value \(nan\) at position 1 \(prompt 'q', completion 'b'\)"),
-    (lambda p, c: [True, 1.0], "bool at position 0"),
+    (lambda p, c: [None, 1.0], "NoneType at position 0"),
     (lambda p, c: 1 / 0, "ZeroDivisionError"),
     (lambda p, c: [1.0, 10**400], r"non-finite value \(1000000000.*\(401 characters\)\) at position 1 \(prompt"),
     (lambda p, c: [-1e39, 1.0], r"returned -1e\+39 at position 0 \(prompt 'p', completion 'a'\), beyond float32's"),
@@ -88,6 +88,61 @@ def test_compute_rewards_accepts_tensors_and_ints():
     out = compute_rewards(lambda p, c: torch.tensor([1, 2]), ["p", "q"], ["a", "b"])
     assert out.tolist() == [1.0, 2.0] and out.dtype == torch.float32
     assert mean_reward(length_reward, ["", ""], ["abc", "a"]) == pytest.approx(2.0)
+
+
+def test_booleans_trl_style_and_async_rewards_are_scored():
+    """An exact-match reward's booleans are 1.0/0.0 (they were refused); TRL's f(completions, **kwargs)
+    gets the texts by name (it got two positional arguments: a TypeError), with the columns; an async
+    reward is awaited (it returned a coroutine)."""
+    import numpy as np
+
+    assert compute_rewards(lambda p, c: [x == "a" for x in c], ["p", "q"], ["a", "b"]).tolist() == [1.0, 0.0]
+    assert compute_rewards(lambda p, c: np.array([True, False]), ["p", "q"], ["a", "b"]).tolist() == [1.0, 0.0]
+    seen = {}
+
+    def trl_style(completions, **kwargs):
+        seen.update(kwargs, completions=completions)
+        return [float(len(x)) for x in completions]
+
+    out = compute_rewards(trl_style, ["p", "q"], ["a", "bb"], {"answer": ["1", "2"]})
+    assert out.tolist() == [1.0, 2.0] and seen == {"prompts": ["p", "q"], "completions": ["a", "bb"],
+                                                    "answer": ["1", "2"]}
+    assert compute_rewards(lambda c, p, answer: [float(a) for a in answer], ["p"], ["a"], {"answer": ["3"]}
+                           ).tolist() == [3.0]  # our form: the first two positional, whatever their names
+
+    async def asked(prompts, completions):
+        return [0.5] * len(completions)
+
+    assert compute_rewards(asked, ["p"], ["a"]).tolist() == [0.5]
+
+
+def test_row_fields_named_like_the_texts_are_not_passed_as_columns():
+    """A prompt row's `completions` field (UltraFeedback's files have one) was passed as a column too:
+    'got multiple values for argument completions', also for a reward that reads no column."""
+    columns = {"completions": [["x", "y"]], "prompts": ["?"], "answer": ["1"]}
+    assert compute_rewards(lambda prompts, completions, **kw: [float(len(kw))], ["p"], ["a"], columns).tolist() == [1.0]
+    assert compute_rewards(length_reward, ["p"], ["abc"], columns).tolist() == [3.0]
+    both = WeightedRewards([("len", length_reward), ("kw", lambda p, c, **kw: [float(len(kw))])])
+    assert both.score(["p"], ["ab"], columns)[0].tolist() == [3.0]
+
+
+def test_an_error_inside_a_reward_names_its_file_and_line(tmp_path, monkeypatch):
+    """The message named the exception only (a bare assert: nothing after its name); now the line of the
+    reward's own code it came from, also from a helper the reward calls. A reward file imports the
+    modules beside it, as `python file.py` would."""
+    folder = tmp_path / "rw"
+    folder.mkdir()
+    (folder / "rw_helpers.py").write_text("def util(x):\n    return 1 / 0\n")
+    (folder / "rw_main.py").write_text("from rw_helpers import util\n\n\ndef deep(p, c):\n    return [util(x) for x in c]\n"
+                                       "\n\ndef bare(p, c):\n    assert False\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    deep = load_reward_function(f"{folder / 'rw_main.py'}:deep")
+    with pytest.raises(DpolabError, match=r"reward function deep raised ZeroDivisionError at .*rw_helpers.py:2 in util: "
+                                          "division by zero"):
+        compute_rewards(deep, ["p"], ["a"])
+    bare = load_reward_function(f"{folder / 'rw_main.py'}:bare")
+    with pytest.raises(DpolabError, match=r"reward function bare raised AssertionError at .*rw_main.py:9 in bare$"):
+        compute_rewards(bare, ["p"], ["a"])
 
 
 # -- win rate -----------------------------------------------------------------------------------------
@@ -184,3 +239,69 @@ def test_misaligned_inputs_are_refused_and_helpers_compare_in_float64():
     close = lambda p, c: [1.0 + 1e-9 * len(x) for x in c]  # noqa: E731 -- one float32, two float64s
     assert win_rate(close, ["p"], ["aa"], ["a"]) == 1.0
     assert mean_reward(close, ["p", "q"], ["a", "aaa"]) == pytest.approx(1.0 + 2e-9, rel=0, abs=1e-15)
+
+
+def _reward_model_dir(path, tokenizer, max_positions: int = 256):
+    from transformers import AutoModelForSequenceClassification
+
+    from dpolab.lm.tiny import tiny_llama
+
+    config = tiny_llama(len(tokenizer), hidden_size=32, layers=1, heads=4, max_positions=max_positions,
+                        tokenizer=tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_a_reward_model_with_another_tokenizer_reads_the_whole_texts(tiny_tokenizer, tmp_path):
+    """A reward model with the policy's tokenizer reads the prompt cut to --max-prompt-length as the
+    policy does; one with another tokenizer was cut to that many of its own tokens (the prompt's start
+    and the completion's end gone, though the policy saw them) and now reads both whole."""
+    from types import SimpleNamespace
+
+    from dpolab.lm.tiny import train_tokenizer
+    from dpolab.rewards.functions import score
+    from dpolab.train.on_policy import reward_function
+
+    other = train_tokenizer(["abc def ghi", "xyz uvw", "the story was kind"] * 10, vocab_size=270)
+    assert other.get_vocab() != tiny_tokenizer.get_vocab()
+    same_dir, other_dir = (_reward_model_dir(tmp_path / n, t) for n, t in (("same", tiny_tokenizer), ("other", other)))
+    cfg = SimpleNamespace(reward=None, reward_model=[same_dir, other_dir], reward_weights=None, max_prompt_length=3,
+                          max_new_tokens=4, trust_remote_code=False, dtype="float32")
+    rewards = reward_function(cfg, torch.device("cpu"), tiny_tokenizer)
+    prompts, completions = ["what a delightful story, charming", "the worst film"], ["and warm", "of the year, a mess"]
+    _, terms = rewards.score(prompts, completions, dtype=torch.float64)
+    (same_name, _), (other_name, _) = rewards.named
+    assert terms[same_name].tolist() == pytest.approx(score(same_dir, prompts, completions, max_prompt_length=3,
+                                                            max_length=8), abs=1e-6)
+    assert terms[other_name].tolist() == pytest.approx(score(other_dir, prompts, completions), abs=1e-6)
+    assert terms[other_name].tolist() != pytest.approx(score(other_dir, prompts, completions, max_prompt_length=3,
+                                                             max_length=8), abs=1e-6)
+
+
+def test_rows_beyond_a_reward_models_positions_or_vocabulary_name_it(tiny_tokenizer, tmp_path):
+    """Both were an IndexError from inside the reward model's forward ('index out of range in self'),
+    under the name reward_model_function.<locals>.scorer."""
+    from types import SimpleNamespace
+
+    from dpolab.train.on_policy import reward_function
+
+    short = _reward_model_dir(tmp_path / "short", tiny_tokenizer, max_positions=8)
+    cfg = SimpleNamespace(reward=None, reward_model=[short], reward_weights=None, max_prompt_length=None,
+                          max_new_tokens=4, trust_remote_code=False, dtype="float32")
+    rewards = reward_function(cfg, torch.device("cpu"), tiny_tokenizer)
+    with pytest.raises(DpolabError, match=rf"reward model {short}: prompt 0 \('what a delightful story'\) and its "
+                                          r"completion are \d+ of its tokens, more than its 8 positions"):
+        rewards.score(["what a delightful story"], ["charming and warm, the worst film of the year"])
+    small = tmp_path / "small"
+    _reward_model_dir(small, tiny_tokenizer)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(small)
+    model.resize_token_embeddings(100)  # fewer rows than its tokenizer's ids
+    model.save_pretrained(small)
+    cfg.reward_model = [str(small)]
+    with pytest.raises(DpolabError, match=r"its tokenizer gives id \d+ \(prompt 0\), beyond its 100 embedding rows"):
+        reward_function(cfg, torch.device("cpu"), tiny_tokenizer).score(["the worst film"], ["of the year"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -323,8 +324,8 @@ def test_a_failure_on_one_process_is_its_line_and_one_line_from_the_other(tiny_m
                                        f"{reward_file}:fails_on_process_1", "--num-generations", 2,
                                        "--prompts-per-step", 2, "--max-steps", 3))
     assert res.returncode != 0
-    assert "dpolab grpo: error: reward function fails_on_process_1 raised ValueError: cannot score on process 1" \
-        in res.stderr, res.stderr[-3000:]
+    assert re.search(r"dpolab grpo: error: reward function fails_on_process_1 raised ValueError at \S+grpo_rewards.py:\d+ "
+                     "in fails_on_process_1: cannot score on process 1", res.stderr), res.stderr[-3000:]
     ours = [ln for ln in res.stderr.splitlines() if "src/dpolab" in ln or "dpolab/" in ln and "File" in ln]
     assert ours == [], res.stderr[-3000:]  # no traceback through dpolab (the launcher's own report may follow)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -388,7 +389,8 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
     for cmd in ("grpo", "rloo"):  # was taken as 0 (never split), silently (online-dpo: its own test file)
         assert "--micro-batch-tokens must be >= 0" in err(cmd, "--reward", "a:b", "--micro-batch-tokens", -5)
     assert "--reward" in err("grpo")
-    assert "reward function exits raised SystemExit: 3" in err("rloo", "--reward", f"{reward_file}:exits")
+    assert re.search(r"reward function exits raised SystemExit at \S+grpo_rewards.py:\d+ in exits: 3$",
+                     err("rloo", "--reward", f"{reward_file}:exits").strip())
     frac = ("--reward", f"{reward_file}:frac_alpha")
     assert "--temperature must be a finite number > 0 (the trainer samples" in err("grpo", *frac, "--temperature", 0)
     assert "--top-p must be in (0, 1], got 1.5" in err("rloo", *frac, "--top-p", 1.5)

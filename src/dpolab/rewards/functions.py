@@ -1,7 +1,7 @@
 """Reward functions: what on-policy trainers and evaluations score completions with.
 
 A *reward function* is any ``f(prompts: list[str], completions: list[str]) -> list[float]`` (one
-finite number per pair). It can be a Python callable named ``module:function`` (or
+finite number per pair; TRL's ``f(completions, **kwargs)`` and ``async def`` functions too). It can be a Python callable named ``module:function`` (or
 ``path/to/file.py:function``), see :func:`load_reward_function`, or a trained reward model folder,
 see :func:`reward_model_function` and :func:`score`. :func:`compute_rewards` calls one and checks
 its answer.
@@ -9,11 +9,15 @@ its answer.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,6 +42,9 @@ def load_reward_function(spec: str) -> RewardFn:
             path = Path(module_name)
             if not path.is_file():
                 raise DpolabError(f"--reward {spec!r}: file not found: {path}")
+            folder = str(path.resolve().parent)  # its own imports find the modules beside it, as `python file.py`'s do
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             mod_spec = importlib.util.spec_from_file_location(f"_dpolab_reward_{path.stem}", path)
             module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
             mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -59,14 +66,17 @@ def load_reward_function(spec: str) -> RewardFn:
 
 
 def reward_model_function(model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
-                          max_prompt_length: int | None = None) -> RewardFn:
+                          max_prompt_length: int | None = None, name: str | None = None) -> RewardFn:
     """A reward function scoring with a trained reward model through :func:`score`; ``max_length`` and
-    ``max_prompt_length`` truncate as the reward model's training did (the prompt keeps its end)."""
+    ``max_prompt_length`` truncate as the reward model's training did (the prompt keeps its end).
+    ``name`` (e.g. its folder) is what errors call it."""
     def scorer(prompts: list[str], completions: list[str]) -> list[float]:
         out = score(model, prompts, completions, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                    max_prompt_length=max_prompt_length)
+                    max_prompt_length=max_prompt_length, name=name)
         return [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
 
+    if name:
+        scorer.__qualname__ = f"(reward model {name})"
     return scorer
 
 
@@ -93,11 +103,19 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
         raise DpolabError("compute_rewards needs one prompt (and column value) per completion, got "
                           + ", ".join(f"{n} {k}" for k, n in sizes.items()))
     try:
-        out = fn(list(prompts), list(completions), **_accepted(fn, columns or {}))
+        keywords, _, _ = _signature(fn)
+        given = _accepted(fn, columns or {})
+        if keywords:  # TRL's form, f(completions, **kwargs): the texts by name
+            out = fn(prompts=list(prompts), completions=list(completions), **given)
+        else:
+            out = fn(list(prompts), list(completions), **given)
+        if inspect.isawaitable(out):  # an async reward (e.g. one that asks a server)
+            out = asyncio.run(_awaited(out))
     except DpolabError:  # already says which reward and what (a combination of rewards calls this per reward)
         raise
     except (Exception, SystemExit) as err:  # sys.exit() in a reward would end the run with its code
-        raise DpolabError(f"reward function {name} raised {type(err).__name__}: {err}") from None
+        raise DpolabError(f"reward function {name} raised {type(err).__name__}{_where(err)}"
+                          + (f": {err}" if str(err) else "")) from None
     if isinstance(out, torch.Tensor):
         out = out.detach().cpu().reshape(-1).tolist() if out.dim() <= 1 else out
     elif hasattr(out, "tolist") and getattr(out, "ndim", 1) <= 1:
@@ -114,7 +132,7 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     for i, v in enumerate(out):
         if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # a numpy scalar or 0-d tensor
             v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not isinstance(v, (int, float)):  # (a bool is an int: True is 1.0, as for an exact-match reward)
             raise DpolabError(f"reward function {name} returned {type(v).__name__} {at(i)}; expected a float")
         try:
             number = float(v)
@@ -129,6 +147,21 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
     return torch.tensor(values, dtype=dtype)
 
 
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _where(err: BaseException) -> str:
+    """`` at FILE:LINE in FUNCTION``: where in the reward's code the error was raised (its last frame)."""
+    frames = traceback.extract_tb(err.__traceback__)[1:]  # after compute_rewards' own frame
+    libraries = {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}
+    own = [f for f in frames if not any(f.filename.startswith(d) for d in libraries)] or frames
+    if not own:
+        return ""
+    last = own[-1]  # the innermost line of the reward's own code (not numpy's, say)
+    return f" at {last.filename}:{last.lineno} in {last.name}"
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
@@ -136,13 +169,14 @@ def _short(value) -> str:
 
 @torch.no_grad()
 def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenizer=None, batch_size: int = 32,
-          max_length: int | None = None, max_prompt_length: int | None = None) -> list[float]:
+          max_length: int | None = None, max_prompt_length: int | None = None, name: str | None = None) -> list[float]:
     """Rewards ``r(prompt_i, completion_i)``, one float per pair, in order.
 
     ``model``: a folder or hub name of a reward model (``dpolab rm``'s ``final/``), a loaded
     ``*ForSequenceClassification`` model, or a :class:`RewardModel`. ``tokenizer`` defaults to the
     one saved with the model. ``max_length``/``max_prompt_length`` truncate as in training (default:
-    no truncation)."""
+    no truncation). A row longer than the model's positions, or a token id beyond its embedding, is
+    a :class:`DpolabError` naming the model (``name``, default its path) and the row."""
     from dpolab.data.preference import encode_prompt_completions
     from dpolab.lm.loading import load_tokenizer, pad_token_id_for
     from dpolab.lm.reward_model import RewardModel, load_reward_model
@@ -167,6 +201,7 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
     device = next(rm.parameters()).device
     rows = encode_prompt_completions(tokenizer, list(prompts), list(completions), max_length=max_length,
                                      max_prompt_length=max_prompt_length)
+    _check_rows_fit(rm, rows, name, prompts)
     out: list[float] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -180,17 +215,51 @@ def score(model, prompts: Sequence[str], completions: Sequence[str], *, tokenize
     return out
 
 
-def _column_params(fn) -> tuple[list, bool]:
-    """``(parameters after (prompts, completions) that a column can fill, takes **kwargs)``; no
-    parameters when the signature cannot be read."""
-    import inspect
+#: the arguments every reward gets: a prompt row's field of one of these names is not passed as a column
+TEXT_ARGUMENTS = ("prompts", "completions")
 
+
+def _signature(fn) -> tuple[bool, list, bool]:
+    """``(keywords, column parameters, takes **kwargs)``. ``keywords``: the texts go by name, as TRL
+    passes them, for a function naming both ``prompts`` and ``completions`` or taking ``**kwargs``
+    with fewer than two positional parameters (``f(completions, **kwargs)``); else they are the first
+    two positional arguments, whatever their names. The column parameters are the others (no
+    parameters when the signature cannot be read)."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return [], False
-    named = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
-    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+        return False, [], False
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in named}
+    keywords = set(TEXT_ARGUMENTS) <= names or (var_keyword and len(positional) < 2
+                                               and not any(p.kind is p.VAR_POSITIONAL for p in params))
+    columns = [p for p in named if p.name not in TEXT_ARGUMENTS] if keywords else named[2:]
+    return keywords, columns, var_keyword
+
+
+def _check_rows_fit(rm, rows: list[list[int]], name: str | None, prompts) -> None:
+    """Each tokenized row within the reward model's positions and embedding rows (an IndexError deep in
+    its forward otherwise)."""
+    config = rm.model.config
+    name = name or getattr(config, "_name_or_path", "") or "the reward model"
+    positions = getattr(config, "max_position_embeddings", None)
+    vocab = rm.model.get_input_embeddings().num_embeddings
+    for i, r in enumerate(rows):
+        if positions is not None and len(r) > positions:
+            raise DpolabError(f"reward model {name}: prompt {i} ({_short(prompts[i])}) and its completion are "
+                              f"{len(r)} of its tokens, more than its {positions} positions; lower "
+                              "--max-new-tokens or --max-prompt-length, or use a reward model with more positions")
+        if r and max(r) >= vocab:
+            raise DpolabError(f"reward model {name}: its tokenizer gives id {max(r)} (prompt {i}), beyond its "
+                              f"{vocab} embedding rows: the folder's tokenizer and model do not belong together")
+
+
+def _column_params(fn) -> tuple[list, bool]:
+    """``(parameters that a column can fill, takes **kwargs)``."""
+    _, columns, var_keyword = _signature(fn)
+    return columns, var_keyword
 
 
 def required_columns(fn) -> dict[str, str]:
@@ -204,11 +273,12 @@ def required_columns(fn) -> dict[str, str]:
 
 def _accepted(fn, columns: dict[str, list]) -> dict[str, list]:
     """The columns ``fn`` takes as keyword arguments: all of them for ``**kwargs``, else those it names."""
+    columns = {k: v for k, v in (columns or {}).items() if k not in TEXT_ARGUMENTS}
     if not columns:
         return {}
     named, var_keyword = _column_params(fn)
     if var_keyword:
-        return dict(columns)
+        return columns
     return {p.name: columns[p.name] for p in named if p.name in columns}
 
 

@@ -108,7 +108,7 @@ def open_run(cfg, name: str):
     prompts = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.data_split)
     check_prompt_room(cfg, prompts)
     check_side_models(cfg, prompts)
-    rewards = reward_function(cfg, accelerator.device)
+    rewards = reward_function(cfg, accelerator.device, tokenizer)
     check_reward_fields(rewards, prompts)
     eval_set = eval_prompt_set(cfg, prompts, tokenizer, rewards)
     report = {**prompts.report(), "eval_prompts": len(eval_set[0]) if eval_set is not None else 0,
@@ -183,10 +183,15 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
 
 
-def reward_function(cfg, device):
+def reward_function(cfg, device, tokenizer=None):
     """The rewards ``--reward``/``--reward-model`` name, weighted by ``--reward-weights``, as one
     :class:`dpolab.rewards.functions.WeightedRewards` (callable as a reward function; its
-    ``score`` method also returns each reward's values). Reward models load frozen on ``device``."""
+    ``score`` method also returns each reward's values). Reward models load frozen on ``device``.
+
+    A reward model with the policy's ``tokenizer`` (the same token ids) reads the prompt cut to
+    ``--max-prompt-length`` as the policy does, in the same tokens; one with another tokenizer reads
+    the prompt and the completion whole (a count of the policy's tokens is not one of its own: it cut
+    the prompt's start and the completion's end that the policy had)."""
     from pathlib import Path
 
     from dpolab.rewards.functions import WeightedRewards, load_reward_function, reward_model_function
@@ -203,11 +208,12 @@ def reward_function(cfg, device):
         rm = load_reward_model(folder, rm_tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                trained=True)
         rm = rm.requires_grad_(False).eval().to(device)
-        # prompts cut as the policy sees them (the reward model's own tokens may differ in count)
+        cut = (cfg.max_prompt_length is not None  # unset in `dpolab eval`: prompts are not cut
+               and tokenizer is not None and rm_tokenizer.get_vocab() == tokenizer.get_vocab())
         named.append((Path(folder).name or "reward_model", reward_model_function(
-            rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16),
-            max_prompt_length=cfg.max_prompt_length,  # unset in `dpolab eval`: prompts are not cut
-            max_length=None if cfg.max_prompt_length is None else cfg.max_prompt_length + cfg.max_new_tokens + 1)))
+            rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16), name=folder,
+            max_prompt_length=cfg.max_prompt_length if cut else None,
+            max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1 if cut else None)))
     return WeightedRewards(distinct_names(named), cfg.reward_weights)
 
 
