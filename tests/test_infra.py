@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 
 import pytest
@@ -241,3 +243,29 @@ def test_check_config_leaves_the_callers_object_as_it_was():
     assert check_config(dataclasses.replace(base, loss="simpo")).beta == 2.0  # SimPO's own default
     checked.batch_size = 2.0  # equal to 2, another type: checked again
     assert type(check_config(checked).batch_size) is int
+
+
+def test_outputs_that_are_not_plain_files_are_written_not_replaced(tmp_path):
+    """The temporary-file-and-rename replaced what the path named: /dev/null became a plain file (as
+    root), a FIFO's reader got nothing, a link to /dev/stdout (/proc/self/fd/1) was replaced and a
+    link to a file was replaced by a file, its target left as it was."""
+    import threading
+
+    from dpolab.runs.rundir import atomic_write_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    link_to_fifo = tmp_path / "stdout-like"
+    link_to_fifo.symlink_to(fifo)
+    atomic_write_text(link_to_fifo, "through the pipe\n")
+    reader.join(timeout=10)
+    assert got == ["through the pipe\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode) and link_to_fifo.is_symlink()
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write_text(link, b"new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json", "real.json", "stdout-like"]

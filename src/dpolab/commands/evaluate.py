@@ -120,7 +120,7 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
         seen: dict[str, str] = {}
         for flag, path in outputs:
             check_output_file(flag, path)
-            if path is None:
+            if path is None or (Path(path).exists() and not Path(path).is_file()):  # /dev/null takes every output
                 continue
             resolved = os.path.realpath(path)  # written in turn at the end: a shared file keeps only the last
             if resolved in seen:
@@ -364,14 +364,13 @@ def write_plot(path: str, results: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=130)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    import io
+
+    from dpolab.runs.rundir import atomic_write_text
+
+    image = io.BytesIO()
+    fig.savefig(image, format=Path(path).suffix.lower().lstrip("."), dpi=130)
+    atomic_write_text(Path(path), image.getvalue())
 
 
 def cli_main(argv: list[str], prog: str) -> int:

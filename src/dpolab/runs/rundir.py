@@ -31,14 +31,27 @@ LOCK_FILE = ".dpolab-run.lock"
 _HELD: dict[str, int] = {}  # the lock files this process holds, and their descriptors
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename; an error (no space, no
-    permission) is one line naming the file, and leaves neither a partial file nor the temporary one."""
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` through a temporary file and a rename; an error (no space,
+    no permission) is one line naming the file, and leaves neither a partial file nor the temporary
+    one. A path that is not a plain file (``/dev/null``, ``/dev/stdout``, a FIFO) is written as it is,
+    and a symbolic link's file is replaced, the link kept (the rename replaced the device, the pipe
+    or the link itself)."""
     path = Path(path)
+    mode = {"mode": "wb"} if isinstance(text, bytes) else {"mode": "w", "encoding": "utf-8"}
+    if path.exists() and not path.is_file() and not path.is_dir():
+        try:
+            with open(path, **mode) as fh:
+                fh.write(text)
+        except OSError as err:
+            raise DpolabError(f"cannot write {path}: {err.strerror or err}") from None
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, **mode) as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
