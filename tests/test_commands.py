@@ -209,6 +209,46 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, work,
     afile.write_text("x")
     assert f"{afile} is a file, not a folder" in err("--prompt", "a", "--output", afile / "out.jsonl")
     assert "no room for the completions" in err("--prompt", "a", "--max-new-tokens", 100_000)  # past the positions
+    for device, said in (("mps", "MPS (Apple silicon) is not available here"), ("meta", "choose auto, cpu")):
+        assert f"--device {device}: {said}" in err("--prompt", "a", "--device", device)  # tracebacks after loading
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    with open(damaged / "model.safetensors", "r+b") as fh:  # an interrupted copy
+        fh.truncate(1000)
+    assert f"cannot load model '{damaged}': its safetensors weights are damaged" in err("--model", damaged,
+                                                                                       "--prompt", "a")
+    (damaged / "model.safetensors").unlink()
+    assert f"cannot load model '{damaged}': the folder has a config.json but no weights" in err(
+        "--model", damaged, "--prompt", "a")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "final").mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    for name in ("model.safetensors", "trainer_state.json"):
+        (run / "checkpoints" / "step-2" / name).write_text("{}")
+    assert f"(a run folder: its trained model is {run / 'final'})" in err("--model", run, "--prompt", "a")
+    assert "(a training checkpoint: weights without a config or tokenizer; give the run's final/ folder" in err(
+        "--model", run / "checkpoints" / "step-2", "--prompt", "a")
+
+
+def test_an_adapter_folder_without_a_tokenizer_and_one_prompt_string_in_python(tiny_model_dir, tmp_path):
+    """What a PEFT model's save_pretrained writes (no tokenizer files) was refused as a model ('not a
+    Hugging Face model folder'): its base's tokenizer is used. GenerateConfig(prompt="text") sampled
+    one prompt per character of the text."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.commands.generate import GenerateConfig, run_generate
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "tokenizer.json").exists()
+    rows = run_generate(GenerateConfig(model=str(tmp_path / "adapter"), prompt="the movie", max_new_tokens=3,
+                                       temperature=0, progress=False))
+    assert [r["prompt"] for r in rows] == ["the movie"]
+    assert rows == run_generate(GenerateConfig(model=str(tiny_model_dir), prompt=["the movie"], max_new_tokens=3,
+                                               temperature=0, progress=False))  # B = 0 at init: the base's answer
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -379,6 +419,20 @@ def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, caps
     assert "needs the KL" in err("--models", tiny_model_dir, "--reward", reward, "--no-kl",
                                  "--plot", tmp_path / "p.png")
     assert "did you mean '--baseline'" in err("--models", tiny_model_dir, "--reward", reward, "--baselin", "x")
+    short = tmp_path / "short"  # the reference scores the completions: its positions were not checked
+    from transformers import AutoTokenizer
+
+    policy_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tiny_llama(len(policy_tok), hidden_size=16, layers=1, heads=2, max_positions=4,
+               tokenizer=policy_tok).save_pretrained(short)
+    policy_tok.save_pretrained(short)
+    assert f"exceed the 4 positions of {short}" in err("--models", tiny_model_dir, "--ref-model", short,
+                                                       "--reward", reward)
+    weightless = tmp_path / "weightless"  # found after the models before it were sampled and scored
+    shutil.copytree(tiny_model_dir, weightless)
+    (weightless / "model.safetensors").unlink()
+    assert f"cannot load model '{weightless}': the folder has a config.json but no weights" in err(
+        "--models", tiny_model_dir, weightless, "--reward", reward)
 
 
 @pytest.mark.parametrize("command, cls", [("generate", "dpolab.commands.generate:GenerateConfig"),

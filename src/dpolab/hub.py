@@ -51,4 +51,18 @@ def check_local_folder(name_or_path: str, what: str, needs: tuple[str, ...]) -> 
                           ("it is a file, not a folder" if path.exists() else "no such folder"))
     if not any((path / name).is_file() for name in needs):
         raise DpolabError(f"cannot load {what} '{name_or_path}': the folder has none of {', '.join(needs)}"
-                          " (not a Hugging Face model folder)")
+                          f" ({_what_folder(path)})")
+    if what == "model" and (path / "config.json").is_file() and not any(path.glob("*.safetensors")) \
+            and not any(path.glob("*.bin")):  # found only as the weights load: after other models' work
+        raise DpolabError(f"cannot load model '{name_or_path}': the folder has a config.json but no weights "
+                          "(*.safetensors)")
+
+
+def _what_folder(path: Path) -> str:
+    """What a folder without a model's files is, when it is a dpolab run's, and the folder to give."""
+    if (path / "final").is_dir() and (path / "config.yaml").is_file():
+        return f"a run folder: its trained model is {path / 'final'}"
+    if (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
+        return ("a training checkpoint: weights without a config or tokenizer; give the run's final/ folder, "
+                "or continue the run with --resume")
+    return "not a Hugging Face model folder"

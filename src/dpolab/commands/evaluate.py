@@ -91,6 +91,9 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
         return self.batch_size
 
     def check(self) -> None:
+        for name in ("models", "labels"):  # EvalConfig(models="m") in Python: one model, not its characters
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if not self.models:
             raise ConfigError("--models is required (one or more hub names or local folders)")
         if not self.data:
@@ -230,6 +233,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
     from dpolab.commands.generate import resolve_device
     from dpolab.data.prompts import extra_fields
+    from dpolab.hub import check_local_folder
     from dpolab.lm.loading import load_tokenizer
     from dpolab.train.on_policy import check_room, reward_function
 
@@ -253,9 +257,13 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     if reference is not None:
         for name, _ in entries:
             check_vocabulary(name, tokenizers[name], reference, tokenizers[reference])
+    for name in names:  # a folder without weights, found as its weights load: after the models before it
+        check_local_folder(name, "model", ("config.json", "adapter_config.json"))
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
     for name, (_, ids, cut) in prompts.items():
         check_room(cfg, max(map(len, ids)), model=name)
+        if reference is not None and reference != name:  # the reference scores every model's completions
+            check_room(cfg, max(map(len, ids)), model=reference)
         note_truncated(cut, len(ids), cfg.max_prompt_length, model=name if len(prompts) > 1 else "")
     from dpolab.data.prompts import PromptData
     from dpolab.train.on_policy import check_reward_fields

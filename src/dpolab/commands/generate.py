@@ -70,6 +70,8 @@ class GenerateConfig(SamplingOptions, RuntimeOptions):
     temperature: float = opt(1.0, "sampling temperature; 0 is greedy decoding")
 
     def check(self) -> None:
+        if isinstance(self.prompt, str):  # GenerateConfig(prompt="...") in Python: one prompt, not its characters
+            self.prompt = [self.prompt]
         if not self.model:
             raise ConfigError("--model is required (a Hugging Face name or a local folder)")
         if (self.data is None) == (not self.prompt):
@@ -133,6 +135,10 @@ def resolve_device(name: str):
         raise ConfigError(f"--device: unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS (Apple silicon) is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta holds no values; xla and others need their own setup
+        raise ConfigError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
     return device
 
 

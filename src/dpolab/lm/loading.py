@@ -20,9 +20,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS."""
+    """``AutoTokenizer.from_pretrained``; a missing pad token falls back to EOS. A PEFT adapter folder
+    without tokenizer files (what ``save_pretrained`` of a PEFT model writes) has its base's."""
     from transformers import AutoTokenizer
 
+    if is_adapter_folder(name_or_path) and not any((Path(name_or_path) / f).is_file() for f in TOKENIZER_FILES):
+        name_or_path = adapter_base(name_or_path)
     check_local_folder(name_or_path, "tokenizer", TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -123,18 +126,26 @@ def is_adapter_folder(name_or_path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
+def adapter_base(folder) -> str:
+    """The base model a PEFT adapter folder names (``base_model_name_or_path`` of adapter_config.json)."""
+    import json
+
+    try:
+        base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+        if not isinstance(base, str) or not base:
+            raise ValueError(f"base_model_name_or_path is {base!r}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DpolabError(f"{folder}: a PEFT adapter folder whose adapter_config.json names no base model "
+                          f"(base_model_name_or_path): {first_line(err) or type(err).__name__}") from None
+    return base
+
+
 def merged_adapter(folder, *, dtype: str = "auto", trust_remote_code: bool = False):
     """The causal LM of a PEFT adapter folder: its base (``base_model_name_or_path``) with the adapter
     merged into the weights, a plain model to train, score with or save whole. (transformers' own
     loading of such a folder keeps the adapter apart and every weight frozen: training found no
     parameter, and saving wrote the adapter alone.)"""
-    import json
-
-    try:
-        base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DpolabError(f"{folder}: a PEFT adapter folder whose adapter_config.json names no base model "
-                          f"(base_model_name_or_path): {first_line(err) or type(err).__name__}") from None
+    base = adapter_base(folder)
     from peft import PeftModel
 
     model = load_causal_lm(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -161,6 +172,11 @@ def load_pretrained(auto_cls, name_or_path: str, *, dtype: str, trust_remote_cod
     except (OSError, ValueError) as err:
         raise DpolabError(f"cannot load model '{name_or_path}': "
                           f"{_not_local(name_or_path)}{first_line(err)}{_remote_code_hint(err)}") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise DpolabError(f"cannot load model '{name_or_path}': its safetensors weights are damaged (a truncated "
+                          f"or interrupted copy?): {first_line(err)}") from None
 
 
 def _remote_code_hint(err: BaseException) -> str:
