@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,28 @@ def test_bf16_resume_into_a_new_folder_is_exact(tiny_model_dir, rule_data, tmp_p
     _run(tiny_model_dir, rule_data, resumed, "--resume", full / "checkpoints" / "step-2", *common)
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_resume_that_cannot_continue_is_refused_before_any_model_loads(tiny_model_dir, rule_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Another --optimizer, a --max-steps or an --epochs count ending before the checkpoint were refused
+    after the model load and the whole reference precompute, which also wrote a new cache file into
+    the run folder; now before either."""
+    import dpolab.lm.loading as loading
+
+    run = tmp_path / "run"
+    common = ("--batch-size", "4", "--save-steps", "2", "--eval-fraction", "0")
+    assert main(_args(tiny_model_dir, rule_data, run, "--max-steps", "2", *common)) == 0
+    cache = run / "cache"
+    shutil.rmtree(cache)
+    loaded = []
+    real = loading.load_trainable_lm
+    monkeypatch.setattr(loading, "load_trainable_lm", lambda cfg: loaded.append(1) or real(cfg))
+    for extra, message in ((("--max-steps", "4", "--optimizer", "sgd"), "whose state cannot continue sgd"),
+                           (("--max-steps", "1"), "is at step 2, past the 1 steps of this run")):
+        assert main(_args(tiny_model_dir, rule_data, run, *common, "--resume", "latest", *extra)) == 2
+        assert message in capsys.readouterr().err
+        assert not loaded and not cache.exists(), extra
+    assert main(_args(tiny_model_dir, rule_data, run, *common, "--resume", "latest", "--max-steps", "0",
+                      "--epochs", "0.05")) == 2  # steps planned from the data: after the model, before the cache
+    assert "past the 1 steps of this run" in capsys.readouterr().err and not cache.exists()

@@ -163,6 +163,35 @@ def check_relative_paths(options: dict, saved_cwd, ckpt) -> None:
                           f"from {saved_cwd}, or give {'them' if len(moved) > 1 else 'it'} as absolute paths")
 
 
+def check_resumable(cfg, ckpt, trainer_state: dict, processes: int) -> None:
+    """What makes checkpoint ``ckpt`` (its ``trainer_state``) one this run cannot continue, said before
+    any model loads or reference log-probs are computed (and before the folder changes): another
+    process count (the data position and global batch are counted in its units), relative paths
+    that name other files from this working directory, another optimizer (its state cannot be
+    loaded: a KeyError after the metrics were cut back), a ``--max-steps`` behind the checkpoint (a
+    run "finished" behind it; an ``--epochs`` count is checked once the steps are planned)."""
+    saved = trainer_state.get("processes")
+    if saved is not None and saved != processes:
+        raise DpolabError(f"--resume: checkpoint {ckpt} was written by a run of {saved} process"
+                          f"{'es' if saved != 1 else ''}, and this one has {processes}: resume it with {saved} (its "
+                          "position in the data and its global batch are counted for that many)")
+    config = trainer_state.get("config") if isinstance(trainer_state.get("config"), dict) else {}
+    check_relative_paths(vars(cfg), trainer_state.get("cwd"), ckpt)
+    if config.get("optimizer", cfg.optimizer) != cfg.optimizer:
+        raise ConfigError(f"--resume: checkpoint {ckpt} was trained with --optimizer {config['optimizer']}, "
+                          f"whose state cannot continue {cfg.optimizer}: resume with --optimizer "
+                          f"{config['optimizer']}")
+    if getattr(cfg, "max_steps", 0) > 0:
+        check_steps_left(ckpt, trainer_state, cfg.max_steps)
+
+
+def check_steps_left(ckpt, trainer_state: dict, steps: int) -> None:
+    if trainer_state["step"] > steps:
+        raise ConfigError(f"--resume: checkpoint {ckpt} is at step {trainer_state['step']}, past the "
+                          f"{steps} steps of this run: give a --max-steps (or --epochs) beyond it, or "
+                          "resume an earlier checkpoint")
+
+
 def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
     changes = compare_resume_config(saved, now)
     if changes:

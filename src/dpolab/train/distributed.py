@@ -237,7 +237,7 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     (LoRA refused under FSDP/DeepSpeed, where the final merge would need the whole model on one
     process), seeded RNGs, and the tokenizer. ``command``: the trainer, as its checkpoints name it."""
     from dpolab.lm.loading import load_tokenizer
-    from dpolab.runs.checkpoint import check_checkpoint_files, read_trainer_state
+    from dpolab.runs.checkpoint import check_checkpoint_files, check_resumable, read_trainer_state
     from dpolab.runs.rundir import RunDir
     from dpolab.runs.seeding import seed_everything
     from dpolab.runs.trackers import parse_report_to
@@ -245,11 +245,14 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
     run = RunDir(cfg.output_dir)
     run.check_new_run(cfg.resume)
+    trainer_state = None
     if cfg.resume:
         ckpt = run.resolve_checkpoint(cfg.resume)
         check_checkpoint_files(ckpt)
-        read_trainer_state(ckpt, command=command)
+        trainer_state = read_trainer_state(ckpt, command=command)
     accelerator = make_accelerator(cfg.mixed_precision)
+    if trainer_state is not None:  # before the model loads and any reference is precomputed
+        check_resumable(cfg, ckpt, trainer_state, accelerator.num_processes)
     cfg.mixed_precision = accelerator.mixed_precision  # resolved: config.yaml, the reference cache key
     if getattr(cfg, "lora", False) and is_sharded(accelerator):
         raise ConfigError("--lora with FSDP/DeepSpeed is not supported (the final merge needs the whole model on "

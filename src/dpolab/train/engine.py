@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from dpolab.errors import ConfigError, DpolabError
+from dpolab.errors import ConfigError
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
-    check_relative_paths,
+    check_resumable,
+    check_steps_left,
     read_trainer_state,
     read_training_state,
     untied,
@@ -100,6 +101,8 @@ class Engine:
             self.steps = max(1, math.ceil(cfg.epochs * order.per_epoch / micro_batches))
         self.scheduler = make_scheduler(self._raw_optimizer, cfg.lr_scheduler, cfg.warmup_steps,
                                         self.steps * optimizer_steps_per_step)
+        if self.ckpt is not None:  # an --epochs run behind its checkpoint: before any reference precompute
+            check_steps_left(self.ckpt, read_trainer_state(self.ckpt), self.steps)
         return self.steps
 
     # -- one exact optimizer step -----------------------------------------------------------------
@@ -215,23 +218,9 @@ class Engine:
 
     def _resume(self, algo: Algorithm) -> None:
         trainer_state = read_trainer_state(self.ckpt, command=algo.name)
-        saved, now = trainer_state.get("processes"), self.accelerator.num_processes
-        if saved is not None and saved != now:  # its data position and batches are counted in W-process units
-            raise DpolabError(f"--resume: checkpoint {self.ckpt} was written by a run of {saved} process"
-                              f"{'es' if saved != 1 else ''}, and this one has {now}: resume it with {saved} (its "
-                              "position in the data and its global batch are counted for that many)")
+        check_resumable(self.cfg, self.ckpt, trainer_state, self.accelerator.num_processes)  # (a Python caller's)
+        check_steps_left(self.ckpt, trainer_state, self.steps)
         config = trainer_state.get("config") if isinstance(trainer_state.get("config"), dict) else {}
-        check_relative_paths(vars(self.cfg), trainer_state.get("cwd"), self.ckpt)
-        # refused before the folder changes: another optimizer's state cannot be loaded (a KeyError
-        # after the metrics were cut back), and a run shorter than the checkpoint would end behind it
-        if config.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
-            raise ConfigError(f"--resume: checkpoint {self.ckpt} was trained with --optimizer {config['optimizer']}, "
-                              f"whose state cannot continue {self.cfg.optimizer}: resume with --optimizer "
-                              f"{config['optimizer']}")
-        if trainer_state["step"] > self.steps:
-            raise ConfigError(f"--resume: checkpoint {self.ckpt} is at step {trainer_state['step']}, past the "
-                              f"{self.steps} steps of this run: give a --max-steps (or --epochs) beyond it, or "
-                              "resume an earlier checkpoint")
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)
         apply_new_rates(self.optimizer, self.scheduler, config, self.cfg.learning_rate, self.cfg.weight_decay)
