@@ -217,22 +217,56 @@ def test_a_hub_lookup_is_announced_unless_offline(monkeypatch, capsys):
                      "(HF_HUB_OFFLINE=1 uses only the local cache)") == 1, err
 
 
-def test_folder_of_data_files_uses_the_real_load_dataset(tmp_path, monkeypatch):
-    """A folder that is not a save_to_disk folder goes through datasets.load_dataset (offline)."""
-    import datasets
+def test_a_folder_of_data_files_reads_each_file_as_a_file(tmp_path, capsys):
+    """datasets.load_dataset read such a folder: a mixed folder lost its other formats silently, CSV
+    cells were typed (a number answer refused as 'must be a string'), a missing field read as null,
+    and errors named the folder's row, not the file's line; it was also announced as a Hub lookup."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", ROWS[:2])
+    write_csv(data / "b.csv", [{"prompt": "p3", "chosen": "1", "rejected": ""}])
+    (data / ".hidden.jsonl").write_text("not read\n")
+    (data / "notes.txt").write_text("not data\n")
+    records = load_records(str(data))
+    assert datas(records) == [*ROWS[:2], {"prompt": "p3", "chosen": "1", "rejected": ""}]  # CSV cells: strings
+    assert [r.where for r in records] == [f"{data / 'a.jsonl'}:1", f"{data / 'a.jsonl'}:2", f"{data / 'b.csv'} row 1"]
+    assert "Hub" not in capsys.readouterr().err
+    write_jsonl(data / "c.jsonl", [{"prompt": "p", "chosen": "c"}])  # the file's own line, and 'missing'
+    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'rejected': missing"):
+        [parse_preference(r) for r in load_records(str(data))]
 
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    (tmp_path / "data").mkdir()
-    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
-    records = load_records(str(tmp_path / "data"))
-    assert datas(records) == ROWS and [r.line for r in records] == [1, 2, 3]
-    # a bad line in one of its files: the reason datasets wraps in its own error is in the message
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "train.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": x\n')
-    with pytest.raises(DataError, match=r"bad: cannot load dataset .*; ArrowInvalid: JSON parse error.*\(give the "
-                                        r"data file itself") as info:
-        load_records(str(tmp_path / "bad"))
-    assert "\n" not in str(info.value)
+
+def test_a_folders_splits_come_from_its_file_names(tmp_path):
+    """As datasets names them: a split keyword between separators in a file or folder name."""
+    from dpolab.data.loading import folder_splits
+
+    data = tmp_path / "data"
+    (data / "dev").mkdir(parents=True)
+    write_jsonl(data / "train-00000.jsonl", ROWS[:1])
+    write_jsonl(data / "data_train_1.jsonl", ROWS[1:2])
+    write_jsonl(data / "test.jsonl", ROWS[2:])
+    write_jsonl(data / "dev" / "part.jsonl", ROWS[:1])
+    write_jsonl(data / "retrained.jsonl", ROWS[:1])  # 'train' inside a word: no split name
+    splits = folder_splits(data)
+    assert {k: [p.name for p in v] for k, v in splits.items()} == {
+        "train": ["data_train_1.jsonl", "train-00000.jsonl"], "validation": ["part.jsonl"], "test": ["test.jsonl"]}
+    assert datas(load_records(str(data), split="test")) == ROWS[2:]
+    with pytest.raises(DataError, match=r"no split 'eval2' in the folder's data files \(splits: train, validation, "
+                                        r"test\)"):
+        load_records(str(data), split="eval2")
+    (tmp_path / "plain").mkdir()
+    write_jsonl(tmp_path / "plain" / "rows.jsonl", ROWS)  # no split names: every file is train
+    assert datas(load_records(str(tmp_path / "plain"))) == ROWS
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no data file"):
+        load_records(str(tmp_path / "empty"))
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    """A cell over 131,072 characters was 'malformed CSV: field larger than field limit'."""
+    long = "word " * 40_000
+    rows = load_records(str(write_csv(tmp_path / "long.csv", [{"prompt": long, "chosen": "a", "rejected": "b"}])))
+    assert rows[0].data["prompt"] == long
 
 
 # ---------------------------------------------------------------------------------------------

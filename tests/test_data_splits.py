@@ -55,3 +55,24 @@ def test_on_policy_trainers_read_the_named_split(tiny_model_dir, tmp_path, capsy
     assert report["prompts"] == 3, report
     assert main(base) == 2
     assert "no split 'train'" in capsys.readouterr().err
+
+
+def test_eval_split_alone_names_a_split_of_data(tmp_path):
+    """--eval-split without --eval-data was ignored silently (the evaluation held out --eval-fraction
+    of the training split, whatever the split's name, even one that does not exist)."""
+    from dpolab.config import make_config
+    from dpolab.errors import ConfigError
+    from dpolab.train.dpo import DPOConfig
+
+    folder = tmp_path / "dd"
+    folder.mkdir()
+    base = {"model": "m", "data": str(folder)}
+    cfg = make_config(DPOConfig, {**base, "eval_split": "test"})
+    assert (cfg.eval_data, cfg.eval_split) == (str(folder), "test")
+    assert make_config(DPOConfig, base).eval_data is None and make_config(DPOConfig, base).eval_split == "test"
+    with pytest.raises(ConfigError, match="--eval-split train is the training split"):
+        make_config(DPOConfig, {**base, "eval_split": "train"})
+    afile = tmp_path / "pairs.jsonl"
+    afile.write_text("{}\n")
+    with pytest.raises(ConfigError, match="is a file, which has no splits"):
+        make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "test"})

@@ -162,6 +162,8 @@ def test_a_split_of_one_example_is_refused(tiny_tokenizer, tmp_path):
         load_unpaired_data(str(data), tiny_tokenizer, eval_source=str(one))
     with pytest.raises(ConfigError, match=r"rows.jsonl: one example for the train split.*\(lower --eval-fraction\)"):
         load_unpaired_data(str(data), tiny_tokenizer, eval_fraction=0.95)
+    with pytest.raises(ConfigError, match=r"one.jsonl: one example for the train split.*\(give more rows\)"):
+        load_unpaired_data(str(one), tiny_tokenizer, eval_fraction=0.05)  # nothing held out: no fraction to lower
 
 
 @pytest.mark.parametrize("ext", ["parquet", "csv"])

@@ -427,3 +427,17 @@ def test_an_empty_output_dir_is_refused_not_taken_for_the_working_directory(tiny
         assert main(argv) == 2, argv
         assert "is empty (an unset variable?)" in capsys.readouterr().err, argv
     assert [p.name for p in tmp_path.iterdir()] == ["sft.jsonl"]  # the data, nothing written
+
+
+def test_skipped_and_cut_rows_are_said_on_the_console(tiny_model_dir, tmp_path, capsys):
+    """A run said nothing of rows it skipped or cut (data_report.json only; a --dry-run prints it)."""
+    data = write_sft_data(tmp_path / "sft.jsonl", n=8)
+    with open(data, "a", encoding="utf-8") as fh:  # a chat row whose user turn fills --max-length: no answer left
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "the movie was great " * 40},
+                                          {"role": "assistant", "content": "yes"}]}) + "\n")
+    assert main(_args(tiny_model_dir, data, tmp_path / "run", "--max-steps", "1", "--eval-fraction", "0")) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: ")]
+    assert line.startswith(f"note: 1 of 9 rows skipped (the first: {data}:9: ") and "data_report.json" in line, line
+    ok = write_sft_data(tmp_path / "ok.jsonl", n=8)
+    assert main(_args(tiny_model_dir, ok, tmp_path / "ok", "--max-steps", "1", "--eval-fraction", "0")) == 0
+    assert "note: " not in capsys.readouterr().err

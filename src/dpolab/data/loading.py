@@ -8,7 +8,8 @@ Sources, by what ``source`` is:
 * an existing file, by extension: ``.jsonl`` (one JSON object per line), ``.json`` (a list of
   objects, or an object of equal-length columns), ``.parquet``, ``.csv`` (header row first);
 * an existing folder: a ``datasets`` ``save_to_disk`` folder (``Dataset`` or ``DatasetDict``, the
-  latter indexed by ``split``), else a folder of data files read by ``datasets.load_dataset``;
+  latter indexed by ``split``), else a folder of data files, each read as a file, their splits
+  named by the files' names (:func:`folder_splits`);
 * anything else that does not look like a local path: a Hub dataset name, read with
   ``datasets.load_dataset(source, split=split)``.
 
@@ -22,6 +23,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,7 +320,19 @@ def _read_json(path: Path, source: str) -> list[Record]:
     return records
 
 
+def _allow_long_csv_cells() -> None:
+    """The csv module refuses a cell over 131,072 characters ("field larger than field limit"), a
+    long but valid text: the limit goes to the largest the platform takes."""
+    limit = sys.maxsize
+    while csv.field_size_limit() < limit:
+        try:
+            csv.field_size_limit(limit)
+        except OverflowError:  # a C long narrower than sys.maxsize
+            limit //= 2
+
+
 def _read_csv(path: Path, source: str) -> list[Record]:
+    _allow_long_csv_cells()
     text = _decode(_read_bytes(path, source), source)
     if not text.strip(JSON_WHITESPACE):
         raise DataError("file is empty", path=source)
@@ -371,11 +385,44 @@ def _is_saved_dataset(path: Path) -> bool:
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
 
 
+# The split names a folder's file or sub-folder names give (those of ``datasets``' data-files
+# convention): a keyword between separators, e.g. train.jsonl, data-test-00000.parquet, dev/part.csv
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+
+
+def folder_splits(path: Path) -> dict[str, list[Path]]:
+    """The data files under folder ``path`` (hidden ones aside) by split: each file goes to the first
+    split whose keyword its relative path holds between separators (``-._ `` or digits); with no
+    such file, every file is ``train``."""
+    import re
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(FILE_EXTENSIONS)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    splits: dict[str, list[Path]] = {}
+    for file in files:
+        rel = file.relative_to(path).as_posix().lower()
+        for name, words in SPLIT_KEYWORDS.items():
+            if any(re.search(rf"(^|[-._ 0-9/]){w}([-._ 0-9/]|$)", rel) for w in words):
+                splits.setdefault(name, []).append(file)
+                break
+    return splits or ({"train": files} if files else {})
+
+
 def _read_folder(path: Path, source: str, split: str) -> list[Record]:
+    """A ``save_to_disk`` folder, or a folder of data files, each read as the file it is (its rows
+    named by file and line, CSV cells strings, every format of the folder read)."""
     import datasets
 
     if not _is_saved_dataset(path):
-        return _read_hub(source, split)
+        splits = folder_splits(path)
+        if not splits:
+            raise DataError(f"the folder holds no data file ({', '.join(FILE_EXTENSIONS)}) and is not a "
+                            "save_to_disk folder", path=source)
+        if split not in splits:
+            raise DataError(f"no split '{split}' in the folder's data files (splits: {', '.join(splits)})",
+                            path=source)
+        return [r for file in splits[split] for r in load_records(str(file))]
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 -- any failure inside datasets is a bad folder

@@ -212,7 +212,7 @@ def load_unpaired_data(source: str, tokenizer, *, max_length: int = 512, max_pro
                 fix = ("give 2 or more rows in --eval-data, or leave it out" if eval_source is not None
                        else "raise --eval-fraction, or 0 for no eval split")
             else:
-                fix = "give more rows" if eval_source is not None or not eval_fraction else "lower --eval-fraction"
+                fix = "lower --eval-fraction" if n_held else "give more rows"  # (held rows could come back)
             raise ConfigError(f"{where}; KTO's KL estimate z0 pairs every example with another one's completion, "
                               f"so a split needs 2 or more ({fix})")
         splits[name] = tokenize_split(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,

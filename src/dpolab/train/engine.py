@@ -52,6 +52,18 @@ from dpolab.train.algorithm import Algorithm, Pass
 from dpolab.train.optim import apply_new_rates, grad_norm_, make_optimizer, make_scheduler
 
 
+def data_note(report: dict) -> str | None:
+    """One line on stderr for rows a run skipped or cut (said in data_report.json only, before)."""
+    rows = report.get("rows", report.get("prompts"))
+    parts = []
+    if report.get("skipped"):
+        first = report.get("skipped_examples") or []
+        parts.append(f"{report['skipped']} of {rows} rows skipped" + (f" (the first: {first[0]})" if first else ""))
+    if report.get("truncated"):
+        parts.append(f"{report['truncated']} {'prompts' if 'prompts' in report else 'rows'} cut to fit the length limits")
+    return f"note: {'; '.join(parts)}; data_report.json in the run folder has the counts" if parts else None
+
+
 class Engine:
     """Builds the optimizer and prepares the model for ``accelerator``; :meth:`plan` the steps,
     then :meth:`run` an :class:`Algorithm`.
@@ -257,6 +269,9 @@ class Engine:
             if self.is_main:
                 run.write_config(cfg)
                 (run.path / "data_report.json").write_text(json.dumps(self.report, indent=2), encoding="utf-8")
+                note = data_note(self.report)
+                if note:
+                    print(note, file=sys.stderr)
             try:
                 self.trackers = open_trackers(getattr(cfg, "report_to", None) if self.is_main else None, run.path,
                                               vars(cfg), resumed_at=self.step if self.ckpt is not None else None)

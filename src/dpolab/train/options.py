@@ -8,6 +8,7 @@ field redeclared in a subclass (e.g. a different default learning rate) replaces
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dpolab.config import opt
 from dpolab.errors import ConfigError
@@ -80,7 +81,24 @@ class SplitOptions:
 
     data_split: str = opt("train", "split of --data to read when it is a hub dataset or a save_to_disk DatasetDict "
                           "(e.g. train_prefs)")
-    eval_split: str = opt("test", "split of --eval-data to read when it is a hub dataset or a DatasetDict")
+    eval_split: str | None = opt(None, "split of --eval-data to read when it is a hub dataset, a DatasetDict or a "
+                                 "folder of split files (default: test); given without --eval-data, --data's "
+                                 "split of that name is the evaluation data")
+
+
+def resolve_eval_split(cfg) -> None:
+    """``--eval-split`` alone names a split of ``--data`` (it was ignored silently: the evaluation
+    held out ``--eval-fraction`` of the training split); unset, it is ``test``."""
+    if cfg.eval_split is not None and not cfg.eval_data:
+        if cfg.eval_split == cfg.data_split:
+            raise ConfigError(f"--eval-split {cfg.eval_split} is the training split (--data-split): give another "
+                              "split, or --eval-data")
+        if Path(cfg.data).expanduser().is_file():
+            raise ConfigError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a file, which has no splits; "
+                              "give the evaluation rows as --eval-data FILE")
+        cfg.eval_data = cfg.data  # resolved here: config.yaml and the reference cache key see it
+    if cfg.eval_split is None:
+        cfg.eval_split = "test"
 
 
 @dataclass
@@ -188,6 +206,7 @@ def validate_common(cfg, *, data_what: str = "a data file, folder or hub name") 
         raise ConfigError("--model is required (a Hugging Face name or a local folder)")
     if not cfg.data:
         raise ConfigError(f"--data is required ({data_what})")
+    resolve_eval_split(cfg)
     for name in ("batch_size", "grad_accum", "logging_steps", "save_total_limit", "max_length",
                  "max_prompt_length", "eval_batch_size"):
         value = getattr(cfg, name, None)
@@ -327,6 +346,7 @@ def validate_on_policy(cfg) -> None:
         raise ConfigError("--model is required (a Hugging Face name or a local folder)")
     if not cfg.data:
         raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
+    resolve_eval_split(cfg)
     validate_rewards(cfg)
     for name in ("max_prompt_length", "max_new_tokens", "logging_steps", "save_total_limit"):
         if getattr(cfg, name) < 1:
