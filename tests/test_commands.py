@@ -501,3 +501,12 @@ def test_eval_baseline_outside_models_may_not_take_a_models_label(work, tiny_mod
     msg = capsys.readouterr().err.strip()
     assert "--baseline m1: not among --models" in msg and "--labels gives to another model" in msg, msg
     assert msg.count("\n") == 0 and not out.exists()
+
+
+def test_eval_baseline_spelled_with_a_trailing_slash_is_that_model():
+    """--baseline runs/m/ for --models runs/m evaluated the model twice, the second time as the baseline."""
+    from dpolab.commands.evaluate import EvalConfig
+
+    cfg = EvalConfig(models=["runs/m", "runs/n"], baseline="runs/m/", data="p.jsonl", reward=["r:f"])
+    cfg.check()
+    assert cfg.baseline == "runs/m"

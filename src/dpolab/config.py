@@ -70,8 +70,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             return value
         if origin in (list, tuple):
             (inner, *_) = get_args(base) or (str,)
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
+            if isinstance(value, str):  # (YAML's "a, b" is a and b, not " b")
+                value = [v.strip() for v in value.split(",") if v.strip()]
             elif isinstance(value, (bool, int, float)):  # one YAML scalar is a list of one, checked as its item
                 value = [value]
             if not isinstance(value, (list, tuple)):

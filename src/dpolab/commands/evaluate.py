@@ -99,6 +99,9 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
         if not self.data:
             raise ConfigError("--data is required (prompts with a 'prompt' or 'messages' field)")
         validate_rewards(self)
+        if self.baseline is not None and self.baseline not in self.models:  # runs/m/ is runs/m, evaluated once
+            spelled = [m for m in self.models if os.path.normpath(m) == os.path.normpath(self.baseline)]
+            self.baseline = spelled[0] if spelled else self.baseline
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"--labels: {len(self.labels)} labels for {len(self.models)} models; give one per model")
         names = list(self.labels or self.models)  # they key the results' table, JSON and plot
