@@ -69,10 +69,12 @@ def test_eval_split_alone_names_a_split_of_data(tmp_path):
     base = {"model": "m", "data": str(folder)}
     cfg = make_config(DPOConfig, {**base, "eval_split": "test"})
     assert (cfg.eval_data, cfg.eval_split) == (str(folder), "test")
-    assert make_config(DPOConfig, base).eval_data is None and make_config(DPOConfig, base).eval_split == "test"
+    assert make_config(DPOConfig, base).eval_data is None and make_config(DPOConfig, base).eval_split is None
     with pytest.raises(ConfigError, match="--eval-split train is the training split"):
         make_config(DPOConfig, {**base, "eval_split": "train"})
     afile = tmp_path / "pairs.jsonl"
     afile.write_text("{}\n")
     with pytest.raises(ConfigError, match="is a file, which has no splits"):
-        make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "test"})
+        make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "valid"})
+    # the config.yaml of runs before: eval_split test beside a file, to resume as it was
+    assert make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "test"}).eval_data is None

@@ -150,7 +150,9 @@ def merged_adapter(folder, *, dtype: str = "auto", trust_remote_code: bool = Fal
 
     model = load_causal_lm(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
     try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with warnings.catch_warnings():  # PEFT reads an attribute transformers 5 deprecates: not the user's to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise DpolabError(f"cannot apply the adapter {folder} to its base {base}: {first_line(err)}") from None
     return merged.requires_grad_(True)  # peft loads for inference (every weight frozen); trainable as any model

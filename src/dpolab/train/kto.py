@@ -26,7 +26,7 @@ from dpolab.errors import ConfigError
 from dpolab.losses.constants import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import TrainerOptions, check_ref_cache_dir, validate_common
+from dpolab.train.options import TrainerOptions, check_ref_cache_dir, eval_split_of, validate_common
 
 if TYPE_CHECKING:
     import torch
@@ -212,7 +212,7 @@ def train(cfg: KTOConfig) -> dict:
     accelerator, tokenizer = distributed.start_run(cfg, KTO.name)
     data = load_unpaired_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                              split=cfg.data_split, eval_split=cfg.eval_split)
+                              split=cfg.data_split, eval_split=eval_split_of(cfg))
     report = data.report.as_dict()
     warning = kto_weight_ratio_warning(report["desirable"], report["undesirable"], cfg.desirable_weight,
                                        cfg.undesirable_weight)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dpolab.runs.rundir import RunDir, atomic_write_text
 from dpolab.train.algorithm import Algorithm
+from dpolab.train.options import eval_split_of
 
 
 class OnPolicy(Algorithm):
@@ -270,7 +271,7 @@ def eval_prompt_set(cfg, prompts, tokenizer,
     if cfg.eval_data:
         from dpolab.data.prompts import load_prompts
 
-        data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=cfg.eval_split)
+        data = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_prompt_length, split=eval_split_of(cfg))
         data = data.subset(list(range(min(cfg.eval_prompts, len(data)))))  # the rows evaluated, and their fields
         rows = list(range(len(data)))
         # here, not at the final evaluation: a prompt past the positions would fail after all training

@@ -88,17 +88,23 @@ class SplitOptions:
 
 def resolve_eval_split(cfg) -> None:
     """``--eval-split`` alone names a split of ``--data`` (it was ignored silently: the evaluation
-    held out ``--eval-fraction`` of the training split); unset, it is ``test``."""
+    held out ``--eval-fraction`` of the training split); unset, ``--eval-data``'s split is ``test``
+    (:func:`eval_split_of`). A file's ``test`` is let be: the config.yaml of runs before this wrote it."""
     if cfg.eval_split is not None and not cfg.eval_data:
         if cfg.eval_split == cfg.data_split:
             raise ConfigError(f"--eval-split {cfg.eval_split} is the training split (--data-split): give another "
                               "split, or --eval-data")
         if Path(cfg.data).expanduser().is_file():
+            if cfg.eval_split == "test":
+                return
             raise ConfigError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a file, which has no splits; "
                               "give the evaluation rows as --eval-data FILE")
         cfg.eval_data = cfg.data  # resolved here: config.yaml and the reference cache key see it
-    if cfg.eval_split is None:
-        cfg.eval_split = "test"
+
+
+def eval_split_of(cfg) -> str:
+    """The split of ``--eval-data`` to read."""
+    return cfg.eval_split or "test"
 
 
 @dataclass

@@ -16,6 +16,7 @@ import heapq
 import torch
 
 from dpolab.errors import ConfigError
+from dpolab.train.options import eval_split_of
 
 
 def load_pairs(cfg, tokenizer):
@@ -25,7 +26,7 @@ def load_pairs(cfg, tokenizer):
 
     return load_preference_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                 eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                                split=cfg.data_split, eval_split=cfg.eval_split)
+                                split=cfg.data_split, eval_split=eval_split_of(cfg))
 
 
 def collate_pairs(prefix_sharing: bool, pairs, pad_token_id: int):

@@ -30,6 +30,7 @@ import torch
 
 from dpolab.errors import ConfigError
 from dpolab.runs.rundir import RunDir
+from dpolab.train.options import eval_split_of
 
 __all__ = ["Reference", "make_reference", "planned_rows", "precompute_reference"]
 
@@ -65,7 +66,7 @@ def cache_path(cfg, data, run: RunDir) -> Path:
         # the trainer: DPO's (chosen, rejected) and KTO's (matched, mismatched) columns differ
         "trainer": type(cfg).__name__,
         "data": data_fingerprint(cfg.data, split=cfg.data_split),
-        "eval": data_fingerprint(cfg.eval_data, split=cfg.eval_split) if cfg.eval_data else None,
+        "eval": data_fingerprint(cfg.eval_data, split=eval_split_of(cfg)) if cfg.eval_data else None,
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "ref": model_fingerprint(cfg.ref_model or cfg.model),
         "tokenizer": model_fingerprint(cfg.model), "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision,

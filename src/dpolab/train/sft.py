@@ -19,7 +19,7 @@ from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import TrainerOptions, validate_common
+from dpolab.train.options import TrainerOptions, eval_split_of, validate_common
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +147,7 @@ def train(cfg: SFTConfig) -> dict:
     accelerator, tokenizer = distributed.start_run(cfg, SFT.name)
     data = load_sft_data(cfg.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          loss_on=cfg.loss_on, eval_source=cfg.eval_data, eval_fraction=cfg.eval_fraction,
-                         seed=cfg.seed, split=cfg.data_split, eval_split=cfg.eval_split)
+                         seed=cfg.seed, split=cfg.data_split, eval_split=eval_split_of(cfg))
     report = data.report.as_dict()
     rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
     report["train_batch_rows"] = len(rows)
