@@ -76,5 +76,7 @@ def test_eval_split_alone_names_a_split_of_data(tmp_path):
     afile.write_text("{}\n")
     with pytest.raises(ConfigError, match="is a file, which has no splits"):
         make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "valid"})
+    with pytest.raises(ConfigError, match="--data-split validation: --data .* is a file, which has no splits"):
+        make_config(DPOConfig, {**base, "data": str(afile), "data_split": "validation"})  # it trained on all of it
     # the config.yaml of runs before: eval_split test beside a file, to resume as it was
     assert make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "test"}).eval_data is None

@@ -271,3 +271,19 @@ def test_outputs_that_are_not_plain_files_are_written_not_replaced(tmp_path):
     atomic_write_text(link, b"new")
     assert link.is_symlink() and target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json", "real.json", "stdout-like"]
+
+
+def test_make_config_converts_as_the_command_line_does_and_refuses_empty_paths():
+    """make_config(cls, dict) took "no" for a bool as True (a LoRA run) and "4" for an int (a TypeError
+    at the first comparison); an optional path given empty (an unset shell variable) named the working
+    directory: --eval-data "" read every test file below it as the evaluation data."""
+    from dpolab.config import make_config
+    from dpolab.train.dpo import DPOConfig
+
+    cfg = make_config(DPOConfig, {"model": "m", "data": "d", "lora": "no", "batch_size": "4", "beta": "0.5"})
+    assert (cfg.lora, cfg.batch_size, cfg.beta) == (False, 4, 0.5)
+    with pytest.raises(ConfigError, match="'--batch-size' must be of type int, got 'four'"):
+        make_config(DPOConfig, {"model": "m", "data": "d", "batch_size": "four"})
+    for name in ("eval_data", "ref_model", "ref_cache_dir"):
+        with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} is empty"):
+            make_config(DPOConfig, {"model": "m", "data": "d", name: " "})

@@ -273,11 +273,14 @@ def parse_config(cls: type[T], argv: list[str], prog: str, description: str = ""
 
 def make_config(cls: type[T], values: dict[str, Any]) -> T:
     """Instantiate ``cls`` and check ``choices``; runs the class's ``validate()`` if it has one."""
-    valid = {f.name: f for f, _ in _fields(cls)}
+    valid = {f.name: tp for f, tp in _fields(cls)}
     for key in values:
         if key not in valid:
             raise ConfigError(f"unknown option '{key}'{suggest(key, list(valid))}")
-    return _finish(cls(**values))
+    # converted as the command line's values are (a dict's "no" for a bool was True, "4" for an int a
+    # TypeError at the first comparison); converting a converted value changes nothing
+    return _finish(cls(**{k: _convert(_fspath_values(v), valid[k], "--" + k.replace("_", "-"))
+                          for k, v in values.items()}))
 
 
 def check_config(cfg: T) -> T:
@@ -308,12 +311,16 @@ def _fspath_values(value: Any) -> Any:
 
 
 def _finish(cfg: T) -> T:
-    for f, _ in _fields(type(cfg)):
+    for f, tp in _fields(type(cfg)):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if f.name in ("output_dir", "output") and isinstance(value, str) and not value.strip():
             # Path("") is the working directory: an unset shell variable wrote a whole run there
             raise ConfigError(f"--{f.name.replace('_', '-')} is empty (an unset variable?): give a path")
+        if isinstance(value, str) and not value.strip() and _base_type(tp) == (str, True):
+            # an optional path or name given empty: --eval-data "" read the working directory
+            raise ConfigError(f"--{f.name.replace('_', '-')} is empty (an unset variable?): give a value, or leave "
+                              "the option out")
         if choices and value is not None and value not in choices:
             raise ConfigError(f"--{f.name.replace('_', '-')}: unknown value {value!r}"
                               f"{suggest(str(value), [str(c) for c in choices])}; choose from {list(choices)}")

@@ -89,7 +89,11 @@ class SplitOptions:
 def resolve_eval_split(cfg) -> None:
     """``--eval-split`` alone names a split of ``--data`` (it was ignored silently: the evaluation
     held out ``--eval-fraction`` of the training split); unset, ``--eval-data``'s split is ``test``
-    (:func:`eval_split_of`). A file's ``test`` is let be: the config.yaml of runs before this wrote it."""
+    (:func:`eval_split_of`). A file's ``test`` is let be: the config.yaml of runs before this wrote it.
+    A ``--data-split`` other than ``train`` for a file is refused (it trained on the whole file)."""
+    if cfg.data_split != "train" and Path(cfg.data).expanduser().is_file():
+        raise ConfigError(f"--data-split {cfg.data_split}: --data {cfg.data} is a file, which has no splits; "
+                          "give the file of that split as --data")
     if cfg.eval_split is not None and not cfg.eval_data:
         if cfg.eval_split == cfg.data_split:
             raise ConfigError(f"--eval-split {cfg.eval_split} is the training split (--data-split): give another "
