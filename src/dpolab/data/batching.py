@@ -149,13 +149,14 @@ def split_by_tokens(rows: Sequence[int], widths: Sequence[int], budget: int) -> 
 
 def batch_order(lengths: Sequence[int], cfg, accelerator):
     """The trainers' micro-batch order: :class:`BucketedBatchOrder` over ``lengths`` with
-    ``cfg.group_by_length`` (the default), else the uniformly shuffled
-    :class:`BatchOrder`; sliced for this process of ``accelerator``."""
+    ``cfg.group_by_length`` (the default), else over equal lengths (nothing sorted: each step's rows
+    a uniformly shuffled draw), so that either way an epoch's last step is its own and the rows of a
+    step do not depend on ``grad_accum`` or the process count (a plain :class:`BatchOrder` of
+    micro-batches let the last step of an epoch take micro-batches of the next); sliced for this
+    process of ``accelerator``."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.group_by_length:
-        return BucketedBatchOrder(lengths, cfg.batch_size, cfg.seed, world_size=world, rank=rank,
-                                  grad_accum=cfg.grad_accum)
-    return BatchOrder(len(lengths), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+    return BucketedBatchOrder(lengths if cfg.group_by_length else [0] * len(lengths), cfg.batch_size, cfg.seed,
+                              world_size=world, rank=rank, grad_accum=cfg.grad_accum)
 
 
 def pair_lengths(pairs) -> list[int]:

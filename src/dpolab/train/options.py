@@ -38,7 +38,7 @@ class BatchOptions:
     eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (the loss is averaged over all of them)")
     group_by_length: bool = opt(True, "length-bucketed optimizer steps (seeded, resumable): less padding, still "
-                                "shuffled; --no-group-by-length for uniformly random batches")
+                                "shuffled; --no-group-by-length for uniformly random steps")
     micro_batch_tokens: int | None = opt(None, "split each micro-batch into forward/backward passes of at most this "
                                          "many padded tokens " + _TOKEN_BUDGET_HELP)
 
