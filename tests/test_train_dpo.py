@@ -304,6 +304,27 @@ def test_lora_targets_the_model_does_not_have_are_one_line(tiny_model_dir, rule_
     assert "q_proj" in err and "Traceback" not in err and not (tmp_path / "r").exists()
 
 
+def test_lora_on_a_tied_embedding_or_head_is_refused(tiny_tokenizer):
+    """With tied embeddings (Gemma, Qwen2.5-0.5B, Llama-3.2-1B, GPT-2) the merge wrote an lm_head or
+    embed_tokens adapter into the one shared matrix: final/ changed the other side too, a model other
+    than the one trained (its eval/loss 5.85 against the run's 4.99)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpolab.errors import ConfigError
+    from dpolab.lm.loading import apply_lora
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    tied = LlamaForCausalLM(config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    for targets in ("q_proj,lm_head", "embed_tokens"):
+        with pytest.raises(ConfigError, match="ties its input embeddings and output head"):
+            apply_lora(tied, r=2, alpha=4, dropout=0.0, target_modules=targets)
+    apply_lora(tied, r=2, alpha=4, dropout=0.0, target_modules="q_proj")  # the rest as before
+    untied = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
+    apply_lora(untied, r=2, alpha=4, dropout=0.0, target_modules="q_proj,lm_head")
+
+
 def test_a_model_path_that_is_not_a_model_folder_says_so(tiny_tokenizer, rule_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

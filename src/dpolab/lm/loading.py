@@ -257,6 +257,14 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str
                              if isinstance(m, torch.nn.Linear) and n})
             raise ConfigError(f"--lora-target-modules: the model has no module named {', '.join(missing)}; its "
                               f"linear layers are {', '.join(linear)} (or give all-linear)")
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is not None and out is not None and out.weight is inp.weight:  # tied: one matrix for both
+            shared = [n for n, m in model.named_modules() if m is inp or m is out]
+            tied = [t for t in targets if any(n == t or n.endswith("." + t) for n in shared)]
+            if tied:  # the merge writes the adapter into the shared matrix: the other side changes too
+                raise ConfigError(f"--lora-target-modules {', '.join(tied)}: the model ties its input embeddings and "
+                                  "output head (one matrix), so the merged final/ would change both, not the model "
+                                  "that was trained; leave them out of the targets")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
     with warnings.catch_warnings():
