@@ -72,6 +72,24 @@ def test_chat_loss_starts_after_the_role_header_when_the_generation_prompt_write
     assert [t for t, target in pieces if target] == ["Hello.</s>\n"], pieces
 
 
+def test_an_answer_header_without_a_generation_prompt_is_context(tiny_tokenizer):
+    """A conversation opening with an assistant turn (the generation prompt of an empty conversation is
+    refused by transformers 5), or a template that ignores add_generation_prompt: the turn's role
+    header was trained as if it were the answer's content."""
+    import copy
+
+    tok = tiny_tokenizer
+    messages = [{"role": "assistant", "content": "hello how are you"}, {"role": "user", "content": "fine"},
+                {"role": "assistant", "content": "good"}]
+    pieces = chat_segments(tok, messages)
+    assert "".join(t for t, _ in pieces) == tok.apply_chat_template(messages, tokenize=False)
+    assert [t for t, target in pieces if target] == ["hello how are you</s>\n", "good</s>\n"], pieces
+    ignores = copy.deepcopy(tiny_tokenizer)
+    ignores.chat_template = "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+    pieces = chat_segments(ignores, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
+    assert [t for t, target in pieces if target] == ["yes\n"], pieces
+
+
 def test_text_rows_train_on_every_token(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = tok_row(tok, {"text": "a terrible boring film"})

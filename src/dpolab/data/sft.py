@@ -177,6 +177,10 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
                 head = _render(tokenizer, messages[:i], True)
             except Exception:  # noqa: BLE001 -- a template may reject an empty/odd prefix
                 head = prev
+            if head == prev:  # no generation prompt (refused for an empty conversation, or ignored by the
+                # template): the header is where two contents of the turn part; it was trained as content
+                probe = _turn_header(tokenizer, messages, i)
+                head = probe if probe and probe.startswith(prev) and full.startswith(probe) else prev
             if head.startswith(prev) and not full.startswith(head):
                 # the generation prompt writes more than a rendered turn's header (e.g. an empty
                 # "<think></think>" block): the header ends where two renderings of the turn with
