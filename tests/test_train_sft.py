@@ -455,3 +455,22 @@ def test_unsorted_batches_with_grad_accum_equal_one_large_batch(tiny_model_dir, 
     big, acc = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("big", "acc"))
     assert max(float((big[k] - acc[k]).abs().max()) for k in big) < 1e-5
     assert _summary(tmp_path / "acc")["steps"] == _summary(tmp_path / "big")["steps"] == 3
+
+
+def test_rows_beyond_the_models_positions_are_one_line_before_any_weights_load(tiny_model_dir, tmp_path, capsys):
+    """A --max-length past the model's positions with a row that long was an IndexError inside torch
+    at step 1 (the tiny model has 256 positions); also for DPO's pairs."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "the movie " * 10, "completion": "was great fun " * 100}) + "\n"
+                    + "".join(json.dumps({"prompt": "a", "completion": "b"}) + "\n" for _ in range(3)))
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, data, out, "--max-length", "1000", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "(--max-length 1000) exceed the 256 positions of" in err and "give --max-length 256 or less" in err, err
+    assert not out.exists()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "a", "chosen": "good " * n, "rejected": "bad"}) + "\n"
+                             for n in (300, 1, 2, 3)))
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs), "--output-dir", str(out),
+                 "--max-length", "1000", "--dry-run"]) == 2
+    assert "exceed the 256 positions" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from dpolab.train.options import (
     PreferenceLossOptions,
     TrainerOptions,
     check_loss_options,
+    check_pair_positions,
     check_ref_cache_dir,
     check_unused_reference,
     validate_common,
@@ -184,6 +185,7 @@ def train(cfg: DPOConfig) -> dict:
     accelerator, tokenizer = distributed.start_run(cfg, DPO.name)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()
+    check_pair_positions(cfg, data)
     if cfg.dry_run:
         return dry_run_report(cfg, report)
 

@@ -26,7 +26,13 @@ from dpolab.errors import ConfigError
 from dpolab.losses.constants import KTO_BETA, KTO_DESIRABLE_WEIGHT, KTO_UNDESIRABLE_WEIGHT
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import TrainerOptions, check_ref_cache_dir, eval_split_of, validate_common
+from dpolab.train.options import (
+    TrainerOptions,
+    check_pair_positions,
+    check_ref_cache_dir,
+    eval_split_of,
+    validate_common,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -218,6 +224,7 @@ def train(cfg: KTOConfig) -> dict:
                                        cfg.undesirable_weight)
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)
+    check_pair_positions(cfg, data)
     if cfg.dry_run:
         return dry_run_report(cfg, report)
 

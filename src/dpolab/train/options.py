@@ -185,6 +185,29 @@ def check_unused_reference(cfg) -> None:
                                   "reference model")
 
 
+def check_positions(cfg, longest: int) -> None:
+    """Rows of up to ``longest`` tokens within ``--model``'s positions (its config's
+    ``max_position_embeddings``, read before any weights load): an IndexError deep in the forward at
+    step 1 otherwise."""
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code),
+                        "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return  # the model load reports it
+    if limit is not None and longest > limit:
+        raise ConfigError(f"rows of up to {longest} tokens (--max-length {cfg.max_length}) exceed the {limit} positions "
+                          f"of {cfg.model}: give --max-length {limit} or less")
+
+
+def check_pair_positions(cfg, data) -> None:
+    """:func:`check_positions` for the longest pair (prompt and the longer response) of ``data``."""
+    from dpolab.data.batching import pair_lengths
+
+    check_positions(cfg, max(pair_lengths([*data.train, *data.eval])))
+
+
 def check_ref_cache_dir(cfg) -> None:
     """``--ref-cache-dir`` is read by the precompute only: refused, not ignored, with a live reference."""
     if cfg.ref_cache_dir and not cfg.precompute_ref:

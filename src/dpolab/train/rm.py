@@ -26,6 +26,7 @@ from dpolab.train.options import (
     OptimizerOptions,
     RunOptions,
     SplitOptions,
+    check_pair_positions,
     validate_common,
 )
 
@@ -167,6 +168,7 @@ def train(cfg: RewardConfig) -> dict:
                   "where it is not trained; score with dpolab.rewards.functions.score", file=sys.stderr)
     data = load_pairs(cfg, tokenizer)
     report = data.report.as_dict()
+    check_pair_positions(cfg, data)
     if cfg.dry_run:
         return dry_run_report(cfg, report)
 

@@ -19,7 +19,7 @@ from dpolab.config import opt
 from dpolab.errors import ConfigError
 from dpolab.train.algorithm import Algorithm
 from dpolab.train.command import cli, dry_run_report
-from dpolab.train.options import TrainerOptions, eval_split_of, validate_common
+from dpolab.train.options import TrainerOptions, check_positions, eval_split_of, validate_common
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +151,7 @@ def train(cfg: SFTConfig) -> dict:
     report = data.report.as_dict()
     rows = pack_examples(data.train, cfg.max_length) if cfg.packing else data.train
     report["train_batch_rows"] = len(rows)
+    check_positions(cfg, max(len(r) for r in [*rows, *data.eval]))
     if cfg.dry_run:
         return dry_run_report(cfg, report)
 
