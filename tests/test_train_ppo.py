@@ -223,6 +223,7 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, prompts_file, reward_file, 
         return msg
 
     assert "give --reward module:function and/or --reward-model" in err()
+    assert "--cliprange must be < 1" in err("--reward", f"{reward_file}:frac_alpha", "--cliprange", 1.5)
     assert "1 weights for 2 rewards" in err("--reward", f"{reward_file}:frac_alpha", "--reward-model", "x",
                                             "--reward-weights", "1")
     assert "expected 'module:function'" in err("--reward", "nocolon")

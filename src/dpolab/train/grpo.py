@@ -61,6 +61,8 @@ class GRPOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
         validate_groups(self)
         if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ConfigError("need --beta >= 0, --epsilon > 0 and --epsilon-high > 0")
+        if self.epsilon >= 1:  # 1 − ε <= 0: the low clip never binds (a typo: 2 for 0.2)
+            raise ConfigError(f"--epsilon must be < 1 (the ratio's lower clip is 1 − ε), got {self.epsilon}")
         if self.num_generations < 2:  # r − mean over a group of one is 0: nothing to learn from the rewards
             raise ConfigError("--num-generations 1: every advantage r - mean(group) is 0, and there is no group std "
                               "to divide by; GRPO needs --num-generations >= 2")

@@ -76,6 +76,8 @@ class PPOConfig(OnPolicyOptions):
                   "--kl-coef must be >= 0 and --target-kl > 0": self.kl_coef >= 0 and self.target_kl > 0,
                   "--gamma and --lam must be in [0, 1]": 0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
                   "--cliprange and --cliprange-value must be > 0": self.cliprange > 0 and self.cliprange_value > 0,
+                  # 1 − ε <= 0: the ratio's lower clip never binds (a typo: 2 for 0.2)
+                  "--cliprange must be < 1 (the ratio's lower clip is 1 − ε)": self.cliprange < 1,
                   "--reward-clip must be >= 0": self.reward_clip >= 0,
                   "--vf-coef must be >= 0": self.vf_coef >= 0,
                   # halving or doubling a zero β leaves it zero: the adaptation would never start

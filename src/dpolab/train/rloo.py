@@ -56,6 +56,8 @@ class RLOOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
             raise ConfigError("--num-generations must be >= 2: RLOO baselines each completion by the other k − 1")
         if self.beta < 0 or self.epsilon <= 0:
             raise ConfigError("need --beta >= 0 and --epsilon > 0")
+        if self.epsilon >= 1:  # 1 − ε <= 0: the low clip never binds (a typo: 2 for 0.2)
+            raise ConfigError(f"--epsilon must be < 1 (the ratio's lower clip is 1 − ε), got {self.epsilon}")
 
 
 class RLOO(CriticFree):
