@@ -287,3 +287,15 @@ def test_make_config_converts_as_the_command_line_does_and_refuses_empty_paths()
     for name in ("eval_data", "ref_model", "ref_cache_dir"):
         with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} is empty"):
             make_config(DPOConfig, {"model": "m", "data": "d", name: " "})
+
+
+def test_the_console_note_on_skipped_and_cut_rows():
+    from dpolab.train.engine import data_note
+
+    assert data_note({"rows": 9, "skipped": 0, "truncated": 0}) is None
+    assert data_note({"rows": 9, "skipped": 1, "skipped_examples": ["d.jsonl:9: no room"], "truncated": 2}) == (
+        "note: 1 of 9 rows skipped (the first: d.jsonl:9: no room); 2 rows cut to fit the length limits; "
+        "data_report.json in the run folder has the counts")
+    assert data_note({"prompts": 64, "truncated": 64, "eval_truncated": 5}) == (
+        "note: 64 prompts cut to fit the length limits; 5 evaluation prompts cut to fit --max-prompt-length; "
+        "data_report.json in the run folder has the counts")

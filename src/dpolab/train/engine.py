@@ -61,6 +61,8 @@ def data_note(report: dict) -> str | None:
         parts.append(f"{report['skipped']} of {rows} rows skipped" + (f" (the first: {first[0]})" if first else ""))
     if report.get("truncated"):
         parts.append(f"{report['truncated']} {'prompts' if 'prompts' in report else 'rows'} cut to fit the length limits")
+    if report.get("eval_truncated"):
+        parts.append(f"{report['eval_truncated']} evaluation prompts cut to fit --max-prompt-length")
     return f"note: {'; '.join(parts)}; data_report.json in the run folder has the counts" if parts else None
 
 
