@@ -299,3 +299,23 @@ def test_the_console_note_on_skipped_and_cut_rows():
     assert data_note({"prompts": 64, "truncated": 64, "eval_truncated": 5}) == (
         "note: 64 prompts cut to fit the length limits; 5 evaluation prompts cut to fit --max-prompt-length; "
         "data_report.json in the run folder has the counts")
+
+
+def test_a_flag_these_settings_do_not_read_is_warned_about(capsys, tmp_path):
+    """--lora-r without --lora, rloo's --epsilon with --update reinforce, ppo's --target-kl without
+    --adaptive-kl ... had no effect, said nowhere. Flags only: a run's config.yaml holds every option."""
+    from dpolab.train.ppo import PPOConfig
+    from dpolab.train.rloo import RLOOConfig
+
+    base = ["--model", "m", "--data", "d", "--reward", "a:b"]
+    parse_config(RLOOConfig, [*base, "--epsilon", "0.3", "--lora-r", "8"], prog="t")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --epsilon is read only with --update clip; it has no effect here",
+        "warning: --lora-r is read only with --lora; it has no effect here"]
+    parse_config(RLOOConfig, [*base, "--epsilon", "0.3", "--update", "clip", "--lora", "--lora-r", "8"], prog="t")
+    parse_config(PPOConfig, [*base, "--adaptive-kl", "--target-kl", "3"], prog="t")
+    assert capsys.readouterr().err == ""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lora_r: 8\ntarget_kl: 3\n")
+    parse_config(PPOConfig, [*base, "--config", str(cfg_file)], prog="t")
+    assert capsys.readouterr().err == ""

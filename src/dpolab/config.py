@@ -23,6 +23,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 import weakref
@@ -268,7 +269,25 @@ def parse_config(cls: type[T], argv: list[str], prog: str, description: str = ""
         if isinstance(value, list) and all(isinstance(v, str) for v in value):  # a repeated list option
             value = ",".join(value)
         values[key] = _convert(value, types_[key], "--" + key.replace("_", "-"))
-    return make_config(cls, values)
+    cfg = make_config(cls, values)
+    warn_unread(cfg, set(ns))
+    return cfg
+
+
+def warn_unread(cfg: Any, given: set[str]) -> None:
+    """A warning for each flag ``given`` on the command line that these settings do not read (a class's
+    ``READ_ONLY_WITH``: ``{option: (reads(cfg), "what it needs")}``, merged over its bases): --lora-r
+    without --lora had no effect, said nowhere. Flags only: a run's config.yaml holds every option."""
+    rules: dict[str, tuple] = {}
+    for klass in reversed(type(cfg).__mro__):
+        rules.update(klass.__dict__.get("READ_ONLY_WITH", {}))
+    if os.environ.get("RANK", "0") != "0":  # said once in a multi-process run
+        return
+    for name in sorted(given & set(rules)):
+        reads, needs = rules[name]
+        if not reads(cfg):
+            print(f"warning: --{name.replace('_', '-')} is read only with {needs}; it has no effect here",
+                  file=sys.stderr)
 
 
 def make_config(cls: type[T], values: dict[str, Any]) -> T:

@@ -51,6 +51,9 @@ class LoraOptions:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
 
+    READ_ONLY_WITH = {name: (lambda cfg: cfg.lora, "--lora")
+                      for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+
 
 @dataclass
 class ModelOptions:
@@ -313,6 +316,9 @@ class PromptOptions(SplitOptions):
     eval_prompts: int = opt(64, "how many prompts to evaluate on (0: skip evaluation)")
     max_prompt_length: int = opt(128, "maximum prompt tokens (longer prompts keep their end)")
     log_samples: int = opt(4, "completions per logging step written to samples.jsonl (and 2 printed)")
+
+    READ_ONLY_WITH = {name: (lambda cfg: cfg.eval_prompts > 0, "--eval-prompts above 0")
+                      for name in ("eval_data", "eval_steps")}
 
 
 @dataclass

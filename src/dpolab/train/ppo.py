@@ -58,6 +58,8 @@ class PPOConfig(OnPolicyOptions):
     lam: float = opt(0.95, "GAE λ")
     cliprange: float = opt(0.2, "policy ratio clip ε")
     cliprange_value: float = opt(0.2, "value clip ε (around the rollout's values)")
+    READ_ONLY_WITH = {"target_kl": (lambda cfg: cfg.adaptive_kl, "--adaptive-kl"),
+                      "cliprange_value": (lambda cfg: cfg.vf_coef > 0, "--vf-coef above 0")}
     vf_coef: float = opt(0.1, "value-loss weight (loss = policy + vf_coef · value)")
     whiten_rewards: bool = opt(False, "rescale per-token rewards to unit variance over the batch (mean kept)")
     whiten_advantages: bool = opt(True, "normalise advantages over the batch's response tokens")

@@ -47,6 +47,7 @@ class RLOOConfig(OnPolicyOptions, GroupOptions, PromptSharingOptions):
     update: str = opt("reinforce", "REINFORCE on the sequence log-prob, or PPO's clipped ratio per token",
                       choices=("reinforce", "clip"))
     epsilon: float = opt(0.2, "ε of --update clip")
+    READ_ONLY_WITH = {"epsilon": (lambda cfg: cfg.update == "clip", "--update clip")}
     learning_rate: float = opt(1e-6, "peak learning rate")
 
     def validate(self) -> None:
