@@ -249,8 +249,9 @@ def _check_rows_fit(rm, rows: list[list[int]], name: str | None, prompts) -> Non
     for i, r in enumerate(rows):
         if positions is not None and len(r) > positions:
             raise DpolabError(f"reward model {name}: prompt {i} ({_short(prompts[i])}) and its completion are "
-                              f"{len(r)} of its tokens, more than its {positions} positions; lower "
-                              "--max-new-tokens or --max-prompt-length, or use a reward model with more positions")
+                              f"{len(r)} of its tokens, more than its {positions} positions; cut them (--max-new-tokens "
+                              "or --max-prompt-length; score()'s max_length/max_prompt_length), or use a reward "
+                              "model with more positions")
         if r and max(r) >= vocab:
             raise DpolabError(f"reward model {name}: its tokenizer gives id {max(r)} (prompt {i}), beyond its "
                               f"{vocab} embedding rows: the folder's tokenizer and model do not belong together")

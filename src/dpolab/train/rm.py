@@ -1,5 +1,7 @@
 """Bradley-Terry reward-model training (Bradley & Terry 1952; for language models Ouyang et al. 2022,
-arXiv 2203.02155; docs/reward-model.md).
+arXiv 2203.02155; docs/reward-model.md). The reward of (prompt, response) is read at the EOS ending
+the response: score with ``dpolab.rewards.functions.score``, or with transformers on the prompt and
+the response tokenized apart and the tokenizer's EOS appended to the response.
 
 The model is the LM backbone with a scalar head (:mod:`dpolab.lm.reward_model`); each micro-batch is one
 forward pass, over each pair as one prefix-shared row ``[prompt | chosen | rejected]`` when a check
