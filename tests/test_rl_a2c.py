@@ -127,3 +127,14 @@ def test_stop_return_logs_the_partly_filled_window(tmp_path):
     for key in ("losses/policy", "losses/value", "losses/entropy", "losses/explained_variance"):
         assert train_rows[0][key] == pytest.approx(sum(r[key] for r in per_update) / 3, rel=1e-6), key
     assert train_rows[0]["charts/learning_rate"] == 7e-4 and train_rows[0]["skipped_steps"] == 0
+
+
+def test_a_resume_of_a_run_that_stopped_at_stop_return_is_finished(tmp_path):
+    """The checkpoint written at a --stop-return stop sits before the step budget: resumed unchanged, the
+    run trained on, past where the uninterrupted one stopped, and replaced final/ and summary.json."""
+    kw = dict(seed=3, eval_every=60, stop_return=0.0, save_steps=0)
+    first = train(_cfg(tmp_path, "r", **kw))
+    assert first["steps"] == 60
+    rows = _rows(tmp_path / "r")
+    again = train(_cfg(tmp_path, "r", resume="latest", **kw))
+    assert again["steps"] == 60 and _rows(tmp_path / "r") == rows

@@ -155,7 +155,7 @@ def test_damaged_or_foreign_env_state_changes_nothing():
     envs.close(), wrapped.close()
 
 
-def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
+def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*PPO_ARGS, "--total-steps", "128", "--output-dir", str(out)]) == 0
     marker = tmp_path / "pwned"
@@ -173,8 +173,11 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
             total_steps=128, n_envs=2, n_steps=32, batch_size=32, n_epochs=2, eval_episodes=2, seed=3,
             save_steps=0, progress=False, output_dir=str(out), resume="latest")))
     assert not marker.exists()
+    capsys.readouterr()
     (ckpt / "state.pt").write_bytes(b"not a checkpoint")
     assert main([*PPO_ARGS, "--total-steps", "128", "--output-dir", str(out), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err  # not torch's advice to load it with weights_only=False
+    assert "is damaged or not a checkpoint of this trainer" in err and "weights_only" not in err, err
 
 
 # -- SIGINT / SIGTERM -------------------------------------------------------------------------------
@@ -335,6 +338,20 @@ def test_a2c_nan_loss_stops_naming_the_update(tmp_path, monkeypatch, capsys):
     assert main([*A2C_ARGS, "--total-steps", "60", "--output-dir", str(out)]) == 2
     assert "non-finite loss at step 40 (update 2/3)" in capsys.readouterr().err
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_nan_evaluation_return_ends_the_run_cleanly(tmp_path, monkeypatch, capsys):
+    """An environment with NaN rewards: training, final/ and summary.json were written, then the last
+    line crashed ('Unknown format code f' for the summary's "nan") with exit status 1; the best
+    return read -inf although an evaluation ran."""
+    import dpolab.rl.rollout as rollout
+
+    monkeypatch.setattr(rollout, "evaluate", lambda *a, **k: [math.nan, 1.0])
+    out = tmp_path / "a2c"
+    assert main([*A2C_ARGS, "--total-steps", "60", "--output-dir", str(out)]) == 0
+    assert "eval/mean_return nan ->" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval/mean_return"] == summary["eval/best_mean_return"] == "nan"
 
 
 def test_checkpoint_and_final_refuse_non_finite_weights(tmp_path):

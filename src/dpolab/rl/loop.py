@@ -227,6 +227,8 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
     t_start, last_eval, evaluated_at = time.perf_counter(), float("nan"), -1
     if state is not None:  # the final checkpoint follows the end-of-run evaluation: not evaluated again
         evaluated_at, last_eval = int(state.get("evaluated_at", -1)), float(state.get("last_eval", math.nan))
+        if cfg.stop_return is not None and last_eval >= cfg.stop_return:
+            n_updates = start  # it stopped here at --stop-return: finished, as the uninterrupted run is
     update = start
     signals = StopSignal().__enter__()  # SIGINT/SIGTERM: finish the update, checkpoint, exit 0
     status = "failed"  # what the trackers record when the loop does not end
@@ -270,7 +272,9 @@ def _run(cfg: Any, algo: GymAlgorithm) -> dict:
     save_final(run_dir, policy, {"env": cfg.env, "algo": algo.name}, step)
     plot_learning_curve(run_dir, f"{algo.title} on {cfg.env} (seed {cfg.seed})")
     return run_dir.write_summary(
-        {"eval/mean_return": last_eval, "eval/best_mean_return": best, "eval_seconds": round(eval_seconds, 3),
+        {"eval/mean_return": last_eval, "eval_seconds": round(eval_seconds, 3),
+         # no finite evaluation (NaN rewards): NaN, not the -inf best starts from
+         "eval/best_mean_return": best if best > -math.inf else last_eval,
          "skipped_steps": skipped}, steps=step,
         before=lambda s: write_model_card(run_dir.final, command=f"rl {algo.name}", method=method_text(algo),
                                           config=dataclasses.asdict(cfg), metrics=s, base_model=""))
@@ -290,6 +294,7 @@ def cli(cfg_cls, algo_cls, argv: list[str], prog: str, description: str) -> int:
     summary = run(cfg, algo_cls(cfg))
     if summary.get("stopped") or summary.get("dry_run"):
         return 0
-    print(f"{prog}: {summary['steps']} steps, eval/mean_return {summary['eval/mean_return']:.1f} "
-          f"-> {cfg.output_dir}")
+    value = summary["eval/mean_return"]  # "nan" in the summary's JSON-safe form when the rewards were NaN
+    print(f"{prog}: {summary['steps']} steps, eval/mean_return "
+          f"{f'{value:.1f}' if isinstance(value, (int, float)) else value} -> {cfg.output_dir}")
     return 0

@@ -141,8 +141,9 @@ def read_checkpoint(run: RunDir, spec: str, cfg: Any, algorithm: str) -> dict[st
         for key in ("policy", "optimizer", "collector", "update", "step", "rng"):
             state[key]  # noqa: B018 - presence check
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DpolabError(f"cannot read checkpoint {path}: {msg}") from None
+        from dpolab.runs.checkpoint import unreadable_state
+
+        raise DpolabError(unreadable_state(path / "state.pt", err)) from None
     # Checkpoints from before "algorithm" was saved: PPO's config alone has clip_eps.
     made_by = state.get("algorithm") or ("ppo" if "clip_eps" in saved else "a2c")
     if made_by != algorithm:

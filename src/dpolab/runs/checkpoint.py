@@ -87,7 +87,7 @@ def read_training_state(directory: Path, *, optimizer, scheduler, command: str |
         set_rng_state(blob["rng"])
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError, AttributeError,
             pickle.UnpicklingError) as err:
-        raise DpolabError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        raise DpolabError(unreadable_state(path, err)) from None
     return state
 
 
@@ -245,3 +245,12 @@ def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def unreadable_state(path, err: BaseException) -> str:
+    """Why a checkpoint's torch file would not load, without torch's advice to load it with
+    ``weights_only=False`` (which runs whatever a pickle holds: never done here)."""
+    if "weights_only" in str(err):
+        return (f"cannot read checkpoint {path}: it is damaged or not a checkpoint of this trainer (only tensors "
+                "and plain data are read from it, never code); resume from an earlier checkpoint")
+    return f"cannot read checkpoint {path}: {_first_line(err)}"
