@@ -394,6 +394,8 @@ def test_bad_input_is_one_clear_line_and_nothing_half_written(tiny_model_dir, pr
     frac = ("--reward", f"{reward_file}:frac_alpha")
     assert "--temperature must be a finite number > 0 (the trainer samples" in err("grpo", *frac, "--temperature", 0)
     assert "--top-p must be in (0, 1], got 1.5" in err("rloo", *frac, "--top-p", 1.5)
+    assert "--mini-batches 5 is more than a step's 4 completions per process" in err(
+        "grpo", *frac, "--prompts-per-step", 2, "--num-generations", 2, "--mini-batches", 5)
     for cmd in ("grpo", "rloo"):  # 1 − ε <= 0: the lower clip never bound, silently
         assert "--epsilon must be < 1 (the ratio's lower clip is 1 − ε), got 2.0" in err(cmd, *frac, "--epsilon", 2)
     assert "--top-k must be >= 0" in err("grpo", *frac, "--top-k", -2)

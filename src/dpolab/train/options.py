@@ -428,3 +428,7 @@ def require_positive(cfg, *names: str) -> None:
 
 def validate_groups(cfg) -> None:
     require_positive(cfg, "prompts_per_step", "num_generations", "num_iterations", "mini_batches", "micro_batch_size")
+    completions = cfg.prompts_per_step * cfg.num_generations
+    if cfg.mini_batches > completions:  # the extra optimizer steps were empty, advancing the schedule only
+        raise ConfigError(f"--mini-batches {cfg.mini_batches} is more than a step's {completions} completions per "
+                          "process (--prompts-per-step × --num-generations): some optimizer steps would be empty")
