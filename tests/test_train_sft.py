@@ -474,3 +474,15 @@ def test_rows_beyond_the_models_positions_are_one_line_before_any_weights_load(t
     assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs), "--output-dir", str(out),
                  "--max-length", "1000", "--dry-run"]) == 2
     assert "exceed the 256 positions" in capsys.readouterr().err
+
+
+def test_a_dry_run_returns_the_data_counts_under_the_summarys_names(tiny_model_dir, tmp_path):
+    """train(dry_run=True) said data/skipped and data/truncated, a real run's summary data/skipped_rows
+    and data/truncated_rows: code reading one missed the other."""
+    from dpolab.train.sft import SFTConfig, train
+
+    data = write_sft_data(tmp_path / "sft.jsonl", n=8)
+    out = train(SFTConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "r"), max_length=48,
+                          dry_run=True, progress=False))
+    assert out["dry_run"] is True and out["data/skipped_rows"] == out["data/skipped"] == 0
+    assert out["data/truncated_rows"] == out["data/truncated"] and out["data/rows"] == 8

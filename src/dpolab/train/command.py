@@ -9,12 +9,14 @@ from pathlib import Path
 
 def dry_run_report(cfg, report: dict) -> dict:
     """``--dry-run``: print the data report and resolved config; return the summary a run returns
-    instead of training (numeric report entries as ``data/...``)."""
+    instead of training (numeric report entries as ``data/...``, and the summary's own
+    ``data/skipped_rows``/``data/truncated_rows``)."""
     from dpolab.train.distributed import is_main_process
 
     if is_main_process():  # one JSON document on stdout, however many processes
         print(json.dumps({"data": report, "config": vars(cfg)}, indent=2))
-    return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+    return {"dry_run": True, **{f"data/{k}": v for k, v in report.items() if isinstance(v, (int, float))},
+            **{f"data/{k}_rows": report[k] for k in ("skipped", "truncated") if k in report}}
 
 
 def cli(cfg_cls, train, argv: list[str], prog: str, description: str, *, final: str = "final model") -> int:
