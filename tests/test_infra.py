@@ -42,6 +42,9 @@ def test_a_repeated_list_option_adds_to_the_list(tmp_path):
                               "--weights", "2"], prog="t")
     assert (cfg.names, cfg.weights) == (["a", "b", "c"], [1.0, 2.0])
     assert parse_config(_Cfg, ["--config", str(cfg_file), "--steps", "1"], prog="t").names == ["x"]
+    with pytest.raises(ConfigError, match=r"unrecognized arguments: 2 \(an option takes one value: give a list as "
+                                          "one comma-separated value"):
+        parse_config(_Cfg, ["--weights", "1", "2"], prog="t")
     cfg_file.write_text('names: "a, b"\n')  # a list given as one string: split at commas, each item stripped
     assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").names == ["a", "b"]
 

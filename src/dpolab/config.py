@@ -222,6 +222,8 @@ class _Parser(argparse.ArgumentParser):
                 name = flags[0].split("=")[0]
                 known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
                 message = f"unrecognized option '{name}'{suggest(name, known)}"
+            else:  # `--reward-weights 2 0.5`: a second value after an option
+                message += " (an option takes one value: give a list as one comma-separated value, e.g. 2,0.5)"
         raise ConfigError(message)
 
 
