@@ -287,6 +287,10 @@ def test_message_rows_reach_the_template_whole(tiny_tokenizer):
     assert "<call>lookup</call>" in text and "name=lookup" in text, text
     trained = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
     assert "<call>lookup</call>" in trained and "it is 42" in trained, trained
+    openai = [dict(m, content=None) if m.get("tool_calls") else m for m in messages]  # "content": null: refused
+    assert tok_row(tok, {"messages": openai}).input_ids == ex.input_ids
+    with pytest.raises(DataError, match=r"field 'messages\[1\]': each message needs string 'role' and 'content'"):
+        tok_row(tok, {"messages": [messages[0], {"role": "assistant", "content": None}]})  # no tool call: refused
 
 
 def test_a_message_prompt_loses_its_start_to_max_prompt_length(tiny_tokenizer):
