@@ -265,9 +265,9 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     prompts = {name: render_prompts(records, tokenizers[name], cfg.max_prompt_length) for name, _ in entries}
     for name, (_, ids, cut) in prompts.items():
         check_room(cfg, max(map(len, ids)), model=name)
-        if reference is not None and reference != name:  # the reference scores every model's completions
-            check_room(cfg, max(map(len, ids)), model=reference)
         note_truncated(cut, len(ids), cfg.max_prompt_length, model=name if len(prompts) > 1 else "")
+    if reference is not None:  # the reference scores every model's completions
+        check_room(cfg, max(len(x) for _, ids, _ in prompts.values() for x in ids), model=reference)
     from dpolab.data.prompts import PromptData
     from dpolab.train.on_policy import check_reward_fields
 

@@ -412,8 +412,6 @@ def folder_splits(path: Path) -> dict[str, list[Path]]:
 def _read_folder(path: Path, source: str, split: str) -> list[Record]:
     """A ``save_to_disk`` folder, or a folder of data files, each read as the file it is (its rows
     named by file and line, CSV cells strings, every format of the folder read)."""
-    import datasets
-
     if not _is_saved_dataset(path):
         splits = folder_splits(path)
         if not splits:
@@ -423,6 +421,8 @@ def _read_folder(path: Path, source: str, split: str) -> list[Record]:
             raise DataError(f"no split '{split}' in the folder's data files (splits: {', '.join(splits)})",
                             path=source)
         return [r for file in splits[split] for r in load_records(str(file))]
+    import datasets
+
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 -- any failure inside datasets is a bad folder

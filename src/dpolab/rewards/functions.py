@@ -103,9 +103,9 @@ def compute_rewards(fn: RewardFn, prompts: list[str], completions: list[str],
         raise DpolabError("compute_rewards needs one prompt (and column value) per completion, got "
                           + ", ".join(f"{n} {k}" for k, n in sizes.items()))
     try:
-        keywords, _, _ = _signature(fn)
-        given = _accepted(fn, columns or {})
-        if keywords:  # TRL's form, f(completions, **kwargs): the texts by name
+        signature = _signature(fn)
+        given = _accepted(signature, columns or {})
+        if signature[0]:  # TRL's form, f(completions, **kwargs): the texts by name
             out = fn(prompts=list(prompts), completions=list(completions), **given)
         else:
             out = fn(list(prompts), list(completions), **given)
@@ -257,27 +257,22 @@ def _check_rows_fit(rm, rows: list[list[int]], name: str | None, prompts) -> Non
                               f"{vocab} embedding rows: the folder's tokenizer and model do not belong together")
 
 
-def _column_params(fn) -> tuple[list, bool]:
-    """``(parameters that a column can fill, takes **kwargs)``."""
-    _, columns, var_keyword = _signature(fn)
-    return columns, var_keyword
-
-
 def required_columns(fn) -> dict[str, str]:
     """``{field: reward name}``: the row fields a reward cannot be called without, its parameters after
     ``(prompts, completions)`` that have no default (for :class:`WeightedRewards`, its functions')."""
     if isinstance(fn, WeightedRewards):
         return {c: n for _, f in fn.named for c, n in required_columns(f).items()}
     name = getattr(fn, "__qualname__", repr(fn))
-    return {p.name: name for p in _column_params(fn)[0] if p.default is p.empty}
+    return {p.name: name for p in _signature(fn)[1] if p.default is p.empty}
 
 
-def _accepted(fn, columns: dict[str, list]) -> dict[str, list]:
-    """The columns ``fn`` takes as keyword arguments: all of them for ``**kwargs``, else those it names."""
+def _accepted(signature: tuple[bool, list, bool], columns: dict[str, list]) -> dict[str, list]:
+    """The columns a function of ``signature`` (:func:`_signature`) takes as keyword arguments: all of
+    them for ``**kwargs``, else those it names."""
     columns = {k: v for k, v in (columns or {}).items() if k not in TEXT_ARGUMENTS}
     if not columns:
         return {}
-    named, var_keyword = _column_params(fn)
+    _, named, var_keyword = signature
     if var_keyword:
         return columns
     return {p.name: columns[p.name] for p in named if p.name in columns}

@@ -34,7 +34,6 @@ import torch
 from dpolab.errors import ConfigError
 from dpolab.lm import inplace_grads
 from dpolab.runs.checkpoint import (
-    check_resumable,
     check_steps_left,
     read_trainer_state,
     read_training_state,
@@ -231,9 +230,8 @@ class Engine:
         self.run_dir.save_checkpoint(self.step, write)
 
     def _resume(self, algo: Algorithm) -> None:
+        # (what makes the checkpoint one this run cannot continue was refused by start_run and plan)
         trainer_state = read_trainer_state(self.ckpt, command=algo.name)
-        check_resumable(self.cfg, self.ckpt, trainer_state, self.accelerator.num_processes)  # (a Python caller's)
-        check_steps_left(self.ckpt, trainer_state, self.steps)
         config = trainer_state.get("config") if isinstance(trainer_state.get("config"), dict) else {}
         algo.load_checkpoint(self, self.ckpt)
         state = read_training_state(self.ckpt, optimizer=self.optimizer, scheduler=self.scheduler, command=algo.name)

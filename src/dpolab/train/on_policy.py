@@ -134,16 +134,11 @@ def check_room(cfg, longest_prompt: int, model: str | None = None, where: str | 
     """Refuse, before loading any weights, prompts that leave no room for ``--max-new-tokens`` in the
     positions of ``model`` (default ``--model``; ``max_position_embeddings`` of its config, where it
     has one). ``where``: the file and line (or row) of the longest prompt, named by the error."""
-    from transformers import AutoConfig
-
     from dpolab.errors import ConfigError
+    from dpolab.train.options import model_positions
 
     model = model or cfg.model
-    try:
-        limit = getattr(AutoConfig.from_pretrained(model, trust_remote_code=cfg.trust_remote_code),
-                        "max_position_embeddings", None)
-    except (OSError, ValueError):
-        return  # the model load reports it
+    limit = model_positions(model, cfg.trust_remote_code)
     if limit is not None and longest_prompt + cfg.max_new_tokens > limit:
         what = (f"{where}: the longest prompt, {longest_prompt} tokens, plus --max-new-tokens {cfg.max_new_tokens} "
                 "exceeds" if where else

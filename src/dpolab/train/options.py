@@ -94,14 +94,15 @@ def resolve_eval_split(cfg) -> None:
     held out ``--eval-fraction`` of the training split); unset, ``--eval-data``'s split is ``test``
     (:func:`eval_split_of`). A file's ``test`` is let be: the config.yaml of runs before this wrote it.
     A ``--data-split`` other than ``train`` for a file is refused (it trained on the whole file)."""
-    if cfg.data_split != "train" and Path(cfg.data).expanduser().is_file():
+    data_is_file = Path(cfg.data).expanduser().is_file()
+    if cfg.data_split != "train" and data_is_file:
         raise ConfigError(f"--data-split {cfg.data_split}: --data {cfg.data} is a file, which has no splits; "
                           "give the file of that split as --data")
     if cfg.eval_split is not None and not cfg.eval_data:
         if cfg.eval_split == cfg.data_split:
             raise ConfigError(f"--eval-split {cfg.eval_split} is the training split (--data-split): give another "
                               "split, or --eval-data")
-        if Path(cfg.data).expanduser().is_file():
+        if data_is_file:
             if cfg.eval_split == "test":
                 return
             raise ConfigError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a file, which has no splits; "
@@ -188,17 +189,22 @@ def check_unused_reference(cfg) -> None:
                                   "reference model")
 
 
-def check_positions(cfg, longest: int) -> None:
-    """Rows of up to ``longest`` tokens within ``--model``'s positions (its config's
-    ``max_position_embeddings``, read before any weights load): an IndexError deep in the forward at
-    step 1 otherwise."""
+def model_positions(model: str, trust_remote_code: bool) -> int | None:
+    """``max_position_embeddings`` of ``model``'s config, read before any weights load; None where it
+    has none or the config cannot be read (the model load reports that)."""
     from transformers import AutoConfig
 
     try:
-        limit = getattr(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code),
-                        "max_position_embeddings", None)
+        return getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
     except (OSError, ValueError):
-        return  # the model load reports it
+        return None
+
+
+def check_positions(cfg, longest: int) -> None:
+    """Rows of up to ``longest`` tokens within ``--model``'s positions (:func:`model_positions`): an
+    IndexError deep in the forward at step 1 otherwise."""
+    limit = model_positions(cfg.model, cfg.trust_remote_code)
     if limit is not None and longest > limit:
         raise ConfigError(f"rows of up to {longest} tokens (--max-length {cfg.max_length}) exceed the {limit} positions "
                           f"of {cfg.model}: give --max-length {limit} or less")
