@@ -143,7 +143,10 @@ def test_fuzz_yaml_mappings(mapping):
         assert key in FIELDS
         got = getattr(cfg, key)
         assert _conforms(got, hints[key]), (key, value, got)
-        if value is None or isinstance(value, (bool, int, float, str)):
+        if value is None:  # the default: what validate() resolves it to without the key (`beta: null`: the loss's β)
+            assert got == getattr(_parse(yaml.safe_dump({k: v for k, v in mapping.items() if k != key})), key), \
+                (key, value, got)
+        elif isinstance(value, (bool, int, float, str)):
             # a number given for a text option arrives as its text (`prompt: 7`); otherwise unchanged
             as_text = isinstance(value, (int, float)) and str in _scalar_types(hints[key])
             assert got == (str(value) if as_text else value), (key, value, got)
