@@ -12,7 +12,9 @@ Formats (detected per row by :func:`parse_preference`; see ``docs/data-formats.m
   (``add_generation_prompt=True``); a response is its assistant message(s)' content.
 
 Tokenization (:func:`tokenize_preference`): prompt and responses are tokenized separately with
-``add_special_tokens=False`` and concatenated as ids, so no BPE merge crosses the boundary. The
+``add_special_tokens=False`` and concatenated as ids, so no BPE merge crosses the boundary; a
+response after a non-empty prompt is encoded as text that continues another (for SentencePiece
+tokenizers that mark a text's start with "▁", without that mark: :mod:`dpolab.lm.continuation`). The
 prompt gets the tokenizer's own leading special tokens (BOS) only if the tokenizer adds them itself
 with ``add_special_tokens=True`` (found by encoding a probe both ways); an empty prompt becomes one
 BOS (or EOS) token so the first response token has a context. EOS is appended to each response.
@@ -39,6 +41,7 @@ from dpolab.data.loading import (
     text_problem,
 )
 from dpolab.errors import ConfigError, DataError
+from dpolab.lm.continuation import encode_continuations
 
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|assistant|>\n", "<|im_start|>assistant\n",
                 "[/INST]")
@@ -311,6 +314,15 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def _encode_after(tokenizer, prompts: list[str], texts: list[str]) -> list[list[int]]:
+    """Token ids of each response as it reads after its prompt (a SentencePiece tokenizer's "▁"
+    start mark only where the prompt is empty: :mod:`dpolab.lm.continuation`)."""
+    after = encode_continuations(tokenizer, [t for p, t in zip(prompts, texts) if p])
+    alone = iter(_encode_many(tokenizer, [t for p, t in zip(prompts, texts) if not p]))
+    rest = iter(after)
+    return [next(rest) if p else next(alone) for p in prompts]
+
+
 def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: SpecialIds, *,
               max_length: int, max_prompt_length: int, index: int) -> TokenizedPair | None:
     """Add specials, then truncate (prompt keeps its end, responses their start)."""
@@ -349,7 +361,7 @@ def encode_prompt_completions(tokenizer, prompts: list[str], completions: list[s
     max_length = max_length or 1 << 30
     max_prompt_length = max_prompt_length or max_length - 1
     out = []
-    for p, c in zip(_encode_many(tokenizer, list(prompts)), _encode_many(tokenizer, list(completions))):
+    for p, c in zip(_encode_many(tokenizer, list(prompts)), _encode_after(tokenizer, list(prompts), list(completions))):
         pair = _assemble(p, c, c, sp, max_length=max_length, max_prompt_length=max_prompt_length, index=0)
         if pair is None:
             raise ConfigError("a completion has no token left after truncation; raise max_length")
@@ -370,8 +382,9 @@ def tokenize_preference(ex: PreferenceExample, tokenizer, *, max_length: int,
     is left with no token."""
     _check_lengths(max_length, max_prompt_length)
     sp = special_ids(tokenizer)
-    texts = _texts(ex, tokenizer)
-    p, c, r = _encode_many(tokenizer, list(texts))
+    prompt, chosen, rejected = _texts(ex, tokenizer)
+    p, = _encode_many(tokenizer, [prompt])
+    c, r = _encode_after(tokenizer, [prompt, prompt], [chosen, rejected])
     return _assemble(p, c, r, sp, max_length=max_length, max_prompt_length=max_prompt_length,
                      index=index)
 
@@ -466,8 +479,9 @@ def _tokenize_all(examples: list[PreferenceExample], tokenizer, sp: SpecialIds, 
     for start in range(0, len(examples), chunk):
         block = examples[start:start + chunk]
         texts = [_texts(ex, tokenizer) for ex in block]
-        prompts, chosens, rejecteds = (_encode_many(tokenizer, [t[j] for t in texts])
-                                       for j in range(3))
+        prompt_texts = [t[0] for t in texts]
+        prompts = _encode_many(tokenizer, prompt_texts)
+        chosens, rejecteds = (_encode_after(tokenizer, prompt_texts, [t[j] for t in texts]) for j in (1, 2))
         for ex, p, c, r in zip(block, prompts, chosens, rejecteds):
             pair = _assemble(p, c, r, sp, max_length=max_length,
                              max_prompt_length=max_prompt_length, index=len(pairs))

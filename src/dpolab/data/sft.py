@@ -12,7 +12,8 @@ Formats, detected per row (``docs/sft.md``):
 
 Tokenization follows the preference data (``dpolab.data.preference``): pieces are tokenized
 separately with ``add_special_tokens=False`` and concatenated as ids (no BPE merge across a
-boundary); the tokenizer's own leading specials (BOS) are prepended; EOS is appended to completions
+boundary), each piece after the first as text that continues another (no SentencePiece "▁" start
+mark: :mod:`dpolab.lm.continuation`); the tokenizer's own leading specials (BOS) are prepended; EOS is appended to completions
 and texts (chat templates write their own end-of-turn tokens).
 
 Loss-mask convention (as in ``dpolab.lm.logps``): ``loss_mask[t] = 1`` when token ``t`` is a training
@@ -34,6 +35,7 @@ import torch
 from dpolab.data.loading import Record, load_records, missing, record_error, role_problem, text_problem
 from dpolab.data.preference import eval_count, special_ids
 from dpolab.errors import ConfigError, DataError
+from dpolab.lm.continuation import encode_continuations
 
 LOSS_ON = ("completion", "full")
 MAX_SKIPPED_EXAMPLES = 20
@@ -217,8 +219,9 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
     truncated = False
     if kind == "completion":
         prompt_text, completion_text = payload
-        prompt, completion = (list(x) for x in tokenizer([prompt_text, completion_text],
-                                                          add_special_tokens=False)["input_ids"])
+        prompt = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        completion = (encode_continuations(tokenizer, [completion_text])[0] if prompt_text else
+                      list(tokenizer(completion_text, add_special_tokens=False)["input_ids"]))
         if not prefix and not prompt:
             prefix = [sp.start_id]
         completion = completion + [sp.eos_id]
@@ -243,7 +246,8 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
                 what = "this conversation" if loss_from == 0 else "the conversation of 'prompt' and 'completion'"
                 raise DataError(f"cannot use the tokenizer's chat template for {what}: {reason}",
                                 path=where or None, field="messages" if loss_from == 0 else None) from exc
-        encoded = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
+        encoded = [list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"]),
+                   *encode_continuations(tokenizer, [t for t, _ in pieces[1:]])] if pieces else []
         ids, own = [], []
         for (_, is_target), piece in zip(pieces, encoded):
             ids += piece

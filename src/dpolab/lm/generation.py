@@ -469,14 +469,24 @@ def next_cache_kwargs(out) -> dict:
 
 def decode_responses(tokenizer, gen: Generation) -> list[str]:
     """Response texts: the tokens before the stop token (the stop token, the tokenizer's EOS or one
-    of the model's ``generation_config`` stop ids, and padding dropped; special tokens skipped)."""
+    of the model's ``generation_config`` stop ids, and padding dropped; special tokens skipped), read
+    as text after the prompt (a SentencePiece "▁" start mark is a space: :mod:`dpolab.lm.continuation`;
+    after a prompt of special tokens only, as a text's start)."""
+    from dpolab.lm.continuation import decode_continuation
+
     out = []
     eos = tokenizer.eos_token_id
-    for ids, mask, done in zip(gen.response_ids.tolist(), gen.response_mask.tolist(), gen.finished.tolist()):
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for ids, mask, done, prompt, real_prompt in zip(gen.response_ids.tolist(), gen.response_mask.tolist(),
+                                                    gen.finished.tolist(), gen.prompt_ids.tolist(),
+                                                    gen.prompt_mask.tolist()):
         real = [t for t, m in zip(ids, mask) if m]
         if real and (done or real[-1] == eos):  # a finished row ends with the token that stopped it
             real = real[:-1]
-        out.append(tokenizer.decode(real, skip_special_tokens=True))
+        if any(m and t not in specials for t, m in zip(prompt, real_prompt)):
+            out.append(decode_continuation(tokenizer, real))
+        else:
+            out.append(tokenizer.decode(real, skip_special_tokens=True))
     return out
 
 

@@ -1,0 +1,121 @@
+"""SentencePiece tokenizers that mark a text's start ("▁", Llama-2/Mistral style): a response is
+tokenized as it reads after its prompt, and sampled tokens decode to text that re-encodes to them."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+from dpolab.data.loading import Record
+from dpolab.data.preference import encode_prompt_completions, parse_preference, tokenize_preference
+from dpolab.data.sft import parse_sft, tokenize_sft
+from dpolab.lm.continuation import decode_continuation, encode_continuations, marks_starts
+from dpolab.lm.generation import Generation, decode_responses
+from dpolab.lm.tiny import CHAT_TEMPLATE, train_tokenizer
+
+CORPUS = ["Question: what is the capital of France?\nAnswer: Paris", "Hello world, it is Paris.",
+          "<|user|>\nwhat is it?</s>\n<|assistant|>\nParis</s>\n", "the movie was great fun"] * 40
+PROMPT = "Question: what is the capital of France?"
+
+
+def _sentencepiece(form: str):
+    """A BPE tokenizer in the two forms Llama-2-style tokenizer.json files take: the older normalizer
+    that prepends "▁" and replaces spaces, and the newer Metaspace pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if form == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=form)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=form)
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation + "\n▁")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module", params=["normalizer", "first", "always"])
+def sp(request):
+    return _sentencepiece(request.param)
+
+
+def enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def in_context(tok, prompt: str, text: str) -> list[int]:
+    whole, head = enc(tok, prompt + text), enc(tok, prompt)
+    assert whole[:len(head)] == head
+    return whole[len(head):]
+
+
+@pytest.mark.parametrize("response", [" Paris", "Paris", " Paris.\nAnswer: Paris"])
+def test_a_pair_response_is_tokenized_as_it_reads_after_its_prompt(sp, response):
+    assert marks_starts(sp)
+    want = in_context(sp, PROMPT, response)
+    if not response.startswith(" "):
+        assert enc(sp, response) != want  # encoded alone it gains a "▁" start mark: the defect
+    ex = parse_preference(Record({"prompt": PROMPT, "chosen": response, "rejected": " Lyon"}, "m.jsonl", 1))
+    pair = tokenize_preference(ex, sp, max_length=64, max_prompt_length=32)
+    assert pair.prompt_ids == enc(sp, PROMPT)
+    assert pair.chosen_ids == want + [sp.eos_token_id]
+    assert pair.rejected_ids == in_context(sp, PROMPT, " Lyon") + [sp.eos_token_id]
+    assert encode_prompt_completions(sp, [PROMPT], [response]) == [enc(sp, PROMPT) + want + [sp.eos_token_id]]
+
+
+def test_a_response_after_an_empty_prompt_is_a_texts_start(sp):
+    ex = parse_preference(Record({"prompt": "", "chosen": "Paris", "rejected": "Lyon"}, "m.jsonl", 1))
+    pair = tokenize_preference(ex, sp, max_length=64, max_prompt_length=32)
+    assert pair.prompt_ids == [sp.bos_token_id]
+    assert pair.chosen_ids == enc(sp, "Paris") + [sp.eos_token_id]
+
+
+def test_sft_completions_and_chat_turns_are_tokenized_in_context(sp):
+    kind, payload = parse_sft(Record({"prompt": PROMPT, "completion": " Paris"}, "m.jsonl", 1))
+    ex = tokenize_sft(kind, payload, sp, max_length=64, max_prompt_length=32)
+    assert ex.input_ids == enc(sp, PROMPT) + in_context(sp, PROMPT, " Paris") + [sp.eos_token_id]
+    messages = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "Paris"}]
+    kind, payload = parse_sft(Record({"messages": messages}, "m.jsonl", 1))
+    ex = tokenize_sft(kind, payload, sp, max_length=64, max_prompt_length=32)
+    text = sp.apply_chat_template(messages, tokenize=False)
+    if sp.backend_tokenizer.pre_tokenizer is not None and "always" in str(sp.backend_tokenizer.pre_tokenizer):
+        return  # "always" marks every text after a special token: no single encoding to compare with
+    assert ex.input_ids == enc(sp, text)
+
+
+@pytest.mark.parametrize("text", [" Paris", "Paris", "  two spaces", " x\nAnswer: it", " "])
+def test_sampled_tokens_decode_to_text_that_encodes_to_them(sp, text):
+    ids = encode_continuations(sp, [text])[0]
+    assert decode_continuation(sp, ids) == text
+    assert encode_continuations(sp, [decode_continuation(sp, ids)])[0] == ids
+
+
+def test_decoded_responses_keep_the_space_a_start_mark_stands_for(sp):
+    response = in_context(sp, PROMPT, " Paris") + [sp.eos_token_id]
+    for prompt, want in ((enc(sp, PROMPT), " Paris"), ([sp.bos_token_id], "Paris")):
+        gen = Generation(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool),
+                         torch.tensor([response]), torch.ones(1, len(response), dtype=torch.bool),
+                         torch.tensor([True]))
+        assert decode_responses(sp, gen) == [want]
+    alone = enc(sp, "Paris")  # after BOS only, the text's own start mark is dropped as always
+    gen = Generation(torch.tensor([[sp.bos_token_id]]), torch.ones(1, 1, dtype=torch.bool),
+                     torch.tensor([alone]), torch.ones(1, len(alone), dtype=torch.bool), torch.tensor([False]))
+    assert decode_responses(sp, gen) == ["Paris"]
+
+
+def test_byte_level_tokenizers_are_unchanged():
+    tok = train_tokenizer(CORPUS, vocab_size=400, min_frequency=1)
+    assert not marks_starts(tok)
+    texts = [" Paris", "Paris", "\n\nAnswer", " "]
+    assert encode_continuations(tok, texts) == [enc(tok, t) for t in texts]
+    assert decode_continuation(tok, enc(tok, " Paris")) == tok.decode(enc(tok, " Paris"))
