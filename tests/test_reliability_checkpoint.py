@@ -633,3 +633,25 @@ def test_a_symlinked_checkpoint_folder_of_this_run_resumes(tmp_path):
     (run.checkpoints / "step-1").symlink_to(elsewhere, target_is_directory=True)
     assert run.resolve_checkpoint("latest").name == "step-1"
     assert run.resolve_checkpoint(str(run.checkpoints / "step-1")).name == "step-1"
+
+
+def test_a_users_config_yaml_in_the_output_dir_is_not_replaced(tiny_model_dir, finished_run, tmp_path, capsys):
+    """``--config config.yaml --output-dir .``: the run wrote its own config.yaml over the user's file
+    (and removed it when a tracker could not start); refused before any work, the file unchanged. A
+    config.yaml a run wrote (a start-up stopped before its first step) is written again."""
+    from dpolab.cli import main
+
+    data, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = f"model: {tiny_model_dir}\ndata: {data}\nmax_steps: 1\n"
+    (run / "config.yaml").write_text(mine)
+    assert main(["dpo", "--config", str(run / "config.yaml"), "--output-dir", str(run)]) == 2
+    assert "holds a config.yaml that this run would replace" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == mine
+    from dpolab.runs.rundir import CONFIG_HEADER
+
+    (run / "config.yaml").write_text(CONFIG_HEADER + mine)
+    assert main(["dpo", "--config", str(run / "config.yaml"), "--output-dir", str(run), "--batch-size", "4"]) == 0
+    assert (run / "config.yaml").read_text().startswith("# dpolab: ")
+    assert (run / "final").is_dir()

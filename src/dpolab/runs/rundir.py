@@ -28,6 +28,7 @@ from dpolab.errors import DpolabError
 LATEST = "latest"
 EARLIER_RUN = ("metrics.jsonl", "summary.json", "checkpoints", "final")  # what a run leaves
 LOCK_FILE = ".dpolab-run.lock"
+CONFIG_HEADER = "# dpolab: this run's resolved configuration (--config FILE repeats the run)\n"
 _HELD: dict[str, int] = {}  # the lock files this process holds, and their descriptors
 
 
@@ -135,6 +136,10 @@ class RunDir:
             if found:  # e.g. stopped before its first checkpoint: nothing to resume
                 raise DpolabError(f"{self.path} already holds a run ({', '.join(found)}) that left no checkpoint to "
                                   "resume; remove the folder or choose another --output-dir")
+            config = self.path / "config.yaml"
+            if config.is_file() and not _written_by_a_run(config):  # the user's own file, e.g. --output-dir .
+                raise DpolabError(f"--output-dir {self.path} holds a config.yaml that this run would replace "
+                                  "with its own; choose another --output-dir (a run writes config.yaml there)")
 
     def create(self) -> RunDir:
         try:
@@ -240,7 +245,7 @@ class RunDir:
 
         from dpolab.config import config_to_dict
 
-        text = yaml.safe_dump(without_resume(config_to_dict(cfg)), sort_keys=False)
+        text = CONFIG_HEADER + yaml.safe_dump(without_resume(config_to_dict(cfg)), sort_keys=False)
         atomic_write_text(self.path / "config.yaml", text)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -398,6 +403,17 @@ class RunDir:
 
 
 _TMP_PREFIX = ".tmp-step-"
+
+
+def _written_by_a_run(path: Path) -> bool:
+    """A config.yaml a run wrote (its header; before the header, a start-up that stopped left one
+    with the lock file beside it)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(CONFIG_HEADER.encode()))
+    except OSError:
+        return False
+    return head == CONFIG_HEADER.encode() or (path.parent / LOCK_FILE).exists()
 
 
 def write_failure(err: BaseException) -> str | None:
