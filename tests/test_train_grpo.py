@@ -53,6 +53,12 @@ def fails_on_process_1(prompts, completions):  # at its second step: both proces
         raise ValueError("cannot score on process 1")
     return [0.5] * len(completions)
 
+def chars(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+def chars_offset(prompts, completions):  # float32 rounds 1e8 + n to a multiple of 8
+    return [1e8 + len(c) for c in completions]
+
 def numpy_scalars(prompts, completions):
     import numpy as np
     import torch
@@ -582,3 +588,18 @@ def test_under_bf16_mixed_precision_the_start_policy_has_zero_kl_to_itself(tiny_
         if cmd == "ppo":
             assert rows[0]["policy/ratio"] == 1.0
         assert rows[-1]["eval/kl"] == 0.0, (name, rows[-1])  # PPO's too: its raw policy under the autocast
+
+
+@pytest.mark.parametrize("cmd", ["grpo", "rloo"])
+def test_a_rewards_offset_does_not_round_its_differences_away(cmd, tiny_model_dir, prompts_file, reward_file, tmp_path):
+    """Group baselines are offset-invariant: 1e8 + n trains as n does. Scored in float32, 1e8 + n was
+    rounded to multiples of 8, so most groups had no reward spread and nothing was learned."""
+    common = ("--max-steps", 2, "--prompts-per-step", 5, "--num-generations", 4, "--learning-rate", "0.5",
+              "--optimizer", "sgd", "--max-new-tokens", 8)
+    for fn in ("chars", "chars_offset"):
+        assert main(_args(cmd, tiny_model_dir, prompts_file, tmp_path / fn, "--reward", f"{reward_file}:{fn}",
+                          *common)) == 0
+    _assert_same_final_weights(tmp_path / "chars", tmp_path / "chars_offset", atol=1e-5)
+    if cmd == "grpo":
+        assert [r["frac_reward_zero_std"] for r in _rows(tmp_path / "chars")] == \
+            [r["frac_reward_zero_std"] for r in _rows(tmp_path / "chars_offset")]

@@ -25,6 +25,12 @@ MORE = REWARDS + '''
 def constant(prompts, completions):
     return [1.0] * len(completions)
 
+def chars(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+def chars_tiny(prompts, completions):  # differences below float32's resolution at 0.5
+    return [0.5 + 1e-9 * len(c) for c in completions]
+
 CALLS = [0]
 
 def ties_on_even_steps(prompts, completions):
@@ -392,3 +398,18 @@ OTHER_CORPUS = [
     "an entirely different corpus of words, so the merges and their ids differ",
     "zebras quickly jump over lazy foxes while pianos hum in xylophone keys",
 ] * 30
+
+
+def test_rewards_that_differ_below_float32s_resolution_are_not_ties(tiny_model_dir, prompts_file, reward_file,
+                                                                    tmp_path):
+    """Pairs are the best and worst completion by score: 0.5 + 1e-9·n orders completions as n does.
+    Scored in float32, every score was 0.5: all ties, no pair, nothing trained, said nowhere."""
+    common = ("--max-steps", 2, "--prompts-per-step", 5, "--num-samples", 4, "--learning-rate", "5e-3",
+              "--max-new-tokens", 8)
+    for fn in ("chars", "chars_tiny"):
+        assert main(_args(tiny_model_dir, prompts_file, tmp_path / fn, reward_file, *common, fn=fn)) == 0
+    plain, tiny = _rows(tmp_path / "chars"), _rows(tmp_path / "chars_tiny")
+    assert [r["pairs/count"] for r in tiny] == [r["pairs/count"] for r in plain]
+    assert all(r["pairs/count"] > 0 for r in plain)
+    wa, wb = (load_file(str(tmp_path / fn / "final" / "model.safetensors")) for fn in ("chars", "chars_tiny"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # DPO reads the ranking only

@@ -51,6 +51,8 @@ class CriticFree(OnPolicy):
 
     # -- the shared step ---------------------------------------------------------------------------
     def step(self, engine, group):
+        import torch
+
         from dpolab.lm.token_rewards import shape_scores
         from dpolab.train import distributed
         from dpolab.train.engine import combine_steps
@@ -74,7 +76,7 @@ class CriticFree(OnPolicy):
         needs_old = self.needs_old_logps(cfg)
         scored_logps = needs_old and not several and engine.accelerator.mixed_precision == "no"
         s = sample_step(engine, cfg, self.prompts, idx, cfg.num_generations, self.rewards, self.sampler, seed=seed,
-                        micro=k, with_logps=scored_logps)
+                        micro=k, with_logps=scored_logps, dtype=torch.float64)  # baselines: float64
         s.scores = shape_scores(s.scores, s.gen.finished, missing_eos_penalty=cfg.missing_eos_penalty)
         old = rollout_token_logps(engine.model, s.gen, cfg.temperature, cfg.micro_batch_size, shared=self.shared)[0] \
             if several or (needs_old and (not scored_logps or s.gen.logps is None)) else None

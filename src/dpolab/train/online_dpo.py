@@ -124,6 +124,8 @@ class OnlineDPO(OnPolicy):
         return pairs, ties
 
     def step(self, engine, group):
+        import torch
+
         from dpolab.data.preference import TokenizedPair
         from dpolab.train import distributed
         from dpolab.train.on_policy import step_seed
@@ -133,7 +135,7 @@ class OnlineDPO(OnPolicy):
         cfg, ((k, idx),) = self.cfg, group
         seed = step_seed(cfg.seed, engine.step)
         s = sample_step(engine, cfg, self.prompts, idx, cfg.num_samples, self.rewards, self.sampler, seed=seed,
-                        micro=k)
+                        micro=k, dtype=torch.float64)  # ties are equal scores, not equal float32 roundings
         pairs, ties = self.make_pairs(s, seed + 1) if s.real else ([], 0)
         stand_in = [TokenizedPair(list(self.prompts.ids[s.rows[0]]), [s.gen.response_ids[0, 0].item()],
                                   [s.gen.response_ids[0, 0].item()], 0, False)]

@@ -81,7 +81,7 @@ class RLOO(CriticFree):
         seq_kl = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(s.scores)
         shaped = kl_shaped_rewards(s.scores, seq_kl, self.cfg.beta)
         acc = self.engine.accelerator
-        return rloo_advantages(shaped, self.cfg.num_generations), {
+        return rloo_advantages(shaped.double(), self.cfg.num_generations).to(torch.float32), {
             "kl": global_moments(acc, seq_kl, s.real)[1], "rlhf_reward": global_moments(acc, shaped, s.real)[1]}
 
     def token_loss(self, logp, old, ref, adv):
