@@ -93,6 +93,34 @@ def test_sft_completions_and_chat_turns_are_tokenized_in_context(sp):
     assert ex.input_ids == enc(sp, text)
 
 
+LLAMA2_TEMPLATE = (  # the Llama-2 chat template without its system-prompt branch: no generation prompt, and
+    # a space between "[/INST]" and the answer
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'].strip() + "
+    "' [/INST]' }}{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_sft_with_the_llama2_template_trains_the_answers_first_word_as_sampling_reads_it(sp):
+    """Pieces encoded apart made the template's space one context token ▁ and the answer "P aris":
+    after "[/INST]" the model never learned ▁Paris, and sampled answers lost their first word. The
+    whole conversation is encoded once; a token overlapping the answer is a target."""
+    sp.chat_template = LLAMA2_TEMPLATE
+    try:
+        messages = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "Paris"},
+                    {"role": "user", "content": "and it?"}, {"role": "assistant", "content": "Paris"}]
+        kind, payload = parse_sft(Record({"messages": messages}, "m.jsonl", 1))
+        ex = tokenize_sft(kind, payload, sp, max_length=128, max_prompt_length=64)
+        assert ex.input_ids == enc(sp, sp.apply_chat_template(messages, tokenize=False))
+        prompt = enc(sp, sp.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True))
+        assert ex.input_ids[:len(prompt)] == prompt and ex.loss_mask[:len(prompt)] == [0] * len(prompt)
+        first = ex.input_ids[len(prompt)]
+        assert ex.loss_mask[len(prompt)] == 1
+        assert decode_continuation(sp, [first]).startswith(" P")  # ▁P…: the space and the word, one target
+        second = enc(sp, sp.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True))
+        assert ex.input_ids[:len(second)] == second  # the second prompt as sampling encodes it
+    finally:
+        sp.chat_template = CHAT_TEMPLATE
+
+
 @pytest.mark.parametrize("text", [" Paris", "Paris", "  two spaces", " x\nAnswer: it", " "])
 def test_sampled_tokens_decode_to_text_that_encodes_to_them(sp, text):
     ids = encode_continuations(sp, [text])[0]
@@ -119,3 +147,45 @@ def test_byte_level_tokenizers_are_unchanged():
     texts = [" Paris", "Paris", "\n\nAnswer", " "]
     assert encode_continuations(tok, texts) == [enc(tok, t) for t in texts]
     assert decode_continuation(tok, enc(tok, " Paris")) == tok.decode(enc(tok, " Paris"))
+
+
+def test_pairs_with_the_llama2_template_start_their_responses_with_its_space(sp):
+    """Llama-2's template writes " " between "[/INST]" and the answer and has no generation prompt:
+    the space starts the response (▁Paris, as sampling after the prompt writes it); it was refused."""
+    sp.chat_template = LLAMA2_TEMPLATE
+    try:
+        row = {"prompt": [{"role": "user", "content": "what is it?"}],
+               "chosen": [{"role": "assistant", "content": "Paris"}],
+               "rejected": [{"role": "assistant", "content": " Lyon"}]}
+        pair = tokenize_preference(parse_preference(Record(row, "m.jsonl", 1)), sp, max_length=64,
+                                   max_prompt_length=32)
+        prompt = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert pair.prompt_ids == enc(sp, prompt)
+        assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
+        assert pair.rejected_ids == in_context(sp, prompt, " Lyon") + [sp.eos_token_id]
+        whole = enc(sp, sp.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False))
+        assert whole[:len(pair.prompt_ids) + len(pair.chosen_ids) - 1] == pair.prompt_ids + pair.chosen_ids[:-1]
+    finally:
+        sp.chat_template = CHAT_TEMPLATE
+
+
+class _MergingNewlines:
+    """A character tokenizer that prepends "▁" and reads "\\n\\n" as one token: a text starting with a
+    newline merges with the "\\n" anchor."""
+
+    def _ids(self, text: str) -> list[int]:
+        text, out, i = "▁" + text if text else text, [], 0
+        while i < len(text):
+            step = 2 if text[i:i + 2] == "\n\n" else 1
+            out.append(-1 if step == 2 else ord(text[i]))
+            i += step
+        return out
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [self._ids(t) for t in texts] if isinstance(texts, list) else self._ids(texts)}
+
+
+def test_a_text_merging_with_the_anchor_is_encoded_after_another_one():
+    tok = _MergingNewlines()
+    assert marks_starts(tok)
+    assert encode_continuations(tok, ["\nA", " b", "\n\nc"]) == [[10, 65], [32, 98], [-1, 99]]

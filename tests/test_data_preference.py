@@ -409,3 +409,21 @@ def test_a_template_error_on_a_prompt_read_from_the_conversations_names_chosen(t
     with pytest.raises(DataError, match=r"^d\.jsonl:7: field 'prompt': cannot render"):
         tokenize_preference(parse_preference(rec({"prompt": row["chosen"][:2], "chosen": "yo", "rejected": "no"})),
                             tok, max_length=64, max_prompt_length=32)
+
+
+def test_a_response_ending_with_the_eos_text_gets_no_second_eos(tiny_tokenizer):
+    """Llama-2-formatted data end answers with a literal "</s>", read as the EOS token: appending
+    another trained EOS after EOS. SFT completions and texts likewise."""
+    from dpolab.data.loading import Record
+    from dpolab.data.preference import parse_preference, tokenize_preference
+    from dpolab.data.sft import parse_sft, tokenize_sft
+
+    tok, eos = tiny_tokenizer, tiny_tokenizer.eos_token_id
+    ex = parse_preference(Record({"prompt": "the movie", "chosen": " was good</s>", "rejected": " was bad"},
+                                 "d.jsonl", 1))
+    pair = tokenize_preference(ex, tok, max_length=64, max_prompt_length=32)
+    assert pair.chosen_ids[-2:] != [eos, eos] and pair.chosen_ids[-1] == eos
+    assert pair.rejected_ids[-1] == eos and pair.rejected_ids[-2] != eos
+    for row in ({"prompt": "the movie", "completion": " was good</s>"}, {"text": "the movie was good</s>"}):
+        sft = tokenize_sft(*parse_sft(Record(row, "d.jsonl", 1)), tok, max_length=64, max_prompt_length=32)
+        assert sft.input_ids[-1] == eos and sft.input_ids[-2] != eos and sft.loss_mask[-1] == 1

@@ -279,6 +279,7 @@ def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
     except Exception as exc:  # noqa: BLE001 -- no template, or a template that rejects the roles
         raise located_error(ex.path, ex.line, ex.unit, "cannot render the conversation with the "
                             f"tokenizer's chat template: {exc}", field=ex.prompt_field) from exc
+    gap = {}
     for name, response in (("chosen", ex.chosen), ("rejected", ex.rejected)):
         try:  # rendered so that a template's own checks (roles that must alternate) see the whole turn
             full = tokenizer.apply_chat_template([*ex.prompt, *response], tokenize=False,  # type: ignore[misc]
@@ -286,22 +287,26 @@ def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
         except Exception as exc:  # noqa: BLE001
             raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template refuses the "
                                 f"conversation with this response: {exc}", field=name) from exc
-        _check_generation_prompt(ex, tokenizer, prompt, full, response[0]["content"])  # type: ignore[index]
-    return (prompt, "\n".join(m["content"] for m in ex.chosen),  # type: ignore[union-attr]
-            "\n".join(m["content"] for m in ex.rejected))  # type: ignore[union-attr]
+        gap[name] = _check_generation_prompt(ex, tokenizer, prompt, full, response[0]["content"])  # type: ignore[index]
+    return (prompt, gap["chosen"] + "\n".join(m["content"] for m in ex.chosen),  # type: ignore[union-attr]
+            gap["rejected"] + "\n".join(m["content"] for m in ex.rejected))  # type: ignore[union-attr]
 
 
-def _check_generation_prompt(ex: PreferenceExample, tokenizer, prompt: str, full: str, answer: str) -> None:
+def _check_generation_prompt(ex: PreferenceExample, tokenizer, prompt: str, full: str, answer: str) -> str:
     """A template without an ``add_generation_prompt`` branch renders the prompt with no assistant
     header, so prompt + answer would skip the header the template writes before every answer (SFT
-    trains it and sampling starts after the prompt): refused. A template that only writes the answer
+    trains it and sampling starts after the prompt): refused. White space alone between prompt and
+    answer (Llama-2's ``[/INST] answer``) is returned, to start the response: sampling after the
+    prompt writes it, as SentencePiece's ``▁answer``. A template that only writes the answer
     differently (``| trim``) has a generation prompt and is not refused."""
     if not full.startswith(prompt) or full[len(prompt):].startswith(answer):
-        return
+        return ""
     if tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=False) != prompt:
-        return
+        return ""
     between = full[len(prompt):]
     between = between[:between.find(answer)] if answer and answer in between else between[:40]
+    if between and not between.strip() and full[len(prompt) + len(between):].startswith(answer):
+        return between
     raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template has no generation prompt "
                         f"(add_generation_prompt=True adds nothing) but writes {between!r} before an answer: "
                         "pairs would train on answers without it; give the tokenizer a template that "
@@ -323,6 +328,12 @@ def _encode_after(tokenizer, prompts: list[str], texts: list[str]) -> list[list[
     return [next(rest) if p else next(alone) for p in prompts]
 
 
+def with_eos(ids: list[int], eos_id: int) -> list[int]:
+    """``ids`` ending with EOS: appended, unless the text already ended with the EOS token's own text
+    (Llama-2-formatted data write "</s>"), which would train EOS after EOS."""
+    return ids if ids[-1:] == [eos_id] else ids + [eos_id]
+
+
 def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: SpecialIds, *,
               max_length: int, max_prompt_length: int, index: int) -> TokenizedPair | None:
     """Add specials, then truncate (prompt keeps its end, responses their start)."""
@@ -333,7 +344,7 @@ def _assemble(prompt: list[int], chosen: list[int], rejected: list[int], sp: Spe
         prefix, prompt = [sp.bos_id], prompt[1:]  # a BOS the template wrote is kept on truncation too
     if not prefix and not prompt:
         prefix = [sp.start_id]
-    chosen, rejected = chosen + [sp.eos_id], rejected + [sp.eos_id]
+    chosen, rejected = with_eos(chosen, sp.eos_id), with_eos(rejected, sp.eos_id)
     truncated = False
     if len(prefix) + len(prompt) + max(len(chosen), len(rejected)) > max_length:
         keep = max(max_prompt_length - len(prefix), 0)

@@ -10,11 +10,13 @@ Formats, detected per row (``docs/sft.md``):
   it, e.g. EOS), not the role headers the template writes before them;
 * plain text: ``{"text": str}``; the loss covers every token.
 
-Tokenization follows the preference data (``dpolab.data.preference``): pieces are tokenized
-separately with ``add_special_tokens=False`` and concatenated as ids (no BPE merge across a
-boundary), each piece after the first as text that continues another (no SentencePiece "▁" start
-mark: :mod:`dpolab.lm.continuation`); the tokenizer's own leading specials (BOS) are prepended; EOS is appended to completions
-and texts (chat templates write their own end-of-turn tokens).
+Tokenization follows the preference data (``dpolab.data.preference``): a prompt and its completion
+are tokenized separately with ``add_special_tokens=False`` and concatenated as ids (no BPE merge
+across the boundary), the completion as text that continues another (no SentencePiece "▁" start
+mark: :mod:`dpolab.lm.continuation`); a conversation is tokenized whole, its targets found by
+character offsets (:func:`encode_pieces`); the tokenizer's own leading specials (BOS) are
+prepended; EOS is appended to completions and texts not ending with it (chat templates write their
+own end-of-turn tokens).
 
 Loss-mask convention (as in ``dpolab.lm.logps``): ``loss_mask[t] = 1`` when token ``t`` is a training
 target, predicted by the logits at ``t - 1`` of the *same example*. ``loss_mask[0]`` is always 0, so
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpolab.data.loading import Record, load_records, missing, record_error, role_problem, text_problem
-from dpolab.data.preference import eval_count, special_ids
+from dpolab.data.preference import eval_count, special_ids, with_eos
 from dpolab.errors import ConfigError, DataError
 from dpolab.lm.continuation import encode_continuations
 
@@ -203,6 +205,37 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
     return [(t, target) for t, target in pieces if t]
 
 
+def encode_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the pieces' text and which tokens are targets. A fast tokenizer encodes the whole
+    text once, as the rendered prompt is encoded for sampling, and a token is a target where its
+    characters overlap a target piece (a SentencePiece ``▁Paris`` holds the template's space before
+    the answer and the answer's first word: a target); a slow one encodes piece by piece, each
+    after the first as text continuing another (:mod:`dpolab.lm.continuation`)."""
+    if not pieces:
+        return [], []
+    text = "".join(t for t, _ in pieces)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts, flags, at = [], [], 0
+        for t, target in pieces:
+            starts.append(at)
+            flags.append(target)
+            at += len(t)
+        ids, own = list(enc["input_ids"]), []
+        for a, b in enc["offset_mapping"]:
+            first = max(bisect.bisect_right(starts, a) - 1, 0)
+            last = max(bisect.bisect_right(starts, max(b - 1, a)) - 1, 0)
+            own.append(any(flags[first:last + 1]))
+        return ids, own
+    encoded = [list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"]),
+               *encode_continuations(tokenizer, [t for t, _ in pieces[1:]])]
+    ids, own = [], []
+    for (_, is_target), piece in zip(pieces, encoded):
+        ids += piece
+        own += [is_target] * len(piece)
+    return ids, own
+
+
 def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_prompt_length: int,
                  loss_on: str = "completion", index: int = 0, where: str = "") -> SFTExample | None:
     """Tokenize one parsed row (:func:`parse_sft`) into an :class:`SFTExample`.
@@ -224,7 +257,7 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
                       list(tokenizer(completion_text, add_special_tokens=False)["input_ids"]))
         if not prefix and not prompt:
             prefix = [sp.start_id]
-        completion = completion + [sp.eos_id]
+        completion = with_eos(completion, sp.eos_id)
         if len(prefix) + len(prompt) + len(completion) > max_length:
             keep = max(max_prompt_length - len(prefix), 0)
             if len(prompt) > keep:
@@ -246,14 +279,9 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
                 what = "this conversation" if loss_from == 0 else "the conversation of 'prompt' and 'completion'"
                 raise DataError(f"cannot use the tokenizer's chat template for {what}: {reason}",
                                 path=where or None, field="messages" if loss_from == 0 else None) from exc
-        encoded = [list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"]),
-                   *encode_continuations(tokenizer, [t for t, _ in pieces[1:]])] if pieces else []
-        ids, own = [], []
-        for (_, is_target), piece in zip(pieces, encoded):
-            ids += piece
-            own += [is_target] * len(piece)
+        ids, own = encode_pieces(tokenizer, pieces)
         if kind == "text":
-            ids, own = ids + [sp.eos_id], own + [True]
+            ids, own = with_eos(ids, sp.eos_id), own + [True] * (ids[-1:] != [sp.eos_id])
         head = 0
         if prefix and ids[:len(prefix)] != prefix:  # a chat template may already write BOS
             ids, own = prefix + ids, [False] * len(prefix) + own

@@ -18,6 +18,8 @@ from __future__ import annotations
 __all__ = ["decode_continuation", "encode_continuations", "marks_starts"]
 
 ANCHOR = "\n"  # a newline: SentencePiece vocabularies keep it apart from the text after it
+# tried in turn where a text's start merges with the anchor (vocabularies with "\n\n" pieces)
+_FALLBACK_ANCHORS = ("0", "!")
 _PROBES = ("b", "Paris", " x")
 
 
@@ -46,7 +48,8 @@ def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text as it reads after other text (no special tokens added).
 
     For a tokenizer that :func:`marks_starts`, ``encode(ANCHOR + text)`` without the anchor's tokens;
-    where those tokens do not begin it (the text's start merged with the anchor), the text alone."""
+    where those tokens do not begin it (the text's start merged with the anchor), after another
+    anchor; where none stays apart, the text alone."""
     texts = list(texts)
     if not texts:
         return []
@@ -60,8 +63,16 @@ def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
         elif ids[:len(anchor)] == anchor:
             out.append(ids[len(anchor):])
         else:
-            out.append(_encode(tokenizer, [text])[0])
+            out.append(_after_another_anchor(tokenizer, text))
     return out
+
+
+def _after_another_anchor(tokenizer, text: str) -> list[int]:
+    for other in _FALLBACK_ANCHORS:
+        head, ids = _encode(tokenizer, [other, other + text])
+        if ids[:len(head)] == head:
+            return ids[len(head):]
+    return _encode(tokenizer, [text])[0]
 
 
 def decode_continuation(tokenizer, ids: list[int], *, skip_special_tokens: bool = True) -> str:
