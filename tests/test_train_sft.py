@@ -486,3 +486,13 @@ def test_a_dry_run_returns_the_data_counts_under_the_summarys_names(tiny_model_d
                           dry_run=True, progress=False))
     assert out["dry_run"] is True and out["data/skipped_rows"] == out["data/skipped"] == 0
     assert out["data/truncated_rows"] == out["data/truncated"] and out["data/rows"] == 8
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(tiny_model_dir, sft_data, tmp_path):
+    """Warmup over 2 steps: step 1 updates at half the rate, step 2 at the whole. The row of step 1
+    said the whole rate (the schedule had already moved on to step 2's)."""
+    out = tmp_path / "warm"
+    assert main(_args(tiny_model_dir, sft_data, out, "--learning-rate", "1e-3", "--warmup-steps", "2",
+                      "--lr-scheduler", "linear", "--max-steps", "3", "--logging-steps", "1", "--batch-size", "4",
+                      "--eval-fraction", "0")) == 0
+    assert [r["learning_rate"] for r in _rows(out)] == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-12)

@@ -90,6 +90,7 @@ class Engine:
         self.stat_counts: dict[str, float] = {}  # the last optimizer step's counts of its (sum, count) stats
         self.window: list[dict[str, float]] = []
         self.last_logged: dict[str, float] = {}  # the last training row: the summary's training metrics
+        self.window_lr: float | None = None  # the rate of the logging window's last optimizer step
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -191,6 +192,7 @@ class Engine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.window_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
         self.scheduler.step()
         if not merged or nonfinite:
             return None
@@ -319,11 +321,13 @@ class Engine:
                 if step % cfg.logging_steps == 0 or step == self.steps:
                     elapsed = max(time.time() - t0, 1e-9)
                     logged = _mean(self.window)
-                    logged.update({"learning_rate": self.scheduler.get_last_lr()[0],
+                    lr = self.window_lr if self.window_lr is not None else self.scheduler.get_last_lr()[0]
+                    logged.update({"learning_rate": lr,
                                    "epoch": self.micro / self.order.per_epoch,
                                    "tokens_per_second": self.tokens_window / elapsed, "skipped_steps": self.skipped})
                     self.tokens_seen += self.tokens_window
                     self.window, t0, self.tokens_window, self.last_logged = [], time.time(), 0, logged
+                    self.window_lr = None
                     self.log(step, logged)
                     algo.on_log(self, step, logged)
                     bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.4g}" for k in algo.bar_keys if k in logged})
