@@ -510,3 +510,28 @@ def test_eval_baseline_spelled_with_a_trailing_slash_is_that_model():
     cfg = EvalConfig(models=["runs/m", "runs/n"], baseline="runs/m/", data="p.jsonl", reward=["r:f"])
     cfg.check()
     assert cfg.baseline == "runs/m"
+
+
+def test_the_python_api_writes_its_outputs_and_converts_values_as_the_command_line(work, tiny_model_dir, tmp_path,
+                                                                                  capsys):
+    """run_generate/run_eval checked that output paths were writable and then wrote nothing (only the
+    command line wrote them); "4" for an int was a TypeError, reward_weights="2" a crash after every
+    model was sampled, seed=3.0 other completions than seed 3."""
+    from dpolab.commands.evaluate import EvalConfig, run_eval
+    from dpolab.commands.generate import GenerateConfig, run_generate
+
+    out = tmp_path / "gen.jsonl"
+    rows = run_generate(GenerateConfig(model=str(tiny_model_dir), prompt=["the movie"], max_new_tokens="4",
+                                       seed=3.0, num_samples="2", output=str(out), progress=False))
+    assert _read_jsonl(out) == rows and len(rows) == 2
+    assert rows == _run_gen(capsys, tiny_model_dir, "--prompt", "the movie", "--max-new-tokens", 4, "--seed", 3,
+                            "--num-samples", 2)
+    paths = {k: tmp_path / f"eval.{k}" for k in ("json", "jsonl", "png")}
+    results, samples = run_eval(EvalConfig(models=str(tiny_model_dir), data=str(work / "prompts.jsonl"),
+                                           reward=f"{work / 'rewards.py'}:row_id", reward_weights="2",
+                                           num_samples=1, max_new_tokens="3", progress=False,
+                                           output=str(paths["json"]), samples_output=str(paths["jsonl"]),
+                                           plot=str(paths["png"])))
+    assert json.loads(paths["json"].read_text())["models"] == results["models"]
+    assert _read_jsonl(paths["jsonl"]) == samples and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert results["models"][0]["reward"] == pytest.approx(2 * 3.5)

@@ -231,15 +231,19 @@ def reward_label(cfg: EvalConfig) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
-    """Evaluate every model of ``cfg``. Returns (results, per-completion sample rows)."""
+    """Evaluate every model of ``cfg``. Returns (results, per-completion sample rows), and writes
+    ``cfg.output`` (the results as JSON), ``cfg.samples_output`` and ``cfg.plot`` where they are set.
+    The values are converted and checked as the command line's are (``config.check_config``)."""
     import torch
 
     from dpolab.commands.generate import resolve_device
+    from dpolab.config import check_config
     from dpolab.data.prompts import extra_fields
     from dpolab.hub import check_local_folder
     from dpolab.lm.loading import load_tokenizer
     from dpolab.train.on_policy import check_room, reward_function
 
+    cfg = check_config(cfg)
     cfg.check()
     records = read_prompt_rows(cfg.data, cfg.split)
     if cfg.max_prompts:
@@ -314,6 +318,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
                 "kl": float(r["kl"][i, j]) if r["kl"] is not None else None,
                 "response_tokens": int(r["lengths"][i, j]), "finished": bool(r["finished"][i, j])}
                for (_, label), r in zip(entries, raw) for i in range(n) for j in range(k)]
+    _write_outputs(cfg, results, samples)
     return results, samples
 
 
@@ -385,19 +390,26 @@ def write_plot(path: str, results: dict) -> None:
 
 
 def cli_main(argv: list[str], prog: str) -> int:
-    from dpolab.runs.rundir import atomic_write_text
 
     cfg = parse_command(EvalConfig, argv, prog, DESCRIPTION, multi=("models", "labels"))
-    results, samples = run_eval(cfg)
-    text = json.dumps(results, indent=2, ensure_ascii=False, default=jsonable) + "\n"
+    results, _ = run_eval(cfg)
+    if cfg.output is None:
+        sys.stdout.write(_results_json(results))
+        sys.stdout.flush()
+    print(format_table(results), file=sys.stderr)
+    return 0
+
+
+def _results_json(results: dict) -> str:
+    return json.dumps(results, indent=2, ensure_ascii=False, default=jsonable) + "\n"
+
+
+def _write_outputs(cfg: EvalConfig, results: dict, samples: list[dict]) -> None:
+    from dpolab.runs.rundir import atomic_write_text
+
     if cfg.samples_output is not None:
         atomic_write_text(cfg.samples_output, "".join(map(json_line, samples)))
     if cfg.plot is not None:
         write_plot(cfg.plot, results)
-    if cfg.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        atomic_write_text(cfg.output, text)
-    print(format_table(results), file=sys.stderr)
-    return 0
+    if cfg.output is not None:
+        atomic_write_text(cfg.output, _results_json(results))

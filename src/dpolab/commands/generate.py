@@ -301,12 +301,16 @@ def json_line(row: dict) -> str:
 
 # -- the command ---------------------------------------------------------------------------------
 def run_generate(cfg: GenerateConfig) -> list[dict]:
-    """The completion rows of ``cfg`` (see the module docstring), prompt-major."""
+    """The completion rows of ``cfg`` (see the module docstring), prompt-major; written to
+    ``cfg.output`` as JSON lines too when it is set. The values are converted and checked as the
+    command line's are (``config.check_config``)."""
+    from dpolab.config import check_config
     from dpolab.data.prompts import tokenize_prompts
     from dpolab.lm.generation import decode_responses
     from dpolab.lm.loading import load_tokenizer
     from dpolab.train.on_policy import check_room
 
+    cfg = check_config(cfg)
     cfg.check()
     records = read_prompt_rows(cfg.data, cfg.split) if cfg.data is not None else None
     device = resolve_device(cfg.device)
@@ -335,22 +339,25 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
                 out.append({**extras[i], "prompt": texts[i], "completion": completion, "sample": j,
                             "response_tokens": int(lengths[b]), "finished": bool(finished[b])})
             bar.update(len(completions))
+    if cfg.output is not None:
+        from dpolab.runs.rundir import atomic_write_text
+
+        atomic_write_text(cfg.output, _jsonl(out))
+        print(f"wrote {len(out)} completions to {cfg.output}", file=sys.stderr)
     return out
 
 
-def cli_main(argv: list[str], prog: str) -> int:
-    from dpolab.runs.rundir import atomic_write_text
-
-    cfg = parse_command(GenerateConfig, argv, prog, DESCRIPTION, multi=("prompt",))
-    rows = run_generate(cfg)
+def _jsonl(rows: list[dict]) -> str:
     try:
-        text = "".join(map(json_line, rows))
+        return "".join(map(json_line, rows))
     except (TypeError, ValueError) as err:
         raise DpolabError(f"a prompt row's field cannot be written as JSON: {err}") from None
+
+
+def cli_main(argv: list[str], prog: str) -> int:
+    cfg = parse_command(GenerateConfig, argv, prog, DESCRIPTION, multi=("prompt",))
+    rows = run_generate(cfg)
     if cfg.output is None:
-        sys.stdout.write(text)
+        sys.stdout.write(_jsonl(rows))
         sys.stdout.flush()
-    else:
-        atomic_write_text(cfg.output, text)
-        print(f"wrote {len(rows)} completions to {cfg.output}", file=sys.stderr)
     return 0
