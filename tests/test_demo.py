@@ -247,3 +247,46 @@ def test_demo_checks_the_prompts_file_before_any_stage(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "pretraining" not in err, (name, err)
         assert not (out / "work").exists(), name
+
+
+def test_a_signal_outside_a_trainer_ends_the_demo_with_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the demo samples, evaluates or writes (no trainer's handler installed) ended it
+    silently with status 143; now one line naming the stage."""
+    import os
+    import signal
+
+    import dpolab.train.sft
+
+    def killed(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(dpolab.train.sft, "train", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", "--corpus-size", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM during stage 1/9" in err and f"remove {out}" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) == before  # the demo's handler is gone again
+
+
+def test_a_missing_model_is_refused_before_the_work_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", str(tmp_path / "nope"), "--output-dir", str(out)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (out / "work").exists()  # the same command runs once the path is fixed
+
+
+def test_results_json_the_finished_mark_is_written_last(tmp_path, monkeypatch):
+    import dpolab.experiments.report as report
+
+    def broken(results):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "render_report", broken)
+    rows = [{"method": "DPO", "param": "beta", "value": 0.1, "step": 4, "reward": 0.5, "reward_std": 0.1,
+             "kl": 0.2, "response_length": 8.0, "eos_fraction": 1.0, "kl_kind": "sampled"}]
+    with pytest.raises(OSError):
+        report.write_outputs(tmp_path, {"rows": rows, "base": {"reward": 0.1, "reward_std": 0.1, "kl": 0.0,
+                                                               "response_length": 8.0, "eos_fraction": 1.0}}, [])
+    assert not (tmp_path / "results.json").exists()

@@ -112,3 +112,10 @@ def test_grammar_is_reproducible_and_of_mixed_sentiment():
 def test_vader_reward_scores_the_completion_only():
     assert vader_sentiment(["a terrible film"], [" it was wonderful"])[0] > 0.5
     assert vader_sentiment(["a wonderful film"], [" it was terrible"])[0] < -0.4
+
+
+def test_a_negative_kl_estimate_compares_as_zero():
+    """A sampled KL estimate below 0 (few prompts) made an RLOO point of lower reward than best-of-1
+    (KL exactly 0) undominated, as if it cost less than no change at all."""
+    v = frontier_verdict(_rows("RLOO", [(-0.1, 0.3)]) + _rows("best-of-N", [(0.0, 0.4)]))
+    assert v["dominated_share"]["RLOO"]["best-of-N"] == 1.0

@@ -48,9 +48,11 @@ def frontier_verdict(rows: list[dict], kl_budgets: tuple[float, ...] = KL_BUDGET
     ``dominated_share[a][b]``: the share of a's points weakly dominated by a point of b. b's frontier
     dominates a's when every a point is so dominated (≥ 99%) and not every b point by a. Also: which
     methods' points make the joint frontier of all points, each method's best reward overall and
-    within each KL budget, and a sentence saying it (DPO vs PPO first: the paper's comparison)."""
+    within each KL budget, and a sentence saying it (DPO vs PPO first: the paper's comparison). A
+    negative KL estimate counts as 0."""
     methods = list(dict.fromkeys(r["method"] for r in rows))  # in the order the run produced them
-    pts = {m: [(r["kl"], r["reward"]) for r in rows if r["method"] == m] for m in methods}
+    # a KL is ≥ 0: a sampled estimate below 0 (few prompts) compares as 0, not as less than best-of-1's
+    pts = {m: [(max(r["kl"], 0.0), r["reward"]) for r in rows if r["method"] == m] for m in methods}
     share = {a: {b: _dominated_share(pts[a], pts[b]) for b in methods if b != a} for a in methods}
     dominates = [[a, b] for a in methods for b in methods
                  if a != b and share[b][a] >= 0.99 and share[a][b] < 0.99]
@@ -122,7 +124,6 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
         w.writerow({"method": "base", "param": "", "value": "", "step": 0, **results["base"], "kl_kind": "exact"})
         for r in rows:
             w.writerow(r)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
 
     # frontier.png: reward vs KL, one series per method (paper Fig. 2 left)
     fig = Figure(figsize=(7, 5))
@@ -182,6 +183,10 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
         lines.append("")
     (out / "samples.md").write_text("\n".join(lines), encoding="utf-8")
     (out / "report.md").write_text(render_report(results), encoding="utf-8")
+    # last and whole: its presence is what marks the folder as a finished demo
+    from dpolab.runs.rundir import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
 
 
 def _final_rows(rows: list[dict]) -> list[dict]:

@@ -7,8 +7,9 @@ ground-truth reward against sequence-level KL(π‖π_ref). Here, with no networ
 1. a corpus from our review grammar (dpolab.experiments.grammar) → a byte-level BPE tokenizer → a
    small Llama-style LM pretrained on it with ``dpolab sft`` (or ``--model NAME_OR_PATH``);
 2. the ground-truth reward is VADER's compound sentiment of the completion (``--reward`` swaps it);
-3. preference pairs as in the paper: several completions per training prefix sampled from the base
-   model, paired best-vs-worst by the ground-truth reward;
+3. preference pairs: several completions per training prefix sampled from the base model, ranked by
+   the ground-truth reward and paired best with worst, second best with second worst, ... (the
+   paper makes every pair of its 4 samples per prefix, App. C.1);
 4. DPO for several β, and PPO for several KL coefficients against a reward model trained on the same
    pairs (``dpolab rm``); GRPO (several β of its KL term) and RLOO (several β of its KL-shaped
    reward) on the ground-truth reward itself; every checkpoint is evaluated on held-out prefixes
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dpolab.config import opt, parse_config
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, DpolabError
 from dpolab.experiments.report import frontier_verdict, print_table, write_outputs
 from dpolab.experiments.stages import (
     EVAL_SEED,
@@ -49,7 +50,7 @@ DESCRIPTION = """Run the DPO paper's controlled-sentiment experiment end to end 
 
 example:
   dpolab demo --quick                       # under 4 minutes on 2 CPU cores
-  dpolab demo --output-dir runs/demo        # the default size, ~8 minutes on 2 CPU cores
+  dpolab demo --output-dir runs/demo        # the default size, under 15 minutes on 2 CPU cores
   dpolab demo --model gpt2 --prompts prompts.jsonl   # your own base model and prompts
 """
 
@@ -193,6 +194,7 @@ class Stages:
 
     def __call__(self, text: str) -> None:
         self.n += 1
+        _STAGE[0] = f"{self.n}/{self.total}"
         print(f"[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     @contextmanager
@@ -204,8 +206,40 @@ class Stages:
         self.timings[key] = time.time() - t
 
 
+_STAGE = ["start-up"]  # the stage that runs, for the line a signal outside a trainer ends the demo with
+
+
+@contextmanager
+def _stop_on_signal(out: str):
+    """SIGINT/SIGTERM outside a trainer (which checkpoints and returns, :func:`finished`) end the
+    demo with one line naming the stage; the default SIGTERM ended it silently."""
+    import signal
+
+    def handle(signum, frame):
+        raise DpolabError(f"stopped by {signal.Signals(signum).name} during stage {_STAGE[0]}; the demo does not "
+                          f"resume: remove {out} (or choose another --output-dir) and run it again")
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the results dict also written to results.json."""
+    _STAGE[0] = "start-up"
+    with _stop_on_signal(cfg.output_dir):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     import torch
 
     from dpolab.experiments.bandit import run_bandit_check
@@ -235,6 +269,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise ConfigError(f"{out} already holds a finished demo; choose another --output-dir")
     if (out / "work").exists():  # an interrupted demo: its trainers' folders would refuse a new run
         raise ConfigError(f"{out} holds an unfinished demo ({out / 'work'}); remove it or choose another --output-dir")
+    if cfg.model:  # before work/ exists: a rerun would be refused as an unfinished demo
+        from dpolab.hub import check_local_folder
+
+        check_local_folder(cfg.model, "--model", ("config.json",))
     reward_fn = load_reward_function(cfg.reward)
     given = read_prompts(cfg)
     if given is not None:  # a small file gives fewer than asked: record (and report) the counts used
