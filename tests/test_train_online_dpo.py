@@ -79,12 +79,15 @@ def test_raises_the_reward_and_logs_the_dpo_metrics(tiny_model_dir, prompts_file
     assert late > early + 0.1, (early, late)
     summary = json.loads((out / "summary.json").read_text())
     assert "eval/reward" in summary and "eval/kl" in summary
+    assert summary["pairs/total"] > 0
 
 
-def test_ties_are_skipped_and_counted(tiny_model_dir, prompts_file, reward_file, tmp_path):
+def test_ties_are_skipped_and_counted(tiny_model_dir, prompts_file, reward_file, tmp_path, capsys):
     out = tmp_path / "ties"
     assert main(_args(tiny_model_dir, prompts_file, out, reward_file, "--max-steps", 2, "--prompts-per-step", 5,
                       fn="constant")) == 0
+    assert "warning: no step had a pair to train on" in capsys.readouterr().err  # a run that trained nothing
+    assert json.loads((out / "summary.json").read_text())["pairs/total"] == 0
     rows = _rows(out)
     assert all(r["pairs/ties"] == 1.0 and r["pairs/count"] == 0 for r in rows)
     init = load_file(str(tiny_model_dir / "model.safetensors"))

@@ -82,6 +82,7 @@ class OnlineDPO(OnPolicy):
         super().__init__(cfg, engine, *args)
         self.reference = Reference(model=self.ref_model, policy=engine.model, accelerator=engine.accelerator)
         self.prefix = self.resolve_prefix_sharing(engine)
+        self.pairs_total = 0  # over the run (checkpointed): none at the end means nothing was trained
 
     def resolve_prefix_sharing(self, engine) -> bool:
         """DPO's check of the prefix-shared layout (:func:`dpolab.train.pair_layout.resolve_prefix_sharing`),
@@ -155,13 +156,26 @@ class OnlineDPO(OnPolicy):
         n_pairs, n_ties, tokens = distributed.global_sum(engine.accelerator, [len(pairs), ties, float(
             s.gen.response_mask.sum()) * s.real])
         engine.tokens_window += int(tokens)
+        self.pairs_total += int(n_pairs)
         self.samples = [{"prompt": p, "completion": c, "score": float(v)}
                         for p, c, v in zip(s.prompts, s.completions, s.scores)] if s.real else []
         return {**(out or {}), **reward_metrics(engine.accelerator, s),
                 "pairs/ties": n_ties / max(n_pairs + n_ties, 1), "pairs/count": n_pairs}
 
+    def state_dict(self):
+        return {"pairs_total": self.pairs_total}
+
+    def load_state_dict(self, state):
+        self.pairs_total = int(state.get("pairs_total", 0))
+
     def summary(self, engine):
-        return {**super().summary(engine), "prefix_sharing": self.prefix}
+        if self.pairs_total == 0 and engine.step > 0 and engine.is_main:
+            import sys
+
+            print(f"warning: no step had a pair to train on (in each of the {engine.step} steps every prompt's "
+                  "completions scored the same): the model was not trained; a reward that tells completions "
+                  "apart, or more --num-samples or a higher --temperature, gives pairs", file=sys.stderr)
+        return {**super().summary(engine), "prefix_sharing": self.prefix, "pairs/total": self.pairs_total}
 
 
 def train(cfg: OnlineDPOConfig) -> dict:
