@@ -322,3 +322,7 @@ def test_a_flag_these_settings_do_not_read_is_warned_about(capsys, tmp_path):
     cfg_file.write_text("lora_r: 8\ntarget_kl: 3\n")
     parse_config(PPOConfig, [*base, "--config", str(cfg_file)], prog="t")
     assert capsys.readouterr().err == ""
+    parse_config(RLOOConfig, [*base, "--epochs", "2", "--max-steps", "4"], prog="t")
+    assert capsys.readouterr().err == "warning: --epochs is read only with --max-steps unset; it has no effect here\n"
+    parse_config(RLOOConfig, [*base, "--epochs", "2"], prog="t")
+    assert capsys.readouterr().err == ""

@@ -146,6 +146,10 @@ def test_fuzz_yaml_mappings(mapping):
         if value is None:  # the default: what validate() resolves it to without the key (`beta: null`: the loss's β)
             assert got == getattr(_parse(yaml.safe_dump({k: v for k, v in mapping.items() if k != key})), key), \
                 (key, value, got)
+        elif isinstance(value, (bool, int, float, str)) and isinstance(got, list):
+            # one value for a list option is a one-item list (`loss_weights: 0`, as `--loss-weights 0`),
+            # or for a text value its comma-separated items
+            assert got == [value] or isinstance(value, str), (key, value, got)
         elif isinstance(value, (bool, int, float, str)):
             # a number given for a text option arrives as its text (`prompt: 7`); otherwise unchanged
             as_text = isinstance(value, (int, float)) and str in _scalar_types(hints[key])

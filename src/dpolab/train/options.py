@@ -25,6 +25,8 @@ class OptimizerOptions:
     max_steps: int = opt(-1, "optimizer steps (overrides --epochs when > 0)")
     epochs: float = opt(1.0, "passes over the training data")
 
+    READ_ONLY_WITH = {"epochs": (lambda cfg: cfg.max_steps <= 0, "--max-steps unset")}
+
 
 # what --micro-batch-tokens does, offline and on-policy (dpolab.train.memory)
 _TOKEN_BUDGET_HELP = ("(same gradient, less activation memory); unset: activations about the size of the "
