@@ -189,3 +189,62 @@ def test_a_text_merging_with_the_anchor_is_encoded_after_another_one():
     tok = _MergingNewlines()
     assert marks_starts(tok)
     assert encode_continuations(tok, ["\nA", " b", "\n\nc"]) == [[10, 65], [32, 98], [-1, 99]]
+
+
+SPACE_PROMPT_TEMPLATE = (  # a generation prompt ending in a space that the rendered turn shares
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: "
+    "{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+TURNS = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "Paris"},
+         {"role": "user", "content": "and it?"}, {"role": "assistant", "content": "Paris"}]
+
+
+def _context_is_the_sampled_prompt(tok, messages, turns):
+    """For each trained turn, the ids before its first target are the sampled prompt's ids."""
+    from dpolab.data.prompts import tokenize_prompts
+
+    kind, payload = parse_sft(Record({"messages": messages}, "m.jsonl", 1))
+    ex = tokenize_sft(kind, payload, tok, max_length=256, max_prompt_length=128)
+    for i in turns:
+        (prompt,), _ = tokenize_prompts([tok.apply_chat_template(messages[:i], tokenize=False,
+                                                                 add_generation_prompt=True)], tok)
+        assert ex.input_ids[:len(prompt)] == prompt, (i, tok.convert_ids_to_tokens(ex.input_ids))
+        assert ex.loss_mask[len(prompt)] == 1 and not any(ex.loss_mask[len(prompt) - 1:len(prompt)]), i
+
+
+@pytest.mark.parametrize("template", ["llama2", "tiny", "space"])
+def test_sft_trains_each_answer_after_the_prompt_sampling_reads(sp, template):
+    """A generation prompt ending in a space ("Assistant: ") merges with the answer in the rendered
+    turn (▁Paris): the answer is trained after the prompt's own tokens, as the model samples it
+    there (encoding the whole turn trained ▁Paris after "Assistant:", a prompt never sampled from:
+    the model answered nothing). One turn for it; every turn where no token crosses the prompt's end."""
+    sp.chat_template = {"llama2": LLAMA2_TEMPLATE, "tiny": CHAT_TEMPLATE, "space": SPACE_PROMPT_TEMPLATE}[template]
+    try:
+        _context_is_the_sampled_prompt(sp, TURNS[:2] if template == "space" else TURNS,
+                                       [1] if template == "space" else [1, 3])
+    finally:
+        sp.chat_template = CHAT_TEMPLATE
+
+
+def test_byte_level_sft_trains_each_answer_after_the_prompt_sampling_reads():
+    tok = train_tokenizer(CORPUS, vocab_size=400, min_frequency=1)
+    tok.chat_template = SPACE_PROMPT_TEMPLATE
+    _context_is_the_sampled_prompt(tok, TURNS[:2], [1])
+    tok.chat_template = CHAT_TEMPLATE
+    _context_is_the_sampled_prompt(tok, TURNS, [1, 3])
+
+
+def test_pairs_after_a_generation_prompt_the_turn_writes_a_space_after(sp):
+    """A generation prompt "Assistant:" with turns written "Assistant: answer" (DeepSeek-chat's
+    form): the space starts the response (▁Paris); it was dropped and the answer trained as P aris."""
+    sp.chat_template = SPACE_PROMPT_TEMPLATE.replace("Assistant: {% endif %}", "Assistant:{% endif %}")
+    try:
+        row = {"prompt": [{"role": "user", "content": "what is it?"}],
+               "chosen": [{"role": "assistant", "content": "Paris"}],
+               "rejected": [{"role": "assistant", "content": "Lyon"}]}
+        pair = tokenize_preference(parse_preference(Record(row, "m.jsonl", 1)), sp, max_length=64,
+                                   max_prompt_length=32)
+        prompt = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("Assistant:")
+        assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
+    finally:
+        sp.chat_template = CHAT_TEMPLATE

@@ -295,18 +295,19 @@ def _texts(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
 def _check_generation_prompt(ex: PreferenceExample, tokenizer, prompt: str, full: str, answer: str) -> str:
     """A template without an ``add_generation_prompt`` branch renders the prompt with no assistant
     header, so prompt + answer would skip the header the template writes before every answer (SFT
-    trains it and sampling starts after the prompt): refused. White space alone between prompt and
-    answer (Llama-2's ``[/INST] answer``) is returned, to start the response: sampling after the
-    prompt writes it, as SentencePiece's ``▁answer``. A template that only writes the answer
-    differently (``| trim``) has a generation prompt and is not refused."""
+    trains it and sampling starts after the prompt): refused. White space alone between the prompt
+    (with its generation prompt, if any) and the answer (Llama-2's ``[/INST] answer``, a turn written
+    "Assistant: answer" after a generation prompt "Assistant:") is returned, to start the response:
+    sampling after the prompt writes it, as ``▁answer``/``Ġanswer``. A template that only writes the
+    answer differently (``| trim``) has a generation prompt and is not refused."""
     if not full.startswith(prompt) or full[len(prompt):].startswith(answer):
-        return ""
-    if tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=False) != prompt:
         return ""
     between = full[len(prompt):]
     between = between[:between.find(answer)] if answer and answer in between else between[:40]
     if between and not between.strip() and full[len(prompt) + len(between):].startswith(answer):
-        return between
+        return between  # also after a generation prompt the turn writes a space after ("Assistant:")
+    if tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=False) != prompt:
+        return ""
     raise located_error(ex.path, ex.line, ex.unit, "the tokenizer's chat template has no generation prompt "
                         f"(add_generation_prompt=True adds nothing) but writes {between!r} before an answer: "
                         "pairs would train on answers without it; give the tokenizer a template that "

@@ -171,7 +171,16 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
     prompt (role header) to the end of its rendering. Requires the template to be prefix-stable
     (rendering ``messages[:i]`` is a prefix of rendering ``messages[:i+1]``); ``ValueError`` if not.
     """
+    return _chat_segments(tokenizer, messages, loss_from)[0]
+
+
+def _chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> tuple[list[tuple[str, bool]], list[int]]:
+    """:func:`chat_segments`, and where each trained turn's sampling prompt ends in the text (the
+    rendering with ``add_generation_prompt=True`` where the turn continues it; else the header's
+    end): Llama-2's template writes no generation prompt, so sampling starts before the space the
+    rendered turn puts ahead of its content."""
     pieces: list[tuple[str, bool]] = []
+    prompt_ends: list[int] = []
     prev = ""
     for i, message in enumerate(messages):
         full = _render(tokenizer, messages[:i + 1], False)
@@ -183,6 +192,7 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
                 head = _render(tokenizer, messages[:i], True)
             except Exception:  # noqa: BLE001 -- a template may reject an empty/odd prefix
                 head = prev
+            sampled = head if head.startswith(prev) and full.startswith(head) else None
             if head == prev:  # no generation prompt (refused for an empty conversation, or ignored by the
                 # template): the header is where two contents of the turn part; it was trained as content
                 probe = _turn_header(tokenizer, messages, i)
@@ -199,40 +209,74 @@ def chat_segments(tokenizer, messages: list[dict], loss_from: int = 0) -> list[t
             if not (head.startswith(prev) and full.startswith(head)):
                 head = prev  # no usable generation prompt: the whole turn is the target
             pieces += [(head[len(prev):], False), (full[len(head):], True)]
+            prompt_ends.append(len(sampled if sampled is not None else head))
         else:
             pieces.append((full[len(prev):], False))
         prev = full
-    return [(t, target) for t, target in pieces if t]
+    return [(t, target) for t, target in pieces if t], prompt_ends
 
 
-def encode_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    """Token ids of the pieces' text and which tokens are targets. A fast tokenizer encodes the whole
-    text once, as the rendered prompt is encoded for sampling, and a token is a target where its
-    characters overlap a target piece (a SentencePiece ``▁Paris`` holds the template's space before
-    the answer and the answer's first word: a target); a slow one encodes piece by piece, each
-    after the first as text continuing another (:mod:`dpolab.lm.continuation`)."""
+def encode_pieces(tokenizer, pieces: list[tuple[str, bool]],
+                  prompt_ends: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the pieces' text and which tokens are targets.
+
+    A fast tokenizer encodes the text up to each of ``prompt_ends`` (where a trained turn's sampling
+    prompt ends) whole, as that prompt is encoded for sampling, then the next stretch likewise where
+    the longer text's tokens begin with those (a token is a target where its characters overlap a
+    target piece: with Llama-2's template ``▁Paris`` holds the space before the answer and its first
+    word). Where they do not (the prompt's last token merges with the answer: "Assistant: " then
+    "Paris"), the stretch's pieces are encoded after the prompt as text continuing it, as the model
+    samples them there. A slow tokenizer, which gives no offsets, encodes piece by piece, each after
+    the first as text continuing another (:mod:`dpolab.lm.continuation`)."""
     if not pieces:
         return [], []
+    if not getattr(tokenizer, "is_fast", False):
+        return _encode_apart(tokenizer, pieces, first_alone=True)
     text = "".join(t for t, _ in pieces)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts, flags, at = [], [], 0
-        for t, target in pieces:
-            starts.append(at)
-            flags.append(target)
-            at += len(t)
-        ids, own = list(enc["input_ids"]), []
-        for a, b in enc["offset_mapping"]:
-            first = max(bisect.bisect_right(starts, a) - 1, 0)
-            last = max(bisect.bisect_right(starts, max(b - 1, a)) - 1, 0)
-            own.append(any(flags[first:last + 1]))
-        return ids, own
-    encoded = [list(tokenizer(pieces[0][0], add_special_tokens=False)["input_ids"]),
-               *encode_continuations(tokenizer, [t for t, _ in pieces[1:]])]
+    starts, at = [], 0
+    for t, _ in pieces:
+        starts.append(at)
+        at += len(t)
+    ids: list[int] = []
+    own: list[bool] = []
+    done = 0
+    for cut in sorted({c for c in (prompt_ends or []) if 0 < c < len(text)} | {len(text)}):
+        enc = tokenizer(text[:cut], add_special_tokens=False, return_offsets_mapping=True)
+        whole = list(enc["input_ids"])
+        if whole[:len(ids)] == ids:
+            own += [_overlaps_target(a, b, pieces, starts) for a, b in enc["offset_mapping"][len(ids):]]
+            ids = whole
+        else:
+            part = [(t[max(done - s0, 0):cut - s0], target) for (t, target), s0 in zip(pieces, starts)
+                    if s0 < cut and s0 + len(t) > done]
+            more, flags = _encode_apart(tokenizer, part, first_alone=False)
+            ids, own = ids + more, own + flags
+        done = cut
+    return ids, own
+
+
+def _overlaps_target(a: int, b: int, pieces: list[tuple[str, bool]], starts: list[int]) -> bool:
+    """Whether characters ``[a, b)`` hold a target piece's; a token without characters (offsets
+    trimmed to nothing) only inside a target piece, not at its start."""
+    if b <= a:
+        k = bisect.bisect_right(starts, a) - 1
+        return k >= 0 and pieces[k][1] and starts[k] < a
+    first = max(bisect.bisect_right(starts, a) - 1, 0)
+    last = max(bisect.bisect_right(starts, b - 1) - 1, 0)
+    return any(target for _, target in pieces[first:last + 1])
+
+
+def _encode_apart(tokenizer, pieces: list[tuple[str, bool]], *, first_alone: bool) -> tuple[list[int], list[bool]]:
+    texts = [t for t, _ in pieces if t]
+    flags = [target for t, target in pieces if t]
+    if not texts:
+        return [], []
+    encoded = ([list(tokenizer(texts[0], add_special_tokens=False)["input_ids"])] if first_alone else []) + \
+        encode_continuations(tokenizer, texts[1:] if first_alone else texts)
     ids, own = [], []
-    for (_, is_target), piece in zip(pieces, encoded):
+    for target, piece in zip(flags, encoded):
         ids += piece
-        own += [is_target] * len(piece)
+        own += [target] * len(piece)
     return ids, own
 
 
@@ -268,18 +312,19 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
         ids = prefix + prompt + completion
         target = [loss_on == "full"] * (len(prefix) + len(prompt)) + [True] * len(completion)
     else:
+        prompt_ends = None
         if kind == "text":
             pieces = [(payload[0], True)]
         else:
             messages, loss_from = payload
             try:
-                pieces = chat_segments(tokenizer, messages, loss_from)
+                pieces, prompt_ends = _chat_segments(tokenizer, messages, loss_from)
             except Exception as exc:  # noqa: BLE001 -- no template, roles it rejects, instability
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 what = "this conversation" if loss_from == 0 else "the conversation of 'prompt' and 'completion'"
                 raise DataError(f"cannot use the tokenizer's chat template for {what}: {reason}",
                                 path=where or None, field="messages" if loss_from == 0 else None) from exc
-        ids, own = encode_pieces(tokenizer, pieces)
+        ids, own = encode_pieces(tokenizer, pieces, prompt_ends)
         if kind == "text":
             ids, own = with_eos(ids, sp.eos_id), own + [True] * (ids[-1:] != [sp.eos_id])
         head = 0
