@@ -12,6 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# Property tests draw the same examples on every run, so the suite passes or fails the same way in
+# CI; DPOLAB_FUZZ_RANDOM=1 draws new ones (to look for new failures: each random run has found one).
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("dpolab", derandomize=not os.environ.get("DPOLAB_FUZZ_RANDOM"))
+    _hypothesis_settings.load_profile("dpolab")
+except ImportError:
+    pass
+
 CORPUS = [
     "the movie was great fun and I loved every minute",
     "a terrible boring film with awful acting",

@@ -57,7 +57,7 @@ def test_on_policy_trainers_read_the_named_split(tiny_model_dir, tmp_path, capsy
     assert "no split 'train'" in capsys.readouterr().err
 
 
-def test_eval_split_alone_names_a_split_of_data(tmp_path):
+def test_eval_split_alone_names_a_split_of_data(tmp_path, capsys):
     """--eval-split without --eval-data was ignored silently (the evaluation held out --eval-fraction
     of the training split, whatever the split's name, even one that does not exist)."""
     from dpolab.config import make_config
@@ -78,5 +78,8 @@ def test_eval_split_alone_names_a_split_of_data(tmp_path):
         make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "valid"})
     with pytest.raises(ConfigError, match="--data-split validation: --data .* is a file, which has no splits"):
         make_config(DPOConfig, {**base, "data": str(afile), "data_split": "validation"})  # it trained on all of it
-    # the config.yaml of runs before: eval_split test beside a file, to resume as it was
+    # the config.yaml of runs before: eval_split test beside a file, to resume as it was; said, since
+    # an --eval-split test given for a file is not what is evaluated on
+    capsys.readouterr()
     assert make_config(DPOConfig, {**base, "data": str(afile), "eval_split": "test"}).eval_data is None
+    assert "note: --eval-split test: --data" in capsys.readouterr().err

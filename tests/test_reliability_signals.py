@@ -107,7 +107,7 @@ def test_dpo_sigterm_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_pat
     assert summary == {k: v for k, v in json.loads((ref / "summary.json").read_text()).items() if k not in TIMING}
 
 
-@pytest.mark.slow  # the same loop contract as DPO's (train/supervised_loop.py); ~30 s here
+@pytest.mark.slow  # the same loop contract as DPO's (train/engine.py); ~30 s here
 def test_sft_sigint_then_resume_latest_is_bitwise_exact(tiny_model_dir, tmp_path):
     data = write_sft_data(tmp_path / "sft.jsonl")
     argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--max-length", "48", "--no-progress",

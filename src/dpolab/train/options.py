@@ -7,6 +7,8 @@ field redeclared in a subclass (e.g. a different default learning rate) replaces
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +107,11 @@ def resolve_eval_split(cfg) -> None:
             raise ConfigError(f"--eval-split {cfg.eval_split} is the training split (--data-split): give another "
                               "split, or --eval-data")
         if data_is_file:
-            if cfg.eval_split == "test":
+            if cfg.eval_split == "test":  # the config.yaml of runs before the default was unset wrote it
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"note: --eval-split test: --data {cfg.data} is a file, which has no splits; the "
+                          "evaluation holds out --eval-fraction of its rows (--eval-data FILE names others)",
+                          file=sys.stderr)
                 return
             raise ConfigError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a file, which has no splits; "
                               "give the evaluation rows as --eval-data FILE")
