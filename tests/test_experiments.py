@@ -119,3 +119,9 @@ def test_a_negative_kl_estimate_compares_as_zero():
     (KL exactly 0) undominated, as if it cost less than no change at all."""
     v = frontier_verdict(_rows("RLOO", [(-0.1, 0.3)]) + _rows("best-of-N", [(0.0, 0.4)]))
     assert v["dominated_share"]["RLOO"]["best-of-N"] == 1.0
+
+
+def test_shares_in_the_report_never_round_up_to_every_point():
+    from dpolab.experiments.report import _pct
+
+    assert [_pct(x) for x in (0.995, 1.0, 0.5, 0.0, 2 / 3)] == ["99%", "100%", "50%", "0%", "66%"]

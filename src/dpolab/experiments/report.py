@@ -38,6 +38,12 @@ def _dominated_share(points: list[tuple[float, float]], others: list[tuple[float
     return hits / len(points)
 
 
+def _pct(share: float) -> str:
+    """A share as a whole percentage, rounded down: 99.5% is "99%", never "100%" (which the verdict's
+    rule, every point, would then seem to meet)."""
+    return f"{math.floor(share * 100 + 1e-9):.0f}%"
+
+
 def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
@@ -79,8 +85,8 @@ def frontier_verdict(rows: list[dict], kl_budgets: tuple[float, ...] = KL_BUDGET
             sentences.append("PPO's frontier dominates DPO's at this scale (the paper found the opposite): "
                              f"{counts('PPO', 'DPO')}.")
         else:
-            sentences.append(f"Neither frontier dominates at this scale: {ppo_by_dpo:.0%} of PPO's points are "
-                             f"dominated by a DPO point and {dpo_by_ppo:.0%} of DPO's by a PPO point.")
+            sentences.append(f"Neither frontier dominates at this scale: {_pct(ppo_by_dpo)} of PPO's points are "
+                             f"dominated by a DPO point and {_pct(dpo_by_ppo)} of DPO's by a PPO point.")
     if set(methods) - {"DPO", "PPO"}:
         by_winner = {a: [b for w, b in dominates if w == a] for a in methods}
         order = [f"{a}'s frontier dominates {_join([b + chr(39) + 's' for b in losers])}"
@@ -224,8 +230,8 @@ def render_report(results: dict) -> str:
     best = ", ".join(f"{m} {verdict['best_reward'][m]:+.3f}" for m in methods)
     lines += ["", f"Best mean reward over all points: {best}."]
     if "ppo_points_dominated_by_dpo" in verdict:
-        lines[-1] += (f" {verdict['ppo_points_dominated_by_dpo']:.0%} of PPO's checkpoints are weakly dominated by a "
-                      f"DPO checkpoint (no more KL, at least the reward); {verdict['dpo_points_dominated_by_ppo']:.0%} "
+        lines[-1] += (f" {_pct(verdict['ppo_points_dominated_by_dpo'])} of PPO's checkpoints are weakly dominated by a "
+                      f"DPO checkpoint (no more KL, at least the reward); {_pct(verdict['dpo_points_dominated_by_ppo'])} "
                       "of DPO's by a PPO one.")
     budgets = list(verdict["best_reward_at_kl"])
     lines += ["", "### Best mean reward at bounded KL", "",
@@ -239,7 +245,7 @@ def render_report(results: dict) -> str:
               "Share of the row method's points weakly dominated by a point of the column method.", "",
               "| points of ↓ dominated by → | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for a in methods:
-        lines.append(f"| {a} | " + " | ".join("—" if a == b else f"{verdict['dominated_share'][a][b]:.0%}"
+        lines.append(f"| {a} | " + " | ".join("—" if a == b else _pct(verdict['dominated_share'][a][b])
                                               for b in methods) + " |")
     if "best-of-N" in methods:
         lines += ["", "Best-of-N's KL is the analytic upper bound log N − (N−1)/N (Stiennon et al. 2020), not an "
