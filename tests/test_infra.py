@@ -56,6 +56,20 @@ def test_config_unknown_key_suggests(tmp_path):
         load_yaml(cfg_file, _Cfg)
 
 
+def test_a_flag_with_no_close_option_gets_no_suggestion(capsys):
+    """Flags were compared with their "--": `dpolab rm --lora` suggested '--help', --lora-r '--no-dry-run'."""
+    from dpolab.config import suggest
+    from dpolab.train.rm import RewardConfig
+
+    for flag, hint in (("--lora", None), ("--lora-r", None), ("--learning-rat", "--learning-rate"),
+                       ("--max-step", "--max-steps")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(RewardConfig, ["--model", "m", "--data", "d", flag, "1"], prog="t")
+        assert ("did you mean" in str(err.value)) == (hint is not None), (flag, str(err.value))
+        assert hint is None or f"did you mean '{hint}'" in str(err.value)
+    assert suggest("sigmod", ["sigmoid", "ipo"]) == " (did you mean 'sigmoid'?)"
+
+
 def test_config_names_the_line_and_refuses_a_key_given_twice(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("beta: 0.5\nsteps: 3\nbeta: 0.7\n")

@@ -123,8 +123,12 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """`` (did you mean 'x'?)`` for the valid name closest to ``name``, if one is close. Flags are
+    compared without their ``--``, which made every short flag look alike (``--lora`` suggested
+    ``--help``)."""
+    bare = {v.lstrip("-"): v for v in valid}
+    close = difflib.get_close_matches(name.lstrip("-"), list(bare), n=1, cutoff=0.6)
+    return f" (did you mean '{bare[close[0]]}'?)" if close else ""
 
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
