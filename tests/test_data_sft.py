@@ -269,7 +269,7 @@ def test_a_template_that_refuses_the_roles_is_one_located_line_everywhere(tiny_t
         load_prompts(str(prompts), tok)
 
 
-def test_message_rows_reach_the_template_whole(tiny_tokenizer):
+def test_message_rows_reach_the_template_whole(tiny_tokenizer, tmp_path):
     """SFT kept only 'role' and 'content' of each message: an assistant turn of tool calls became an
     empty answer and a tool result lost its name (the preference and prompt loaders passed them)."""
     import copy
@@ -291,6 +291,19 @@ def test_message_rows_reach_the_template_whole(tiny_tokenizer):
     assert tok_row(tok, {"messages": openai}).input_ids == ex.input_ids
     with pytest.raises(DataError, match=r"field 'messages\[1\]': each message needs string 'role' and 'content'"):
         tok_row(tok, {"messages": [messages[0], {"role": "assistant", "content": None}]})  # no tool call: refused
+    # the preference and prompt loaders read OpenAI's form alike (they refused it)
+    from dpolab.data.preference import parse_preference, tokenize_preference
+    from dpolab.data.prompts import load_prompts
+
+    pair = {"prompt": openai[:3], "chosen": [messages[3]], "rejected": [{"role": "assistant", "content": "no"}]}
+    got = tokenize_preference(parse_preference(Record(pair, "p.jsonl", 1)), tok, max_length=128, max_prompt_length=96)
+    want = tokenize_preference(parse_preference(Record({**pair, "prompt": messages[:3]}, "p.jsonl", 1)), tok,
+                               max_length=128, max_prompt_length=96)
+    assert got == want
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": openai[:3]}) + "\n" + json.dumps({"messages": messages[:3]}) + "\n")
+    rows = load_prompts(str(path), tok, max_prompt_length=96)
+    assert rows.ids[0] == rows.ids[1]
 
 
 def test_a_message_prompt_loses_its_start_to_max_prompt_length(tiny_tokenizer):

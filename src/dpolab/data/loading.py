@@ -92,6 +92,13 @@ def role_problem(role: str) -> str | None:
     return None
 
 
+def tool_call_turns(messages: list) -> list:
+    """Messages with OpenAI's form of a turn that only calls tools (``"content": null`` beside
+    ``tool_calls``) given empty content, as chat templates render it; other messages unchanged."""
+    return [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls") else m
+            for m in messages]
+
+
 def text_problem(text: str) -> str | None:
     """What makes a string unusable as text, or None: an unpaired UTF-16 surrogate (valid JSON,
     ``"\\ud800"``) that no tokenizer can encode."""

@@ -39,6 +39,7 @@ from dpolab.data.loading import (
     record_error,
     role_problem,
     text_problem,
+    tool_call_turns,
 )
 from dpolab.errors import ConfigError, DataError
 from dpolab.lm.continuation import encode_continuations
@@ -160,7 +161,7 @@ def _value(record: Record, name: str, *, required: bool = True):
         return value
     if isinstance(value, (list, tuple)):
         messages = []
-        for i, message in enumerate(value):
+        for i, message in enumerate(tool_call_turns(list(value))):
             where = f"{name}[{i}]"
             if not isinstance(message, dict):
                 raise record_error(record, f"expected a {{'role', 'content'}} message, got "

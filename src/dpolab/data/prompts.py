@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpolab.data.loading import fields_hint, role_problem, text_problem
+from dpolab.data.loading import fields_hint, role_problem, text_problem, tool_call_turns
 from dpolab.errors import DataError
 
 __all__ = ["PromptData", "load_prompts", "render_prompt", "special_prefix", "tokenize_prompts"]
@@ -101,7 +101,7 @@ def render_prompt(row: dict, tokenizer, *, record=None) -> tuple[str, bool]:
         return prompt, False
     if has_prompt or has_messages:  # a 'prompt' list of turns is a conversation too (as in DPO's pairs)
         key = "prompt" if has_prompt else "messages"
-        messages = list(row[key]) if isinstance(row[key], (list, tuple)) else row[key]
+        messages = tool_call_turns(list(row[key])) if isinstance(row[key], (list, tuple)) else row[key]
         if not isinstance(messages, list) or not messages:
             raise err("expected a non-empty list of {role, content} turns", field=key)
         for i, m in enumerate(messages):

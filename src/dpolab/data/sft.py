@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpolab.data.loading import Record, load_records, missing, record_error, role_problem, text_problem
+from dpolab.data.loading import (
+    Record,
+    load_records,
+    missing,
+    record_error,
+    role_problem,
+    text_problem,
+    tool_call_turns,
+)
 from dpolab.data.preference import eval_count, special_ids, with_eos
 from dpolab.errors import ConfigError, DataError
 from dpolab.lm.continuation import encode_continuations
@@ -94,8 +102,7 @@ def _messages_field(record: Record, name: str) -> list[dict]:
     value = record.data.get(name)
     if not isinstance(value, (list, tuple)) or not value:
         raise record_error(record, "must be a non-empty list of {'role', 'content'} messages", field=name)
-    value = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls") else m
-             for m in value]  # OpenAI's form of a turn that only calls tools: "content": null
+    value = tool_call_turns(value)
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise record_error(record, "each message needs string 'role' and 'content'", field=f"{name}[{i}]")
