@@ -260,7 +260,8 @@ def test_seeded_eval_split_indices_and_report(tmp_path):
     # tokens per pair: 2*3 (prompt) + 2 ("c"+EOS) + 3 ("rr"+EOS) = 11.
     assert data.report.as_dict() == {"rows": 40, "train_rows": 38, "eval_rows": 2, "skipped": 0,
                                      "truncated": 0, "tokens": 40 * 11, "skipped_examples": [],
-                                     "formats": {"standard": 40}, "identical": 0, "identical_examples": []}
+                                     "formats": {"standard": 40}, "identical": 0, "identical_examples": [],
+                                     "repeats_prompt": 0, "repeats_prompt_examples": []}
     again = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
     assert [p.prompt_ids for p in again.eval] == [p.prompt_ids for p in data.eval]
     other = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=4)
@@ -275,6 +276,17 @@ def test_identical_responses_are_kept_and_counted_with_where(tmp_path):
     rep = load_preference_data(src, CharTokenizer(), eval_fraction=0).report
     assert (rep.train_rows, rep.identical) == (6, 2)
     assert rep.identical_examples == [f"{src}:3", f"{src}:6"]
+
+
+def test_responses_repeating_their_prompt_are_counted_with_where(tmp_path):
+    """A prompt field beside whole texts as responses (a common mix of the two formats) trains the
+    prompt twice over; kept, and counted for the console note."""
+    rows = [dict(r) for r in ROWS40[:4]]
+    rows[1] = {"prompt": "p01", "chosen": "p01 good", "rejected": "p01 bad"}
+    rows[3] = {"prompt": "p03", "chosen": "p03 good", "rejected": "other"}  # one side only: not counted
+    src = write_rows(tmp_path / "d.jsonl", rows)
+    rep = load_preference_data(src, CharTokenizer(), eval_fraction=0).report
+    assert (rep.train_rows, rep.repeats_prompt, rep.repeats_prompt_examples) == (4, 1, [f"{src}:2"])
 
 
 @pytest.mark.parametrize("n,fraction,n_eval", [(1, 0.05, 0), (2, 0.05, 1), (3, 0.0, 0), (10, 0.5, 5),

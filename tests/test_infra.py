@@ -313,6 +313,11 @@ def test_the_console_note_on_skipped_and_cut_rows():
     assert data_note({"rows": 9, "skipped": 1, "skipped_examples": ["d.jsonl:9: no room"], "truncated": 2}) == (
         "note: 1 of 9 rows skipped (the first: d.jsonl:9: no room); 2 rows cut to fit the length limits; "
         "data_report.json in the run folder has the counts")
+    assert data_note({"rows": 9, "skipped": 0, "truncated": 0, "identical": 1, "repeats_prompt": 2,
+                      "repeats_prompt_examples": ["d.jsonl:3"]}) == (
+        "note: 1 pairs with the same chosen and rejected response (no signal in them); 2 pairs whose chosen and "
+        "rejected both begin with their prompt (the first: d.jsonl:3): give the responses alone, or leave the "
+        "prompt field out for whole texts; data_report.json in the run folder has the counts")
     assert data_note({"prompts": 64, "truncated": 64, "eval_truncated": 5}) == (
         "note: 64 prompts cut to fit the length limits; 5 evaluation prompts cut to fit --max-prompt-length; "
         "data_report.json in the run folder has the counts")

@@ -423,6 +423,10 @@ class DataReport:
     formats: dict[str, int] = field(default_factory=dict)  # rows per source format: how prompts were found
     identical: int = 0  # pairs whose chosen and rejected responses are the same (kept: no signal in them)
     identical_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
+    # string pairs whose chosen and rejected both begin with the whole prompt: responses written as
+    # whole texts beside a prompt field (kept: the model reads the prompt twice)
+    repeats_prompt: int = 0
+    repeats_prompt_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -476,6 +480,10 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
             report.identical += 1
             if len(report.identical_examples) < MAX_SKIPPED_EXAMPLES:
                 report.identical_examples.append(ex.where)
+        if _repeats_prompt(ex):
+            report.repeats_prompt += 1
+            if len(report.repeats_prompt_examples) < MAX_SKIPPED_EXAMPLES:
+                report.repeats_prompt_examples.append(ex.where)
     train = _tokenize_all(train_ex, tokenizer, sp, report, max_length, max_prompt_length)
     evals = _tokenize_all(eval_ex, tokenizer, sp, report, max_length, max_prompt_length)
     report.train_rows, report.eval_rows = len(train), len(evals)
@@ -484,6 +492,12 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
                         f"{report.skipped_examples[0] if report.skipped_examples else 'none'})",
                         path=source)
     return PreferenceData(train, evals, report)
+
+
+def _repeats_prompt(ex: PreferenceExample) -> bool:
+    return (ex.source_format == "standard" and isinstance(ex.prompt, str) and len(ex.prompt.strip()) > 0
+            and isinstance(ex.chosen, str) and isinstance(ex.rejected, str)
+            and ex.chosen.startswith(ex.prompt) and ex.rejected.startswith(ex.prompt))
 
 
 def _tokenize_all(examples: list[PreferenceExample], tokenizer, sp: SpecialIds, report: DataReport,

@@ -62,6 +62,13 @@ def data_note(report: dict) -> str | None:
         parts.append(f"{report['truncated']} {'prompts' if 'prompts' in report else 'rows'} cut to fit the length limits")
     if report.get("eval_truncated"):
         parts.append(f"{report['eval_truncated']} evaluation prompts cut to fit --max-prompt-length")
+    if report.get("identical"):
+        parts.append(f"{report['identical']} pairs with the same chosen and rejected response (no signal in them)")
+    if report.get("repeats_prompt"):
+        first = (report.get("repeats_prompt_examples") or [""])[0]
+        parts.append(f"{report['repeats_prompt']} pairs whose chosen and rejected both begin with their prompt"
+                     + (f" (the first: {first})" if first else "") + ": give the responses alone, or leave the "
+                     "prompt field out for whole texts")
     return f"note: {'; '.join(parts)}; data_report.json in the run folder has the counts" if parts else None
 
 
