@@ -345,3 +345,14 @@ def test_a_flag_these_settings_do_not_read_is_warned_about(capsys, tmp_path):
     assert capsys.readouterr().err == "warning: --epochs is read only with --max-steps unset; it has no effect here\n"
     parse_config(RLOOConfig, [*base, "--epochs", "2"], prog="t")
     assert capsys.readouterr().err == ""
+
+
+def test_config_files_given_twice_are_layered(tmp_path):
+    """A second --config replaced the first silently; a later file's keys now override an earlier's
+    (a base file and an experiment's), and flags override both."""
+    base, exp = tmp_path / "base.yaml", tmp_path / "exp.yaml"
+    base.write_text("beta: 0.5\nnames: [a, b]\n")
+    exp.write_text("beta: 0.25\n")
+    cfg = parse_config(_Cfg, ["--config", str(base), "--config", str(exp)], prog="t")
+    assert (cfg.beta, cfg.names) == (0.25, ["a", "b"])
+    assert parse_config(_Cfg, ["--config", str(base), "--config", str(exp), "--beta", "1"], prog="t").beta == 1.0

@@ -234,7 +234,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    parser.add_argument("--config", metavar="FILE.yaml", action="append",
+                        help="YAML file of options; flags override it (given more than once, a later file's keys "
+                        "override an earlier's)")
     for f, tp in _fields(cls):
         if not f.metadata.get("cli", True):
             continue
@@ -267,9 +269,8 @@ def parse_config(cls: type[T], argv: list[str], prog: str, description: str = ""
     """Build ``cls`` from defaults, ``--config`` YAML and flags (in increasing precedence)."""
     ns = vars(build_parser(cls, prog, description).parse_args(argv))
     values: dict[str, Any] = {}
-    if ns.get("config"):
-        values.update(load_yaml(ns.pop("config"), cls))
-    ns.pop("config", None)
+    for path in ns.pop("config", None) or []:  # layered: a later file's keys replace an earlier's
+        values.update(load_yaml(path, cls))
     types_ = {f.name: tp for f, tp in _fields(cls)}
     for key, value in ns.items():
         if isinstance(value, list) and all(isinstance(v, str) for v in value):  # a repeated list option
