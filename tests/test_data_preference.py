@@ -261,7 +261,8 @@ def test_seeded_eval_split_indices_and_report(tmp_path):
     assert data.report.as_dict() == {"rows": 40, "train_rows": 38, "eval_rows": 2, "skipped": 0,
                                      "truncated": 0, "tokens": 40 * 11, "skipped_examples": [],
                                      "formats": {"standard": 40}, "identical": 0, "identical_examples": [],
-                                     "repeats_prompt": 0, "repeats_prompt_examples": []}
+                                     "repeats_prompt": 0, "repeats_prompt_examples": [], "duplicates": 0,
+                                     "duplicate_examples": []}
     again = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=3)
     assert [p.prompt_ids for p in again.eval] == [p.prompt_ids for p in data.eval]
     other = load_preference_data(src, CharTokenizer(), max_length=32, max_prompt_length=16, seed=4)
@@ -439,3 +440,13 @@ def test_a_response_ending_with_the_eos_text_gets_no_second_eos(tiny_tokenizer):
     for row in ({"prompt": "the movie", "completion": " was good</s>"}, {"text": "the movie was good</s>"}):
         sft = tokenize_sft(*parse_sft(Record(row, "d.jsonl", 1)), tok, max_length=64, max_prompt_length=32)
         assert sft.input_ids[-1] == eos and sft.input_ids[-2] != eos and sft.loss_mask[-1] == 1
+
+
+def test_duplicate_rows_are_counted_with_where(tmp_path):
+    """A row repeated (an export run twice, a split built from overlapping sources) trains twice and,
+    across the splits, evaluates on training rows; kept, and counted for the console note."""
+    rows = [dict(r) for r in ROWS40[:5]] + [dict(ROWS40[1]), dict(ROWS40[1]), dict(ROWS40[3])]
+    src = write_rows(tmp_path / "d.jsonl", rows)
+    rep = load_preference_data(src, CharTokenizer(), eval_fraction=0).report
+    assert rep.duplicates == 3
+    assert rep.duplicate_examples == [f"{src}:6 (= {src}:2)", f"{src}:7 (= {src}:2)", f"{src}:8 (= {src}:4)"]

@@ -318,6 +318,9 @@ def test_the_console_note_on_skipped_and_cut_rows():
         "note: 1 pairs with the same chosen and rejected response (no signal in them); 2 pairs whose chosen and "
         "rejected both begin with their prompt (the first: d.jsonl:3): give the responses alone, or leave the "
         "prompt field out for whole texts; data_report.json in the run folder has the counts")
+    assert data_note({"rows": 9, "duplicates": 2, "duplicate_examples": ["d.jsonl:8 (= d.jsonl:2)"]}) == (
+        "note: 2 rows repeating an earlier row (the first: d.jsonl:8 (= d.jsonl:2)); data_report.json in the run "
+        "folder has the counts")
     assert data_note({"prompts": 64, "truncated": 64, "eval_truncated": 5}) == (
         "note: 64 prompts cut to fit the length limits; 5 evaluation prompts cut to fit --max-prompt-length; "
         "data_report.json in the run folder has the counts")

@@ -28,6 +28,8 @@ response left is skipped: ``tokenize_preference`` returns ``None`` and the repor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -427,6 +429,8 @@ class DataReport:
     # whole texts beside a prompt field (kept: the model reads the prompt twice)
     repeats_prompt: int = 0
     repeats_prompt_examples: list[str] = field(default_factory=list)  # the first MAX_SKIPPED_EXAMPLES
+    duplicates: int = 0  # rows equal to an earlier row (prompt, chosen and rejected; kept)
+    duplicate_examples: list[str] = field(default_factory=list)  # "where (= where of the first)"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -474,8 +478,17 @@ def load_preference_data(source: str, tokenizer, *, max_length: int = 512,
 
     report = DataReport(rows=len(train_ex) + len(eval_ex), train_rows=0, eval_rows=0, skipped=0,
                         truncated=0, tokens=0)
+    seen: dict[bytes, str] = {}  # a digest per row, not its text: large sets stay small
     for ex in (*train_ex, *eval_ex):
         report.formats[ex.source_format] = report.formats.get(ex.source_format, 0) + 1
+        key = hashlib.blake2b(json.dumps([ex.prompt, ex.chosen, ex.rejected], sort_keys=True, default=str)
+                              .encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if key in seen:
+            report.duplicates += 1
+            if len(report.duplicate_examples) < MAX_SKIPPED_EXAMPLES:
+                report.duplicate_examples.append(f"{ex.where} (= {seen[key]})")
+        else:
+            seen[key] = ex.where
         if ex.chosen == ex.rejected:
             report.identical += 1
             if len(report.identical_examples) < MAX_SKIPPED_EXAMPLES:

@@ -64,6 +64,9 @@ def data_note(report: dict) -> str | None:
         parts.append(f"{report['eval_truncated']} evaluation prompts cut to fit --max-prompt-length")
     if report.get("identical"):
         parts.append(f"{report['identical']} pairs with the same chosen and rejected response (no signal in them)")
+    if report.get("duplicates"):
+        first = (report.get("duplicate_examples") or [""])[0]
+        parts.append(f"{report['duplicates']} rows repeating an earlier row" + (f" (the first: {first})" if first else ""))
     if report.get("repeats_prompt"):
         first = (report.get("repeats_prompt_examples") or [""])[0]
         parts.append(f"{report['repeats_prompt']} pairs whose chosen and rejected both begin with their prompt"
