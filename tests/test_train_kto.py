@@ -111,6 +111,9 @@ def test_rows_pairs_and_chat_parse_into_examples():
     ({"prompt": "p", "label": True}, "completion"),
     ({"completion": "c", "label": True}, "prompt"),
     ({"prompt": "p", "completion": [{"role": "assistant", "content": 3}], "label": True}, "completion[0]"),
+    # both forms: it was read as the unpaired example, the pair dropped silently
+    ({"prompt": "p", "completion": "c", "label": True, "chosen": "a", "rejected": "b"}, "chosen"),
+    ({"prompt": "p", "completion": "c", "label": False, "rejected": "b"}, "rejected"),
 ])
 def test_bad_rows_name_line_and_field(row, field):
     with pytest.raises(DataError) as err:

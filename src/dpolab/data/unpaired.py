@@ -106,6 +106,10 @@ def parse_unpaired(record: Record, pair: int = -1) -> list[UnpairedExample]:
         ex = parse_preference(record)
         return [UnpairedExample(dataclasses.replace(ex, rejected=ex.chosen), True, "chosen", pair),
                 UnpairedExample(dataclasses.replace(ex, chosen=ex.rejected), False, "rejected", pair)]
+    pair_fields = [k for k in ("chosen", "rejected") if not (data.get(k) is None or (csv and data.get(k) == ""))]
+    if pair_fields:  # both forms filled: which example the row means is not known
+        raise record_error(record, f"holds an unpaired example ('completion', 'label') and a pair's "
+                           f"{' and '.join(repr(k) for k in pair_fields)}: give one form per row", field=pair_fields[0])
     label = data.get("label")
     if isinstance(label, str) and csv and label.lower() in ("true", "false"):
         label = label.lower() == "true"  # CSV cells are strings
