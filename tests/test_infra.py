@@ -359,3 +359,14 @@ def test_config_files_given_twice_are_layered(tmp_path):
     cfg = parse_config(_Cfg, ["--config", str(base), "--config", str(exp)], prog="t")
     assert (cfg.beta, cfg.names) == (0.25, ["a", "b"])
     assert parse_config(_Cfg, ["--config", str(base), "--config", str(exp), "--beta", "1"], prog="t").beta == 1.0
+
+
+def test_a_whole_number_written_as_a_float_is_an_int_on_the_command_line_as_in_yaml(tmp_path):
+    """YAML read `steps: 2.0` as 2 and `--steps 2.0` was refused; `--steps 1e3` (1000 steps) too."""
+    assert [parse_config(_Cfg, ["--steps", v], prog="t").steps for v in ("4", "4.0", "1e3")] == [4, 4, 1000]
+    for bad in ("2.5", "inf", "nan", "x"):
+        with pytest.raises(ConfigError, match="'--steps' must be of type int"):
+            parse_config(_Cfg, ["--steps", bad], prog="t")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 4.0\n")
+    assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps == 4

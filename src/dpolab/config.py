@@ -87,6 +87,13 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 return value.lower() in ("true", "yes", "1", "on")
             raise ConfigError(f"'{name}' must be true or false, got {value!r}")
         if base is int:
+            if isinstance(value, str):  # "2.0" or "1e4" as YAML's 2.0 and 1e4 are read: a whole number
+                try:
+                    return int(value)
+                except ValueError:
+                    value = float(value)
+                    if not math.isfinite(value):
+                        raise
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
