@@ -370,3 +370,19 @@ def test_a_whole_number_written_as_a_float_is_an_int_on_the_command_line_as_in_y
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("steps: 4.0\n")
     assert parse_config(_Cfg, ["--config", str(cfg_file)], prog="t").steps == 4
+
+
+def test_a_comma_separated_text_option_takes_a_yaml_list(tmp_path):
+    """`report_to: [tensorboard]` and `lora_target_modules: [q_proj, v_proj]` (as TRL's and PEFT's
+    configs write them) were refused as not text."""
+    from dpolab.config import make_config
+    from dpolab.train.dpo import DPOConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("report_to: [tensorboard]\nlora_target_modules: [q_proj, v_proj]\n")
+    cfg = parse_config(DPOConfig, ["--model", "m", "--data", "d", "--config", str(cfg_file)], prog="t")
+    assert (cfg.report_to, cfg.lora_target_modules) == ("tensorboard", "q_proj,v_proj")
+    assert make_config(DPOConfig, {"model": "m", "data": "d", "lora_target_modules": ["q_proj"]}).lora_target_modules \
+        == "q_proj"
+    with pytest.raises(ConfigError, match="model"):
+        make_config(DPOConfig, {"model": ["a", "b"], "data": "d"})  # not a list option: still refused

@@ -38,9 +38,10 @@ T = TypeVar("T")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-        cli: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A documented dataclass field. ``cli=False`` keeps it out of the command line (YAML only)."""
-    meta = {"help": help, "choices": choices, "cli": cli}
+        cli: bool = True, default_factory: Any = dataclasses.MISSING, items: bool = False) -> Any:
+    """A documented dataclass field. ``cli=False`` keeps it out of the command line (YAML only);
+    ``items``: a text of comma-separated items, which YAML (and Python) may also give as a list."""
+    meta = {"help": help, "choices": choices, "cli": cli, "items": items}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -138,6 +139,18 @@ def suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean '{bare[close[0]]}'?)" if close else ""
 
 
+def _item_fields(cls: type) -> set[str]:
+    return {f.name for f, _ in _fields(cls) if f.metadata.get("items")}
+
+
+def _joined(value: Any) -> Any:
+    """A list of texts given for a comma-separated text option (``report_to: [tensorboard, wandb]``,
+    ``lora_target_modules: [q_proj, v_proj]``) as that text; anything else as it is."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return ",".join(v.strip() for v in value)
+    return value
+
+
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML config for ``cls``; unknown keys are an error naming the closest valid key."""
     path = Path(path)
@@ -160,6 +173,7 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(raw).__name__}")
     valid = {f.name: tp for f, tp in _fields(cls)}
+    listed = _item_fields(cls)
     out = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
@@ -167,7 +181,7 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         if k not in valid:
             raise ConfigError(f"{where}: unknown option '{key}'{suggest(k, list(valid))}")
         try:
-            out[k] = _plain(_convert(value, valid[k], k))
+            out[k] = _plain(_convert(_joined(value) if k in listed else value, valid[k], k))
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     return out
@@ -312,8 +326,9 @@ def make_config(cls: type[T], values: dict[str, Any]) -> T:
             raise ConfigError(f"unknown option '{key}'{suggest(key, list(valid))}")
     # converted as the command line's values are (a dict's "no" for a bool was True, "4" for an int a
     # TypeError at the first comparison); converting a converted value changes nothing
-    return _finish(cls(**{k: _convert(_fspath_values(v), valid[k], "--" + k.replace("_", "-"))
-                          for k, v in values.items()}))
+    listed = _item_fields(cls)
+    return _finish(cls(**{k: _convert(_fspath_values(_joined(v) if k in listed else v), valid[k],
+                                      "--" + k.replace("_", "-")) for k, v in values.items()}))
 
 
 def check_config(cfg: T) -> T:
@@ -327,7 +342,9 @@ def check_config(cfg: T) -> T:
         return cfg
     checked = copy.deepcopy(cfg)
     for f, tp in _fields(type(checked)):
-        setattr(checked, f.name, _convert(_fspath_values(getattr(checked, f.name)), tp, f.name))
+        value = getattr(checked, f.name)
+        setattr(checked, f.name, _convert(_fspath_values(_joined(value) if f.metadata.get("items") else value),
+                                          tp, f.name))
     return _finish(checked)
 
 

@@ -122,7 +122,7 @@ class DemoConfig:
                                                "RLOO: every N/4 steps)"))
     progress: bool = opt(True, "show progress bars")
     report_to: str = opt("none", "also log every stage's run, and the demo's frontier and samples as tables, to "
-                         "experiment trackers: tensorboard, wandb, mlflow, a comma-separated list, or none")
+                         "experiment trackers: tensorboard, wandb, mlflow, a comma-separated list, or none", items=True)
 
     def resolved(self) -> DemoConfig:
         preset = PRESETS["quick" if self.quick else "full"]

@@ -58,7 +58,7 @@ class GymOptions:
     progress: bool = opt(True, "show a tqdm progress bar")
     tensorboard: bool = opt(False, "also log to TensorBoard (the same as --report-to tensorboard)")
     report_to: str = opt("none", "also log to experiment trackers: tensorboard, wandb, mlflow, a comma-separated "
-                         "list, or none (pip install 'dpolab[tracking]')")
+                         "list, or none (pip install 'dpolab[tracking]')", items=True)
 
     def validate(self) -> None:
         for name in ("total_steps", "n_envs", "n_steps", "eval_episodes", "threads"):

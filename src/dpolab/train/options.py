@@ -53,7 +53,7 @@ class LoraOptions:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.0, "LoRA dropout")
-    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear", items=True)
 
     READ_ONLY_WITH = {name: (lambda cfg: cfg.lora, "--lora")
                       for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
@@ -79,7 +79,7 @@ class RunOptions:
     dry_run: bool = opt(False, "validate data and config, print a summary, do not train")
     progress: bool = opt(True, "show a progress bar")
     report_to: str = opt("none", "also log to experiment trackers: tensorboard, wandb, mlflow, a comma-separated "
-                         "list, or none (pip install 'dpolab[tracking]')")
+                         "list, or none (pip install 'dpolab[tracking]')", items=True)
 
 
 @dataclass
