@@ -496,3 +496,16 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tiny_model_dir, sft_d
                       "--lr-scheduler", "linear", "--max-steps", "3", "--logging-steps", "1", "--batch-size", "4",
                       "--eval-fraction", "0")) == 0
     assert [r["learning_rate"] for r in _rows(out)] == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_progress_false_in_python_hides_the_libraries_loading_bars(tiny_model_dir, sft_data, tmp_path):
+    """train(SFTConfig(progress=False)) still drew transformers' 'Loading weights' bars (the command
+    line hides them by environment variables): a fresh interpreter, as a user's script."""
+    code = ("from dpolab.train.sft import SFTConfig, train\n"
+            f"train(SFTConfig(model={str(tiny_model_dir)!r}, data={str(sft_data)!r}, output_dir={str(tmp_path / 'o')!r}, "
+            "max_steps=1, batch_size=4, max_length=48, eval_fraction=0, progress=False))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS",
+                                                                          "TRANSFORMERS_VERBOSITY")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Loading weights" not in done.stderr and "it/s" not in done.stderr, done.stderr[-2000:]

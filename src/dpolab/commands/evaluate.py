@@ -245,6 +245,10 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
     cfg = check_config(cfg)
     cfg.check()
+    if not cfg.progress:
+        from dpolab.train.distributed import hide_library_bars
+
+        hide_library_bars()
     records = read_prompt_rows(cfg.data, cfg.split)
     if cfg.max_prompts:
         records = records[:cfg.max_prompts]

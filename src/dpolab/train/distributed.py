@@ -231,6 +231,16 @@ def accumulation_context(accelerator, model, sync: bool):
     return NullContext()
 
 
+def hide_library_bars() -> None:
+    """``progress=False`` in Python: no loading bars of transformers or the Hub either (the command
+    line hides them already, by environment variables set before the libraries load)."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     """The opening every LM trainer shares: the output folder and ``--resume`` checkpoint checked
     (by every process before the process group forms, so before any process writes), its Accelerator
@@ -243,6 +253,8 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     from dpolab.runs.trackers import parse_report_to
 
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
+    if not getattr(cfg, "progress", True):
+        hide_library_bars()
     run = RunDir(cfg.output_dir)
     run.check_new_run(cfg.resume)
     trainer_state = None
