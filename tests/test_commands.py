@@ -416,6 +416,9 @@ def test_eval_bad_input_is_one_line(models, work, tiny_model_dir, tmp_path, caps
                                                        "--labels", "a", "a")
     assert "--models (give --labels to tell them apart)" in err("--models", tiny_model_dir, tiny_model_dir,
                                                                 "--reward", reward)
+    # one folder spelt two ways was sampled and scored twice, as two models
+    assert "are the same folder; give it once" in err("--models", tiny_model_dir, f"{tiny_model_dir}/",
+                                                      "--reward", reward)
     assert "needs the KL" in err("--models", tiny_model_dir, "--reward", reward, "--no-kl",
                                  "--plot", tmp_path / "p.png")
     assert "did you mean '--baseline'" in err("--models", tiny_model_dir, "--reward", reward, "--baselin", "x")

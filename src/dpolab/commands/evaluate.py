@@ -104,6 +104,15 @@ class EvalConfig(RewardOptions, SamplingOptions, RuntimeOptions):
             self.baseline = spelled[0] if spelled else self.baseline
         if self.labels is not None and len(self.labels) != len(self.models):
             raise ConfigError(f"--labels: {len(self.labels)} labels for {len(self.models)} models; give one per model")
+        if self.labels is None:  # one folder spelt two ways (./m, m, m/): sampled and scored twice, two rows
+            where: dict[str, str] = {}
+            for m in self.models:
+                real = os.path.realpath(os.path.expanduser(m)) if os.path.exists(os.path.expanduser(m)) else None
+                if real is not None and real in where and where[real] != m:
+                    raise ConfigError(f"--models: {where[real]!r} and {m!r} are the same folder; give it once "
+                                      "(or give --labels to evaluate it twice)")
+                if real is not None:
+                    where.setdefault(real, m)
         names = list(self.labels or self.models)  # they key the results' table, JSON and plot
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
