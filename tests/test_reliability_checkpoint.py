@@ -655,3 +655,22 @@ def test_a_users_config_yaml_in_the_output_dir_is_not_replaced(tiny_model_dir, f
     assert main(["dpo", "--config", str(run / "config.yaml"), "--output-dir", str(run), "--batch-size", "4"]) == 0
     assert (run / "config.yaml").read_text().startswith("# dpolab: ")
     assert (run / "final").is_dir()
+
+
+def test_files_written_beside_a_final_model_arrive_with_it(tiny_model, tiny_tokenizer, tmp_path):
+    """LM PPO wrote its value head into final/ after the rename: a stop in between left a final/
+    without its critic. Now written into the temporary folder; a failure there leaves no final/."""
+    from dpolab.runs.checkpoint import save_pretrained_atomic
+
+    def head(folder):
+        (folder / "value_head.safetensors").write_bytes(b"x")
+
+    save_pretrained_atomic(tiny_model, tiny_tokenizer, tmp_path / "final", also=head)
+    assert (tmp_path / "final" / "value_head.safetensors").is_file()
+
+    def fails(folder):
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        save_pretrained_atomic(tiny_model, tiny_tokenizer, tmp_path / "other", also=fails)
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other.tmp-*"))

@@ -187,11 +187,13 @@ def save_policy_with_value(model: PolicyWithValue, tokenizer, path: str | Path, 
     it and a separate value model's trunk in ``value_model/``."""
     from dpolab.runs.checkpoint import save_pretrained_atomic
 
-    path = Path(path)
-    save_pretrained_atomic(model.policy.merge_and_unload() if merge_lora else model.policy, tokenizer, path)
-    save_value_head(model.value_head, path)
-    if model.value_model is not None:
-        model.value_model.save_pretrained(path / VALUE_MODEL_DIR, safe_serialization=True)
+    def critic(folder: Path) -> None:  # into the folder before its rename: a stop leaves all or none
+        save_value_head(model.value_head, folder)
+        if model.value_model is not None:
+            model.value_model.save_pretrained(folder / VALUE_MODEL_DIR, safe_serialization=True)
+
+    save_pretrained_atomic(model.policy.merge_and_unload() if merge_lora else model.policy, tokenizer, Path(path),
+                           also=critic)
 
 
 @torch.no_grad()

@@ -199,13 +199,15 @@ def warn_config_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
               "uninterrupted one:\n  " + "\n  ".join(changes), file=sys.stderr)
 
 
-def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | None = None, *,
+                           also=None) -> None:
     """Write a Hugging Face model folder under a temporary name, then rename it into place.
 
     An earlier ``target`` is moved aside before the rename and removed after it, so a stop at any
     point leaves either it or the new folder whole (a temporary folder a stop leaves is removed by
     the next save). ``state_dict``: the full weights when ``model``'s own are sharded (FSDP/DeepSpeed,
-    gathered by :func:`dpolab.train.distributed.model_state_dict`)."""
+    gathered by :func:`dpolab.train.distributed.model_state_dict`). ``also(folder)`` writes more files
+    into the folder before the rename (LM PPO's value head), so they arrive with it."""
     import shutil
 
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a stopped or killed save
@@ -219,6 +221,8 @@ def save_pretrained_atomic(model, tokenizer, target: Path, state_dict: dict | No
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if also is not None:
+            also(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if why := write_failure(err):
