@@ -7,6 +7,8 @@ import string
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpolab.data.loading import Record
 from dpolab.data.preference import encode_prompt_completions, parse_preference, tokenize_preference
@@ -248,3 +250,43 @@ def test_pairs_after_a_generation_prompt_the_turn_writes_a_space_after(sp):
         assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
     finally:
         sp.chat_template = CHAT_TEMPLATE
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.text("abcdefgh ,.!?", min_size=1, max_size=16),
+                          st.text("abcdefgh ,.!?", min_size=1, max_size=16)), min_size=1, max_size=3))
+def test_every_answer_is_trained_after_its_sampled_prompt_and_only_the_answer(turns):
+    """Property of the whole-text SFT encoding (byte-level BPE, the tiny chat template): the ids before
+    each answer are the sampled prompt's ids, and the trained tokens spell every answer with its
+    end-of-turn text, nothing else."""
+    tok = _byte_level()
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    _context_is_the_sampled_prompt(tok, messages, list(range(1, len(messages), 2)))
+    kind, payload = parse_sft(Record({"messages": messages}, "m.jsonl", 1))
+    ex = tokenize_sft(kind, payload, tok, max_length=1024, max_prompt_length=512)
+    trained = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert trained == "".join(f"{a}</s>\n" for _, a in turns)
+
+
+_BYTE_LEVEL = []
+
+
+def _byte_level():
+    if not _BYTE_LEVEL:
+        _BYTE_LEVEL.append(train_tokenizer(CORPUS, vocab_size=400, min_frequency=1))
+    return _BYTE_LEVEL[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.text("ab \n", min_size=1, max_size=8), st.text("ab \n", min_size=1, max_size=8)),
+                min_size=1, max_size=3))
+def test_answers_merging_with_their_header_are_still_trained_whole(turns):
+    """With newlines an answer's start can merge with the header's "\\n" ("\\n\\n" is one byte-level
+    pre-token): the first answer is trained after its sampled prompt, and every answer's text is
+    trained, whole and alone."""
+    tok = _byte_level()
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    _context_is_the_sampled_prompt(tok, messages, [1])
+    kind, payload = parse_sft(Record({"messages": messages}, "m.jsonl", 1))
+    ex = tokenize_sft(kind, payload, tok, max_length=1024, max_prompt_length=512)
+    assert tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m]) == "".join(f"{a}</s>\n" for _, a in turns)
