@@ -247,11 +247,13 @@ def encode_pieces(tokenizer, pieces: list[tuple[str, bool]],
     ids: list[int] = []
     own: list[bool] = []
     done = 0
-    for cut in sorted({c for c in (prompt_ends or []) if 0 < c < len(text)} | {len(text)}):
-        enc = tokenizer(text[:cut], add_special_tokens=False, return_offsets_mapping=True)
-        whole = list(enc["input_ids"])
+    cuts = sorted({c for c in (prompt_ends or []) if 0 < c < len(text)} | {len(text)})
+    # one batched call (the fast tokenizer encodes the prefixes in parallel)
+    encoded = tokenizer([text[:cut] for cut in cuts], add_special_tokens=False, return_offsets_mapping=True)
+    for cut, whole, offsets in zip(cuts, encoded["input_ids"], encoded["offset_mapping"]):
+        whole = list(whole)
         if whole[:len(ids)] == ids:
-            own += [_overlaps_target(a, b, pieces, starts) for a, b in enc["offset_mapping"][len(ids):]]
+            own += [_overlaps_target(a, b, pieces, starts) for a, b in offsets[len(ids):]]
             ids = whole
         else:
             part = [(t[max(done - s0, 0):cut - s0], target) for (t, target), s0 in zip(pieces, starts)
