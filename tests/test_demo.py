@@ -290,3 +290,16 @@ def test_results_json_the_finished_mark_is_written_last(tmp_path, monkeypatch):
         report.write_outputs(tmp_path, {"rows": rows, "base": {"reward": 0.1, "reward_std": 0.1, "kl": 0.0,
                                                                "response_length": 8.0, "eos_fraction": 1.0}}, [])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_broken_reward_is_refused_before_the_work_folder(tmp_path, capsys):
+    """A reward returning the wrong count or NaN was found while the preference pairs were built,
+    after pretraining, and left a work/ folder the rerun refused."""
+    reward = tmp_path / "bad_reward.py"
+    reward.write_text("def short(prompts, completions):\n    return [0.5]\n\n"
+                      "def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
+    for fn in ("short", "nan"):
+        out = tmp_path / f"demo-{fn}"
+        assert main(["demo", "--quick", "--reward", f"{reward}:{fn}", "--output-dir", str(out), "--no-progress"]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+        assert not (out / "work").exists()

@@ -278,6 +278,11 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
         check_local_folder(cfg.model, "--model", ("config.json",))
     reward_fn = load_reward_function(cfg.reward)
+    # probed before work/ exists: a wrong count, a NaN or text found after pretraining left a folder
+    # the rerun refused
+    from dpolab.rewards.functions import compute_rewards
+
+    compute_rewards(reward_fn, ["The movie was", "I thought it"], [" good.", " a bore."])
     given = read_prompts(cfg)
     if given is not None:  # a small file gives fewer than asked: record (and report) the counts used
         cfg = replace(cfg, train_prompts=len(given[0]), eval_prompts=len(given[1]))
