@@ -172,6 +172,8 @@ def write_outputs(out: Path, results: dict, samples: list[dict]) -> None:
         axes[0, col].set_title(f"{method}: held-out reward")
         axes[1, col].set_title(f"{method}: KL(π ‖ π_ref)")
         axes[1, col].set_xlabel("training step")
+        axes[0, col].set_ylabel("mean reward")
+        axes[1, col].set_ylabel("KL (nats)")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
