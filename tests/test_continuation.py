@@ -151,17 +151,26 @@ def test_byte_level_tokenizers_are_unchanged():
     assert decode_continuation(tok, enc(tok, " Paris")) == tok.decode(enc(tok, " Paris"))
 
 
-def test_pairs_with_the_llama2_template_start_their_responses_with_its_space(sp):
-    """Llama-2's template writes " " between "[/INST]" and the answer and has no generation prompt:
-    the space starts the response (▁Paris, as sampling after the prompt writes it); it was refused."""
-    sp.chat_template = LLAMA2_TEMPLATE
+def _chat_pair(tok, template: str, rejected: str):
+    """A conversational pair ("Paris" over ``rejected``) under ``template``: (row, pair, prompt text)."""
+    tok.chat_template = template
     try:
         row = {"prompt": [{"role": "user", "content": "what is it?"}],
                "chosen": [{"role": "assistant", "content": "Paris"}],
-               "rejected": [{"role": "assistant", "content": " Lyon"}]}
-        pair = tokenize_preference(parse_preference(Record(row, "m.jsonl", 1)), sp, max_length=64,
+               "rejected": [{"role": "assistant", "content": rejected}]}
+        pair = tokenize_preference(parse_preference(Record(row, "m.jsonl", 1)), tok, max_length=64,
                                    max_prompt_length=32)
-        prompt = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        return row, pair, tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    finally:
+        tok.chat_template = CHAT_TEMPLATE
+
+
+def test_pairs_with_the_llama2_template_start_their_responses_with_its_space(sp):
+    """Llama-2's template writes " " between "[/INST]" and the answer and has no generation prompt:
+    the space starts the response (▁Paris, as sampling after the prompt writes it); it was refused."""
+    row, pair, prompt = _chat_pair(sp, LLAMA2_TEMPLATE, " Lyon")
+    sp.chat_template = LLAMA2_TEMPLATE
+    try:
         assert pair.prompt_ids == enc(sp, prompt)
         assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
         assert pair.rejected_ids == in_context(sp, prompt, " Lyon") + [sp.eos_token_id]
@@ -238,18 +247,10 @@ def test_byte_level_sft_trains_each_answer_after_the_prompt_sampling_reads():
 def test_pairs_after_a_generation_prompt_the_turn_writes_a_space_after(sp):
     """A generation prompt "Assistant:" with turns written "Assistant: answer" (DeepSeek-chat's
     form): the space starts the response (▁Paris); it was dropped and the answer trained as P aris."""
-    sp.chat_template = SPACE_PROMPT_TEMPLATE.replace("Assistant: {% endif %}", "Assistant:{% endif %}")
-    try:
-        row = {"prompt": [{"role": "user", "content": "what is it?"}],
-               "chosen": [{"role": "assistant", "content": "Paris"}],
-               "rejected": [{"role": "assistant", "content": "Lyon"}]}
-        pair = tokenize_preference(parse_preference(Record(row, "m.jsonl", 1)), sp, max_length=64,
-                                   max_prompt_length=32)
-        prompt = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        assert prompt.endswith("Assistant:")
-        assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
-    finally:
-        sp.chat_template = CHAT_TEMPLATE
+    _, pair, prompt = _chat_pair(sp, SPACE_PROMPT_TEMPLATE.replace("Assistant: {% endif %}", "Assistant:{% endif %}"),
+                                 "Lyon")
+    assert prompt.endswith("Assistant:")
+    assert pair.chosen_ids == in_context(sp, prompt, " Paris") + [sp.eos_token_id]
 
 
 @settings(max_examples=40, deadline=None)
