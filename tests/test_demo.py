@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 
@@ -303,3 +304,11 @@ def test_a_broken_reward_is_refused_before_the_work_folder(tmp_path, capsys):
         assert main(["demo", "--quick", "--reward", f"{reward}:{fn}", "--output-dir", str(out), "--no-progress"]) == 2
         assert "Traceback" not in capsys.readouterr().err
         assert not (out / "work").exists()
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, where no folder can be made, is Linux's")
+def test_an_output_dir_that_cannot_be_made_is_one_line(capsys):
+    assert main(["demo", "--quick", "--output-dir", "/proc/dpolab-demo", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir /proc/dpolab-demo: cannot create" in err and "Traceback" not in err, err

@@ -287,7 +287,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     if given is not None:  # a small file gives fewer than asked: record (and report) the counts used
         cfg = replace(cfg, train_prompts=len(given[0]), eval_prompts=len(given[1]))
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # /proc/x, a read-only mount: check_writable cannot foresee every file system
+        raise ConfigError(f"--output-dir {out}: cannot create {work}: {err.strerror or err}") from None
     torch.manual_seed(cfg.seed)
     say = Stages(9 if not cfg.model else 8)
 
