@@ -80,12 +80,14 @@ def test_nan_loss_stops_naming_step_and_batch(tiny_model_dir, prefs, tmp_path, m
     assert not (out / "final").exists() and not (out / "summary.json").exists()
 
 
-def test_skip_nonfinite_skips_the_whole_step_and_counts_it(tiny_model_dir, prefs, tmp_path, monkeypatch):
+def test_skip_nonfinite_skips_the_whole_step_and_counts_it(tiny_model_dir, prefs, tmp_path, monkeypatch, capsys):
     # The NaN comes in the step's SECOND micro-batch, after the first one's backward: the skipped
     # step must discard that gradient too, so the weights after step 3 equal those after step 2.
     inject(monkeypatch, 6, lambda x: x * float("nan"))
     out = tmp_path / "run"
     assert main(_args(tiny_model_dir, prefs, out, *SGD, "--skip-nonfinite")) == 0
+    # said at the end (a run whose every step was skipped ended "done" with the base model, said nowhere)
+    assert "warning: 1 optimizer steps were skipped as non-finite" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["skipped_steps"] == 1
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -138,3 +140,16 @@ def test_mid_window_resume_logs_the_same_averages(tiny_model_dir, prefs, tmp_pat
     wa = load_file(str(full / "final" / "model.safetensors"))
     wb = load_file(str(resumed / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+
+def test_a_skipped_first_step_raises_no_false_schedule_warning(tiny_model_dir, prefs, tmp_path, monkeypatch):
+    """torch warns that the schedule skips its first value when the first optimizer step is skipped;
+    the schedule is right (the rate each step used is logged), so the warning is not shown."""
+    import warnings
+
+    inject(monkeypatch, 1, lambda x: x * float("nan"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(_args(tiny_model_dir, prefs, tmp_path / "run", *SGD, "--skip-nonfinite")) == 0
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)]

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,9 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.window_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step: torch says the schedule skips a value; it does not
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         if not merged or nonfinite:
             return None
         merged["grad_norm"] = float(grad_norm)
@@ -380,6 +383,9 @@ class Engine:
                 run.final, command=algo.name, method=method_text(algo), config=vars(cfg), metrics=s,
                 report=self.report))
             print_summary(summary, algo.summary_keys)  # still under the handler: the run is complete
+            if self.skipped:
+                print(f"warning: {self.skipped} optimizer steps were skipped as non-finite (--skip-nonfinite): "
+                      "their updates were not made (skipped_steps in summary.json)", file=sys.stderr)
         return summary
 
 
