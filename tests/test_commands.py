@@ -538,3 +538,16 @@ def test_the_python_api_writes_its_outputs_and_converts_values_as_the_command_li
     assert json.loads(paths["json"].read_text())["models"] == results["models"]
     assert _read_jsonl(paths["jsonl"]) == samples and paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert results["models"][0]["reward"] == pytest.approx(2 * 3.5)
+
+
+def test_the_table_title_names_the_baseline_and_reference_by_their_labels():
+    """`--models base_m tuned --labels base tuned`: the rows said base and tuned, the title 'win rate vs
+    base_m'."""
+    from dpolab.commands.evaluate import format_table
+
+    row = dict(reward=0.5, reward_sem=0.1, reward_ci90=[0.4, 0.6], kl=0.0, kl_sem=0.0, response_length=4.0,
+               eos_fraction=1.0, win_rate=0.5, win_rate_ci90=[0.5, 0.5])
+    results = {"prompts": 2, "num_samples": 1, "reward": "r:f", "baseline": "runs/base_m", "reference": "runs/base_m",
+               "models": [{"model": "runs/base_m", "label": "base", **row}, {"model": "tuned", "label": "tuned", **row}]}
+    title = format_table(results).splitlines()[0]
+    assert "win rate vs base (ties count half); KL to base" in title, title

@@ -386,3 +386,20 @@ def test_a_comma_separated_text_option_takes_a_yaml_list(tmp_path):
         == "q_proj"
     with pytest.raises(ConfigError, match="model"):
         make_config(DPOConfig, {"model": ["a", "b"], "data": "d"})  # not a list option: still refused
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """`--config <(printf ...)` names /dev/fd/N, a pipe: 'config file not found' though it was there."""
+    import os
+    import threading
+
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("beta: 0.5\n"))
+    writer.start()
+    try:
+        assert parse_config(_Cfg, ["--config", str(fifo)], prog="t").beta == 0.5
+    finally:
+        writer.join(timeout=10)
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        parse_config(_Cfg, ["--config", str(tmp_path)], prog="t")

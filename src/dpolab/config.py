@@ -154,8 +154,10 @@ def _joined(value: Any) -> Any:
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML config for ``cls``; unknown keys are an error naming the closest valid key."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():  # a pipe (--config <(...)) or another special file reads like a file
+        raise ConfigError(f"--config {path} is a folder, not a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
         lines = _key_lines(path, text)

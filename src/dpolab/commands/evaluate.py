@@ -355,8 +355,10 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
     render = lambda row: "  ".join(v.ljust(w) if c == 0 else v.rjust(w)  # noqa: E731
                                    for c, (v, w) in enumerate(zip(row, widths)))
+    label = {m["model"]: m["label"] for m in results["models"]}  # the rows' names (--labels), not paths
+    base, ref = results["baseline"], results["reference"]
     title = (f"{results['prompts']} prompts x {results['num_samples']} samples; reward {results['reward']}; "
-             f"win rate vs {results['baseline']} (ties count half); KL to {results['reference'] or '-'}")
+             f"win rate vs {label.get(base, base)} (ties count half); KL to {label.get(ref, ref) if ref else '-'}")
     return "\n".join([title, render(header), *map(render, lines)])
 
 
