@@ -181,10 +181,11 @@ def test_lora_with_separate_value_model(tiny_model_dir, prompts_file, reward_fil
 
 def test_reward_model_and_chat_prompts(tiny_model_dir, tiny_tokenizer, reward_file, tmp_path, capsys):
     """--reward-model with a sequence-classification folder, summed with a Python reward; prompts
-    given as chat messages are rendered with the template and a generation prompt."""
+    given as chat messages are rendered with the template and a generation prompt. The reward is named
+    after its run (`rm` for rm/final: every dpolab reward model's folder is a final/)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    rm_dir = tmp_path / "rm"
+    rm_dir = tmp_path / "rm" / "final"
     config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
     tiny_tokenizer.save_pretrained(rm_dir)

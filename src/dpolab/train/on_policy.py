@@ -212,7 +212,10 @@ def reward_function(cfg, device, tokenizer=None):
         rm = rm.requires_grad_(False).eval().to(device)
         cut = (cfg.max_prompt_length is not None  # unset in `dpolab eval`: prompts are not cut
                and tokenizer is not None and rm_tokenizer.get_vocab() == tokenizer.get_vocab())
-        named.append((Path(folder).name or "reward_model", reward_model_function(
+        path = Path(folder).expanduser().resolve() if Path(folder).expanduser().exists() else Path(folder)
+        # a dpolab run's model is its final/ folder: the run's name tells one from another
+        name = path.parent.name if path.name == "final" and path.parent.name else path.name
+        named.append((name or "reward_model", reward_model_function(
             rm, rm_tokenizer, batch_size=getattr(cfg, "rollout_batch_size", 16), name=folder,
             max_prompt_length=cfg.max_prompt_length if cut else None,
             max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1 if cut else None)))
