@@ -603,3 +603,18 @@ def test_a_rewards_offset_does_not_round_its_differences_away(cmd, tiny_model_di
     if cmd == "grpo":
         assert [r["frac_reward_zero_std"] for r in _rows(tmp_path / "chars")] == \
             [r["frac_reward_zero_std"] for r in _rows(tmp_path / "chars_offset")]
+
+
+def test_the_two_printed_samples_come_from_two_prompts(tmp_path, capsys):
+    """A group's completions of one prompt were printed together: once they agree, one line twice."""
+    from dpolab.runs.rundir import RunDir
+    from dpolab.train.on_policy import log_samples
+
+    rows = [{"prompt": "a", "completion": "x", "score": 1.0}, {"prompt": "a", "completion": "x", "score": 1.0},
+            {"prompt": "b", "completion": "y", "score": 0.0}]
+    log_samples(RunDir(tmp_path), 3, rows, 3)
+    printed = capsys.readouterr().err.splitlines()
+    assert len(printed) == 2 and "'a' -> 'x'" in printed[0] and "'b' -> 'y'" in printed[1], printed
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3  # the file keeps every row
+    log_samples(RunDir(tmp_path), 4, rows[:1], 1)
+    assert len(capsys.readouterr().err.splitlines()) == 1

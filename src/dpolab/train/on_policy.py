@@ -309,13 +309,15 @@ def evaluate_samples(cfg, policy, tokenizer, eval_set, reward_fn, ref_model, bat
 
 def log_samples(run: RunDir, step: int, rows: list[dict], n: int) -> None:
     """Append the first ``n`` sample rows ({"prompt", "completion", "score", ...}) of ``step`` to
-    ``samples.jsonl``; print two."""
+    ``samples.jsonl``; print two, of two prompts where the rows hold more than one (a group's
+    completions of one prompt, printed together, read as one line printed twice once they agree)."""
     if n <= 0:
         return
     rows = [{"step": step, **r} for r in rows[:n]]
     with open(run.path / "samples.jsonl", "a", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    for r in rows[:2]:
+    other = next((r for r in rows[1:] if r.get("prompt") != rows[0].get("prompt")), rows[1] if len(rows) > 1 else None)
+    for r in [rows[0], *([other] if other is not None else [])]:
         extra = f" kl={r['kl']:+.3f}" if "kl" in r else ""
         print(f"[step {step}] score={r['score']:+.3f}{extra} | {r['prompt'][-40:]!r} -> {r['completion'][:60]!r}",
               file=sys.stderr)
