@@ -254,10 +254,9 @@ def run_eval(cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
     cfg = check_config(cfg)
     cfg.check()
-    if not cfg.progress:
-        from dpolab.train.distributed import hide_library_bars
+    from dpolab.train.distributed import hide_library_bars
 
-        hide_library_bars()
+    hide_library_bars(cfg.progress)
     records = read_prompt_rows(cfg.data, cfg.split)
     if cfg.max_prompts:
         records = records[:cfg.max_prompts]
@@ -405,7 +404,6 @@ def write_plot(path: str, results: dict) -> None:
 
 
 def cli_main(argv: list[str], prog: str) -> int:
-
     cfg = parse_command(EvalConfig, argv, prog, DESCRIPTION, multi=("models", "labels"))
     results, _ = run_eval(cfg)
     if cfg.output is None:

@@ -312,10 +312,9 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
 
     cfg = check_config(cfg)
     cfg.check()
-    if not cfg.progress:
-        from dpolab.train.distributed import hide_library_bars
+    from dpolab.train.distributed import hide_library_bars
 
-        hide_library_bars()
+    hide_library_bars(cfg.progress)
     records = read_prompt_rows(cfg.data, cfg.split) if cfg.data is not None else None
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

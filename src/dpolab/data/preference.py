@@ -323,7 +323,7 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _encode_after(tokenizer, prompts: list[str], texts: list[str]) -> list[list[int]]:
+def encode_after(tokenizer, prompts: list[str], texts: list[str]) -> list[list[int]]:
     """Token ids of each response as it reads after its prompt (a SentencePiece tokenizer's "▁"
     start mark only where the prompt is empty: :mod:`dpolab.lm.continuation`)."""
     after = encode_continuations(tokenizer, [t for p, t in zip(prompts, texts) if p])
@@ -376,7 +376,7 @@ def encode_prompt_completions(tokenizer, prompts: list[str], completions: list[s
     max_length = max_length or 1 << 30
     max_prompt_length = max_prompt_length or max_length - 1
     out = []
-    for p, c in zip(_encode_many(tokenizer, list(prompts)), _encode_after(tokenizer, list(prompts), list(completions))):
+    for p, c in zip(_encode_many(tokenizer, list(prompts)), encode_after(tokenizer, list(prompts), list(completions))):
         pair = _assemble(p, c, c, sp, max_length=max_length, max_prompt_length=max_prompt_length, index=0)
         if pair is None:
             raise ConfigError("a completion has no token left after truncation; raise max_length")
@@ -399,7 +399,7 @@ def tokenize_preference(ex: PreferenceExample, tokenizer, *, max_length: int,
     sp = special_ids(tokenizer)
     prompt, chosen, rejected = _texts(ex, tokenizer)
     p, = _encode_many(tokenizer, [prompt])
-    c, r = _encode_after(tokenizer, [prompt, prompt], [chosen, rejected])
+    c, r = encode_after(tokenizer, [prompt, prompt], [chosen, rejected])
     return _assemble(p, c, r, sp, max_length=max_length, max_prompt_length=max_prompt_length,
                      index=index)
 
@@ -521,7 +521,7 @@ def _tokenize_all(examples: list[PreferenceExample], tokenizer, sp: SpecialIds, 
         texts = [_texts(ex, tokenizer) for ex in block]
         prompt_texts = [t[0] for t in texts]
         prompts = _encode_many(tokenizer, prompt_texts)
-        chosens, rejecteds = (_encode_after(tokenizer, prompt_texts, [t[j] for t in texts]) for j in (1, 2))
+        chosens, rejecteds = (encode_after(tokenizer, prompt_texts, [t[j] for t in texts]) for j in (1, 2))
         for ex, p, c, r in zip(block, prompts, chosens, rejecteds):
             pair = _assemble(p, c, r, sp, max_length=max_length,
                              max_prompt_length=max_prompt_length, index=len(pairs))

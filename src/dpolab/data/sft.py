@@ -43,7 +43,7 @@ from dpolab.data.loading import (
     text_problem,
     tool_call_turns,
 )
-from dpolab.data.preference import eval_count, special_ids, with_eos
+from dpolab.data.preference import encode_after, eval_count, special_ids, with_eos
 from dpolab.errors import ConfigError, DataError
 from dpolab.lm.continuation import encode_continuations
 
@@ -306,8 +306,7 @@ def tokenize_sft(kind: str, payload: tuple, tokenizer, *, max_length: int, max_p
     if kind == "completion":
         prompt_text, completion_text = payload
         prompt = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        completion = (encode_continuations(tokenizer, [completion_text])[0] if prompt_text else
-                      list(tokenizer(completion_text, add_special_tokens=False)["input_ids"]))
+        (completion,) = encode_after(tokenizer, [prompt_text], [completion_text])
         if not prefix and not prompt:
             prefix = [sp.start_id]
         completion = with_eos(completion, sp.eos_id)

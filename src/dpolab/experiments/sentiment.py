@@ -235,10 +235,9 @@ def _stop_on_signal(out: str):
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the results dict also written to results.json."""
     _STAGE[0] = "start-up"
-    if not cfg.progress:
-        from dpolab.train.distributed import hide_library_bars
+    from dpolab.train.distributed import hide_library_bars
 
-        hide_library_bars()
+    hide_library_bars(cfg.progress)
     with _stop_on_signal(cfg.output_dir):
         return _run_demo(cfg)
 

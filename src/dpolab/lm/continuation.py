@@ -31,17 +31,27 @@ def marks_starts(tokenizer) -> bool:
     """Whether ``tokenizer`` encodes a text alone otherwise than after another text (a "▁" prepended).
 
     Probed on a few short texts: ``encode(ANCHOR + t) != encode(ANCHOR) + encode(t)``."""
-    cached = getattr(tokenizer, "_dpolab_marks_starts", None)
-    if isinstance(cached, bool):
+    return _anchor(tokenizer) is not None
+
+
+def _anchor(tokenizer) -> list[int] | None:
+    """The anchor's ids for a tokenizer that :func:`marks_starts`, else None; probed once per
+    tokenizer (kept on it), since every sampled completion is decoded with it."""
+    cached = getattr(tokenizer, "_dpolab_anchor", False)
+    if cached is not False:
         return cached
     anchor, *alone = _encode(tokenizer, [ANCHOR, *_PROBES])
     after = _encode(tokenizer, [ANCHOR + t for t in _PROBES])
-    marks = any(a != anchor + b for a, b in zip(after, alone))
+    found = anchor if any(a != anchor + b for a, b in zip(after, alone)) else None
+    _keep(tokenizer, "_dpolab_anchor", found)
+    return found
+
+
+def _keep(tokenizer, name: str, value) -> None:
     try:
-        tokenizer._dpolab_marks_starts = marks
+        setattr(tokenizer, name, value)
     except Exception:  # noqa: BLE001 -- a tokenizer object that takes no attributes: probed each time
         pass
-    return marks
 
 
 def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -53,9 +63,9 @@ def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
     texts = list(texts)
     if not texts:
         return []
-    if not marks_starts(tokenizer):
+    anchor = _anchor(tokenizer)
+    if anchor is None:
         return _encode(tokenizer, texts)
-    anchor = _encode(tokenizer, [ANCHOR])[0]
     out = []
     for text, ids in zip(texts, _encode(tokenizer, [ANCHOR + t for t in texts])):
         if not text:
@@ -78,10 +88,13 @@ def _after_another_anchor(tokenizer, text: str) -> list[int]:
 def decode_continuation(tokenizer, ids: list[int], *, skip_special_tokens: bool = True) -> str:
     """The text of ``ids`` as it reads after other text: for a tokenizer that :func:`marks_starts`,
     a leading "▁" is the space it stands for (decoded alone, the decoder drops it)."""
-    if not ids or not marks_starts(tokenizer):
+    anchor = _anchor(tokenizer) if ids else None
+    if anchor is None:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    anchor = _encode(tokenizer, [ANCHOR])[0]
-    head = tokenizer.decode(anchor, skip_special_tokens=skip_special_tokens)
+    head = getattr(tokenizer, "_dpolab_anchor_text", None)
+    if head is None:  # the anchor holds no special token: its text is the same either way
+        head = tokenizer.decode(anchor)
+        _keep(tokenizer, "_dpolab_anchor_text", head)
     text = tokenizer.decode(anchor + list(ids), skip_special_tokens=skip_special_tokens)
     if text.startswith(head):
         return text[len(head):]

@@ -231,9 +231,11 @@ def accumulation_context(accelerator, model, sync: bool):
     return NullContext()
 
 
-def hide_library_bars() -> None:
+def hide_library_bars(progress: bool) -> None:
     """``progress=False`` in Python: no loading bars of transformers or the Hub either (the command
     line hides them already, by environment variables set before the libraries load)."""
+    if progress:
+        return
     import huggingface_hub.utils
     import transformers
 
@@ -253,8 +255,7 @@ def start_run(cfg: Any, command: str) -> tuple[Any, Any]:
     from dpolab.runs.trackers import parse_report_to
 
     parse_report_to(getattr(cfg, "report_to", None))  # a tracker that is not installed fails before any work
-    if not getattr(cfg, "progress", True):
-        hide_library_bars()
+    hide_library_bars(getattr(cfg, "progress", True))
     run = RunDir(cfg.output_dir)
     run.check_new_run(cfg.resume)
     trainer_state = None

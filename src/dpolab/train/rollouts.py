@@ -51,7 +51,7 @@ class Samples:
 
 
 def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, *, seed: int, micro: int,
-                with_logps: bool = False, dtype=None) -> Samples:
+                with_logps: bool = False, dtype: torch.dtype = torch.float32) -> Samples:
     """Sample ``k`` completions of each prompt row ``idx`` (this process's share of micro-batch
     ``micro`` of the engine's order), score them with ``rewards``
     (:class:`dpolab.rewards.functions.WeightedRewards`) and place them in the step's global batch.
@@ -73,7 +73,7 @@ def sample_step(engine, cfg, prompts, idx: list[int], k: int, rewards, sampler, 
                          seeds=row_seeds(seed, [i * k + j for i in idx for j in range(k)]), with_logps=with_logps)
     texts = [prompts.texts[i] for i in rows]
     completions = decode_responses(engine.tokenizer, gen)
-    scores, terms = rewards.score(texts, completions, prompts.columns(rows), dtype=dtype or torch.float32)
+    scores, terms = rewards.score(texts, completions, prompts.columns(rows), dtype=dtype)
     return Samples(gen, rows, texts, completions, scores.to(engine.device), {n: t.to(engine.device) for n, t in
                    terms.items()}, k, start * k, len(chunk) * k, real)
 
